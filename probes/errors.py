@@ -1,0 +1,89 @@
+"""Typed setup errors of the probe layer.
+
+Every error a user can cause (a wrong PID, a missing symbol, no permission, a malformed
+profile) is a subclass of :class:`ProbeError` carrying the process exit code the CLI uses,
+so the command line prints one clear line instead of a traceback (DESIGN.md §3 rule 4).
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+EXIT_PERMISSION = 3
+EXIT_OTHER = 1
+
+
+class ProbeError(Exception):
+    """Base of every setup error raised by :mod:`probes`; ``exit_code`` is for the CLI."""
+
+    exit_code: int = EXIT_OTHER
+
+
+class TargetNotFoundError(ProbeError):
+    """No process matches the PID or the command-line pattern."""
+
+    exit_code = EXIT_USAGE
+
+
+class AmbiguousTargetError(ProbeError):
+    """A pattern matched several processes where exactly one was required."""
+
+    exit_code = EXIT_USAGE
+
+
+class TargetExitedError(ProbeError):
+    """The target went away while it was being inspected."""
+
+    exit_code = EXIT_USAGE
+
+
+class LibraryNotMappedError(ProbeError):
+    """The named library is not mapped by the target process."""
+
+    exit_code = EXIT_USAGE
+
+
+class SymbolNotFoundError(ProbeError):
+    """The symbol does not resolve in the library; ``near`` lists close names."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, near: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.near = near
+
+
+class ElfError(ProbeError):
+    """A mapped file could not be read as an ELF object."""
+
+    exit_code = EXIT_USAGE
+
+
+class PerfPermissionError(ProbeError):
+    """The kernel refused perf events for lack of privilege."""
+
+    exit_code = EXIT_PERMISSION
+
+
+class PerfUnavailableError(ProbeError):
+    """This kernel offers no uprobe PMU (or perf events are disabled)."""
+
+    exit_code = EXIT_OTHER
+
+
+class PerfOpenError(ProbeError):
+    """perf_event_open or mmap failed for another reason (errno in the message)."""
+
+    exit_code = EXIT_OTHER
+
+
+class CatalogError(ProbeError):
+    """A probe profile is malformed; the message names the file, line and reason."""
+
+    exit_code = EXIT_USAGE
+
+
+PERMISSION_HINT = (
+    "run it as root (sudo), or grant the interpreter CAP_PERFMON, CAP_SYS_PTRACE and "
+    "CAP_DAC_READ_SEARCH (Linux >= 5.8; CAP_SYS_ADMIN before): "
+    "sudo setcap cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep \"$(readlink -f .venv/bin/python)\""
+)

@@ -1,0 +1,332 @@
+"""ELF symbol → file offset, the address a uprobe is placed at.
+
+Lookups go ``.gnu.hash`` first (one hash and a short chain walk: 25–50× faster than
+building pyelftools' name table), then ``.dynsym``, then ``.symtab`` (local symbols of
+unstripped libraries, ``take_gil`` in libpython for example). Results are cached per file
+identity (device, inode, size, mtime), so a library mapped by many targets is parsed once.
+
+The probe site is moved past a leading ``endbr64``: that instruction does nothing, and the
+kernel has to single-step it (20–25 µs a hit measured here) where it emulates the
+``push %rbp`` that usually follows (about 1 µs).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import IO, Any
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from probes.errors import ElfError, SymbolNotFoundError
+
+ENDBR64 = b"\xf3\x0f\x1e\xfa"
+STT_FUNC_TYPES = ("STT_FUNC", "STT_GNU_IFUNC")
+VERSYM_HIDDEN = 0x8000
+
+
+def classify_site(code: bytes) -> str:
+    """How the kernel executes the probed instruction: ``emulated`` or ``single-step``.
+
+    x86-64 uprobes emulate pushes of a register, relative jumps and calls, conditional
+    jumps and NOPs; every other instruction is copied out and single-stepped, which costs
+    an extra trap per hit.
+    """
+    if not code:
+        return "unknown"
+    i = 0
+    while i < len(code) and code[i] in (0x66, 0xF2, 0xF3) and i < 3:
+        i += 1  # legacy prefixes (nop forms use 0x66)
+    rex = 0x40 <= code[i] <= 0x4F if i < len(code) else False
+    j = i + 1 if rex else i
+    if j >= len(code):
+        return "unknown"
+    op = code[j]
+    if 0x50 <= op <= 0x57 or op in (0xE8, 0xE9, 0xEB, 0x90) or 0x70 <= op <= 0x7F:
+        return "emulated"
+    if op == 0x0F and j + 1 < len(code) and (0x80 <= code[j + 1] <= 0x8F or code[j + 1] == 0x1F):
+        return "emulated"
+    return "single-step"
+
+
+@dataclass(frozen=True)
+class ResolvedSymbol:
+    """A function found in an ELF file, with where a uprobe goes.
+
+    Attributes:
+        name: symbol name as stored (no version suffix).
+        version: symbol version (``libcudart.so.12``), empty when unversioned.
+        address: st_value, the link-time virtual address.
+        size: st_size in bytes (0 when unknown).
+        file_offset: offset of the function's first byte in the file.
+        probe_offset: file offset the probe is placed at (past a leading ``endbr64``).
+        site: ``emulated`` or ``single-step``: how the probed instruction is executed.
+        table: where it was found: ``.gnu.hash``, ``.dynsym`` or ``.symtab``.
+    """
+
+    name: str
+    version: str
+    address: int
+    size: int
+    file_offset: int
+    probe_offset: int
+    site: str
+    table: str
+
+    @property
+    def skipped_endbr64(self) -> bool:
+        """True when the probe sits after a leading ``endbr64``."""
+        return self.probe_offset != self.file_offset
+
+
+@dataclass(frozen=True)
+class _Sym:
+    name: str
+    value: int
+    size: int
+    is_func: bool
+    defined: bool
+    global_: bool
+    hidden_version: bool
+    version: str
+
+
+class ElfSymbols:
+    """Symbol lookups in one ELF file. Use :func:`elf_symbols` to get a cached one."""
+
+    def __init__(self, path: str) -> None:
+        """Parse headers of ``path``; raises :class:`ElfError` if it is not an ELF file."""
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            self._stream: IO[bytes] = open(path, "rb")  # noqa: SIM115 - owned by the object
+        except OSError as exc:
+            raise ElfError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            self._elf = ELFFile(self._stream)
+            self._segments = [
+                (s["p_vaddr"], s["p_memsz"], s["p_offset"], s["p_filesz"])
+                for s in self._elf.iter_segments() if s["p_type"] == "PT_LOAD"
+            ]
+            self._gnu_hash = self._elf.get_section_by_name(".gnu.hash")
+            self._dynsym = self._elf.get_section_by_name(".dynsym")
+            self._symtab = self._elf.get_section_by_name(".symtab")
+            self._versym = self._elf.get_section_by_name(".gnu.version")
+            self._verdef_names = self._read_verdefs()
+        except (ELFError, ValueError, OSError) as exc:
+            self._stream.close()
+            raise ElfError(f"{path} is not a readable ELF file: {exc}") from exc
+        self._tables: dict[str, list[_Sym]] = {}
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self._stream.close()
+
+    @property
+    def has_symtab(self) -> bool:
+        """False for a stripped file (only exported symbols remain)."""
+        return self._symtab is not None and self._symtab.num_symbols() > 0
+
+    def _read_verdefs(self) -> dict[int, str]:
+        sec = self._elf.get_section_by_name(".gnu.version_d")
+        names: dict[int, str] = {}
+        if sec is None:
+            return names
+        for verdef, aux in sec.iter_versions():
+            first = next(iter(aux), None)
+            if first is not None:
+                names[verdef["vd_ndx"]] = first.name
+        return names
+
+    def _version_of(self, index: int) -> tuple[str, bool]:
+        if self._versym is None:
+            return "", False
+        try:
+            raw = self._versym.get_symbol(index).entry["ndx"]
+        except (IndexError, KeyError):
+            return "", False
+        if isinstance(raw, str):  # VER_NDX_LOCAL / VER_NDX_GLOBAL
+            return "", False
+        hidden = bool(raw & VERSYM_HIDDEN)
+        return self._verdef_names.get(raw & ~VERSYM_HIDDEN, ""), hidden
+
+    def _make(self, sym: Any, index: int, dynamic: bool) -> _Sym:
+        version, hidden = self._version_of(index) if dynamic else ("", False)
+        return _Sym(
+            name=sym.name,
+            value=sym["st_value"],
+            size=sym["st_size"],
+            is_func=sym["st_info"]["type"] in STT_FUNC_TYPES,
+            defined=sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"] != 0,
+            global_=sym["st_info"]["bind"] in ("STB_GLOBAL", "STB_WEAK"),
+            hidden_version=hidden,
+            version=version,
+        )
+
+    def _table(self, name: str) -> list[_Sym]:
+        """Every symbol of ``.dynsym`` or ``.symtab``, read once and kept."""
+        cached = self._tables.get(name)
+        if cached is not None:
+            return cached
+        section = self._dynsym if name == ".dynsym" else self._symtab
+        syms = []
+        if section is not None:
+            dynamic = name == ".dynsym"
+            for i, sym in enumerate(section.iter_symbols()):
+                if sym.name:
+                    syms.append(self._make(sym, i, dynamic))
+        self._tables[name] = syms
+        return syms
+
+    def vaddr_to_offset(self, vaddr: int) -> int | None:
+        """File offset of a link-time virtual address (through its PT_LOAD segment)."""
+        for p_vaddr, p_memsz, p_offset, p_filesz in self._segments:
+            if p_vaddr <= vaddr < p_vaddr + min(p_memsz, p_filesz):
+                return vaddr - p_vaddr + p_offset
+        return None
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the file at ``offset``."""
+        with self._lock:
+            self._stream.seek(offset)
+            return self._stream.read(size)
+
+    def _finish(self, sym: _Sym, table: str) -> ResolvedSymbol | None:
+        offset = self.vaddr_to_offset(sym.value)
+        if offset is None:
+            return None
+        head = self.read_at(offset, 16)
+        probe = offset + len(ENDBR64) if head.startswith(ENDBR64) else offset
+        site = classify_site(head[probe - offset:])
+        return ResolvedSymbol(sym.name, sym.version, sym.value, sym.size, offset, probe, site,
+                              table)
+
+    def lookup(self, name: str) -> ResolvedSymbol | None:
+        """Exact lookup of a defined function; ``.gnu.hash`` first, then the tables."""
+        with self._lock:
+            if self._gnu_hash is not None:
+                found = self._gnu_hash.get_symbol(name)
+                if found is not None:
+                    index = _symbol_index(self._dynsym, found)
+                    sym = self._make(found, index, True) if index is not None else None
+                    if sym is not None and sym.defined and not sym.hidden_version:
+                        return self._finish(sym, ".gnu.hash")
+        for table in (".dynsym", ".symtab"):
+            candidates = [s for s in self._table(table) if s.name == name and s.defined]
+            if not candidates:
+                continue
+            # prefer the default version (name@@VER) over hidden older ones (name@VER)
+            candidates.sort(key=lambda s: (s.hidden_version, not s.is_func))
+            return self._finish(candidates[0], table)
+        return None
+
+    def match(self, pattern: str) -> list[ResolvedSymbol]:
+        """Every defined function whose name matches the glob ``pattern``, one per name."""
+        seen: dict[str, ResolvedSymbol] = {}
+        for table in (".dynsym", ".symtab"):
+            for sym in self._table(table):
+                if (sym.name in seen or not sym.defined or not sym.is_func
+                        or sym.hidden_version or not fnmatch.fnmatchcase(sym.name, pattern)):
+                    continue
+                resolved = self._finish(sym, table)
+                if resolved is not None:
+                    seen[sym.name] = resolved
+        return sorted(seen.values(), key=lambda r: r.name)
+
+    def names(self) -> set[str]:
+        """Names of all defined functions in the file (for suggestions)."""
+        return {s.name for t in (".dynsym", ".symtab") for s in self._table(t)
+                if s.defined and s.is_func}
+
+    def why_missing(self, name: str) -> str:
+        """One sentence on why ``name`` does not resolve here."""
+        local = [s for s in self._table(".symtab") if s.name == name]
+        undefined = [s for s in self._table(".dynsym") if s.name == name and not s.defined]
+        if undefined:
+            return f"{name} is imported by {os.path.basename(self.path)}, not defined in it"
+        if local and not local[0].global_:
+            return f"{name} is a local symbol not exported"
+        if not self.has_symtab:
+            return (f"{name} is not exported and {os.path.basename(self.path)} is stripped "
+                    "(no .symtab): install its debug symbols or probe an exported function")
+        return f"{name} is not in {os.path.basename(self.path)}"
+
+    def near(self, name: str, limit: int = 5) -> tuple[str, ...]:
+        """Names close to ``name``: substring matches first, then difflib's close ones."""
+        names = self.names()
+        bare = name.strip("*?")
+        sub = sorted((n for n in names if bare and bare.lower() in n.lower()), key=len)
+        close = difflib.get_close_matches(bare, list(names), n=limit, cutoff=0.6)
+        out: list[str] = []
+        for n in sub + close:
+            if n not in out:
+                out.append(n)
+        return tuple(out[:limit])
+
+
+def _symbol_index(section: Any, symbol: Any) -> int | None:
+    """Index of ``symbol`` in ``section`` (pyelftools' hash lookup does not return it)."""
+    if section is None:
+        return None
+    entsize = section["sh_entsize"] or 24
+    offset = getattr(symbol, "_offset", None)
+    if offset is not None:
+        return int((offset - section["sh_offset"]) // entsize)
+    # fallback: linear search (rare; only if pyelftools changes its internals)
+    for i, sym in enumerate(section.iter_symbols()):
+        if sym.name == symbol.name and sym["st_value"] == symbol["st_value"]:
+            return i
+    return None
+
+
+_CACHE_SIZE = 64
+_cache: OrderedDict[tuple[int, int, int, int], ElfSymbols] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def elf_symbols(path: str) -> ElfSymbols:
+    """The cached :class:`ElfSymbols` for the file at ``path`` (keyed by file identity)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ElfError(f"cannot open {path}: {exc.strerror}") from exc
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    syms = ElfSymbols(path)
+    with _cache_lock:
+        _cache[key] = syms
+        while len(_cache) > _CACHE_SIZE:
+            _, old = _cache.popitem(last=False)
+            old.close()
+    return syms
+
+
+def resolve(path: str, symbol: str, *, display_name: str | None = None) -> list[ResolvedSymbol]:
+    """Resolve ``symbol`` (exact name or glob) in the ELF file at ``path``.
+
+    Raises :class:`SymbolNotFoundError` with the reason and near names when nothing
+    matches. ``display_name`` names the library in messages (defaults to the path).
+    """
+    syms = elf_symbols(path)
+    label = display_name or path
+    if any(c in symbol for c in "*?["):
+        found = syms.match(symbol)
+        if not found:
+            raise SymbolNotFoundError(
+                f"no function matching {symbol!r} in {label}", syms.near(symbol))
+        return found
+    one = syms.lookup(symbol)
+    if one is None:
+        near = syms.near(symbol)
+        hint = f"; near names: {', '.join(near)}" if near else ""
+        raise SymbolNotFoundError(f"{syms.why_missing(symbol)} ({label}){hint}", near)
+    return [one]

@@ -1,0 +1,602 @@
+"""Attach probe sites to running processes and turn their hits into spans.
+
+Two ways to see every thread of a target, because a per-task perf event sees only its
+own thread (``docs/performance.md`` has the measurement that chose between them):
+
+``thread``
+    One ring per thread. Its owner is a software *dummy* event with ``task`` records on,
+    so the kernel tells us at once when that thread creates another (``PERF_RECORD_FORK``)
+    and when it exits; ``/proc/PID/task`` is also rescanned periodically. Probes are
+    installed only in the target's address space. A thread that makes calls in the few
+    hundred microseconds before it is attached loses those calls.
+``cpu``
+    One ring per CPU, events for all tasks, filtered by PID here. Nothing is missed
+    however short-lived a thread is, but the breakpoint is installed in every process
+    that maps the probed file, so it is only chosen automatically (``auto``) when no
+    other process maps it.
+
+Entries and returns are paired per (thread, probe) with a stack, so nested and recursive
+calls pair correctly. A return with no entry (lost, or read from another CPU's ring
+first) waits one read for its entry, then is dropped and counted; entries of a thread
+that exits, or that sit before a loss in the same ring, are dropped and counted too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import select
+import struct
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from probes.errors import PerfOpenError, ProbeError, TargetExitedError
+from probes.perf import (
+    ARG_REGISTERS,
+    CLOCK_MONOTONIC,
+    FLAG_SAMPLE_ID_ALL,
+    FLAG_USE_CLOCKID,
+    PERF_FLAG_FD_CLOEXEC,
+    PERF_RECORD_FORK,
+    PERF_RECORD_LOST,
+    PERF_SAMPLE_IDENTIFIER,
+    PERF_SAMPLE_TID,
+    PERF_SAMPLE_TIME,
+    RETURN_REGISTER,
+    SYS_PERF_EVENT_OPEN,
+    EventSpec,
+    PerfEventAttr,
+    PerfRing,
+    Sample,
+    _libc,
+    _raise_open_error,
+    online_cpus,
+    open_uprobe,
+    registers_for,
+)
+from probes.placement import ProbeSite
+from probes.target import Target
+
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_DUMMY = 9
+FLAG_TASK = 1 << 13
+FLAG_WATERMARK = 1 << 14
+
+ArgValue = int | float
+
+
+@dataclass(frozen=True)
+class Span:
+    """One call of a probed function: who, when, and the arguments captured.
+
+    Entry-only probes give instant spans (``end_ns == start_ns``). Times are
+    CLOCK_MONOTONIC nanoseconds, comparable with ``time.monotonic_ns()``.
+    """
+
+    probe: str
+    pid: int
+    tid: int
+    start_ns: int
+    end_ns: int
+    args: Mapping[str, ArgValue] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def duration_ns(self) -> int:
+        """``end_ns - start_ns``."""
+        return self.end_ns - self.start_ns
+
+
+@dataclass
+class SessionStats:
+    """Counters of a session, for the governor and the dashboard."""
+
+    hits: Counter[str] = field(default_factory=Counter)
+    spans: int = 0
+    lost: int = 0
+    unfinished: int = 0
+    orphan_returns: int = 0
+    threads_attached: int = 0
+    threads_exited: int = 0
+    thread_attach_failures: int = 0
+    events_open: int = 0
+
+
+@dataclass(frozen=True)
+class _EventInfo:
+    site: int
+    is_return: bool
+    # (arg name, index into the sample's register tuple) for register captures
+    reg_slots: tuple[tuple[str, int], ...]
+    # (arg name, stack offset, size, decoder) for stack captures
+    stack_slots: tuple[tuple[str, int, int, Callable[[bytes], ArgValue]], ...]
+
+
+def _dummy_owner(pid: int, cpu: int, *, task_events: bool, wakeup_bytes: int) -> int:
+    """Open the software dummy event that owns a ring (and reports thread fork/exit)."""
+    attr = PerfEventAttr()
+    attr.type = PERF_TYPE_SOFTWARE
+    attr.size = ctypes.sizeof(PerfEventAttr)
+    attr.config = PERF_COUNT_SW_DUMMY
+    attr.sample_period = 1
+    attr.sample_type = PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
+    attr.flags = (FLAG_USE_CLOCKID | FLAG_SAMPLE_ID_ALL | FLAG_WATERMARK
+                  | (FLAG_TASK if task_events else 0))
+    attr.clockid = CLOCK_MONOTONIC
+    attr.wakeup_events = max(1, wakeup_bytes)  # union with wakeup_watermark
+    fd = _libc.syscall(SYS_PERF_EVENT_OPEN, ctypes.byref(attr), pid, cpu, -1,
+                       PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        _raise_open_error(ctypes.get_errno(), f"ring owner pid={pid} cpu={cpu}")
+    return int(fd)
+
+
+def processes_mapping(inodes: set[int], exclude: set[int]) -> set[int]:
+    """PIDs (outside ``exclude``) that map a file with one of ``inodes``."""
+    found: set[int] = set()
+    needles = {f" {i} " for i in inodes}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if any(n in text for n in needles):
+            found.add(int(entry))
+    return found
+
+
+class UprobeSession:
+    """Uprobes on one or more targets, read as spans. One owner of every fd and mmap.
+
+    Use as a context manager or call :meth:`close` (idempotent). Synchronous callers use
+    :meth:`poll`; asyncio callers iterate :meth:`batches`.
+    """
+
+    def __init__(self, targets: Sequence[Target], sites: Sequence[ProbeSite], *,
+                 mode: str = "auto", ring_pages: int = 64, wakeup_bytes: int = 1,
+                 rescan_interval_s: float = 0.05, max_depth: int = 512) -> None:
+        """Prepare a session; nothing is opened until :meth:`open`.
+
+        Args:
+            targets: processes to watch.
+            sites: probe sites (from :mod:`probes.placement`).
+            mode: ``thread``, ``cpu`` or ``auto`` (cpu when no other process maps the
+                probed files, else thread).
+            ring_pages: data pages per ring (a power of two).
+            wakeup_bytes: bytes in a ring before the reader is woken; 1 wakes on every
+                record (lowest latency), larger values batch wake-ups.
+            rescan_interval_s: how often thread lists are rescanned and rings drained
+                even without a wake-up.
+            max_depth: most pending entries per (thread, probe) (runaway recursion guard).
+        """
+        if mode not in ("auto", "thread", "cpu"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.targets = list(targets)
+        self.pids = {t.pid for t in self.targets}
+        self.sites = list(sites)
+        self.requested_mode = mode
+        self.mode = mode
+        self.ring_pages = ring_pages
+        self.wakeup_bytes = wakeup_bytes
+        self.rescan_interval_s = rescan_interval_s
+        self.max_depth = max_depth
+        self.stats = SessionStats()
+        self.detached_sites: set[int] = set()
+        self.exited_pids: set[int] = set()
+        self._events: dict[int, _EventInfo] = {}
+        self._event_fds: dict[int, list[tuple[PerfRing, int]]] = {}  # site → (ring, fd)
+        self._rings: dict[tuple[int, int], PerfRing] = {}  # (tid or -1, cpu or -1) → ring
+        self._ring_pid: dict[int, int] = {}  # id(ring) → target pid (thread mode)
+        self._pending: dict[tuple[int, int], list[tuple[int, dict[str, ArgValue]]]] = {}
+        self._orphans: list[Sample] = []
+        self._last_rescan = 0.0
+        self._opened = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> UprobeSession:
+        """Open every event; raises a :class:`ProbeError` subclass on setup failure."""
+        if self._opened:
+            return self
+        self._opened = True
+        try:
+            if self.mode == "auto":
+                inodes = {s.inode for s in self.sites}
+                others = processes_mapping(inodes, self.pids | {os.getpid()})
+                self.mode = "thread" if others else "cpu"
+            if self.mode == "cpu":
+                for cpu in online_cpus():
+                    self._open_ring(-1, cpu, pid=-1)
+            else:
+                for target in self.targets:
+                    try:
+                        tids = target.threads()
+                    except TargetExitedError:
+                        self.exited_pids.add(target.pid)
+                        continue
+                    for tid in tids:
+                        self._attach_thread(target.pid, tid)
+                if self.exited_pids == self.pids:
+                    raise TargetExitedError("every target exited before probes were attached")
+        except BaseException:
+            self.close()
+            raise
+        self._last_rescan = time.monotonic()
+        return self
+
+    def __enter__(self) -> UprobeSession:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach every probe, unmap every ring, close every fd (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = self._loop
+        for ring in self._rings.values():
+            if loop is not None and ring.fds:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(ring.owner_fd)
+            ring.close()
+        self._rings.clear()
+        self._event_fds.clear()
+        self._events.clear()
+        self.stats.events_open = 0
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    # ------------------------------------------------------------------ opening
+    def _open_ring(self, tid: int, cpu: int, *, pid: int) -> PerfRing:
+        ring = PerfRing(self.ring_pages)
+        owner = _dummy_owner(tid, cpu, task_events=tid != -1, wakeup_bytes=self.wakeup_bytes)
+        try:
+            ring.add(owner, EventSpec("", 0))
+            for index, site in enumerate(self.sites):
+                if index not in self.detached_sites:
+                    self._open_site_events(ring, index, site, tid, cpu)
+        except BaseException:
+            ring.close()
+            raise
+        self._rings[(tid, cpu)] = ring
+        self._ring_pid[id(ring)] = pid
+        if self._loop is not None:
+            self._loop.add_reader(ring.owner_fd, self._on_readable)
+        return ring
+
+    def _open_site_events(self, ring: PerfRing, index: int, site: ProbeSite, tid: int,
+                          cpu: int) -> None:
+        entry_args = site.entry_registers
+        entry = EventSpec(site.open_path, site.offset, False,
+                          registers_for(entry_args), site.stack_bytes)
+        specs = [entry]
+        if site.ret:
+            specs.append(EventSpec(site.open_path, site.offset, True,
+                                   registers_for((), site.wants_return_value)))
+        for spec in specs:
+            fd = open_uprobe(spec, tid, cpu, wakeup_events=1)
+            eid = ring.add(fd, spec)
+            self._events[eid] = self._event_info(index, site, spec)
+            self._event_fds.setdefault(index, []).append((ring, fd))
+            self.stats.events_open += 1
+
+    @staticmethod
+    def _event_info(index: int, site: ProbeSite, spec: EventSpec) -> _EventInfo:
+        order = {reg: i for i, reg in enumerate(spec.registers)}
+        regs: list[tuple[str, int]] = []
+        stack: list[tuple[str, int, int, Callable[[bytes], ArgValue]]] = []
+        for cap in site.captures:
+            if spec.is_return:
+                if cap.source == "ret":
+                    regs.append((cap.name, order[RETURN_REGISTER]))
+            elif cap.source == "reg" and cap.register is not None:
+                regs.append((cap.name, order[ARG_REGISTERS[cap.register]]))
+            elif cap.source == "stack" and cap.stack_offset is not None:
+                stack.append((cap.name, cap.stack_offset, cap.size, cap.decode))
+        return _EventInfo(index, spec.is_return, tuple(regs), tuple(stack))
+
+    def _attach_thread(self, pid: int, tid: int) -> None:
+        if (tid, -1) in self._rings:
+            return
+        try:
+            self._open_ring(tid, -1, pid=pid)
+            self.stats.threads_attached += 1
+        except PerfOpenError as exc:
+            if "exited" in str(exc) or not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                self.stats.thread_attach_failures += 1  # the thread was gone already
+                return
+            raise
+
+    def _detach_thread(self, tid: int, spans: list[Span]) -> None:
+        ring = self._rings.pop((tid, -1), None)
+        if ring is None:
+            return
+        self._read_thread_ring(tid, ring, spans)
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(ring.owner_fd)
+        for index, pairs in self._event_fds.items():
+            self._event_fds[index] = [(r, fd) for r, fd in pairs if r is not ring]
+        self.stats.events_open -= len(ring.fds) - 1
+        ring.close()
+        self._drop_pending(lambda key: key[0] == tid)
+        self.stats.threads_exited += 1
+
+    def _drop_pending(self, which: Callable[[tuple[int, int]], bool]) -> None:
+        for key in [k for k in self._pending if which(k)]:
+            self.stats.unfinished += len(self._pending.pop(key))
+
+    def detach_site(self, index: int) -> None:
+        """Remove one probe site from every thread/CPU (the governor's lever)."""
+        if index in self.detached_sites:
+            return
+        self.detached_sites.add(index)
+        for ring, fd in self._event_fds.pop(index, []):
+            ring.remove(fd)
+            self.stats.events_open -= 1
+        self._drop_pending(lambda key: key[1] == index)
+
+    def reattach_site(self, index: int) -> None:
+        """Put a detached site back on every thread/CPU (for duty cycling)."""
+        if index not in self.detached_sites:
+            return
+        self.detached_sites.discard(index)
+        for (tid, cpu), ring in list(self._rings.items()):
+            try:
+                self._open_site_events(ring, index, self.sites[index], tid, cpu)
+            except PerfOpenError:
+                continue
+
+    # ------------------------------------------------------------------ threads
+    def rescan(self) -> list[Span]:
+        """Attach new threads and release exited ones (thread mode); note exited targets."""
+        spans: list[Span] = []
+        self._last_rescan = time.monotonic()
+        if self._closed:
+            return spans
+        for target in self.targets:
+            if target.pid in self.exited_pids:
+                continue
+            if not target.alive():
+                self.exited_pids.add(target.pid)
+                if self.mode == "thread":
+                    for (tid, _cpu), ring in list(self._rings.items()):
+                        if self._ring_pid.get(id(ring)) == target.pid:
+                            self._detach_thread(tid, spans)
+                continue
+            if self.mode != "thread":
+                continue
+            try:
+                live = set(target.threads())
+            except TargetExitedError:
+                continue
+            for tid in live:
+                self._attach_thread(target.pid, tid)
+            for (tid, _cpu), ring in list(self._rings.items()):
+                if self._ring_pid.get(id(ring)) == target.pid and tid not in live:
+                    self._detach_thread(tid, spans)
+        if self.mode == "cpu":
+            self._drop_pending(lambda key: not os.path.exists(f"/proc/{key[0]}"))
+        return spans
+
+    @property
+    def all_exited(self) -> bool:
+        """True once every target process has exited."""
+        return self.exited_pids >= self.pids
+
+    # ------------------------------------------------------------------ reading
+    def read(self) -> list[Span]:
+        """Drain every ring now and return the spans completed (never blocks)."""
+        if self._closed:
+            return []
+        spans: list[Span] = []
+        if self.mode == "cpu":
+            batch: list[Sample] = []
+            for ring in list(self._rings.values()):
+                batch.extend(ring.read(self._on_lost_cpu))
+            if self._orphans:
+                batch.extend(self._orphans)
+                self._orphans = []
+            batch.sort(key=lambda s: s[3])
+            self._pair(batch, spans, retry_orphans=True)
+        else:
+            for (tid, _cpu), ring in list(self._rings.items()):
+                if not ring.closed:
+                    self._read_thread_ring(tid, ring, spans)
+        if time.monotonic() - self._last_rescan >= self.rescan_interval_s:
+            spans.extend(self.rescan())
+        self.stats.spans += len(spans)
+        return spans
+
+    def _on_lost_cpu(self, lost: int) -> None:
+        self.stats.lost += lost
+        # which threads lost what is unknown: every pending entry is suspect
+        self._drop_pending(lambda key: True)
+
+    def _read_thread_ring(self, tid: int, ring: PerfRing, spans: list[Span]) -> None:
+        """Read a thread's ring: pair its samples, follow the threads it created.
+
+        A loss in the ring drops that thread's pending entries (their returns may be
+        among the lost records), so a later return never pairs with a wrong entry.
+        """
+        forks: list[tuple[int, int]] = []
+        segments: list[list[Sample]] = [[]]
+
+        def on_lost(lost: int) -> None:
+            self.stats.lost += lost
+            segments.append([])  # samples after the loss start a new segment
+
+        def on_task(kind: int, pid: int, new_tid: int) -> None:
+            if kind == PERF_RECORD_FORK and new_tid != tid:
+                forks.append((pid, new_tid))
+
+        data = ring.read_raw()
+        samples = ring.decode(data, on_lost, on_task)
+        if len(segments) == 1:
+            self._pair(samples, spans, retry_orphans=False)
+        else:
+            # decode again, split at each loss, so pending entries die at the loss
+            segments = [[]]
+            ring.stats.lost -= self._lost_in(data)
+            ring.stats.samples -= len(samples)
+            for i, part in enumerate(self._split_at_losses(ring, data)):
+                if i:
+                    self._drop_pending(lambda key: key[0] == tid)
+                self._pair(part, spans, retry_orphans=False)
+        for pid, new_tid in forks:
+            if pid in self.pids and pid not in self.exited_pids:
+                self._attach_thread(pid, new_tid)
+
+    @staticmethod
+    def _lost_in(data: bytes) -> int:
+        total, pos = 0, 0
+        while pos + 8 <= len(data):
+            rtype, _misc, rsize = struct.unpack_from("<IHH", data, pos)
+            if rsize < 8:
+                break
+            if rtype == PERF_RECORD_LOST:
+                total += struct.unpack_from("<Q", data, pos + 16)[0]
+            pos += rsize
+        return total
+
+    @staticmethod
+    def _split_at_losses(ring: PerfRing, data: bytes) -> list[list[Sample]]:
+        """Samples of ``data`` in runs separated by PERF_RECORD_LOST records."""
+        parts: list[list[Sample]] = []
+        pos, start = 0, 0
+        while pos + 8 <= len(data):
+            rtype, _misc, rsize = struct.unpack_from("<IHH", data, pos)
+            if rsize < 8:
+                break
+            if rtype == PERF_RECORD_LOST:
+                parts.append(ring.decode(data[start:pos]))
+                start = pos
+            pos += rsize
+        parts.append(ring.decode(data[start:]))
+        return parts
+
+    def _pair(self, samples: Iterable[Sample], spans: list[Span], *,
+              retry_orphans: bool) -> None:
+        events = self._events
+        pending = self._pending
+        pids = self.pids
+        hits = self.stats.hits
+        sites = self.sites
+        cpu_mode = self.mode == "cpu"
+        for sample in samples:
+            eid, pid, tid, t, regs, stack = sample
+            if cpu_mode and pid not in pids:
+                continue
+            info = events.get(eid)
+            if info is None:
+                continue
+            site = sites[info.site]
+            hits[site.probe] += 1
+            if not info.is_return:
+                args: dict[str, ArgValue] = {}
+                if regs:
+                    for name, i in info.reg_slots:
+                        args[name] = regs[i]
+                if stack is not None:
+                    for name, off, size, decode in info.stack_slots:
+                        chunk = stack[off:off + size]
+                        if len(chunk) == size:
+                            args[name] = decode(chunk)
+                if site.ret:
+                    stack_list = pending.setdefault((tid, info.site), [])
+                    if len(stack_list) >= self.max_depth:
+                        stack_list.pop(0)
+                        self.stats.unfinished += 1
+                    stack_list.append((t, args))
+                else:
+                    spans.append(Span(site.probe, pid, tid, t, t, MappingProxyType(args)))
+                continue
+            stack_list = pending.get((tid, info.site))
+            if stack_list:
+                start, args = stack_list.pop()
+                if info.reg_slots and regs:
+                    args = dict(args)
+                    for name, i in info.reg_slots:
+                        args[name] = regs[i]
+                spans.append(Span(site.probe, pid, tid, start, t, MappingProxyType(args)))
+            elif retry_orphans and sample not in self._orphans:
+                self._orphans.append(sample)
+                hits[site.probe] -= 1  # counted again when retried
+            else:
+                self.stats.orphan_returns += 1
+
+    # ------------------------------------------------------------------ waiting
+    def fds(self) -> list[int]:
+        """The fds to poll: one per ring."""
+        return [r.owner_fd for r in self._rings.values() if r.fds]
+
+    def poll(self, timeout_s: float) -> list[Span]:
+        """Wait up to ``timeout_s`` for data, then drain (synchronous callers)."""
+        fds = self.fds()
+        if fds:
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            with contextlib.suppress(InterruptedError):
+                poller.poll(max(0, int(timeout_s * 1000)))
+        elif timeout_s > 0:
+            time.sleep(min(timeout_s, self.rescan_interval_s))
+        return self.read()
+
+    def _on_readable(self) -> None:
+        if self._ready is not None:
+            self._ready.set()
+
+    async def batches(self) -> AsyncIterator[list[Span]]:
+        """Yield lists of spans as rings fill (wake-ups through ``loop.add_reader``).
+
+        Ends when every target has exited. Rings are also drained every
+        ``rescan_interval_s``, so nothing waits longer than that.
+        """
+        if not self._opened:
+            self.open()
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        for ring in self._rings.values():
+            if ring.fds:
+                self._loop.add_reader(ring.owner_fd, self._on_readable)
+        try:
+            while not self._closed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), self.rescan_interval_s)
+                self._ready.clear()
+                spans = self.read()
+                if spans:
+                    yield spans
+                if self.all_exited:
+                    return
+        finally:
+            for ring in self._rings.values():
+                if ring.fds:
+                    with contextlib.suppress(Exception):
+                        self._loop.remove_reader(ring.owner_fd)
+            self._loop = None
+
+
+def attach(targets: Sequence[Target], sites: Sequence[ProbeSite], **options: Any) -> UprobeSession:
+    """Open a :class:`UprobeSession` (a context manager) on ``targets`` for ``sites``."""
+    if not sites:
+        raise ProbeError("no probe site to attach")
+    return UprobeSession(targets, sites, **options).open()
+
+

@@ -1,0 +1,175 @@
+/* A small native target for the probe layer's tests and benchmarks.
+ *
+ * Built by the test fixtures with the system compiler:
+ *   cc -O0 -g -fcf-protection=full -pthread ctarget.c -o ctarget
+ * so that every function starts with `endbr64; push %rbp` (the prologue of distribution
+ * builds), except pl_plain, which has no endbr64 (nocf_check) and starts with `push %rbp`.
+ *
+ * It reads one command per line on stdin, runs it, and answers "ok <value>" on stdout,
+ * so a test can attach first and then cause an exact number of calls:
+ *   work N            N calls of pl_work
+ *   args6 a b c d e f one call of pl_args6 (integer arguments in registers)
+ *   struct a b c      one call of pl_struct (a 24-byte struct passed by value, on the stack)
+ *   recurse D         pl_recurse(D): D+1 nested activations of the same function
+ *   nested N          pl_outer(N): one outer call that calls pl_inner N times
+ *   threads T N       T new threads, each calling pl_work N times, then joined
+ *   sleep US N        N calls of pl_sleep_us(US)
+ *   spin_start US     a background thread calling pl_work then sleeping US, forever
+ *   time FN N         N calls of FN (work, plain, endbr) timed: answers ns per call
+ *   exit              exit(0)
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+volatile long pl_sink;
+
+struct pl_big {
+    long a;
+    long b;
+    long c;
+};
+
+__attribute__((noinline)) long pl_work(long x) {
+    pl_sink += x;
+    return x + 1;
+}
+
+__attribute__((noinline, nocf_check)) long pl_plain(long x) {
+    pl_sink += x;
+    return x + 1;
+}
+
+__attribute__((noinline)) long pl_endbr(long x) {
+    pl_sink += x;
+    return x + 1;
+}
+
+__attribute__((noinline)) long pl_args6(long a, long b, long c, long d, long e, long f) {
+    pl_sink += a;
+    return a + b + c + d + e + f;
+}
+
+__attribute__((noinline)) long pl_struct(struct pl_big s) {
+    pl_sink += s.a;
+    return s.a + s.b + s.c;
+}
+
+__attribute__((noinline)) long pl_recurse(long depth) {
+    pl_sink += depth;
+    if (depth <= 0)
+        return 0;
+    return 1 + pl_recurse(depth - 1);
+}
+
+__attribute__((noinline)) long pl_inner(long x) {
+    pl_sink += x;
+    return x;
+}
+
+__attribute__((noinline)) long pl_outer(long n) {
+    long total = 0;
+    for (long i = 0; i < n; i++)
+        total += pl_inner(i);
+    return total;
+}
+
+__attribute__((noinline)) void pl_sleep_us(long us) {
+    struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
+    nanosleep(&ts, NULL);
+}
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+struct thread_job {
+    long n;
+};
+
+static void *thread_main(void *arg) {
+    struct thread_job *job = arg;
+    for (long i = 0; i < job->n; i++)
+        pl_work(i);
+    return NULL;
+}
+
+static void *spin_main(void *arg) {
+    long us = (long)arg;
+    for (;;) {
+        pl_work(1);
+        pl_sleep_us(us);
+    }
+    return NULL;
+}
+
+int main(void) {
+    char line[256];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    while (fgets(line, sizeof line, stdin)) {
+        char cmd[32] = {0}, fn[32] = {0};
+        long a = 0, b = 0, c = 0, d = 0, e = 0, f = 0, result = 0;
+        sscanf(line, "%31s", cmd);
+        if (!strcmp(cmd, "work")) {
+            sscanf(line, "%*s %ld", &a);
+            for (long i = 0; i < a; i++)
+                result += pl_work(i);
+        } else if (!strcmp(cmd, "args6")) {
+            sscanf(line, "%*s %ld %ld %ld %ld %ld %ld", &a, &b, &c, &d, &e, &f);
+            result = pl_args6(a, b, c, d, e, f);
+        } else if (!strcmp(cmd, "struct")) {
+            struct pl_big s;
+            sscanf(line, "%*s %ld %ld %ld", &s.a, &s.b, &s.c);
+            result = pl_struct(s);
+        } else if (!strcmp(cmd, "recurse")) {
+            sscanf(line, "%*s %ld", &a);
+            result = pl_recurse(a);
+        } else if (!strcmp(cmd, "nested")) {
+            sscanf(line, "%*s %ld", &a);
+            result = pl_outer(a);
+        } else if (!strcmp(cmd, "threads")) {
+            sscanf(line, "%*s %ld %ld", &a, &b);
+            pthread_t tids[256];
+            struct thread_job job = {b};
+            if (a > 256)
+                a = 256;
+            for (long i = 0; i < a; i++)
+                pthread_create(&tids[i], NULL, thread_main, &job);
+            for (long i = 0; i < a; i++)
+                pthread_join(tids[i], NULL);
+            result = a * b;
+        } else if (!strcmp(cmd, "sleep")) {
+            sscanf(line, "%*s %ld %ld", &a, &b);
+            for (long i = 0; i < b; i++)
+                pl_sleep_us(a);
+            result = b;
+        } else if (!strcmp(cmd, "spin_start")) {
+            pthread_t t;
+            sscanf(line, "%*s %ld", &a);
+            pthread_create(&t, NULL, spin_main, (void *)a);
+            pthread_detach(t);
+        } else if (!strcmp(cmd, "time")) {
+            sscanf(line, "%*s %31s %ld", fn, &a);
+            long (*fp)(long) = !strcmp(fn, "plain") ? (long (*)(long))pl_plain
+                             : !strcmp(fn, "endbr") ? pl_endbr : pl_work;
+            long t0 = now_ns();
+            for (long i = 0; i < a; i++)
+                fp(i);
+            result = a ? (now_ns() - t0) / a : 0;
+        } else if (!strcmp(cmd, "exit")) {
+            printf("ok 0\n");
+            return 0;
+        } else {
+            printf("error unknown command %s\n", cmd);
+            continue;
+        }
+        printf("ok %ld\n", result);
+    }
+    return 0;
+}
