@@ -43,6 +43,8 @@ PERF_RECORD_FORK = 7
 PERF_RECORD_SAMPLE = 9
 
 FLAG_DISABLED = 1 << 0
+FLAG_TASK = 1 << 13
+FLAG_WATERMARK = 1 << 14
 FLAG_SAMPLE_ID_ALL = 1 << 18
 FLAG_USE_CLOCKID = 1 << 25
 PERF_FLAG_FD_CLOEXEC = 1 << 3
@@ -54,6 +56,8 @@ PERF_EVENT_IOC_SET_OUTPUT = 0x2405
 PERF_EVENT_IOC_ID = 0x80082407
 
 PAGE = mmap.PAGESIZE
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_DUMMY = 9
 
 # x86-64 perf register numbers (arch/x86/include/uapi/asm/perf_regs.h)
 REG_AX, REG_CX, REG_DX, REG_SI, REG_DI, REG_SP = 0, 2, 3, 4, 5, 7
@@ -177,7 +181,7 @@ def _raise_open_error(err: int, what: str) -> None:
     raise PerfOpenError(f"{what}: {os.strerror(err)}")
 
 
-def open_uprobe(spec: EventSpec, pid: int, cpu: int, *, wakeup_events: int = 1,
+def open_uprobe(spec: EventSpec, pid: int, cpu: int, *, wakeup_events: int = 0,
                 disabled: bool = False) -> int:
     """Open one uprobe/uretprobe perf event and return its fd.
 
@@ -185,7 +189,10 @@ def open_uprobe(spec: EventSpec, pid: int, cpu: int, *, wakeup_events: int = 1,
         spec: where the probe goes and what each hit records.
         pid: a thread id (per-task event; sees only that thread) or -1 (all tasks).
         cpu: a CPU number, or -1 for any CPU (only with a task).
-        wakeup_events: hits between wake-ups of a reader polling the ring.
+        wakeup_events: wake a reader polling the ring every this many hits; 0 leaves
+            wake-ups to the ring's byte watermark. A wake-up costs the probed thread
+            about 10 µs here (ten times the hit itself), so only probes whose events
+            must arrive at once (an iteration anchor) should set it.
         disabled: open the event disabled (enable it with :func:`enable`).
     """
     pmu = uprobe_pmu()
@@ -195,9 +202,10 @@ def open_uprobe(spec: EventSpec, pid: int, cpu: int, *, wakeup_events: int = 1,
     attr.config = (1 << pmu.retprobe_bit) if spec.is_return else 0
     attr.sample_period = 1
     attr.sample_type = spec.sample_type
-    attr.flags = FLAG_USE_CLOCKID | FLAG_SAMPLE_ID_ALL | (FLAG_DISABLED if disabled else 0)
+    attr.flags = (FLAG_USE_CLOCKID | FLAG_SAMPLE_ID_ALL | (FLAG_DISABLED if disabled else 0)
+                  | (0 if wakeup_events > 0 else FLAG_WATERMARK))
     attr.clockid = CLOCK_MONOTONIC
-    attr.wakeup_events = max(1, wakeup_events)
+    attr.wakeup_events = max(0, wakeup_events)
     attr.sample_regs_user = spec.regs_mask
     attr.sample_stack_user = (spec.stack_bytes + 7) // 8 * 8
     path_buf = ctypes.create_string_buffer(spec.path.encode())
@@ -208,6 +216,29 @@ def open_uprobe(spec: EventSpec, pid: int, cpu: int, *, wakeup_events: int = 1,
     if fd < 0:
         what = f"uprobe {os.path.basename(spec.path)}+{spec.offset:#x} pid={pid} cpu={cpu}"
         _raise_open_error(ctypes.get_errno(), what)
+    return int(fd)
+
+
+def open_ring_owner(pid: int, cpu: int, *, task_events: bool, watermark_bytes: int) -> int:
+    """Open a software dummy event to own a ring (and report thread fork/exit).
+
+    The ring wakes its reader when ``watermark_bytes`` are pending; redirected uprobe
+    events add wake-ups of their own only if opened with ``wakeup_events``.
+    """
+    attr = PerfEventAttr()
+    attr.type = PERF_TYPE_SOFTWARE
+    attr.size = ctypes.sizeof(PerfEventAttr)
+    attr.config = PERF_COUNT_SW_DUMMY
+    attr.sample_period = 1
+    attr.sample_type = PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
+    attr.flags = (FLAG_USE_CLOCKID | FLAG_SAMPLE_ID_ALL | FLAG_WATERMARK
+                  | (FLAG_TASK if task_events else 0))
+    attr.clockid = CLOCK_MONOTONIC
+    attr.wakeup_events = max(1, watermark_bytes)  # union with wakeup_watermark
+    fd = _libc.syscall(SYS_PERF_EVENT_OPEN, ctypes.byref(attr), pid, cpu, -1,
+                       PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        _raise_open_error(ctypes.get_errno(), f"ring owner pid={pid} cpu={cpu}")
     return int(fd)
 
 
@@ -285,6 +316,11 @@ class PerfRing:
         self._size = 0
         self._base = 0
         self.closed = False
+
+    @property
+    def data_bytes(self) -> int:
+        """Size of the data area in bytes."""
+        return self.data_pages * PAGE
 
     @property
     def owner_fd(self) -> int:

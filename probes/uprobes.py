@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import select
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -39,34 +38,20 @@ from typing import Any
 from probes.errors import PerfOpenError, ProbeError, TargetExitedError
 from probes.perf import (
     ARG_REGISTERS,
-    CLOCK_MONOTONIC,
-    FLAG_SAMPLE_ID_ALL,
-    FLAG_USE_CLOCKID,
-    PERF_FLAG_FD_CLOEXEC,
+    PERF_RECORD_EXIT,
     PERF_RECORD_FORK,
     PERF_RECORD_LOST,
-    PERF_SAMPLE_IDENTIFIER,
-    PERF_SAMPLE_TID,
-    PERF_SAMPLE_TIME,
     RETURN_REGISTER,
-    SYS_PERF_EVENT_OPEN,
     EventSpec,
-    PerfEventAttr,
     PerfRing,
     Sample,
-    _libc,
-    _raise_open_error,
     online_cpus,
+    open_ring_owner,
     open_uprobe,
     registers_for,
 )
 from probes.placement import ProbeSite
 from probes.target import Target
-
-PERF_TYPE_SOFTWARE = 1
-PERF_COUNT_SW_DUMMY = 9
-FLAG_TASK = 1 << 13
-FLAG_WATERMARK = 1 << 14
 
 ArgValue = int | float
 
@@ -117,25 +102,6 @@ class _EventInfo:
     stack_slots: tuple[tuple[str, int, int, Callable[[bytes], ArgValue]], ...]
 
 
-def _dummy_owner(pid: int, cpu: int, *, task_events: bool, wakeup_bytes: int) -> int:
-    """Open the software dummy event that owns a ring (and reports thread fork/exit)."""
-    attr = PerfEventAttr()
-    attr.type = PERF_TYPE_SOFTWARE
-    attr.size = ctypes.sizeof(PerfEventAttr)
-    attr.config = PERF_COUNT_SW_DUMMY
-    attr.sample_period = 1
-    attr.sample_type = PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
-    attr.flags = (FLAG_USE_CLOCKID | FLAG_SAMPLE_ID_ALL | FLAG_WATERMARK
-                  | (FLAG_TASK if task_events else 0))
-    attr.clockid = CLOCK_MONOTONIC
-    attr.wakeup_events = max(1, wakeup_bytes)  # union with wakeup_watermark
-    fd = _libc.syscall(SYS_PERF_EVENT_OPEN, ctypes.byref(attr), pid, cpu, -1,
-                       PERF_FLAG_FD_CLOEXEC)
-    if fd < 0:
-        _raise_open_error(ctypes.get_errno(), f"ring owner pid={pid} cpu={cpu}")
-    return int(fd)
-
-
 def processes_mapping(inodes: set[int], exclude: set[int]) -> set[int]:
     """PIDs (outside ``exclude``) that map a file with one of ``inodes``."""
     found: set[int] = set()
@@ -161,8 +127,8 @@ class UprobeSession:
     """
 
     def __init__(self, targets: Sequence[Target], sites: Sequence[ProbeSite], *,
-                 mode: str = "auto", ring_pages: int = 64, wakeup_bytes: int = 1,
-                 rescan_interval_s: float = 0.05, max_depth: int = 512) -> None:
+                 mode: str = "auto", ring_pages: int = 64, urgent: Collection[str] = (),
+                 drain_interval_s: float = 0.02, max_depth: int = 512) -> None:
         """Prepare a session; nothing is opened until :meth:`open`.
 
         Args:
@@ -171,10 +137,12 @@ class UprobeSession:
             mode: ``thread``, ``cpu`` or ``auto`` (cpu when no other process maps the
                 probed files, else thread).
             ring_pages: data pages per ring (a power of two).
-            wakeup_bytes: bytes in a ring before the reader is woken; 1 wakes on every
-                record (lowest latency), larger values batch wake-ups.
-            rescan_interval_s: how often thread lists are rescanned and rings drained
-                even without a wake-up.
+            urgent: probe ids whose every hit wakes the reader at once (so the event
+                reaches the engine within a millisecond); each such wake-up costs the
+                target about 10 µs, so name only per-iteration probes. Other records
+                wait for the next drain or for a ring half full.
+            drain_interval_s: how often rings are drained and thread lists rescanned
+                without a wake-up.
             max_depth: most pending entries per (thread, probe) (runaway recursion guard).
         """
         if mode not in ("auto", "thread", "cpu"):
@@ -185,8 +153,8 @@ class UprobeSession:
         self.requested_mode = mode
         self.mode = mode
         self.ring_pages = ring_pages
-        self.wakeup_bytes = wakeup_bytes
-        self.rescan_interval_s = rescan_interval_s
+        self.urgent = set(urgent)
+        self.drain_interval_s = drain_interval_s
         self.max_depth = max_depth
         self.stats = SessionStats()
         self.detached_sites: set[int] = set()
@@ -195,6 +163,7 @@ class UprobeSession:
         self._event_fds: dict[int, list[tuple[PerfRing, int]]] = {}  # site → (ring, fd)
         self._rings: dict[tuple[int, int], PerfRing] = {}  # (tid or -1, cpu or -1) → ring
         self._ring_pid: dict[int, int] = {}  # id(ring) → target pid (thread mode)
+        self._watchers: dict[int, PerfRing] = {}  # tid → ring of its FORK/EXIT records
         self._pending: dict[tuple[int, int], list[tuple[int, dict[str, ArgValue]]]] = {}
         self._orphans: list[Sample] = []
         self._last_rescan = 0.0
@@ -246,12 +215,13 @@ class UprobeSession:
             return
         self._closed = True
         loop = self._loop
-        for ring in self._rings.values():
+        for ring in [*self._rings.values(), *self._watchers.values()]:
             if loop is not None and ring.fds:
                 with contextlib.suppress(Exception):
                     loop.remove_reader(ring.owner_fd)
             ring.close()
         self._rings.clear()
+        self._watchers.clear()
         self._event_fds.clear()
         self._events.clear()
         self.stats.events_open = 0
@@ -264,19 +234,31 @@ class UprobeSession:
     # ------------------------------------------------------------------ opening
     def _open_ring(self, tid: int, cpu: int, *, pid: int) -> PerfRing:
         ring = PerfRing(self.ring_pages)
-        owner = _dummy_owner(tid, cpu, task_events=tid != -1, wakeup_bytes=self.wakeup_bytes)
+        watcher = PerfRing(1) if tid != -1 else None
         try:
-            ring.add(owner, EventSpec("", 0))
+            ring.add(open_ring_owner(tid, cpu, task_events=False,
+                                     watermark_bytes=ring.data_bytes // 2), EventSpec("", 0))
+            if watcher is not None:
+                # thread creation and exit must be seen at once: a tiny ring of its own
+                # that wakes on every record (they are rare)
+                watcher.add(open_ring_owner(tid, cpu, task_events=True, watermark_bytes=1),
+                            EventSpec("", 0))
             for index, site in enumerate(self.sites):
                 if index not in self.detached_sites:
                     self._open_site_events(ring, index, site, tid, cpu)
         except BaseException:
             ring.close()
+            if watcher is not None:
+                watcher.close()
             raise
         self._rings[(tid, cpu)] = ring
         self._ring_pid[id(ring)] = pid
+        if watcher is not None:
+            self._watchers[tid] = watcher
         if self._loop is not None:
             self._loop.add_reader(ring.owner_fd, self._on_readable)
+            if watcher is not None:
+                self._loop.add_reader(watcher.owner_fd, self._on_readable)
         return ring
 
     def _open_site_events(self, ring: PerfRing, index: int, site: ProbeSite, tid: int,
@@ -289,7 +271,8 @@ class UprobeSession:
             specs.append(EventSpec(site.open_path, site.offset, True,
                                    registers_for((), site.wants_return_value)))
         for spec in specs:
-            fd = open_uprobe(spec, tid, cpu, wakeup_events=1)
+            fd = open_uprobe(spec, tid, cpu,
+                             wakeup_events=1 if site.probe in self.urgent else 0)
             eid = ring.add(fd, spec)
             self._events[eid] = self._event_info(index, site, spec)
             self._event_fds.setdefault(index, []).append((ring, fd))
@@ -327,9 +310,14 @@ class UprobeSession:
         if ring is None:
             return
         self._read_thread_ring(tid, ring, spans)
+        watcher = self._watchers.pop(tid, None)
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(ring.owner_fd)
+                if watcher is not None:
+                    self._loop.remove_reader(watcher.owner_fd)
+        if watcher is not None:
+            watcher.close()
         for index, pairs in self._event_fds.items():
             self._event_fds[index] = [(r, fd) for r, fd in pairs if r is not ring]
         self.stats.events_open -= len(ring.fds) - 1
@@ -415,10 +403,11 @@ class UprobeSession:
             batch.sort(key=lambda s: s[3])
             self._pair(batch, spans, retry_orphans=True)
         else:
+            self._follow_threads(spans)
             for (tid, _cpu), ring in list(self._rings.items()):
                 if not ring.closed:
                     self._read_thread_ring(tid, ring, spans)
-        if time.monotonic() - self._last_rescan >= self.rescan_interval_s:
+        if time.monotonic() - self._last_rescan >= self.drain_interval_s:
             spans.extend(self.rescan())
         self.stats.spans += len(spans)
         return spans
@@ -434,19 +423,14 @@ class UprobeSession:
         A loss in the ring drops that thread's pending entries (their returns may be
         among the lost records), so a later return never pairs with a wrong entry.
         """
-        forks: list[tuple[int, int]] = []
         segments: list[list[Sample]] = [[]]
 
         def on_lost(lost: int) -> None:
             self.stats.lost += lost
             segments.append([])  # samples after the loss start a new segment
 
-        def on_task(kind: int, pid: int, new_tid: int) -> None:
-            if kind == PERF_RECORD_FORK and new_tid != tid:
-                forks.append((pid, new_tid))
-
         data = ring.read_raw()
-        samples = ring.decode(data, on_lost, on_task)
+        samples = ring.decode(data, on_lost)
         if len(segments) == 1:
             self._pair(samples, spans, retry_orphans=False)
         else:
@@ -458,9 +442,26 @@ class UprobeSession:
                 if i:
                     self._drop_pending(lambda key: key[0] == tid)
                 self._pair(part, spans, retry_orphans=False)
-        for pid, new_tid in forks:
+
+    def _follow_threads(self, spans: list[Span]) -> None:
+        """Attach threads the watchers saw created; release those they saw exit."""
+        born: list[tuple[int, int]] = []
+        died: list[int] = []
+
+        def on_task(kind: int, pid: int, tid: int) -> None:
+            if kind == PERF_RECORD_FORK:
+                born.append((pid, tid))
+            elif kind == PERF_RECORD_EXIT:
+                died.append(tid)
+
+        for watcher in list(self._watchers.values()):
+            watcher.read(None, on_task)
+        for pid, tid in born:
             if pid in self.pids and pid not in self.exited_pids:
-                self._attach_thread(pid, new_tid)
+                self._attach_thread(pid, tid)
+        for tid in died:
+            if tid in self._watchers:
+                self._detach_thread(tid, spans)
 
     @staticmethod
     def _lost_in(data: bytes) -> int:
@@ -543,7 +544,7 @@ class UprobeSession:
     # ------------------------------------------------------------------ waiting
     def fds(self) -> list[int]:
         """The fds to poll: one per ring."""
-        return [r.owner_fd for r in self._rings.values() if r.fds]
+        return [r.owner_fd for r in [*self._rings.values(), *self._watchers.values()] if r.fds]
 
     def poll(self, timeout_s: float) -> list[Span]:
         """Wait up to ``timeout_s`` for data, then drain (synchronous callers)."""
@@ -555,7 +556,7 @@ class UprobeSession:
             with contextlib.suppress(InterruptedError):
                 poller.poll(max(0, int(timeout_s * 1000)))
         elif timeout_s > 0:
-            time.sleep(min(timeout_s, self.rescan_interval_s))
+            time.sleep(min(timeout_s, self.drain_interval_s))
         return self.read()
 
     def _on_readable(self) -> None:
@@ -566,19 +567,18 @@ class UprobeSession:
         """Yield lists of spans as rings fill (wake-ups through ``loop.add_reader``).
 
         Ends when every target has exited. Rings are also drained every
-        ``rescan_interval_s``, so nothing waits longer than that.
+        ``drain_interval_s``, so nothing waits longer than that.
         """
         if not self._opened:
             self.open()
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        for ring in self._rings.values():
-            if ring.fds:
-                self._loop.add_reader(ring.owner_fd, self._on_readable)
+        for fd in self.fds():
+            self._loop.add_reader(fd, self._on_readable)
         try:
             while not self._closed:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._ready.wait(), self.rescan_interval_s)
+                    await asyncio.wait_for(self._ready.wait(), self.drain_interval_s)
                 self._ready.clear()
                 spans = self.read()
                 if spans:
@@ -586,10 +586,9 @@ class UprobeSession:
                 if self.all_exited:
                     return
         finally:
-            for ring in self._rings.values():
-                if ring.fds:
-                    with contextlib.suppress(Exception):
-                        self._loop.remove_reader(ring.owner_fd)
+            for fd in self.fds():
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(fd)
             self._loop = None
 
 

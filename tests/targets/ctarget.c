@@ -12,7 +12,8 @@
  *   struct a b c      one call of pl_struct (a 24-byte struct passed by value, on the stack)
  *   recurse D         pl_recurse(D): D+1 nested activations of the same function
  *   nested N          pl_outer(N): one outer call that calls pl_inner N times
- *   threads T N       T new threads, each calling pl_work N times, then joined
+ *   threads T N [US]  T new threads, each calling pl_work N times (sleeping US
+ *                     microseconds after each call when given), then joined
  *   sleep US N        N calls of pl_sleep_us(US)
  *   spin_start US     a background thread calling pl_work then sleeping US, forever
  *   time FN N         N calls of FN (work, plain, endbr) timed: answers ns per call
@@ -90,12 +91,16 @@ static long now_ns(void) {
 
 struct thread_job {
     long n;
+    long pause_us;
 };
 
 static void *thread_main(void *arg) {
     struct thread_job *job = arg;
-    for (long i = 0; i < job->n; i++)
+    for (long i = 0; i < job->n; i++) {
         pl_work(i);
+        if (job->pause_us)
+            pl_sleep_us(job->pause_us);
+    }
     return NULL;
 }
 
@@ -134,9 +139,9 @@ int main(void) {
             sscanf(line, "%*s %ld", &a);
             result = pl_outer(a);
         } else if (!strcmp(cmd, "threads")) {
-            sscanf(line, "%*s %ld %ld", &a, &b);
+            sscanf(line, "%*s %ld %ld %ld", &a, &b, &c);
             pthread_t tids[256];
-            struct thread_job job = {b};
+            struct thread_job job = {b, c};
             if (a > 256)
                 a = 256;
             for (long i = 0; i < a; i++)

@@ -1,0 +1,291 @@
+"""The ``prism`` command line (DESIGN.md §4.1).
+
+Every user error reaches the user as one line on stderr with the exit code of its kind
+(2 bad input, 3 permission, 1 anything else); ``--json`` prints one JSON document on
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fastdigest import TDigest
+
+from probes.errors import EXIT_OTHER, EXIT_USAGE, ProbeError
+from prism_tui import __version__
+
+QUANTILES = (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("p999_ms", 0.999))
+
+
+class UsageError(ProbeError):
+    """A command-line mistake argparse cannot see (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prism",
+        description="LatencyPrism: zero-intrusion latency monitor for LLM inference servers.")
+    p.add_argument("--version", action="version", version=f"prism {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def target_args(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_mutually_exclusive_group(required=True)
+        g.add_argument("--pid", type=int, help="process id of the target")
+        g.add_argument("--match", metavar="REGEX",
+                       help="regular expression on the target's command line")
+
+    s = sub.add_parser("symbols", help="which catalog probes resolve in a process, and why not")
+    target_args(s)
+    s.add_argument("--profile", action="append",
+                   help="profile name or TOML file (repeatable; default: every profile "
+                        "with a library mapped in the target)")
+    s.add_argument("--level", choices=("sentinel", "deepdive"), default="deepdive",
+                   help="probe level to show (default: deepdive, i.e. all probes)")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
+
+    t = sub.add_parser("trace", help="latency distribution of one function (like funclatency)")
+    target_args(t)
+    t.add_argument("--probe", required=True, metavar="LIB:SYMBOL",
+                   help="library (path, basename or soname prefix) and symbol (glob allowed)")
+    t.add_argument("--ret", action="store_true",
+                   help="probe returns too and report call latency (else call rate and "
+                        "the interval between calls)")
+    t.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="stop after S seconds (default: Ctrl-C or target exit)")
+    t.add_argument("--mode", choices=("auto", "thread", "cpu"), default="auto",
+                   help="per-thread events, or per-CPU events filtered by pid")
+    t.add_argument("--json", action="store_true", help="print one JSON document")
+
+    d = sub.add_parser("demo", help="the main job on an embedded default")
+    d.add_argument("--duration", type=float, default=8.0, metavar="S")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prism`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "symbols":
+            return cmd_symbols(args)
+        if args.command == "trace":
+            return cmd_trace(args)
+        if args.command == "demo":
+            from prism_tui.demo import run_demo
+
+            return run_demo(args.duration)
+    except ProbeError as exc:
+        print(f"prism {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OTHER
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------- symbols
+def cmd_symbols(args: argparse.Namespace) -> int:
+    """``prism symbols``: every probe decision of the chosen profiles on the target."""
+    from probes.catalog import available_profiles, load_profile
+    from probes.placement import place_profile
+    from probes.target import resolve_target
+
+    [target] = resolve_target(args.pid, args.match)
+    names = args.profile or sorted(available_profiles())
+    files = target.mapped_files()
+    report: list[dict[str, Any]] = []
+    for name in names:
+        profile = load_profile(name)
+        mapped = [f.path for f in files for lib in profile.libraries if lib.matches(f.name)]
+        if not args.profile and not mapped:
+            continue
+        placement = place_profile(target, profile, args.level)
+        probes = []
+        for d in placement.decisions:
+            entry: dict[str, Any] = {
+                "probe": d.probe, "stage": d.stage, "level": d.level, "status": d.status,
+                "optional": d.optional, "reason": d.reason, "near": list(d.near),
+                "sites": [{"library": s.library, "symbol": s.symbol,
+                           "offset": s.offset, "function_offset": s.function_offset,
+                           "skipped_endbr64": s.offset != s.function_offset,
+                           "site": s.site, "ret": s.ret} for s in d.sites]}
+            probes.append(entry)
+        report.append({"profile": profile.name, "libraries": sorted(set(mapped)),
+                       "probes": probes})
+    doc = {"target": {"pid": target.pid, "name": target.name, "exe": target.exe},
+           "profiles": report}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"pid {target.pid} ({target.name}) {target.exe}")
+    if not report:
+        print("no catalog profile has a library mapped in this process "
+              "(name one with --profile)")
+    for prof in report:
+        print(f"\nprofile {prof['profile']}: "
+              f"{', '.join(prof['libraries']) or 'no library mapped'}")
+        for pr in prof["probes"]:
+            if pr["status"] == "resolved":
+                for site in pr["sites"]:
+                    where = f"{os.path.basename(site['library'])}+{site['offset']:#x}"
+                    note = " (after endbr64)" if site["skipped_endbr64"] else ""
+                    kind = "entry+return" if site["ret"] else "entry"
+                    print(f"  ok      {pr['probe']:<22} {pr['stage']:<14} {site['symbol']} "
+                          f"@ {where} {kind}, {site['site']}{note}")
+            else:
+                opt = " (optional)" if pr["optional"] else ""
+                print(f"  {pr['status']:<7} {pr['probe']:<22} {pr['stage']:<14} "
+                      f"{pr['reason']}{opt}")
+    return 0
+
+
+# ---------------------------------------------------------------------- trace
+def _quantiles(values_ms: list[float]) -> dict[str, float | None]:
+    if not values_ms:
+        return {k: None for k, _ in QUANTILES} | {"max_ms": None, "mean_ms": None}
+    digest = TDigest.from_values(values_ms)
+    out: dict[str, float | None] = {k: round(digest.quantile(q), 6) for k, q in QUANTILES}
+    out["max_ms"] = round(max(values_ms), 6)
+    out["mean_ms"] = round(sum(values_ms) / len(values_ms), 6)
+    return out
+
+
+def _log2_histogram(values_ms: list[float]) -> list[tuple[int, int, int]]:
+    """(low µs, high µs, count) buckets as bcc's funclatency prints them."""
+    counts: dict[int, int] = {}
+    for v in values_ms:
+        us = max(v * 1000.0, 0.0)
+        b = 0 if us < 1 else int(math.log2(us)) + 1
+        counts[b] = counts.get(b, 0) + 1
+    if not counts:
+        return []
+    rows = []
+    for b in range(min(counts), max(counts) + 1):
+        low = 0 if b == 0 else 1 << (b - 1)
+        rows.append((low, (1 << b) - 1, counts.get(b, 0)))
+    return rows
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """``prism trace``: count, rate and latency quantiles of one function."""
+    from probes.perf import check_permission
+    from probes.placement import place_symbol
+    from probes.target import resolve_target
+    from probes.uprobes import UprobeSession
+
+    lib, sep, symbol = args.probe.rpartition(":")
+    if not sep or not lib or not symbol:
+        raise UsageError(f"--probe wants LIB:SYMBOL (for example libc:clock_nanosleep), "
+                         f"got {args.probe!r}")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    check_permission()
+    [target] = resolve_target(args.pid, args.match)
+    sites = place_symbol(target, lib, symbol, ret=args.ret)
+    durations: list[float] = []
+    starts: list[int] = []
+    per_symbol: dict[str, int] = {}
+    stop = {"flag": False}
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        stop["flag"] = True
+
+    old = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    if not args.json:
+        names = ", ".join(sorted({s.symbol for s in sites}))
+        print(f"Tracing {len(sites)} function(s) in pid {target.pid} ({target.name}): {names}"
+              f"{'' if args.duration else '... Hit Ctrl-C to end.'}", file=sys.stderr)
+    t0 = time.monotonic()
+    session = UprobeSession([target], sites, mode=args.mode, drain_interval_s=0.1)
+    try:
+        session.open()
+        while not stop["flag"]:
+            elapsed = time.monotonic() - t0
+            if args.duration is not None and elapsed >= args.duration:
+                break
+            remaining = 0.2 if args.duration is None else min(0.2, args.duration - elapsed)
+            for span in session.poll(max(remaining, 0.0)):
+                per_symbol[span.probe] = per_symbol.get(span.probe, 0) + 1
+                if args.ret:
+                    durations.append(span.duration_ns / 1e6)
+                else:
+                    starts.append(span.start_ns)
+            if session.all_exited:
+                break
+        for span in session.read():
+            per_symbol[span.probe] = per_symbol.get(span.probe, 0) + 1
+            if args.ret:
+                durations.append(span.duration_ns / 1e6)
+            else:
+                starts.append(span.start_ns)
+    finally:
+        session.close()
+        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, old_term)
+    wall = time.monotonic() - t0
+    count = len(durations) if args.ret else len(starts)
+    values = durations
+    if not args.ret:
+        starts.sort()
+        values = [(b - a) / 1e6 for a, b in zip(starts, starts[1:], strict=False)]
+    doc: dict[str, Any] = {
+        "target": {"pid": target.pid, "name": target.name},
+        "probe": args.probe,
+        "measure": "latency" if args.ret else "interval",
+        "sites": [{"library": s.library, "symbol": s.symbol, "offset": s.offset,
+                   "site": s.site} for s in sites],
+        "mode": session.mode,
+        "count": count,
+        "duration_s": round(wall, 6),
+        "rate_hz": round(count / wall, 3) if wall > 0 else 0.0,
+        **_quantiles(values),
+        "lost": session.stats.lost,
+        "unfinished": session.stats.unfinished,
+        "orphan_returns": session.stats.orphan_returns,
+        "threads": session.stats.threads_attached,
+        "target_exited": session.all_exited,
+        "per_symbol": per_symbol,
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    _print_trace(doc, values)
+    return 0
+
+
+def _print_trace(doc: dict[str, Any], values: list[float]) -> None:
+    label = "usecs" if doc["measure"] == "latency" else "usecs between calls"
+    rows = _log2_histogram(values)
+    if rows:
+        peak = max(c for _, _, c in rows)
+        print(f"{label:>24} : count    distribution")
+        for low, high, c in rows:
+            bar = "*" * round(40 * c / peak) if peak else ""
+            print(f"{low:>10} -> {high:<10} : {c:<8} |{bar:<40}|")
+    ended = " (target exited)" if doc["target_exited"] else ""
+    print(f"\n{doc['count']} calls in {doc['duration_s']:.2f} s ({doc['rate_hz']:.1f}/s){ended}, "
+          f"{doc['lost']} events lost, mode {doc['mode']}")
+    if doc["p50_ms"] is not None:
+        what = "latency" if doc["measure"] == "latency" else "interval"
+        print(f"{what} ms: p50 {doc['p50_ms']:.4f}  p90 {doc['p90_ms']:.4f}  "
+              f"p99 {doc['p99_ms']:.4f}  p99.9 {doc['p999_ms']:.4f}  max {doc['max_ms']:.4f}")
+    if len(doc["per_symbol"]) > 1:
+        for name, n in sorted(doc["per_symbol"].items()):
+            print(f"  {name}: {n}")
+
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
