@@ -8,6 +8,7 @@ stdout.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -19,8 +20,8 @@ from typing import Any
 
 from fastdigest import TDigest
 
-from probes.errors import EXIT_OTHER, EXIT_USAGE, ProbeError
 from prism_tui import __version__
+from probes.errors import EXIT_OTHER, EXIT_USAGE, ProbeError
 
 QUANTILES = (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("p999_ms", 0.999))
 
@@ -152,7 +153,8 @@ def cmd_symbols(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- trace
 def _quantiles(values_ms: list[float]) -> dict[str, float | None]:
     if not values_ms:
-        return {k: None for k, _ in QUANTILES} | {"max_ms": None, "mean_ms": None}
+        empty: dict[str, float | None] = {k: None for k, _ in QUANTILES}
+        return empty | {"max_ms": None, "mean_ms": None}
     digest = TDigest.from_values(values_ms)
     out: dict[str, float | None] = {k: round(digest.quantile(q), 6) for k, q in QUANTILES}
     out["max_ms"] = round(max(values_ms), 6)
@@ -238,7 +240,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     values = durations
     if not args.ret:
         starts.sort()
-        values = [(b - a) / 1e6 for a, b in zip(starts, starts[1:], strict=False)]
+        values = [(b - a) / 1e6 for a, b in itertools.pairwise(starts)]
     doc: dict[str, Any] = {
         "target": {"pid": target.pid, "name": target.name},
         "probe": args.probe,

@@ -121,9 +121,9 @@ def run_demo(duration_s: float = 8.0) -> int:
                   f"running {duration_s:g} s (Ctrl-C to stop)\n")
             while not stop["flag"] and time.monotonic() - t0 < duration_s:
                 for span in session.poll(0.1):
-                    s = series[span.probe]
-                    s.digest.update(span.duration_ns / 1e6)
-                    s.count += 1
+                    one = series[span.probe]
+                    one.digest.update(span.duration_ns / 1e6)
+                    one.count += 1
                 if time.monotonic() - last >= 1.0:
                     last = time.monotonic()
                     for decision in governor.update(dict(session.stats.hits)):

@@ -85,5 +85,6 @@ class CatalogError(ProbeError):
 PERMISSION_HINT = (
     "run it as root (sudo), or grant the interpreter CAP_PERFMON, CAP_SYS_PTRACE and "
     "CAP_DAC_READ_SEARCH (Linux >= 5.8; CAP_SYS_ADMIN before): "
-    "sudo setcap cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep \"$(readlink -f .venv/bin/python)\""
+    "sudo setcap cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep "
+    "\"$(readlink -f .venv/bin/python)\""
 )

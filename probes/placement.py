@@ -118,11 +118,15 @@ def place_profile(target: Target, profile: Profile, level: str = "sentinel") -> 
 def _decide(files: Sequence[MappedFile], profile: Profile, spec: ProbeSpec) -> ProbeDecision:
     lib_spec = profile.library(spec.library)
     libs = [f for f in files if lib_spec.matches(f.name)]
-    base = {"probe": spec.id, "stage": spec.stage, "level": spec.level,
-            "optional": spec.optional}
+
+    def decision(status: str, sites: tuple[ProbeSite, ...] = (), reason: str = "",
+                 near: tuple[str, ...] = ()) -> ProbeDecision:
+        return ProbeDecision(spec.id, spec.stage, spec.level, status, sites, reason, near,
+                             spec.optional)
+
     if not libs:
-        return ProbeDecision(**base, status="no-library",
-                             reason=f"no mapped file matches {', '.join(lib_spec.patterns)}")
+        return decision("no-library",
+                        reason=f"no mapped file matches {', '.join(lib_spec.patterns)}")
     sites: list[ProbeSite] = []
     reasons: list[str] = []
     near: tuple[str, ...] = ()
@@ -136,8 +140,8 @@ def _decide(files: Sequence[MappedFile], profile: Profile, spec: ProbeSpec) -> P
         except ElfError as exc:
             reasons.append(str(exc))
     if sites:
-        return ProbeDecision(**base, status="resolved", sites=tuple(sites))
-    return ProbeDecision(**base, status="missing", reason="; ".join(reasons), near=near)
+        return decision("resolved", tuple(sites))
+    return decision("missing", reason="; ".join(reasons), near=near)
 
 
 def place_symbol(target: Target, library: str, symbol: str, *, ret: bool,
@@ -170,6 +174,6 @@ def place_symbol(target: Target, library: str, symbol: str, *, ret: bool,
     if not sites:
         if len(errors) == 1:
             raise errors[0]
-        near = tuple(n for e in errors for n in e.near)[:5]
-        raise SymbolNotFoundError("; ".join(str(e) for e in errors), near)
+        raise SymbolNotFoundError("; ".join(str(e) for e in errors),
+                                  tuple(n for e in errors for n in e.near)[:5])
     return sites

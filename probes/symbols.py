@@ -113,10 +113,11 @@ class ElfSymbols:
                 (s["p_vaddr"], s["p_memsz"], s["p_offset"], s["p_filesz"])
                 for s in self._elf.iter_segments() if s["p_type"] == "PT_LOAD"
             ]
-            self._gnu_hash = self._elf.get_section_by_name(".gnu.hash")
-            self._dynsym = self._elf.get_section_by_name(".dynsym")
-            self._symtab = self._elf.get_section_by_name(".symtab")
-            self._versym = self._elf.get_section_by_name(".gnu.version")
+            # pyelftools types these as plain Section; they are the specialised subclasses
+            self._gnu_hash: Any = self._elf.get_section_by_name(".gnu.hash")
+            self._dynsym: Any = self._elf.get_section_by_name(".dynsym")
+            self._symtab: Any = self._elf.get_section_by_name(".symtab")
+            self._versym: Any = self._elf.get_section_by_name(".gnu.version")
             self._verdef_names = self._read_verdefs()
         except (ELFError, ValueError, OSError) as exc:
             self._stream.close()
@@ -133,7 +134,7 @@ class ElfSymbols:
         return self._symtab is not None and self._symtab.num_symbols() > 0
 
     def _read_verdefs(self) -> dict[int, str]:
-        sec = self._elf.get_section_by_name(".gnu.version_d")
+        sec: Any = self._elf.get_section_by_name(".gnu.version_d")
         names: dict[int, str] = {}
         if sec is None:
             return names
@@ -173,7 +174,7 @@ class ElfSymbols:
         cached = self._tables.get(name)
         if cached is not None:
             return cached
-        section = self._dynsym if name == ".dynsym" else self._symtab
+        section: Any = self._dynsym if name == ".dynsym" else self._symtab
         syms = []
         if section is not None:
             dynamic = name == ".dynsym"

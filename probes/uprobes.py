@@ -527,9 +527,9 @@ class UprobeSession:
                 else:
                     spans.append(Span(site.probe, pid, tid, t, t, MappingProxyType(args)))
                 continue
-            stack_list = pending.get((tid, info.site))
-            if stack_list:
-                start, args = stack_list.pop()
+            waiting = pending.get((tid, info.site))
+            if waiting:
+                start, args = waiting.pop()
                 if info.reg_slots and regs:
                     args = dict(args)
                     for name, i in info.reg_slots:

@@ -171,7 +171,7 @@ def test_cuda_profile_traces_the_real_libcudart(python_child: Any) -> None:
     spec = importlib.util.find_spec("nvidia.cuda_runtime")
     assert spec is not None and spec.submodule_search_locations, \
         "nvidia-cuda-runtime-cu12 (a dev dependency) is not installed"
-    lib = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libcudart.so.12"
+    lib = Path(next(iter(spec.submodule_search_locations))) / "lib" / "libcudart.so.12"
     child = python_child(CUDART_CALLER.replace("sys.argv[1]", repr(str(lib))))
     assert child.stdout.readline().strip() == "ready"
     target = Target(child.pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from pathlib import Path
@@ -105,7 +106,7 @@ def test_recursive_calls_pair_lifo(ctarget: CTarget, profile: Profile) -> None:
     assert len(spans) == 21
     by_depth = sorted(spans, key=lambda s: s.args["depth"], reverse=True)  # 20 .. 0
     assert [s.args["depth"] for s in by_depth] == list(range(20, -1, -1))
-    for outer, inner in zip(by_depth, by_depth[1:], strict=False):
+    for outer, inner in itertools.pairwise(by_depth):
         assert outer.start_ns < inner.start_ns and inner.end_ns < outer.end_ns
 
 
