@@ -98,10 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_symbols(args: argparse.Namespace) -> int:
     """``prism symbols``: every probe decision of the chosen profiles on the target."""
     from probes.catalog import available_profiles, load_profile
+    from probes.governor import calibrate
     from probes.placement import place_profile
     from probes.target import resolve_target
 
     [target] = resolve_target(args.pid, args.match)
+    costs = calibrate()
     names = args.profile or sorted(available_profiles())
     files = target.mapped_files()
     report: list[dict[str, Any]] = []
@@ -119,16 +121,26 @@ def cmd_symbols(args: argparse.Namespace) -> int:
                 "sites": [{"library": s.library, "symbol": s.symbol,
                            "offset": s.offset, "function_offset": s.function_offset,
                            "skipped_endbr64": s.offset != s.function_offset,
-                           "site": s.site, "ret": s.ret} for s in d.sites]}
+                           "site": s.site, "ret": s.ret,
+                           "est_cost_us_per_call": round(
+                               costs.site_cost_ns(s.site, s.ret) / 1000, 2)}
+                          for s in d.sites]}
             probes.append(entry)
         report.append({"profile": profile.name, "libraries": sorted(set(mapped)),
                        "probes": probes})
     doc = {"target": {"pid": target.pid, "name": target.name, "exe": target.exe},
+           "hit_cost_us": {"emulated": round(costs.emulated_ns / 1000, 2),
+                           "single_step": round(costs.single_step_ns / 1000, 2),
+                           "return": round(costs.return_ns / 1000, 2),
+                           "measured": costs.measured, "note": costs.note},
            "profiles": report}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"pid {target.pid} ({target.name}) {target.exe}")
+    hc = doc["hit_cost_us"]
+    print(f"probe hit cost measured here: {hc['emulated']} us emulated, "
+          f"{hc['single_step']} us single-stepped, +{hc['return']} us per return probe")
     if not report:
         print("no catalog profile has a library mapped in this process "
               "(name one with --profile)")
@@ -142,7 +154,8 @@ def cmd_symbols(args: argparse.Namespace) -> int:
                     note = " (after endbr64)" if site["skipped_endbr64"] else ""
                     kind = "entry+return" if site["ret"] else "entry"
                     print(f"  ok      {pr['probe']:<22} {pr['stage']:<14} {site['symbol']} "
-                          f"@ {where} {kind}, {site['site']}{note}")
+                          f"@ {where} {kind}, {site['site']}{note}, "
+                          f"~{site['est_cost_us_per_call']:g} us/call")
             else:
                 opt = " (optional)" if pr["optional"] else ""
                 print(f"  {pr['status']:<7} {pr['probe']:<22} {pr['stage']:<14} "

@@ -255,3 +255,22 @@ async def test_async_batches_until_the_target_exits(ctarget: CTarget, profile: P
                 async for batch in session.batches():
                     got.extend(batch)
     assert [s.probe for s in got] == ["outer"] * 5
+
+
+def test_records_that_straddle_the_ring_end_decode_correctly(
+        ctarget: CTarget, profile: Profile) -> None:
+    # 80-byte records (header, id/tid/time, 32 bytes of stack) in a 4096-byte ring: the
+    # ring wraps five times, and records are split across its end (4096 % 80 != 0)
+    sites = sites_for(ctarget, profile, "struct")
+    with UprobeSession([Target(ctarget.pid)], sites, mode="thread", ring_pages=1,
+                       drain_interval_s=3600) as session:
+        spans: list[Span] = []
+        for batch in range(15):
+            for i in range(20):
+                ctarget.cmd(f"struct {batch} {i} {batch * 1000 + i}")
+            spans += session.read()
+        ring = next(iter(session._rings.values()))
+        assert ring.stats.bytes > 5 * ring.data_bytes  # wrapped five times
+    assert session.stats.lost == 0
+    assert [(s.args["sa"], s.args["sb"], s.args["sc"]) for s in spans] == [
+        (b, i, b * 1000 + i) for b in range(15) for i in range(20)]
