@@ -222,6 +222,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(f"Tracing {len(sites)} function(s) in pid {target.pid} ({target.name}): {names}"
               f"{'' if args.duration else '... Hit Ctrl-C to end.'}", file=sys.stderr)
     t0 = time.monotonic()
+    lost = 0
     session = UprobeSession([target], sites, mode=args.mode, drain_interval_s=0.1)
     try:
         session.open()
@@ -244,6 +245,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
                 durations.append(span.duration_ns / 1e6)
             else:
                 starts.append(span.start_ns)
+        lost = session.dropped()
     finally:
         session.close()
         signal.signal(signal.SIGINT, old)
@@ -265,7 +267,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         "duration_s": round(wall, 6),
         "rate_hz": round(count / wall, 3) if wall > 0 else 0.0,
         **_quantiles(values),
-        "lost": session.stats.lost,
+        "lost": lost,
         "unfinished": session.stats.unfinished,
         "orphan_returns": session.stats.orphan_returns,
         "threads": session.stats.threads_attached,

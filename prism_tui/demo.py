@@ -115,7 +115,7 @@ def run_demo(duration_s: float = 8.0) -> int:
         with UprobeSession([target], sites, drain_interval_s=0.05) as session:
             governor = OverheadGovernor(sites, costs, session.detach_site,
                                         session.reattach_site, budget=0.005)
-            governor.update(dict(session.stats.hits))
+            governor.update(dict(session.kernel_hits()))
             t0 = last = time.monotonic()
             print(f"\nattached {len(sites)} probes in {session.mode} mode; "
                   f"running {duration_s:g} s (Ctrl-C to stop)\n")
@@ -126,7 +126,7 @@ def run_demo(duration_s: float = 8.0) -> int:
                     one.count += 1
                 if time.monotonic() - last >= 1.0:
                     last = time.monotonic()
-                    for decision in governor.update(dict(session.stats.hits)):
+                    for decision in governor.update(dict(session.kernel_hits())):
                         print(f"  governor: {decision.action} {decision.probe}: "
                               f"{decision.reason}")
                     off = {sites[i].probe for i in session.detached_sites}

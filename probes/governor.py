@@ -51,7 +51,7 @@ class HitCosts:
 
 
 #: Used when calibration cannot run; the figures measured on the development VM.
-DEFAULT_COSTS = HitCosts(1200.0, 25000.0, 1500.0, measured=False,
+DEFAULT_COSTS = HitCosts(1000.0, 10500.0, 900.0, measured=False,
                          note="not measured here: defaults from the development host")
 
 
@@ -98,10 +98,11 @@ def calibrate(calls: int = 3000, rounds: int = 3) -> HitCosts:
         single = proto(addr + _SECOND_OFFSET)
         tid = threading.get_native_id()
 
-        def probed(offset: int, is_return: bool, fn: Callable[[int], int], n: int) -> float:
+        def probed(offset: int, with_return: bool, fn: Callable[[int], int], n: int) -> float:
             with PerfRing(64) as ring:
-                spec = EventSpec(path, offset, is_return)
-                ring.add(open_uprobe(spec, tid, -1), spec)
+                for is_return in (False, True) if with_return else (False,):
+                    spec = EventSpec(path, offset, is_return)
+                    ring.add(open_uprobe(spec, tid, -1), spec)
                 best = float("inf")
                 for _ in range(rounds):
                     best = min(best, _time_calls(fn, n))
@@ -115,7 +116,8 @@ def calibrate(calls: int = 3000, rounds: int = 3) -> HitCosts:
         base_s = bare(single, calls // 10)
         hit_e = probed(0, False, emulated, calls) - base_e
         hit_s = probed(_SECOND_OFFSET, False, single, calls // 10) - base_s
-        hit_r = probed(0, True, emulated, calls) - base_e
+        # a return probe is measured with its entry probe, as sites use it
+        hit_r = probed(0, True, emulated, calls) - base_e - hit_e
         return HitCosts(max(hit_e, 1.0), max(hit_s, 1.0), max(hit_r, 1.0))
     except (OSError, ProbeError) as exc:
         return HitCosts(**{**DEFAULT_COSTS.__dict__, "note": f"calibration failed: {exc}"})

@@ -191,7 +191,7 @@ def open_uprobe(spec: EventSpec, pid: int, cpu: int, *, wakeup_events: int = 0,
         cpu: a CPU number, or -1 for any CPU (only with a task).
         wakeup_events: wake a reader polling the ring every this many hits; 0 leaves
             wake-ups to the ring's byte watermark. A wake-up costs the probed thread
-            about 10 µs here (ten times the hit itself), so only probes whose events
+            10.6–13.5 µs here (ten times the hit itself), so only probes whose events
             must arrive at once (an iteration anchor) should set it.
         disabled: open the event disabled (enable it with :func:`enable`).
     """

@@ -77,6 +77,9 @@ class Span:
         return self.end_ns - self.start_ns
 
 
+WATCHER_PAGES = 16  # room for ~1,100 fork/exit records between two reads
+
+
 @dataclass
 class SessionStats:
     """Counters of a session, for the governor and the dashboard."""
@@ -86,6 +89,7 @@ class SessionStats:
     lost: int = 0
     unfinished: int = 0
     orphan_returns: int = 0
+    thread_records_lost: int = 0
     threads_attached: int = 0
     threads_exited: int = 0
     thread_attach_failures: int = 0
@@ -100,6 +104,15 @@ class _EventInfo:
     reg_slots: tuple[tuple[str, int], ...]
     # (arg name, stack offset, size, decoder) for stack captures
     stack_slots: tuple[tuple[str, int, int, Callable[[bytes], ArgValue]], ...]
+
+
+def _read_count(fd: int) -> int:
+    """The event's counter: how many times the probe fired (0 if unreadable)."""
+    try:
+        raw = os.read(fd, 8)
+    except OSError:
+        return 0
+    return int.from_bytes(raw, "little") if len(raw) == 8 else 0
 
 
 def processes_mapping(inodes: set[int], exclude: set[int]) -> set[int]:
@@ -139,7 +152,7 @@ class UprobeSession:
             ring_pages: data pages per ring (a power of two).
             urgent: probe ids whose every hit wakes the reader at once (so the event
                 reaches the engine within a millisecond); each such wake-up costs the
-                target about 10 µs, so name only per-iteration probes. Other records
+                target 10–14 µs, so name only per-iteration probes. Other records
                 wait for the next drain or for a ring half full.
             drain_interval_s: how often rings are drained and thread lists rescanned
                 without a wake-up.
@@ -164,6 +177,7 @@ class UprobeSession:
         self._rings: dict[tuple[int, int], PerfRing] = {}  # (tid or -1, cpu or -1) → ring
         self._ring_pid: dict[int, int] = {}  # id(ring) → target pid (thread mode)
         self._watchers: dict[int, PerfRing] = {}  # tid → ring of its FORK/EXIT records
+        self._closed_counts: Counter[str] = Counter()  # kernel hit counts of closed fds
         self._pending: dict[tuple[int, int], list[tuple[int, dict[str, ArgValue]]]] = {}
         self._orphans: list[Sample] = []
         self._last_rescan = 0.0
@@ -234,7 +248,7 @@ class UprobeSession:
     # ------------------------------------------------------------------ opening
     def _open_ring(self, tid: int, cpu: int, *, pid: int) -> PerfRing:
         ring = PerfRing(self.ring_pages)
-        watcher = PerfRing(1) if tid != -1 else None
+        watcher = PerfRing(WATCHER_PAGES) if tid != -1 else None
         try:
             ring.add(open_ring_owner(tid, cpu, task_events=False,
                                      watermark_bytes=ring.data_bytes // 2), EventSpec("", 0))
@@ -310,6 +324,10 @@ class UprobeSession:
         if ring is None:
             return
         self._read_thread_ring(tid, ring, spans)
+        for index, pairs in self._event_fds.items():
+            for r, fd in pairs:
+                if r is ring:
+                    self._closed_counts[self.sites[index].probe] += _read_count(fd)
         watcher = self._watchers.pop(tid, None)
         if self._loop is not None:
             with contextlib.suppress(Exception):
@@ -335,6 +353,7 @@ class UprobeSession:
             return
         self.detached_sites.add(index)
         for ring, fd in self._event_fds.pop(index, []):
+            self._closed_counts[self.sites[index].probe] += _read_count(fd)
             ring.remove(fd)
             self.stats.events_open -= 1
         self._drop_pending(lambda key: key[1] == index)
@@ -349,6 +368,31 @@ class UprobeSession:
                 self._open_site_events(ring, index, self.sites[index], tid, cpu)
             except PerfOpenError:
                 continue
+
+    def kernel_hits(self) -> Counter[str]:
+        """Hits per probe as the kernel counted them (entries plus returns).
+
+        Unlike ``stats.hits`` (records read), this includes records the ring dropped,
+        even those whose PERF_RECORD_LOST the kernel has not written yet; the difference
+        is the true loss.
+        """
+        counts = Counter(self._closed_counts)
+        for index, pairs in self._event_fds.items():
+            probe = self.sites[index].probe
+            for _ring, fd in pairs:
+                counts[probe] += _read_count(fd)
+        return counts
+
+    def dropped(self) -> int:
+        """Records the kernel produced that were never read (lost or not yet written).
+
+        Per-CPU events forced onto a file other processes map count their hits too, so
+        there only the kernel's PERF_RECORD_LOST counts are used.
+        """
+        if self.mode == "cpu" and self.requested_mode != "auto":
+            return self.stats.lost
+        kernel = sum(self.kernel_hits().values())
+        return max(self.stats.lost, kernel - sum(self.stats.hits.values()))
 
     # ------------------------------------------------------------------ threads
     def rescan(self) -> list[Span]:
@@ -454,8 +498,15 @@ class UprobeSession:
             elif kind == PERF_RECORD_EXIT:
                 died.append(tid)
 
+        lost_before = self.stats.thread_records_lost
+
+        def on_lost(lost: int) -> None:
+            self.stats.thread_records_lost += lost
+
         for watcher in list(self._watchers.values()):
-            watcher.read(None, on_task)
+            watcher.read(on_lost, on_task)
+        if self.stats.thread_records_lost != lost_before:
+            self._last_rescan = 0.0  # fork records were lost: rescan /proc at once
         for pid, tid in born:
             if pid in self.pids and pid not in self.exited_pids:
                 self._attach_thread(pid, tid)
