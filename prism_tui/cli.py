@@ -128,12 +128,13 @@ def cmd_symbols(args: argparse.Namespace) -> int:
             probes.append(entry)
         report.append({"profile": profile.name, "libraries": sorted(set(mapped)),
                        "probes": probes})
-    doc = {"target": {"pid": target.pid, "name": target.name, "exe": target.exe},
-           "hit_cost_us": {"emulated": round(costs.emulated_ns / 1000, 2),
-                           "single_step": round(costs.single_step_ns / 1000, 2),
-                           "return": round(costs.return_ns / 1000, 2),
-                           "measured": costs.measured, "note": costs.note},
-           "profiles": report}
+    doc: dict[str, Any] = {
+        "target": {"pid": target.pid, "name": target.name, "exe": target.exe},
+        "hit_cost_us": {"emulated": round(costs.emulated_ns / 1000, 2),
+                        "single_step": round(costs.single_step_ns / 1000, 2),
+                        "return": round(costs.return_ns / 1000, 2),
+                        "measured": costs.measured, "note": costs.note},
+        "profiles": report}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0

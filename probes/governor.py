@@ -134,7 +134,7 @@ class GovernorDecision:
 
     at_s: float
     probe: str
-    action: str  # "keep" | "detach" | "duty-cycle" | "reattach"
+    action: str  # "keep" | "detach" | "duty-cycle"
     hits_per_s: float
     cost_ns: float
     overhead: float  # estimated fraction of the target's time this probe costs
@@ -145,6 +145,7 @@ class GovernorDecision:
 class _SiteState:
     hits_at_window_start: int = 0
     detached: bool = False
+    cycling: bool = False  # duty-cycled: attached for ``duty`` of every period
     duty: float = 1.0
     off_until: float = 0.0
     on_until: float = 0.0
@@ -203,11 +204,11 @@ class OverheadGovernor:
                 self._state[i] = _SiteState(hits.get(site.probe, 0))
             return made
         for i, st in self._state.items():
-            if st.duty < 1.0 and st.detached and now >= st.off_until:
+            if st.cycling and st.detached and now >= st.off_until:
                 self.reattach(i)
                 st.detached = False
                 st.on_until = now + self.period_s * st.duty
-            elif st.duty < 1.0 and not st.detached and now >= st.on_until:
+            elif st.cycling and not st.detached and now >= st.on_until:
                 self.detach(i)
                 st.detached = True
                 st.off_until = now + self.period_s * (1 - st.duty)
@@ -237,8 +238,8 @@ class OverheadGovernor:
             if total <= self.budget:
                 break
             site, st = self.sites[i], self._state[i]
-            if site.probe in self.protected or st.detached or overhead <= 0:
-                continue
+            if site.probe in self.protected or st.detached or st.cycling or overhead <= 0:
+                continue  # a cycling site's hits already reflect its duty
             siblings = by_probe[site.probe]
             if self.action == "duty-cycle":
                 others = total - overhead
@@ -250,11 +251,13 @@ class OverheadGovernor:
                     st.off_until = now + self.period_s * (1 - st.duty)
             else:
                 action = "detach"
+            cycling = action == "duty-cycle"
             for j in siblings:
                 self.detach(j)
-                self._state[j].detached = True
-                self._state[j].duty = st.duty
-                self._state[j].off_until = st.off_until
+                sib = self._state[j]
+                sib.detached, sib.cycling = True, cycling
+                sib.duty = st.duty if cycling else 0.0
+                sib.off_until = st.off_until
             total -= overhead * (1 - (st.duty if action == "duty-cycle" else 0.0))
             reason = (f"estimated {overhead:.2%} of the target's time "
                       f"({rate:.0f} calls/s x {self.site_cost_ns(i) / 1000:.1f} us, "
@@ -270,9 +273,10 @@ class OverheadGovernor:
     def report(self) -> list[GovernorDecision]:
         """Every decision so far, plus a ``keep`` line for each probe never touched."""
         touched = {d.probe for d in self.decisions}
-        keep = [GovernorDecision(self.clock(), s.probe, "keep", 0.0,
-                                 self.costs.site_cost_ns(s.site, s.ret), 0.0,
-                                 "within budget") for s in self.sites if s.probe not in touched]
+        first_site = {s.probe: s for s in reversed(self.sites)}
+        keep = [GovernorDecision(self.clock(), probe, "keep", 0.0,
+                                 self.costs.site_cost_ns(s.site, s.ret), 0.0, "within budget")
+                for probe, s in first_site.items() if probe not in touched]
         return self.decisions + keep
 
 

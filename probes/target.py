@@ -167,7 +167,7 @@ class Target:
             deleted = path.endswith(" (deleted)")
             path = path.removesuffix(" (deleted)")
             open_path = self.root + path
-            if not deleted and not _same_inode(open_path, inode):
+            if not deleted and not _same_file(open_path, dev, inode):
                 deleted = True  # replaced on disk since it was mapped (an upgrade, say)
             if deleted:
                 open_path = str(self._proc / "map_files" / f"{first.start:x}-{first.end:x}")
@@ -202,11 +202,18 @@ def match_library(files: Iterable[MappedFile], name: str) -> list[MappedFile]:
     return out
 
 
-def _same_inode(path: str, inode: int) -> bool:
+def _same_file(path: str, dev: str, inode: int) -> bool:
+    """True when ``path`` is the inode maps names (``dev`` as maps writes it, hex maj:min)."""
     try:
-        return os.stat(path).st_ino == inode
+        st = os.stat(path)
     except OSError:
         return False
+    major, _, minor = dev.partition(":")
+    try:
+        same_dev = (os.major(st.st_dev), os.minor(st.st_dev)) == (int(major, 16), int(minor, 16))
+    except ValueError:
+        same_dev = True  # an unreadable dev field: fall back to the inode alone
+    return same_dev and st.st_ino == inode
 
 
 def find_targets(pattern: str, *, exclude_self: bool = True) -> list[Target]:

@@ -173,10 +173,6 @@ def test_duty_cycle(sites: list[ProbeSite]) -> None:
     assert [d.action for d in gov.decisions] == ["duty-cycle"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an update() inside a duty-cycled site's on period sees its full-rate hits, "
-    "decides 'duty-cycle' again and detaches it at once: with updates more frequent "
-    "than period_s x duty the site is on for one update interval, not its share"))
 def test_duty_cycle_on_period_survives_an_update_inside_it(sites: list[ProbeSite]) -> None:
     clock, levers = FakeClock(), Levers()
     gov = governor(sites, levers, clock, action="duty-cycle", period_s=10.0)
@@ -202,9 +198,6 @@ def test_duty_cycle_falls_back_to_detach_when_the_rest_is_over_budget(
     assert levers.calls == [("detach", index_of(sites, "args6"))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: in duty-cycle mode a site given duty 0 (decision 'detach') keeps duty < 1 and "
-    "off_until 0, so the next update() reattaches it and it then flaps on/off"))
 def test_duty_cycle_detach_decision_stays_detached(sites: list[ProbeSite]) -> None:
     clock, levers = FakeClock(), Levers()
     gov = governor(sites, levers, clock, action="duty-cycle", protected={"work"})

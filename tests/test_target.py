@@ -390,10 +390,6 @@ def test_file_overmounted_in_the_target_namespace_is_read_through_map_files(
     _overmount_and_check(ctarget_exe, tmp_path, filler=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: target._same_inode() compares st_ino only, not the device: a file replaced by "
-    "one on another filesystem with the same inode number (inode 2 of a fresh tmpfs) is "
-    "taken for the mapped one, and placement reads the new file (ElfError here)"))
 def test_overmounted_file_with_the_same_inode_number_on_another_device(
         ctarget_exe: Path, tmp_path: Path) -> None:
     _overmount_and_check(ctarget_exe, tmp_path, filler=False)
