@@ -263,6 +263,11 @@ def test_vanished_thread_drops_out() -> None:
     finally:
         stop.set()
         worker.join()
+    # join() returns when Python's thread lock is released, a moment before the kernel
+    # task goes away: wait for /proc to agree
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+        time.sleep(0.005)
     after = sampler.sample()
     assert after.alive
     assert tid not in {t.tid for t in after.threads}
