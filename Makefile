@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed-stamp
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# setup.py builds the simulator's C runtime: rebuild when its sources change
+$(STAMP): pyproject.toml setup.py prism_sim/runtime/simxpu.c prism_sim/runtime/simxpu.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-thread events, or per-CPU events filtered by pid")
     t.add_argument("--json", action="store_true", help="print one JSON document")
 
+    sm = sub.add_parser("sim", help="run the simulated inference server")
+    sm.add_argument("--scenario", default="smoke", metavar="NAME|FILE",
+                    help="built-in scenario name or a TOML file (default: smoke)")
+    sm.add_argument("--duration", type=float, default=None, metavar="S",
+                    help="stop after S seconds (default: the scenario's duration)")
+    sm.add_argument("--labels", metavar="FILE", help="write ground-truth labels (JSON lines)")
+    sm.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                    help="loopback port of the Prometheus /metrics endpoint (0: any free)")
+
     d = sub.add_parser("demo", help="the main job on an embedded default")
     d.add_argument("--duration", type=float, default=8.0, metavar="S")
     return p
@@ -80,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_symbols(args)
         if args.command == "trace":
             return cmd_trace(args)
+        if args.command == "sim":
+            return cmd_sim(args)
         if args.command == "demo":
             from prism_tui.demo import run_demo
 
@@ -92,6 +103,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OTHER
     return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------- sim
+def cmd_sim(args: argparse.Namespace) -> int:
+    """``prism sim``: run a scenario until its end, Ctrl-C or SIGTERM; clean up always."""
+    import threading
+
+    from prism_sim.errors import ScenarioError, SimError
+    from prism_sim.scenario import load_scenario
+    from prism_sim.server import SimServer
+
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        raise UsageError(str(exc)) from exc
+    stop = threading.Event()
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def log(line: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+    try:
+        with SimServer(scenario, labels=args.labels, metrics_port=args.metrics_port,
+                       log=log) as server:
+            server.run(args.duration, stop)
+            st = server.stats
+            log(f"done: iterations per rank {dict(sorted(st.iterations.items()))}, "
+                f"{st.requests} requests finished"
+                + (f", labels in {args.labels}" if args.labels else ""))
+    except SimError as exc:
+        print(f"prism sim: {exc}", file=sys.stderr)
+        return EXIT_OTHER
+    return 0
 
 
 # ---------------------------------------------------------------------- symbols
