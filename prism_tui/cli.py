@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="loopback port of the Prometheus /metrics endpoint (0: any free)")
 
     d = sub.add_parser("demo", help="the main job on an embedded default")
-    d.add_argument("--duration", type=float, default=8.0, metavar="S")
+    d.add_argument("--duration", type=float, default=100.0, metavar="S")
     return p
 
 

@@ -27,7 +27,10 @@ from elftools.elf.elffile import ELFFile
 from probes.errors import ElfError, SymbolNotFoundError
 
 ENDBR64 = b"\xf3\x0f\x1e\xfa"
-STT_FUNC_TYPES = ("STT_FUNC", "STT_GNU_IFUNC")
+STT_FUNC_TYPES = ("STT_FUNC",)
+# STT_GNU_IFUNC (10) is STT_LOOS to pyelftools: the symbol is a resolver run once at load
+# time to pick an implementation, so a probe on it would never see the calls
+STT_IFUNC_TYPES = ("STT_GNU_IFUNC", "STT_LOOS")
 VERSYM_HIDDEN = 0x8000
 
 
@@ -91,6 +94,7 @@ class _Sym:
     value: int
     size: int
     is_func: bool
+    is_ifunc: bool
     defined: bool
     global_: bool
     hidden_version: bool
@@ -164,6 +168,7 @@ class ElfSymbols:
             value=sym["st_value"],
             size=sym["st_size"],
             is_func=sym["st_info"]["type"] in STT_FUNC_TYPES,
+            is_ifunc=sym["st_info"]["type"] in STT_IFUNC_TYPES,
             defined=sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"] != 0,
             global_=sym["st_info"]["bind"] in ("STB_GLOBAL", "STB_WEAK"),
             hidden_version=hidden,
@@ -242,8 +247,10 @@ class ElfSymbols:
             indices = self._gnu_hash_indices(name)
             if indices:
                 syms = [self._make(self._dynsym.get_symbol(i), i, True) for i in indices]
-                syms = [s for s in syms if s.defined and s.is_func]
+                syms = [s for s in syms if s.defined and (s.is_func or s.is_ifunc)]
                 syms.sort(key=lambda s: s.hidden_version)  # name@@VER before name@VER
+                if syms and syms[0].is_ifunc:
+                    return None  # the default version is an IFUNC (why_missing says so)
                 if syms:
                     return self._finish(syms[0], ".gnu.hash")
                 if self._symtab is None:
@@ -278,6 +285,12 @@ class ElfSymbols:
 
     def why_missing(self, name: str) -> str:
         """One sentence on why ``name`` does not resolve here."""
+        if any(s.name == name and s.is_ifunc and s.defined for s in self._table(".dynsym")):
+            return (f"{name} is a GNU indirect function (IFUNC) in "
+                    f"{os.path.basename(self.path)}: its symbol is the resolver that picks "
+                    "an implementation at load time, so a probe there never sees the calls; "
+                    "probe the caller, or the implementation where the library keeps its "
+                    "symbols")
         local = [s for s in self._table(".symtab") if s.name == name]
         undefined = [s for s in self._table(".dynsym") if s.name == name and not s.defined]
         if undefined:
@@ -297,7 +310,7 @@ class ElfSymbols:
         close = difflib.get_close_matches(bare, list(names), n=limit, cutoff=0.6)
         out: list[str] = []
         for n in sub + close:
-            if n not in out:
+            if n not in out and n != name:
                 out.append(n)
         return tuple(out[:limit])
 

@@ -393,3 +393,16 @@ def test_gnu_hash_hit_does_not_scan_dynsym() -> None:
         assert scans == [], "a .gnu.hash hit walked the whole .dynsym"
     finally:
         syms.close()
+
+
+def test_an_ifunc_is_refused_with_the_reason() -> None:
+    """strlen/memcpy in glibc are IFUNCs: their symbol is the load-time resolver."""
+    from probes.errors import SymbolNotFoundError
+    from probes.symbols import resolve
+
+    libc = "/lib/x86_64-linux-gnu/libc.so.6"
+    for name in ("strlen", "memcpy"):
+        with pytest.raises(SymbolNotFoundError, match="indirect function") as err:
+            resolve(libc, name)
+        assert name not in err.value.near
+    assert resolve(libc, "read")[0].name == "read"
