@@ -24,6 +24,7 @@ from prism_tui import __version__
 from probes.errors import EXIT_OTHER, EXIT_USAGE, ProbeError
 
 QUANTILES = (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("p999_ms", 0.999))
+DEFAULT_DB = "~/.local/state/latencyprism/history.sqlite"
 
 
 class UsageError(ProbeError):
@@ -67,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-thread events, or per-CPU events filtered by pid")
     t.add_argument("--json", action="store_true", help="print one JSON document")
 
+    h = sub.add_parser("history", help="quantiles over time and alerts from the SQLite history")
+    h.add_argument("--db", default=None, metavar="PATH",
+                   help=f"history file (default: $PRISM_DB or {DEFAULT_DB})")
+    h.add_argument("--since", default="1h", metavar="DUR|T",
+                   help="start: a duration before now (90s, 15m, 2h, 1d) or RFC 3339")
+    h.add_argument("--until", default=None, metavar="DUR|T", help="end (default: now)")
+    h.add_argument("--stage", help="only this stage")
+    h.add_argument("--device", help="only this device")
+    h.add_argument("--phase", help="only this phase (prefill, decode)")
+    h.add_argument("--json", action="store_true", help="print one JSON document")
+
     sm = sub.add_parser("sim", help="run the simulated inference server")
     sm.add_argument("--scenario", default="smoke", metavar="NAME|FILE",
                     help="built-in scenario name or a TOML file (default: smoke)")
@@ -91,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_trace(args)
         if args.command == "sim":
             return cmd_sim(args)
+        if args.command == "history":
+            return cmd_history(args)
         if args.command == "demo":
             from prism_tui.demo import run_demo
 
@@ -103,6 +117,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OTHER
     return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------- history
+def cmd_history(args: argparse.Namespace) -> int:
+    """``prism history``: merged window digests over time, and the alerts in range."""
+    from prism_tui.history.query import history_report
+    from prism_tui.history.store import HistoryError
+
+    path = os.path.expanduser(args.db or os.environ.get("PRISM_DB") or DEFAULT_DB)
+    try:
+        doc = history_report(path, args.since, args.until, args.stage, args.device,
+                             phase=args.phase)
+    except HistoryError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{doc['db']}: {doc['since']} .. {doc['until']} (step {doc['step_s']:g} s)")
+    if not doc["series"]:
+        print("no windows in this range")
+    for series in doc["series"]:
+        t = series["total"]
+        print(f"\n{series['series']}: {t['count']} values, p50 {_ms(t['p50'])}, "
+              f"p99 {_ms(t['p99'])}, p99.9 {_ms(t['p999'])}, max {_ms(t['max'])}")
+        for pt in series["points"]:
+            print(f"  {pt['start']}  n={pt['count']:<7} p50 {_ms(pt['p50'])}  "
+                  f"p99 {_ms(pt['p99'])}  max {_ms(pt['max'])}")
+    print(f"\n{len(doc['alerts'])} alert state change(s)")
+    for alert in doc["alerts"]:
+        print(f"  {alert['at']}  {json.dumps(alert.get('alert', alert))[:120]}")
+    return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} ms"
 
 
 # ---------------------------------------------------------------------- sim
