@@ -1,0 +1,732 @@
+"""Workload-aware latency anomaly detection (pure computation: no asyncio, no I/O).
+
+The method follows the LatencyPrism paper (DESIGN.md §2): a gradient-boosted regression
+predicts the latency a decode iteration *should* have from its workload (batch size,
+average input length, average output length, ``kv_len = in + out`` and ``B * kv_len``).
+The positive relative residual ``E_t = max(0, (Y - Ŷ) / Y)`` is smoothed over a window of
+``W`` iterations and compared with an upper control limit (UCL); an alert fires when the
+smoothed error exceeds it. Slower iterations that the workload explains (bigger batches,
+longer KV) do not fire; the same workload running slower does.
+
+Two named rules are provided (see ``RULES`` and docs/detection.md for measurements):
+
+* ``"paper"`` — the reference: GBDT on latency, UCL = min(mean + 3·std, 0.5) of the
+  model's *training-set* errors, moving mean over W = 10.
+* ``"prism"`` — ours: GBDT on log-latency; UCL = the 99.5th percentile of the
+  *smoothed* errors on a held-out calibration split (errors on data the model has not
+  seen, smoothed exactly as the live ones are, since the smoothed error is what the UCL
+  is compared with), floored at 0.05 so that a near-perfect fit cannot produce a hair
+  trigger, capped at 0.5.
+
+Time is injected: every call carries the caller's ``t_ns``; nothing here reads a clock.
+Fitting is synchronous; a runtime that must not block calls :func:`fit_baseline` in an
+executor with :meth:`Detector.training_data` and hands the result to
+:meth:`Detector.install`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+Transition = Literal["firing", "resolved"]
+
+FEATURE_NAMES: tuple[str, ...] = ("batch_size", "avg_input", "avg_output", "kv_len", "b_kv")
+# Values beyond this cannot be represented by the float32 trees of scikit-learn.
+_MAX_FEATURE = 1e30
+
+
+# --------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The workload of one decode iteration, as a monitor recovers it from call arguments.
+
+    Attributes:
+        batch_size: sequences in the batch (B).
+        avg_input: average prompt length of the batch's sequences, tokens.
+        avg_output: average number of tokens generated so far, tokens.
+    """
+
+    batch_size: float
+    avg_input: float
+    avg_output: float
+
+    @property
+    def kv_len(self) -> float:
+        """Average KV-cache length per sequence: input + output tokens."""
+        return self.avg_input + self.avg_output
+
+    def is_valid(self) -> bool:
+        """Finite, representable, batch size > 0 and lengths >= 0."""
+        vals = features(self)
+        if not all(math.isfinite(v) and abs(v) < _MAX_FEATURE for v in vals):
+            return False
+        return self.batch_size > 0 and self.avg_input >= 0 and self.avg_output >= 0
+
+
+def features(w: Workload) -> tuple[float, float, float, float, float]:
+    """The paper's five features: B, avg input, avg output, kv_len, B·kv_len."""
+    b = float(w.batch_size)
+    kv = float(w.avg_input) + float(w.avg_output)
+    return (b, float(w.avg_input), float(w.avg_output), kv, b * kv)
+
+
+def feature_matrix(
+    batch_size: npt.ArrayLike, avg_input: npt.ArrayLike, avg_output: npt.ArrayLike
+) -> FloatArray:
+    """Vectorised :func:`features` for columns of equal length; shape (n, 5)."""
+    b = np.asarray(batch_size, dtype=np.float64)
+    i = np.asarray(avg_input, dtype=np.float64)
+    o = np.asarray(avg_output, dtype=np.float64)
+    kv = i + o
+    return np.column_stack([b, i, o, kv, b * kv])
+
+
+def relative_errors(observed: npt.ArrayLike, predicted: npt.ArrayLike) -> FloatArray:
+    """``E = max(0, (y - ŷ) / y)`` elementwise (y > 0 assumed)."""
+    y = np.asarray(observed, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    return np.asarray(np.maximum(0.0, (y - p) / y), dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------ model
+
+
+class BaselineModel:
+    """GBDT latency model: the paper's 200 trees, learning rate 0.1, depth 4.
+
+    Args:
+        target: ``"linear"`` regresses latency (the paper); ``"log"`` regresses
+            log-latency, so that the squared loss weighs relative errors evenly across
+            fast and slow workloads, and predictions are always positive.
+    """
+
+    def __init__(
+        self,
+        target: Literal["linear", "log"] = "linear",
+        *,
+        n_estimators: int = 200,
+        learning_rate: float = 0.1,
+        max_depth: int = 4,
+        random_state: int = 0,
+    ) -> None:
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        self.target = target
+        self._gbdt = GradientBoostingRegressor(
+            n_estimators=n_estimators,
+            learning_rate=learning_rate,
+            max_depth=max_depth,
+            random_state=random_state,
+        )
+        self.fitted = False
+
+    def fit(self, x: npt.ArrayLike, y: npt.ArrayLike) -> BaselineModel:
+        """Fit on features ``x`` (n, 5) and latencies ``y`` (n,), y > 0."""
+        xa = np.asarray(x, dtype=np.float64)
+        ya = np.asarray(y, dtype=np.float64)
+        if xa.ndim != 2 or len(xa) != len(ya) or len(ya) < 2:
+            raise ValueError(f"need >= 2 rows of features and latencies, got {xa.shape}")
+        if np.any(ya <= 0) or not np.all(np.isfinite(ya)):
+            raise ValueError("latencies must be finite and > 0")
+        self._gbdt.fit(xa, np.log(ya) if self.target == "log" else ya)
+        self.fitted = True
+        return self
+
+    def predict(self, x: npt.ArrayLike) -> FloatArray:
+        """Predicted latency for each row of ``x`` (same unit as the training target)."""
+        xa = np.asarray(x, dtype=np.float64)
+        if xa.ndim == 1:
+            xa = xa.reshape(1, -1)
+        raw = np.asarray(self._gbdt.predict(xa), dtype=np.float64)
+        return np.exp(raw) if self.target == "log" else raw
+
+
+# ------------------------------------------------------------------------------ rules
+
+
+@dataclass(frozen=True)
+class DetectorRule:
+    """How the model is trained and the control limit is set.
+
+    Attributes:
+        name: label used in reports.
+        target: model target, ``"linear"`` or ``"log"`` latency.
+        calibration: ``"train"`` takes the UCL's errors from the training set itself (the
+            paper); ``"holdout"`` fits on ``1 - holdout_fraction`` of the data and takes
+            them from the rest.
+        ucl_method: ``"sigma"`` = mean + ``k_sigma``·std; ``"quantile"`` = the
+            ``quantile`` of the calibration errors; ``"smoothed_quantile"`` = the
+            ``quantile`` of the calibration errors smoothed like the live ones (the
+            quantity the UCL is compared with), taken in arrival order.
+        ucl_cap: upper bound of the UCL (the paper's 0.5).
+        ucl_floor: lower bound of the UCL.
+        window: smoothing window W in iterations.
+        smoothing: ``"mean"`` (moving mean over the last W errors; fewer at the start)
+            or ``"ewma"`` (alpha = 2 / (W + 1)).
+    """
+
+    name: str
+    target: Literal["linear", "log"] = "linear"
+    calibration: Literal["train", "holdout"] = "train"
+    ucl_method: Literal["sigma", "quantile", "smoothed_quantile"] = "sigma"
+    k_sigma: float = 3.0
+    quantile: float = 0.99
+    ucl_cap: float = 0.5
+    ucl_floor: float = 0.0
+    holdout_fraction: float = 0.2
+    window: int = 10
+    smoothing: Literal["mean", "ewma"] = "mean"
+
+
+RULES: dict[str, DetectorRule] = {
+    "paper": DetectorRule(name="paper"),
+    "prism": DetectorRule(
+        name="prism",
+        target="log",
+        calibration="holdout",
+        ucl_method="smoothed_quantile",
+        quantile=0.995,
+        ucl_floor=0.05,
+    ),
+}
+
+
+def get_rule(rule: str | DetectorRule) -> DetectorRule:
+    """Look a rule up by name (``"paper"``, ``"prism"``) or pass one through."""
+    if isinstance(rule, DetectorRule):
+        return rule
+    try:
+        return RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown detector rule {rule!r}; known: {sorted(RULES)}") from None
+
+
+@dataclass(frozen=True)
+class FittedBaseline:
+    """A fitted model with its control limit: what :meth:`Detector.install` takes."""
+
+    model: BaselineModel
+    ucl: float
+    error_mean: float
+    error_std: float
+    n_train: int
+    n_calibration: int
+    rule: DetectorRule
+
+
+def smooth_errors(errors: npt.ArrayLike, rule: DetectorRule) -> FloatArray:
+    """The detector's smoothing applied to a sequence of errors (in arrival order)."""
+    e = np.asarray(errors, dtype=np.float64)
+    out = np.empty_like(e)
+    if rule.smoothing == "ewma":
+        alpha = 2.0 / (rule.window + 1)
+        acc = 0.0
+        for i, v in enumerate(e.tolist()):
+            acc = v if i == 0 else alpha * v + (1 - alpha) * acc
+            out[i] = acc
+        return out
+    c = np.concatenate([[0.0], np.cumsum(e)])
+    idx = np.arange(1, len(e) + 1)
+    lo = np.maximum(0, idx - rule.window)
+    return np.asarray((c[idx] - c[lo]) / (idx - lo), dtype=np.float64)
+
+
+def compute_ucl(errors: npt.ArrayLike, rule: DetectorRule) -> tuple[float, float, float]:
+    """(ucl, mean, std) of calibration errors under ``rule``."""
+    e = np.asarray(errors, dtype=np.float64)
+    mean = float(e.mean()) if e.size else 0.0
+    std = float(e.std()) if e.size else 0.0
+    if rule.ucl_method == "sigma":
+        raw = mean + rule.k_sigma * std
+    elif rule.ucl_method == "smoothed_quantile":
+        sm = smooth_errors(e, rule)
+        raw = float(np.quantile(sm, rule.quantile)) if sm.size else 0.0
+    else:
+        raw = float(np.quantile(e, rule.quantile)) if e.size else 0.0
+    ucl = min(max(raw, rule.ucl_floor), rule.ucl_cap)
+    return ucl, mean, std
+
+
+def fit_baseline(
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    rule: str | DetectorRule = "paper",
+    *,
+    seed: int = 0,
+    n_estimators: int = 200,
+) -> FittedBaseline:
+    """Fit a model and its UCL (synchronous: a runtime runs this in an executor).
+
+    With ``calibration="train"`` the UCL comes from the errors of the fitted model on its
+    own training set (as in the paper — in-sample errors are optimistic, so the UCL is
+    tight). With ``"holdout"`` a seeded random ``holdout_fraction`` of the rows is kept
+    out of the fit and the UCL comes from the model's errors on them (in arrival order,
+    so that ``"smoothed_quantile"`` smooths them as the live stream would be).
+    """
+    r = get_rule(rule)
+    xa = np.asarray(x, dtype=np.float64)
+    ya = np.asarray(y, dtype=np.float64)
+    model = BaselineModel(r.target, n_estimators=n_estimators, random_state=seed)
+    if r.calibration == "holdout" and len(ya) >= 10:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(ya))
+        n_cal = max(1, round(len(ya) * r.holdout_fraction))
+        cal, tr = np.sort(order[:n_cal]), order[n_cal:]
+        model.fit(xa[tr], ya[tr])
+        errs = relative_errors(ya[cal], model.predict(xa[cal]))
+        n_train, n_cal_used = len(tr), len(cal)
+    else:
+        model.fit(xa, ya)
+        errs = relative_errors(ya, model.predict(xa))
+        n_train, n_cal_used = len(ya), len(ya)
+    ucl, mean, std = compute_ucl(errs, r)
+    return FittedBaseline(model, ucl, mean, std, n_train, n_cal_used, r)
+
+
+# --------------------------------------------------------------------------- detector
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The detector's judgement of one iteration (after warm-up)."""
+
+    t_ns: int
+    observed_ms: float
+    predicted_ms: float
+    error: float
+    smoothed: float
+    ucl: float
+    firing: bool
+    transition: Transition | None = None
+
+
+@dataclass
+class _Sample:
+    x: tuple[float, float, float, float, float]
+    y: float
+
+
+@dataclass
+class Detector:
+    """Per-(target, phase) streaming detector. Feed decode iterations one at a time.
+
+    The first ``warmup`` valid iterations are training data; when they are in, the
+    detector fits (``auto_fit=True``) or raises ``needs_fit`` and waits for
+    :meth:`install` (iterations seen while waiting are added to the training data and
+    yield no verdict). Afterwards each valid iteration yields a :class:`Verdict`.
+
+    Hysteresis: fire when the smoothed error exceeds the UCL; resolve when it has been
+    below ``UCL * hysteresis`` for ``resolve_after`` consecutive iterations.
+
+    Drift guard: iterations judged while firing, or whose own error exceeds the UCL, are
+    kept out of :meth:`recent_training_data`; when an alert fires, the last ``window``
+    accepted iterations (the lead-in that the smoothing lagged behind) are removed too.
+    ``refit_due`` turns true every ``refit_every`` verdicts when enough recent data is in
+    and no alert is firing; the runtime then fits in an executor and calls
+    :meth:`install`.
+
+    Invalid inputs (non-finite or non-positive latency, invalid workload, non-finite
+    prediction) are skipped and counted in ``skipped`` by reason; they never raise.
+    """
+
+    rule: str | DetectorRule = "paper"
+    warmup: int = 1000
+    hysteresis: float = 0.8
+    resolve_after: int = 10
+    auto_fit: bool = True
+    refit_every: int = 20_000
+    recent_capacity: int = 5_000
+    seed: int = 0
+    n_estimators: int = 200
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._rule = get_rule(self.rule)
+        if self.warmup < 2:
+            raise ValueError("warmup must be >= 2 iterations")
+        if not 0 < self.hysteresis <= 1:
+            raise ValueError("hysteresis must be in (0, 1]")
+        if self.resolve_after < 1:
+            raise ValueError("resolve_after must be >= 1")
+        # bounded: a runtime that never installs a model must not grow memory forever
+        self._training: deque[_Sample] = deque(maxlen=4 * self.warmup)
+        self._recent: deque[_Sample] = deque(maxlen=self.recent_capacity)
+        self._errors: deque[float] = deque(maxlen=self._rule.window)
+        self._ewma: float | None = None
+        self._baseline: FittedBaseline | None = None
+        self._firing = False
+        self._below = 0
+        self._since_fit = 0
+        self.n_verdicts = 0
+
+    # ---- state
+
+    @property
+    def fitted(self) -> bool:
+        """Whether a model is installed."""
+        return self._baseline is not None
+
+    @property
+    def baseline(self) -> FittedBaseline | None:
+        """The installed model and UCL, if any."""
+        return self._baseline
+
+    @property
+    def firing(self) -> bool:
+        """Whether an alert is currently firing."""
+        return self._firing
+
+    @property
+    def ucl(self) -> float | None:
+        """The current control limit, or None before the first fit."""
+        return None if self._baseline is None else self._baseline.ucl
+
+    @property
+    def rule_spec(self) -> DetectorRule:
+        """The resolved rule (pass it to :func:`fit_baseline` for a refit)."""
+        return self._rule
+
+    @property
+    def needs_fit(self) -> bool:
+        """Warm-up complete but no model installed yet."""
+        return self._baseline is None and len(self._training) >= self.warmup
+
+    @property
+    def refit_due(self) -> bool:
+        """A background refit on :meth:`recent_training_data` is due."""
+        return (
+            self._baseline is not None
+            and not self._firing
+            and self._since_fit >= self.refit_every
+            and len(self._recent) >= self.warmup
+        )
+
+    def training_data(self) -> tuple[FloatArray, FloatArray]:
+        """(features (n, 5), latencies_ms (n,)) collected during warm-up (a copy)."""
+        return _arrays(self._training)
+
+    def recent_training_data(self) -> tuple[FloatArray, FloatArray]:
+        """Recent non-alerting iterations for a background refit (a copy)."""
+        return _arrays(self._recent)
+
+    # ---- fitting
+
+    def fit_now(self) -> FittedBaseline:
+        """Fit synchronously on the warm-up data and install the result."""
+        x, y = self.training_data()
+        fb = fit_baseline(x, y, self._rule, seed=self.seed, n_estimators=self.n_estimators)
+        self.install(fb)
+        return fb
+
+    def refit_now(self) -> FittedBaseline:
+        """Refit synchronously on :meth:`recent_training_data` and install the result."""
+        x, y = self.recent_training_data()
+        fb = fit_baseline(x, y, self._rule, seed=self.seed, n_estimators=self.n_estimators)
+        self.install(fb)
+        return fb
+
+    def install(self, baseline: FittedBaseline) -> None:
+        """Install a model fitted elsewhere (for example in an executor)."""
+        self._baseline = baseline
+        self._since_fit = 0
+        self._training.clear()
+
+    # ---- streaming
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def observe(self, t_ns: int, latency_ms: float, workload: Workload) -> Verdict | None:
+        """Judge one decode iteration; None during warm-up or when skipped."""
+        lat = _valid_latency(latency_ms)
+        if lat is None:
+            self._skip("nonpositive_latency" if _is_nonpositive(latency_ms) else "bad_latency")
+            return None
+        try:
+            valid = workload.is_valid()
+        except (TypeError, ValueError, OverflowError):
+            valid = False
+        if not valid:
+            self._skip("invalid_workload")
+            return None
+        x = features(workload)
+        if self._baseline is None:
+            self._training.append(_Sample(x, lat))
+            if self.auto_fit and len(self._training) >= self.warmup:
+                self.fit_now()
+            return None
+        predicted = float(self._baseline.model.predict(np.asarray([x]))[0])
+        return self._judge(t_ns, lat, predicted, x)
+
+    def observe_predicted(
+        self,
+        t_ns: int,
+        latency_ms: float,
+        predicted_ms: float,
+        workload: Workload | None = None,
+    ) -> Verdict | None:
+        """Judge an iteration whose prediction was computed elsewhere (batched).
+
+        Requires an installed model (for its UCL). ``workload`` is only needed for the
+        drift guard's recent training data.
+        """
+        if self._baseline is None:
+            self._skip("no_model")
+            return None
+        lat = _valid_latency(latency_ms)
+        if lat is None:
+            self._skip("nonpositive_latency" if _is_nonpositive(latency_ms) else "bad_latency")
+            return None
+        x = features(workload) if workload is not None and workload.is_valid() else None
+        return self._judge(t_ns, lat, predicted_ms, x)
+
+    def _judge(
+        self,
+        t_ns: int,
+        lat: float,
+        predicted: float,
+        x: tuple[float, float, float, float, float] | None,
+    ) -> Verdict | None:
+        assert self._baseline is not None
+        if not math.isfinite(predicted):
+            self._skip("bad_prediction")
+            return None
+        ucl = self._baseline.ucl
+        err = max(0.0, (lat - predicted) / lat)
+        smoothed = self._smooth(err)
+        transition: Transition | None = None
+        if not self._firing:
+            if smoothed > ucl:
+                self._firing = True
+                self._below = 0
+                transition = "firing"
+                for _ in range(min(self._rule.window, len(self._recent))):
+                    self._recent.pop()
+        elif smoothed < ucl * self.hysteresis:
+            self._below += 1
+            if self._below >= self.resolve_after:
+                self._firing = False
+                self._below = 0
+                transition = "resolved"
+        else:
+            self._below = 0
+        if x is not None and not self._firing and transition is None and err <= ucl:
+            self._recent.append(_Sample(x, lat))
+        self._since_fit += 1
+        self.n_verdicts += 1
+        return Verdict(t_ns, lat, predicted, err, smoothed, ucl, self._firing, transition)
+
+    def _smooth(self, err: float) -> float:
+        if self._rule.smoothing == "ewma":
+            alpha = 2.0 / (self._rule.window + 1)
+            self._ewma = err if self._ewma is None else alpha * err + (1 - alpha) * self._ewma
+            return self._ewma
+        self._errors.append(err)
+        return sum(self._errors) / len(self._errors)
+
+
+def _arrays(samples: Sequence[_Sample] | deque[_Sample]) -> tuple[FloatArray, FloatArray]:
+    if not samples:
+        return np.zeros((0, len(FEATURE_NAMES))), np.zeros(0)
+    x = np.asarray([s.x for s in samples], dtype=np.float64)
+    y = np.asarray([s.y for s in samples], dtype=np.float64)
+    return x, y
+
+
+def _valid_latency(v: float) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not math.isfinite(f) or f <= 0 or f > _MAX_FEATURE:
+        return None
+    return f
+
+
+def _is_nonpositive(v: float) -> bool:
+    try:
+        f = float(v)
+        return math.isfinite(f) and f <= 0
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+# --------------------------------------------------------------------------- SLO rule
+
+_UNITS_MS = {"us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "min": 60_000.0}
+_SLO_RE = re.compile(
+    r"^\s*(?:(?P<phase>[a-z_][a-z0-9_]*)\s+)?"
+    r"(?P<stat>p\d+(?:\.\d+)?|mean|max)\s*"
+    r"(?P<op><=|<)\s*"
+    r"(?P<thr>\d+(?:\.\d+)?)\s*(?P<thr_unit>us|µs|ms|s)\s+"
+    r"over\s+(?P<win>\d+(?:\.\d+)?)\s*(?P<win_unit>ms|s|m|min)\s*$",
+    re.IGNORECASE,
+)
+_STATS = ("mean", "max")
+
+
+@dataclass
+class SloRule:
+    """A latency objective evaluated on a stream with an injected clock.
+
+    ``"decode p99 <= 60ms over 10s"``: the 99th percentile (nearest rank) of the
+    latencies observed in the last 10 s must stay at or under 60 ms. The rule fires when
+    it is violated (with at least ``min_samples`` in the window) and resolves when it
+    holds again.
+    """
+
+    stat: str
+    threshold_ms: float
+    window_s: float
+    phase: str | None = None
+    strict: bool = False
+    min_samples: int = 1
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        s = self.stat.lower()
+        if s not in _STATS:
+            q = _parse_quantile(s)
+            if q is None:
+                raise ValueError(f"SLO statistic must be pNN, mean or max, got {self.stat!r}")
+        self.stat = s
+        if not (math.isfinite(self.threshold_ms) and self.threshold_ms > 0):
+            raise ValueError(f"SLO threshold must be > 0 ms, got {self.threshold_ms!r}")
+        if not (math.isfinite(self.window_s) and self.window_s > 0):
+            raise ValueError(f"SLO window must be > 0 s, got {self.window_s!r}")
+        if self.min_samples < 1:
+            raise ValueError("SLO min_samples must be >= 1")
+        self._window: deque[tuple[int, float]] = deque()
+        self._latest_ns: int | None = None
+        self.violated = False
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, object]) -> SloRule:
+        """From ``"[phase] pNN|mean|max <=|< N(us|ms|s) over N(ms|s|m)"`` or a dict.
+
+        Dict keys: ``stat`` (or ``quantile`` as 0.99), ``threshold_ms``, ``window_s``,
+        optional ``phase``, ``strict``, ``min_samples``.
+        """
+        if isinstance(spec, str):
+            m = _SLO_RE.match(spec)
+            if m is None:
+                raise ValueError(
+                    f"cannot parse SLO {spec!r}: expected like 'decode p99 <= 60ms over 10s'"
+                )
+            return cls(
+                stat=m["stat"].lower(),
+                threshold_ms=float(m["thr"]) * _UNITS_MS[m["thr_unit"].lower()],
+                window_s=float(m["win"]) * _UNITS_MS[m["win_unit"].lower()] / 1000.0,
+                phase=m["phase"].lower() if m["phase"] else None,
+                strict=m["op"] == "<",
+                text=spec.strip(),
+            )
+        if isinstance(spec, Mapping):
+            return cls._from_mapping(spec)
+        raise ValueError(f"SLO must be a string or a mapping, got {type(spec).__name__}")
+
+    @classmethod
+    def _from_mapping(cls, d: Mapping[str, object]) -> SloRule:
+        unknown = set(d) - {
+            "stat",
+            "quantile",
+            "threshold_ms",
+            "window_s",
+            "phase",
+            "strict",
+            "min_samples",
+        }
+        if unknown:
+            raise ValueError(f"unknown SLO keys: {sorted(unknown)}")
+        stat = d.get("stat")
+        if stat is None and "quantile" in d:
+            q = _number(d, "quantile")
+            if not 0 < q < 1:
+                raise ValueError(f"SLO quantile must be in (0, 1), got {q}")
+            stat = f"p{q * 100:g}"
+        if not isinstance(stat, str):
+            raise ValueError("SLO needs 'stat' (e.g. 'p99') or 'quantile' (e.g. 0.99)")
+        phase = d.get("phase")
+        if phase is not None and not isinstance(phase, str):
+            raise ValueError("SLO 'phase' must be a string")
+        min_samples = d.get("min_samples", 1)
+        if not isinstance(min_samples, int) or isinstance(min_samples, bool):
+            raise ValueError("SLO 'min_samples' must be an integer")
+        return cls(
+            stat=stat,
+            threshold_ms=_number(d, "threshold_ms"),
+            window_s=_number(d, "window_s"),
+            phase=phase,
+            strict=bool(d.get("strict", False)),
+            min_samples=min_samples,
+        )
+
+    def value(self) -> float | None:
+        """The statistic over the current window, or None when it is empty."""
+        if not self._window:
+            return None
+        vals = sorted(v for _, v in self._window)
+        if self.stat == "mean":
+            return sum(vals) / len(vals)
+        if self.stat == "max":
+            return vals[-1]
+        q = _parse_quantile(self.stat)
+        assert q is not None
+        rank = max(1, math.ceil(q * len(vals)))
+        return vals[rank - 1]
+
+    def observe(self, t_ns: int, latency_ms: float) -> Transition | None:
+        """Add one latency at time ``t_ns``; returns a transition when the state flips.
+
+        Non-finite or negative latencies are ignored. Time that goes backwards does not
+        shrink the window (the newest time seen defines it).
+        """
+        if not math.isfinite(latency_ms) or latency_ms < 0:
+            return None
+        latest = t_ns if self._latest_ns is None else max(self._latest_ns, t_ns)
+        self._latest_ns = latest
+        self._window.append((t_ns, float(latency_ms)))
+        horizon = latest - int(self.window_s * 1e9)
+        while self._window and self._window[0][0] <= horizon:
+            self._window.popleft()
+        v = self.value()
+        bad = (
+            v is not None
+            and len(self._window) >= self.min_samples
+            and (v >= self.threshold_ms if self.strict else v > self.threshold_ms)
+        )
+        if bad and not self.violated:
+            self.violated = True
+            return "firing"
+        if not bad and self.violated:
+            self.violated = False
+            return "resolved"
+        return None
+
+
+def _parse_quantile(stat: str) -> float | None:
+    m = re.fullmatch(r"p(\d{1,2}(?:\.\d+)?)", stat)
+    if m is None:
+        return None
+    q = float(m[1]) / 100.0
+    return q if 0 < q < 1 else None
+
+
+def _number(d: Mapping[str, object], key: str) -> float:
+    if key not in d:
+        raise ValueError(f"SLO needs {key!r}")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"SLO {key!r} must be a number, got {v!r}")
+    return float(v)

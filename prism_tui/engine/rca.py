@@ -1,0 +1,154 @@
+"""Root-cause hints: which stage (and which resource metric) changed when latency did.
+
+The LatencyPrism paper's score, per operation/stage ``i`` between a baseline window of
+normal iterations and an anomalous window::
+
+    score_i = |Δβ_i| × (|Z_β_i| + |Z_log μ_i|)
+
+* ``β_i`` is the stage's share of the iteration's (cycle's) time;
+* ``μ_i`` is the utilisation (or any positive metric) of a resource related to it;
+* ``Δβ_i`` is the anomalous window's mean share minus the baseline's mean share;
+* ``Z`` is the z-score of the anomalous window's mean against the baseline's
+  per-iteration distribution: ``(mean_anomalous - mean_baseline) / std_baseline``.
+
+A stage without a related metric scores ``|Δβ| × |Z_β|``. Among a stage's related
+metrics the one with the largest ``|Z_log μ|`` is reported. Pure, deterministic: ties are
+broken by stage then metric name.
+
+Keys may carry a device as ``"stage@device"`` / ``"metric@device"``; when ``related`` is
+not given, a stage is related to every metric on the same device (or to every metric
+when either has no device).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# A baseline with (near) zero spread would give infinite z-scores; the std is floored at
+# this fraction of the baseline mean (and at an absolute epsilon).
+_REL_STD_FLOOR = 0.01
+_ABS_STD_FLOOR = 1e-9
+_LOG_FLOOR = 1e-9
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """One root-cause hint."""
+
+    stage: str
+    device: str | None
+    metric: str | None
+    score: float
+    delta_share: float
+    z_share: float = 0.0
+    z_metric: float = 0.0
+
+
+def _split(key: str) -> tuple[str, str | None]:
+    name, sep, dev = key.partition("@")
+    return (name, dev) if sep and dev else (key, None)
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    n = len(xs)
+    if n == 0:
+        return 0.0, 0.0
+    m = math.fsum(xs) / n
+    var = math.fsum((x - m) ** 2 for x in xs) / n
+    return m, math.sqrt(var)
+
+
+def _z(base: Sequence[float], anom: Sequence[float]) -> float:
+    if not base or not anom:
+        return 0.0
+    mb, sb = _mean_std(base)
+    ma, _ = _mean_std(anom)
+    diff = ma - mb
+    if diff == 0:
+        return 0.0
+    return diff / max(sb, _REL_STD_FLOOR * abs(mb), _ABS_STD_FLOOR)
+
+
+def _finite(v: object) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _column(rows: Sequence[Mapping[str, float]], key: str, missing: float | None) -> list[float]:
+    out: list[float] = []
+    for r in rows:
+        v = _finite(r.get(key)) if key in r else missing
+        if v is not None:
+            out.append(v)
+    return out
+
+
+def _log_column(rows: Sequence[Mapping[str, float]], key: str) -> list[float]:
+    return [math.log(max(v, _LOG_FLOOR)) for v in _column(rows, key, None) if v >= 0]
+
+
+def rank_suspects(
+    baseline: Sequence[Mapping[str, float]],
+    anomalous: Sequence[Mapping[str, float]],
+    utilisation_baseline: Sequence[Mapping[str, float]] | None = None,
+    utilisation_anomalous: Sequence[Mapping[str, float]] | None = None,
+    *,
+    related: Mapping[str, Sequence[str]] | None = None,
+    top: int = 3,
+) -> list[Suspect]:
+    """Rank stages by the paper's score, most suspicious first.
+
+    Args:
+        baseline: per normal iteration, ``{stage: share of the iteration's time}``
+            (a stage missing from an iteration counts as share 0).
+        anomalous: the same for the anomalous iterations.
+        utilisation_baseline: optional per-iteration ``{metric: value}`` (values > 0;
+            log is taken) over the baseline window.
+        utilisation_anomalous: the same over the anomalous window.
+        related: optional ``{stage key: [metric keys]}``; see the module docstring.
+        top: how many suspects to return (<= 0: all).
+
+    Returns:
+        Suspects with score > 0, sorted by score descending.
+    """
+    if not baseline or not anomalous:
+        return []
+    stages = sorted({k for r in (*baseline, *anomalous) for k in r})
+    ub = utilisation_baseline or []
+    ua = utilisation_anomalous or []
+    metrics = sorted({k for r in (*ub, *ua) for k in r})
+    z_metric: dict[str, float] = {}
+    for m in metrics:
+        z_metric[m] = _z(_log_column(ub, m), _log_column(ua, m))
+
+    out: list[Suspect] = []
+    for key in stages:
+        b = _column(baseline, key, 0.0)
+        a = _column(anomalous, key, 0.0)
+        mb, _ = _mean_std(b)
+        ma, _ = _mean_std(a)
+        delta = ma - mb
+        zb = _z(b, a)
+        stage, device = _split(key)
+        if related is not None:
+            cands = [m for m in related.get(key, related.get(stage, ())) if m in z_metric]
+        else:
+            cands = [
+                m
+                for m in metrics
+                if device is None or _split(m)[1] is None or _split(m)[1] == device
+            ]
+        best: str | None = None
+        zm = 0.0
+        for m in cands:  # sorted: ties keep the first name
+            if abs(z_metric[m]) > abs(zm):
+                best, zm = m, z_metric[m]
+        score = abs(delta) * (abs(zb) + abs(zm))
+        if score > 0 and math.isfinite(score):
+            out.append(Suspect(stage, device, best, score, delta, zb, zm))
+    out.sort(key=lambda s: (-s.score, s.stage, s.device or "", s.metric or ""))
+    return out if top <= 0 else out[:top]

@@ -1,0 +1,364 @@
+"""Workload-aware detector, SLO rule and root-cause ranking on synthetic data.
+
+The latency law is known: ``y = 5 + 0.3·B + 0.002·B·kv`` ms with 2 % noise, so the model
+can be checked, a same-workload slowdown must fire, and a workload shift must not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prism_tui.engine.detector import (
+    RULES,
+    BaselineModel,
+    Detector,
+    SloRule,
+    Verdict,
+    Workload,
+    feature_matrix,
+    features,
+    fit_baseline,
+    relative_errors,
+)
+from prism_tui.engine.rca import rank_suspects
+
+WARMUP = 600
+
+
+def law(w: Workload) -> float:
+    return 5.0 + 0.3 * w.batch_size + 0.002 * w.batch_size * w.kv_len
+
+
+def workloads(rng: np.random.Generator, n: int, b_lo: int = 1, b_hi: int = 64) -> list[Workload]:
+    out = []
+    for _ in range(n):
+        b = int(rng.integers(b_lo, b_hi + 1))
+        i = float(rng.uniform(100, 1500))
+        o = float(rng.uniform(1, 800))
+        out.append(Workload(b, i, o))
+    return out
+
+
+def noisy(rng: np.random.Generator, w: Workload, factor: float = 1.0) -> float:
+    return law(w) * factor * float(1 + rng.normal(0, 0.02))
+
+
+def warmed(
+    rule: str = "paper", seed: int = 0, **kw: object
+) -> tuple[Detector, np.random.Generator]:
+    rng = np.random.default_rng(seed)
+    det = Detector(rule=rule, warmup=WARMUP, **kw)  # type: ignore[arg-type]
+    for k, w in enumerate(workloads(rng, WARMUP)):
+        assert det.observe(k, noisy(rng, w), w) is None
+    assert det.fitted
+    return det, rng
+
+
+def test_features_are_the_papers_five() -> None:
+    assert features(Workload(4, 100, 20)) == (4.0, 100.0, 20.0, 120.0, 480.0)
+    m = feature_matrix([4, 2], [100, 10], [20, 5])
+    assert m.tolist() == [[4, 100, 20, 120, 480], [2, 10, 5, 15, 30]]
+    assert relative_errors([10, 10], [8, 12]).tolist() == pytest.approx([0.2, 0.0])
+
+
+@pytest.mark.parametrize("target", ["linear", "log"])
+def test_model_fits_known_law(target: str) -> None:
+    rng = np.random.default_rng(1)
+    ws = workloads(rng, 2000)
+    x = np.asarray([features(w) for w in ws])
+    y = np.asarray([noisy(rng, w) for w in ws])
+    m = BaselineModel(target).fit(x[:1500], y[:1500])  # type: ignore[arg-type]
+    mape = float(np.mean(np.abs(m.predict(x[1500:]) - y[1500:]) / y[1500:]))
+    assert mape < 0.05
+
+
+def test_slowdown_fires_fast_and_resolves_with_hysteresis() -> None:
+    det, rng = warmed("prism")
+    assert det.ucl is not None and 0 < det.ucl <= 0.5
+    verdicts: list[Verdict] = []
+    t = WARMUP
+    for phase, n, factor in (("normal", 300, 1.0), ("slow", 60, 1.3), ("after", 100, 1.0)):
+        for w in workloads(rng, n):
+            v = det.observe(t, noisy(rng, w, factor), w)
+            assert v is not None
+            verdicts.append(v)
+            t += 1
+        if phase == "normal":
+            assert not any(v.firing for v in verdicts), "false alarm on normal traffic"
+    fired = [k for k, v in enumerate(verdicts) if v.transition == "firing"]
+    resolved = [k for k, v in enumerate(verdicts) if v.transition == "resolved"]
+    assert fired and 300 <= fired[0] <= 305, fired
+    assert all(v.firing for v in verdicts[fired[0] : 360])
+    # resolves after the slowdown ends: the window drains (W=10), then K=10 below h·UCL
+    assert len(resolved) == 1 and 360 + 10 <= resolved[0] <= 360 + 30, resolved
+    assert not any(v.firing for v in verdicts[resolved[0] :])
+    assert [v.transition for v in verdicts if v.transition] == ["firing", "resolved"]
+
+
+def test_paper_rule_fires_on_slowdown_but_its_in_sample_ucl_is_tight() -> None:
+    """The paper's UCL comes from training-set errors, which a GBDT under-states.
+
+    With 600 warm-up iterations and 2 % noise it sits below the out-of-sample error
+    level, so the paper's rule also alarms on some normal iterations; the ``prism`` rule
+    (held-out calibration) does not (previous test). Measured on real data in
+    docs/detection.md.
+    """
+    det, rng = warmed("paper", hysteresis=1.0, resolve_after=1)
+    prism, _ = warmed("prism")
+    assert det.ucl is not None and prism.ucl is not None and det.ucl < prism.ucl
+    normal = [det.observe(k, noisy(rng, w), w) for k, w in enumerate(workloads(rng, 300))]
+    slow = [det.observe(k, noisy(rng, w, 1.3), w) for k, w in enumerate(workloads(rng, 60))]
+    assert all(v is not None and v.firing for v in slow[5:])
+    assert sum(1 for v in normal if v is not None and v.firing) < 0.5 * len(normal)
+
+
+def test_workload_shift_is_explained_and_does_not_fire() -> None:
+    det, rng = warmed("prism")
+    # small batches, short contexts, then big batches with long contexts (several
+    # times slower, but inside the workloads seen during warm-up)
+    small = [Workload(int(rng.integers(2, 9)), 400.0, 200.0) for _ in range(200)]
+    big = [Workload(int(rng.integers(48, 61)), 1200.0, 600.0) for _ in range(200)]
+    lat_small = [noisy(rng, w) for w in small]
+    lat_big = [noisy(rng, w) for w in big]
+    assert np.mean(lat_big) > 5 * np.mean(lat_small)
+    for k, (w, y) in enumerate(zip(small + big, lat_small + lat_big, strict=True)):
+        v = det.observe(WARMUP + k, y, w)
+        assert v is not None and not v.firing, (k, v)
+
+
+def test_warmup_without_auto_fit_waits_for_install() -> None:
+    rng = np.random.default_rng(2)
+    det = Detector(warmup=50, auto_fit=False, n_estimators=20)
+    ws = workloads(rng, 60)
+    for k, w in enumerate(ws):
+        assert det.observe(k, noisy(rng, w), w) is None
+    assert det.needs_fit and not det.fitted
+    x, y = det.training_data()
+    assert x.shape == (60, 5) and y.shape == (60,)
+    det.install(fit_baseline(x, y, "paper", n_estimators=20))
+    assert not det.needs_fit
+    assert det.training_data()[0].shape[0] == 0
+    v = det.observe(61, noisy(rng, ws[0]), ws[0])
+    assert isinstance(v, Verdict) and v.predicted_ms > 0
+
+
+def test_drift_guard_keeps_alerting_iterations_out_of_refit_data() -> None:
+    det, rng = warmed("prism", refit_every=100, recent_capacity=10_000)
+    t = WARMUP
+    for w in workloads(rng, 150):
+        det.observe(t, noisy(rng, w), w)
+        t += 1
+    n_before = len(det.recent_training_data()[1])
+    assert n_before >= 140
+    slow_lat: list[float] = []
+    for w in workloads(rng, 50):
+        y = noisy(rng, w, 1.5)
+        slow_lat.append(y)
+        v = det.observe(t, y, w)
+        t += 1
+    assert v is not None and v.firing
+    assert not det.refit_due  # never while firing
+    x, y_recent = det.recent_training_data()
+    assert len(y_recent) <= n_before  # nothing added; the lead-in was removed
+    assert not set(np.round(y_recent, 9)) & set(np.round(slow_lat, 9))
+    for w in workloads(rng, 60):
+        det.observe(t, noisy(rng, w), w)
+        t += 1
+    assert not det.firing
+    assert not det.refit_due  # fewer than `warmup` recent iterations yet
+    for w in workloads(rng, WARMUP):
+        det.observe(t, noisy(rng, w), w)
+        t += 1
+    assert det.refit_due
+    x, y_recent = det.recent_training_data()
+    assert len(y_recent) >= WARMUP
+    det.install(fit_baseline(x, y_recent, det.rule_spec, n_estimators=50))
+    assert not det.refit_due
+    assert det.baseline is not None and det.baseline.n_calibration > 0
+    fb = det.refit_now()
+    assert det.baseline is fb
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=-(2**63), max_value=2**63 - 1),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.floats(allow_nan=True, allow_infinity=True),
+        ),
+        max_size=40,
+    )
+)
+def test_detector_never_raises(rows: list[tuple[int, float, float, float, float]]) -> None:
+    det = Detector(warmup=5, n_estimators=5)
+    good = 0
+    for t, lat, b, i, o in rows:
+        v = det.observe(t, lat, Workload(b, i, o))
+        assert v is None or math.isfinite(v.smoothed)
+        if math.isfinite(lat) and lat > 0:
+            good += 1
+    n_skipped = sum(det.skipped.values())
+    assert n_skipped <= len(rows)
+    bad_lat = sum(1 for r in rows if math.isfinite(r[1]) and r[1] <= 0)
+    assert det.skipped.get("nonpositive_latency", 0) == bad_lat
+
+
+def test_nonpositive_latency_is_skipped_and_counted() -> None:
+    det = Detector(warmup=5)
+    w = Workload(1, 10, 1)
+    assert det.observe(0, 0.0, w) is None
+    assert det.observe(1, -3.0, w) is None
+    assert det.observe(2, float("nan"), w) is None
+    assert det.observe(3, 5.0, Workload(0, 10, 1)) is None
+    assert det.skipped == {"nonpositive_latency": 2, "bad_latency": 1, "invalid_workload": 1}
+
+
+def test_unknown_rule_and_bad_params() -> None:
+    with pytest.raises(ValueError, match="unknown detector rule"):
+        Detector(rule="nope")
+    with pytest.raises(ValueError, match="hysteresis"):
+        Detector(hysteresis=0)
+    assert set(RULES) >= {"paper", "prism"}
+
+
+# --------------------------------------------------------------------------- SLO rule
+
+
+def test_slo_parse() -> None:
+    r = SloRule.parse("decode p99 <= 60ms over 10s")
+    assert (r.phase, r.stat, r.threshold_ms, r.window_s, r.strict) == (
+        "decode",
+        "p99",
+        60.0,
+        10.0,
+        False,
+    )
+    r = SloRule.parse("p99.9 < 1.5s over 2m")
+    assert (r.phase, r.stat, r.threshold_ms, r.window_s, r.strict) == (
+        None,
+        "p99.9",
+        1500.0,
+        120.0,
+        True,
+    )
+    assert SloRule.parse("mean <= 500us over 500ms").threshold_ms == pytest.approx(0.5)
+    d = SloRule.parse({"phase": "decode", "quantile": 0.95, "threshold_ms": 40, "window_s": 5})
+    assert (d.stat, d.threshold_ms, d.window_s) == ("p95", 40.0, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("decode p99 60ms", "cannot parse SLO"),
+        ("decode p99 <= 60 over 10s", "cannot parse SLO"),
+        ("decode p100 <= 60ms over 10s", "pNN, mean or max"),
+        ("decode p99 <= 0ms over 10s", "threshold must be > 0"),
+        ("decode p99 <= 60ms over 0s", "window must be > 0"),
+        ({"stat": "p99", "window_s": 10}, "needs 'threshold_ms'"),
+        ({"stat": "p99", "threshold_ms": "60", "window_s": 10}, "must be a number"),
+        ({"quantile": 1.5, "threshold_ms": 60, "window_s": 10}, "quantile must be in"),
+        ({"stat": "p99", "threshold_ms": 60, "window_s": 10, "typo": 1}, "unknown SLO keys"),
+        (42, "string or a mapping"),
+    ],
+)
+def test_slo_parse_errors_are_clear(spec: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SloRule.parse(spec)  # type: ignore[arg-type]
+
+
+def test_slo_fires_and_resolves_with_injected_clock() -> None:
+    rule = SloRule.parse("decode p99 <= 60ms over 10s")
+    s = 1_000_000_000
+    transitions = []
+    # 100 ms cadence: 20 s good, 5 s bad, then good again
+    for k in range(600):
+        t = k * s // 10
+        lat = 80.0 if 200 <= k < 250 else 30.0
+        tr = rule.observe(t, lat)
+        if tr:
+            transitions.append((k, tr))
+    # nearest-rank p99 of ~100 samples is the 2nd largest: two bad samples are needed
+    assert transitions[0] == (201, "firing")
+    # ... and it holds again once only one bad sample (k=249) is left in the window
+    assert transitions[1] == (348, "resolved")
+    assert len(transitions) == 2
+    assert rule.observe(600 * s // 10, float("nan")) is None
+
+
+def test_slo_min_samples() -> None:
+    rule = SloRule(stat="max", threshold_ms=10, window_s=1, min_samples=3)
+    assert rule.observe(0, 50) is None
+    assert rule.observe(1, 50) is None
+    assert rule.observe(2, 50) == "firing"
+
+
+# ------------------------------------------------------------------------------- RCA
+
+
+def _shares(rng: np.random.Generator, n: int, gemm: float) -> list[dict[str, float]]:
+    rows = []
+    for _ in range(n):
+        raw = {
+            "gemm@gpu0": gemm * float(rng.uniform(0.95, 1.05)),
+            "allreduce@gpu0": 0.2 * float(rng.uniform(0.95, 1.05)),
+            "host@cpu": 0.2 * float(rng.uniform(0.95, 1.05)),
+            "sampling@cpu": 0.1 * float(rng.uniform(0.95, 1.05)),
+        }
+        tot = sum(raw.values())
+        rows.append({k: v / tot for k, v in raw.items()})
+    return rows
+
+
+def test_rca_ranks_the_stage_whose_share_doubled() -> None:
+    rng = np.random.default_rng(3)
+    base = _shares(rng, 200, 0.5)
+    anom = _shares(rng, 50, 1.0)  # gemm time doubles
+    got = rank_suspects(base, anom, top=3)
+    assert got[0].stage == "gemm" and got[0].device == "gpu0" and got[0].metric is None
+    assert got[0].delta_share > 0
+    assert len(got) == 3
+    assert rank_suspects(base, anom, top=3) == got  # deterministic
+
+
+def test_rca_related_metric_raises_the_score() -> None:
+    rng = np.random.default_rng(4)
+    base = _shares(rng, 200, 0.5)
+    anom = _shares(rng, 50, 1.0)
+    ub = [
+        {"sm_clock_mhz@gpu0": float(rng.normal(1400, 10)), "cpu_util@cpu": float(rng.normal(50, 2))}
+        for _ in range(200)
+    ]
+    ua = [
+        {"sm_clock_mhz@gpu0": float(rng.normal(700, 10)), "cpu_util@cpu": float(rng.normal(50, 2))}
+        for _ in range(50)
+    ]
+    plain = rank_suspects(base, anom, top=0)
+    with_mu = rank_suspects(base, anom, ub, ua, top=0)
+    g0 = next(s for s in plain if s.stage == "gemm")
+    g1 = next(s for s in with_mu if s.stage == "gemm")
+    assert g1.metric == "sm_clock_mhz@gpu0"
+    assert g1.score > g0.score
+    assert with_mu[0].stage == "gemm"
+    # host stage on the cpu device is not related to the gpu clock
+    h = next(s for s in with_mu if s.stage == "host")
+    assert h.metric != "sm_clock_mhz@gpu0"
+    # explicit relations
+    rel = rank_suspects(base, anom, ub, ua, related={"gemm": ["cpu_util@cpu"]}, top=0)
+    assert next(s for s in rel if s.stage == "gemm").metric in (None, "cpu_util@cpu")
+
+
+def test_rca_edge_cases() -> None:
+    assert rank_suspects([], [{"a": 1.0}]) == []
+    same = [{"a": 0.5, "b": 0.5}] * 5
+    assert rank_suspects(same, same) == []
+    # zero-spread baseline does not divide by zero
+    got = rank_suspects(same, [{"a": 0.9, "b": 0.1}] * 5, top=1)
+    assert got[0].stage == "a" and math.isfinite(got[0].score)
