@@ -1,0 +1,222 @@
+"""Spans into iterations and stages.
+
+An iteration of one target process ends where its profile's anchor probe returns (for
+CUDA engines ``cudaStreamSynchronize``: the host waits for the step's device work) and
+starts where the previous one ended. Inside it, each instant covered by spans belongs to
+the innermost active one (a profiler's self time), spans clipped to the iteration, so
+nested or concurrent calls are not counted twice and stages never add up to more than
+the iteration; what no span covers is ``host`` (Python scheduling, input preparation,
+sampling...).
+
+Workload features come from the arguments the probes captured, summed per iteration
+(``memcpy_async.bytes``...), with the conventions a monitor can rely on for copies
+(``h2d_bytes``, ``d2h_bytes``: kind 1 and 2 of ``cudaMemcpyKind``), then the profile's
+derived expressions (``tokens = d2h_bytes / 8``). An iteration that copies more tokens
+in than sequences out is a prefill, otherwise a decode.
+
+The builder closes an iteration as soon as its anchor span arrives, so an alert on it
+costs no batching delay; a span read after its iteration closed (another thread's ring
+drained late) is counted in ``late_spans``, not attributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+HOST = "host"
+MEMCPY_KINDS = {1: "h2d_bytes", 2: "d2h_bytes", 3: "d2d_bytes"}
+
+
+class SpanLike(Protocol):
+    """What the builder needs of a span (``probes.uprobes.Span`` fits)."""
+
+    @property
+    def probe(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def tid(self) -> int: ...
+    @property
+    def start_ns(self) -> int: ...
+    @property
+    def end_ns(self) -> int: ...
+    @property
+    def args(self) -> Mapping[str, int | float]: ...
+
+
+class Derived(Protocol):
+    """A derived feature (``probes.catalog.DerivedFeature`` fits)."""
+
+    name: str
+
+    def evaluate(self, values: Mapping[str, float]) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """One iteration (batch) of one process: when, where its time went, its workload."""
+
+    pid: int
+    device: str
+    index: int
+    start_ns: int
+    end_ns: int
+    phase: str
+    stages: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    features: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def latency_ms(self) -> float:
+        """Iteration time in milliseconds."""
+        return (self.end_ns - self.start_ns) / 1e6
+
+    def share(self, stage: str) -> float:
+        """Fraction of the iteration spent in ``stage`` (0 when absent)."""
+        total = self.end_ns - self.start_ns
+        return self.stages.get(stage, 0) / total if total > 0 else 0.0
+
+
+def union_ns(intervals: Iterable[tuple[int, int]]) -> int:
+    """Total length covered by ``intervals`` (overlaps counted once)."""
+    total = 0
+    cur_start = cur_end = None
+    for start, end in sorted(intervals):
+        if end <= start:
+            continue
+        if cur_end is None or start > cur_end:
+            if cur_end is not None and cur_start is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None and cur_start is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def exclusive_time(spans: Iterable[tuple[int, int, str]]) -> dict[str, int]:
+    """Time per stage where each instant goes to the innermost active span.
+
+    ``spans`` are ``(start, end, stage)``; where spans overlap (a nested call, or another
+    thread at the same moment) the one that started last owns the time, as in a
+    profiler's self time, so stages never add up to more than the time covered.
+    """
+    events: list[tuple[int, int, int]] = []  # (time, 0 = end / 1 = start, span index)
+    items = [(s, e, st) for s, e, st in spans if e > s]
+    for i, (start, end, _stage) in enumerate(items):
+        events.append((start, 1, i))
+        events.append((end, 0, i))
+    events.sort()
+    active: set[int] = set()
+    out: dict[str, int] = {}
+    prev = None
+    for t, kind, i in events:
+        if prev is not None and active and t > prev:
+            owner = max(active, key=lambda j: (items[j][0], j))
+            stage = items[owner][2]
+            out[stage] = out.get(stage, 0) + (t - prev)
+        if kind == 1:
+            active.add(i)
+        else:
+            active.discard(i)
+        prev = t
+    return out
+
+
+def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
+                      ) -> dict[str, float]:
+    """Per-iteration features: calls and argument sums per probe, copy bytes by kind,
+    then derived expressions that resolve."""
+    feats: dict[str, float] = {}
+    for s in spans:
+        key = f"calls.{s.probe}"
+        feats[key] = feats.get(key, 0.0) + 1
+        for name, value in s.args.items():
+            if name == "kind":
+                continue
+            k = f"{s.probe}.{name}"
+            feats[k] = feats.get(k, 0.0) + float(value)
+        if "bytes" in s.args and "kind" in s.args:
+            kind_name = MEMCPY_KINDS.get(int(s.args["kind"]) & 0xFFFFFFFF)
+            if kind_name is not None:
+                feats[kind_name] = feats.get(kind_name, 0.0) + float(s.args["bytes"])
+    for d in derived:
+        derived_value = d.evaluate(feats)
+        if derived_value is not None:
+            feats[d.name] = derived_value
+    return feats
+
+
+def phase_of(features: Mapping[str, float]) -> str:
+    """``prefill`` when more tokens go in than sequences come out, else ``decode``."""
+    h2d, d2h = features.get("h2d_bytes"), features.get("d2h_bytes")
+    if h2d is None or d2h is None or d2h <= 0:
+        return "unknown"
+    return "prefill" if h2d > d2h else "decode"
+
+
+class IterationBuilder:
+    """Cuts one process's span stream into :class:`Iteration` s at its anchor probe."""
+
+    def __init__(self, pid: int, anchor: str, stage_of: Mapping[str, str], *,
+                 device: str = "cpu", derived: Sequence[Derived] = ()) -> None:
+        """Build iterations of ``pid`` delimited by the ends of ``anchor`` spans.
+
+        Args:
+            pid: the target process.
+            anchor: probe id whose span end closes an iteration.
+            stage_of: probe id → stage name.
+            device: device label of this process (``cuda:0``, ``cpu``...).
+            derived: the profile's derived features.
+        """
+        self.pid = pid
+        self.anchor = anchor
+        self.stage_of = dict(stage_of)
+        self.device = device
+        self.derived = tuple(derived)
+        self.index = 0
+        self.late_spans = 0
+        self._last_end: int | None = None
+        self._pending: list[SpanLike] = []
+
+    def add(self, spans: Iterable[SpanLike]) -> list[Iteration]:
+        """Take a batch of spans (any order); return the iterations they complete."""
+        done: list[Iteration] = []
+        batch = [s for s in spans if s.pid == self.pid]
+        anchors = sorted((s for s in batch if s.probe == self.anchor), key=lambda s: s.end_ns)
+        for s in batch:
+            if self._last_end is not None and s.end_ns <= self._last_end and \
+                    s.probe != self.anchor:
+                self.late_spans += 1  # its iteration is closed already
+            elif s.probe != self.anchor:
+                self._pending.append(s)
+        for anchor in anchors:
+            if self._last_end is None:
+                self._last_end = anchor.end_ns  # the first anchor only opens an iteration
+                self._pending = [s for s in self._pending if s.end_ns > anchor.end_ns]
+                continue
+            if anchor.end_ns <= self._last_end:
+                self.late_spans += 1
+                continue
+            done.append(self._close(self._last_end, anchor))
+            self._last_end = anchor.end_ns
+        return done
+
+    def _close(self, start: int, anchor: SpanLike) -> Iteration:
+        end = anchor.end_ns
+        inside = [s for s in self._pending if s.start_ns < end and s.end_ns > start]
+        inside.append(anchor)
+        self._pending = [s for s in self._pending if s.end_ns > end]
+        clipped = [(max(s.start_ns, start), min(s.end_ns, end),
+                    self.stage_of.get(s.probe, s.probe)) for s in inside]
+        stages = exclusive_time(clipped)
+        stages[HOST] = (end - start) - sum(stages.values())
+        feats = workload_features(
+            [s for s in inside if s.start_ns >= start or s is anchor], self.derived)
+        it = Iteration(self.pid, self.device, self.index, start, end, phase_of(feats),
+                       MappingProxyType(stages), MappingProxyType(feats))
+        self.index += 1
+        return it
