@@ -68,6 +68,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-thread events, or per-CPU events filtered by pid")
     t.add_argument("--json", action="store_true", help="print one JSON document")
 
+    w = sub.add_parser("watch", help="attach and monitor: iterations, stages, detection")
+    target_args(w)
+    w.add_argument("--profile", default=None, help="profile name or file (default: the "
+                   "first profile whose iteration anchor resolves in the target)")
+    w.add_argument("--headless", action="store_true",
+                   help="JSON lines (snapshots, alerts) on stdout instead of the dashboard")
+    w.add_argument("--duration", type=float, default=None, metavar="S")
+    w.add_argument("--rule", choices=("paper", "prism"), default="paper",
+                   help="detection rule (docs/detection.md)")
+    w.add_argument("--warmup", type=int, default=1000, metavar="N",
+                   help="decode iterations before the baseline is fitted")
+    w.add_argument("--json", action="store_true", help="one JSON summary at the end")
+
+    ev = sub.add_parser("eval", help="simulator + headless monitor, scored against the labels")
+    ev.add_argument("--scenario", default="smoke", metavar="NAME|FILE")
+    ev.add_argument("--duration", type=float, default=None, metavar="S")
+    ev.add_argument("--rule", choices=("paper", "prism"), default="paper")
+    ev.add_argument("--warmup", type=int, default=1000, metavar="N")
+    ev.add_argument("--labels", metavar="FILE", help="keep the labels file here")
+    ev.add_argument("--json", action="store_true", help="print one JSON document")
+
     h = sub.add_parser("history", help="quantiles over time and alerts from the SQLite history")
     h.add_argument("--db", default=None, metavar="PATH",
                    help=f"history file (default: $PRISM_DB or {DEFAULT_DB})")
@@ -105,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_sim(args)
         if args.command == "history":
             return cmd_history(args)
+        if args.command == "watch":
+            return cmd_watch(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         if args.command == "demo":
             from prism_tui.demo import run_demo
 
@@ -117,6 +142,170 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OTHER
     return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------- watch / eval
+def _alert_doc(alert: Any) -> dict[str, Any]:
+    doc = dict(alert.__dict__)
+    doc["suspects"] = list(alert.suspects)
+    doc["alert_latency_ms"] = round(alert.alert_latency_ms, 3)
+    return doc
+
+
+def _pick_profile(target: Any, name: str | None) -> Any:
+    from probes.catalog import available_profiles, load_profile
+    from probes.placement import place_profile
+
+    if name is not None:
+        return load_profile(name)
+    for candidate in sorted(available_profiles()):
+        profile = load_profile(candidate)
+        if profile.anchor is None:
+            continue
+        placement = place_profile(target, profile, "sentinel")
+        if any(s.probe == profile.anchor for s in placement.sites):
+            return profile
+    raise UsageError(f"no profile's iteration anchor resolves in pid {target.pid}; "
+                     "name one with --profile (prism symbols --pid PID lists them)")
+
+
+def _companion_profiles(target: Any, main: Any) -> list[Any]:
+    """Other profiles with a sentinel probe that resolves here (nccl beside cuda...)."""
+    from probes.catalog import available_profiles, load_profile
+    from probes.placement import place_profile
+
+    out = []
+    for name in sorted(available_profiles()):
+        if name == main.name:
+            continue
+        profile = load_profile(name)
+        if place_profile(target, profile, "sentinel").sites:
+            out.append(profile)
+    return out
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``prism watch``: monitor a target; JSON lines or a final JSON summary."""
+    import asyncio
+
+    from prism_tui.engine.runtime import AlertEvent, Monitor
+    from probes.perf import check_permission
+    from probes.target import resolve_target
+
+    check_permission()
+    if not args.headless and not args.json:
+        print("prism watch: the dashboard is not built yet; running headless",
+              file=sys.stderr)
+    targets = resolve_target(args.pid, args.match, allow_many=True)
+    profile = _pick_profile(targets[0], args.profile)
+    extras = _companion_profiles(targets[0], profile)
+
+    class StdoutSink:
+        def emit(self, alert: AlertEvent) -> None:
+            if not args.json:
+                print(json.dumps({"alert": _alert_doc(alert)}), flush=True)
+
+    def on_snapshot(snap: Any) -> None:
+        if args.json:
+            return
+        rows = [{"stage": k.stage, "device": k.device, "phase": k.phase,
+                 "rate": round(v.rate, 3), "p50_ms": v.p50, "p99_ms": v.p99,
+                 "p999_ms": v.p999, "max_ms": v.max, "share": v.share}
+                for k, v in sorted(snap.series.items())]
+        print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows}}), flush=True)
+
+    counts: dict[str, int] = {}
+
+    def on_observation(obs: Any) -> None:
+        counts[obs.iteration.phase] = counts.get(obs.iteration.phase, 0) + 1
+
+    stop = asyncio.Event()
+    with Monitor(targets, profile, extra_profiles=extras, rule=args.rule, warmup=args.warmup,
+                 sinks=[StdoutSink()],
+                 on_snapshot=on_snapshot, on_observation=on_observation) as monitor:
+        loop = asyncio.new_event_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            loop.run_until_complete(monitor.run(args.duration, stop))
+        finally:
+            loop.close()
+        if args.json:
+            print(json.dumps({"profile": profile.name,
+                              "targets": [{"pid": t.pid, "name": t.name} for t in targets],
+                              "iterations": counts,
+                              "alerts": [_alert_doc(a) for a in monitor.alerts]}, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``prism eval``: the simulator watched by the monitor, scored against its labels."""
+    import asyncio
+    import tempfile
+    import threading
+
+    from prism_sim.errors import ScenarioError
+    from prism_sim.labels import read_labels
+    from prism_sim.scenario import load_scenario
+    from prism_sim.server import SimServer
+    from prism_tui.engine.evaluate import detection_lag, match, score
+    from prism_tui.engine.runtime import Monitor, Observation
+    from probes.catalog import load_profile
+    from probes.perf import check_permission
+    from probes.target import Target
+
+    check_permission()
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        raise UsageError(str(exc)) from exc
+    duration = args.duration or scenario.duration_s
+    if not duration:
+        raise UsageError(f"scenario {scenario.name!r} runs until stopped: give --duration")
+    tmp = tempfile.TemporaryDirectory(prefix="prism-eval-")
+    labels_path = args.labels or os.path.join(tmp.name, "labels.jsonl")
+    judged: dict[int, list[tuple[int, bool]]] = {}
+    with SimServer(scenario, labels=labels_path, metrics_port=None) as server:
+        rank_of = {pid: rank for rank, pid in server.rank_pids.items()}
+
+        def on_observation(obs: Observation) -> None:
+            if obs.verdict is not None:
+                judged.setdefault(rank_of[obs.iteration.pid], []).append(
+                    (obs.iteration.end_ns, obs.verdict.firing))
+
+        stop_sim = threading.Event()
+        runner = threading.Thread(target=server.run, args=(duration, stop_sim), daemon=True)
+        runner.start()
+        targets = [Target(pid) for pid in server.rank_pids.values()]
+        with Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
+                     rule=args.rule, warmup=args.warmup,
+                     on_observation=on_observation) as monitor:
+            asyncio.run(monitor.run(duration))
+            alerts = list(monitor.alerts)
+        stop_sim.set()
+        runner.join(10)
+    labels = read_labels(labels_path).iterations
+    rows = [row for rank, items in sorted(judged.items())
+            for row in match(rank, [t for t, _ in items], [f for _, f in items], labels)]
+    result = score(rows)
+    firing = [a for a in alerts if a.status == "firing"]
+    latencies = sorted(a.alert_latency_ms for a in firing)
+    doc = {
+        "scenario": scenario.name, "duration_s": duration, "rule": args.rule,
+        "warmup": args.warmup, **result, "detection_lag_iterations": detection_lag(rows),
+        "alerts_firing": len(firing), "alerts_resolved": len(alerts) - len(firing),
+        "alert_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else None,
+                             "max": latencies[-1] if latencies else None},
+    }
+    tmp.cleanup()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{scenario.name}: {result['iterations']} judged decode iterations, "
+              f"{result['abnormal']} abnormal; precision {result['precision']}, recall "
+              f"{result['recall']}, F1 {result['f1']}, FPR {result['fpr']}; "
+              f"{len(firing)} alerts, latency p50 {doc['alert_latency_ms']['p50']} ms")
+    return 0
 
 
 # ---------------------------------------------------------------------- history

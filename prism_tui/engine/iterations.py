@@ -50,7 +50,8 @@ class SpanLike(Protocol):
 class Derived(Protocol):
     """A derived feature (``probes.catalog.DerivedFeature`` fits)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def evaluate(self, values: Mapping[str, float]) -> float | None: ...
 

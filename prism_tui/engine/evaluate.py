@@ -1,0 +1,83 @@
+"""Score the monitor's verdicts against the simulator's ground truth, as the paper does.
+
+Each decode iteration the monitor judged (after warm-up) is matched to the simulator's
+label of the same iteration (the first label of that rank ending at or just after it:
+the rank samples right after its synchronisation returns), then scored per iteration:
+positive when the detector is firing, truly positive when a fault was active.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+MATCH_WINDOW_NS = 5_000_000
+
+
+class LabelLike(Protocol):
+    """An iteration label (``prism_sim.labels.IterationRecord`` fits)."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def end_ns(self) -> int: ...
+    @property
+    def phase(self) -> str: ...
+    @property
+    def fault_active(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One judged iteration: when it ended, what the detector said, what was true."""
+
+    rank: int
+    end_ns: int
+    firing: bool
+    fault: bool
+
+
+def match(rank: int, end_ns: Sequence[int], firing: Sequence[bool],
+          labels: Sequence[LabelLike]) -> list[Scored]:
+    """Pair a rank's judged iterations with its labels (unmatched ones are dropped)."""
+    mine = sorted((lab for lab in labels if lab.rank == rank), key=lambda lab: lab.end_ns)
+    ends = [lab.end_ns for lab in mine]
+    out = []
+    for t, f in zip(end_ns, firing, strict=True):
+        i = bisect.bisect_left(ends, t)
+        if i < len(mine) and mine[i].end_ns - t <= MATCH_WINDOW_NS:
+            out.append(Scored(rank, t, f, mine[i].fault_active))
+    return out
+
+
+def score(rows: Sequence[Scored]) -> dict[str, Any]:
+    """Precision, recall, F1 and false-positive rate over judged iterations."""
+    tp = sum(r.firing and r.fault for r in rows)
+    fp = sum(r.firing and not r.fault for r in rows)
+    fn = sum(not r.firing and r.fault for r in rows)
+    tn = sum(not r.firing and not r.fault for r in rows)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"iterations": len(rows), "abnormal": tp + fn, "tp": tp, "fp": fp, "fn": fn,
+            "tn": tn, "precision": round(precision, 4), "recall": round(recall, 4),
+            "f1": round(f1, 4), "fpr": round(fp / (fp + tn), 4) if fp + tn else 0.0}
+
+
+def detection_lag(rows: Sequence[Scored]) -> list[int]:
+    """Per fault episode, iterations from its first abnormal iteration to the first alarm."""
+    lags: list[int] = []
+    start: int | None = None
+    found = False
+    for i, r in enumerate(rows):
+        if not r.fault:
+            start = None
+            continue
+        if start is None:
+            start, found = i, False
+        if not found and r.firing:
+            lags.append(i - start)
+            found = True
+    return lags
