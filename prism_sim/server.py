@@ -190,7 +190,9 @@ class SimServer:
                 reader = plan_pipes[r - 1][0]
                 fds.append(reader)
                 cmd += ["--plan-fd", str(reader)]
-            proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
+            # each rank owns one device, as a tensor-parallel worker does on a GPU host
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(r))
+            proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=False)
             os.close(report_w)
             self.ranks.append(proc)

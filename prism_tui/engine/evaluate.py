@@ -1,8 +1,9 @@
 """Score the monitor's verdicts against the simulator's ground truth, as the paper does.
 
 Each decode iteration the monitor judged (after warm-up) is matched to the simulator's
-label of the same iteration (the first label of that rank ending at or just after it:
-the rank samples right after its synchronisation returns), then scored per iteration:
+label of the same iteration: the label of that rank whose span contains the monitor's
+iteration end (the synchronisation returns inside the rank's iteration, which then
+samples and reports), then scored per iteration:
 positive when the detector is firing, truly positive when a fault was active.
 """
 
@@ -13,14 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-MATCH_WINDOW_NS = 5_000_000
-
 
 class LabelLike(Protocol):
     """An iteration label (``prism_sim.labels.IterationRecord`` fits)."""
 
     @property
     def rank(self) -> int: ...
+    @property
+    def start_ns(self) -> int: ...
     @property
     def end_ns(self) -> int: ...
     @property
@@ -47,7 +48,7 @@ def match(rank: int, end_ns: Sequence[int], firing: Sequence[bool],
     out = []
     for t, f in zip(end_ns, firing, strict=True):
         i = bisect.bisect_left(ends, t)
-        if i < len(mine) and mine[i].end_ns - t <= MATCH_WINDOW_NS:
+        if i < len(mine) and mine[i].start_ns <= t:
             out.append(Scored(rank, t, f, mine[i].fault_active))
     return out
 

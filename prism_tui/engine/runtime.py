@@ -134,7 +134,10 @@ class Monitor:
         self.placements: list[Placement] = []
         self._states: list[_TargetState] = []
         self._closed = False
-        device_of = device_of or (lambda _pid: "cpu")
+        if device_of is None:
+            from prism_tui.engine.devices import device_of as from_environment
+
+            device_of = from_environment
         try:
             for target in targets:
                 placement = place_profile(target, profile, "sentinel")
