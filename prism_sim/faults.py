@@ -87,13 +87,13 @@ elif role == "mem":
     size, chunk, page = int(sys.argv[4]), int(sys.argv[5]), mmap.PAGESIZE
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     spans = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
-    ones = {n: b"\x01" * len(range(0, n, page)) for _, n in spans}
+    fill = {n: b"\x5a" * n for _, n in spans}
     first = True
-    while True:  # fault every page in; then release a chunk and fault it back in, in turn
-        for off, n in spans:
+    while True:  # release a chunk, then write all of it back: page faults and a full
+        for off, n in spans:  # memory-bandwidth stream, chunk after chunk
             if not first:
                 buf.madvise(mmap.MADV_DONTNEED, off, n)
-            buf[off:off + n:page] = ones[n]
+            buf[off:off + n] = fill[n]
             if first and off == 0:
                 os.write(1, b"ready\n")
         first = False
@@ -282,17 +282,17 @@ class CpuSqueeze(_ChildFault):
     role = "hog"
 
     def start(self) -> None:
-        """Start ``max(1, round(3 × intensity × CPUs))`` hogs pinned to the ranks' CPUs.
+        """Start ``max(1, round(4 × intensity × CPUs))`` hogs pinned to the ranks' CPUs.
 
-        Three per CPU at full intensity: with one, the scheduler lets a rank thread that
+        Four per CPU at full intensity: with one, the scheduler lets a rank thread that
         wakes from a device wait preempt the hog at once, and a host loop that mostly
-        waits hardly notices it (measured: 4 %; two per CPU: 20–25 %).
+        waits hardly notices it (measured: 4 %; two per CPU: 20–25 %; three: 25–50 %).
         """
         if self.children:
             return
         pids = [_pid_of(self.ctx, r, "cpu_squeeze") for r in _targets(self.spec, self.ctx)]
         cpus = _cpus_of(pids, "cpu_squeeze")
-        count = max(1, round(3 * self.spec.intensity * len(cpus)))
+        count = max(1, round(4 * self.spec.intensity * len(cpus)))
         for _ in range(count):
             self._spawn(cpus)
         self._wait_ready()
@@ -332,9 +332,9 @@ class MemoryPressure(_ChildFault):
         pids = [_pid_of(self.ctx, r, "memory_pressure")
                 for r in _targets(self.spec, self.ctx)]
         cpus = _cpus_of(pids, "memory_pressure")
-        # churners on every CPU of the ranks (three per CPU at full intensity, as for
+        # churners on every CPU of the ranks (four per CPU at full intensity, as for
         # cpu_squeeze): page faults and memory traffic compete with the host loops
-        count = max(1, round(3 * self.spec.intensity * len(cpus)))
+        count = max(1, round(4 * self.spec.intensity * len(cpus)))
         for _ in range(count):
             self._spawn(cpus, str(memory_pressure_bytes(self.spec.intensity) // count),
                         str(_CHUNK))

@@ -154,7 +154,7 @@ def test_cpu_squeeze_slows_the_rank_and_its_children_die_on_stop(
 
     def check() -> None:
         pids = list(inj.pids)  # type: ignore[attr-defined]
-        assert len(pids) == 3  # 3 x intensity 1 x the child's one CPU
+        assert len(pids) == 4  # 4 x intensity 1 x the child's one CPU
         assert all(os.sched_getaffinity(pid) == {0} for pid in pids)
         hogs.extend(pids)
 
