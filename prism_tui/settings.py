@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from probes.catalog import toml_error_position
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -483,13 +485,5 @@ def _line_of(lines: list[str], section: str | None, key: str) -> int | None:
 
 def _toml_position(exc: Exception) -> tuple[int, str]:
     """(line, message without position) from a TOMLDecodeError."""
-    message = str(getattr(exc, "msg", "") or exc)
-    lineno = getattr(exc, "lineno", None)
-    match = re.search(r"\s*\(at line (\d+), column \d+\)\s*$", message)
-    if match is not None:
-        lineno = lineno or int(match.group(1))
-        message = message[:match.start()]
-    end = re.search(r"\s*\(at end of document\)\s*$", message)
-    if end is not None:
-        message = message[:end.start()]
-    return int(lineno or 1), message
+    lineno, message = toml_error_position(exc)
+    return lineno or 1, message

@@ -526,6 +526,24 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def toml_error_position(exc: Exception) -> tuple[int | None, str]:
+    """(line or None, message without its position suffix) from a TOMLDecodeError.
+
+    tomllib reports "... (at line N, column M)" or "... (at end of document)"; callers
+    that know their file's last line use it for the second form.
+    """
+    message = str(getattr(exc, "msg", "") or exc)
+    lineno = getattr(exc, "lineno", None)
+    match = re.search(r"\s*\(at line (\d+), column \d+\)\s*$", message)
+    if match is not None:
+        lineno = lineno or int(match.group(1))
+        message = message[:match.start()]
+    end = re.search(r"\s*\(at end of document\)\s*$", message)
+    if end is not None:
+        message = message[:end.start()]
+    return (int(lineno) if lineno else None), message
+
+
 class _Parser:
     """Turns TOML text into a :class:`Profile`, raising CatalogError with file:line."""
 
@@ -560,17 +578,8 @@ class _Parser:
 
     def _toml_position(self, exc: Exception) -> tuple[int, str]:
         """(line, message without position) from a TOMLDecodeError."""
-        message = str(getattr(exc, "msg", "") or exc)
-        lineno = getattr(exc, "lineno", None)
-        match = re.search(r"\s*\(at line (\d+), column \d+\)\s*$", message)
-        if match is not None:
-            lineno = lineno or int(match.group(1))
-            message = message[:match.start()]
-        end = re.search(r"\s*\(at end of document\)\s*$", message)
-        if end is not None:
-            message = message[:end.start()]
-            lineno = lineno or self.loc.last_line
-        return int(lineno or 1), message
+        lineno, message = toml_error_position(exc)
+        return lineno or self.loc.last_line, message
 
     def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], context: str,
                    line_of: Callable[[str], int]) -> None:
