@@ -149,21 +149,18 @@ class Rank:
                 self.busy_threads.append(t)
 
     # ------------------------------------------------------------------ one iteration
-    def host_prepare(self, plan: Plan, seqs: list[int]) -> bytes:
-        """Build the batch's input ids and metadata in Python (the host stage)."""
+    def host_prepare(self, plan: Plan) -> bytes:
+        """Build the batch's input ids in Python after the host stage's calibrated work."""
         self.host.run(HOST_BASE_US + HOST_PER_SEQ_US * plan.batch_size)
         ids = bytearray(8 * plan.tokens)
-        positions = [0] * plan.batch_size
-        for i in range(plan.batch_size):
-            positions[i] = seqs[i] if i < len(seqs) else 0
         for i in range(0, len(ids), 8):
             ids[i] = (i * 31 + plan.index) & 0x7F
         return bytes(ids)
 
-    def execute(self, plan: Plan, seqs: list[int]) -> bytes:
+    def execute(self, plan: Plan) -> bytes:
         """Run ``plan`` on the device; returns the sampled token ids (D2H bytes)."""
         self._apply_host_faults()
-        ids = self.host_prepare(plan, seqs)
+        ids = self.host_prepare(plan)
         d = self.device
         d.memcpy_h2d(ids, len(ids))
         for gemm, attn in self.model.kernels(plan):
@@ -363,7 +360,7 @@ def run_driver(rank: Rank, plan_fds: list[int]) -> None:
             line = plan.to_line()
             for out in outs:
                 out.write(line)
-            tokens = rank.execute(plan, [r.kv_len for r in batch])
+            tokens = rank.execute(plan)
             sample_and_detokenize(tokens, plan.batch_size)
             rank.host.run(SAMPLE_PER_SEQ_US * plan.batch_size)
             end = time.monotonic_ns()
@@ -394,7 +391,7 @@ def run_worker(rank: Rank, plan_fd: int) -> None:
                 return
             plan = Plan(**msg)
             start = time.monotonic_ns()
-            rank.execute(plan, [])
+            rank.execute(plan)
             rank.iteration_record(plan, start, time.monotonic_ns())
 
 

@@ -505,6 +505,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     def on_signal(_sig: int, _frame: object) -> None:
         stop["flag"] = True
 
+    def take(spans: list[Any]) -> None:
+        for span in spans:
+            per_symbol[span.probe] = per_symbol.get(span.probe, 0) + 1
+            if args.ret:
+                durations.append(span.duration_ns / 1e6)
+            else:
+                starts.append(span.start_ns)
+
     old = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
     if not args.json:
@@ -521,20 +529,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
             if args.duration is not None and elapsed >= args.duration:
                 break
             remaining = 0.2 if args.duration is None else min(0.2, args.duration - elapsed)
-            for span in session.poll(max(remaining, 0.0)):
-                per_symbol[span.probe] = per_symbol.get(span.probe, 0) + 1
-                if args.ret:
-                    durations.append(span.duration_ns / 1e6)
-                else:
-                    starts.append(span.start_ns)
+            take(session.poll(max(remaining, 0.0)))
             if session.all_exited:
                 break
-        for span in session.read():
-            per_symbol[span.probe] = per_symbol.get(span.probe, 0) + 1
-            if args.ret:
-                durations.append(span.duration_ns / 1e6)
-            else:
-                starts.append(span.start_ns)
+        take(session.read())
         lost = session.dropped()
     finally:
         session.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -279,7 +278,3 @@ class OverheadGovernor:
                 for probe, s in first_site.items() if probe not in touched]
         return self.decisions + keep
 
-
-def median_or_zero(values: list[float]) -> float:
-    """Median of ``values``, 0 for an empty list."""
-    return statistics.median(values) if values else 0.0

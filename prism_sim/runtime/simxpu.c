@@ -785,17 +785,6 @@ EXPORT cudaError_t cudaDeviceSynchronize(void) {
 
 /* ------------------------------------------------------------------ CUDA: streams */
 
-EXPORT cudaError_t cudaStreamCreate(cudaStream_t *stream) {
-    if (!stream)
-        return fail(cudaErrorInvalidValue);
-    struct simxpu_stream *s = calloc(1, sizeof *s);
-    if (!s)
-        return fail(cudaErrorMemoryAllocation);
-    s->magic = STREAM_MAGIC;
-    *stream = s;
-    return cudaSuccess;
-}
-
 EXPORT cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
     (void)flags;
     if (!stream)
@@ -806,6 +795,10 @@ EXPORT cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int 
     s->magic = STREAM_MAGIC;
     *stream = s;
     return cudaSuccess;
+}
+
+EXPORT cudaError_t cudaStreamCreate(cudaStream_t *stream) {
+    return cudaStreamCreateWithFlags(stream, 0);
 }
 
 EXPORT cudaError_t cudaStreamDestroy(cudaStream_t stream) {
