@@ -1,0 +1,193 @@
+"""What the dashboard sees: one immutable :class:`EngineView` per refresh (DESIGN.md §3 rule 2).
+
+The engine builds a view a few times per second from its own state and hands it to
+whoever listens (the Textual app posts it as a message that replaces older queued ones).
+Everything in a view is frozen or a read-only mapping, so the UI can keep a reference
+without copying and never sees a half-updated structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from prism_tui.engine.sketches import Snapshot
+
+WINDOWS_S = (10.0, 60.0, 300.0)
+"""The spans the dashboard can show (``w`` cycles through them)."""
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    """One probe of one target: attached, or why not."""
+
+    probe: str
+    stage: str
+    status: str
+    """``attached`` | ``missing`` | ``no-library`` | ``detached`` | ``duty-cycle``."""
+    library: str = ""
+    reason: str = ""
+    hits_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    """A watched process and the health of its probes."""
+
+    pid: int
+    name: str
+    profile: str
+    device: str
+    state: str
+    """``attached`` | ``gone`` (exited; re-attached when a matching process appears)."""
+    probes: tuple[ProbeStatus, ...] = ()
+    hits_per_s: float = 0.0
+    lost: int = 0
+    overhead_pct: float | None = None
+    """Estimated CPU share the probes cost the target (hits/s × measured cost per hit)."""
+
+    @property
+    def attached(self) -> int:
+        """Probes attached."""
+        return sum(1 for p in self.probes if p.status == "attached")
+
+
+@dataclass(frozen=True)
+class IterationBar:
+    """One recent iteration: its latency and the share of each stage (sums to ≤ 1)."""
+
+    pid: int
+    device: str
+    phase: str
+    end_ns: int
+    latency_ms: float
+    shares: tuple[tuple[str, float], ...]
+    batch: float = 0.0
+
+
+@dataclass(frozen=True)
+class DetectorPoint:
+    """The detector's verdict on one iteration: what the chart plots."""
+
+    pid: int
+    device: str
+    phase: str
+    end_ns: int
+    observed_ms: float
+    predicted_ms: float
+    smoothed: float
+    ucl: float
+    firing: bool
+
+
+@dataclass(frozen=True)
+class DetectorState:
+    """Where a detector is: warming up (``progress`` of ``warmup``), fitting, or live."""
+
+    pid: int
+    device: str
+    phase: str
+    state: str
+    """``warming`` | ``fitting`` | ``live``."""
+    progress: int = 0
+    warmup: int = 0
+    firing: bool = False
+
+
+@dataclass(frozen=True)
+class TelemetryValue:
+    """One device or host metric; ``value`` None means unavailable, and ``reason`` says why."""
+
+    device: str
+    metric: str
+    value: float | None
+    unit: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryStatus:
+    """The alert path: broker connection and the durable outbox."""
+
+    broker: str = ""
+    """Broker URL, or empty when alerts are not published."""
+    state: str = "off"
+    """``off`` | ``connecting`` | ``connected`` | ``down``."""
+    pending: int = 0
+    """Alerts in the outbox not yet acknowledged by the broker."""
+    published: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class SloStatus:
+    """One configured latency objective and whether it holds now."""
+
+    name: str
+    stage: str
+    quantile: float
+    limit_ms: float
+    window_s: float
+    value_ms: float | None
+    breached: bool
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """An alert state change as the dashboard lists it (wire fields plus delivery)."""
+
+    id: str
+    fingerprint: str
+    status: str
+    severity: str
+    source: str
+    pid: int
+    device: str
+    stage: str
+    phase: str
+    observed_ms: float
+    predicted_ms: float | None
+    error: float
+    ucl: float
+    detected_at_ns: int
+    wall_time: float
+    """Epoch seconds when detected (for the feed's clock column)."""
+    summary: str
+    suspects: tuple[Mapping[str, Any], ...] = ()
+    delivery: str = "local"
+    """``local`` (no broker) | ``queued`` | ``sent`` (acknowledged)."""
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """Everything the dashboard draws, at one moment. Immutable."""
+
+    now_ns: int
+    host: str
+    targets: tuple[TargetStatus, ...]
+    snapshots: Mapping[float, Snapshot]
+    """One sketch snapshot per span of :data:`WINDOWS_S` (10 s, 1 min, 5 min)."""
+    iterations: tuple[IterationBar, ...] = ()
+    """Recent iterations, oldest first, all devices."""
+    detector: tuple[DetectorPoint, ...] = ()
+    """Recent detector verdicts, oldest first."""
+    detectors: tuple[DetectorState, ...] = ()
+    alerts: tuple[AlertRecord, ...] = ()
+    """Recent alert state changes, oldest first."""
+    telemetry: tuple[TelemetryValue, ...] = ()
+    delivery: DeliveryStatus = field(default_factory=DeliveryStatus)
+    slos: tuple[SloStatus, ...] = ()
+    history_path: str = ""
+    notices: tuple[str, ...] = ()
+    """Short lines for the status bar (simulator events, re-attachments...)."""
+
+    def snapshot(self, span_s: float) -> Snapshot | None:
+        """The snapshot for ``span_s`` (None when the engine did not build that span)."""
+        return self.snapshots.get(span_s)
+
+
+def frozen_snapshots(snaps: Mapping[float, Snapshot]) -> Mapping[float, Snapshot]:
+    """A read-only mapping for :attr:`EngineView.snapshots`."""
+    return MappingProxyType(dict(snaps))
