@@ -1,107 +1,55 @@
-"""The monitor's loop: spans → iterations → sketches, detection, alerts, snapshots.
+"""The monitor's loop: live uprobe sessions feeding the :class:`~prism_tui.engine.core.Engine`.
 
 One asyncio loop moves data only: per target a uprobe session (its anchor probe urgent,
-so an iteration's end reaches the loop within a millisecond), an iteration builder, and
-one detector per phase. Baseline models are fitted in an executor and installed when
-ready. A detector transition becomes an :class:`AlertEvent` handed to every sink on the
-iteration that crossed the limit, with ``iteration_end_ns`` so alert latency can be
-measured end to end. Sinks are a protocol: the alerting package plugs in without the
-engine importing it.
+so an iteration's end reaches the loop within a millisecond) whose spans go to the engine.
+Telemetry is sampled once a second in an executor; views and snapshots are built a few
+times per second. With ``match`` the monitor re-attaches when a matching process appears
+after the watched one exited. Sinks are a protocol: the alerting package plugs in without
+the engine importing it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
-import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from prism_tui.engine.detector import Detector, Verdict, Workload, fit_baseline
-from prism_tui.engine.iterations import Iteration, IterationBuilder
-from prism_tui.engine.rca import rank_suspects
-from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
+from prism_tui.engine.core import (
+    AlertEvent,
+    AlertSink,
+    Engine,
+    Observation,
+    SloSpec,
+    workload_of,
+)
+from prism_tui.engine.iterations import SpanLike
+from prism_tui.engine.recording import RecordedProcess
+from prism_tui.engine.sketches import Snapshot
+from prism_tui.engine.trace_export import write_chrome_trace
+from prism_tui.engine.view import EngineView, ProbeStatus, TelemetryValue
 from probes.catalog import Profile
+from probes.errors import ProbeError
+from probes.governor import HitCosts
 from probes.placement import Placement, place_profile
-from probes.target import Target
+from probes.target import Target, find_targets
+from probes.telemetry import HostSampler, ProcSampler, Reading
 from probes.uprobes import Span, UprobeSession
 
-BASELINE_SHARES = 300  # normal iterations kept for root-cause comparison
-ANOMALY_SHARES = 10
+__all__ = ["AlertEvent", "AlertSink", "Monitor", "Observation", "SloSpec", "workload_of"]
 
-
-@dataclass(frozen=True)
-class AlertEvent:
-    """One alert state change, as the engine emits it (DESIGN.md §4.2 fields)."""
-
-    id: str
-    fingerprint: str
-    status: str  # "firing" | "resolved"
-    severity: str
-    host: str
-    target: dict[str, Any]
-    device: str
-    stage: str
-    phase: str
-    observed_ms: float
-    predicted_ms: float
-    error: float
-    ucl: float
-    window: int
-    started_at_ns: int
-    detected_at_ns: int
-    iteration_end_ns: int
-    suspects: tuple[dict[str, Any], ...]
-    summary: str
-
-    @property
-    def alert_latency_ms(self) -> float:
-        """From the anomalous iteration's end to detection (CLOCK_MONOTONIC)."""
-        return (self.detected_at_ns - self.iteration_end_ns) / 1e6
-
-
-class AlertSink(Protocol):
-    """Where alerts go (stdout JSON lines, MQTT, history...). Must not block."""
-
-    def emit(self, alert: AlertEvent) -> None:
-        """Take one alert state change."""
-
-
-@dataclass(frozen=True)
-class Observation:
-    """One iteration with the detector's verdict on it (None during warm-up)."""
-
-    iteration: Iteration
-    verdict: Verdict | None
-
-
-def workload_of(it: Iteration) -> Workload:
-    """What the detector regresses on, from the iteration's captured arguments.
-
-    Sequences come from the device-to-host copy of sampled tokens (8 bytes each) and
-    tokens from the host-to-device copy of input ids; per-sequence context length is not
-    visible in these arguments, so only the batch enters the baseline today.
-    """
-    batch = it.features.get("d2h_bytes", 0.0) / 8
-    return Workload(batch_size=batch, avg_input=0.0, avg_output=0.0)
+RESCAN_S = 1.0
+TELEMETRY_S = 1.0
 
 
 @dataclass
-class _TargetState:
+class _Attached:
     target: Target
     session: UprobeSession
-    builder: IterationBuilder
-    detectors: dict[str, Detector] = field(default_factory=dict)
-    normal_shares: deque[dict[str, float]] = field(
-        default_factory=lambda: deque(maxlen=BASELINE_SHARES))
-    recent_shares: deque[dict[str, float]] = field(
-        default_factory=lambda: deque(maxlen=ANOMALY_SHARES))
-    fitting: set[str] = field(default_factory=set)
-    firing_since: dict[str, int] = field(default_factory=dict)
+    placements: list[Placement]
+    prev_hits: dict[str, int] = field(default_factory=dict)
+    prev_t: float = field(default_factory=time.monotonic)
 
 
 class Monitor:
@@ -112,62 +60,124 @@ class Monitor:
                  warmup: int = 1000, sinks: Sequence[AlertSink] = (),
                  on_observation: Callable[[Observation], None] | None = None,
                  on_snapshot: Callable[[Snapshot], None] | None = None,
+                 on_view: Callable[[EngineView], None] | None = None,
+                 on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
                  snapshot_interval_s: float = 0.5, device_of: Callable[[int], str] | None = None,
-                 mode: str = "auto", clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 mode: str = "auto", clock: Callable[[], int] = time.monotonic_ns,
+                 slos: Sequence[SloSpec] = (), match: str | None = None,
+                 costs: HitCosts | None = None, telemetry: bool = True) -> None:
         """Attach the sentinel probes of ``profile`` (which names the iteration anchor and
         derived features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to
         every target; raises a ProbeError subclass when a probe cannot be opened."""
         if profile.anchor is None:
             raise ValueError(f"profile {profile.name!r} names no iteration anchor")
         self.profile = profile
+        self.extra_profiles = list(extra_profiles)
         self.anchor = profile.anchor
-        self.rule = rule
-        self.warmup = warmup
-        self.sinks = list(sinks)
-        self.on_observation = on_observation
+        self.mode = mode
+        self.match = match
+        self.costs = costs
+        self.telemetry = telemetry
         self.on_snapshot = on_snapshot
+        self.on_view = on_view
         self.snapshot_interval_s = snapshot_interval_s
-        self.clock = clock
-        self.host = socket.gethostname()
-        self.sketches = WindowedSketches(clock=clock)
-        self.alerts: list[AlertEvent] = []
+        self.engine = Engine(rule=rule, warmup=warmup, sinks=sinks,
+                             on_observation=on_observation, on_spans=on_spans, slos=slos,
+                             clock=clock)
         self.placements: list[Placement] = []
-        self._states: list[_TargetState] = []
+        self._attached: dict[int, _Attached] = {}
+        self._new: asyncio.Queue[_Attached] | None = None
+        self._host_sampler = HostSampler()
+        self._proc_samplers: dict[int, ProcSampler] = {}
         self._closed = False
         if device_of is None:
             from prism_tui.engine.devices import device_of as from_environment
 
             device_of = from_environment
+        self.device_of = device_of
         try:
             for target in targets:
-                placement = place_profile(target, profile, "sentinel")
-                self.placements.append(placement)
-                sites = placement.sites
-                for extra in extra_profiles:
-                    more = place_profile(target, extra, "sentinel")
-                    self.placements.append(more)
-                    sites += more.sites
-                if not any(s.probe == self.anchor for s in sites):
-                    raise ValueError(f"the anchor {self.anchor!r} of profile "
-                                     f"{profile.name!r} does not resolve in pid {target.pid}")
-                session = UprobeSession([target], sites, mode=mode, urgent={self.anchor},
-                                        drain_interval_s=0.02).open()
-                builder = IterationBuilder(target.pid, self.anchor,
-                                           {s.probe: s.stage for s in sites},
-                                           device=device_of(target.pid),
-                                           derived=profile.derived)
-                self._states.append(_TargetState(target, session, builder))
+                self._attach(target)
         except BaseException:
             self.close()
             raise
+
+    # ------------------------------------------------------------------ compatibility
+    @property
+    def alerts(self) -> list[AlertEvent]:
+        """Every alert state change so far."""
+        return self.engine.alerts
+
+    @property
+    def sinks(self) -> list[AlertSink]:
+        """The engine's sinks (add one before :meth:`run`)."""
+        return self.engine.sinks
+
+    # ------------------------------------------------------------------ attach / detach
+    def _attach(self, target: Target) -> _Attached:
+        placement = place_profile(target, self.profile, "sentinel")
+        placements = [placement]
+        sites = placement.sites
+        for extra in self.extra_profiles:
+            more = place_profile(target, extra, "sentinel")
+            placements.append(more)
+            sites += more.sites
+        if not any(s.probe == self.anchor for s in sites):
+            raise ValueError(f"the anchor {self.anchor!r} of profile "
+                             f"{self.profile.name!r} does not resolve in pid {target.pid}")
+        session = UprobeSession([target], sites, mode=self.mode, urgent={self.anchor},
+                                drain_interval_s=0.02).open()
+        self.placements.extend(placements)
+        probes = _probe_statuses(placements, {})
+        self.engine.watch(target.pid, target.name, self.anchor,
+                          {s.probe: s.stage for s in sites}, profile=self.profile.name,
+                          device=self.device_of(target.pid), derived=self.profile.derived,
+                          probes=probes)
+        att = self._attached[target.pid] = _Attached(target, session, placements)
+        if self._new is not None:
+            self._new.put_nowait(att)
+        return att
+
+    def attach(self, pid: int) -> str | None:
+        """Attach to one more process; the error line, or None when it worked."""
+        if pid in self._attached:
+            return f"pid {pid} is already watched"
+        try:
+            self._attach(Target(pid))
+        except (ProbeError, ValueError, OSError) as exc:
+            return str(exc)
+        self.engine.notice(f"attached to pid {pid}")
+        return None
+
+    def detach(self, pid: int) -> None:
+        """Detach every probe from ``pid`` and stop showing it."""
+        att = self._attached.pop(pid, None)
+        if att is not None:
+            att.session.close()
+        self.engine.forget(pid)
+        self._proc_samplers.pop(pid, None)
+
+    def recorded_processes(self) -> list[RecordedProcess]:
+        """The header of a span recording of the attached processes."""
+        out = []
+        for pid, att in self._attached.items():
+            stage_of = {s.probe: s.stage for p in att.placements for s in p.sites}
+            out.append(RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
+                                       self.device_of(pid), stage_of))
+        return out
+
+    def export_trace(self, seconds: float, path: str) -> str:
+        """Write the last ``seconds`` of spans as a Chrome/Perfetto trace; returns the path."""
+        names = {pid: a.target.name for pid, a in self._attached.items()}
+        return write_chrome_trace(self.engine.recent_spans(seconds), path, names)
 
     def close(self) -> None:
         """Detach every probe (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        for st in self._states:
-            st.session.close()
+        for att in self._attached.values():
+            att.session.close()
 
     def __enter__(self) -> Monitor:
         return self
@@ -178,116 +188,158 @@ class Monitor:
     # ------------------------------------------------------------------ the loop
     async def run(self, duration_s: float | None = None,
                   stop: asyncio.Event | None = None) -> None:
-        """Process spans until ``duration_s``, ``stop``, or every target exits."""
+        """Process spans until ``duration_s``, ``stop``, or every target exits (unless
+        ``match`` is set: then wait for a matching process to appear)."""
         stop = stop or asyncio.Event()
-        queue: asyncio.Queue[tuple[_TargetState, list[Span]] | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, list[Span] | None]] = asyncio.Queue()
+        self._new = asyncio.Queue()
+        pumps: list[asyncio.Task[None]] = []
 
-        async def pump(st: _TargetState) -> None:
-            async for batch in st.session.batches():
-                await queue.put((st, batch))
-            await queue.put(None)
+        async def pump(att: _Attached) -> None:
+            pid = att.target.pid
+            try:
+                async for batch in att.session.batches():
+                    await queue.put((pid, batch))
+            finally:
+                await queue.put((pid, None))
 
-        pumps = [asyncio.create_task(pump(st)) for st in self._states]
+        for att in self._attached.values():
+            self._new.put_nowait(att)
         deadline = None if duration_s is None else time.monotonic() + duration_s
-        last_snapshot = time.monotonic()
-        alive = len(pumps)
+        last_view = last_rescan = last_telemetry = time.monotonic()
+        telemetry_task: asyncio.Future[list[TelemetryValue]] | None = None
+        loop = asyncio.get_running_loop()
         try:
-            while alive and not stop.is_set():
+            while not stop.is_set():
+                while not self._new.empty():
+                    pumps.append(asyncio.create_task(pump(self._new.get_nowait())))
+                if not self._attached and self.match is None:
+                    break
                 timeout = 0.1
                 if deadline is not None:
                     timeout = min(timeout, deadline - time.monotonic())
                     if timeout <= 0:
                         break
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
+                    pid, spans = await asyncio.wait_for(queue.get(), timeout)
                 except asyncio.TimeoutError:
-                    item = ()  # type: ignore[assignment]
-                if item is None:
-                    alive -= 1
-                elif item:
-                    st, spans = item
-                    for it in st.builder.add(spans):
-                        self._on_iteration(st, it)
+                    pid, spans = 0, []
+                if spans is None:
+                    self._lost_target(pid)
+                elif spans:
+                    self.engine.add_spans(pid, spans)
                 now = time.monotonic()
-                if self.on_snapshot is not None and now - last_snapshot >= \
-                        self.snapshot_interval_s:
-                    last_snapshot = now
-                    self.sketches.tick()
-                    self.on_snapshot(self.sketches.snapshot(span_s=10))
+                if self.match is not None and now - last_rescan >= RESCAN_S:
+                    last_rescan = now
+                    self._rescan()
+                if self.telemetry and self.on_view is not None:
+                    if telemetry_task is not None and telemetry_task.done():
+                        if telemetry_task.exception() is None:
+                            self.engine.set_telemetry(telemetry_task.result())
+                        telemetry_task = None
+                    if telemetry_task is None and now - last_telemetry >= TELEMETRY_S:
+                        last_telemetry = now
+                        telemetry_task = loop.run_in_executor(None, self._sample_telemetry)
+                if now - last_view >= self.snapshot_interval_s and (
+                        self.on_view is not None or self.on_snapshot is not None):
+                    last_view = now
+                    self._publish_views()
         finally:
             for task in pumps:
                 task.cancel()
             for task in pumps:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if telemetry_task is not None:
+                with contextlib.suppress(Exception):
+                    await telemetry_task
 
-    # ------------------------------------------------------------------ per iteration
-    def _on_iteration(self, st: _TargetState, it: Iteration) -> None:
-        device, phase = it.device, it.phase
-        for stage, ns in it.stages.items():
-            self.sketches.add(SeriesKey(stage, device, phase), it.end_ns, ns / 1e6)
-        self.sketches.add(SeriesKey(ITERATION, device, phase), it.end_ns, it.latency_ms)
-        shares = {stage: it.share(stage) for stage in it.stages}
-        st.recent_shares.append(shares)
-        verdict = None
-        if phase == "decode":
-            det = st.detectors.get(phase)
-            if det is None:
-                det = st.detectors[phase] = Detector(rule=self.rule, warmup=self.warmup,
-                                                     auto_fit=False)
-            verdict = det.observe(it.end_ns, it.latency_ms, workload_of(it))
-            if det.needs_fit and phase not in st.fitting:
-                self._fit_in_background(st, phase, det)
-            if verdict is not None and not verdict.firing:
-                st.normal_shares.append(shares)
-            if verdict is not None and verdict.transition is not None:
-                self._alert(st, it, verdict)
-        if self.on_observation is not None:
-            self.on_observation(Observation(it, verdict))
+    def _lost_target(self, pid: int) -> None:
+        att = self._attached.get(pid)
+        if att is None or att.target.alive():
+            return  # detached by the user, or a session that ended for another reason
+        att.session.close()
+        del self._attached[pid]
+        self.engine.gone(pid)
+        self.engine.notice(f"pid {pid} exited" + (
+            f"; waiting for a process matching {self.match!r}" if self.match else ""))
 
-    def _fit_in_background(self, st: _TargetState, phase: str, det: Detector) -> None:
-        st.fitting.add(phase)
-        x, y = det.training_data()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, fit_baseline, x, y, det.rule_spec)
+    def _rescan(self) -> None:
+        assert self.match is not None
+        try:
+            candidates = find_targets(self.match)
+        except (ProbeError, OSError):
+            return
+        for target in candidates:
+            if target.pid in self._attached:
+                continue
+            if self.attach(target.pid) is None:
+                self.engine.notice(f"re-attached to pid {target.pid} ({target.name})")
 
-        def done(fut: asyncio.Future[Any]) -> None:
-            st.fitting.discard(phase)
-            if not fut.cancelled() and fut.exception() is None:
-                det.install(fut.result())
+    def _publish_views(self) -> None:
+        now_t = time.monotonic()
+        for pid, att in self._attached.items():
+            hits = dict(att.session.kernel_hits())
+            delta = {p: n - att.prev_hits.get(p, 0) for p, n in hits.items()}
+            dt = max(1e-3, now_t - att.prev_t)
+            att.prev_hits, att.prev_t = hits, now_t
+            self.engine.set_probe_status(
+                pid, _probe_statuses(att.placements, delta, dt),
+                hits_per_s=sum(delta.values()) / dt, lost=att.session.dropped(),
+                overhead_pct=self._overhead_pct(att, delta, dt))
+        if self.on_view is not None:
+            view = self.engine.view()
+            self.on_view(view)
+            if self.on_snapshot is not None:
+                snap = view.snapshot(10.0)
+                if snap is not None:
+                    self.on_snapshot(snap)
+        elif self.on_snapshot is not None:
+            self.engine.sketches.tick()
+            self.on_snapshot(self.engine.sketches.snapshot(span_s=10))
 
-        future.add_done_callback(done)
+    def _overhead_pct(self, att: _Attached, delta: dict[str, int], dt: float) -> float | None:
+        """CPU share the probes cost the target: Σ hits/s × measured cost per hit."""
+        if self.costs is None:
+            return None
+        ns = 0.0
+        for placement in att.placements:
+            for site in placement.sites:
+                n = delta.get(site.probe, 0)
+                calls = n / 2 if site.ret else n
+                ns += calls * self.costs.site_cost_ns(site.site, site.ret)
+        return 100.0 * ns / (dt * 1e9)
 
-    def _alert(self, st: _TargetState, it: Iteration, v: Verdict) -> None:
-        now = self.clock()
-        key = f"{self.host}/{st.target.pid}/{it.device}/{it.phase}/iteration"
-        fingerprint = uuid.uuid5(uuid.NAMESPACE_URL, key).hex[:16]
-        if v.transition == "firing":
-            st.firing_since[key] = it.end_ns
-        started = st.firing_since.get(key, it.end_ns)
-        suspects = tuple(
-            {"stage": s.stage, "device": s.device or it.device, "metric": s.metric,
-             "score": round(s.score, 4), "delta_share": round(s.delta_share, 4)}
-            for s in rank_suspects(list(st.normal_shares), list(st.recent_shares), top=3)
-        ) if len(st.normal_shares) >= 20 else ()
-        top = f"; top suspect: {suspects[0]['stage']}" if suspects else ""
-        summary = (f"{it.phase} iterations of pid {st.target.pid} on {it.device} take "
-                   f"{v.observed_ms:.1f} ms where the workload predicts "
-                   f"{v.predicted_ms:.1f} ms (smoothed error {v.smoothed:.0%} > "
-                   f"UCL {v.ucl:.0%}){top}" if v.transition == "firing" else
-                   f"{it.phase} iterations of pid {st.target.pid} on {it.device} are back "
-                   f"within the workload's prediction")
-        alert = AlertEvent(
-            id=uuid.uuid4().hex, fingerprint=fingerprint, status=str(v.transition),
-            severity="critical" if v.smoothed > 2 * v.ucl else "error", host=self.host,
-            target={"pid": st.target.pid, "name": st.target.name}, device=it.device,
-            stage=ITERATION, phase=it.phase, observed_ms=round(v.observed_ms, 4),
-            predicted_ms=round(v.predicted_ms, 4), error=round(v.smoothed, 4),
-            ucl=round(v.ucl, 4), window=10, started_at_ns=started, detected_at_ns=now,
-            iteration_end_ns=it.end_ns, suspects=suspects, summary=summary)
-        if v.transition == "resolved":
-            st.firing_since.pop(key, None)
-        self.alerts.append(alert)
-        for sink in self.sinks:
-            sink.emit(alert)
+    def _sample_telemetry(self) -> list[TelemetryValue]:
+        """Host and per-process figures (runs in an executor; failures are values)."""
+        out: list[TelemetryValue] = []
+        host = self._host_sampler.sample()
+        for metric, reading in host.readings().items():
+            out.append(_value("host", metric, reading))
+        for pid in list(self._attached):
+            sampler = self._proc_samplers.get(pid)
+            if sampler is None:
+                sampler = self._proc_samplers[pid] = ProcSampler(pid)
+            sample = sampler.sample()
+            for metric, reading in sample.readings().items():
+                out.append(_value(f"pid {pid}", metric, reading))
+        return out
 
+
+def _value(device: str, metric: str, reading: Reading) -> TelemetryValue:
+    return TelemetryValue(device, metric, reading.value, reading.unit, reading.reason)
+
+
+def _probe_statuses(placements: Sequence[Placement], hits: dict[str, int],
+                    dt: float = 1.0) -> tuple[ProbeStatus, ...]:
+    """One status per probe decision: attached with its hit rate, or why not."""
+    out = []
+    for placement in placements:
+        for d in placement.decisions:
+            if d.status == "resolved":
+                out.append(ProbeStatus(d.probe, d.stage, "attached",
+                                       d.sites[0].library if d.sites else "",
+                                       hits_per_s=hits.get(d.probe, 0) / dt if dt else 0.0))
+            else:
+                out.append(ProbeStatus(d.probe, d.stage, d.status, reason=d.reason))
+    return tuple(out)

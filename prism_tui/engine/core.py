@@ -1,0 +1,432 @@
+"""The engine proper: spans → iterations → sketches, detection, SLOs, alerts and views.
+
+It does no I/O of its own: :class:`~prism_tui.engine.runtime.Monitor` feeds it spans from
+live uprobe sessions, and tests (or a replay) feed it recorded spans with a fixed clock.
+Baseline models are fitted in the running loop's executor (inline when there is no loop,
+so a replay is deterministic). Every detector or SLO transition becomes an
+:class:`AlertEvent` handed to every sink on the iteration that crossed the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from prism_tui.engine.detector import Detector, SloRule, Verdict, Workload, fit_baseline
+from prism_tui.engine.iterations import Derived, Iteration, IterationBuilder, SpanLike
+from prism_tui.engine.rca import rank_suspects
+from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
+from prism_tui.engine.view import (
+    WINDOWS_S,
+    AlertRecord,
+    DeliveryStatus,
+    DetectorPoint,
+    DetectorState,
+    EngineView,
+    IterationBar,
+    ProbeStatus,
+    SloStatus,
+    TargetStatus,
+    TelemetryValue,
+    frozen_snapshots,
+)
+
+BASELINE_SHARES = 300  # normal iterations kept for root-cause comparison
+ANOMALY_SHARES = 10
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """One alert state change, as the engine emits it (DESIGN.md §4.2 fields)."""
+
+    id: str
+    fingerprint: str
+    status: str  # "firing" | "resolved"
+    severity: str
+    host: str
+    target: dict[str, Any]
+    device: str
+    stage: str
+    phase: str
+    observed_ms: float
+    predicted_ms: float | None
+    error: float
+    ucl: float
+    window: int
+    started_at_ns: int
+    detected_at_ns: int
+    iteration_end_ns: int
+    suspects: tuple[dict[str, Any], ...]
+    summary: str
+    source: str = "detector"
+    """``detector`` (workload-aware baseline) or ``slo`` (a configured objective)."""
+    wall_time: float = 0.0
+    """Epoch seconds at detection (for RFC 3339 fields and the dashboard's clock)."""
+
+    @property
+    def alert_latency_ms(self) -> float:
+        """From the anomalous iteration's end to detection (CLOCK_MONOTONIC)."""
+        return (self.detected_at_ns - self.iteration_end_ns) / 1e6
+
+
+class AlertSink(Protocol):
+    """Where alerts go (stdout JSON lines, MQTT, history...). Must not block."""
+
+    def emit(self, alert: AlertEvent) -> None:
+        """Take one alert state change."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One iteration with the detector's verdict on it (None during warm-up)."""
+
+    iteration: Iteration
+    verdict: Verdict | None
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    """A configured objective: ``rule`` like ``decode p99 <= 60ms over 10s`` on ``stage``."""
+
+    rule: str
+    stage: str = ITERATION
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """Its name, or the rule text with the stage."""
+        return self.name or (self.rule if self.stage == ITERATION else
+                             f"{self.stage}: {self.rule}")
+
+
+def workload_of(it: Iteration) -> Workload:
+    """What the detector regresses on, from the iteration's captured arguments.
+
+    Sequences come from the device-to-host copy of sampled tokens (8 bytes each) and
+    tokens from the host-to-device copy of input ids; per-sequence context length is not
+    visible in these arguments, so only the batch enters the baseline today.
+    """
+    batch = it.features.get("d2h_bytes", 0.0) / 8
+    return Workload(batch_size=batch, avg_input=0.0, avg_output=0.0)
+
+
+@dataclass
+class _Watched:
+    pid: int
+    name: str
+    profile: str
+    device: str
+    builder: IterationBuilder
+    state: str = "attached"
+    probes: tuple[ProbeStatus, ...] = ()
+    hits_per_s: float = 0.0
+    lost: int = 0
+    overhead_pct: float | None = None
+    detectors: dict[str, Detector] = field(default_factory=dict)
+    normal_shares: deque[dict[str, float]] = field(
+        default_factory=lambda: deque(maxlen=BASELINE_SHARES))
+    recent_shares: deque[dict[str, float]] = field(
+        default_factory=lambda: deque(maxlen=ANOMALY_SHARES))
+    fitting: set[str] = field(default_factory=set)
+    firing_since: dict[str, int] = field(default_factory=dict)
+    slos: dict[tuple[str, str], list[tuple[SloSpec, SloRule]]] = field(default_factory=dict)
+
+
+class Engine:
+    """Turns spans of watched processes into iterations, sketches, alerts and views."""
+
+    def __init__(self, *, rule: str = "paper", warmup: int = 1000,
+                 sinks: Sequence[AlertSink] = (),
+                 on_observation: Callable[[Observation], None] | None = None,
+                 on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
+                 slos: Sequence[SloSpec] = (), host: str | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 wall_clock: Callable[[], float] = time.time,
+                 keep_iterations: int = 240, keep_points: int = 600,
+                 keep_alerts: int = 200, keep_spans: int = 200_000) -> None:
+        """``clock`` is CLOCK_MONOTONIC in ns (span timestamps use it); ``wall_clock`` epoch s.
+
+        Raises ValueError when an SLO rule does not parse.
+        """
+        self.rule = rule
+        self.warmup = warmup
+        self.sinks = list(sinks)
+        self.on_observation = on_observation
+        self.on_spans = on_spans
+        self.slo_specs = tuple(slos)
+        for spec in self.slo_specs:
+            SloRule.parse(spec.rule)  # fail at start, not on the first iteration
+        self.host = host or socket.gethostname()
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.sketches = WindowedSketches(clock=clock)
+        self.alerts: list[AlertEvent] = []
+        self.iterations_seen = 0
+        self._watched: dict[int, _Watched] = {}
+        self._bars: deque[IterationBar] = deque(maxlen=keep_iterations)
+        self._points: deque[DetectorPoint] = deque(maxlen=keep_points)
+        self._records: deque[AlertRecord] = deque(maxlen=keep_alerts)
+        self._delivery_of: dict[str, str] = {}
+        self._spans: deque[SpanLike] = deque(maxlen=keep_spans)
+        self._telemetry: tuple[TelemetryValue, ...] = ()
+        self._delivery = DeliveryStatus()
+        self._notices: deque[str] = deque(maxlen=5)
+        self.history_path = ""
+
+    # ------------------------------------------------------------------ targets
+    def watch(self, pid: int, name: str, anchor: str, stage_of: Mapping[str, str], *,
+              profile: str = "", device: str = "cpu", derived: Sequence[Derived] = (),
+              probes: Sequence[ProbeStatus] = ()) -> None:
+        """Start (or restart) following process ``pid`` whose iterations end at ``anchor``."""
+        builder = IterationBuilder(pid, anchor, stage_of, device=device, derived=derived)
+        self._watched[pid] = _Watched(pid, name, profile, device, builder, probes=tuple(probes))
+
+    def gone(self, pid: int) -> None:
+        """Mark a watched process as exited (it stays in the view, greyed)."""
+        if pid in self._watched:
+            self._watched[pid].state = "gone"
+            self._watched[pid].hits_per_s = 0.0
+
+    def forget(self, pid: int) -> None:
+        """Stop showing a process (detached by the user)."""
+        self._watched.pop(pid, None)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Processes being watched (attached or gone)."""
+        return tuple(self._watched)
+
+    def set_probe_status(self, pid: int, probes: Sequence[ProbeStatus], *,
+                         hits_per_s: float, lost: int, overhead_pct: float | None) -> None:
+        """Record the probe health of ``pid`` for the header (Monitor calls it each view)."""
+        w = self._watched.get(pid)
+        if w is not None:
+            w.probes, w.hits_per_s, w.lost, w.overhead_pct = (tuple(probes), hits_per_s,
+                                                              lost, overhead_pct)
+
+    def set_telemetry(self, values: Iterable[TelemetryValue]) -> None:
+        """Replace the telemetry shown (sampled elsewhere, once a second)."""
+        self._telemetry = tuple(values)
+
+    def set_delivery(self, status: DeliveryStatus) -> None:
+        """Replace the alert path status (broker and outbox)."""
+        self._delivery = status
+
+    def mark_delivery(self, alert_id: str, state: str) -> None:
+        """Record what became of one alert (``queued`` → ``sent``)."""
+        self._delivery_of[alert_id] = state
+
+    def notice(self, line: str) -> None:
+        """A short line for the dashboard's status bar."""
+        self._notices.append(line)
+
+    # ------------------------------------------------------------------ spans
+    def add_spans(self, pid: int, spans: Sequence[SpanLike]) -> list[Iteration]:
+        """Feed spans of ``pid``; returns the iterations they completed."""
+        w = self._watched.get(pid)
+        if w is None:
+            return []
+        self._spans.extend(spans)
+        if self.on_spans is not None:
+            self.on_spans(spans)
+        done = w.builder.add(spans)
+        for it in done:
+            self._on_iteration(w, it)
+        return done
+
+    def recent_spans(self, seconds: float) -> list[SpanLike]:
+        """Spans that ended in the last ``seconds`` (for a trace export)."""
+        horizon = self.clock() - int(seconds * 1e9)
+        return [s for s in self._spans if s.end_ns >= horizon]
+
+    def _on_iteration(self, w: _Watched, it: Iteration) -> None:
+        self.iterations_seen += 1
+        device, phase = it.device, it.phase
+        for stage, ns in it.stages.items():
+            self.sketches.add(SeriesKey(stage, device, phase), it.end_ns, ns / 1e6)
+        self.sketches.add(SeriesKey(ITERATION, device, phase), it.end_ns, it.latency_ms)
+        shares = {stage: it.share(stage) for stage in it.stages}
+        workload = workload_of(it)
+        self._bars.append(IterationBar(it.pid, device, phase, it.end_ns, it.latency_ms,
+                                       tuple(sorted(shares.items())), workload.batch_size))
+        w.recent_shares.append(shares)
+        verdict = None
+        if phase == "decode":
+            det = w.detectors.get(phase)
+            if det is None:
+                det = w.detectors[phase] = Detector(rule=self.rule, warmup=self.warmup,
+                                                    auto_fit=False)
+            verdict = det.observe(it.end_ns, it.latency_ms, workload)
+            if phase not in w.fitting and (det.needs_fit or det.refit_due):
+                self._fit(w, phase, det, refit=not det.needs_fit)
+            if verdict is not None:
+                self._points.append(DetectorPoint(
+                    it.pid, device, phase, it.end_ns, verdict.observed_ms,
+                    verdict.predicted_ms, verdict.smoothed, verdict.ucl, verdict.firing))
+                if not verdict.firing:
+                    w.normal_shares.append(shares)
+                if verdict.transition is not None:
+                    self._detector_alert(w, it, verdict)
+        self._check_slos(w, it)
+        if self.on_observation is not None:
+            self.on_observation(Observation(it, verdict))
+
+    def _fit(self, w: _Watched, phase: str, det: Detector, *, refit: bool) -> None:
+        """Fit in the running loop's executor, or inline when there is no loop."""
+        x, y = det.recent_training_data() if refit else det.training_data()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            det.install(fit_baseline(x, y, det.rule_spec))
+            return
+        w.fitting.add(phase)
+        future = loop.run_in_executor(None, fit_baseline, x, y, det.rule_spec)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            w.fitting.discard(phase)
+            if not fut.cancelled() and fut.exception() is None:
+                det.install(fut.result())
+                if refit:
+                    self.notice(f"pid {w.pid}: {phase} baseline refitted on recent "
+                                f"non-alerting iterations")
+
+        future.add_done_callback(done)
+
+    # ------------------------------------------------------------------ alerts
+    def _suspects(self, w: _Watched, device: str) -> tuple[dict[str, Any], ...]:
+        if len(w.normal_shares) < 20:
+            return ()
+        return tuple(
+            {"stage": s.stage, "device": s.device or device, "metric": s.metric,
+             "score": round(s.score, 4), "delta_share": round(s.delta_share, 4)}
+            for s in rank_suspects(list(w.normal_shares), list(w.recent_shares), top=3))
+
+    def _emit(self, alert: AlertEvent) -> None:
+        self.alerts.append(alert)
+        self._records.append(AlertRecord(
+            alert.id, alert.fingerprint, alert.status, alert.severity, alert.source,
+            int(alert.target.get("pid", 0)), alert.device, alert.stage, alert.phase,
+            alert.observed_ms, alert.predicted_ms, alert.error, alert.ucl,
+            alert.detected_at_ns, alert.wall_time, alert.summary, alert.suspects))
+        for sink in self.sinks:
+            sink.emit(alert)
+
+    def _fingerprint(self, *parts: object) -> str:
+        key = "/".join(str(p) for p in (self.host, *parts))
+        return uuid.uuid5(uuid.NAMESPACE_URL, key).hex[:16]
+
+    def _detector_alert(self, w: _Watched, it: Iteration, v: Verdict) -> None:
+        now = self.clock()
+        key = f"{it.device}/{it.phase}/{ITERATION}"
+        if v.transition == "firing":
+            w.firing_since[key] = it.end_ns
+        started = w.firing_since.get(key, it.end_ns)
+        suspects = self._suspects(w, it.device)
+        top = f"; top suspect: {suspects[0]['stage']}" if suspects else ""
+        where = f"{it.phase} iterations of pid {w.pid} on {it.device}"
+        summary = (f"{where} take {v.observed_ms:.1f} ms where the workload predicts "
+                   f"{v.predicted_ms:.1f} ms (smoothed error {v.smoothed:.0%} > "
+                   f"UCL {v.ucl:.0%}){top}" if v.transition == "firing" else
+                   f"{where} are back within the workload's prediction")
+        if v.transition == "resolved":
+            w.firing_since.pop(key, None)
+        self._emit(AlertEvent(
+            id=uuid.uuid4().hex, fingerprint=self._fingerprint(w.pid, key),
+            status=str(v.transition),
+            severity="critical" if v.smoothed > 2 * v.ucl else "error", host=self.host,
+            target={"pid": w.pid, "name": w.name}, device=it.device, stage=ITERATION,
+            phase=it.phase, observed_ms=round(v.observed_ms, 4),
+            predicted_ms=round(v.predicted_ms, 4), error=round(v.smoothed, 4),
+            ucl=round(v.ucl, 4), window=10, started_at_ns=started, detected_at_ns=now,
+            iteration_end_ns=it.end_ns, suspects=suspects, summary=summary,
+            wall_time=self.wall_clock()))
+
+    def _check_slos(self, w: _Watched, it: Iteration) -> None:
+        if not self.slo_specs:
+            return
+        rules = w.slos.get((it.device, it.phase))
+        if rules is None:
+            rules = w.slos[(it.device, it.phase)] = [
+                (spec, SloRule.parse(spec.rule)) for spec in self.slo_specs]
+        for spec, rule in rules:
+            if rule.phase is not None and rule.phase != it.phase:
+                continue
+            value = (it.latency_ms if spec.stage == ITERATION else
+                     it.stages.get(spec.stage, 0) / 1e6)
+            transition = rule.observe(it.end_ns, value)
+            if transition is None:
+                continue
+            stat = rule.value() or 0.0
+            key = f"{it.device}/{it.phase}/{spec.stage}/slo/{spec.label}"
+            if transition == "firing":
+                w.firing_since[key] = it.end_ns
+            started = w.firing_since.pop(key, it.end_ns) if transition == "resolved" else \
+                w.firing_since.get(key, it.end_ns)
+            summary = (f"SLO '{spec.label}' breached on pid {w.pid} {it.device}: "
+                       f"{rule.stat} {stat:.1f} ms > {rule.threshold_ms:g} ms"
+                       if transition == "firing" else
+                       f"SLO '{spec.label}' holds again on pid {w.pid} {it.device}")
+            self._emit(AlertEvent(
+                id=uuid.uuid4().hex, fingerprint=self._fingerprint(w.pid, key),
+                status=transition, severity="warning", host=self.host,
+                target={"pid": w.pid, "name": w.name}, device=it.device, stage=spec.stage,
+                phase=it.phase, observed_ms=round(stat, 4), predicted_ms=None,
+                error=round(stat / rule.threshold_ms - 1, 4), ucl=0.0,
+                window=int(rule.window_s), started_at_ns=started,
+                detected_at_ns=self.clock(), iteration_end_ns=it.end_ns,
+                suspects=self._suspects(w, it.device) if transition == "firing" else (),
+                summary=summary, source="slo", wall_time=self.wall_clock()))
+
+    # ------------------------------------------------------------------ views
+    def snapshots(self, now_ns: int | None = None) -> dict[float, Snapshot]:
+        """One sketch snapshot per dashboard window (closing finished 1-s windows first)."""
+        self.sketches.tick(now_ns)
+        return {span: self.sketches.snapshot(now_ns, span_s=span) for span in WINDOWS_S}
+
+    def view(self, now_ns: int | None = None) -> EngineView:
+        """An immutable view of everything the dashboard draws."""
+        now = self.clock() if now_ns is None else now_ns
+        snaps = self.snapshots(now)
+        targets = tuple(TargetStatus(w.pid, w.name, w.profile, w.device, w.state, w.probes,
+                                     w.hits_per_s, w.lost, w.overhead_pct)
+                        for w in self._watched.values())
+        detectors = []
+        slos = []
+        for w in self._watched.values():
+            for phase, det in w.detectors.items():
+                state = "live" if det.fitted else ("fitting" if det.needs_fit else "warming")
+                progress = det.warmup if det.fitted else len(det.training_data()[1])
+                detectors.append(DetectorState(w.pid, w.device, phase, state, progress,
+                                               det.warmup, det.firing))
+            for (device, phase), rules in sorted(w.slos.items()):
+                for spec, rule in rules:
+                    if rule.phase is not None and rule.phase != phase:
+                        continue
+                    slos.append(SloStatus(f"{spec.label} ({device})", spec.stage,
+                                          _quantile_of(rule.stat), rule.threshold_ms,
+                                          rule.window_s, rule.value(), rule.violated))
+        records = tuple(
+            r if r.id not in self._delivery_of else
+            replace(r, delivery=self._delivery_of[r.id])
+            for r in self._records)
+        return EngineView(
+            now_ns=now, host=self.host, targets=targets,
+            snapshots=frozen_snapshots(snaps), iterations=tuple(self._bars),
+            detector=tuple(self._points), detectors=tuple(detectors), alerts=records,
+            telemetry=self._telemetry, delivery=self._delivery, slos=tuple(slos),
+            history_path=self.history_path, notices=tuple(self._notices))
+
+
+def _quantile_of(stat: str) -> float:
+    """0.99 for ``p99``; 1.0 for ``max``; 0.5 for ``mean`` (shown as an average)."""
+    if stat == "max":
+        return 1.0
+    if stat.startswith("p"):
+        return float(stat[1:]) / 100
+    return 0.5

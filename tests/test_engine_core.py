@@ -1,0 +1,164 @@
+"""The engine replaying 14 s of the simulator recorded through real uprobes (fixed clock).
+
+``tests/data/sim_spans.jsonl.gz`` was recorded by ``tests/data/record_sim.py``: two ranks,
+rank 1's device slowed to half speed from the 8th second for 4 s (the slow rank holds its
+peer in the all-reduce, so both ranks' iterations slow down).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from prism_tui.engine.core import AlertEvent, Engine, SloSpec
+from prism_tui.engine.recording import (
+    RecordedProcess,
+    RecordedSpan,
+    RecordingError,
+    ReplayClock,
+    load_spans,
+    replay,
+    save_spans,
+)
+from prism_tui.engine.sketches import ITERATION
+from prism_tui.engine.trace_export import chrome_trace, write_chrome_trace
+from prism_tui.engine.view import WINDOWS_S
+
+RECORDING = Path(__file__).resolve().parent / "data" / "sim_spans.jsonl.gz"
+WALL = 1_790_000_000.0
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.alerts: list[AlertEvent] = []
+
+    def emit(self, alert: AlertEvent) -> None:
+        self.alerts.append(alert)
+
+
+def run(slos: tuple[SloSpec, ...] = (), views_every: int = 0) -> tuple[
+        Engine, ListSink, int, list[RecordedProcess], list[object]]:
+    procs, spans = load_spans(str(RECORDING))
+    t0 = spans[0].start_ns
+    clock = ReplayClock(t0)
+    sink = ListSink()
+    engine = Engine(rule="prism", warmup=150, sinks=[sink], slos=slos, clock=clock,
+                    wall_clock=lambda: WALL, host="replay")
+    views: list[object] = []
+    calls = [0]
+
+    def every(now_ns: int) -> None:
+        calls[0] += 1
+        if views_every and calls[0] % views_every == 0:
+            views.append(engine.view(now_ns))
+
+    replay(engine, clock, procs, spans, every=every)
+    return engine, sink, t0, procs, views
+
+
+def test_the_slowed_rank_fires_during_the_fault_and_resolves_after_it() -> None:
+    engine, sink, t0, procs, _ = run()
+    assert engine.iterations_seen > 1500
+    slow = procs[1].pid
+
+    def at(a: AlertEvent) -> float:
+        return (a.iteration_end_ns - t0) / 1e9
+
+    fired = [at(a) for a in sink.alerts if a.status == "firing" and a.target["pid"] == slow]
+    resolved = [at(a) for a in sink.alerts if a.status == "resolved"
+                and a.target["pid"] == slow]
+    assert any(7.0 <= t <= 9.5 for t in fired), sink.alerts
+    assert any(11.0 <= t <= 13.5 for t in resolved), sink.alerts
+    for a in sink.alerts:
+        assert a.source == "detector" and a.stage == ITERATION and a.phase == "decode"
+        assert a.iteration_end_ns <= a.detected_at_ns and a.wall_time == WALL
+        assert a.predicted_ms is not None and a.predicted_ms > 0
+    # one series per target, device and phase: firing and resolved share a fingerprint
+    assert len({a.fingerprint for a in sink.alerts}) == len(procs)
+
+
+def test_views_are_immutable_and_stages_never_exceed_the_iteration() -> None:
+    engine, _, _, procs, views = run(views_every=50)
+    assert len(views) > 5
+    view = engine.view()
+    assert set(view.snapshots) == set(WINDOWS_S)
+    assert {t.pid for t in view.targets} == {p.pid for p in procs}
+    assert {d.state for d in view.detectors} == {"live"}
+    for bar in view.iterations:
+        assert sum(share for _, share in bar.shares) <= 1.0 + 1e-9
+    snap = view.snapshot(60.0)
+    assert snap is not None
+    devices = {p.device for p in procs}
+    assert set(snap.devices) == devices
+    for device in devices:
+        whole = snap.get(ITERATION, device, "decode")
+        assert whole is not None and whole.share == 1.0
+        stages = [r for r in snap.rows if r.key.device == device and r.key.phase == "decode"
+                  and r.key.stage != ITERATION]
+        assert stages and sum(r.share or 0 for r in stages) <= 1.0 + 1e-6
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.host = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        view.snapshots[10.0] = snap  # type: ignore[index]
+    # an early view kept its own data while the engine went on
+    first = views[0]
+    assert isinstance(first.iterations, tuple)
+    assert 0 < len(first.iterations) < len(view.iterations)
+    assert first.iterations[-1].end_ns < view.iterations[-1].end_ns
+    assert view.detector and all(p.ucl > 0 for p in view.detector)
+
+
+def test_a_breached_slo_fires_once_and_names_itself() -> None:
+    engine, sink, _, _, _ = run(slos=(SloSpec("decode p99 <= 15ms over 1s", name="tight"),
+                                      SloSpec("decode max <= 10s over 1s", name="loose")))
+    slo = [a for a in sink.alerts if a.source == "slo"]
+    assert slo and all("tight" in a.summary for a in slo)
+    firing = [a for a in slo if a.status == "firing"]
+    assert firing and all(a.observed_ms > 15 and a.predicted_ms is None for a in firing)
+    for fingerprint in {a.fingerprint for a in slo}:
+        states = [a.status for a in slo if a.fingerprint == fingerprint]
+        assert all(x != y for x, y in itertools.pairwise(states))  # alternates
+    names = {s.name for s in engine.view().slos}
+    assert any(n.startswith("tight") for n in names) and any(n.startswith("loose")
+                                                             for n in names)
+
+
+def test_a_bad_slo_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="cannot parse SLO"):
+        Engine(slos=[SloSpec("p99 under 60")])
+
+
+def test_chrome_trace_of_recent_spans(tmp_path: Path) -> None:
+    engine, _, _, procs, _ = run()
+    spans = engine.recent_spans(2.0)
+    assert spans
+    path = write_chrome_trace(spans, str(tmp_path / "trace.json"), {procs[0].pid: "rank0"})
+    doc = json.loads(Path(path).read_text())
+    complete = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert len(complete) == len(spans)
+    assert all(e["dur"] >= 0 and e["ts"] > 0 for e in complete)
+    meta = [e for e in doc["traceEvents"] if e["ph"] == "M"]
+    assert any(e["args"]["name"] == f"rank0 {procs[0].pid}" for e in meta)
+    assert (tmp_path / "trace.json").stat().st_mode & 0o777 == 0o600
+    assert chrome_trace([])["traceEvents"] == []
+
+
+def test_recording_round_trip_and_a_bad_file(tmp_path: Path) -> None:
+    proc = RecordedProcess(7, "x", "cuda", "a", "cpu", {"a": "host"})
+    span = RecordedSpan("a", 7, 8, 1, 2, {"count": 3})
+    path = tmp_path / "r.jsonl.gz"
+    assert save_spans(str(path), [proc], [span]) == 1
+    procs, spans = load_spans(str(path))
+    assert procs[0].pid == 7 and spans == [span]
+    (tmp_path / "plain.txt").write_text("hello")
+    with pytest.raises(RecordingError, match=r"plain\.txt"):
+        load_spans(str(tmp_path / "plain.txt"))
+    with gzip.open(tmp_path / "cut.jsonl.gz", "wt") as fh:
+        fh.write('{"format": 1, "processes": []}\n["a", 1, 2, 3]\n')
+    with pytest.raises(RecordingError, match=":2:"):
+        load_spans(str(tmp_path / "cut.jsonl.gz"))
