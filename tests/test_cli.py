@@ -57,7 +57,8 @@ def test_trace_sleeping_python_child(python_child: Any) -> None:
     doc = json.loads(out)
     assert doc["count"] == 100
     assert doc["target_exited"] is True  # the child finished: the trace ended by itself
-    assert abs(doc["p50_ms"] - 10.0) / 10.0 < 0.05
+    # A sleep never ends early; on a loaded CI runner it may end late by scheduling delay.
+    assert 10.0 * 0.99 <= doc["p50_ms"] < 10.0 * 1.25
     for key in ("rate_hz", "p90_ms", "p99_ms", "p999_ms", "max_ms", "lost"):
         assert key in doc
     assert doc["lost"] == 0
@@ -259,9 +260,11 @@ def test_no_permission_exits_3_with_what_to_grant(python_child: Any) -> None:
 
 
 def test_trace_of_a_thread_already_running_in_the_c_target(ctarget: CTarget) -> None:
-    """pl_sleep_us(2000) in a thread started before the trace: median within 5 % of 2 ms."""
+    """pl_sleep_us(2000) in a thread started before the trace: one call per span, ~2 ms."""
     ctarget.cmd("spin_start 2000")
     doc = trace_json("--pid", str(ctarget.pid), "--probe", "ctarget:pl_sleep_us", "--ret",
                      "--duration", "1.5")
     assert doc["count"] > 100
-    assert abs(doc["p50_ms"] - 2.0) / 2.0 < 0.05
+    # Never shorter than the sleep (paired entry and return of one call), never two calls
+    # long; the upper margin is scheduling delay on a loaded 2-core runner.
+    assert 2.0 * 0.99 <= doc["p50_ms"] < 2.0 * 1.4
