@@ -39,8 +39,22 @@ from probes.uprobes import Span, UprobeSession
 
 __all__ = ["AlertEvent", "AlertSink", "Monitor", "Observation", "SloSpec", "workload_of"]
 
+INFERENCE_PATTERN = (r"vllm|sglang|llama[-_.]?(server|cpp|cli)|text-generation|tgi|"
+                     r"tritonserver|lmdeploy|trtllm|tensorrt|ollama|torchrun|prism_sim|"
+                     r"python[\d.]* .*(serve|infer|generate)")
+"""Command lines that look like inference servers (the process picker's list)."""
 RESCAN_S = 1.0
 TELEMETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A process the user may attach to."""
+
+    pid: int
+    name: str
+    cmdline: str
+    watched: bool
 
 
 @dataclass
@@ -165,6 +179,19 @@ class Monitor:
             out.append(RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
                                        self.device_of(pid), stage_of))
         return out
+
+    def candidates(self, pattern: str = INFERENCE_PATTERN) -> list[Candidate]:
+        """Inference-like processes for the picker, the watched ones marked."""
+        try:
+            found = find_targets(pattern)
+        except (ProbeError, OSError):
+            found = []
+        out = [Candidate(t.pid, t.name, " ".join(t.cmdline)[:200], t.pid in self._attached)
+               for t in found]
+        seen = {c.pid for c in out}
+        out += [Candidate(pid, a.target.name, "", True) for pid, a in self._attached.items()
+                if pid not in seen]
+        return sorted(out, key=lambda c: (not c.watched, c.pid))
 
     def export_trace(self, seconds: float, path: str) -> str:
         """Write the last ``seconds`` of spans as a Chrome/Perfetto trace; returns the path."""

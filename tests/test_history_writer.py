@@ -1,0 +1,70 @@
+"""The history writer: a replayed recording flows into a real SQLite file and back out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from prism_tui.engine.core import Engine, SloSpec
+from prism_tui.engine.recording import ReplayClock, load_spans, replay
+from prism_tui.history import HistoryStore
+from prism_tui.history.query import history_report_async
+from prism_tui.history.writer import HistoryWriter
+
+pytestmark = pytest.mark.anyio
+RECORDING = Path(__file__).resolve().parent / "data" / "sim_spans.jsonl.gz"
+
+
+async def test_replayed_iterations_windows_and_alerts_reach_the_history(tmp_path: Path) -> None:
+    procs, spans = load_spans(str(RECORDING))
+    clock = ReplayClock(spans[0].start_ns)
+    engine = Engine(rule="prism", warmup=150, clock=clock,
+                    slos=[SloSpec("decode p99 <= 15ms over 1s")])
+    db = tmp_path / "history.sqlite"
+    async with HistoryStore(db, mono_clock=clock) as store:
+        writer = HistoryWriter(store, engine.sketches)
+        engine.sinks.append(writer)
+        engine.on_observation = writer.observe
+        replay(engine, clock, procs, spans)
+        engine.sketches.flush()
+        await writer.flush()
+        counts = await store.counts()
+        assert writer.last_error == ""
+        assert counts["iterations"] == engine.iterations_seen
+        assert counts["alerts"] == len(engine.alerts) > 0
+        assert counts["windows"] == writer.written["windows"] > 0
+        # a second flush writes nothing twice
+        await writer.flush()
+        assert await store.counts() == counts
+    assert os.stat(db).st_mode & 0o777 == 0o600
+    report = await history_report_async(db, since="1d", stage="iteration")
+    assert report["series"] and report["alerts"]
+    total = report["series"][0]["total"]
+    assert total["count"] > 0 and 5 < total["p50"] < 50
+
+
+async def test_a_broken_database_is_a_value_and_nothing_is_dropped(tmp_path: Path) -> None:
+    procs, spans = load_spans(str(RECORDING))
+    clock = ReplayClock(spans[0].start_ns)
+    engine = Engine(rule="prism", warmup=150, clock=clock)
+    db = tmp_path / "history.sqlite"
+    store = await HistoryStore(db, mono_clock=clock).open()
+    writer = HistoryWriter(store, engine.sketches)
+    engine.on_observation = writer.observe
+    replay(engine, clock, procs, spans[: len(spans) // 2])
+    await store.close()  # the connection is gone: writes fail
+    await writer.flush()
+    assert writer.last_error.startswith("history:")
+    queued = len(writer._iterations)
+    assert queued == engine.iterations_seen  # kept for the next flush
+    async with HistoryStore(db, mono_clock=clock) as again:
+        writer.store = again
+        await writer.flush()
+        assert writer.last_error == ""
+        assert (await again.counts())["iterations"] == queued
+    stop = asyncio.Event()
+    stop.set()
+    await writer.run(stop)  # returns after one last flush
