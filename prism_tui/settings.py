@@ -86,7 +86,8 @@ class EngineSettings:
         window_s: sketch window shown by the dashboard, in seconds.
         snapshot_hz: snapshots per second handed to the UI.
         slo: latency objectives like ``"decode p99 <= 60ms over 10s"``.
-        escalation_s: how long an alert may fire before its severity is raised.
+        escalation_s: how long the deeper (deepdive-level) probes stay attached after an
+            alert fires (0: never escalate).
     """
 
     warmup_iterations: int = 1000

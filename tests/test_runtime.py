@@ -83,8 +83,9 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
         targets = [Target(pid) for pid in server.rank_pids.values()]
         with Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
                      rule="prism", warmup=500, sinks=[sink],
-                     on_observation=on_observation) as monitor:
+                     on_observation=on_observation, escalation_s=3) as monitor:
             asyncio.run(monitor.run(32))
+            deep_series = [k for k in monitor.engine.sketches.keys() if k.phase == "deepdive"]
         stop.set()
         runner.join(10)
     labels = read_labels(labels_path)
@@ -115,6 +116,11 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
         assert alert.observed_ms > 0 and alert.predicted_ms > 0 and alert.summary
     resolved = [a for a in sink.alerts if a.status == "resolved"]
     assert {a.fingerprint for a in resolved} <= {a.fingerprint for a in firing}
+    # DeepDive: a firing alert attached the deeper probes (kernel launches) for 3 s
+    attached = [e for e in monitor.escalations if e[0] == "attached"]
+    assert attached and all(n > 0 for _, _, n in attached), monitor.escalations
+    assert len([e for e in monitor.escalations if e[0] == "detached"]) == len(attached)
+    assert any(k.stage == "launch" for k in deep_series), deep_series
 
 
 def test_prism_eval_prints_the_scores(tmp_path: Path) -> None:

@@ -240,6 +240,25 @@ class Engine:
             self._on_iteration(w, it)
         return done
 
+    def add_deepdive_spans(self, pid: int, spans: Sequence[SpanLike],
+                           stage_of: Mapping[str, str]) -> None:
+        """Spans of the deeper probes attached while an alert fires (DeepDive).
+
+        They are kept for the trace export and sketched per call under phase
+        ``deepdive``, but not cut into iterations: the sentinel stages stay comparable
+        with the baseline window the root-cause scores use.
+        """
+        w = self._watched.get(pid)
+        if w is None:
+            return
+        self._spans.extend(spans)
+        if self.on_spans is not None:
+            self.on_spans(spans)
+        for s in spans:
+            stage = stage_of.get(s.probe, s.probe)
+            self.sketches.add(SeriesKey(stage, w.device, "deepdive"), s.end_ns,
+                              (s.end_ns - s.start_ns) / 1e6)
+
     def recent_spans(self, seconds: float) -> list[SpanLike]:
         """Spans that ended in the last ``seconds`` (for a trace export)."""
         horizon = self.clock() - int(seconds * 1e9)

@@ -58,6 +58,25 @@ class Candidate:
 
 
 @dataclass
+class _DeepDive:
+    session: UprobeSession
+    stage_of: dict[str, str]
+    until: float
+    task: asyncio.Task[None] | None = None
+
+
+class _EscalationSink:
+    """Turns a firing detector alert into a DeepDive request (see :meth:`Monitor.escalate`)."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def emit(self, alert: AlertEvent) -> None:
+        if alert.status == "firing":
+            self.monitor.request_escalation(int(alert.target.get("pid", 0)))
+
+
+@dataclass
 class _Attached:
     target: Target
     session: UprobeSession
@@ -79,7 +98,8 @@ class Monitor:
                  snapshot_interval_s: float = 0.5, device_of: Callable[[int], str] | None = None,
                  mode: str = "auto", clock: Callable[[], int] = time.monotonic_ns,
                  slos: Sequence[SloSpec] = (), match: str | None = None,
-                 costs: HitCosts | None = None, telemetry: bool = True) -> None:
+                 costs: HitCosts | None = None, telemetry: bool = True,
+                 escalation_s: float = 30.0) -> None:
         """Attach the sentinel probes of ``profile`` (which names the iteration anchor and
         derived features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to
         every target; raises a ProbeError subclass when a probe cannot be opened."""
@@ -99,6 +119,13 @@ class Monitor:
                              on_observation=on_observation, on_spans=on_spans, slos=slos,
                              clock=clock)
         self.placements: list[Placement] = []
+        self.escalation_s = escalation_s
+        self.escalations: list[tuple[str, int, int]] = []
+        """(``attached``/``detached``/``failed``, pid, probes) in order, for reports."""
+        self._deepdives: dict[int, _DeepDive] = {}
+        self._escalate: set[int] = set()
+        if escalation_s > 0:
+            self.engine.sinks.append(_EscalationSink(self))
         self._attached: dict[int, _Attached] = {}
         self._new: asyncio.Queue[_Attached] | None = None
         self._host_sampler = HostSampler()
@@ -193,6 +220,58 @@ class Monitor:
                 if pid not in seen]
         return sorted(out, key=lambda c: (not c.watched, c.pid))
 
+    # ------------------------------------------------------------------ DeepDive
+    def request_escalation(self, pid: int) -> None:
+        """Ask for the deeper probes on ``pid`` (done on the loop's next turn)."""
+        self._escalate.add(pid)
+
+    def _start_deepdive(self, pid: int) -> None:
+        """Attach the profiles' deepdive-level probes to ``pid`` for ``escalation_s``."""
+        now = time.monotonic()
+        dd = self._deepdives.get(pid)
+        if dd is not None:
+            dd.until = now + self.escalation_s  # a new alert extends the DeepDive
+            return
+        att = self._attached.get(pid)
+        if att is None:
+            return
+        sentinel = {s.probe for p in att.placements for s in p.sites}
+        sites = [s for prof in [self.profile, *self.extra_profiles]
+                 for s in place_profile(att.target, prof, "deepdive").sites
+                 if s.probe not in sentinel]
+        if not sites:
+            self.escalations.append(("failed", pid, 0))
+            return
+        try:
+            session = UprobeSession([att.target], sites, mode=self.mode,
+                                    drain_interval_s=0.05).open()
+        except (ProbeError, OSError) as exc:
+            self.escalations.append(("failed", pid, 0))
+            self.engine.notice(f"DeepDive on pid {pid} failed: {exc}")
+            return
+        dd = self._deepdives[pid] = _DeepDive(session, {s.probe: s.stage for s in sites},
+                                              now + self.escalation_s)
+
+        async def pump() -> None:
+            async for batch in session.batches():
+                self.engine.add_deepdive_spans(pid, batch, dd.stage_of)
+
+        dd.task = asyncio.get_running_loop().create_task(pump())
+        self.escalations.append(("attached", pid, len(sites)))
+        self.engine.notice(f"DeepDive: {len(sites)} deeper probes on pid {pid} for "
+                           f"{self.escalation_s:g} s")
+
+    def _expire_deepdives(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for pid, dd in list(self._deepdives.items()):
+            if force or now >= dd.until:
+                if dd.task is not None:
+                    dd.task.cancel()
+                dd.session.close()
+                del self._deepdives[pid]
+                self.escalations.append(("detached", pid, len(dd.stage_of)))
+                self.engine.notice(f"DeepDive on pid {pid} ended")
+
     def export_trace(self, seconds: float, path: str) -> str:
         """Write the last ``seconds`` of spans as a Chrome/Perfetto trace; returns the path."""
         names = {pid: a.target.name for pid, a in self._attached.items()}
@@ -203,6 +282,9 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        for dd in self._deepdives.values():
+            dd.session.close()
+        self._deepdives.clear()
         for att in self._attached.values():
             att.session.close()
 
@@ -255,6 +337,10 @@ class Monitor:
                     self._lost_target(pid)
                 elif spans:
                     self.engine.add_spans(pid, spans)
+                while self._escalate:
+                    self._start_deepdive(self._escalate.pop())
+                if self._deepdives:
+                    self._expire_deepdives()
                 now = time.monotonic()
                 if self.match is not None and now - last_rescan >= RESCAN_S:
                     last_rescan = now
@@ -272,6 +358,7 @@ class Monitor:
                     last_view = now
                     self._publish_views()
         finally:
+            self._expire_deepdives(force=True)
             for task in pumps:
                 task.cancel()
             for task in pumps:
@@ -285,6 +372,11 @@ class Monitor:
         att = self._attached.get(pid)
         if att is None or att.target.alive():
             return  # detached by the user, or a session that ended for another reason
+        dd = self._deepdives.pop(pid, None)
+        if dd is not None:
+            if dd.task is not None:
+                dd.task.cancel()
+            dd.session.close()
         att.session.close()
         del self._attached[pid]
         self.engine.gone(pid)
