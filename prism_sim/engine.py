@@ -8,8 +8,9 @@ layer a GEMM, an attention kernel and an all-reduce, a device-to-host copy of th
 tokens, and a stream synchronisation. Rank 0 then samples and detokenises in Python.
 
 The workload reaches the runtime through call arguments, as on a real engine, so a
-monitor can recover it non-intrusively: copy sizes are ``8 × tokens`` (H2D) and
-``8 × batch`` (D2H), all-reduce counts ``tokens × hidden``. Decode latency follows
+monitor can recover it non-intrusively: copy sizes are ``8 × tokens`` (H2D input ids),
+``4 × kv_len`` (H2D KV-slot indices), ``8 × batch`` (D2H), all-reduce counts
+``tokens × hidden``. Decode latency follows
 ``a + b·B + c·B·kv_len``: weight reads (a), GEMM FLOPs per token (b) and KV-cache reads (c).
 """
 
@@ -163,6 +164,9 @@ class Rank:
         ids = self.host_prepare(plan)
         d = self.device
         d.memcpy_h2d(ids, len(ids))
+        # the attention metadata: int32 KV-cache slot indices of every sequence (FlashInfer's
+        # kv_indices with SGLang's page size of 1), so the copy grows with the context
+        d.memcpy_h2d(None, 4 * plan.kv_total)
         for gemm, attn in self.model.kernels(plan):
             # tensor parallelism all-reduces twice a layer: after attention, after the MLP
             d.launch(attn)

@@ -110,7 +110,10 @@ def test_simulator_iterations_match_its_labels(tmp_path: Path) -> None:
         [label] = [r for r in labels if r.start_ns <= it.end_ns <= r.end_ns]
         assert it.phase == label.phase
         assert it.features["d2h_bytes"] / 8 == label.batch_size  # sequences
-        assert it.features["h2d_bytes"] / 8 == label.tokens  # tokens
+        # input ids (8 bytes a token) and the KV-slot indices (4 bytes a cached token)
+        assert it.features["h2d_bytes"] == 8 * label.tokens + 4 * label.kv_len
+        assert it.features["h2d_first_bytes"] == 8 * label.tokens
+        assert it.features["kv_tokens"] == label.kv_len  # the profile's derived feature
         assert it.features["tokens"] == label.batch_size  # the profile's derived feature
         assert it.share("device_sync") > 0 and it.stages[HOST] > 0
         matched += 1

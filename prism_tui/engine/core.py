@@ -108,12 +108,16 @@ class SloSpec:
 def workload_of(it: Iteration) -> Workload:
     """What the detector regresses on, from the iteration's captured arguments.
 
-    Sequences come from the device-to-host copy of sampled tokens (8 bytes each) and
-    tokens from the host-to-device copy of input ids; per-sequence context length is not
-    visible in these arguments, so only the batch enters the baseline today.
+    Sequences come from the device-to-host copy of sampled tokens (8 bytes each); the
+    batch's total context length from the profile's ``kv_tokens`` (the attention
+    metadata copied each decode step) when the profile derives it. The reference's
+    features follow: average context per sequence as ``avg_input`` (prompt and output
+    are not told apart in these arguments), so ``kv_len`` and ``B × kv_len`` are exact.
     """
     batch = it.features.get("d2h_bytes", 0.0) / 8
-    return Workload(batch_size=batch, avg_input=0.0, avg_output=0.0)
+    kv = it.features.get("kv_tokens")
+    avg_kv = kv / batch if kv is not None and kv > 0 and batch > 0 else 0.0
+    return Workload(batch_size=batch, avg_input=avg_kv, avg_output=0.0)
 
 
 @dataclass

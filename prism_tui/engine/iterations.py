@@ -12,7 +12,8 @@ Workload features come from the arguments the probes captured, summed per iterat
 (``memcpy_async.bytes``...), with the conventions a monitor can rely on for copies
 (``h2d_bytes``, ``d2h_bytes``: kind 1 and 2 of ``cudaMemcpyKind``), then the profile's
 derived expressions (``tokens = d2h_bytes / 8``). An iteration that copies more tokens
-in than sequences out is a prefill, otherwise a decode.
+in (its first host-to-device copy, the input ids) than sequences out is a prefill,
+otherwise a decode.
 
 The builder closes an iteration as soon as its anchor span arrives, so an alert on it
 costs no batching delay; a span read after its iteration closed (another thread's ring
@@ -129,9 +130,11 @@ def exclusive_time(spans: Iterable[tuple[int, int, str]]) -> dict[str, int]:
 
 def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
                       ) -> dict[str, float]:
-    """Per-iteration features: calls and argument sums per probe, copy bytes by kind,
-    then derived expressions that resolve."""
+    """Per-iteration features: calls and argument sums per probe, copy bytes by kind
+    (and ``h2d_first_bytes``, the iteration's first host-to-device copy: engines copy
+    the input ids first), then derived expressions that resolve."""
     feats: dict[str, float] = {}
+    first_h2d: tuple[int, float] | None = None
     for s in spans:
         key = f"calls.{s.probe}"
         feats[key] = feats.get(key, 0.0) + 1
@@ -144,6 +147,10 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
             kind_name = MEMCPY_KINDS.get(int(s.args["kind"]) & 0xFFFFFFFF)
             if kind_name is not None:
                 feats[kind_name] = feats.get(kind_name, 0.0) + float(s.args["bytes"])
+                if kind_name == "h2d_bytes" and (first_h2d is None or s.start_ns < first_h2d[0]):
+                    first_h2d = (s.start_ns, float(s.args["bytes"]))
+    if first_h2d is not None:
+        feats["h2d_first_bytes"] = first_h2d[1]
     for d in derived:
         derived_value = d.evaluate(feats)
         if derived_value is not None:
@@ -152,8 +159,10 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
 
 
 def phase_of(features: Mapping[str, float]) -> str:
-    """``prefill`` when more tokens go in than sequences come out, else ``decode``."""
-    h2d, d2h = features.get("h2d_bytes"), features.get("d2h_bytes")
+    """``prefill`` when more tokens go in (the first H2D copy: input ids) than sequences
+    come out, else ``decode``."""
+    h2d = features.get("h2d_first_bytes", features.get("h2d_bytes"))
+    d2h = features.get("d2h_bytes")
     if h2d is None or d2h is None or d2h <= 0:
         return "unknown"
     return "prefill" if h2d > d2h else "decode"
