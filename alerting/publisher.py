@@ -1,0 +1,485 @@
+"""The MQTT alert publisher: QoS 1, durable outbox, reconnect with backoff, online/offline.
+
+``publish()`` runs on the engine's event loop and only appends to memory. Two tasks do the
+rest: a *writer* that stores new alerts in the outbox (in a worker thread, batched) and
+deletes acknowledged ones, and the *connection loop* (aiomqtt's documented pattern: the
+loop is outside the client, with capped exponential backoff) whose sender publishes the
+backlog in order and then new alerts as they come. An alert leaves memory only after the
+broker's PUBACK; whatever was in flight when a connection dropped is sent again first on
+the next connection (duplicates are possible, losses are not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from alerting.config import BrokerConfig, alert_topic, status_topic, summary_topic
+from alerting.outbox import Outbox
+from alerting.schema import SCHEMA_VERSION, Alert, rfc3339
+
+State = Literal["connecting", "connected", "down", "off"]
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
+"""How long to wait for CONNACK (a v3-only broker may hang up on a v5 CONNECT silently)."""
+PUBACK_TIMEOUT_S = 30.0
+WINDOW = 100
+"""Alerts in flight (sent, PUBACK not yet received) per connection."""
+MEMORY_LIMIT = 100_000
+"""Without an outbox, the most alerts kept in memory while the broker is away."""
+
+
+@dataclass(frozen=True)
+class PublisherStatus:
+    """A snapshot of the publisher for the UI and the CLI."""
+
+    state: State
+    pending: int
+    """Alerts not yet acknowledged by the broker (memory + outbox)."""
+    published: int
+    """Alerts acknowledged by the broker since start."""
+    last_error: str
+    """The last connection problem as one line ('' when none)."""
+    protocol: str
+    """``"5"`` or ``"3.1.1"`` once connected, else ''."""
+    in_flight: int = 0
+    """Of ``pending``, alerts sent on the current connection and awaiting PUBACK."""
+
+
+class _Entry:
+    """One alert on its way: its order number, outbox seq and the alert itself."""
+
+    __slots__ = ("alert", "n", "seq")
+
+    def __init__(self, n: int, alert: Alert, seq: int | None) -> None:
+        self.n, self.alert, self.seq = n, alert, seq
+
+
+class _ProtocolRefusedError(Exception):
+    """The broker does not speak the MQTT version we offered."""
+
+
+class AlertPublisher:
+    """Publishes alerts and summaries of one host to an MQTT broker, losing none.
+
+    Args:
+        config: broker URL, credentials, TLS files, topic root.
+        host: this machine's name (a topic level and the status payload).
+        outbox: the durable outbox; None keeps the backlog in memory only.
+        on_delivered: called with an alert's id when the broker acknowledged it.
+    """
+
+    def __init__(self, config: BrokerConfig, *, host: str, outbox: Outbox | None,
+                 on_delivered: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.host = host or socket.gethostname()
+        self.outbox = outbox
+        self.on_delivered = on_delivered
+        self.client_id = config.client_id or f"prism-pub-{self.host}-{os.getpid()}"
+        self._counter = itertools.count()
+        self._fresh: list[Alert] = []
+        self._backlog: deque[_Entry] = deque()
+        self._inflight: dict[int, _Entry] = {}
+        self._to_ack: list[int] = []
+        self._summaries: dict[str, bytes] = {}
+        self._work = asyncio.Event()  # fresh alerts or acks for the writer
+        self._ready = asyncio.Event()  # backlog or summaries for the sender
+        self._written = asyncio.Event()  # the writer drained _fresh
+        self._state: State = "off"
+        self._protocol = ""
+        self._published = 0
+        self._dropped = 0
+        self._last_error = ""
+        self._closed = False
+        self._client: aiomqtt.Client | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+        self._stop = asyncio.Event()  # aclose() asks the connection loop to end
+        self._done = asyncio.Event()  # run() has returned
+        self._running = False
+        self._alert_props: Properties | None = None
+
+    # ------------------------------------------------------------------ hot path
+    def publish(self, alert: Alert) -> None:
+        """Queue one alert (returns at once: no disk, no network; safe before ``run``).
+
+        After :meth:`aclose` it is ignored: stop the engine's sinks before the publisher.
+        """
+        if self._closed:
+            return
+        self._fresh.append(alert)
+        self._work.set()
+
+    def publish_summary(self, target_key: str, doc: dict[str, Any]) -> None:
+        """Send a target's summary (QoS 0, latest only; dropped while disconnected)."""
+        if self._state != "connected":
+            return
+        self._summaries[target_key] = json.dumps(doc, separators=(",", ":")).encode()
+        self._ready.set()
+
+    @property
+    def status(self) -> PublisherStatus:
+        """Connection state, backlog size, delivered count and the last error line."""
+        pending = len(self._fresh) + len(self._backlog) + len(self._inflight)
+        return PublisherStatus(self._state, pending, self._published, self._last_error,
+                               self._protocol, len(self._inflight))
+
+    @property
+    def dropped(self) -> int:
+        """Alerts dropped because no outbox was configured and memory was full."""
+        return self._dropped
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> AlertPublisher:
+        self._runner = asyncio.create_task(self.run(), name="alert-publisher")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect with backoff — until :meth:`aclose`."""
+        if self._closed or self._running:
+            return
+        self._running = True
+        self._writer_task = asyncio.create_task(self._writer(), name="alert-outbox-writer")
+        try:
+            await self._connection_loop()
+        finally:
+            self._state = "off"
+            self._protocol = ""
+            await self._stop_writer()
+            self._done.set()
+
+    async def aclose(self, flush_timeout: float = 2.0) -> None:
+        """Deliver what can be delivered within ``flush_timeout``, say offline, stop.
+
+        Alerts still unacknowledged stay in the outbox for the next run. Idempotent.
+        """
+        if self._closed:
+            return
+        runner = self._runner
+        if self._running:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + flush_timeout
+            while (self._state == "connected" and self.status.pending
+                   and loop.time() < deadline):
+                await asyncio.sleep(0.01)
+            client = self._client
+            if self._state == "connected" and client is not None:
+                with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                    await client.publish(status_topic(self.config.topic_root, self.host),
+                                         self._status_payload("offline", "stopped"), qos=1,
+                                         retain=True, timeout=1.0)
+        self._closed = True
+        self._stop.set()
+        if self._running:
+            try:  # the loop ends at its next step (at most one connect attempt away)
+                await asyncio.wait_for(self._done.wait(), CONNECT_TIMEOUT_S + 1)
+            except asyncio.TimeoutError:
+                if runner is not None:
+                    runner.cancel()
+        if runner is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        await self._stop_writer()
+        self._state = "off"
+
+    # ------------------------------------------------------------------ writer
+    async def _writer(self) -> None:
+        """Move fresh alerts to the outbox (then the backlog); delete acknowledged ones."""
+        if self.outbox is not None:
+            await self._load_backlog(self.outbox)
+        self._loaded.set()
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            await self._drain_once()
+
+    async def _drain_once(self) -> None:
+        fresh, self._fresh = self._fresh, []
+        if fresh:
+            if self.outbox is not None:
+                seqs: list[int | None] = list(
+                    await asyncio.to_thread(self.outbox.put_many, fresh))
+            else:
+                seqs = [None] * len(fresh)
+                overflow = len(self._backlog) + len(fresh) - MEMORY_LIMIT
+                if overflow > 0:  # no outbox: keep the newest, count the loss
+                    for _ in range(min(overflow, len(self._backlog))):
+                        self._backlog.popleft()
+                    fresh = fresh[-MEMORY_LIMIT:]
+                    seqs = seqs[-MEMORY_LIMIT:]
+                    self._dropped += overflow
+            for alert, seq in zip(fresh, seqs, strict=True):
+                self._backlog.append(_Entry(next(self._counter), alert, seq))
+            self._ready.set()
+        if not self._fresh:
+            self._written.set()
+        acks, self._to_ack = self._to_ack, []
+        if acks and self.outbox is not None:
+            await asyncio.to_thread(self.outbox.ack_many, acks)
+
+    async def _load_backlog(self, outbox: Outbox) -> None:
+        after = 0
+        while True:
+            rows = await asyncio.to_thread(outbox.pending, 5000, after)
+            if not rows:
+                return
+            for seq, alert in rows:
+                self._backlog.append(_Entry(next(self._counter), alert, seq))
+            after = rows[-1][0]
+            self._ready.set()
+
+    async def _stop_writer(self) -> None:
+        """Persist fresh alerts and pending acks, then stop the writer task."""
+        task, self._writer_task = self._writer_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.outbox is not None and (self._fresh or self._to_ack):
+            with contextlib.suppress(Exception):
+                await self._drain_once()
+
+    # ------------------------------------------------------------------ connection
+    def _make_client(self, protocol: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
+        c = self.config
+        _, host, port = c.endpoint
+        tls_context = _tls_context(c) if c.uses_tls else None
+        will = aiomqtt.Will(status_topic(c.topic_root, self.host),
+                            self._status_payload("offline", "connection lost"), qos=1,
+                            retain=True)
+        return aiomqtt.Client(host, port, username=c.username, password=c.password,
+                              identifier=self.client_id, protocol=protocol, will=will,
+                              keepalive=c.keepalive_s, tls_context=tls_context,
+                              timeout=CONNECT_TIMEOUT_S, max_inflight_messages=WINDOW,
+                              clean_session=(None if protocol == aiomqtt.ProtocolVersion.V5
+                                             else True))
+
+    def _status_payload(self, state: str, reason: str = "") -> bytes:
+        doc: dict[str, Any] = {"state": state, "host": self.host, "schema": SCHEMA_VERSION,
+                               "client_id": self.client_id, "pid": os.getpid(),
+                               "at": rfc3339()}
+        if reason:
+            doc["reason"] = reason
+        if self._protocol:
+            doc["protocol"] = self._protocol
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    async def _connection_loop(self) -> None:
+        interval = BACKOFF_START_S
+        v5, v311 = aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311
+        protocol = v311 if self.config.protocol == "3.1.1" else v5
+        fixed = self.config.protocol != "auto"
+        while not self._stop.is_set():
+            self._state = "connecting"
+            connected = False
+            try:
+                client = self._make_client(protocol)
+                self._client = client
+                try:
+                    async with client:
+                        connected = True
+                        self._protocol = "5" if protocol == v5 else "3.1.1"
+                        self._last_error = ""
+                        interval = BACKOFF_START_S
+                        await self._connected(client)
+                except MqttConnectError as exc:
+                    if not fixed and protocol == v5 and _protocol_refused(exc):
+                        protocol = v311
+                        raise _ProtocolRefusedError from None
+                    raise
+            except _ProtocolRefusedError:
+                self._last_error = "broker refused MQTT 5; using MQTT 3.1.1"
+                continue
+            except aiomqtt.MqttError as exc:
+                if self._stop.is_set():
+                    break
+                if not fixed and not connected and "timed out" in str(exc):
+                    # No CONNACK: some v3-only brokers (amqtt) drop a v5 CONNECT silently.
+                    protocol = v311 if protocol == v5 else v5
+                    if protocol == v311:
+                        self._last_error = "no answer to MQTT 5 CONNECT; trying MQTT 3.1.1"
+                        continue
+                self._last_error = describe_error(exc, self.config.url)
+            finally:
+                self._client = None
+            self._state = "down"
+            self._protocol = ""
+            if self._stop.is_set():
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
+            interval = min(interval * 2, BACKOFF_MAX_S)
+
+    async def _connected(self, client: aiomqtt.Client) -> None:
+        """One connection's life: announce online, send backlog then new alerts."""
+        c = self.config
+        await client.publish(status_topic(c.topic_root, self.host),
+                             self._status_payload("online"), qos=1, retain=True)
+        if self._protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.PayloadFormatIndicator = 1
+            props.ContentType = "application/json"
+            self._alert_props = props
+        else:
+            self._alert_props = None
+        self._state = "connected"
+        await self._loaded.wait()
+        # Whatever was in flight on the last connection goes first, in production order.
+        if self._inflight:
+            merged = sorted([*self._inflight.values(), *self._backlog], key=lambda e: e.n)
+            self._inflight.clear()
+            self._backlog = deque(merged)
+        watcher = asyncio.create_task(self._watch(client))
+        sender = asyncio.create_task(self._send(client))
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({watcher, sender, stop},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stop}:
+                task.result()  # re-raise the MqttError that ended the connection
+        finally:
+            self._state = "down"
+            for task in (watcher, sender, stop):
+                task.cancel()
+            await asyncio.gather(watcher, sender, stop, return_exceptions=True)
+
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        """Raise MqttError when the connection drops (we subscribe to nothing)."""
+        async for _ in client.messages:
+            pass
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        window = asyncio.Semaphore(WINDOW)
+        tasks: set[asyncio.Task[None]] = set()
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            while True:
+                if failed.done():
+                    failed.result()
+                if not self._backlog and not self._summaries:
+                    self._ready.clear()
+                    waiter: asyncio.Future[Any] = asyncio.ensure_future(self._ready.wait())
+                    waiting: set[asyncio.Future[Any]] = {waiter, failed}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                while self._summaries:
+                    key, payload = self._summaries.popitem()
+                    await client.publish(summary_topic(self.config.topic_root, self.host, key),
+                                         payload, qos=0)
+                if not self._backlog:
+                    continue
+                await window.acquire()
+                if failed.done():
+                    window.release()
+                    failed.result()
+                entry = self._backlog.popleft()
+                self._inflight[entry.n] = entry
+                task = asyncio.create_task(self._publish_one(client, entry, window, failed))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _publish_one(self, client: aiomqtt.Client, entry: _Entry,
+                           window: asyncio.Semaphore, failed: asyncio.Future[None]) -> None:
+        alert = entry.alert.with_published_at()
+        topic = alert_topic(self.config.topic_root, alert.host, alert.target_key)
+        try:
+            await client.publish(topic, alert.to_json(), qos=1, properties=self._alert_props,
+                                 timeout=PUBACK_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            if not failed.done():
+                failed.set_exception(exc)
+            return
+        finally:
+            window.release()
+        self._inflight.pop(entry.n, None)
+        self._published += 1
+        if entry.seq is not None:
+            self._to_ack.append(entry.seq)
+            self._work.set()
+        if self.on_delivered is not None:
+            self.on_delivered(alert.id)
+
+
+def _protocol_refused(exc: MqttConnectError) -> bool:
+    """True for CONNACK 'unsupported protocol version' (v3 rc 1, v5 reason 132)."""
+    rc = exc.rc
+    if isinstance(rc, ReasonCode):
+        return rc.value in (1, 132)
+    return rc == 1
+
+
+def _tls_context(c: BrokerConfig) -> ssl.SSLContext:
+    """A verifying client TLS context from the config's files (bad files: MqttError)."""
+    for name, path in (("tls_ca", c.tls_ca), ("tls_cert", c.tls_cert), ("tls_key", c.tls_key)):
+        if path is not None and not Path(path).expanduser().is_file():
+            raise aiomqtt.MqttError(f"{name} file not found: {path}")
+    try:
+        ctx = ssl.create_default_context(
+            cafile=str(Path(c.tls_ca).expanduser()) if c.tls_ca else None)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise aiomqtt.MqttError(f"cannot load the TLS files: tls_ca {c.tls_ca} is not a "
+                                f"PEM CA bundle ({exc})") from None
+    if c.tls_cert and c.tls_key:
+        try:
+            ctx.load_cert_chain(str(Path(c.tls_cert).expanduser()),
+                                str(Path(c.tls_key).expanduser()))
+        except (OSError, ValueError) as exc:
+            raise aiomqtt.MqttError(f"cannot load the TLS files: tls_cert {c.tls_cert} and "
+                                    f"tls_key {c.tls_key} are not a matching PEM certificate "
+                                    f"and key ({exc})") from None
+    return ctx
+
+
+def describe_error(exc: BaseException, url: str) -> str:
+    """One clear line for a connection failure (what happened and what to check)."""
+    if isinstance(exc, MqttConnectError):
+        rc = exc.rc
+        value = rc.value if isinstance(rc, ReasonCode) else rc
+        if value in (4, 134):
+            return "broker refused: bad username or password (check username/password)"
+        if value in (5, 135):
+            return "broker refused: not authorized (check username/password)"
+        if value in (2, 133):
+            return "broker refused: client identifier rejected (check client_id)"
+        return f"broker refused the connection: {exc}"
+    text = str(exc)
+    if "file not found" in text or "cannot load the TLS files" in text:
+        return f"TLS setup failed: {text}"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLError) or "SSL" in text or "certificate" in text.lower():
+        if "CERTIFICATE_VERIFY_FAILED" in text or "verify failed" in text:
+            return (f"TLS handshake with {url} failed: the broker's certificate is not "
+                    f"trusted (check tls_ca): {text}")
+        return f"TLS handshake with {url} failed (check tls_ca/tls_cert/tls_key): {text}"
+    if "refused" in text.lower():
+        return f"cannot connect to {url}: connection refused (is the broker running?)"
+    return f"connection to {url} failed: {text or type(exc).__name__}"
