@@ -31,12 +31,21 @@ import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
+
+
+class _Regressor(Protocol):
+    """The part of a scikit-learn regressor the model uses."""
+
+    def fit(self, x: FloatArray, y: FloatArray) -> object: ...
+
+    def predict(self, x: FloatArray) -> npt.ArrayLike: ...
+
 Transition = Literal["firing", "resolved"]
 
 FEATURE_NAMES: tuple[str, ...] = ("batch_size", "avg_input", "avg_output", "kv_len", "b_kv")
@@ -103,12 +112,27 @@ def relative_errors(observed: npt.ArrayLike, predicted: npt.ArrayLike) -> FloatA
 
 
 class BaselineModel:
-    """GBDT latency model: the paper's 200 trees, learning rate 0.1, depth 4.
+    """Latency model: the paper's GBDT (default), or a physically-shaped robust model.
 
     Args:
         target: ``"linear"`` regresses latency (the paper); ``"log"`` regresses
-            log-latency, so that the squared loss weighs relative errors evenly across
-            fast and slow workloads, and predictions are always positive.
+            log-latency, so that the loss weighs relative errors evenly across fast and
+            slow workloads, and predictions are always positive.
+        form: ``"gbdt"`` is the paper's ``GradientBoostingRegressor`` (squared loss).
+            ``"robust"`` first fits the physical shape of a decode step,
+            ``a + b·B + c·B·kv + d·kv`` (weights, per-sequence and per-KV-token cost),
+            with a Huber loss and non-negative costs, then a ``HistGradientBoosting
+            Regressor`` with absolute (median) loss on the remaining log-ratio (or
+            difference, for a linear target). The median loss ignores prefill stalls and
+            end-of-job steps; the linear part extrapolates to batch sizes and contexts
+            that warm-up did not see. It predicts unseen workload mixes about 3x better
+            (docs/detection.md, "Baseline model on unseen workloads") but is opt-in: with
+            the current smoothed-mean UCL, the real prefill stalls it ignores become large
+            positive errors that raise the UCL and blunt detection. Default ``"gbdt"``.
+        n_estimators: boosting iterations (the paper's 200).
+        learning_rate: shrinkage (the paper's 0.1).
+        max_depth: tree depth (the paper's 4).
+        random_state: seed.
     """
 
     def __init__(
@@ -119,17 +143,40 @@ class BaselineModel:
         learning_rate: float = 0.1,
         max_depth: int = 4,
         random_state: int = 0,
+        form: Literal["gbdt", "robust"] | None = None,
     ) -> None:
+        self.target = target
+        self.form: Literal["gbdt", "robust"] = form or "gbdt"
+        self._n_estimators = n_estimators
+        self._learning_rate = learning_rate
+        self._max_depth = max_depth
+        self._random_state = random_state
+        self._est: _Regressor | None = None
+        self._shape: _PhysicalShape | None = None
+        self.fitted = False
+
+    def _make(self, n_rows: int) -> _Regressor:
+        if self.form == "robust":
+            from sklearn.ensemble import HistGradientBoostingRegressor
+
+            robust: _Regressor = HistGradientBoostingRegressor(
+                loss="absolute_error",
+                max_iter=self._n_estimators,
+                learning_rate=self._learning_rate,
+                max_depth=self._max_depth,
+                min_samples_leaf=max(1, min(50, n_rows // 40)),
+                random_state=self._random_state,
+            )
+            return robust
         from sklearn.ensemble import GradientBoostingRegressor
 
-        self.target = target
-        self._gbdt = GradientBoostingRegressor(
-            n_estimators=n_estimators,
-            learning_rate=learning_rate,
-            max_depth=max_depth,
-            random_state=random_state,
+        paper: _Regressor = GradientBoostingRegressor(
+            n_estimators=self._n_estimators,
+            learning_rate=self._learning_rate,
+            max_depth=self._max_depth,
+            random_state=self._random_state,
         )
-        self.fitted = False
+        return paper
 
     def fit(self, x: npt.ArrayLike, y: npt.ArrayLike) -> BaselineModel:
         """Fit on features ``x`` (n, 5) and latencies ``y`` (n,), y > 0."""
@@ -139,17 +186,78 @@ class BaselineModel:
             raise ValueError(f"need >= 2 rows of features and latencies, got {xa.shape}")
         if np.any(ya <= 0) or not np.all(np.isfinite(ya)):
             raise ValueError("latencies must be finite and > 0")
-        self._gbdt.fit(xa, np.log(ya) if self.target == "log" else ya)
+        est = self._make(len(ya))
+        if self.form == "robust":
+            self._shape = _PhysicalShape.fit(xa, ya)
+            base = self._shape.predict(xa)
+            est.fit(xa, np.log(ya / base) if self.target == "log" else ya - base)
+        else:
+            est.fit(xa, np.log(ya) if self.target == "log" else ya)
+        self._est = est
         self.fitted = True
         return self
 
     def predict(self, x: npt.ArrayLike) -> FloatArray:
         """Predicted latency for each row of ``x`` (same unit as the training target)."""
+        if self._est is None:
+            raise ValueError("BaselineModel.predict called before fit")
         xa = np.asarray(x, dtype=np.float64)
         if xa.ndim == 1:
             xa = xa.reshape(1, -1)
-        raw = np.asarray(self._gbdt.predict(xa), dtype=np.float64)
+        raw = np.asarray(self._est.predict(xa), dtype=np.float64)
+        if self._shape is not None:
+            base = self._shape.predict(xa)
+            return base * np.exp(raw) if self.target == "log" else base + raw
         return np.exp(raw) if self.target == "log" else raw
+
+
+# Columns of the feature matrix the physical shape uses: B, B·kv, kv.
+_SHAPE_COLUMNS = (0, 4, 3)
+
+
+@dataclass(frozen=True)
+class _PhysicalShape:
+    """``a + Σ coef·feature`` over B, B·kv and kv with non-negative costs, Huber-fitted.
+
+    Why: a decode step costs a fixed part (weights), a part per sequence and a part per
+    KV token; a robust linear fit of that shape extrapolates where trees cannot, and the
+    trees then only model what it leaves.
+    """
+
+    intercept: float
+    coef: FloatArray
+    columns: tuple[int, ...]
+    scale: FloatArray
+    floor: float
+
+    @classmethod
+    def fit(cls, x: FloatArray, y: FloatArray) -> _PhysicalShape:
+        """Fit on features (n, 5) and latencies; negative costs are dropped and refitted."""
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import HuberRegressor
+
+        floor = 1e-3 * float(np.median(y))
+        columns = list(_SHAPE_COLUMNS)
+        while columns:
+            cols = x[:, columns]
+            scale = np.maximum(np.abs(cols).max(axis=0), 1e-12)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                h = HuberRegressor(epsilon=1.1, alpha=1e-3, max_iter=500).fit(cols / scale, y)
+            coef = np.asarray(h.coef_, dtype=np.float64)
+            if np.all(coef >= 0):
+                return cls(float(h.intercept_), coef, tuple(columns), scale, floor)
+            columns = [c for c, k in zip(columns, coef.tolist(), strict=True) if k >= 0]
+        return cls(float(np.median(y)), np.zeros(0), (), np.ones(0), floor)
+
+    def predict(self, x: FloatArray) -> FloatArray:
+        """The shape's latency for each row, floored at a positive value."""
+        base = np.full(len(x), self.intercept, dtype=np.float64)
+        if self.columns:
+            base = base + (x[:, list(self.columns)] / self.scale) @ self.coef
+        return np.asarray(np.maximum(base, self.floor), dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------ rules
