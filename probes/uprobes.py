@@ -628,8 +628,13 @@ class UprobeSession:
             self._loop.add_reader(fd, self._on_readable)
         try:
             while not self._closed:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._ready.wait(), self.drain_interval_s)
+                # a timer, not asyncio.wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that races with the event, and the pump never ends
+                drain = self._loop.call_later(self.drain_interval_s, self._ready.set)
+                try:
+                    await self._ready.wait()
+                finally:
+                    drain.cancel()
                 self._ready.clear()
                 spans = self.read()
                 if spans:
