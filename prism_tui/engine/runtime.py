@@ -11,10 +11,12 @@ the engine importing it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from prism_tui.engine.core import (
     AlertEvent,
@@ -46,6 +48,8 @@ INFERENCE_PATTERN = (r"vllm|sglang|llama[-_.]?(server|cpp|cli)|text-generation|t
 RESCAN_S = 1.0
 TELEMETRY_S = 1.0
 
+
+_T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class Candidate:
@@ -128,6 +132,7 @@ class Monitor:
             self.engine.sinks.append(_EscalationSink(self))
         self._attached: dict[int, _Attached] = {}
         self._new: asyncio.Queue[_Attached] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._host_sampler = HostSampler()
         self._proc_samplers: dict[int, ProcSampler] = {}
         self._closed = False
@@ -156,6 +161,15 @@ class Monitor:
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self, target: Target) -> _Attached:
+        session, placements = self._open(target)
+        try:
+            return self._on_loop(self._register, target, session, placements)
+        except BaseException:
+            session.close()
+            raise
+
+    def _open(self, target: Target) -> tuple[UprobeSession, list[Placement]]:
+        """The blocking half of an attach (ELF lookups, perf events): any thread."""
         placement = place_profile(target, self.profile, "sentinel")
         placements = [placement]
         sites = placement.sites
@@ -168,6 +182,14 @@ class Monitor:
                              f"{self.profile.name!r} does not resolve in pid {target.pid}")
         session = UprobeSession([target], sites, mode=self.mode, urgent={self.anchor},
                                 drain_interval_s=0.02).open()
+        return session, placements
+
+    def _register(self, target: Target, session: UprobeSession,
+                  placements: list[Placement]) -> _Attached:
+        """The state half of an attach: on the loop's thread once the loop runs."""
+        if target.pid in self._attached:
+            raise ValueError(f"pid {target.pid} is already watched")
+        sites = [s for p in placements for s in p.sites]
         self.placements.extend(placements)
         probes = _probe_statuses(placements, {})
         self.engine.watch(target.pid, target.name, self.anchor,
@@ -178,6 +200,31 @@ class Monitor:
         if self._new is not None:
             self._new.put_nowait(att)
         return att
+
+    def _on_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` on the loop's thread (the dashboard calls from a worker thread).
+
+        The engine and the sessions are owned by the loop; a call from another thread is
+        handed over and waited for. Before ``run`` or on the loop itself it runs directly.
+        """
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return fn(*args)
+        try:
+            if asyncio.get_running_loop() is loop:
+                return fn(*args)
+        except RuntimeError:
+            pass  # not on any loop's thread
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller's thread
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(call)
+        return done.result(timeout=30)
 
     def attach(self, pid: int) -> str | None:
         """Attach to one more process; the error line, or None when it worked."""
@@ -192,9 +239,17 @@ class Monitor:
 
     def detach(self, pid: int) -> None:
         """Detach every probe from ``pid`` and stop showing it."""
+        self._on_loop(self._detach, pid)
+
+    def _detach(self, pid: int) -> None:
         att = self._attached.pop(pid, None)
         if att is not None:
             att.session.close()
+        dd = self._deepdives.pop(pid, None)
+        if dd is not None:
+            if dd.task is not None:
+                dd.task.cancel()
+            dd.session.close()
         self.engine.forget(pid)
         self._proc_samplers.pop(pid, None)
 
@@ -274,8 +329,10 @@ class Monitor:
 
     def export_trace(self, seconds: float, path: str) -> str:
         """Write the last ``seconds`` of spans as a Chrome/Perfetto trace; returns the path."""
-        names = {pid: a.target.name for pid, a in self._attached.items()}
-        return write_chrome_trace(self.engine.recent_spans(seconds), path, names)
+        names, spans = self._on_loop(
+            lambda: ({pid: a.target.name for pid, a in self._attached.items()},
+                     self.engine.recent_spans(seconds)))
+        return write_chrome_trace(spans, path, names)
 
     def close(self) -> None:
         """Detach every probe (idempotent)."""
@@ -302,6 +359,7 @@ class Monitor:
         stop = stop or asyncio.Event()
         queue: asyncio.Queue[tuple[int, list[Span] | None]] = asyncio.Queue()
         self._new = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
         pumps: list[asyncio.Task[None]] = []
 
         async def pump(att: _Attached) -> None:
@@ -329,10 +387,13 @@ class Monitor:
                     timeout = min(timeout, deadline - time.monotonic())
                     if timeout <= 0:
                         break
+                # an empty batch on a timer, not asyncio.wait_for (which can swallow a
+                # cancellation on Python 3.11 and leave the loop running)
+                tick = loop.call_later(timeout, queue.put_nowait, (0, []))
                 try:
-                    pid, spans = await asyncio.wait_for(queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    pid, spans = 0, []
+                    pid, spans = await queue.get()
+                finally:
+                    tick.cancel()
                 if spans is None:
                     self._lost_target(pid)
                 elif spans:
@@ -358,6 +419,7 @@ class Monitor:
                     last_view = now
                     self._publish_views()
         finally:
+            self._loop = None
             self._expire_deepdives(force=True)
             for task in pumps:
                 task.cancel()
