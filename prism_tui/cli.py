@@ -8,6 +8,7 @@ stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -20,7 +21,10 @@ from typing import Any
 
 from fastdigest import TDigest
 
+from alerting.errors import AlertingError
 from prism_tui import __version__
+from prism_tui.history.store import HistoryError
+from prism_tui.settings import SettingsError
 from probes.errors import EXIT_OTHER, EXIT_USAGE, ProbeError
 
 QUANTILES = (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("p999_ms", 0.999))
@@ -68,17 +72,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-thread events, or per-CPU events filtered by pid")
     t.add_argument("--json", action="store_true", help="print one JSON document")
 
-    w = sub.add_parser("watch", help="attach and monitor: iterations, stages, detection")
+    w = sub.add_parser("watch", help="attach and monitor: the dashboard, or JSON lines")
     target_args(w)
     w.add_argument("--profile", default=None, help="profile name or file (default: the "
                    "first profile whose iteration anchor resolves in the target)")
+    w.add_argument("--config", metavar="FILE", help="settings TOML (default: $PRISM_CONFIG "
+                   "or ~/.config/latencyprism/config.toml when it exists)")
+    w.add_argument("--broker", metavar="URL",
+                   help="publish alerts to this MQTT broker (mqtt://host:1883, mqtts://...)")
+    w.add_argument("--db", metavar="PATH", help="history file (default: settings, "
+                   "$PRISM_DB or ~/.local/state/latencyprism/history.sqlite)")
+    w.add_argument("--no-history", action="store_true", help="keep no SQLite history")
+    w.add_argument("--slo", action="append", metavar="RULE",
+                   help="latency objective, e.g. 'decode p99 <= 60ms over 10s' (repeatable)")
+    w.add_argument("--record", metavar="FILE",
+                   help="also save every span to FILE (gzip JSON lines) for replay")
     w.add_argument("--headless", action="store_true",
                    help="JSON lines (snapshots, alerts) on stdout instead of the dashboard")
     w.add_argument("--duration", type=float, default=None, metavar="S")
-    w.add_argument("--rule", choices=("paper", "prism"), default="paper",
-                   help="detection rule (docs/detection.md)")
-    w.add_argument("--warmup", type=int, default=1000, metavar="N",
-                   help="decode iterations before the baseline is fitted")
+    w.add_argument("--rule", choices=("paper", "prism"), default=None,
+                   help="detection rule (docs/detection.md; default: settings, paper)")
+    w.add_argument("--warmup", type=int, default=None, metavar="N",
+                   help="decode iterations before the baseline is fitted (default 1000)")
     w.add_argument("--json", action="store_true", help="one JSON summary at the end")
 
     ev = sub.add_parser("eval", help="simulator + headless monitor, scored against the labels")
@@ -87,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--rule", choices=("paper", "prism"), default="paper")
     ev.add_argument("--warmup", type=int, default=1000, metavar="N")
     ev.add_argument("--labels", metavar="FILE", help="keep the labels file here")
+    ev.add_argument("--overhead", action="store_true", help="also run the scenario without "
+                    "the monitor first and report throughput_ratio (with / without)")
+    ev.add_argument("--broker", metavar="URL", help="publish through this broker (default: "
+                    "an embedded one); alert latency is measured at a real subscriber")
     ev.add_argument("--json", action="store_true", help="print one JSON document")
 
     h = sub.add_parser("history", help="quantiles over time and alerts from the SQLite history")
@@ -109,8 +128,25 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                     help="loopback port of the Prometheus /metrics endpoint (0: any free)")
 
-    d = sub.add_parser("demo", help="the main job on an embedded default")
-    d.add_argument("--duration", type=float, default=100.0, metavar="S")
+    from alerting.gateway.cli import add_gateway_arguments
+
+    g = sub.add_parser("gateway", help="route alerts from MQTT to pagers, webhooks, "
+                       "commands; manage silences")
+    add_gateway_arguments(g)
+
+    d = sub.add_parser("demo", help="the main job on an embedded default: simulator, "
+                       "broker, monitor, dashboard")
+    d.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="stop after S seconds (default: run until you quit)")
+    d.add_argument("--scenario", default="demo", metavar="NAME|FILE",
+                   help="simulator scenario (default: demo, faults every ~40 s after 60 s)")
+    d.add_argument("--warmup", type=int, default=1000, metavar="N",
+                   help="decode iterations before the baseline is fitted")
+    d.add_argument("--broker", metavar="URL", help="use this broker instead of starting one")
+    d.add_argument("--db", metavar="PATH", help="keep the history here (default: a "
+                   "temporary file removed at exit)")
+    d.add_argument("--headless", action="store_true",
+                   help="JSON lines on stdout instead of the dashboard")
     return p
 
 
@@ -130,11 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_watch(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "gateway":
+            from alerting.gateway.cli import run_gateway_command
+
+            return run_gateway_command(args)
         if args.command == "demo":
             from prism_tui.demo import run_demo
 
-            return run_demo(args.duration)
-    except ProbeError as exc:
+            return run_demo(args.duration, scenario=args.scenario, warmup=args.warmup,
+                            headless=args.headless, history_db=args.db,
+                            broker_url=args.broker)
+    except (ProbeError, SettingsError, AlertingError, HistoryError) as exc:
         print(f"prism {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -145,13 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------- watch / eval
-def _alert_doc(alert: Any) -> dict[str, Any]:
-    doc = dict(alert.__dict__)
-    doc["suspects"] = list(alert.suspects)
-    doc["alert_latency_ms"] = round(alert.alert_latency_ms, 3)
-    return doc
-
-
 def _pick_profile(target: Any, name: str | None) -> Any:
     from probes.catalog import available_profiles, load_profile
     from probes.placement import place_profile
@@ -184,58 +219,168 @@ def _companion_profiles(target: Any, main: Any) -> list[Any]:
     return out
 
 
+def _watch_settings(args: argparse.Namespace) -> Any:
+    from prism_tui.settings import load_settings
+
+    return load_settings(args.config, overrides={
+        "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
+        "engine.slo": tuple(args.slo) if args.slo else None, "mqtt.broker": args.broker,
+        "history.db": args.db})
+
+
+def broker_config(mqtt: Any) -> Any:
+    """The alerting package's broker config from the ``[mqtt]`` settings (None: no MQTT)."""
+    from alerting.config import BrokerConfig
+
+    if not mqtt.broker:
+        return None
+    return BrokerConfig(url=mqtt.broker, username=mqtt.username, password=mqtt.password,
+                        tls_ca=mqtt.tls_ca, tls_cert=mqtt.tls_cert, tls_key=mqtt.tls_key,
+                        client_id=mqtt.client_id, topic_root=mqtt.topic_root)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
-    """``prism watch``: monitor a target; JSON lines or a final JSON summary."""
+    """``prism watch``: monitor a target; the dashboard, JSON lines, or a JSON summary."""
     import asyncio
 
-    from prism_tui.engine.runtime import AlertEvent, Monitor
+    from prism_tui.engine.core import SloSpec
+    from prism_tui.engine.recording import save_spans
+    from prism_tui.engine.runtime import Monitor
+    from prism_tui.engine.sinks import JsonLinesSink, event_doc
+    from prism_tui.engine.view import EngineView
+    from prism_tui.live import LiveSession
+    from probes.governor import calibrate
     from probes.perf import check_permission
     from probes.target import resolve_target
 
-    check_permission()
-    if not args.headless and not args.json:
-        print("prism watch: the dashboard is not built yet; running headless",
-              file=sys.stderr)
+    settings = _watch_settings(args)
+    check_permission()  # exit 3 with what to grant, before anything starts
     targets = resolve_target(args.pid, args.match, allow_many=True)
-    profile = _pick_profile(targets[0], args.profile)
+    profile = _pick_profile(targets[0], args.profile or settings.watch.profile)
     extras = _companion_profiles(targets[0], profile)
-
-    class StdoutSink:
-        def emit(self, alert: AlertEvent) -> None:
-            if not args.json:
-                print(json.dumps({"alert": _alert_doc(alert)}), flush=True)
-
-    def on_snapshot(snap: Any) -> None:
-        if args.json:
-            return
-        rows = [{"stage": k.stage, "device": k.device, "phase": k.phase,
-                 "rate": round(v.rate, 3), "p50_ms": v.p50, "p99_ms": v.p99,
-                 "p999_ms": v.p999, "max_ms": v.max, "share": v.share}
-                for k, v in sorted(snap.series.items())]
-        print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows}}), flush=True)
-
+    headless = args.headless or args.json or settings.watch.headless
+    try:
+        slos = [SloSpec(rule) for rule in settings.engine.slo]
+        recorded: list[Any] = []
+        monitor = Monitor(
+            targets, profile, extra_profiles=extras, rule=settings.engine.detector_rule,
+            warmup=settings.engine.warmup_iterations, slos=slos, match=args.match,
+            mode=settings.probe.mode, costs=calibrate(),
+            escalation_s=settings.engine.escalation_s,
+            snapshot_interval_s=1 / settings.engine.snapshot_hz,
+            on_spans=recorded.extend if args.record else None)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    history_db = None if args.no_history else str(settings.history.path)
+    if history_db is not None:
+        os.makedirs(os.path.dirname(history_db) or ".", mode=0o700, exist_ok=True)
+    session = LiveSession(monitor, broker=broker_config(settings.mqtt), history_db=history_db,
+                          retention_days=settings.history.retention_days,
+                          max_iterations=settings.history.max_iterations)
     counts: dict[str, int] = {}
+    try:
+        if headless:
+            if not args.json:
+                monitor.sinks.append(JsonLinesSink())
+            previous = monitor.engine.on_observation
 
-    def on_observation(obs: Any) -> None:
-        counts[obs.iteration.phase] = counts.get(obs.iteration.phase, 0) + 1
+            def on_observation(obs: Any) -> None:
+                counts[obs.iteration.phase] = counts.get(obs.iteration.phase, 0) + 1
+                if previous is not None:
+                    previous(obs)
 
-    stop = asyncio.Event()
-    with Monitor(targets, profile, extra_profiles=extras, rule=args.rule, warmup=args.warmup,
-                 sinks=[StdoutSink()],
-                 on_snapshot=on_snapshot, on_observation=on_observation) as monitor:
-        loop = asyncio.new_event_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            loop.run_until_complete(monitor.run(args.duration, stop))
-        finally:
-            loop.close()
-        if args.json:
-            print(json.dumps({"profile": profile.name,
-                              "targets": [{"pid": t.pid, "name": t.name} for t in targets],
-                              "iterations": counts,
-                              "alerts": [_alert_doc(a) for a in monitor.alerts]}, indent=2))
+            monitor.engine.on_observation = on_observation
+
+            def on_view(view: EngineView) -> None:
+                snap = view.snapshot(10.0)
+                if args.json or snap is None:
+                    return
+                rows = [{"stage": k.stage, "device": k.device, "phase": k.phase,
+                         "rate": round(v.rate, 3), "p50_ms": v.p50, "p99_ms": v.p99,
+                         "p999_ms": v.p999, "max_ms": v.max, "share": v.share}
+                        for k, v in sorted(snap.series.items())]
+                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows}}),
+                      flush=True)
+
+            stop = asyncio.Event()
+            loop = asyncio.new_event_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                loop.run_until_complete(session.run(on_view, stop, args.duration))
+            finally:
+                loop.close()
+            if args.json:
+                print(json.dumps({"profile": profile.name,
+                                  "targets": [{"pid": t.pid, "name": t.name} for t in targets],
+                                  "iterations": counts, "history": history_db,
+                                  "alerts": [event_doc(a) for a in monitor.alerts]}, indent=2))
+        else:
+            from prism_tui.ui.app import PrismApp
+
+            async def engine(show: Any, stop: asyncio.Event) -> None:
+                await session.run(show, stop, args.duration)
+
+            app = PrismApp(engine=engine, control=monitor, history_db=history_db,
+                           title=f"LatencyPrism — {profile.name}")
+            app.run()
+    finally:
+        session.close()
+        if args.record:
+            n = save_spans(args.record, monitor.recorded_processes(), recorded)
+            print(f"prism watch: {n} spans saved to {args.record}", file=sys.stderr)
     return 0
+
+
+def _throughput(stats: Any, labels_path: str, duration: float) -> dict[str, float]:
+    """Generated tokens per second and mean decode iteration latency of one run."""
+    from prism_sim.labels import read_labels
+
+    decode = [it for it in read_labels(labels_path).iterations if it.phase == "decode"]
+    mean_ms = (sum(it.end_ns - it.start_ns for it in decode) / len(decode) / 1e6
+               if decode else 0.0)
+    return {"tokens_per_s": round(stats.generation_tokens / duration, 3),
+            "iterations": float(sum(stats.iterations.values())),
+            "decode_ms_mean": round(mean_ms, 4)}
+
+
+async def _run_and_receive(session: Any, duration: float) -> dict[str, int]:
+    """Run the session while a real MQTT subscriber records when each alert arrives.
+
+    Returns alert id → CLOCK_MONOTONIC ns of receipt (same clock as the spans).
+    """
+    import asyncio
+
+    import aiomqtt
+
+    from alerting.config import parse_broker_url
+
+    received: dict[str, int] = {}
+    config = session.publisher.config
+    _, host, port = parse_broker_url(config.url)
+    ready = asyncio.Event()
+
+    async def subscribe() -> None:
+        async with aiomqtt.Client(host, port, username=config.username,
+                                  password=config.password) as client:
+            await client.subscribe(f"{config.topic_root}/+/+/alert", qos=1)
+            ready.set()
+            async for message in client.messages:
+                now = time.monotonic_ns()
+                try:
+                    doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                    received[doc["id"]] = now
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    listener = asyncio.create_task(subscribe())
+    await asyncio.wait_for(ready.wait(), 10)
+    await session.run(None, None, duration)
+    await asyncio.sleep(0.5)  # the last acknowledgements
+    listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await listener
+    return received
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -244,12 +389,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
     import threading
 
+    from alerting.broker import EmbeddedBroker
+    from alerting.config import BrokerConfig
     from prism_sim.errors import ScenarioError
     from prism_sim.labels import read_labels
     from prism_sim.scenario import load_scenario
     from prism_sim.server import SimServer
     from prism_tui.engine.evaluate import detection_lag, match, score
     from prism_tui.engine.runtime import Monitor, Observation
+    from prism_tui.live import LiveSession
     from probes.catalog import load_profile
     from probes.perf import check_permission
     from probes.target import Target
@@ -265,6 +413,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="prism-eval-")
     labels_path = args.labels or os.path.join(tmp.name, "labels.jsonl")
     judged: dict[int, list[tuple[int, bool]]] = {}
+    unwatched = None
+    if args.overhead:  # the same scenario and seed, first without the monitor
+        bare_labels = os.path.join(tmp.name, "bare.jsonl")
+        with SimServer(scenario, labels=bare_labels, metrics_port=None) as bare:
+            bare.run(duration)
+            unwatched = _throughput(bare.stats, bare_labels, duration)
     with SimServer(scenario, labels=labels_path, metrics_port=None) as server:
         rank_of = {pid: rank for rank, pid in server.rank_pids.items()}
 
@@ -277,26 +431,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
         runner = threading.Thread(target=server.run, args=(duration, stop_sim), daemon=True)
         runner.start()
         targets = [Target(pid) for pid in server.rank_pids.values()]
-        with Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
-                     rule=args.rule, warmup=args.warmup,
-                     on_observation=on_observation) as monitor:
-            asyncio.run(monitor.run(duration))
+        monitor = Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
+                          rule=args.rule, warmup=args.warmup, on_observation=on_observation,
+                          telemetry=False)
+        with contextlib.ExitStack() as stack:
+            broker_url = args.broker
+            if broker_url is None:
+                broker_url = stack.enter_context(EmbeddedBroker().start()).url
+            session = LiveSession(monitor, broker=BrokerConfig(url=broker_url),
+                                  outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
+            stack.callback(session.close)
+            received = asyncio.run(_run_and_receive(session, duration))
             alerts = list(monitor.alerts)
         stop_sim.set()
         runner.join(10)
+        watched = _throughput(server.stats, labels_path, duration)
     labels = read_labels(labels_path).iterations
     rows = [row for rank, items in sorted(judged.items())
             for row in match(rank, [t for t, _ in items], [f for _, f in items], labels)]
     result = score(rows)
     firing = [a for a in alerts if a.status == "firing"]
-    latencies = sorted(a.alert_latency_ms for a in firing)
+    # end to end: the anomalous iteration's end → receipt by a real MQTT subscriber
+    latencies = sorted((received[a.id] - a.iteration_end_ns) / 1e6 for a in alerts
+                       if a.id in received)
     doc = {
         "scenario": scenario.name, "duration_s": duration, "rule": args.rule,
         "warmup": args.warmup, **result, "detection_lag_iterations": detection_lag(rows),
         "alerts_firing": len(firing), "alerts_resolved": len(alerts) - len(firing),
+        "alerts_received": len(received),
         "alert_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else None,
+                             "p99": latencies[min(len(latencies) - 1,
+                                                  int(len(latencies) * 0.99))]
+                             if latencies else None,
                              "max": latencies[-1] if latencies else None},
     }
+    if unwatched is not None:
+        doc["overhead"] = {"without": unwatched, "with": watched}
+        doc["throughput_ratio"] = round(watched["tokens_per_s"] / unwatched["tokens_per_s"], 4) \
+            if unwatched["tokens_per_s"] else None
+        doc["decode_latency_ratio"] = round(
+            watched["decode_ms_mean"] / unwatched["decode_ms_mean"], 4) \
+            if unwatched["decode_ms_mean"] else None
     tmp.cleanup()
     if args.json:
         print(json.dumps(doc, indent=2))

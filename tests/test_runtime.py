@@ -85,7 +85,8 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
                      rule="prism", warmup=500, sinks=[sink],
                      on_observation=on_observation, escalation_s=3) as monitor:
             asyncio.run(monitor.run(32))
-            deep_series = [k for k in monitor.engine.sketches.keys() if k.phase == "deepdive"]
+            series = monitor.engine.sketches.keys()  # a tuple, not a dict view
+            deep_series = [k for k in series if k.phase == "deepdive"]
         stop.set()
         runner.join(10)
     labels = read_labels(labels_path)

@@ -1,0 +1,199 @@
+"""A live monitoring session: the monitor plus its alert path and history, in one loop.
+
+``prism watch`` and ``prism demo`` both run one :class:`LiveSession`: the
+:class:`~prism_tui.engine.runtime.Monitor` (probes → engine), an MQTT publisher with its
+durable outbox when a broker is configured, and the SQLite history writer. The session
+owns all of them (``close()`` idempotent) and hands immutable views to whoever draws
+them — the Textual dashboard or the headless JSON-lines printer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alerting.config import BrokerConfig
+from alerting.outbox import Outbox
+from alerting.publisher import AlertPublisher
+from prism_tui.engine.core import AlertEvent, Engine
+from prism_tui.engine.runtime import Monitor
+from prism_tui.engine.sinks import to_wire
+from prism_tui.engine.view import DeliveryStatus, EngineView
+from prism_tui.history.store import HistoryStore
+from prism_tui.history.writer import HistoryWriter
+
+SUMMARY_EVERY_S = 5.0
+
+
+class MqttSink:
+    """Engine alerts → the publisher (non-blocking); delivery states back to the engine."""
+
+    def __init__(self, publisher: AlertPublisher, engine: Engine) -> None:
+        self.publisher = publisher
+        self.engine = engine
+
+    def emit(self, alert: AlertEvent) -> None:
+        """Hand one alert to the publisher; it is in the outbox before it is sent."""
+        self.engine.mark_delivery(alert.id, "queued")
+        self.publisher.publish(to_wire(alert))
+
+    def delivered(self, alert_id: str) -> None:
+        """The broker acknowledged the alert."""
+        self.engine.mark_delivery(alert_id, "sent")
+
+
+def summary_docs(view: EngineView) -> dict[str, dict[str, Any]]:
+    """Per target key, the 10-s snapshot of its device with serialized digests (fleet views)."""
+    snap = view.snapshot(10.0)
+    out: dict[str, dict[str, Any]] = {}
+    if snap is None:
+        return out
+    for t in view.targets:
+        series = []
+        for row in snap.rows:
+            if row.key.device != t.device:
+                continue
+            series.append({"stage": row.key.stage, "device": row.key.device,
+                           "phase": row.key.phase, "count": row.count,
+                           "rate": round(row.rate, 3), "p50": row.p50, "p90": row.p90,
+                           "p99": row.p99, "p999": row.p999, "max": row.max,
+                           "share": row.share})
+        key = f"{t.name}-{t.pid}"
+        out[key] = {"schema": 1, "host": view.host, "target": {"pid": t.pid, "name": t.name},
+                    "device": t.device, "window_s": snap.span_s, "start_ns": snap.start_ns,
+                    "end_ns": snap.end_ns, "series": series}
+    return out
+
+
+def digests_b64(engine: Engine, device: str, span_s: float = 10.0) -> dict[str, str]:
+    """Merged digests of ``device``'s series over ``span_s``, base64 (mergeable elsewhere)."""
+    from prism_tui.engine.sketches import digest_to_bytes
+
+    out = {}
+    for key in engine.sketches.keys():  # noqa: SIM118 (a SketchStore, not a dict)
+        if key.device != device:
+            continue
+        digest = engine.sketches.merged(key, span_s)
+        if digest is not None:
+            out[key.name] = base64.b64encode(digest_to_bytes(digest)).decode()
+    return out
+
+
+class LiveSession:
+    """Owns a monitor, its publisher and its history writer for one run."""
+
+    def __init__(self, monitor: Monitor, *, broker: BrokerConfig | None = None,
+                 outbox_path: str | None = None, history_db: str | None = None,
+                 retention_days: float = 7.0, max_iterations: int = 1_000_000) -> None:
+        """Wire the alert path and history into ``monitor``'s engine (opens the outbox)."""
+        self.monitor = monitor
+        self.engine = monitor.engine
+        self.publisher: AlertPublisher | None = None
+        self.outbox: Outbox | None = None
+        self.sink: MqttSink | None = None
+        self.history: HistoryWriter | None = None
+        self._store: HistoryStore | None = None
+        self._history_db = history_db
+        self._retention = (retention_days, max_iterations)
+        self._on_view: Callable[[EngineView], None] | None = None
+        self._last_summary = 0.0
+        self._closed = False
+        if broker is not None:
+            path = outbox_path or default_outbox_path()
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.outbox = Outbox(path)
+            if self.outbox.notice:
+                self.engine.notice(self.outbox.notice)
+            self.publisher = AlertPublisher(broker, host=self.engine.host, outbox=self.outbox,
+                                            on_delivered=self._delivered)
+            self.sink = MqttSink(self.publisher, self.engine)
+            self.engine.sinks.append(self.sink)
+        monitor.on_view = self._view
+
+    def _delivered(self, alert_id: str) -> None:
+        if self.sink is not None:
+            self.sink.delivered(alert_id)
+
+    def _view(self, view: EngineView) -> None:
+        if self.publisher is not None:
+            st = self.publisher.status
+            self.engine.set_delivery(DeliveryStatus(self.publisher.config.url, st.state,
+                                                    st.pending, st.published, st.last_error))
+            now = time.monotonic()
+            if now - self._last_summary >= SUMMARY_EVERY_S:
+                self._last_summary = now
+                for key, doc in summary_docs(view).items():
+                    doc["digests"] = digests_b64(self.engine, doc["device"])
+                    self.publisher.publish_summary(key, doc)
+        if self.history is not None and self.history.last_error:
+            self.engine.notice(self.history.last_error)
+        if self._on_view is not None:
+            self._on_view(view)
+
+    async def run(self, on_view: Callable[[EngineView], None] | None = None,
+                  stop: asyncio.Event | None = None, duration_s: float | None = None) -> None:
+        """Run everything until ``stop``, ``duration_s`` or the targets' end."""
+        stop = stop or asyncio.Event()
+        self._on_view = on_view
+        tasks: list[asyncio.Task[Any]] = []
+        history_stop = asyncio.Event()
+        try:
+            if self._history_db is not None:
+                self._store = await HistoryStore(self._history_db).open()
+                self.history = HistoryWriter(self._store, self.engine.sketches,
+                                             retention_days=self._retention[0],
+                                             max_iterations=self._retention[1])
+                self.engine.sinks.append(self.history)
+                previous = self.engine.on_observation
+                writer = self.history
+
+                def observe(obs: Any) -> None:
+                    writer.observe(obs)
+                    if previous is not None:
+                        previous(obs)
+
+                self.engine.on_observation = observe
+                self.engine.history_path = str(self._history_db)
+                for placement in self.monitor.placements:
+                    await self._store.write_probe_decisions(
+                        placement.target_pid,
+                        [(d.probe, d.status, d.reason or None) for d in placement.decisions])
+                for t in self.engine.view().targets:
+                    await self._store.write_target(t.pid, t.name, t.profile, t.device)
+                tasks.append(asyncio.create_task(self.history.run(history_stop)))
+            if self.publisher is not None:
+                tasks.append(asyncio.create_task(self.publisher.run()))
+            await self.monitor.run(duration_s, stop)
+        finally:
+            history_stop.set()
+            if self.publisher is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.publisher.aclose(), 5)
+            for task in tasks:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError,
+                                         Exception):
+                    await asyncio.wait_for(task, 5)
+            if self._store is not None:
+                await self._store.close()
+            self.monitor.close()
+
+    def close(self) -> None:
+        """Detach probes and close the outbox (idempotent; ``run`` does it when it ends)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.monitor.close()
+        if self.outbox is not None:
+            self.outbox.close()
+
+
+def default_outbox_path() -> str:
+    """Where the durable outbox lives by default (next to the history)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "latencyprism", "outbox.sqlite")
