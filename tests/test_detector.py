@@ -131,6 +131,73 @@ def test_workload_shift_is_explained_and_does_not_fire() -> None:
         assert v is not None and not v.firing, (k, v)
 
 
+def test_a_workload_beyond_training_is_learnt_not_judged() -> None:
+    """Warm-up saw batches 1-16 only; the load doubles (batch 24-32).
+
+    Trees do not extrapolate, so the model under-predicts the larger batches by far; the
+    ``prism`` rule marks them novel instead of firing, refits once it has
+    ``novelty_refit`` of them, and then judges the new regime: a slowdown there fires.
+    """
+    rng = np.random.default_rng(3)
+    det = Detector(rule="prism", warmup=WARMUP)
+    for k, w in enumerate(workloads(rng, WARMUP, 1, 16)):
+        det.observe(k, noisy(rng, w), w)
+    assert det.fitted and det.baseline is not None
+    assert det.baseline.batch_range == (1.0, 16.0)
+    t = WARMUP
+    bigger = workloads(rng, RULES["prism"].novelty_refit, 24, 32)
+    for w in bigger:
+        v = det.observe(t, noisy(rng, w), w)
+        t += 1
+        assert v is not None and v.novel and v.novel.startswith("batch") and not v.firing
+    assert det.novel_seen == RULES["prism"].novelty_refit and det.refit_due
+    det.refit_now()
+    assert det.baseline.batch_range is not None and det.baseline.batch_range[1] >= 24
+    normal = [det.observe(t + k, noisy(rng, w), w) for k, w in
+              enumerate(workloads(rng, 200, 24, 32))]
+    assert all(v is not None and v.novel is None for v in normal)
+    assert sum(v.firing for v in normal if v is not None) == 0
+    slow = [det.observe(t + 500 + k, noisy(rng, w, 1.4), w) for k, w in
+            enumerate(workloads(rng, 60, 24, 32))]
+    assert any(v is not None and v.transition == "firing" for v in slow)
+
+
+def test_the_paper_rule_judges_every_workload() -> None:
+    rng = np.random.default_rng(4)
+    det = Detector(rule="paper", warmup=WARMUP)
+    for k, w in enumerate(workloads(rng, WARMUP, 1, 16)):
+        det.observe(k, noisy(rng, w), w)
+    verdicts = [det.observe(WARMUP + k, noisy(rng, w), w)
+                for k, w in enumerate(workloads(rng, 100, 24, 32))]
+    assert all(v is not None and v.novel is None for v in verdicts)
+    assert any(v is not None and v.firing for v in verdicts)  # the reference's blind spot
+
+
+def test_fire_after_needs_consecutive_iterations_above_the_limit() -> None:
+    det, rng = warmed("prism")
+    assert det.rule_spec.fire_after == 3
+    t = WARMUP
+    for w in workloads(rng, 100):
+        assert det.observe(t, noisy(rng, w), w) is not None
+        t += 1
+    ucl = det.ucl
+    assert ucl is not None
+    # two very slow iterations lift the smoothed error over the limit for a while: the
+    # alert fires on the third iteration in a row above it, not on the first
+    above, fired = 0, False
+    for k, w in enumerate(workloads(rng, 20)):
+        v = det.observe(t, noisy(rng, w, 4.0 if k < 2 else 1.0), w)
+        t += 1
+        assert v is not None
+        above = above + 1 if v.smoothed > ucl else 0
+        if v.transition == "firing":
+            assert above == 3
+            fired = True
+            break
+        assert above < 3
+    assert fired
+
+
 def test_warmup_without_auto_fit_waits_for_install() -> None:
     rng = np.random.default_rng(2)
     det = Detector(warmup=50, auto_fit=False, n_estimators=20)

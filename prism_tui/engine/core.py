@@ -286,6 +286,9 @@ class Engine:
                 det = w.detectors[phase] = Detector(rule=self.rule, warmup=self.warmup,
                                                     auto_fit=False)
             verdict = det.observe(it.end_ns, it.latency_ms, workload)
+            if verdict is not None and verdict.novel and det.novel_seen == 1:
+                self.notice(f"pid {w.pid}: {phase} workload new to the baseline "
+                            f"({verdict.novel}); learning it, not judging it")
             if phase not in w.fitting and (det.needs_fit or det.refit_due):
                 self._fit(w, phase, det, refit=not det.needs_fit)
             if verdict is not None:

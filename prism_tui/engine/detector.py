@@ -282,6 +282,15 @@ class DetectorRule:
         window: smoothing window W in iterations.
         smoothing: ``"mean"`` (moving mean over the last W errors; fewer at the start)
             or ``"ewma"`` (alpha = 2 / (W + 1)).
+        form: the baseline model's form (:class:`BaselineModel`).
+        novelty_margin: when set, an iteration whose batch size or context lies outside
+            the trained range by more than this fraction is *novel*: a workload the model
+            never saw (trees do not extrapolate) is not judged as a fault; it is kept and,
+            after ``novelty_refit`` such iterations, the model is refitted to cover it.
+            None: judge everything (the paper).
+        fire_after: consecutive iterations the smoothed error must stay above the UCL
+            before the alert fires (1: at once, the paper's rule). The alert is still
+            emitted on the iteration that completes the run.
     """
 
     name: str
@@ -295,6 +304,10 @@ class DetectorRule:
     holdout_fraction: float = 0.2
     window: int = 10
     smoothing: Literal["mean", "ewma"] = "mean"
+    fire_after: int = 1
+    form: Literal["gbdt", "robust"] = "gbdt"
+    novelty_margin: float | None = None
+    novelty_refit: int = 100
 
 
 RULES: dict[str, DetectorRule] = {
@@ -306,6 +319,8 @@ RULES: dict[str, DetectorRule] = {
         ucl_method="smoothed_quantile",
         quantile=0.995,
         ucl_floor=0.05,
+        fire_after=3,
+        novelty_margin=0.15,
     ),
 }
 
@@ -331,6 +346,20 @@ class FittedBaseline:
     n_train: int
     n_calibration: int
     rule: DetectorRule
+    batch_range: tuple[float, float] | None = None
+    """Batch sizes the model was trained on (min, max): beyond them it extrapolates."""
+    kv_range: tuple[float, float] | None = None
+    """Average context lengths it was trained on (min, max)."""
+
+    def novelty(self, x: tuple[float, ...], margin: float) -> str | None:
+        """Why ``x`` lies outside the trained workload by more than ``margin`` (or None)."""
+        for name, col, rng in (("batch", 0, self.batch_range), ("kv", 3, self.kv_range)):
+            if rng is None:
+                continue
+            lo, hi = rng
+            if x[col] > hi * (1 + margin) or x[col] < lo * (1 - margin):
+                return f"{name} {x[col]:.0f} outside the trained {lo:.0f}–{hi:.0f}"
+        return None
 
 
 def smooth_errors(errors: npt.ArrayLike, rule: DetectorRule) -> FloatArray:
@@ -385,7 +414,7 @@ def fit_baseline(
     r = get_rule(rule)
     xa = np.asarray(x, dtype=np.float64)
     ya = np.asarray(y, dtype=np.float64)
-    model = BaselineModel(r.target, n_estimators=n_estimators, random_state=seed)
+    model = BaselineModel(r.target, n_estimators=n_estimators, random_state=seed, form=r.form)
     if r.calibration == "holdout" and len(ya) >= 10:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(ya))
@@ -399,7 +428,9 @@ def fit_baseline(
         errs = relative_errors(ya, model.predict(xa))
         n_train, n_cal_used = len(ya), len(ya)
     ucl, mean, std = compute_ucl(errs, r)
-    return FittedBaseline(model, ucl, mean, std, n_train, n_cal_used, r)
+    return FittedBaseline(model, ucl, mean, std, n_train, n_cal_used, r,
+                          batch_range=(float(xa[:, 0].min()), float(xa[:, 0].max())),
+                          kv_range=(float(xa[:, 3].min()), float(xa[:, 3].max())))
 
 
 # --------------------------------------------------------------------------- detector
@@ -417,6 +448,8 @@ class Verdict:
     ucl: float
     firing: bool
     transition: Transition | None = None
+    novel: str | None = None
+    """Why the workload is outside the model's training range (not judged), else None."""
 
 
 @dataclass
@@ -475,6 +508,9 @@ class Detector:
         self._baseline: FittedBaseline | None = None
         self._firing = False
         self._below = 0
+        self._above = 0
+        self._novel = 0
+        self._settle = False
         self._since_fit = 0
         self.n_verdicts = 0
 
@@ -513,19 +549,32 @@ class Detector:
     @property
     def refit_due(self) -> bool:
         """A background refit on :meth:`recent_training_data` is due."""
-        return (
-            self._baseline is not None
-            and not self._firing
-            and self._since_fit >= self.refit_every
-            and len(self._recent) >= self.warmup
-        )
+        if self._baseline is None or self._firing:
+            return False
+        if self._novel >= self._rule.novelty_refit:
+            return True  # a new workload regime: learn it now, not in refit_every
+        if self._settle and self._since_fit >= 2 * self._rule.novelty_refit:
+            return True
+        return self._since_fit >= self.refit_every and len(self._recent) >= self.warmup
+
+    @property
+    def novel_seen(self) -> int:
+        """Novel-workload iterations since the last fit (see ``novelty_margin``)."""
+        return self._novel
 
     def training_data(self) -> tuple[FloatArray, FloatArray]:
         """(features (n, 5), latencies_ms (n,)) collected during warm-up (a copy)."""
         return _arrays(self._training)
 
     def recent_training_data(self) -> tuple[FloatArray, FloatArray]:
-        """Recent non-alerting iterations for a background refit (a copy)."""
+        """Recent non-alerting iterations for a background refit (a copy).
+
+        After a new workload regime (``novelty_refit`` novel iterations) only the last
+        ``warmup`` of them: the new regime is then a tenth of the data, not a fiftieth,
+        and the model fits it instead of averaging it away.
+        """
+        if self._novel >= self._rule.novelty_refit or self._settle:
+            return _arrays(list(self._recent)[-self.warmup:])
         return _arrays(self._recent)
 
     # ---- fitting
@@ -546,9 +595,15 @@ class Detector:
 
     def install(self, baseline: FittedBaseline) -> None:
         """Install a model fitted elsewhere (for example in an executor)."""
+        # a refit for a new regime is followed by one more once the regime settled
+        self._settle = self._novel >= self._rule.novelty_refit
         self._baseline = baseline
         self._since_fit = 0
+        self._novel = 0
         self._training.clear()
+        # errors against the previous model say nothing about this one
+        self._errors.clear()
+        self._ewma = None
 
     # ---- streaming
 
@@ -612,14 +667,29 @@ class Detector:
             return None
         ucl = self._baseline.ucl
         err = max(0.0, (lat - predicted) / lat)
+        margin = self._rule.novelty_margin
+        novel = (self._baseline.novelty(x, margin)
+                 if margin is not None and x is not None else None)
+        if novel is not None:
+            # outside what the model learned: neither evidence of a fault nor of its
+            # absence. Kept for the refit; the smoothed error and the state stand still.
+            self._novel += 1
+            self._recent.append(_Sample(x, lat))  # type: ignore[arg-type]
+            self._since_fit += 1
+            self.n_verdicts += 1
+            return Verdict(t_ns, lat, predicted, err, self._smoothed_now(), ucl,
+                           self._firing, None, novel)
         smoothed = self._smooth(err)
         transition: Transition | None = None
         if not self._firing:
-            if smoothed > ucl:
+            self._above = self._above + 1 if smoothed > ucl else 0
+            if self._above >= self._rule.fire_after:
                 self._firing = True
                 self._below = 0
+                self._above = 0
                 transition = "firing"
-                for _ in range(min(self._rule.window, len(self._recent))):
+                lead_in = self._rule.window + self._rule.fire_after - 1
+                for _ in range(min(lead_in, len(self._recent))):
                     self._recent.pop()
         elif smoothed < ucl * self.hysteresis:
             self._below += 1
@@ -634,6 +704,11 @@ class Detector:
         self._since_fit += 1
         self.n_verdicts += 1
         return Verdict(t_ns, lat, predicted, err, smoothed, ucl, self._firing, transition)
+
+    def _smoothed_now(self) -> float:
+        if self._rule.smoothing == "ewma":
+            return self._ewma or 0.0
+        return sum(self._errors) / len(self._errors) if self._errors else 0.0
 
     def _smooth(self, err: float) -> float:
         if self._rule.smoothing == "ewma":
