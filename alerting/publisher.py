@@ -383,8 +383,10 @@ class AlertPublisher:
                     self._ready.clear()
                     waiter: asyncio.Future[Any] = asyncio.ensure_future(self._ready.wait())
                     waiting: set[asyncio.Future[Any]] = {waiter, failed}
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    try:
+                        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()  # also when we are cancelled: no task left pending
                     continue
                 while self._summaries:
                     key, payload = self._summaries.popitem()
