@@ -181,7 +181,16 @@ class LiveSession:
                     await asyncio.wait_for(task, 5)
             if self._store is not None:
                 await self._store.close()
-            self.monitor.close()
+            await self._detach_off_loop()
+
+    async def _detach_off_loop(self) -> None:
+        """Close the probes in a thread (seconds of kernel work), saying so on screen."""
+        n = self.monitor.events_open
+        if n:
+            self.engine.notice(f"stopping: detaching {n} probe events…")
+            if self._on_view is not None:
+                self._on_view(self.engine.view())
+        await asyncio.get_running_loop().run_in_executor(None, self.monitor.close)
 
     def close(self) -> None:
         """Detach probes and close the outbox (idempotent; ``run`` does it when it ends)."""

@@ -54,7 +54,7 @@ Engine = Callable[[Callable[[EngineView], None], asyncio.Event], Awaitable[None]
 
 PHASES = ("decode", "prefill")
 PANES = ("alerts", "iterations", "detector", "telemetry")
-STOP_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 30.0
 WIDE_COLUMNS = 150
 """From this width on, the panes sit beside the table (the table needs ~80 columns)."""
 DARK, LIGHT = "textual-dark", "textual-light"
@@ -272,6 +272,7 @@ class PrismApp(App[int]):
         self._stop.set()
         worker = self._engine_worker
         if worker is not None and not worker.is_finished:
+            self._set_status("stopping: detaching probes…")
             try:
                 await asyncio.wait_for(worker.wait(), STOP_TIMEOUT_S)
             except (asyncio.TimeoutError, Exception):
