@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml setup.py prism_sim/runtime/simxpu.c prism_sim/runtime/s
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Mosquitto (the broker the alerting tests start) and a C compiler (the test targets).
+# Mosquitto (the broker the alerting tests start), a C compiler (the test targets) and
+# tmux (the end-to-end test of `prism demo` in a real terminal).
 # Installed with apt-get when missing and we are root; otherwise say what to install.
 system-deps:
 	@missing=""; \
@@ -25,6 +26,7 @@ system-deps:
 	command -v cc >/dev/null 2>&1 || missing="$$missing build-essential"; \
 	command -v strip >/dev/null 2>&1 || missing="$$missing binutils"; \
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
+	command -v tmux >/dev/null 2>&1 || missing="$$missing tmux"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -180,3 +180,22 @@ def test_watch_with_a_broker_that_is_down_keeps_alerts_in_the_outbox(tmp_path: P
         kept = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
     # nothing lost: every alert the run emitted waits in the outbox for the broker
     assert kept == len(doc["alerts"]), (kept, len(doc["alerts"]))
+
+
+def test_prism_gateway_is_a_subcommand_of_prism(tmp_path: Path) -> None:
+    state = tmp_path / "gateway.sqlite"
+    ok = subprocess.run([sys.executable, "-m", "prism_tui.cli", "gateway", "silence", "add",
+                         "--state", str(state), "--match", "host=gpu-node-9",
+                         "--duration", "1h"], capture_output=True, text=True, timeout=60,
+                        cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    listed = subprocess.run([sys.executable, "-m", "prism_tui.cli", "gateway", "silence",
+                             "list", "--state", str(state)], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert listed.returncode == 0 and "gpu-node-9" in listed.stdout, listed
+    bad = tmp_path / "gateway.toml"
+    bad.write_text("[broker\nurl = 1\n")
+    broken = subprocess.run([sys.executable, "-m", "prism_tui.cli", "gateway", "--config",
+                             str(bad)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1 and "gateway.toml:1" in broken.stderr
