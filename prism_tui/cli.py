@@ -395,7 +395,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prism_sim.labels import read_labels
     from prism_sim.scenario import load_scenario
     from prism_sim.server import SimServer
-    from prism_tui.engine.evaluate import detection_lag, match, score
+    from prism_tui.engine.evaluate import detection_delay_s, detection_lag, match, score
     from prism_tui.engine.runtime import Monitor, Observation
     from prism_tui.live import LiveSession
     from probes.catalog import load_profile
@@ -457,6 +457,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     doc = {
         "scenario": scenario.name, "duration_s": duration, "rule": args.rule,
         "warmup": args.warmup, **result, "detection_lag_iterations": detection_lag(rows),
+        "detection_delay_s": detection_delay_s(rows), "alerts": len(alerts),
         "alerts_firing": len(firing), "alerts_resolved": len(alerts) - len(firing),
         "alerts_received": len(received),
         "alert_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else None,

@@ -132,8 +132,12 @@ def test_prism_eval_prints_the_scores(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     for key in ("precision", "recall", "f1", "fpr", "iterations", "alerts_firing",
-                "alert_latency_ms", "detection_lag_iterations"):
+                "alert_latency_ms", "detection_lag_iterations", "detection_delay_s",
+                "alerts", "alerts_received"):
         assert key in doc
+    assert set(doc["alert_latency_ms"]) >= {"p50", "p99"}
+    # every alert went through the embedded broker to the subscriber
+    assert doc["alerts_received"] == doc["alerts"], doc
     assert doc["iterations"] > 100 and doc["abnormal"] == 0  # no fault in this scenario
 
 

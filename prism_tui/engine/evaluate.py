@@ -82,3 +82,29 @@ def detection_lag(rows: Sequence[Scored]) -> list[int]:
             lags.append(i - start)
             found = True
     return lags
+
+
+def detection_delay_s(rows: Sequence[Scored]) -> list[float | None]:
+    """Per rank and fault episode, seconds from its first abnormal iteration to the first
+    alarm in it (None: the episode was missed)."""
+    out: list[float | None] = []
+    by_rank: dict[int, list[Scored]] = {}
+    for r in rows:
+        by_rank.setdefault(r.rank, []).append(r)
+    for mine in by_rank.values():
+        start: int | None = None
+        found = False
+        for r in sorted(mine, key=lambda x: x.end_ns):
+            if not r.fault:
+                if start is not None and not found:
+                    out.append(None)
+                start = None
+                continue
+            if start is None:
+                start, found = r.end_ns, False
+            if not found and r.firing:
+                out.append(round((r.end_ns - start) / 1e9, 4))
+                found = True
+        if start is not None and not found:
+            out.append(None)
+    return out
