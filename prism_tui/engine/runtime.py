@@ -139,6 +139,7 @@ class Monitor:
         self._closed = False
         self._close_lock = threading.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._deepdive_opening: set[int] = set()
         if device_of is None:
             from prism_tui.engine.devices import device_of as from_environment
 
@@ -284,39 +285,62 @@ class Monitor:
         self._escalate.add(pid)
 
     def _start_deepdive(self, pid: int) -> None:
-        """Attach the profiles' deepdive-level probes to ``pid`` for ``escalation_s``."""
+        """Attach the profiles' deepdive-level probes to ``pid`` for ``escalation_s``.
+
+        Opening probes parses ELF files and opens perf events (tens of milliseconds):
+        it runs in a thread, so the alert that asked for it leaves without waiting.
+        """
         now = time.monotonic()
         dd = self._deepdives.get(pid)
         if dd is not None:
             dd.until = now + self.escalation_s  # a new alert extends the DeepDive
             return
         att = self._attached.get(pid)
-        if att is None:
+        if att is None or pid in self._deepdive_opening:
             return
+        self._deepdive_opening.add(pid)
+        task = asyncio.get_running_loop().create_task(self._open_deepdive(pid, att))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _deepdive_session(self, att: _Attached) -> tuple[UprobeSession | None, dict[str, str]]:
+        """The blocking half of a DeepDive: resolve the deeper probes and open them."""
         sentinel = {s.probe for p in att.placements for s in p.sites}
         sites = [s for prof in [self.profile, *self.extra_profiles]
                  for s in place_profile(att.target, prof, "deepdive").sites
                  if s.probe not in sentinel]
         if not sites:
-            self.escalations.append(("failed", pid, 0))
-            return
+            return None, {}
+        session = UprobeSession([att.target], sites, mode=self.mode,
+                                drain_interval_s=0.05).open()
+        return session, {s.probe: s.stage for s in sites}
+
+    async def _open_deepdive(self, pid: int, att: _Attached) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            session = UprobeSession([att.target], sites, mode=self.mode,
-                                    drain_interval_s=0.05).open()
-        except (ProbeError, OSError) as exc:
+            session, stage_of = await loop.run_in_executor(None, self._deepdive_session, att)
+        except (ProbeError, OSError, ValueError) as exc:
             self.escalations.append(("failed", pid, 0))
             self.engine.notice(f"DeepDive on pid {pid} failed: {exc}")
             return
-        dd = self._deepdives[pid] = _DeepDive(session, {s.probe: s.stage for s in sites},
-                                              now + self.escalation_s)
+        finally:
+            self._deepdive_opening.discard(pid)
+        if session is None:
+            self.escalations.append(("failed", pid, 0))
+            return
+        if self._loop is None or self._attached.get(pid) is not att:
+            await loop.run_in_executor(None, session.close)  # stopped or detached meanwhile
+            return
+        dd = self._deepdives[pid] = _DeepDive(session, stage_of,
+                                              time.monotonic() + self.escalation_s)
 
         async def pump() -> None:
             async for batch in session.batches():
                 self.engine.add_deepdive_spans(pid, batch, dd.stage_of)
 
-        dd.task = asyncio.get_running_loop().create_task(pump())
-        self.escalations.append(("attached", pid, len(sites)))
-        self.engine.notice(f"DeepDive: {len(sites)} deeper probes on pid {pid} for "
+        dd.task = loop.create_task(pump())
+        self.escalations.append(("attached", pid, len(stage_of)))
+        self.engine.notice(f"DeepDive: {len(stage_of)} deeper probes on pid {pid} for "
                            f"{self.escalation_s:g} s")
 
     def _expire_deepdives(self, force: bool = False) -> None:
