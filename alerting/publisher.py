@@ -162,6 +162,7 @@ class AlertPublisher:
         if self._closed or self._running:
             return
         self._running = True
+        ignore_socket_races(asyncio.get_running_loop())
         self._writer_task = asyncio.create_task(self._writer(), name="alert-outbox-writer")
         try:
             await self._connection_loop()
@@ -485,3 +486,43 @@ def describe_error(exc: BaseException, url: str) -> str:
     if "refused" in text.lower():
         return f"cannot connect to {url}: connection refused (is the broker running?)"
     return f"connection to {url} failed: {text or type(exc).__name__}"
+
+
+_PAHO_SOCKET_CALLBACKS = ("_on_socket_register_write", "_on_socket_open")
+
+
+def _is_paho_socket_call(handle: object) -> bool:
+    """Whether a loop handle is aiomqtt's ``add_writer``/``add_reader`` for paho's socket."""
+    callback = getattr(handle, "_callback", None)
+    if getattr(callback, "__name__", "") not in ("add_writer", "add_reader"):
+        return False
+    names = [getattr(arg, "__qualname__", "") for arg in getattr(handle, "_args", ())]
+    return any(part in name for name in names for part in _PAHO_SOCKET_CALLBACKS)
+
+
+def ignore_socket_races(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep aiomqtt's reconnect race out of the loop's error log (idempotent).
+
+    paho-mqtt asks aiomqtt, from its thread, to watch a socket; aiomqtt schedules
+    ``loop.add_writer(fd, ...)`` with ``call_soon_threadsafe``, and when the broker drops
+    the connection in between, the fd is already closed when that runs: ``OSError``
+    EBADF in a loop callback (seen in the 30 s broker-outage test). The connection loop
+    already treats the drop as a disconnect and reconnects, so that one error is noise;
+    every other loop error still reaches the previous handler.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "ignores_socket_races", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno == 9 and _is_paho_socket_call(
+                context.get("handle")):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.ignores_socket_races = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)

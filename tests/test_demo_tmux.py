@@ -49,6 +49,8 @@ intensity = 0.5
 """
 STAGE_ROW = re.compile(r"^\s*\S?(iteration|device_sync|host)\s+cuda:[01]\s+\d+\s+\d[\d.]*\s+\d")
 ALERT_ROW = re.compile(r"(\d\d:\d\d:\d\d) (?:err|crit|warn)\w*\s+firing\s+iteration\s+(cuda:\d)")
+"""A firing detector alert in the feed. The slowed rank holds its peer in the all-reduce,
+so either rank's detector may be the first to fire."""
 
 
 def _tmux(*args: str) -> str:
@@ -126,15 +128,15 @@ def test_demo_in_tmux_shows_stages_and_the_fault_alert_and_leaves_nothing(
         assert len(children) >= 4, children  # prism, two ranks, the broker (and more)
 
         def fault_alert(text: str) -> bool:
-            for clock, device in ALERT_ROW.findall(text):
+            for clock, _device in ALERT_ROW.findall(text):
                 h, m, s = (int(x) for x in clock.split(":"))
                 day = datetime.fromtimestamp(started, timezone.utc)
                 at = day.replace(hour=h, minute=m, second=s).timestamp()
-                if device == "cuda:1" and at >= started + FAULT_START_S - 1:
+                if at >= started + FAULT_START_S - 1:
                     return True
             return False
 
-        _wait_for("a firing alert on cuda:1 during the fault", fault_alert, session,
+        _wait_for("a firing alert during the fault", fault_alert, session,
                   FAULT_START_S + 40)
         children = _descendants(shell) | children
         _tmux("send-keys", "-t", session, "q")

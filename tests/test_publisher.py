@@ -424,3 +424,32 @@ async def test_wrong_credentials_give_one_clear_error(
         st = pub.status
         assert st.state in ("down", "connecting") and st.pending == 1 and st.published == 0
         assert expected in st.last_error and "\n" not in st.last_error
+
+
+def test_the_aiomqtt_reconnect_race_is_not_logged_but_other_loop_errors_are() -> None:
+    """aiomqtt schedules ``add_writer`` on paho's socket; a drop in between closes it."""
+    import socket as socket_module
+
+    from alerting.publisher import ignore_socket_races
+
+    class Client:  # the qualified name aiomqtt's callback has
+        def _on_socket_register_write(self) -> Callable[[], None]:
+            def callback() -> None: ...
+            return callback
+
+    seen: list[BaseException | None] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx.get("exception")))
+        ignore_socket_races(loop)
+        ignore_socket_races(loop)  # idempotent: wraps once
+        a, _b = socket_module.socketpair()
+        fd = a.fileno()
+        a.close()
+        loop.call_soon_threadsafe(loop.add_writer, fd, Client()._on_socket_register_write())
+        loop.call_soon_threadsafe(loop.add_writer, fd, lambda: None)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert len(seen) == 1 and isinstance(seen[0], OSError)
