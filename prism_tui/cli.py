@@ -332,6 +332,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50 / p99 / max of sorted ``values`` in ms (None when empty)."""
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    return {"p50": round(values[len(values) // 2], 3),
+            "p99": round(values[min(len(values) - 1, int(len(values) * 0.99))], 3),
+            "max": round(values[-1], 3)}
+
+
 def _throughput(stats: Any, labels_path: str, duration: float) -> dict[str, float]:
     """Generated tokens per second and mean decode iteration latency of one run."""
     from prism_sim.labels import read_labels
@@ -344,48 +353,86 @@ def _throughput(stats: Any, labels_path: str, duration: float) -> dict[str, floa
             "decode_ms_mean": round(mean_ms, 4)}
 
 
-async def _run_and_receive(session: Any, duration: float) -> dict[str, int]:
-    """Run the session while a real MQTT subscriber records when each alert arrives.
+class AlertReceiver:
+    """A real MQTT subscriber on its own thread and event loop, timestamping each alert.
 
-    Returns alert id → CLOCK_MONOTONIC ns of receipt (same clock as the spans).
+    Its own loop, so that the receipt time is not held back by the monitor's loop being
+    busy: the figure measures the alert path, not the measuring.
     """
+
+    def __init__(self, config: Any) -> None:
+        import threading
+
+        self.config = config
+        self.received: dict[str, int] = {}
+        """Alert id → CLOCK_MONOTONIC ns of receipt (the spans' clock)."""
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self._loop: Any = None
+        self._stop: Any = None
+        self._thread = threading.Thread(target=self._main, daemon=True, name="alert-receiver")
+
+    def __enter__(self) -> AlertReceiver:
+        self._thread.start()
+        if not self.ready.wait(10):
+            raise RuntimeError(f"the test subscriber could not connect: {self.error}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _main(self) -> None:
+        import asyncio
+
+        asyncio.run(self._subscribe())
+
+    async def _subscribe(self) -> None:
+        import asyncio
+
+        import aiomqtt
+
+        from alerting.config import parse_broker_url
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        _, host, port = parse_broker_url(self.config.url)
+        try:
+            async with aiomqtt.Client(host, port, username=self.config.username,
+                                      password=self.config.password) as client:
+                await client.subscribe(f"{self.config.topic_root}/+/+/alert", qos=1)
+                self.ready.set()
+                reader = asyncio.create_task(self._read(client))
+                await self._stop.wait()
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+        except aiomqtt.MqttError as exc:
+            self.error = str(exc)
+
+    async def _read(self, client: Any) -> None:
+        async for message in client.messages:
+            now = time.monotonic_ns()
+            try:
+                doc = json.loads(bytes(message.payload))
+                self.received[doc["id"]] = now
+            except (ValueError, KeyError, TypeError):
+                continue
+
+
+def _run_and_receive(session: Any, duration: float) -> dict[str, int]:
+    """Run the session while a real MQTT subscriber records when each alert arrives."""
     import asyncio
 
-    import aiomqtt
-
-    from alerting.config import parse_broker_url
-
-    received: dict[str, int] = {}
-    config = session.publisher.config
-    _, host, port = parse_broker_url(config.url)
-    ready = asyncio.Event()
-
-    async def subscribe() -> None:
-        async with aiomqtt.Client(host, port, username=config.username,
-                                  password=config.password) as client:
-            await client.subscribe(f"{config.topic_root}/+/+/alert", qos=1)
-            ready.set()
-            async for message in client.messages:
-                now = time.monotonic_ns()
-                try:
-                    doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
-                    received[doc["id"]] = now
-                except (ValueError, KeyError, TypeError):
-                    continue
-
-    listener = asyncio.create_task(subscribe())
-    await asyncio.wait_for(ready.wait(), 10)
-    await session.run(None, None, duration)
-    await asyncio.sleep(0.5)  # the last acknowledgements
-    listener.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await listener
-    return received
+    with AlertReceiver(session.publisher.config) as receiver:
+        asyncio.run(session.run(None, None, duration))
+        time.sleep(0.5)  # the last deliveries
+    return dict(receiver.received)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``prism eval``: the simulator watched by the monitor, scored against its labels."""
-    import asyncio
     import tempfile
     import threading
 
@@ -441,7 +488,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             session = LiveSession(monitor, broker=BrokerConfig(url=broker_url),
                                   outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
             stack.callback(session.close)
-            received = asyncio.run(_run_and_receive(session, duration))
+            received = _run_and_receive(session, duration)
             alerts = list(monitor.alerts)
         stop_sim.set()
         runner.join(10)
@@ -454,6 +501,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # end to end: the anomalous iteration's end → receipt by a real MQTT subscriber
     latencies = sorted((received[a.id] - a.iteration_end_ns) / 1e6 for a in alerts
                        if a.id in received)
+    # the two halves: iteration end → the engine's verdict, verdict → subscriber
+    detect = sorted((a.detected_at_ns - a.iteration_end_ns) / 1e6 for a in alerts)
+    deliver = sorted((received[a.id] - a.detected_at_ns) / 1e6 for a in alerts
+                     if a.id in received)
     doc = {
         "scenario": scenario.name, "duration_s": duration, "rule": args.rule,
         "warmup": args.warmup, **result, "detection_lag_iterations": detection_lag(rows),
@@ -465,6 +516,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                   int(len(latencies) * 0.99))]
                              if latencies else None,
                              "max": latencies[-1] if latencies else None},
+        "detect_latency_ms": _percentiles(detect),
+        "delivery_latency_ms": _percentiles(deliver),
     }
     if unwatched is not None:
         doc["overhead"] = {"without": unwatched, "with": watched}
