@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -354,71 +355,59 @@ def _throughput(stats: Any, labels_path: str, duration: float) -> dict[str, floa
 
 
 class AlertReceiver:
-    """A real MQTT subscriber on its own thread and event loop, timestamping each alert.
+    """A real MQTT subscriber in a child process (``prism_tui.alert_receiver``).
 
-    Its own loop, so that the receipt time is not held back by the monitor's loop being
-    busy: the figure measures the alert path, not the measuring.
+    A process of its own, so that the monitor's loop and GIL do not delay the receipt
+    timestamps; CLOCK_MONOTONIC is shared by every process on the host.
     """
 
     def __init__(self, config: Any) -> None:
-        import threading
-
         self.config = config
         self.received: dict[str, int] = {}
         """Alert id → CLOCK_MONOTONIC ns of receipt (the spans' clock)."""
-        self.ready = threading.Event()
-        self.error: str | None = None
-        self._loop: Any = None
-        self._stop: Any = None
-        self._thread = threading.Thread(target=self._main, daemon=True, name="alert-receiver")
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: Any = None
 
     def __enter__(self) -> AlertReceiver:
-        self._thread.start()
-        if not self.ready.wait(10):
-            raise RuntimeError(f"the test subscriber could not connect: {self.error}")
+        import threading
+
+        env = dict(os.environ, PRISM_RECEIVER_USERNAME=self.config.username or "",
+                   PRISM_RECEIVER_PASSWORD=self.config.password or "")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "prism_tui.alert_receiver", self.config.url,
+             f"{self.config.topic_root}/+/+/alert"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert self._proc.stdout is not None
+        first = self._proc.stdout.readline().strip()
+        if first != "ready":
+            err = self._proc.stderr.read() if self._proc.stderr else ""
+            self._proc.kill()
+            self._proc.wait()
+            raise RuntimeError(f"the measuring subscriber did not start: {err.strip()}")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
 
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            alert_id, _, ns = line.strip().partition(" ")
+            if ns.isdigit():
+                self.received[alert_id] = int(ns)
+
     def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _main(self) -> None:
-        import asyncio
-
-        asyncio.run(self._subscribe())
-
-    async def _subscribe(self) -> None:
-        import asyncio
-
-        import aiomqtt
-
-        from alerting.config import parse_broker_url
-
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        _, host, port = parse_broker_url(self.config.url)
+        if self._proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()  # its signal to stop
         try:
-            async with aiomqtt.Client(host, port, username=self.config.username,
-                                      password=self.config.password) as client:
-                await client.subscribe(f"{self.config.topic_root}/+/+/alert", qos=1)
-                self.ready.set()
-                reader = asyncio.create_task(self._read(client))
-                await self._stop.wait()
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-        except aiomqtt.MqttError as exc:
-            self.error = str(exc)
-
-    async def _read(self, client: Any) -> None:
-        async for message in client.messages:
-            now = time.monotonic_ns()
-            try:
-                doc = json.loads(bytes(message.payload))
-                self.received[doc["id"]] = now
-            except (ValueError, KeyError, TypeError):
-                continue
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._reader is not None:
+            self._reader.join(5)
 
 
 def _run_and_receive(session: Any, duration: float) -> dict[str, int]:
