@@ -259,6 +259,18 @@ def test_no_permission_exits_3_with_what_to_grant(python_child: Any) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_demo_without_permission_exits_3_before_starting_anything() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test drops root to check the permission path; run it as root")
+    before = set(os.listdir("/dev/shm"))
+    result = prism("demo", "--headless", "--duration", "30", user="65534")
+    assert result.returncode == 3, (result.returncode, result.stderr)
+    assert "CAP_PERFMON" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+    # nothing was started: no simulator ranks, no broker, no shared memory
+    assert result.stdout == "" and set(os.listdir("/dev/shm")) == before
+
+
 def test_trace_of_a_thread_already_running_in_the_c_target(ctarget: CTarget) -> None:
     """pl_sleep_us(2000) in a thread started before the trace: one call per span, ~2 ms."""
     ctarget.cmd("spin_start 2000")
