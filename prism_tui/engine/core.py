@@ -329,7 +329,7 @@ class Engine:
         if len(w.normal_shares) < 20:
             return ()
         return tuple(
-            {"stage": s.stage, "device": s.device or device, "metric": s.metric,
+            {"stage": s.stage, "device": s.device or device, "metric": s.metric or "share",
              "score": round(s.score, 4), "delta_share": round(s.delta_share, 4)}
             for s in rank_suspects(list(w.normal_shares), list(w.recent_shares), top=3))
 
