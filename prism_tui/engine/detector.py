@@ -320,7 +320,7 @@ RULES: dict[str, DetectorRule] = {
         quantile=0.995,
         ucl_floor=0.05,
         fire_after=3,
-        novelty_margin=0.15,
+        novelty_margin=0.5,
     ),
 }
 
