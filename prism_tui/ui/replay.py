@@ -1,8 +1,11 @@
-"""Recorded dashboard input: a deterministic sequence of :class:`EngineView` and a control.
+"""Scripted dashboard input: a deterministic sequence of :class:`EngineView` and a control.
 
-:func:`replay_views` plays a short workload with a fixed clock and a seeded generator
-through the engine's real :class:`~prism_tui.engine.sketches.WindowedSketches`, so the
-snapshots carry real t-digest quantiles. The story: devices warm up their detectors,
+:func:`replay_views` plays a short, scripted workload with a fixed clock and a seeded
+generator through the engine's real :class:`~prism_tui.engine.sketches.WindowedSketches`,
+so the snapshots carry real t-digest quantiles; the detector states and alerts are
+scripted (8 devices × 12 stages for the render benchmark, exact snapshots for the tests).
+The real engine replaying spans recorded through real uprobes drives the dashboard in
+``tests/test_ui_engine.py``. The story: devices warm up their detectors,
 the workload's batch size swings (slower iterations the model explains), then a
 device slowdown on the last device inflates its ``sync`` stage, an alert fires (queued,
 then acknowledged by the broker) and resolves after the fault. One telemetry metric is
