@@ -20,33 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.sim_scenarios import scenario_text, slowdown
+
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_START_S = 30
-SCENARIO = f"""
-[scenario]
-name = "tmux-demo"
-seed = 11
-duration_s = 600
-
-[topology]
-ranks = 2
-layers = 8
-hidden = 4096
-
-[[phase]]
-start_s = 0
-arrival_rate = 20.0
-max_batch = 8
-prompt = {{ dist = "uniform", min = 16, max = 64 }}
-output = {{ dist = "uniform", min = 50, max = 150 }}
-
-[[fault]]
-type = "device_slowdown"
-start_s = {FAULT_START_S}
-duration_s = 20
-rank = 1
-intensity = 0.4
-"""
+SCENARIO = scenario_text(600, slowdown(FAULT_START_S, 20, intensity=0.4), seed=11,
+                         name="tmux-demo")
 STAGE_ROW = re.compile(r"^\s*\S?(iteration|device_sync|host)\s+cuda:[01]\s+\d+\s+\d[\d.]*\s+\d")
 ALERT_ROW = re.compile(r"(\d\d:\d\d:\d\d) (?:err|crit|warn)\w*\s+firing\s+iteration\s+(cuda:\d)")
 """A firing detector alert in the feed. The slowed rank holds its peer in the all-reduce,

@@ -19,7 +19,6 @@ import pytest
 
 from alerting.broker import EmbeddedBroker
 from alerting.config import BrokerConfig
-from prism_sim.scenario import parse_scenario
 from prism_sim.server import SimServer
 from prism_tui.engine.core import SloSpec
 from prism_tui.engine.runtime import Monitor
@@ -29,32 +28,31 @@ from prism_tui.live import LiveSession
 from probes.catalog import load_profile
 from probes.target import Target
 from tests.mqtt_fixtures import Subscriber, broker  # noqa: F401  (the fixture)
+from tests.sim_scenarios import scenario_file, sim_server
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIO = """
-[scenario]
-name = "live"
-seed = 4
-duration_s = {duration}
-
-[topology]
-ranks = 2
-layers = 8
-hidden = 4096
-
-[[phase]]
-start_s = 0
-arrival_rate = 20.0
-max_batch = 8
-prompt = {{ dist = "uniform", min = 16, max = 64 }}
-output = {{ dist = "uniform", min = 50, max = 150 }}
-"""
 
 
 def _server(tmp_path: Path, duration: float) -> SimServer:
-    path = tmp_path / "live.toml"
-    path.write_text(SCENARIO.format(duration=duration))
-    return SimServer(parse_scenario(path.read_text(), str(path)), metrics_port=None)
+    return sim_server(scenario_file(tmp_path, duration, seed=4, name="live"))
+
+
+def _watch_during_sim(tmp_path: Path, sim_s: float, *args: str) -> subprocess.CompletedProcess[str]:
+    """``prism watch --pid <rank 0> ARGS`` while the simulator runs; state under tmp_path."""
+    with _server(tmp_path, sim_s) as server:
+        stop_sim = threading.Event()
+        runner = threading.Thread(target=server.run, args=(sim_s, stop_sim), daemon=True)
+        runner.start()
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", "prism_tui.cli", "watch", "--pid",
+                 str(server.rank_pids[0]), *args],
+                capture_output=True, text=True, timeout=90, cwd=ROOT,
+                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                     "XDG_STATE_HOME": str(tmp_path / "state")})
+        finally:
+            stop_sim.set()
+            runner.join(10)
 
 
 @pytest.mark.anyio
@@ -124,22 +122,9 @@ async def test_alerts_reach_a_subscriber_and_history_while_the_picker_attaches(
 def test_prism_watch_headless_publishes_and_keeps_history(
         broker: EmbeddedBroker, tmp_path: Path) -> None:  # noqa: F811
     db = tmp_path / "watch.sqlite"
-    with _server(tmp_path, 30) as server:
-        stop_sim = threading.Event()
-        runner = threading.Thread(target=server.run, args=(30, stop_sim), daemon=True)
-        runner.start()
-        try:
-            result = subprocess.run(
-                [sys.executable, "-m", "prism_tui.cli", "watch", "--pid",
-                 str(server.rank_pids[0]), "--headless", "--duration", "5",
-                 "--broker", broker.url, "--db", str(db), "--slo",
-                 "decode p99 <= 1ms over 1s"],
-                capture_output=True, text=True, timeout=90, cwd=ROOT,
-                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                     "XDG_STATE_HOME": str(tmp_path / "state")})
-        finally:
-            stop_sim.set()
-            runner.join(10)
+    result = _watch_during_sim(tmp_path, 30, "--headless", "--duration", "5", "--broker",
+                               broker.url, "--db", str(db), "--slo",
+                               "decode p99 <= 1ms over 1s")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert any("snapshot" in x for x in lines)
@@ -156,21 +141,8 @@ def test_prism_watch_headless_publishes_and_keeps_history(
 def test_watch_with_a_broker_that_is_down_keeps_alerts_in_the_outbox(tmp_path: Path) -> None:
     with EmbeddedBroker(prefer="mosquitto") as down:
         url = down.url
-    with _server(tmp_path, 20) as server:
-        stop_sim = threading.Event()
-        runner = threading.Thread(target=server.run, args=(20, stop_sim), daemon=True)
-        runner.start()
-        try:
-            result = subprocess.run(
-                [sys.executable, "-m", "prism_tui.cli", "watch", "--pid",
-                 str(server.rank_pids[0]), "--json", "--duration", "4", "--no-history",
-                 "--broker", url, "--slo", "decode p99 <= 1ms over 1s"],
-                capture_output=True, text=True, timeout=90, cwd=ROOT,
-                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                     "XDG_STATE_HOME": str(tmp_path / "state")})
-        finally:
-            stop_sim.set()
-            runner.join(10)
+    result = _watch_during_sim(tmp_path, 20, "--json", "--duration", "4", "--no-history",
+                               "--broker", url, "--slo", "decode p99 <= 1ms over 1s")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     doc = json.loads(result.stdout)
