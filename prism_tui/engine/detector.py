@@ -12,11 +12,14 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
 
 * ``"paper"`` — the reference: GBDT on latency, UCL = min(mean + 3·std, 0.5) of the
   model's *training-set* errors, moving mean over W = 10.
-* ``"prism"`` — ours: GBDT on log-latency; UCL = the 99.5th percentile of the
-  *smoothed* errors on a held-out calibration split (errors on data the model has not
-  seen, smoothed exactly as the live ones are, since the smoothed error is what the UCL
-  is compared with), floored at 0.05 so that a near-perfect fit cannot produce a hair
-  trigger, capped at 0.5.
+* ``"prism"`` — ours: GBDT on log-latency; UCL = 1.25 × the 99.9th percentile of the
+  *smoothed* out-of-fold errors of the warm-up (five folds of runs of 25 iterations in
+  arrival order, so every warm-up iteration gets an error from a model that did not see
+  it and bursts of noise stay bursts; smoothed exactly as the live ones are, W = 5, since
+  the smoothed error is what the UCL is compared with), floored at 0.05 so that a
+  near-perfect fit cannot produce a hair trigger, capped at 0.5; a workload above the
+  trained range is not judged but learnt by a refit; resolves after 3 iterations below
+  0.8 × UCL.
 
 Time is injected: every call carries the caller's ``t_ns``; nothing here reads a clock.
 Fitting is synchronous; a runtime that must not block calls :func:`fit_baseline` in an
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -272,7 +276,13 @@ class DetectorRule:
         target: model target, ``"linear"`` or ``"log"`` latency.
         calibration: ``"train"`` takes the UCL's errors from the training set itself (the
             paper); ``"holdout"`` fits on ``1 - holdout_fraction`` of the data and takes
-            them from the rest.
+            them from the rest (rows drawn at random); ``"blocks"`` cuts the data into
+            runs of ``5·W`` iterations in arrival order, deals them to ``folds`` folds in
+            turn, and takes each fold's errors from a model fitted on the others, so every
+            row gets an out-of-sample error and runs of slow iterations stay runs
+            (smoothing random rows spreads W errors over ~W/fraction iterations and hides
+            the bursts the live stream has), while every workload regime of the period
+            is in every fold's training data.
         ucl_method: ``"sigma"`` = mean + ``k_sigma``·std; ``"quantile"`` = the
             ``quantile`` of the calibration errors; ``"smoothed_quantile"`` = the
             ``quantile`` of the calibration errors smoothed like the live ones (the
@@ -281,33 +291,47 @@ class DetectorRule:
         ucl_floor: lower bound of the UCL.
         window: smoothing window W in iterations.
         smoothing: ``"mean"`` (moving mean over the last W errors; fewer at the start)
-            or ``"ewma"`` (alpha = 2 / (W + 1)).
+            ``"median"`` (of the last W: a burst shorter than half the window does not
+            move it) or ``"ewma"`` (alpha = 2 / (W + 1)).
         form: the baseline model's form (:class:`BaselineModel`).
-        novelty_margin: when set, an iteration whose batch size or context lies outside
+        novelty_margin: when set, an iteration whose batch size or context lies above
             the trained range by more than this fraction is *novel*: a workload the model
             never saw (trees do not extrapolate) is not judged as a fault; it is kept and,
             after ``novelty_refit`` such iterations, the model is refitted to cover it.
-            None: judge everything (the paper).
+            A workload *below* the trained range is judged (a decode step does not get
+            slower with fewer sequences or less context, so the prediction for the
+            smallest trained workload bounds it from above: an error against it is
+            conservative) and is also learnt by the same refit. None: judge everything
+            (the paper).
         fire_after: consecutive iterations the smoothed error must stay above the UCL
             before the alert fires (1: at once, the paper's rule). The alert is still
             emitted on the iteration that completes the run.
+        hysteresis: a firing alert resolves once the smoothed error stays below
+            ``hysteresis × UCL`` ...
+        resolve_after: ... for this many consecutive iterations.
+        ucl_scale: the calibrated limit is multiplied by this before floor and cap (a
+            margin for noise the warm-up did not show).
     """
 
     name: str
     target: Literal["linear", "log"] = "linear"
-    calibration: Literal["train", "holdout"] = "train"
+    calibration: Literal["train", "holdout", "blocks"] = "train"
     ucl_method: Literal["sigma", "quantile", "smoothed_quantile"] = "sigma"
     k_sigma: float = 3.0
     quantile: float = 0.99
     ucl_cap: float = 0.5
     ucl_floor: float = 0.0
     holdout_fraction: float = 0.2
+    folds: int = 5
     window: int = 10
-    smoothing: Literal["mean", "ewma"] = "mean"
+    smoothing: Literal["mean", "median", "ewma"] = "mean"
     fire_after: int = 1
     form: Literal["gbdt", "robust"] = "gbdt"
     novelty_margin: float | None = None
     novelty_refit: int = 100
+    hysteresis: float = 0.8
+    resolve_after: int = 10
+    ucl_scale: float = 1.0
 
 
 RULES: dict[str, DetectorRule] = {
@@ -315,11 +339,14 @@ RULES: dict[str, DetectorRule] = {
     "prism": DetectorRule(
         name="prism",
         target="log",
-        calibration="holdout",
+        calibration="blocks",
         ucl_method="smoothed_quantile",
-        quantile=0.995,
+        window=5,
+        quantile=0.999,
+        ucl_scale=1.25,
         ucl_floor=0.05,
-        fire_after=3,
+        fire_after=1,
+        resolve_after=3,
         novelty_margin=0.5,
     ),
 }
@@ -352,14 +379,19 @@ class FittedBaseline:
     """Average context lengths it was trained on (min, max)."""
 
     def novelty(self, x: tuple[float, ...], margin: float) -> str | None:
-        """Why ``x`` lies outside the trained workload by more than ``margin`` (or None)."""
+        """Why ``x`` lies above the trained workload by more than ``margin`` (or None)."""
         for name, col, rng in (("batch", 0, self.batch_range), ("kv", 3, self.kv_range)):
             if rng is None:
                 continue
             lo, hi = rng
-            if x[col] > hi * (1 + margin) or x[col] < lo * (1 - margin):
-                return f"{name} {x[col]:.0f} outside the trained {lo:.0f}–{hi:.0f}"
+            if x[col] > hi * (1 + margin):
+                return f"{name} {x[col]:.0f} above the trained {lo:.0f}–{hi:.0f}"
         return None
+
+    def below_range(self, x: tuple[float, ...], margin: float) -> bool:
+        """Whether ``x`` lies below the trained workload by more than ``margin``."""
+        return any(rng is not None and x[col] < rng[0] * (1 - margin)
+                   for col, rng in ((0, self.batch_range), (3, self.kv_range)))
 
 
 def smooth_errors(errors: npt.ArrayLike, rule: DetectorRule) -> FloatArray:
@@ -373,6 +405,9 @@ def smooth_errors(errors: npt.ArrayLike, rule: DetectorRule) -> FloatArray:
             acc = v if i == 0 else alpha * v + (1 - alpha) * acc
             out[i] = acc
         return out
+    if rule.smoothing == "median":
+        return np.array([float(np.median(e[max(0, i - rule.window + 1):i + 1]))
+                         for i in range(len(e))], dtype=np.float64)
     c = np.concatenate([[0.0], np.cumsum(e)])
     idx = np.arange(1, len(e) + 1)
     lo = np.maximum(0, idx - rule.window)
@@ -391,7 +426,7 @@ def compute_ucl(errors: npt.ArrayLike, rule: DetectorRule) -> tuple[float, float
         raw = float(np.quantile(sm, rule.quantile)) if sm.size else 0.0
     else:
         raw = float(np.quantile(e, rule.quantile)) if e.size else 0.0
-    ucl = min(max(raw, rule.ucl_floor), rule.ucl_cap)
+    ucl = min(max(raw * rule.ucl_scale, rule.ucl_floor), rule.ucl_cap)
     return ucl, mean, std
 
 
@@ -415,7 +450,24 @@ def fit_baseline(
     xa = np.asarray(x, dtype=np.float64)
     ya = np.asarray(y, dtype=np.float64)
     model = BaselineModel(r.target, n_estimators=n_estimators, random_state=seed, form=r.form)
-    if r.calibration == "holdout" and len(ya) >= 10:
+    block_len = max(5 * r.window, 20)
+    if r.calibration == "blocks" and len(ya) >= 2 * block_len:
+        # runs of block_len rows in arrival order, dealt to the folds in turn: each
+        # fold's rows are runs (bursts stay bursts) spread over the whole period (a
+        # regime seen in only part of it is in every fold's training data)
+        folds = max(2, min(r.folds, len(ya) // block_len))
+        fold_of = (np.arange(len(ya)) // block_len) % folds
+        pred = np.empty_like(ya)
+        for k in range(folds):
+            held = fold_of == k
+            fold = BaselineModel(r.target, n_estimators=n_estimators, random_state=seed,
+                                 form=r.form)
+            fold.fit(xa[~held], ya[~held])
+            pred[held] = fold.predict(xa[held])
+        model.fit(xa, ya)
+        errs = relative_errors(ya, pred)
+        n_train, n_cal_used = len(ya), len(ya)
+    elif r.calibration == "holdout" and len(ya) >= 10:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(ya))
         n_cal = max(1, round(len(ya) * r.holdout_fraction))
@@ -483,8 +535,10 @@ class Detector:
 
     rule: str | DetectorRule = "paper"
     warmup: int = 1000
-    hysteresis: float = 0.8
-    resolve_after: int = 10
+    hysteresis: float | None = None
+    """None: the rule's (0.8 for both named rules)."""
+    resolve_after: int | None = None
+    """None: the rule's."""
     auto_fit: bool = True
     refit_every: int = 20_000
     recent_capacity: int = 5_000
@@ -494,11 +548,15 @@ class Detector:
 
     def __post_init__(self) -> None:
         self._rule = get_rule(self.rule)
+        self._hysteresis = (self._rule.hysteresis if self.hysteresis is None
+                            else self.hysteresis)
+        self._resolve_after = (self._rule.resolve_after if self.resolve_after is None
+                               else self.resolve_after)
         if self.warmup < 2:
             raise ValueError("warmup must be >= 2 iterations")
-        if not 0 < self.hysteresis <= 1:
+        if not 0 < self._hysteresis <= 1:
             raise ValueError("hysteresis must be in (0, 1]")
-        if self.resolve_after < 1:
+        if self._resolve_after < 1:
             raise ValueError("resolve_after must be >= 1")
         # bounded: a runtime that never installs a model must not grow memory forever
         self._training: deque[_Sample] = deque(maxlen=4 * self.warmup)
@@ -549,10 +607,14 @@ class Detector:
     @property
     def refit_due(self) -> bool:
         """A background refit on :meth:`recent_training_data` is due."""
-        if self._baseline is None or self._firing:
+        if self._baseline is None:
             return False
         if self._novel >= self._rule.novelty_refit:
-            return True  # a new workload regime: learn it now, not in refit_every
+            # a new workload regime: learn it now, not in refit_every; even while firing,
+            # since novel iterations leave the state as it is and would keep it firing
+            return True
+        if self._firing:
+            return False
         if self._settle and self._since_fit >= 2 * self._rule.novelty_refit:
             return True
         return self._since_fit >= self.refit_every and len(self._recent) >= self.warmup
@@ -679,6 +741,9 @@ class Detector:
             self.n_verdicts += 1
             return Verdict(t_ns, lat, predicted, err, self._smoothed_now(), ucl,
                            self._firing, None, novel)
+        if margin is not None and x is not None and self._baseline.below_range(x, 0.1):
+            # judged (the error is conservative) and counted towards a refit that learns it
+            self._novel += 1
         smoothed = self._smooth(err)
         transition: Transition | None = None
         if not self._firing:
@@ -691,9 +756,9 @@ class Detector:
                 lead_in = self._rule.window + self._rule.fire_after - 1
                 for _ in range(min(lead_in, len(self._recent))):
                     self._recent.pop()
-        elif smoothed < ucl * self.hysteresis:
+        elif smoothed < ucl * self._hysteresis:
             self._below += 1
-            if self._below >= self.resolve_after:
+            if self._below >= self._resolve_after:
                 self._firing = False
                 self._below = 0
                 transition = "resolved"
@@ -708,6 +773,8 @@ class Detector:
     def _smoothed_now(self) -> float:
         if self._rule.smoothing == "ewma":
             return self._ewma or 0.0
+        if self._rule.smoothing == "median":
+            return statistics.median(self._errors) if self._errors else 0.0
         return sum(self._errors) / len(self._errors) if self._errors else 0.0
 
     def _smooth(self, err: float) -> float:
@@ -716,6 +783,8 @@ class Detector:
             self._ewma = err if self._ewma is None else alpha * err + (1 - alpha) * self._ewma
             return self._ewma
         self._errors.append(err)
+        if self._rule.smoothing == "median":
+            return statistics.median(self._errors)
         return sum(self._errors) / len(self._errors)
 
 
