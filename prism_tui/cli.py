@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--rule", choices=("paper", "prism"), default="paper")
     ev.add_argument("--warmup", type=int, default=1000, metavar="N")
     ev.add_argument("--labels", metavar="FILE", help="keep the labels file here")
+    ev.add_argument("--record", metavar="FILE", help="save the spans (gzip JSON lines) "
+                    "for offline replay, e.g. by bench/detector_sim.py")
     ev.add_argument("--overhead", action="store_true", help="also run the scenario without "
                     "the monitor first and report throughput_ratio (with / without)")
     ev.add_argument("--broker", metavar="URL", help="publish through this broker (default: "
@@ -245,7 +247,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
     import asyncio
 
     from prism_tui.engine.core import SloSpec
-    from prism_tui.engine.recording import save_spans
     from prism_tui.engine.runtime import Monitor
     from prism_tui.engine.sinks import JsonLinesSink, event_doc
     from prism_tui.engine.view import EngineView
@@ -260,17 +261,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
     profile = _pick_profile(targets[0], args.profile or settings.watch.profile)
     extras = _companion_profiles(targets[0], profile)
     headless = args.headless or args.json or settings.watch.headless
+    recorder = None
     try:
         slos = [SloSpec(rule) for rule in settings.engine.slo]
-        recorded: list[Any] = []
+        recorder = _span_recorder(args.record)
         monitor = Monitor(
             targets, profile, extra_profiles=extras, rule=settings.engine.detector_rule,
             warmup=settings.engine.warmup_iterations, slos=slos, match=args.match,
             mode=settings.probe.mode, costs=calibrate(),
             escalation_s=settings.engine.escalation_s,
             snapshot_interval_s=1 / settings.engine.snapshot_hz,
-            on_spans=recorded.extend if args.record else None)
+            on_spans=recorder.add if recorder else None)
     except ValueError as exc:
+        if recorder is not None:
+            recorder.close([])
+            os.unlink(recorder.path)
         raise UsageError(str(exc)) from exc
     history_db = None if args.no_history else str(settings.history.path)
     if history_db is not None:
@@ -327,10 +332,22 @@ def cmd_watch(args: argparse.Namespace) -> int:
             app.run()
     finally:
         session.close()
-        if args.record:
-            n = save_spans(args.record, monitor.recorded_processes(), recorded)
-            print(f"prism watch: {n} spans saved to {args.record}", file=sys.stderr)
+        if recorder is not None:
+            n = recorder.close(monitor.recorded_processes())
+            print(f"prism watch: {n} spans saved to {recorder.path}", file=sys.stderr)
     return 0
+
+
+def _span_recorder(path: str | None) -> Any:
+    """A streaming span recorder for ``--record`` (None without it); bad paths are usage errors."""
+    if path is None:
+        return None
+    from prism_tui.engine.recording import SpanRecorder
+
+    try:
+        return SpanRecorder(path)
+    except OSError as exc:
+        raise UsageError(f"cannot record to {path}: {exc.strerror or exc}") from None
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -467,9 +484,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         runner = threading.Thread(target=server.run, args=(duration, stop_sim), daemon=True)
         runner.start()
         targets = [Target(pid) for pid in server.rank_pids.values()]
+        recorder = _span_recorder(args.record)
         monitor = Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
                           rule=args.rule, warmup=args.warmup, on_observation=on_observation,
-                          telemetry=False)
+                          telemetry=False, on_spans=recorder.add if recorder else None)
         with contextlib.ExitStack() as stack:
             broker_url = args.broker
             if broker_url is None:
@@ -479,6 +497,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             stack.callback(session.close)
             received = _run_and_receive(session, duration)
             alerts = list(monitor.alerts)
+            if recorder is not None:
+                n = recorder.close(monitor.recorded_processes())
+                print(f"prism eval: {n} spans saved to {recorder.path}", file=sys.stderr)
         stop_sim.set()
         runner.join(10)
         watched = _throughput(server.stats, labels_path, duration)

@@ -21,6 +21,7 @@ from prism_tui.engine.recording import (
     RecordedSpan,
     RecordingError,
     ReplayClock,
+    SpanRecorder,
     load_spans,
     replay,
     save_spans,
@@ -162,3 +163,32 @@ def test_recording_round_trip_and_a_bad_file(tmp_path: Path) -> None:
         fh.write('{"format": 1, "processes": []}\n["a", 1, 2, 3]\n')
     with pytest.raises(RecordingError, match=":2:"):
         load_spans(str(tmp_path / "cut.jsonl.gz"))
+
+
+def test_span_recorder_streams_and_keeps_derived_features(tmp_path: Path) -> None:
+    proc = RecordedProcess(7, "x", "cuda", "a", "cpu", {"a": "host"},
+                           {"kv_tokens": "a.count * 2"})
+    path = tmp_path / "stream.jsonl.gz"
+    rec = SpanRecorder(str(path))
+    batches = [[RecordedSpan("a", 7, 8, 10 * b + k, 10 * b + k + 1, {"count": k})
+                for k in range(3)] for b in range(4)]
+    for batch in batches:
+        rec.add(batch)
+    assert not path.exists()  # the header needs every process: written on close
+    assert rec.close([proc]) == 12
+    assert rec.close([proc]) == 12  # closing twice is harmless
+    procs, spans = load_spans(str(path))
+    assert spans == [s for b in batches for s in b]
+    assert dict(procs[0].derived) == {"kv_tokens": "a.count * 2"}
+    assert [p.name for p in tmp_path.iterdir()] == ["stream.jsonl.gz"]  # no temp left
+
+
+def test_an_old_recording_gets_its_profiles_derived_features(tmp_path: Path) -> None:
+    """Recordings made before derived features were saved replay with the catalog's."""
+    path = tmp_path / "old.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write(json.dumps({"format": 1, "processes": [
+            {"pid": 7, "name": "x", "profile": "cuda", "anchor": "a", "device": "cpu",
+             "stage_of": {"a": "host"}}]}) + "\n")
+    procs, _ = load_spans(str(path))
+    assert "kv_tokens" in procs[0].derived  # what the cuda profile derives

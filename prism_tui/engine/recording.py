@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from prism_tui.engine.iterations import SpanLike
+from probes.catalog import DerivedFeature
 
 FORMAT = 1
 
@@ -44,6 +50,8 @@ class RecordedProcess:
     anchor: str
     device: str
     stage_of: Mapping[str, str]
+    derived: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """The profile's derived features, name → expression (``kv_tokens`` and the like)."""
 
 
 class RecordingError(ValueError):
@@ -55,15 +63,71 @@ def save_spans(path: str, processes: Iterable[RecordedProcess],
     """Write a recording; returns the number of spans written."""
     n = 0
     with gzip.open(path, "wt", encoding="utf-8") as fh:
-        header = {"format": FORMAT, "processes": [
-            {"pid": p.pid, "name": p.name, "profile": p.profile, "anchor": p.anchor,
-             "device": p.device, "stage_of": dict(p.stage_of)} for p in processes]}
-        fh.write(json.dumps(header) + "\n")
+        fh.write(json.dumps(_header(processes)) + "\n")
         for s in spans:
-            args = dict(s.args)
-            fh.write(json.dumps([s.probe, s.pid, s.tid, s.start_ns, s.end_ns, args]) + "\n")
+            fh.write(_span_line(s))
             n += 1
     return n
+
+
+def _span_line(s: SpanLike) -> str:
+    return json.dumps([s.probe, s.pid, s.tid, s.start_ns, s.end_ns, dict(s.args)]) + "\n"
+
+
+class SpanRecorder:
+    """Streams spans to a recording while a monitor runs, without holding them in memory.
+
+    ``add`` only queues the batch (it is called on the monitor's loop); a writer thread
+    formats the lines into a temporary file next to ``path``. ``close(processes)`` writes
+    the header, which needs every process the run attached, then the spans, into
+    ``path``. Memory stays at the queue's backlog, not the run's length.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, self._body_path = tempfile.mkstemp(prefix=".spans-", dir=directory)
+        self._body = os.fdopen(fd, "w", encoding="utf-8")
+        self._queue: queue.SimpleQueue[Sequence[SpanLike] | None] = queue.SimpleQueue()
+        self.count = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._write, name="span-recorder",
+                                        daemon=True)
+        self._thread.start()
+
+    def add(self, spans: Sequence[SpanLike]) -> None:
+        """Queue a batch of spans (cheap: safe to call from the monitor's loop)."""
+        if not self._closed:
+            self._queue.put(list(spans))
+
+    def _write(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            self._body.write("".join(_span_line(s) for s in batch))
+            self.count += len(batch)
+
+    def close(self, processes: Iterable[RecordedProcess]) -> int:
+        """Finish the file with these processes in its header; returns spans written."""
+        if self._closed:
+            return self.count
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        self._body.close()
+        try:
+            with gzip.open(self.path, "wt", encoding="utf-8") as out, \
+                    open(self._body_path, encoding="utf-8") as body:
+                out.write(json.dumps(_header(processes)) + "\n")
+                shutil.copyfileobj(body, out, 1 << 20)
+        finally:
+            os.unlink(self._body_path)
+        return self.count
+
+
+def _header(processes: Iterable[RecordedProcess]) -> dict[str, Any]:
+    return {"format": FORMAT, "processes": [
+        {"pid": p.pid, "name": p.name, "profile": p.profile, "anchor": p.anchor,
+         "device": p.device, "stage_of": dict(p.stage_of), "derived": dict(p.derived)}
+        for p in processes]}
 
 
 def load_spans(path: str) -> tuple[list[RecordedProcess], list[RecordedSpan]]:
@@ -76,7 +140,8 @@ def load_spans(path: str) -> tuple[list[RecordedProcess], list[RecordedSpan]]:
             if not isinstance(header, dict) or header.get("format") != FORMAT:
                 raise RecordingError(f"{path}: not a span recording of format {FORMAT}")
             procs = [RecordedProcess(p["pid"], p["name"], p["profile"], p["anchor"],
-                                     p["device"], MappingProxyType(dict(p["stage_of"])))
+                                     p["device"], MappingProxyType(dict(p["stage_of"])),
+                                     MappingProxyType(_derived_of(p)))
                      for p in header["processes"]]
             for lineno, line in enumerate(fh, start=2):
                 probe, pid, tid, start, end, args = json.loads(line)
@@ -89,6 +154,20 @@ def load_spans(path: str) -> tuple[list[RecordedProcess], list[RecordedSpan]]:
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RecordingError(f"{path}:{lineno}: not a span recording ({exc})") from None
     return procs, spans
+
+
+def _derived_of(process: Mapping[str, Any]) -> dict[str, str]:
+    """A recorded process's derived features; recordings made before they were saved
+    get those of the catalog profile of the same name (what the live run used)."""
+    if "derived" in process:
+        return {str(k): str(v) for k, v in dict(process["derived"]).items()}
+    from probes.catalog import load_profile
+    from probes.errors import CatalogError
+
+    try:
+        return {d.name: d.expr for d in load_profile(str(process["profile"])).derived}
+    except (CatalogError, OSError, ValueError):
+        return {}
 
 
 class ReplayClock:
@@ -107,7 +186,8 @@ class ReplayClock:
 
 class _Feed(Protocol):
     def watch(self, pid: int, name: str, anchor: str, stage_of: Mapping[str, str], *,
-              profile: str = ..., device: str = ...) -> None: ...
+              profile: str = ..., device: str = ...,
+              derived: Sequence[DerivedFeature] = ...) -> None: ...
 
     def add_spans(self, pid: int, spans: Sequence[SpanLike]) -> Any: ...
 
@@ -121,7 +201,8 @@ def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProces
     the number of spans fed.
     """
     for p in processes:
-        engine.watch(p.pid, p.name, p.anchor, p.stage_of, profile=p.profile, device=p.device)
+        engine.watch(p.pid, p.name, p.anchor, p.stage_of, profile=p.profile, device=p.device,
+                     derived=[DerivedFeature(n, e) for n, e in p.derived.items()])
     pending: dict[int, list[RecordedSpan]] = {}
     n = 0
 

@@ -263,7 +263,8 @@ class Monitor:
         for pid, att in self._attached.items():
             stage_of = {s.probe: s.stage for p in att.placements for s in p.sites}
             out.append(RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
-                                       self.device_of(pid), stage_of))
+                                       self.device_of(pid), stage_of,
+                                       {d.name: d.expr for d in self.profile.derived}))
         return out
 
     def candidates(self, pattern: str = INFERENCE_PATTERN) -> list[Candidate]:
