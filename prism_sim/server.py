@@ -157,6 +157,12 @@ class SimServer:
         """Rank number → pid of its process."""
         return {i: p.pid for i, p in enumerate(self.ranks)}
 
+    @property
+    def comm_id(self) -> str | None:
+        """This run's communicator id (hex), on every rank's command line: a ``--match``
+        regex with it picks this server's ranks and no other's."""
+        return None if self._comm_id is None else self._comm_id.hex()
+
     def start(self) -> SimServer:
         """Create the control block, start every rank, the metrics server and the labels."""
         try:
@@ -311,8 +317,11 @@ class SimServer:
             while pending and pending[0][1].start_s <= t:
                 key, spec = pending.pop(0)
                 inj = make_injector(spec, ctx)
-                inj.start()
+                # on from the moment it starts switching on (iterations that end while
+                # it does are labelled with it): a CPU squeeze's hogs burn, and spawning
+                # them loads the CPUs, before the last one says ready
                 self.timeline.started(spec, time.monotonic_ns())
+                inj.start()
                 self.injectors[key] = (spec, inj)
                 self.log(f"fault on: {spec.type} rank {spec.rank} intensity {spec.intensity}")
             stop.wait(0.02)
