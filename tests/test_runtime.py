@@ -7,10 +7,11 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from prism_sim.labels import read_labels
-from prism_sim.scenario import parse_scenario
+from prism_sim.scenario import load_scenario, parse_scenario
 from prism_sim.server import SimServer
 from prism_tui.engine.evaluate import match, score
 from prism_tui.engine.runtime import AlertEvent, Monitor, Observation
@@ -126,3 +127,58 @@ def test_prism_watch_headless_prints_snapshots_of_every_stage(tmp_path: Path) ->
     decode = [row for row in snaps[-1]["series"]
               if row["stage"] == "iteration" and row["phase"] == "decode"]
     assert decode and decode[0]["rate"] > 10 and decode[0]["p50_ms"] > 0
+
+
+def test_smoke_scenario_watched_headless_alerts_during_the_fault_only(tmp_path: Path) -> None:
+    """The issue's end to end: built-in ``smoke`` → ``prism watch --headless`` by ``--match``
+    → an alert during the device slowdown, none before it, resolved after it."""
+    scenario = load_scenario("smoke")
+    duration = scenario.duration_s
+    assert duration is not None
+    labels_path = tmp_path / "labels.jsonl"
+    with SimServer(scenario, labels=labels_path, metrics_port=None) as server:
+        started = time.monotonic()
+        stop = threading.Event()
+        runner = threading.Thread(target=server.run, args=(duration, stop), daemon=True)
+        runner.start()
+        try:
+            watch_s = duration - (time.monotonic() - started) - 1
+            result = subprocess.run(
+                [sys.executable, "-m", "prism_tui.cli", "watch", "--match",
+                 rf"prism_sim\.engine .*--comm-id {server.comm_id}", "--headless", "--json",
+                 "--rule", "prism", "--warmup", "500", "--no-history",
+                 "--record", str(tmp_path / "spans.jsonl.gz"), "--duration", f"{watch_s:.1f}"],
+                capture_output=True, text=True, timeout=duration + 60, cwd=ROOT,
+                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                     "XDG_STATE_HOME": str(tmp_path / "state")})
+        finally:
+            stop.set()
+            runner.join(10)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert {t["pid"] for t in doc["targets"]} == set(server.rank_pids.values()), doc["targets"]
+    assert doc["iterations"].get("decode", 0) > 1000, doc["iterations"]
+    [fault] = read_labels(labels_path).faults
+    alerts = [a for a in doc["alerts"] if a["source"] == "detector"]
+    firing = [a for a in alerts if a["status"] == "firing"]
+    summary = [(a["status"], a["fingerprint"][:8], (a["iteration_end_ns"] - fault.start_ns) / 1e9)
+               for a in alerts]  # seconds from the fault's start, for the failure message
+    assert firing, summary
+    assert all(a["iteration_end_ns"] >= fault.start_ns for a in firing), summary  # none before
+    assert any(a["iteration_end_ns"] <= fault.end_ns for a in firing), summary  # during it
+    last = {}
+    for a in alerts:
+        last[a["fingerprint"]] = a
+    # every alert is resolved by the end, after the fault ended
+    assert all(a["status"] == "resolved" and a["iteration_end_ns"] > fault.end_ns
+               for a in last.values()), summary
+    # the recording replays offline through the same engine and detector
+    bench = subprocess.run(
+        [sys.executable, "bench/detector_sim.py", "--spans", str(tmp_path / "spans.jsonl.gz"),
+         "--labels", str(labels_path), "--warmup", "500", "--rules", "prism", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bench.returncode == 0, bench.stderr
+    replayed = json.loads(bench.stdout)
+    assert replayed["input"]["iterations"] > 1000, replayed["input"]
+    [prism] = replayed["results"]
+    assert prism["alerts"] >= 1 and prism["recall"] > 0.5, prism

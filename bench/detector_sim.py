@@ -1,0 +1,240 @@
+"""Detector rules compared offline on a simulator run recorded through real uprobes.
+
+``prism eval --record SPANS --labels LABELS`` keeps what the monitor saw (every span of
+both ranks) and the simulator's ground truth. This bench replays the spans through the
+real :class:`~prism_tui.engine.core.Engine` once to rebuild the decode iterations and
+their workload (batch size and context from call arguments), then runs each detector
+rule over the same iterations and scores it per iteration against the labels, as
+``prism eval`` does. Same input for every rule, so differences are the rules' own, not
+the run-to-run noise of a 2-vCPU VM.
+
+    .venv/bin/prism eval --scenario paper --rule prism --warmup 1000 \\
+        --record /tmp/paper.spans.gz --labels /tmp/paper.labels.jsonl
+    .venv/bin/python bench/detector_sim.py --spans /tmp/paper.spans.gz \\
+        --labels /tmp/paper.labels.jsonl [--warmup 1000] [--json]
+
+Fits run inline at the iteration that completes the warm-up (live, they run in an
+executor and a few iterations pass before the model is installed), so absolute figures
+differ slightly from the live run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prism_sim.labels import IterationRecord, read_labels
+from prism_tui.engine.core import Engine, Observation, workload_of
+from prism_tui.engine.detector import RULES, Detector, DetectorRule, Verdict, Workload
+from prism_tui.engine.evaluate import Scored, detection_lag, score
+from prism_tui.engine.recording import ReplayClock, load_spans, replay
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """One decode iteration as the monitor saw it, with its ground truth."""
+
+    rank: int
+    end_ns: int
+    latency_ms: float
+    workload: Workload
+    fault: bool
+    true_batch: int
+    true_kv: int
+
+
+def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[str, Any]]:
+    """Replay the recording once; decode iterations matched to their labels, per rank."""
+    procs, spans = load_spans(spans_path)
+    clock = ReplayClock(spans[0].start_ns if spans else 0)
+    seen: dict[int, list[tuple[int, float, Workload]]] = {}
+
+    def on_observation(obs: Observation) -> None:
+        it = obs.iteration
+        if it.phase == "decode":
+            seen.setdefault(it.pid, []).append((it.end_ns, it.latency_ms, workload_of(it)))
+
+    engine = Engine(rule="paper", warmup=10**12, clock=clock, on_observation=on_observation)
+    replay(engine, clock, procs, spans)
+    labels = read_labels(labels_path)
+    by_rank: dict[int, list[IterationRecord]] = {}
+    for lab in labels.iterations:
+        by_rank.setdefault(lab.rank, []).append(lab)
+    for items in by_rank.values():
+        items.sort(key=lambda lab: lab.end_ns)
+
+    def matched(items: list[tuple[int, float, Workload]], mine: list[IterationRecord]
+                ) -> list[tuple[tuple[int, float, Workload], IterationRecord]]:
+        ends = [lab.end_ns for lab in mine]
+        out = []
+        for item in items:
+            i = bisect.bisect_left(ends, item[0])
+            if i < len(mine) and mine[i].start_ns <= item[0]:
+                out.append((item, mine[i]))
+        return out
+
+    steps: list[DecodeStep] = []
+    info: dict[str, Any] = {"spans": len(spans), "ranks": {}}
+    for pid, items in sorted(seen.items()):
+        # the recording names pids, the labels ranks: the rank whose iterations contain
+        # this pid's iteration ends is that pid's rank
+        rank, pairs = max(((r, matched(items, mine)) for r, mine in by_rank.items()),
+                          key=lambda rp: len(rp[1]))
+        info["ranks"][pid] = {"rank": rank, "decode_iterations": len(items),
+                              "matched": len(pairs)}
+        steps += [DecodeStep(rank, t, lat, w, lab.fault_active, lab.batch_size, lab.kv_len)
+                  for (t, lat, w), lab in pairs]
+    info["iterations"] = len(steps)
+    info["fault_iterations"] = sum(s.fault for s in steps)
+    return steps, info
+
+
+def observe(det: Detector, s: DecodeStep) -> Verdict | None:
+    """One iteration, then the refit the engine would start (inline here)."""
+    v = det.observe(s.end_ns, s.latency_ms, s.workload)
+    if det.refit_due:
+        det.refit_now()
+    return v
+
+
+def run_rule(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int
+             ) -> dict[str, Any]:
+    """One rule over every rank's iterations (a detector per rank), scored."""
+    rows: list[Scored] = []
+    alerts = 0
+    novel = 0
+    tail_fp = 0  # false positives within TAIL_S of a fault's end: the alert not yet resolved
+    ucls = []
+    t0 = time.perf_counter()
+    for rank in sorted({s.rank for s in steps}):
+        det = Detector(rule=rule, warmup=warmup)
+        fault_end: int | None = None
+        prev_fault = False
+        for s in (s for s in steps if s.rank == rank):
+            if prev_fault and not s.fault:
+                fault_end = s.end_ns
+            prev_fault = s.fault
+            v = observe(det, s)
+            if v is None:
+                continue
+            novel += v.novel is not None
+            alerts += v.transition == "firing"
+            tail_fp += (v.firing and not s.fault and fault_end is not None
+                        and s.end_ns - fault_end < TAIL_S * 1e9)
+            rows.append(Scored(rank, s.end_ns, v.firing, s.fault))
+        ucls.append(round(det.ucl or 0.0, 3))
+    doc = score(rows)
+    lags = detection_lag(rows)
+    doc.update(rule=rule.name, alerts=alerts, novel=novel, fp_after_fault=tail_fp, ucl=ucls,
+               lag_iterations=lags, seconds=round(time.perf_counter() - t0, 1))
+    return doc
+
+
+TAIL_S = 2.0
+
+
+def false_alarm_context(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int,
+                        ) -> list[dict[str, Any]]:
+    """Where a rule's false alarms start: time since the last fault ended, workload."""
+    out = []
+    for rank in sorted({s.rank for s in steps}):
+        mine = [s for s in steps if s.rank == rank]
+        det = Detector(rule=rule, warmup=warmup)
+        last_fault_end: int | None = None
+        for prev, s in zip([None, *mine[:-1]], mine, strict=True):
+            if prev is not None and prev.fault and not s.fault:
+                last_fault_end = s.end_ns
+            v = observe(det, s)
+            if v is not None and v.transition == "firing" and not s.fault:
+                out.append({
+                    "rank": rank, "t_s": round((s.end_ns - mine[0].end_ns) / 1e9, 1),
+                    "since_fault_s": None if last_fault_end is None
+                    else round((s.end_ns - last_fault_end) / 1e9, 1),
+                    "batch": s.workload.batch_size, "true_batch": s.true_batch,
+                    "kv": round(s.workload.avg_input), "true_kv": s.true_kv,
+                    "observed_ms": round(v.observed_ms, 2),
+                    "predicted_ms": round(v.predicted_ms, 2),
+                    "smoothed": round(v.smoothed, 3), "ucl": round(v.ucl, 3)})
+    return out
+
+
+VARIANTS: dict[str, DetectorRule] = {
+    "paper": RULES["paper"],
+    "prism": RULES["prism"],
+}
+
+_PRISM = RULES["prism"]
+_BLOCKS = dataclasses.replace(_PRISM, name="blocks", calibration="blocks")
+EXPLORE: dict[str, DetectorRule] = {
+    "blocks": _BLOCKS,
+    "blocks, W5, q99.9 ×1.25, fire 1, resolve 3": dataclasses.replace(
+        _BLOCKS, window=5, quantile=0.999, ucl_scale=1.25, fire_after=1, resolve_after=3),
+    "blocks, W5, q99.9 ×1.25, fire 2, resolve 3": dataclasses.replace(
+        _BLOCKS, window=5, quantile=0.999, ucl_scale=1.25, fire_after=2, resolve_after=3),
+    "blocks, W5, q99.9 ×1.25, fire 1, resolve 2": dataclasses.replace(
+        _BLOCKS, window=5, quantile=0.999, ucl_scale=1.25, fire_after=1, resolve_after=2),
+    "blocks, W5, q99.5 ×1.25, fire 1, resolve 3": dataclasses.replace(
+        _BLOCKS, window=5, quantile=0.995, ucl_scale=1.25, fire_after=1, resolve_after=3),
+    "blocks, W5, q99.9 ×1.5, fire 1, resolve 3": dataclasses.replace(
+        _BLOCKS, window=5, quantile=0.999, ucl_scale=1.5, fire_after=1, resolve_after=3),
+    "blocks, W10, q99.9 ×1.25, fire 1, resolve 3": dataclasses.replace(
+        _BLOCKS, quantile=0.999, ucl_scale=1.25, fire_after=1, resolve_after=3),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--spans", required=True, help="recording from prism eval --record")
+    ap.add_argument("--labels", required=True, help="labels from prism eval --labels")
+    ap.add_argument("--warmup", type=int, default=1000)
+    ap.add_argument("--rules", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--explore", action="store_true", help="also the variants explored")
+    ap.add_argument("--why", action="store_true", help="list where false alarms start")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    steps, info = _rebuild(args.spans, args.labels)
+    info["rebuild_s"] = round(time.perf_counter() - t0, 1)
+    rules = {name: VARIANTS[name] for name in args.rules}
+    if args.explore:
+        rules |= EXPLORE
+    results = [run_rule(steps, dataclasses.replace(rule, name=name), args.warmup)
+               for name, rule in rules.items()]
+    if args.json:
+        print(json.dumps({"input": info, "results": results}, indent=2))
+        return 0
+    print(f"{info['spans']} spans, {len(steps)} decode iterations matched to labels "
+          f"({sum(s.fault for s in steps)} during a fault), rebuilt in {info['rebuild_s']} s")
+    print()
+    print("| rule | UCL per rank | judged | abnormal | precision | recall | F1 | FPR "
+          f"| false positives (≤ {TAIL_S:.0f} s after a fault / elsewhere) | alerts | novel "
+          "| lag (iterations) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        lags = r["lag_iterations"]
+        lag = f"{min(lags)}–{max(lags)}" if lags else "–"
+        ucl = " / ".join(f"{u:.3f}" for u in r["ucl"])
+        print(f"| {r['rule']} | {ucl} | {r['iterations']} | {r['abnormal']} "
+              f"| {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} "
+              f"| {r['fpr'] * 100:.2f} % | {r['fp_after_fault']} / "
+              f"{r['fp'] - r['fp_after_fault']} | {r['alerts']} | {r['novel']} | {lag} |")
+    if args.why:
+        for name, rule in rules.items():
+            print(f"\nfalse alarms of {name}:")
+            for row in false_alarm_context(steps, rule, args.warmup):
+                print("  " + json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
