@@ -11,11 +11,13 @@ import dataclasses
 import gzip
 import itertools
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from prism_tui.engine.core import AlertEvent, Engine, SloSpec
+from prism_tui.engine.core import FIT_NICENESS, AlertEvent, Engine, SloSpec, fit_executor
 from prism_tui.engine.recording import (
     RecordedProcess,
     RecordedSpan,
@@ -192,3 +194,18 @@ def test_an_old_recording_gets_its_profiles_derived_features(tmp_path: Path) -> 
              "stage_of": {"a": "host"}}]}) + "\n")
     procs, _ = load_spans(str(path))
     assert "kv_tokens" in procs[0].derived  # what the cuda profile derives
+
+
+def test_models_are_fitted_on_one_thread_at_the_lowest_priority() -> None:
+    """A fit must not take CPU from the monitored server (it would slow the very
+    iterations being judged): one shared thread at niceness 19."""
+    pool = fit_executor()
+    assert pool is fit_executor()
+
+    def where() -> tuple[str, int]:
+        return (threading.current_thread().name,
+                os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    name, nice = pool.submit(where).result(timeout=10)
+    assert name.startswith("prism-fit") and nice == FIT_NICENESS == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # not ours

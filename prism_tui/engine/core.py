@@ -10,11 +10,15 @@ so a replay is deterministic). Every detector or SLO transition becomes an
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -140,6 +144,36 @@ class _Watched:
     fitting: set[str] = field(default_factory=set)
     firing_since: dict[str, int] = field(default_factory=dict)
     slos: dict[tuple[str, str], list[tuple[SloSpec, SloRule]]] = field(default_factory=dict)
+
+
+FIT_NICENESS = 19
+"""Niceness of the thread that fits baseline models."""
+
+_fit_pool: ThreadPoolExecutor | None = None
+_fit_pool_lock = threading.Lock()
+
+
+def _lower_priority() -> None:
+    """Make the calling thread the lowest CPU priority (Linux: niceness is per thread)."""
+    # not Linux, or not allowed: fits still run, at normal priority
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FIT_NICENESS)
+
+
+def fit_executor() -> ThreadPoolExecutor:
+    """The one thread, at the lowest priority, that fits every baseline model.
+
+    A fit takes about a second of CPU per thousand iterations. At normal priority it
+    competes with the monitored server for the host's cores (on a small host it slows the
+    very iterations being judged, which then look anomalous); one thread at niceness 19
+    takes only idle CPU and fits one model at a time.
+    """
+    global _fit_pool
+    with _fit_pool_lock:
+        if _fit_pool is None:
+            _fit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-fit",
+                                           initializer=_lower_priority)
+        return _fit_pool
 
 
 class Engine:
@@ -312,7 +346,7 @@ class Engine:
             det.install(fit_baseline(x, y, det.rule_spec))
             return
         w.fitting.add(phase)
-        future = loop.run_in_executor(None, fit_baseline, x, y, det.rule_spec)
+        future = loop.run_in_executor(fit_executor(), fit_baseline, x, y, det.rule_spec)
 
         def done(fut: asyncio.Future[Any]) -> None:
             w.fitting.discard(phase)
