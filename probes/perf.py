@@ -349,9 +349,16 @@ class PerfRing:
 
     def remove(self, fd: int) -> None:
         """Close one redirected event fd (not the owner)."""
+        if self.release(fd):
+            os.close(fd)
+
+    def release(self, fd: int) -> bool:
+        """Forget one redirected event fd (not the owner) without closing it: the
+        caller closes it (closing a uprobe event can take ~80 ms)."""
         if fd in self.fds[1:]:
             self.fds.remove(fd)
-            os.close(fd)
+            return True
+        return False
 
     def pending_bytes(self) -> int:
         """Bytes written by the kernel and not read yet."""

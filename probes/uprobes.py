@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import queue
 import select
 import struct
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
@@ -45,6 +48,7 @@ from probes.perf import (
     EventSpec,
     PerfRing,
     Sample,
+    disable,
     online_cpus,
     open_ring_owner,
     open_uprobe,
@@ -94,6 +98,10 @@ class SessionStats:
     threads_exited: int = 0
     thread_attach_failures: int = 0
     events_open: int = 0
+    closes_queued: int = 0
+    """Rings and fds handed to the background closer (written by the reader only)."""
+    closes_done: int = 0
+    """Those the closer has closed (written by the closer only)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,7 @@ class UprobeSession:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
+        self._closer: _Closer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> UprobeSession:
@@ -239,6 +248,8 @@ class UprobeSession:
         self._event_fds.clear()
         self._events.clear()
         self.stats.events_open = 0
+        if self._closer is not None:
+            self._closer.finish()  # nothing stays registered once close returns
 
     @property
     def closed(self) -> bool:
@@ -319,6 +330,17 @@ class UprobeSession:
                 return
             raise
 
+    def _close_later(self, what: Callable[[], None]) -> None:
+        """Run ``what`` (closing a ring or an fd) on the session's closer thread.
+
+        Closing a uprobe event unregisters it and waits for the kernel (~80 ms per event
+        on this VM, docs/performance.md): a thread that exits with 20 events would stall
+        the reader's loop, and with it every alert, for over a second.
+        """
+        if self._closer is None:
+            self._closer = _Closer(self.stats)
+        self._closer.put(what)
+
     def _detach_thread(self, tid: int, spans: list[Span]) -> None:
         ring = self._rings.pop((tid, -1), None)
         if ring is None:
@@ -335,11 +357,11 @@ class UprobeSession:
                 if watcher is not None:
                     self._loop.remove_reader(watcher.owner_fd)
         if watcher is not None:
-            watcher.close()
+            self._close_later(watcher.close)
         for index, pairs in self._event_fds.items():
             self._event_fds[index] = [(r, fd) for r, fd in pairs if r is not ring]
         self.stats.events_open -= len(ring.fds) - 1
-        ring.close()
+        self._close_later(ring.close)
         self._drop_pending(lambda key: key[0] == tid)
         self.stats.threads_exited += 1
 
@@ -353,8 +375,11 @@ class UprobeSession:
             return
         self.detached_sites.add(index)
         for ring, fd in self._event_fds.pop(index, []):
+            with contextlib.suppress(PerfOpenError):
+                disable(fd)  # no record from now on; closing (slow) happens elsewhere
             self._closed_counts[self.sites[index].probe] += _read_count(fd)
-            ring.remove(fd)
+            if ring.release(fd):
+                self._close_later(functools.partial(os.close, fd))
             self.stats.events_open -= 1
         self._drop_pending(lambda key: key[1] == index)
 
@@ -646,6 +671,31 @@ class UprobeSession:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(fd)
             self._loop = None
+
+
+class _Closer:
+    """One daemon thread that closes what a session hands it, in order."""
+
+    def __init__(self, stats: SessionStats) -> None:
+        self._stats = stats
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="uprobe-closer", daemon=True)
+        self._thread.start()
+
+    def put(self, what: Callable[[], None]) -> None:
+        self._stats.closes_queued += 1
+        self._queue.put(what)
+
+    def _run(self) -> None:
+        while (what := self._queue.get()) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                what()
+            self._stats.closes_done += 1
+
+    def finish(self) -> None:
+        """Wait until everything handed over is closed."""
+        self._queue.put(None)
+        self._thread.join()
 
 
 def attach(targets: Sequence[Target], sites: Sequence[ProbeSite], **options: Any) -> UprobeSession:

@@ -129,6 +129,25 @@ def test_threads_are_followed(ctarget: CTarget, profile: Profile, mode: str) -> 
         assert stats.threads_exited >= len(tids)
 
 
+def test_exited_threads_are_closed_off_the_reader_and_nothing_leaks(
+        ctarget: CTarget, profile: Profile) -> None:
+    """Closing a uprobe event takes tens of ms: the reader hands an exited thread's ring
+    and watcher to the session's closer thread, and close() waits for it."""
+    before = open_fds()
+    session = UprobeSession([Target(ctarget.pid)], sites_for(ctarget, profile, "work"),
+                            mode="thread")
+    session.open()
+    spans = run_polling(session, ctarget, "threads 4 30 1000")
+    deadline = time.monotonic() + 10
+    while session.stats.threads_exited < 4 and time.monotonic() < deadline:
+        spans += session.poll(0.05)
+    assert session.stats.threads_exited >= 4 and len({s.tid for s in spans}) == 4
+    assert session.stats.closes_queued >= 2 * 4  # a ring and a watcher per thread
+    session.close()
+    assert session.stats.closes_done == session.stats.closes_queued
+    assert open_fds() == before
+
+
 def test_target_already_running_before_attach(ctarget: CTarget, profile: Profile) -> None:
     ctarget.cmd("spin_start 1000")  # a background thread calls pl_work every ~1 ms
     time.sleep(0.1)
