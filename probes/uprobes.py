@@ -194,6 +194,8 @@ class UprobeSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
         self._closer: _Closer | None = None
+        self._opener: _Opener | None = None
+        self._opening: set[int] = set()  # tids whose rings the opener is building
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> UprobeSession:
@@ -248,6 +250,11 @@ class UprobeSession:
         self._event_fds.clear()
         self._events.clear()
         self.stats.events_open = 0
+        if self._opener is not None:
+            for _pid, _tid, built in self._opener.finish():
+                if not isinstance(built, BaseException):
+                    built.close()
+        self._opening.clear()
         if self._closer is not None:
             self._closer.finish()  # nothing stays registered once close returns
 
@@ -258,8 +265,13 @@ class UprobeSession:
 
     # ------------------------------------------------------------------ opening
     def _open_ring(self, tid: int, cpu: int, *, pid: int) -> PerfRing:
+        return self._install_ring(tid, cpu, pid, self._build_ring(tid, cpu))
+
+    def _build_ring(self, tid: int, cpu: int) -> _BuiltRing:
+        """Open a ring and its events; touches no session state (runs on the opener)."""
         ring = PerfRing(self.ring_pages)
         watcher = PerfRing(WATCHER_PAGES) if tid != -1 else None
+        events: list[tuple[int, int, int, EventSpec]] = []
         try:
             ring.add(open_ring_owner(tid, cpu, task_events=False,
                                      watermark_bytes=ring.data_bytes // 2), EventSpec("", 0))
@@ -270,12 +282,27 @@ class UprobeSession:
                             EventSpec("", 0))
             for index, site in enumerate(self.sites):
                 if index not in self.detached_sites:
-                    self._open_site_events(ring, index, site, tid, cpu)
+                    events += self._open_site_events(ring, index, site, tid, cpu)
         except BaseException:
             ring.close()
             if watcher is not None:
                 watcher.close()
             raise
+        return _BuiltRing(ring, watcher, events)
+
+    def _install_ring(self, tid: int, cpu: int, pid: int, built: _BuiltRing) -> PerfRing:
+        """Make a built ring part of the session (on the reader's thread)."""
+        ring, watcher = built.ring, built.watcher
+        for index, eid, fd, spec in built.events:
+            if index in self.detached_sites:  # detached while the ring was being built
+                with contextlib.suppress(PerfOpenError):
+                    disable(fd)
+                if ring.release(fd):
+                    self._close_later(functools.partial(os.close, fd))
+                continue
+            self._events[eid] = self._event_info(index, self.sites[index], spec)
+            self._event_fds.setdefault(index, []).append((ring, fd))
+            self.stats.events_open += 1
         self._rings[(tid, cpu)] = ring
         self._ring_pid[id(ring)] = pid
         if watcher is not None:
@@ -287,7 +314,8 @@ class UprobeSession:
         return ring
 
     def _open_site_events(self, ring: PerfRing, index: int, site: ProbeSite, tid: int,
-                          cpu: int) -> None:
+                          cpu: int) -> list[tuple[int, int, int, EventSpec]]:
+        """Open one site's events into ``ring``: (site index, event id, fd, spec) each."""
         entry_args = site.entry_registers
         entry = EventSpec(site.open_path, site.offset, False,
                           registers_for(entry_args), site.stack_bytes)
@@ -295,13 +323,12 @@ class UprobeSession:
         if site.ret:
             specs.append(EventSpec(site.open_path, site.offset, True,
                                    registers_for((), site.wants_return_value)))
+        opened = []
         for spec in specs:
             fd = open_uprobe(spec, tid, cpu,
                              wakeup_events=1 if site.probe in self.urgent else 0)
-            eid = ring.add(fd, spec)
-            self._events[eid] = self._event_info(index, site, spec)
-            self._event_fds.setdefault(index, []).append((ring, fd))
-            self.stats.events_open += 1
+            opened.append((index, ring.add(fd, spec), fd, spec))
+        return opened
 
     @staticmethod
     def _event_info(index: int, site: ProbeSite, spec: EventSpec) -> _EventInfo:
@@ -319,16 +346,52 @@ class UprobeSession:
         return _EventInfo(index, spec.is_return, tuple(regs), tuple(stack))
 
     def _attach_thread(self, pid: int, tid: int) -> None:
-        if (tid, -1) in self._rings:
+        """Attach a thread's events: at once before the loop runs, else on the opener.
+
+        Opening costs ~3 ms per event here (a uprobe is registered per thread): a new
+        thread of a target with 20 probe events would stall the reader's loop, and every
+        alert waiting on it, for 60 ms. The opener builds the ring in a thread of its own
+        and :meth:`read` installs it; the thread's calls before that are missed either
+        way.
+        """
+        if (tid, -1) in self._rings or tid in self._opening:
             return
-        try:
-            self._open_ring(tid, -1, pid=pid)
-            self.stats.threads_attached += 1
-        except PerfOpenError as exc:
-            if "exited" in str(exc) or not os.path.exists(f"/proc/{pid}/task/{tid}"):
-                self.stats.thread_attach_failures += 1  # the thread was gone already
+        if self._loop is None:
+            try:
+                built = self._build_ring(tid, -1)
+            except PerfOpenError as exc:
+                self._attach_failed(pid, tid, exc)
                 return
-            raise
+            self._install_ring(tid, -1, pid, built)
+            self.stats.threads_attached += 1
+            return
+        if self._opener is None:
+            self._opener = _Opener(self._loop, self._on_readable)
+        self._opening.add(tid)
+        self._opener.put(pid, tid, functools.partial(self._build_ring, tid, -1))
+
+    def _attach_failed(self, pid: int, tid: int, exc: PerfOpenError) -> None:
+        if "exited" in str(exc) or not os.path.exists(f"/proc/{pid}/task/{tid}"):
+            self.stats.thread_attach_failures += 1  # the thread was gone already
+            return
+        raise exc
+
+    def _install_opened(self) -> None:
+        """Install the rings the opener finished (on the reader's thread)."""
+        if self._opener is None:
+            return
+        for pid, tid, built in self._opener.finished():
+            self._opening.discard(tid)
+            if isinstance(built, BaseException):
+                if isinstance(built, PerfOpenError):
+                    self._attach_failed(pid, tid, built)
+                    continue
+                raise built
+            if self._closed or pid in self.exited_pids or (tid, -1) in self._rings:
+                self._close_later(built.close)
+                continue
+            self._install_ring(tid, -1, pid, built)
+            self.stats.threads_attached += 1
 
     def _close_later(self, what: Callable[[], None]) -> None:
         """Run ``what`` (closing a ring or an fd) on the session's closer thread.
@@ -390,9 +453,13 @@ class UprobeSession:
         self.detached_sites.discard(index)
         for (tid, cpu), ring in list(self._rings.items()):
             try:
-                self._open_site_events(ring, index, self.sites[index], tid, cpu)
+                opened = self._open_site_events(ring, index, self.sites[index], tid, cpu)
             except PerfOpenError:
                 continue
+            for _index, eid, fd, spec in opened:
+                self._events[eid] = self._event_info(index, self.sites[index], spec)
+                self._event_fds.setdefault(index, []).append((ring, fd))
+                self.stats.events_open += 1
 
     def kernel_hits(self) -> Counter[str]:
         """Hits per probe as the kernel counted them (entries plus returns).
@@ -472,6 +539,7 @@ class UprobeSession:
             batch.sort(key=lambda s: s[3])
             self._pair(batch, spans, retry_orphans=True)
         else:
+            self._install_opened()
             self._follow_threads(spans)
             for (tid, _cpu), ring in list(self._rings.items()):
                 if not ring.closed:
@@ -671,6 +739,61 @@ class UprobeSession:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(fd)
             self._loop = None
+
+
+@dataclass
+class _BuiltRing:
+    """A thread's ring, its watcher and its events, opened but not yet in the session."""
+
+    ring: PerfRing
+    watcher: PerfRing | None
+    events: list[tuple[int, int, int, EventSpec]]  # (site index, event id, fd, spec)
+
+    def close(self) -> None:
+        self.ring.close()
+        if self.watcher is not None:
+            self.watcher.close()
+
+
+class _Opener:
+    """One daemon thread that builds new threads' rings and wakes the reader when done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
+        self._loop = loop
+        self._wake = wake
+        self._jobs: queue.SimpleQueue[tuple[int, int, Callable[[], _BuiltRing]] | None] = \
+            queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[int, int, _BuiltRing | BaseException]] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="uprobe-opener", daemon=True)
+        self._thread.start()
+
+    def put(self, pid: int, tid: int, build: Callable[[], _BuiltRing]) -> None:
+        self._jobs.put((pid, tid, build))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            pid, tid, build = job
+            try:
+                result: _BuiltRing | BaseException = build()
+            except Exception as exc:  # handed to the reader, which decides
+                result = exc
+            self._done.put((pid, tid, result))
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(self._wake)
+
+    def finished(self) -> list[tuple[int, int, _BuiltRing | BaseException]]:
+        out = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self._done.get_nowait())
+        return out
+
+    def finish(self) -> list[tuple[int, int, _BuiltRing | BaseException]]:
+        """Stop after the jobs queued; what they built, for the caller to close."""
+        self._jobs.put(None)
+        self._thread.join()
+        return self.finished()
 
 
 class _Closer:

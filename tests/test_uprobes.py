@@ -278,6 +278,42 @@ async def test_async_batches_until_the_target_exits(ctarget: CTarget, profile: P
     assert [s.probe for s in got] == ["outer"] * 5
 
 
+@pytest.mark.anyio
+async def test_async_reader_follows_new_threads_from_the_opener(
+        ctarget: CTarget, profile: Profile) -> None:
+    """Under a loop, new threads' events are opened on the session's opener thread (a
+    uprobe per thread costs ms to register) and installed by the reader; exited ones go
+    to the closer. Every thread is seen, and nothing is left open."""
+    import anyio
+
+    before = open_fds()
+    session = UprobeSession([Target(ctarget.pid)], sites_for(ctarget, profile, "work"),
+                            mode="thread")
+    got: list[Span] = []
+    with session:
+        async def drive() -> None:
+            await anyio.sleep(0.1)
+            await anyio.to_thread.run_sync(ctarget.cmd, "threads 4 200 1000")
+            await anyio.sleep(0.5)
+
+        async def read() -> None:
+            async for batch in session.batches():
+                got.extend(batch)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            with anyio.fail_after(20):
+                await drive()
+                while session.stats.threads_exited < 4:
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        stats = session.stats
+    assert len({s.tid for s in got}) == 4 and len(got) >= 700, len(got)
+    assert stats.threads_attached >= 1 + 4 and stats.closes_queued >= 2 * 4
+    assert stats.closes_done == stats.closes_queued
+    assert open_fds() == before
+
+
 def test_records_that_straddle_the_ring_end_decode_correctly(
         ctarget: CTarget, profile: Profile) -> None:
     # 80-byte records (header, id/tid/time, 32 bytes of stack) in a 4096-byte ring: the
