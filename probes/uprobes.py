@@ -149,7 +149,8 @@ class UprobeSession:
 
     def __init__(self, targets: Sequence[Target], sites: Sequence[ProbeSite], *,
                  mode: str = "auto", ring_pages: int = 64, urgent: Collection[str] = (),
-                 drain_interval_s: float = 0.02, max_depth: int = 512) -> None:
+                 drain_interval_s: float = 0.02, rescan_interval_s: float = 0.25,
+                 max_depth: int = 512) -> None:
         """Prepare a session; nothing is opened until :meth:`open`.
 
         Args:
@@ -162,8 +163,11 @@ class UprobeSession:
                 reaches the engine within a millisecond); each such wake-up costs the
                 target 10–14 µs, so name only per-iteration probes. Other records
                 wait for the next drain or for a ring half full.
-            drain_interval_s: how often rings are drained and thread lists rescanned
-                without a wake-up.
+            drain_interval_s: how often rings are drained without a wake-up.
+            rescan_interval_s: how often ``/proc`` is read for new or exited threads and
+                targets (thread mode learns of threads at once from FORK/EXIT records;
+                the rescan is the safety net, and reading ``/proc`` every drain cost the
+                monitor's loop ~2 % of a core per target).
             max_depth: most pending entries per (thread, probe) (runaway recursion guard).
         """
         if mode not in ("auto", "thread", "cpu"):
@@ -176,6 +180,7 @@ class UprobeSession:
         self.ring_pages = ring_pages
         self.urgent = set(urgent)
         self.drain_interval_s = drain_interval_s
+        self.rescan_interval_s = rescan_interval_s
         self.max_depth = max_depth
         self.stats = SessionStats()
         self.detached_sites: set[int] = set()
@@ -544,7 +549,7 @@ class UprobeSession:
             for (tid, _cpu), ring in list(self._rings.items()):
                 if not ring.closed:
                     self._read_thread_ring(tid, ring, spans)
-        if time.monotonic() - self._last_rescan >= self.drain_interval_s:
+        if time.monotonic() - self._last_rescan >= self.rescan_interval_s:
             spans.extend(self.rescan())
         self.stats.spans += len(spans)
         return spans

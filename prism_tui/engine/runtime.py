@@ -15,7 +15,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -488,14 +488,22 @@ class Monitor:
             return  # detached by the user, or a session that ended for another reason
         dd = self._deepdives.pop(pid, None)
         if dd is not None:
-            if dd.task is not None:
-                dd.task.cancel()
-            dd.session.close()
-        att.session.close()
+            self._retire_soon(self._retire(dd))
+        # closing a dead target's probes is seconds of kernel work: off the loop
+        self._retire_soon(asyncio.get_running_loop().run_in_executor(None, att.session.close))
         del self._attached[pid]
         self.engine.gone(pid)
         self.engine.notice(f"pid {pid} exited" + (
             f"; waiting for a process matching {self.match!r}" if self.match else ""))
+
+    def _retire_soon(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` (closing probes) in the background; ``run`` awaits it at the end."""
+        async def wait() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(wait())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _rescan(self) -> None:
         assert self.match is not None
