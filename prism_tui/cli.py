@@ -498,6 +498,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         stop_sim = threading.Event()
         runner = threading.Thread(target=server.run, args=(duration, stop_sim), daemon=True)
+        started_ns = time.monotonic_ns()
         runner.start()
         targets = [Target(pid) for pid in server.rank_pids.values()]
         recorder = _span_recorder(args.record)
@@ -544,6 +545,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "max": latencies[-1] if latencies else None},
         "detect_latency_ms": _percentiles(detect),
         "delivery_latency_ms": _percentiles(deliver),
+        # every alert's own figures, to find what the slow ones had in common
+        "alert_log": [
+            {"status": a.status, "pid": a.target.get("pid"), "at_s": round(
+                (a.iteration_end_ns - started_ns) / 1e9, 3),
+             "detect_ms": round((a.detected_at_ns - a.iteration_end_ns) / 1e6, 3),
+             "delivery_ms": round((received[a.id] - a.detected_at_ns) / 1e6, 3)
+             if a.id in received else None}
+            for a in alerts],
     }
     if unwatched is not None:
         doc["overhead"] = {"without": unwatched, "with": watched}
