@@ -174,21 +174,22 @@ VARIANTS: dict[str, DetectorRule] = {
 }
 
 _PRISM = RULES["prism"]
-_BLOCKS = dataclasses.replace(_PRISM, name="blocks", calibration="blocks")
 EXPLORE: dict[str, DetectorRule] = {
-    "blocks": _BLOCKS,
-    "blocks, W5, q99.9 ×1.25, fire 1, resolve 3": dataclasses.replace(
-        _BLOCKS, window=5, quantile=0.999, ucl_scale=1.25, fire_after=1, resolve_after=3),
-    "blocks, W5, q99.9 ×1.25, fire 2, resolve 3": dataclasses.replace(
-        _BLOCKS, window=5, quantile=0.999, ucl_scale=1.25, fire_after=2, resolve_after=3),
-    "blocks, W5, q99.9 ×1.25, fire 1, resolve 2": dataclasses.replace(
-        _BLOCKS, window=5, quantile=0.999, ucl_scale=1.25, fire_after=1, resolve_after=2),
-    "blocks, W5, q99.5 ×1.25, fire 1, resolve 3": dataclasses.replace(
-        _BLOCKS, window=5, quantile=0.995, ucl_scale=1.25, fire_after=1, resolve_after=3),
-    "blocks, W5, q99.9 ×1.5, fire 1, resolve 3": dataclasses.replace(
-        _BLOCKS, window=5, quantile=0.999, ucl_scale=1.5, fire_after=1, resolve_after=3),
-    "blocks, W10, q99.9 ×1.25, fire 1, resolve 3": dataclasses.replace(
-        _BLOCKS, quantile=0.999, ucl_scale=1.25, fire_after=1, resolve_after=3),
+    "prism before (random 20 % hold-out, q99.5, W10, fire 3, resolve 10)": dataclasses.replace(
+        _PRISM, calibration="holdout", quantile=0.995, ucl_scale=1.0, window=10, fire_after=3,
+        resolve_after=10),
+    "prism, random 20 % hold-out": dataclasses.replace(_PRISM, calibration="holdout"),
+    "prism, W10": dataclasses.replace(_PRISM, window=10),
+    "prism, q99.5": dataclasses.replace(_PRISM, quantile=0.995),
+    "prism, ×1.0": dataclasses.replace(_PRISM, ucl_scale=1.0),
+    "prism, ×1.25": dataclasses.replace(_PRISM, ucl_scale=1.25),
+    "prism, ×1.25, resolve on smoothed errors": dataclasses.replace(
+        _PRISM, ucl_scale=1.25, resolve_on="smoothed"),
+    "prism, resolve on smoothed errors": dataclasses.replace(_PRISM, resolve_on="smoothed"),
+    "prism, fire 2": dataclasses.replace(_PRISM, fire_after=2),
+    "prism, resolve 2": dataclasses.replace(_PRISM, resolve_after=2),
+    "prism, resolve 5": dataclasses.replace(_PRISM, resolve_after=5),
+    "prism, median of W5": dataclasses.replace(_PRISM, smoothing="median"),
 }
 
 

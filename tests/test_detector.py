@@ -100,9 +100,32 @@ def test_slowdown_fires_fast_and_resolves_with_hysteresis() -> None:
     # resolves after the slowdown ends: the window drains (W), then K below h·UCL
     spec = det.rule_spec
     assert len(resolved) == 1, resolved
-    assert 360 + spec.resolve_after <= resolved[0] <= 360 + spec.window + spec.resolve_after + 10
+    latest = 360 + spec.window + spec.resolve_after + 10
+    assert 360 + spec.resolve_after - 1 <= resolved[0] <= latest
     assert not any(v.firing for v in verdicts[resolved[0] :])
     assert [v.transition for v in verdicts if v.transition] == ["firing", "resolved"]
+
+
+def test_resolving_on_raw_errors_ends_the_alert_when_the_slowdown_ends() -> None:
+    """The smoothed error lags the fault's end by up to W iterations; judging each
+    iteration's own error resolves ``resolve_after`` iterations after it instead."""
+    ends = {}
+    for resolve_on in ("raw", "smoothed"):
+        rule = dataclasses.replace(RULES["prism"], window=10, resolve_on=resolve_on)
+        det, rng = warmed(rule, seed=3)
+        t = WARMUP
+        verdicts = []
+        for n, factor in ((100, 1.0), (40, 1.5), (60, 1.0)):
+            for w in workloads(rng, n):
+                verdicts.append(det.observe(t, noisy(rng, w, factor), w))
+                t += 1
+        resolved = [k for k, v in enumerate(verdicts) if k >= 100 and v is not None
+                    and v.transition == "resolved"]
+        assert len(resolved) == 1, (resolve_on, resolved)  # and no flapping after it
+        assert not any(v is not None and v.firing for v in verdicts[resolved[0]:])
+        ends[resolve_on] = resolved[0]
+    assert ends["raw"] == 140 + 3 - 1  # the third normal iteration
+    assert ends["smoothed"] > ends["raw"] + 3  # waits for the window to drain
 
 
 def test_paper_rule_fires_on_slowdown_but_its_in_sample_ucl_is_tight() -> None:

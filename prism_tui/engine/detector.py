@@ -12,14 +12,14 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
 
 * ``"paper"`` — the reference: GBDT on latency, UCL = min(mean + 3·std, 0.5) of the
   model's *training-set* errors, moving mean over W = 10.
-* ``"prism"`` — ours: GBDT on log-latency; UCL = 1.25 × the 99.9th percentile of the
+* ``"prism"`` — ours: GBDT on log-latency; UCL = 1.5 × the 99.9th percentile of the
   *smoothed* out-of-fold errors of the warm-up (five folds of runs of 25 iterations in
   arrival order, so every warm-up iteration gets an error from a model that did not see
   it and bursts of noise stay bursts; smoothed exactly as the live ones are, W = 5, since
   the smoothed error is what the UCL is compared with), floored at 0.05 so that a
   near-perfect fit cannot produce a hair trigger, capped at 0.5; a workload above the
-  trained range is not judged but learnt by a refit; resolves after 3 iterations below
-  0.8 × UCL.
+  trained range is not judged but learnt by a refit; resolves after 3 iterations whose
+  own errors are below 0.8 × UCL (not waiting for the smoothing window to drain).
 
 Time is injected: every call carries the caller's ``t_ns``; nothing here reads a clock.
 Fitting is synchronous; a runtime that must not block calls :func:`fit_baseline` in an
@@ -311,6 +311,10 @@ class DetectorRule:
         resolve_after: ... for this many consecutive iterations.
         ucl_scale: the calibrated limit is multiplied by this before floor and cap (a
             margin for noise the warm-up did not show).
+        resolve_on: what must stay below ``hysteresis × UCL`` to resolve: the smoothed
+            error (``"smoothed"``) or each iteration's own error (``"raw"``: the alert
+            ends ``resolve_after`` iterations after the fault, without waiting for the
+            smoothing window to drain).
     """
 
     name: str
@@ -332,6 +336,7 @@ class DetectorRule:
     hysteresis: float = 0.8
     resolve_after: int = 10
     ucl_scale: float = 1.0
+    resolve_on: Literal["smoothed", "raw"] = "smoothed"
 
 
 RULES: dict[str, DetectorRule] = {
@@ -343,10 +348,11 @@ RULES: dict[str, DetectorRule] = {
         ucl_method="smoothed_quantile",
         window=5,
         quantile=0.999,
-        ucl_scale=1.25,
+        ucl_scale=1.5,
         ucl_floor=0.05,
         fire_after=1,
         resolve_after=3,
+        resolve_on="raw",
         novelty_margin=0.5,
     ),
 }
@@ -756,12 +762,19 @@ class Detector:
                 lead_in = self._rule.window + self._rule.fire_after - 1
                 for _ in range(min(lead_in, len(self._recent))):
                     self._recent.pop()
-        elif smoothed < ucl * self._hysteresis:
+        elif (err if self._rule.resolve_on == "raw" else smoothed) < ucl * self._hysteresis:
             self._below += 1
             if self._below >= self._resolve_after:
                 self._firing = False
                 self._below = 0
                 transition = "resolved"
+                if self._rule.resolve_on == "raw":
+                    # the window still holds the fault's errors and would fire again at
+                    # once: keep only the iterations that ended the alert
+                    recent = list(self._errors)[-self._resolve_after:]
+                    self._errors.clear()
+                    self._errors.extend(recent)
+                    self._ewma = sum(recent) / len(recent) if self._ewma is not None else None
         else:
             self._below = 0
         if x is not None and not self._firing and transition is None and err <= ucl:
