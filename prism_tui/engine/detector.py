@@ -450,7 +450,10 @@ def fit_baseline(
     own training set (as in the paper — in-sample errors are optimistic, so the UCL is
     tight). With ``"holdout"`` a seeded random ``holdout_fraction`` of the rows is kept
     out of the fit and the UCL comes from the model's errors on them (in arrival order,
-    so that ``"smoothed_quantile"`` smooths them as the live stream would be).
+    so that ``"smoothed_quantile"`` smooths them as the live stream would be). With
+    ``"blocks"`` every row gets an out-of-fold error (see :class:`DetectorRule`) and the
+    returned model is fitted on all rows; fewer than two blocks of rows fall back to
+    in-sample errors.
     """
     r = get_rule(rule)
     xa = np.asarray(x, dtype=np.float64)
