@@ -42,7 +42,7 @@ from prism_tui.engine.detector import (  # noqa: E402
     FittedBaseline,
     compute_ucl,
     feature_matrix,
-    relative_errors,
+    fit_and_calibrate,
 )
 
 DATA = ROOT.parent / "shared" / "datasets" / "latencyprism"
@@ -87,20 +87,10 @@ class Fit:
     seconds: float
 
 
-def fit_model(x: np.ndarray, y: np.ndarray, target: str, calibration: str, seed: int) -> Fit:
+def fit_model(x: np.ndarray, y: np.ndarray, rule: DetectorRule, seed: int) -> Fit:
+    """The rule's model and calibration errors, exactly as the detector computes them."""
     t0 = time.perf_counter()
-    model = BaselineModel("log" if target == "log" else "linear", random_state=seed)
-    if calibration == "holdout":
-        order = np.random.default_rng(seed).permutation(len(y))
-        n_cal = round(len(y) * 0.2)
-        cal, tr = np.sort(order[:n_cal]), order[n_cal:]
-        model.fit(x[tr], y[tr])
-        errs = relative_errors(y[cal], model.predict(x[cal]))
-        n = len(tr)
-    else:
-        model.fit(x, y)
-        errs = relative_errors(y, model.predict(x))
-        n = len(y)
+    model, errs, n, _ = fit_and_calibrate(x, y, rule, seed=seed)
     return Fit(model, errs, n, time.perf_counter() - t0)
 
 
@@ -216,7 +206,7 @@ def main() -> None:
     for r in rules.values():
         key = (r.target, r.calibration)
         if key not in fits:
-            fits[key] = fit_model(x[tr], y[tr], *key, seed=args.seed)
+            fits[key] = fit_model(x[tr], y[tr], r, seed=args.seed)
 
     # ---- 1. accuracy
     print("## 1. Model accuracy (normal_vllm.csv, random 80/20 split)\n")

@@ -436,28 +436,12 @@ def compute_ucl(errors: npt.ArrayLike, rule: DetectorRule) -> tuple[float, float
     return ucl, mean, std
 
 
-def fit_baseline(
-    x: npt.ArrayLike,
-    y: npt.ArrayLike,
-    rule: str | DetectorRule = "paper",
-    *,
-    seed: int = 0,
+def fit_and_calibrate(
+    xa: FloatArray, ya: FloatArray, r: DetectorRule, *, seed: int = 0,
     n_estimators: int = 200,
-) -> FittedBaseline:
-    """Fit a model and its UCL (synchronous: a runtime runs this in an executor).
-
-    With ``calibration="train"`` the UCL comes from the errors of the fitted model on its
-    own training set (as in the paper — in-sample errors are optimistic, so the UCL is
-    tight). With ``"holdout"`` a seeded random ``holdout_fraction`` of the rows is kept
-    out of the fit and the UCL comes from the model's errors on them (in arrival order,
-    so that ``"smoothed_quantile"`` smooths them as the live stream would be). With
-    ``"blocks"`` every row gets an out-of-fold error (see :class:`DetectorRule`) and the
-    returned model is fitted on all rows; fewer than two blocks of rows fall back to
-    in-sample errors.
-    """
-    r = get_rule(rule)
-    xa = np.asarray(x, dtype=np.float64)
-    ya = np.asarray(y, dtype=np.float64)
+) -> tuple[BaselineModel, FloatArray, int, int]:
+    """The model and the calibration errors the UCL is computed from, per ``r.calibration``
+    (see :func:`fit_baseline`); also the rows fitted and the rows calibrated on."""
     model = BaselineModel(r.target, n_estimators=n_estimators, random_state=seed, form=r.form)
     block_len = max(5 * r.window, 20)
     if r.calibration == "blocks" and len(ya) >= 2 * block_len:
@@ -488,6 +472,33 @@ def fit_baseline(
         model.fit(xa, ya)
         errs = relative_errors(ya, model.predict(xa))
         n_train, n_cal_used = len(ya), len(ya)
+    return model, errs, n_train, n_cal_used
+
+
+def fit_baseline(
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    rule: str | DetectorRule = "paper",
+    *,
+    seed: int = 0,
+    n_estimators: int = 200,
+) -> FittedBaseline:
+    """Fit a model and its UCL (synchronous: a runtime runs this in an executor).
+
+    With ``calibration="train"`` the UCL comes from the errors of the fitted model on its
+    own training set (as in the paper — in-sample errors are optimistic, so the UCL is
+    tight). With ``"holdout"`` a seeded random ``holdout_fraction`` of the rows is kept
+    out of the fit and the UCL comes from the model's errors on them (in arrival order,
+    so that ``"smoothed_quantile"`` smooths them as the live stream would be). With
+    ``"blocks"`` every row gets an out-of-fold error (see :class:`DetectorRule`) and the
+    returned model is fitted on all rows; fewer than two blocks of rows fall back to
+    in-sample errors.
+    """
+    r = get_rule(rule)
+    xa = np.asarray(x, dtype=np.float64)
+    ya = np.asarray(y, dtype=np.float64)
+    model, errs, n_train, n_cal_used = fit_and_calibrate(xa, ya, r, seed=seed,
+                                                         n_estimators=n_estimators)
     ucl, mean, std = compute_ucl(errs, r)
     return FittedBaseline(model, ucl, mean, std, n_train, n_cal_used, r,
                           batch_range=(float(xa[:, 0].min()), float(xa[:, 0].max())),
