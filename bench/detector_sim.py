@@ -190,6 +190,11 @@ EXPLORE: dict[str, DetectorRule] = {
     "prism, resolve 2": dataclasses.replace(_PRISM, resolve_after=2),
     "prism, resolve 5": dataclasses.replace(_PRISM, resolve_after=5),
     "prism, median of W5": dataclasses.replace(_PRISM, smoothing="median"),
+    "prism, trimmed mean of W5": dataclasses.replace(_PRISM, smoothing="trimmed"),
+    "prism, trimmed mean of W5, ×1.25": dataclasses.replace(_PRISM, smoothing="trimmed",
+                                                            ucl_scale=1.25),
+    "prism, trimmed mean of W5, q99.5": dataclasses.replace(_PRISM, smoothing="trimmed",
+                                                            quantile=0.995),
 }
 
 

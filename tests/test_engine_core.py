@@ -12,13 +12,21 @@ import gzip
 import itertools
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from prism_tui.engine.core import FIT_NICENESS, AlertEvent, Engine, SloSpec, fit_executor
-from prism_tui.engine.detector import fit_baseline
+from prism_tui.engine.core import (
+    AlertEvent,
+    Engine,
+    SloSpec,
+    fit_executor,
+    fit_in_worker,
+    shutdown_fit_executor,
+)
+from prism_tui.engine.fit_worker import FIT_NICENESS, FitWorker, FitWorkerError
 from prism_tui.engine.recording import (
     RecordedProcess,
     RecordedSpan,
@@ -197,15 +205,30 @@ def test_an_old_recording_gets_its_profiles_derived_features(tmp_path: Path) -> 
     assert "kv_tokens" in procs[0].derived  # what the cuda profile derives
 
 
-def test_models_are_fitted_in_one_worker_process_at_the_lowest_priority() -> None:
+def test_models_are_fitted_in_a_worker_process_at_the_lowest_priority() -> None:
     """A fit must neither take CPU from the monitored server (it would slow the very
-    iterations being judged) nor hold the loop's GIL: one process at niceness 19."""
-    pool = fit_executor()
-    assert pool is fit_executor()
-    pid = pool.submit(os.getpid).result(timeout=60)
-    nice = pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(timeout=10)
-    assert pid != os.getpid() and nice == FIT_NICENESS == 19
+    iterations being judged) nor hold the loop's GIL: a child process at niceness 19,
+    over pipes (nothing left in /dev/shm), restarted when it dies."""
+    shm_before = set(os.listdir("/dev/shm"))
+    worker = FitWorker()
+    pid, nice = worker.call("whoami")
+    assert pid == worker.pid and pid != os.getpid() and nice == FIT_NICENESS == 19
     assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # ours is untouched
     x = np.arange(500, dtype=float).reshape(100, 5)
-    fitted = pool.submit(fit_baseline, x, x.sum(axis=1), "prism").result(timeout=60)
+    fitted = worker.fit(x, x.sum(axis=1), "prism")
     assert fitted.n_train == 100 and fitted.rule.name == "prism"
+    with pytest.raises(FitWorkerError, match="ValueError"):
+        worker.fit(x, x.sum(axis=1), "no-such-rule")  # an answer: the worker lives on
+    assert worker.pid == pid
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(FitWorkerError, match="died"):
+        worker.call("whoami")
+    new_pid, _ = worker.call("whoami")  # started again
+    assert new_pid != pid
+    worker.close()
+    assert worker.pid is None and set(os.listdir("/dev/shm")) - shm_before == set()
+    # the engine's path: through its one thread, the shared worker
+    assert fit_executor() is fit_executor()
+    fitted = fit_executor().submit(fit_in_worker, x, x.sum(axis=1), "paper").result(60)
+    assert fitted.rule.name == "paper"
+    shutdown_fit_executor()

@@ -10,21 +10,25 @@ so a replay is deterministic). Every detector or SLO transition becomes an
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import multiprocessing
-import os
 import socket
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from prism_tui.engine.detector import Detector, SloRule, Verdict, Workload, fit_baseline
+from prism_tui.engine.detector import (
+    Detector,
+    FittedBaseline,
+    SloRule,
+    Verdict,
+    Workload,
+    fit_baseline,
+)
+from prism_tui.engine.fit_worker import FitWorker, FitWorkerError
 from prism_tui.engine.iterations import Derived, Iteration, IterationBuilder, SpanLike
 from prism_tui.engine.rca import rank_suspects
 from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
@@ -148,52 +152,34 @@ class _Watched:
     slos: dict[tuple[str, str], list[tuple[SloSpec, SloRule]]] = field(default_factory=dict)
 
 
-FIT_NICENESS = 19
-"""Niceness of the process that fits baseline models."""
-
-_fit_pool: Executor | None = None
+_fit_pool: ThreadPoolExecutor | None = None
+_fit_worker = FitWorker()
 _fit_pool_lock = threading.Lock()
 
 
-def _lower_priority() -> None:
-    """Make the calling process the lowest CPU priority (runs in the fit worker)."""
-    # not allowed or not Linux: fits still run, at normal priority
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, FIT_NICENESS)
-
-
-def fit_executor() -> Executor:
-    """The one worker process, at the lowest priority, that fits every baseline model.
-
-    A fit takes about a second of CPU per thousand iterations. At normal priority it
-    competes with the monitored server for the host's cores (on a small host it slows the
-    very iterations being judged, which then look anomalous). In a thread at low priority
-    it would hold the GIL while the kernel leaves it waiting for a CPU, and the loop (with
-    the alert it was about to send) would wait too: ~90 ms measured in ``prism eval``. A
-    process of its own at niceness 19 shares no lock with the loop and takes only idle
-    CPU; it starts on first use (spawned, so it inherits no probe fds nor threads).
-    """
+def fit_executor() -> ThreadPoolExecutor:
+    """The one thread that hands fits to the fit worker process and waits for them."""
     global _fit_pool
     with _fit_pool_lock:
         if _fit_pool is None:
-            try:
-                _fit_pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_lower_priority)
-            except (OSError, ValueError, NotImplementedError):
-                # no process support (a locked-down sandbox): a thread still keeps the
-                # fit off the loop
-                _fit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-fit")
+            _fit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-fit")
         return _fit_pool
 
 
-def _fit_pool_broken() -> None:
-    """Forget a fit worker that died (killed, out of memory): the next fit starts anew."""
-    global _fit_pool
-    with _fit_pool_lock:
-        pool, _fit_pool = _fit_pool, None
-    if pool is not None:
-        pool.shutdown(wait=False)
+def fit_in_worker(x: Any, y: Any, rule: Any) -> FittedBaseline:
+    """``fit_baseline`` in the low-priority worker process (see :mod:`.fit_worker`); in
+    this thread when the worker cannot run, so a fit is slower but never lost."""
+    try:
+        result: FittedBaseline = _fit_worker.fit(x, y, rule)
+        return result
+    except FitWorkerError:
+        return fit_baseline(x, y, rule)
+
+
+def shutdown_fit_executor() -> None:
+    """Stop the fit worker process (the next fit starts a new one); monitors call it
+    when they close."""
+    _fit_worker.close()
 
 
 class Engine:
@@ -365,18 +351,11 @@ class Engine:
         except RuntimeError:
             det.install(fit_baseline(x, y, det.rule_spec))
             return
-        try:
-            future = loop.run_in_executor(fit_executor(), fit_baseline, x, y, det.rule_spec)
-        except (BrokenProcessPool, RuntimeError):
-            _fit_pool_broken()  # tried again with a new worker on the next iteration
-            return
         w.fitting.add(phase)
+        future = loop.run_in_executor(fit_executor(), fit_in_worker, x, y, det.rule_spec)
 
         def done(fut: asyncio.Future[Any]) -> None:
             w.fitting.discard(phase)
-            if not fut.cancelled() and isinstance(fut.exception(), BrokenProcessPool):
-                _fit_pool_broken()
-                return
             if not fut.cancelled() and fut.exception() is None:
                 det.install(fut.result())
                 if refit:

@@ -291,6 +291,8 @@ class DetectorRule:
         ucl_floor: lower bound of the UCL.
         window: smoothing window W in iterations.
         smoothing: ``"mean"`` (moving mean over the last W errors; fewer at the start)
+            ``"trimmed"`` (mean of the last W without their largest: one isolated stall
+            does not move it, two slow iterations in a row do),
             ``"median"`` (of the last W: a burst shorter than half the window does not
             move it) or ``"ewma"`` (alpha = 2 / (W + 1)).
         form: the baseline model's form (:class:`BaselineModel`).
@@ -328,7 +330,7 @@ class DetectorRule:
     holdout_fraction: float = 0.2
     folds: int = 5
     window: int = 10
-    smoothing: Literal["mean", "median", "ewma"] = "mean"
+    smoothing: Literal["mean", "median", "trimmed", "ewma"] = "mean"
     fire_after: int = 1
     form: Literal["gbdt", "robust"] = "gbdt"
     novelty_margin: float | None = None
@@ -400,6 +402,13 @@ class FittedBaseline:
                    for col, rng in ((0, self.batch_range), (3, self.kv_range)))
 
 
+def trimmed_mean(values: Sequence[float] | deque[float]) -> float:
+    """Mean without the largest value (plain mean below three values)."""
+    n = len(values)
+    total = sum(values)
+    return (total - max(values)) / (n - 1) if n >= 3 else total / n
+
+
 def smooth_errors(errors: npt.ArrayLike, rule: DetectorRule) -> FloatArray:
     """The detector's smoothing applied to a sequence of errors (in arrival order)."""
     e = np.asarray(errors, dtype=np.float64)
@@ -413,6 +422,9 @@ def smooth_errors(errors: npt.ArrayLike, rule: DetectorRule) -> FloatArray:
         return out
     if rule.smoothing == "median":
         return np.array([float(np.median(e[max(0, i - rule.window + 1):i + 1]))
+                         for i in range(len(e))], dtype=np.float64)
+    if rule.smoothing == "trimmed":
+        return np.array([trimmed_mean(e[max(0, i - rule.window + 1):i + 1].tolist())
                          for i in range(len(e))], dtype=np.float64)
     c = np.concatenate([[0.0], np.cumsum(e)])
     idx = np.arange(1, len(e) + 1)
@@ -802,6 +814,8 @@ class Detector:
             return self._ewma or 0.0
         if self._rule.smoothing == "median":
             return statistics.median(self._errors) if self._errors else 0.0
+        if self._rule.smoothing == "trimmed":
+            return trimmed_mean(self._errors) if self._errors else 0.0
         return sum(self._errors) / len(self._errors) if self._errors else 0.0
 
     def _smooth(self, err: float) -> float:
@@ -812,6 +826,8 @@ class Detector:
         self._errors.append(err)
         if self._rule.smoothing == "median":
             return statistics.median(self._errors)
+        if self._rule.smoothing == "trimmed":
+            return trimmed_mean(self._errors)
         return sum(self._errors) / len(self._errors)
 
 

@@ -25,6 +25,7 @@ from prism_tui.engine.core import (
     Engine,
     Observation,
     SloSpec,
+    shutdown_fit_executor,
     workload_of,
 )
 from prism_tui.engine.iterations import SpanLike
@@ -391,6 +392,7 @@ class Monitor:
             self._deepdives.clear()
             for att in self._attached.values():
                 att.session.close()
+            shutdown_fit_executor()
             self._closed = True
 
     def __enter__(self) -> Monitor:

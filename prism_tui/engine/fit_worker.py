@@ -1,0 +1,149 @@
+"""Baseline fits in a child process at the lowest CPU priority.
+
+A fit takes about a second of CPU per thousand iterations. At normal priority it
+competes with the monitored server for the host's cores (on a small host it slows the
+very iterations being judged, which then look anomalous). In a thread at low priority it
+holds the GIL while the kernel leaves it waiting for a CPU, and the monitor's loop, with
+the alert it was about to send, waits too (~90 ms measured in ``prism eval``). A child
+process at niceness 19 shares no lock with the loop and takes only idle CPU.
+
+The child is a plain ``python -m prism_tui.engine.fit_worker`` talking length-prefixed
+pickles over its stdin and stdout: no multiprocessing machinery, so nothing is left in
+``/dev/shm`` and no probe fd is inherited (they are close-on-exec). One request at a
+time; a worker that dies is started again by the next fit, and if it cannot run at all
+the fit runs in the calling thread instead (slower for the loop, never lost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from typing import IO, Any
+
+FIT_NICENESS = 19
+"""Niceness of the process that fits baseline models."""
+
+_HEADER = struct.Struct("<Q")
+
+
+class FitWorkerError(RuntimeError):
+    """The worker could not be started, died, or answered with an error."""
+
+
+def _send(fh: IO[bytes], obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(_HEADER.pack(len(data)))
+    fh.write(data)
+    fh.flush()
+
+
+def _receive(fh: IO[bytes]) -> Any:
+    head = fh.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError("fit worker closed its pipe")
+    (size,) = _HEADER.unpack(head)
+    data = fh.read(size)
+    if len(data) < size:
+        raise EOFError("fit worker closed its pipe mid-message")
+    return pickle.loads(data)
+
+
+class FitWorker:
+    """A lazily started child process that runs :func:`fit_baseline` calls in turn."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # one request at a time on the pipes
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's pid while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def call(self, kind: str, *args: object) -> Any:
+        """Send one request and wait for its answer (blocking: call it from a thread)."""
+        with self._lock:
+            proc = self._start()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                _send(proc.stdin, (kind, *args))
+                status, value = _receive(proc.stdout)
+            except (OSError, EOFError, pickle.UnpicklingError) as exc:
+                self._stop(proc)
+                raise FitWorkerError(f"fit worker died: {exc}") from None
+        if status != "ok":
+            raise FitWorkerError(str(value))
+        return value
+
+    def fit(self, x: object, y: object, rule: object) -> Any:
+        """``fit_baseline(x, y, rule)`` in the worker."""
+        return self.call("fit", x, y, rule)
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "prism_tui.engine.fit_worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        except OSError as exc:
+            raise FitWorkerError(f"cannot start the fit worker: {exc}") from None
+        return self._proc
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes]) -> None:
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        try:
+            proc.wait(5)  # it exits at the end of its input
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        """Stop the worker (a fit in progress fails with :class:`FitWorkerError`)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self._stop(proc)
+
+
+def main() -> int:
+    """The worker: lowest priority, then answer requests until stdin closes."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, FIT_NICENESS)
+    requests = sys.stdin.buffer
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print() must not corrupt the answers
+    from prism_tui.engine.detector import fit_baseline
+
+    while True:
+        try:
+            kind, *args = _receive(requests)
+        except (EOFError, OSError):
+            return 0
+        answer: tuple[str, object]
+        try:
+            if kind == "fit":
+                answer = ("ok", fit_baseline(*args))
+            elif kind == "whoami":
+                answer = ("ok", (os.getpid(), os.getpriority(os.PRIO_PROCESS, 0)))
+            else:
+                raise ValueError(f"unknown request {kind!r}")
+        except Exception as exc:  # an answer, not a dead worker
+            answer = ("error", f"{type(exc).__name__}: {exc}")
+        try:
+            _send(answers, answer)
+        except OSError:
+            return 0  # the monitor is gone
+
+
+if __name__ == "__main__":
+    sys.exit(main())
