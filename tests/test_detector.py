@@ -536,3 +536,16 @@ def test_rca_edge_cases() -> None:
     # zero-spread baseline does not divide by zero
     got = rank_suspects(same, [{"a": 0.9, "b": 0.1}] * 5, top=1)
     assert got[0].stage == "a" and math.isfinite(got[0].score)
+
+
+def test_trimmed_smoothing_drops_the_windows_largest_error() -> None:
+    rule = dataclasses.replace(RULES["prism"], smoothing="trimmed", window=5)
+    assert smooth_errors([0, 0, 0, 1, 0, 0], rule).tolist() == [0] * 6  # one stall: ignored
+    assert smooth_errors([0, 0, 0, 1, 1], rule).tolist() == [0, 0, 0, 0, 0.25]  # two: not
+    assert smooth_errors([2, 4], rule).tolist() == [2, 3]  # under three values: plain mean
+    det, rng = warmed(rule)
+    verdicts = [det.observe(WARMUP + k, noisy(rng, w, 3.0 if k % 10 == 5 else 1.0), w)
+                for k, w in enumerate(workloads(rng, 40))]
+    live = [v.smoothed for v in verdicts if v is not None]
+    errors = [v.error for v in verdicts if v is not None]
+    assert len(live) == 40 and live == pytest.approx(smooth_errors(errors, rule).tolist())
