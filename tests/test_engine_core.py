@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,12 @@ from prism_tui.engine.core import (
     fit_in_worker,
     shutdown_fit_executor,
 )
-from prism_tui.engine.fit_worker import FIT_NICENESS, FitWorker, FitWorkerError
+from prism_tui.engine.fit_worker import (
+    FIT_NICENESS,
+    FitWorker,
+    FitWorkerError,
+    FitWorkerUnavailableError,
+)
 from prism_tui.engine.recording import (
     RecordedProcess,
     RecordedSpan,
@@ -232,3 +238,15 @@ def test_models_are_fitted_in_a_worker_process_at_the_lowest_priority() -> None:
     fitted = fit_executor().submit(fit_in_worker, x, x.sum(axis=1), "paper").result(60)
     assert fitted.rule.name == "paper"
     shutdown_fit_executor()
+
+
+def test_a_fit_worker_that_cannot_start_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    """No interpreter to start (a locked-down host): the error says why, and the
+    engine's path falls back to fitting in its thread."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(FitWorkerUnavailableError, match="cannot start the fit worker"):
+        FitWorker().call("whoami")
+    x = np.arange(500, dtype=float).reshape(100, 5)
+    shutdown_fit_executor()
+    assert fit_in_worker(x, x.sum(axis=1), "paper").rule.name == "paper"

@@ -28,7 +28,7 @@ from prism_tui.engine.detector import (
     Workload,
     fit_baseline,
 )
-from prism_tui.engine.fit_worker import FitWorker, FitWorkerError
+from prism_tui.engine.fit_worker import FitWorker, FitWorkerUnavailableError
 from prism_tui.engine.iterations import Derived, Iteration, IterationBuilder, SpanLike
 from prism_tui.engine.rca import rank_suspects
 from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
@@ -168,11 +168,12 @@ def fit_executor() -> ThreadPoolExecutor:
 
 def fit_in_worker(x: Any, y: Any, rule: Any) -> FittedBaseline:
     """``fit_baseline`` in the low-priority worker process (see :mod:`.fit_worker`); in
-    this thread when the worker cannot run, so a fit is slower but never lost."""
+    this thread when no process can be started here, so a fit is slower but never lost.
+    A worker that died mid-fit raises: the fit is retried, with a new worker, next time."""
     try:
         result: FittedBaseline = _fit_worker.fit(x, y, rule)
         return result
-    except FitWorkerError:
+    except FitWorkerUnavailableError:
         return fit_baseline(x, y, rule)
 
 

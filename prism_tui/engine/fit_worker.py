@@ -35,6 +35,10 @@ class FitWorkerError(RuntimeError):
     """The worker could not be started, died, or answered with an error."""
 
 
+class FitWorkerUnavailableError(FitWorkerError):
+    """The worker process cannot be started here at all."""
+
+
 def _send(fh: IO[bytes], obj: object) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     fh.write(_HEADER.pack(len(data)))
@@ -93,7 +97,7 @@ class FitWorker:
                 [sys.executable, "-m", "prism_tui.engine.fit_worker"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         except OSError as exc:
-            raise FitWorkerError(f"cannot start the fit worker: {exc}") from None
+            raise FitWorkerUnavailableError(f"cannot start the fit worker: {exc}") from None
         return self._proc
 
     @staticmethod
