@@ -126,6 +126,12 @@ def test_resolving_on_raw_errors_ends_the_alert_when_the_slowdown_ends() -> None
         ends[resolve_on] = resolved[0]
     assert ends["raw"] == 140 + 3 - 1  # the third normal iteration
     assert ends["smoothed"] > ends["raw"] + 3  # waits for the window to drain
+    # an EWMA keeps no window: it restarts from the iteration that resolved
+    det, rng = warmed(dataclasses.replace(RULES["prism"], smoothing="ewma", resolve_on="raw"))
+    slow_then_normal = [det.observe(WARMUP + k, noisy(rng, w, 1.5 if k < 40 else 1.0), w)
+                        for k, w in enumerate(workloads(rng, 100))]
+    transitions = [v.transition for v in slow_then_normal if v is not None and v.transition]
+    assert transitions == ["firing", "resolved"], transitions
 
 
 def test_paper_rule_fires_on_slowdown_but_its_in_sample_ucl_is_tight() -> None:

@@ -402,6 +402,15 @@ class FittedBaseline:
                    for col, rng in ((0, self.batch_range), (3, self.kv_range)))
 
 
+def window_statistic(values: Sequence[float] | deque[float], smoothing: str) -> float:
+    """The smoothed error of one window of errors (non-empty) under ``smoothing``."""
+    if smoothing == "median":
+        return float(statistics.median(values))
+    if smoothing == "trimmed":
+        return trimmed_mean(values)
+    return sum(values) / len(values)
+
+
 def trimmed_mean(values: Sequence[float] | deque[float]) -> float:
     """Mean without the largest value (plain mean below three values)."""
     n = len(values)
@@ -420,12 +429,11 @@ def smooth_errors(errors: npt.ArrayLike, rule: DetectorRule) -> FloatArray:
             acc = v if i == 0 else alpha * v + (1 - alpha) * acc
             out[i] = acc
         return out
-    if rule.smoothing == "median":
-        return np.array([float(np.median(e[max(0, i - rule.window + 1):i + 1]))
-                         for i in range(len(e))], dtype=np.float64)
-    if rule.smoothing == "trimmed":
-        return np.array([trimmed_mean(e[max(0, i - rule.window + 1):i + 1].tolist())
-                         for i in range(len(e))], dtype=np.float64)
+    if rule.smoothing in ("median", "trimmed"):
+        values = e.tolist()
+        return np.array([window_statistic(values[max(0, i - rule.window + 1):i + 1],
+                                          rule.smoothing) for i in range(len(values))],
+                        dtype=np.float64)
     c = np.concatenate([[0.0], np.cumsum(e)])
     idx = np.arange(1, len(e) + 1)
     lo = np.maximum(0, idx - rule.window)
@@ -800,7 +808,8 @@ class Detector:
                     recent = list(self._errors)[-self._resolve_after:]
                     self._errors.clear()
                     self._errors.extend(recent)
-                    self._ewma = sum(recent) / len(recent) if self._ewma is not None else None
+                    if self._ewma is not None:
+                        self._ewma = err
         else:
             self._below = 0
         if x is not None and not self._firing and transition is None and err <= ucl:
@@ -812,11 +821,7 @@ class Detector:
     def _smoothed_now(self) -> float:
         if self._rule.smoothing == "ewma":
             return self._ewma or 0.0
-        if self._rule.smoothing == "median":
-            return statistics.median(self._errors) if self._errors else 0.0
-        if self._rule.smoothing == "trimmed":
-            return trimmed_mean(self._errors) if self._errors else 0.0
-        return sum(self._errors) / len(self._errors) if self._errors else 0.0
+        return window_statistic(self._errors, self._rule.smoothing) if self._errors else 0.0
 
     def _smooth(self, err: float) -> float:
         if self._rule.smoothing == "ewma":
@@ -824,11 +829,7 @@ class Detector:
             self._ewma = err if self._ewma is None else alpha * err + (1 - alpha) * self._ewma
             return self._ewma
         self._errors.append(err)
-        if self._rule.smoothing == "median":
-            return statistics.median(self._errors)
-        if self._rule.smoothing == "trimmed":
-            return trimmed_mean(self._errors)
-        return sum(self._errors) / len(self._errors)
+        return window_statistic(self._errors, self._rule.smoothing)
 
 
 def _arrays(samples: Sequence[_Sample] | deque[_Sample]) -> tuple[FloatArray, FloatArray]:
