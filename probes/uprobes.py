@@ -256,7 +256,8 @@ class UprobeSession:
         self._events.clear()
         self.stats.events_open = 0
         if self._opener is not None:
-            for _pid, _tid, built in self._opener.finish():
+            self._opener.finish()
+            for _pid, _tid, built in self._opener.finished():
                 if not isinstance(built, BaseException):
                     built.close()
         self._opening.clear()
@@ -298,16 +299,10 @@ class UprobeSession:
     def _install_ring(self, tid: int, cpu: int, pid: int, built: _BuiltRing) -> PerfRing:
         """Make a built ring part of the session (on the reader's thread)."""
         ring, watcher = built.ring, built.watcher
-        for index, eid, fd, spec in built.events:
+        for index, _eid, fd, _spec in built.events:
             if index in self.detached_sites:  # detached while the ring was being built
-                with contextlib.suppress(PerfOpenError):
-                    disable(fd)
-                if ring.release(fd):
-                    self._close_later(functools.partial(os.close, fd))
-                continue
-            self._events[eid] = self._event_info(index, self.sites[index], spec)
-            self._event_fds.setdefault(index, []).append((ring, fd))
-            self.stats.events_open += 1
+                self._retire_fd(ring, fd)
+        self._register_events(ring, [e for e in built.events if e[0] not in self.detached_sites])
         self._rings[(tid, cpu)] = ring
         self._ring_pid[id(ring)] = pid
         if watcher is not None:
@@ -334,6 +329,21 @@ class UprobeSession:
                              wakeup_events=1 if site.probe in self.urgent else 0)
             opened.append((index, ring.add(fd, spec), fd, spec))
         return opened
+
+    def _register_events(self, ring: PerfRing,
+                         opened: Iterable[tuple[int, int, int, EventSpec]]) -> None:
+        """Make events opened into ``ring`` known to the reader (decoding, counts)."""
+        for index, eid, fd, spec in opened:
+            self._events[eid] = self._event_info(index, self.sites[index], spec)
+            self._event_fds.setdefault(index, []).append((ring, fd))
+            self.stats.events_open += 1
+
+    def _retire_fd(self, ring: PerfRing, fd: int) -> None:
+        """Stop one event now (no record from here on) and close it on the closer."""
+        with contextlib.suppress(PerfOpenError):
+            disable(fd)
+        if ring.release(fd):
+            self._close_later(functools.partial(os.close, fd))
 
     @staticmethod
     def _event_info(index: int, site: ProbeSite, spec: EventSpec) -> _EventInfo:
@@ -373,7 +383,7 @@ class UprobeSession:
         if self._opener is None:
             self._opener = _Opener(self._loop, self._on_readable)
         self._opening.add(tid)
-        self._opener.put(pid, tid, functools.partial(self._build_ring, tid, -1))
+        self._opener.build(pid, tid, functools.partial(self._build_ring, tid, -1))
 
     def _attach_failed(self, pid: int, tid: int, exc: PerfOpenError) -> None:
         if "exited" in str(exc) or not os.path.exists(f"/proc/{pid}/task/{tid}"):
@@ -407,7 +417,7 @@ class UprobeSession:
         """
         if self._closer is None:
             self._closer = _Closer(self.stats)
-        self._closer.put(what)
+        self._closer.close(what)
 
     def _detach_thread(self, tid: int, spans: list[Span]) -> None:
         ring = self._rings.pop((tid, -1), None)
@@ -443,11 +453,8 @@ class UprobeSession:
             return
         self.detached_sites.add(index)
         for ring, fd in self._event_fds.pop(index, []):
-            with contextlib.suppress(PerfOpenError):
-                disable(fd)  # no record from now on; closing (slow) happens elsewhere
             self._closed_counts[self.sites[index].probe] += _read_count(fd)
-            if ring.release(fd):
-                self._close_later(functools.partial(os.close, fd))
+            self._retire_fd(ring, fd)
             self.stats.events_open -= 1
         self._drop_pending(lambda key: key[1] == index)
 
@@ -461,10 +468,7 @@ class UprobeSession:
                 opened = self._open_site_events(ring, index, self.sites[index], tid, cpu)
             except PerfOpenError:
                 continue
-            for _index, eid, fd, spec in opened:
-                self._events[eid] = self._event_info(index, self.sites[index], spec)
-                self._event_fds.setdefault(index, []).append((ring, fd))
-                self.stats.events_open += 1
+            self._register_events(ring, opened)
 
     def kernel_hits(self) -> Counter[str]:
         """Hits per probe as the kernel counted them (entries plus returns).
@@ -760,25 +764,40 @@ class _BuiltRing:
             self.watcher.close()
 
 
-class _Opener:
-    """One daemon thread that builds new threads' rings and wakes the reader when done."""
+class _Worker:
+    """One daemon thread that runs the callables handed to it, in order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
-        self._loop = loop
-        self._wake = wake
-        self._jobs: queue.SimpleQueue[tuple[int, int, Callable[[], _BuiltRing]] | None] = \
-            queue.SimpleQueue()
-        self._done: queue.SimpleQueue[tuple[int, int, _BuiltRing | BaseException]] = \
-            queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="uprobe-opener", daemon=True)
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def put(self, pid: int, tid: int, build: Callable[[], _BuiltRing]) -> None:
-        self._jobs.put((pid, tid, build))
+    def put(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            pid, tid, build = job
+            job()
+
+    def finish(self) -> None:
+        """Wait until every job handed over has run."""
+        self._jobs.put(None)
+        self._thread.join()
+
+
+class _Opener(_Worker):
+    """Builds new threads' rings and wakes the reader when one is done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
+        super().__init__("uprobe-opener")
+        self._loop = loop
+        self._wake = wake
+        self._done: queue.SimpleQueue[tuple[int, int, _BuiltRing | BaseException]] = \
+            queue.SimpleQueue()
+
+    def build(self, pid: int, tid: int, build: Callable[[], _BuiltRing]) -> None:
+        """Queue one ring to build; :meth:`finished` hands it (or its error) back."""
+        def job() -> None:
             try:
                 result: _BuiltRing | BaseException = build()
             except Exception as exc:  # handed to the reader, which decides
@@ -787,6 +806,8 @@ class _Opener:
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 self._loop.call_soon_threadsafe(self._wake)
 
+        self.put(job)
+
     def finished(self) -> list[tuple[int, int, _BuiltRing | BaseException]]:
         out = []
         with contextlib.suppress(queue.Empty):
@@ -794,36 +815,23 @@ class _Opener:
                 out.append(self._done.get_nowait())
         return out
 
-    def finish(self) -> list[tuple[int, int, _BuiltRing | BaseException]]:
-        """Stop after the jobs queued; what they built, for the caller to close."""
-        self._jobs.put(None)
-        self._thread.join()
-        return self.finished()
 
-
-class _Closer:
-    """One daemon thread that closes what a session hands it, in order."""
+class _Closer(_Worker):
+    """Closes what a session hands it, in order, counting in the session's stats."""
 
     def __init__(self, stats: SessionStats) -> None:
+        super().__init__("uprobe-closer")
         self._stats = stats
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="uprobe-closer", daemon=True)
-        self._thread.start()
 
-    def put(self, what: Callable[[], None]) -> None:
+    def close(self, what: Callable[[], None]) -> None:
         self._stats.closes_queued += 1
-        self._queue.put(what)
 
-    def _run(self) -> None:
-        while (what := self._queue.get()) is not None:
+        def job() -> None:
             with contextlib.suppress(OSError, ValueError):
                 what()
             self._stats.closes_done += 1
 
-    def finish(self) -> None:
-        """Wait until everything handed over is closed."""
-        self._queue.put(None)
-        self._thread.join()
+        self.put(job)
 
 
 def attach(targets: Sequence[Target], sites: Sequence[ProbeSite], **options: Any) -> UprobeSession:
