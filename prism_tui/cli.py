@@ -290,8 +290,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             on_spans=recorder.add if recorder else None)
     except ValueError as exc:
         if recorder is not None:
-            recorder.close([])
-            os.unlink(recorder.path)
+            recorder.discard()
         raise UsageError(str(exc)) from exc
     history_db = None if args.no_history else str(settings.history.path)
     if history_db is not None:
@@ -506,6 +505,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           rule=args.rule, warmup=args.warmup, on_observation=on_observation,
                           telemetry=False, on_spans=recorder.add if recorder else None)
         with contextlib.ExitStack() as stack:
+            if recorder is not None:
+                stack.callback(recorder.discard)  # a run that fails leaves no temp file
             broker_url = args.broker
             if broker_url is None:
                 broker_url = stack.enter_context(EmbeddedBroker().start()).url

@@ -198,6 +198,11 @@ def test_span_recorder_streams_and_keeps_derived_features(tmp_path: Path) -> Non
     assert spans == [s for b in batches for s in b]
     assert dict(procs[0].derived) == {"kv_tokens": "a.count * 2"}
     assert [p.name for p in tmp_path.iterdir()] == ["stream.jsonl.gz"]  # no temp left
+    failed = SpanRecorder(str(tmp_path / "failed.jsonl.gz"))
+    failed.add(batches[0])
+    failed.discard()
+    failed.discard()
+    assert [p.name for p in tmp_path.iterdir()] == ["stream.jsonl.gz"]  # nothing written
 
 
 def test_an_old_recording_gets_its_profiles_derived_features(tmp_path: Path) -> None:

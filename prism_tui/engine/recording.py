@@ -9,6 +9,7 @@ the engine and the dashboard testable without probes.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -104,6 +105,17 @@ class SpanRecorder:
         while (batch := self._queue.get()) is not None:
             self._body.write("".join(_span_line(s) for s in batch))
             self.count += len(batch)
+
+    def discard(self) -> None:
+        """Stop and delete what was written (a run that failed); harmless after close."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        self._body.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._body_path)
 
     def close(self, processes: Iterable[RecordedProcess]) -> int:
         """Finish the file with these processes in its header; returns spans written."""

@@ -301,9 +301,7 @@ class Monitor:
         if att is None or pid in self._deepdive_opening:
             return
         self._deepdive_opening.add(pid)
-        task = asyncio.get_running_loop().create_task(self._open_deepdive(pid, att))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._in_background(self._open_deepdive(pid, att))
 
     def _deepdive_session(self, att: _Attached) -> tuple[UprobeSession | None, dict[str, str]]:
         """The blocking half of a DeepDive: resolve the deeper probes and open them."""
@@ -350,9 +348,7 @@ class Monitor:
         for pid, dd in list(self._deepdives.items()):
             if force or now >= dd.until:
                 del self._deepdives[pid]
-                task = asyncio.get_running_loop().create_task(self._retire(dd))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                self._in_background(self._retire(dd))
                 self.escalations.append(("detached", pid, len(dd.stage_of)))
                 self.engine.notice(f"DeepDive on pid {pid} ended")
 
@@ -490,16 +486,16 @@ class Monitor:
             return  # detached by the user, or a session that ended for another reason
         dd = self._deepdives.pop(pid, None)
         if dd is not None:
-            self._retire_soon(self._retire(dd))
+            self._in_background(self._retire(dd))
         # closing a dead target's probes is seconds of kernel work: off the loop
-        self._retire_soon(asyncio.get_running_loop().run_in_executor(None, att.session.close))
+        self._in_background(asyncio.get_running_loop().run_in_executor(None, att.session.close))
         del self._attached[pid]
         self.engine.gone(pid)
         self.engine.notice(f"pid {pid} exited" + (
             f"; waiting for a process matching {self.match!r}" if self.match else ""))
 
-    def _retire_soon(self, work: Awaitable[Any]) -> None:
-        """Run ``work`` (closing probes) in the background; ``run`` awaits it at the end."""
+    def _in_background(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` (attaching or closing probes) as a task ``run`` awaits at the end."""
         async def wait() -> None:
             await work
 
