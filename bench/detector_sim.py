@@ -21,7 +21,6 @@ differ slightly from the live run's.
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import json
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prism_sim.labels import IterationRecord, read_labels
 from prism_tui.engine.core import Engine, Observation, workload_of
 from prism_tui.engine.detector import RULES, Detector, DetectorRule, Verdict, Workload
-from prism_tui.engine.evaluate import Scored, detection_lag, score
+from prism_tui.engine.evaluate import Scored, detection_lag, labels_at, score
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
 
 
@@ -70,18 +69,11 @@ def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[
     by_rank: dict[int, list[IterationRecord]] = {}
     for lab in labels.iterations:
         by_rank.setdefault(lab.rank, []).append(lab)
-    for items in by_rank.values():
-        items.sort(key=lambda lab: lab.end_ns)
 
     def matched(items: list[tuple[int, float, Workload]], mine: list[IterationRecord]
                 ) -> list[tuple[tuple[int, float, Workload], IterationRecord]]:
-        ends = [lab.end_ns for lab in mine]
-        out = []
-        for item in items:
-            i = bisect.bisect_left(ends, item[0])
-            if i < len(mine) and mine[i].start_ns <= item[0]:
-                out.append((item, mine[i]))
-        return out
+        found = labels_at([item[0] for item in items], mine)
+        return [(item, lab) for item, lab in zip(items, found, strict=True) if lab is not None]
 
     steps: list[DecodeStep] = []
     info: dict[str, Any] = {"spans": len(spans), "ranks": {}}

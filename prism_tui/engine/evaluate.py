@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class LabelLike(Protocol):
@@ -40,17 +40,26 @@ class Scored:
     fault: bool
 
 
+L = TypeVar("L", bound=LabelLike)
+
+
+def labels_at(end_ns: Sequence[int], labels: Sequence[L]) -> list[L | None]:
+    """For each iteration end, the label (of one rank) whose iteration contains it."""
+    mine = sorted(labels, key=lambda lab: lab.end_ns)
+    ends = [lab.end_ns for lab in mine]
+    out: list[L | None] = []
+    for t in end_ns:
+        i = bisect.bisect_left(ends, t)
+        out.append(mine[i] if i < len(mine) and mine[i].start_ns <= t else None)
+    return out
+
+
 def match(rank: int, end_ns: Sequence[int], firing: Sequence[bool],
           labels: Sequence[LabelLike]) -> list[Scored]:
     """Pair a rank's judged iterations with its labels (unmatched ones are dropped)."""
-    mine = sorted((lab for lab in labels if lab.rank == rank), key=lambda lab: lab.end_ns)
-    ends = [lab.end_ns for lab in mine]
-    out = []
-    for t, f in zip(end_ns, firing, strict=True):
-        i = bisect.bisect_left(ends, t)
-        if i < len(mine) and mine[i].start_ns <= t:
-            out.append(Scored(rank, t, f, mine[i].fault_active))
-    return out
+    found = labels_at(end_ns, [lab for lab in labels if lab.rank == rank])
+    return [Scored(rank, t, f, lab.fault_active)
+            for t, f, lab in zip(end_ns, firing, found, strict=True) if lab is not None]
 
 
 def score(rows: Sequence[Scored]) -> dict[str, Any]:
