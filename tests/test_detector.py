@@ -20,6 +20,7 @@ from prism_tui.engine.detector import (
     Detector,
     DetectorRule,
     SloRule,
+    TreeEnsemble,
     Verdict,
     Workload,
     feature_matrix,
@@ -28,7 +29,7 @@ from prism_tui.engine.detector import (
     relative_errors,
     smooth_errors,
 )
-from prism_tui.engine.rca import rank_suspects
+from prism_tui.engine.rca import rank_suspects, summarize
 
 WARMUP = 600
 
@@ -78,6 +79,40 @@ def test_model_fits_known_law(target: str) -> None:
     m = BaselineModel(target).fit(x[:1500], y[:1500])  # type: ignore[arg-type]
     mape = float(np.mean(np.abs(m.predict(x[1500:]) - y[1500:]) / y[1500:]))
     assert mape < 0.05
+
+
+@pytest.mark.parametrize("target", ["linear", "log"])
+def test_flattened_trees_predict_what_scikit_learn_predicts(target: str) -> None:
+    # rows from training (values that sit next to split points), far outside it, and
+    # integers: the walk must round to float32 and go left on <= as sklearn's trees do
+    rng = np.random.default_rng(7)
+    ws = workloads(rng, 1500)
+    x = np.asarray([features(w) for w in ws])
+    y = np.asarray([noisy(rng, w) for w in ws])
+    model = BaselineModel(target).fit(x, y)  # type: ignore[arg-type]
+    est = model._est
+    trees = TreeEnsemble.of(est)
+    assert trees is not None
+    probes = np.vstack([x[:300], rng.uniform(-1e3, 1e6, (100, 5)),
+                        np.floor(rng.uniform(0, 80, (100, 5)))])
+    want = np.asarray(est.predict(probes))  # type: ignore[union-attr]
+    for chunk in np.array_split(probes, 50):
+        got = trees.predict(chunk)
+        assert np.allclose(got, np.asarray(est.predict(chunk)),  # type: ignore[union-attr]
+                           rtol=1e-12, atol=1e-12)
+    assert np.allclose(model.predict(probes), np.exp(want) if target == "log" else want)
+    one = model.predict(probes[0])  # the engine's one-row call goes through the arrays
+    assert one.shape == (1,) and one[0] == pytest.approx(float(
+        np.exp(want[0]) if target == "log" else want[0]), rel=1e-12)
+
+
+def test_only_a_squared_loss_gbdt_is_flattened() -> None:
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import LinearRegression
+
+    x = np.arange(40, dtype=float).reshape(20, 2)
+    assert TreeEnsemble.of(LinearRegression().fit(x, x[:, 0])) is None
+    assert TreeEnsemble.of(HistGradientBoostingRegressor(max_iter=3).fit(x, x[:, 0])) is None
 
 
 def test_slowdown_fires_fast_and_resolves_with_hysteresis() -> None:
@@ -533,6 +568,20 @@ def test_rca_related_metric_raises_the_score() -> None:
     # explicit relations
     rel = rank_suspects(base, anom, ub, ua, related={"gemm": ["cpu_util@cpu"]}, top=0)
     assert next(s for s in rel if s.stage == "gemm").metric in (None, "cpu_util@cpu")
+
+
+_share_rows = st.lists(st.dictionaries(
+    st.sampled_from(["host", "gemm@gpu0", "sync@gpu0", "nccl"]),
+    st.one_of(st.floats(0, 1), st.just(float("nan")), st.just(float("inf"))),
+    max_size=4), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_share_rows, _share_rows)
+def test_rca_against_a_summary_ranks_exactly_as_against_the_rows(
+        base: list[dict[str, float]], anom: list[dict[str, float]]) -> None:
+    # the engine summarises its baseline ahead of the alert: same suspects, same scores
+    assert rank_suspects(summarize(base), anom, top=0) == rank_suspects(base, anom, top=0)
 
 
 def test_rca_edge_cases() -> None:
