@@ -30,7 +30,7 @@ from prism_tui.engine.detector import (
 )
 from prism_tui.engine.fit_worker import FitWorker, FitWorkerUnavailableError
 from prism_tui.engine.iterations import Derived, Iteration, IterationBuilder, SpanLike
-from prism_tui.engine.rca import rank_suspects
+from prism_tui.engine.rca import BaselineSummary, rank_suspects, summarize
 from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
 from prism_tui.engine.view import (
     WINDOWS_S,
@@ -49,6 +49,9 @@ from prism_tui.engine.view import (
 
 BASELINE_SHARES = 300  # normal iterations kept for root-cause comparison
 ANOMALY_SHARES = 10
+SUMMARY_EVERY = 50
+"""Normal iterations between summaries of the root-cause baseline (~1 ms each, kept off
+the alert's path: an alert compares its window with the last summary)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,9 @@ class _Watched:
         default_factory=lambda: deque(maxlen=BASELINE_SHARES))
     recent_shares: deque[dict[str, float]] = field(
         default_factory=lambda: deque(maxlen=ANOMALY_SHARES))
+    baseline_summary: BaselineSummary | None = None
+    """``normal_shares`` summarised every SUMMARY_EVERY normal iterations, ahead of alerts."""
+    normal_seen: int = 0
     fitting: set[str] = field(default_factory=set)
     firing_since: dict[str, int] = field(default_factory=dict)
     slos: dict[tuple[str, str], list[tuple[SloSpec, SloRule]]] = field(default_factory=dict)
@@ -338,6 +344,9 @@ class Engine:
                     verdict.predicted_ms, verdict.smoothed, verdict.ucl, verdict.firing))
                 if not verdict.firing:
                     w.normal_shares.append(shares)
+                    w.normal_seen += 1
+                    if w.normal_seen % SUMMARY_EVERY == 0:
+                        w.baseline_summary = summarize(list(w.normal_shares))
                 if verdict.transition is not None:
                     self._detector_alert(w, it, verdict)
         self._check_slos(w, it)
@@ -369,10 +378,12 @@ class Engine:
     def _suspects(self, w: _Watched, device: str) -> tuple[dict[str, Any], ...]:
         if len(w.normal_shares) < 20:
             return ()
+        if w.baseline_summary is None:
+            w.baseline_summary = summarize(list(w.normal_shares))
         return tuple(
             {"stage": s.stage, "device": s.device or device, "metric": s.metric or "share",
              "score": round(s.score, 4), "delta_share": round(s.delta_share, 4)}
-            for s in rank_suspects(list(w.normal_shares), list(w.recent_shares), top=3))
+            for s in rank_suspects(w.baseline_summary, list(w.recent_shares), top=3))
 
     def _emit(self, alert: AlertEvent) -> None:
         self.alerts.append(alert)

@@ -64,7 +64,11 @@ def _z(base: Sequence[float], anom: Sequence[float]) -> float:
     if not base or not anom:
         return 0.0
     mb, sb = _mean_std(base)
-    ma, _ = _mean_std(anom)
+    return _z_of(mb, sb, _mean_std(anom)[0])
+
+
+def _z_of(mb: float, sb: float, ma: float) -> float:
+    """z-score of the anomalous mean ``ma`` against a baseline of mean ``mb``, std ``sb``."""
     diff = ma - mb
     if diff == 0:
         return 0.0
@@ -91,8 +95,30 @@ def _log_column(rows: Sequence[Mapping[str, float]], key: str) -> list[float]:
     return [math.log(max(v, _LOG_FLOOR)) for v in _column(rows, key, None) if v >= 0]
 
 
+@dataclass(frozen=True)
+class BaselineSummary:
+    """Per stage key, the mean and standard deviation of a baseline window's shares.
+
+    What :func:`rank_suspects` needs of the baseline; a caller that ranks often (the
+    engine, at every alert) summarises its window ahead of time, off the alert's path.
+    """
+
+    n: int
+    stats: Mapping[str, tuple[float, float] | None]
+    """None for a stage whose every value was non-finite (it gets no z-score)."""
+
+
+def summarize(rows: Sequence[Mapping[str, float]]) -> BaselineSummary:
+    """Summarise a baseline window (a stage missing from an iteration counts as 0)."""
+    stats: dict[str, tuple[float, float] | None] = {}
+    for key in sorted({k for r in rows for k in r}):
+        column = _column(rows, key, 0.0)
+        stats[key] = _mean_std(column) if column else None
+    return BaselineSummary(len(rows), stats)
+
+
 def rank_suspects(
-    baseline: Sequence[Mapping[str, float]],
+    baseline: Sequence[Mapping[str, float]] | BaselineSummary,
     anomalous: Sequence[Mapping[str, float]],
     utilisation_baseline: Sequence[Mapping[str, float]] | None = None,
     utilisation_anomalous: Sequence[Mapping[str, float]] | None = None,
@@ -104,7 +130,8 @@ def rank_suspects(
 
     Args:
         baseline: per normal iteration, ``{stage: share of the iteration's time}``
-            (a stage missing from an iteration counts as share 0).
+            (a stage missing from an iteration counts as share 0), or its
+            :func:`summarize` (same result).
         anomalous: the same for the anomalous iterations.
         utilisation_baseline: optional per-iteration ``{metric: value}`` (values > 0;
             log is taken) over the baseline window.
@@ -115,9 +142,10 @@ def rank_suspects(
     Returns:
         Suspects with score > 0, sorted by score descending.
     """
-    if not baseline or not anomalous:
+    summary = baseline if isinstance(baseline, BaselineSummary) else summarize(baseline)
+    if not summary.n or not anomalous:
         return []
-    stages = sorted({k for r in (*baseline, *anomalous) for k in r})
+    stages = sorted({*summary.stats, *(k for r in anomalous for k in r)})
     ub = utilisation_baseline or []
     ua = utilisation_anomalous or []
     metrics = sorted({k for r in (*ub, *ua) for k in r})
@@ -127,12 +155,12 @@ def rank_suspects(
 
     out: list[Suspect] = []
     for key in stages:
-        b = _column(baseline, key, 0.0)
+        base = summary.stats.get(key, (0.0, 0.0))  # absent from every baseline row: 0
+        mb, sb = base or (0.0, 0.0)
         a = _column(anomalous, key, 0.0)
-        mb, _ = _mean_std(b)
         ma, _ = _mean_std(a)
         delta = ma - mb
-        zb = _z(b, a)
+        zb = _z_of(mb, sb, ma) if a and base is not None else 0.0
         stage, device = _split(key)
         if related is not None:
             cands = [m for m in related.get(key, related.get(stage, ())) if m in z_metric]
