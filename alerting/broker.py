@@ -282,6 +282,7 @@ class EmbeddedBroker:
             "connection_messages true",
             "max_queued_messages 0",  # never drop queued QoS 1 messages of a stored session
             "max_inflight_messages 0",
+            "set_tcp_nodelay true",  # an alert is one small packet: never wait to coalesce
         ]
         if self._password_file:
             lines.append(f"password_file {self._password_file}")

@@ -189,6 +189,36 @@ async def test_round_trip_alerts_status_and_summary(broker: EmbeddedBroker,
 
 
 @pytest.mark.anyio
+async def test_connected_publish_is_stored_and_on_the_wire_before_it_returns(
+        broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Connected with nothing queued: publish() writes the outbox and hands the alert to
+    the socket itself (no task hop); a burst past the in-flight window queues behind it,
+    and everything arrives in production order. Afterwards the loop idles: the socket
+    writer paho asked for is withdrawn, not left spinning on a writable socket."""
+    box = Outbox(tmp_path / "outbox.sqlite")
+    async with Subscriber(broker.url, ALERT_SUBSCRIPTION) as sub, \
+            AlertPublisher(BrokerConfig(url=broker.url), host="h", outbox=box) as pub:
+        await until(lambda: pub.status.state == "connected", what="connect")
+        await asyncio.sleep(0.2)  # the online status acknowledged
+        first = sample_alert("fp-0", seq=0)
+        pub.publish(first)
+        assert len(box) == 1 and pub.status.in_flight == 1  # no await in between
+        await until(lambda: len(alerts_of(sub)) == 1, what="first alert")
+        burst = [sample_alert(f"fp-{i % 3}", seq=i) for i in range(1, 301)]
+        for alert in burst:
+            pub.publish(alert)
+        assert 0 < pub.status.in_flight <= 100 < pub.status.pending
+        await until(lambda: len(alerts_of(sub)) == 301, what="burst")
+        await until(lambda: pub.status.pending == 0 and len(box) == 0, what="acks")
+        cpu = time.process_time()
+        await asyncio.sleep(1.0)
+        idle_cpu = time.process_time() - cpu
+    assert [a.window for a in alerts_of(sub)] == list(range(301))
+    assert idle_cpu < 0.3, f"the loop kept busy while idle: {idle_cpu:.2f} s of CPU in 1 s"
+    box.close()
+
+
+@pytest.mark.anyio
 async def test_publish_returns_immediately_without_a_broker(tmp_path: Path) -> None:
     """No broker: publish() still returns at once, alerts wait in the outbox, error is clear."""
     url = f"mqtt://127.0.0.1:{free_port()}"
