@@ -13,9 +13,11 @@ import itertools
 import json
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 from fastdigest import TDigest
 
 from alerting.errors import AlertingError
+from prism_sim.errors import SimError
 from prism_tui import __version__
 from prism_tui.history.store import HistoryError
 from prism_tui.settings import SettingsError
@@ -130,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--labels", metavar="FILE", help="write ground-truth labels (JSON lines)")
     sm.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                     help="loopback port of the Prometheus /metrics endpoint (0: any free)")
+    sm.add_argument("--json", action="store_true",
+                    help="print JSON lines on stdout: the ranks' pids once they run, the "
+                    "final counts at the end (for scripts; prism eval uses it)")
 
     from alerting.gateway.cli import add_gateway_arguments
 
@@ -195,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.duration, scenario=args.scenario, warmup=args.warmup,
                             headless=args.headless, history_db=args.db,
                             broker_url=args.broker)
-    except (ProbeError, SettingsError, AlertingError, HistoryError) as exc:
+    except (ProbeError, SettingsError, AlertingError, HistoryError, SimError) as exc:
         print(f"prism {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -442,6 +448,76 @@ class AlertReceiver:
             self._reader.join(5)
 
 
+class SimChild:
+    """``prism sim --json`` in a child process, for ``prism eval``.
+
+    Its own process, as a real inference server is: run in a thread of the monitor's
+    process, the simulator's label writers, fault drivers and scheduler competed with
+    the monitor's event loop for the GIL and inflated the very latencies being measured.
+    """
+
+    def __init__(self, scenario: str, duration: float, labels: str) -> None:
+        self.argv = [sys.executable, "-m", "prism_tui.cli", "sim", "--scenario", scenario,
+                     "--duration", repr(duration), "--labels", labels, "--json"]
+        self.rank_pids: dict[int, int] = {}
+        self.started_ns = 0
+        self.done: dict[str, Any] | None = None
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in __exit__
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> SimChild:
+        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
+        started = self._next("started", timeout_s=120)
+        self.rank_pids = {int(r): int(p) for r, p in started["ranks"].items()}
+        self.started_ns = int(started["started_ns"])
+        return self
+
+    def _next(self, event: str, timeout_s: float) -> dict[str, Any]:
+        """The child's next JSON line, which must be ``event`` (else a SimError)."""
+        from prism_sim.errors import SimError
+
+        assert self._proc is not None and self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
+        line = self._proc.stdout.readline() if ready else ""
+        try:
+            doc: dict[str, Any] = json.loads(line)
+        except ValueError:
+            doc = {}
+        if doc.get("event") != event:
+            self._proc.kill()
+            self._proc.wait()
+            self._log.seek(0)
+            tail = [ln for ln in self._log.read().splitlines() if ln.strip()][-3:]
+            raise SimError("the simulator stopped: " + (" / ".join(tail) or
+                                                        f"exit status {self._proc.returncode}"))
+        return doc
+
+    def finish(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Stop the run now (SIGTERM: it ends cleanly, labels flushed); its final counts."""
+        assert self._proc is not None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+        self.done = self._next("done", timeout_s)
+        self._proc.wait(timeout_s)
+        return self.done
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+
+
+def _counts(done: dict[str, Any]) -> Any:
+    """The child's final counts in the shape :func:`_throughput` reads."""
+    import types
+
+    return types.SimpleNamespace(generation_tokens=int(done["generation_tokens"]),
+                                 iterations={int(r): int(n)
+                                             for r, n in done["iterations"].items()})
+
+
 def _run_and_receive(session: Any, duration: float) -> dict[str, int]:
     """Run the session while a real MQTT subscriber records when each alert arrives."""
     import asyncio
@@ -454,15 +530,11 @@ def _run_and_receive(session: Any, duration: float) -> dict[str, int]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``prism eval``: the simulator watched by the monitor, scored against its labels."""
-    import tempfile
-    import threading
-
     from alerting.broker import EmbeddedBroker
     from alerting.config import BrokerConfig
     from prism_sim.errors import ScenarioError
     from prism_sim.labels import read_labels
     from prism_sim.scenario import load_scenario
-    from prism_sim.server import SimServer
     from prism_tui.engine.evaluate import detection_delay_s, detection_lag, match, score
     from prism_tui.engine.runtime import Monitor, Observation
     from prism_tui.live import LiveSession
@@ -484,22 +556,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unwatched = None
     if args.overhead:  # the same scenario and seed, first without the monitor
         bare_labels = os.path.join(tmp.name, "bare.jsonl")
-        with SimServer(scenario, labels=bare_labels, metrics_port=None) as bare:
-            bare.run(duration)
-            unwatched = _throughput(bare.stats, bare_labels, duration)
-    with SimServer(scenario, labels=labels_path, metrics_port=None) as server:
-        rank_of = {pid: rank for rank, pid in server.rank_pids.items()}
+        with SimChild(args.scenario, duration, bare_labels) as bare:
+            time.sleep(duration)
+            unwatched = _throughput(_counts(bare.finish(duration + 30)), bare_labels,
+                                    duration)
+    with SimChild(args.scenario, duration, labels_path) as sim:
+        rank_of = {pid: rank for rank, pid in sim.rank_pids.items()}
 
         def on_observation(obs: Observation) -> None:
             if obs.verdict is not None:
                 judged.setdefault(rank_of[obs.iteration.pid], []).append(
                     (obs.iteration.end_ns, obs.verdict.firing))
 
-        stop_sim = threading.Event()
-        runner = threading.Thread(target=server.run, args=(duration, stop_sim), daemon=True)
-        started_ns = time.monotonic_ns()
-        runner.start()
-        targets = [Target(pid) for pid in server.rank_pids.values()]
+        started_ns = sim.started_ns
+        targets = [Target(pid) for pid in sim.rank_pids.values()]
         recorder = _span_recorder(args.record)
         monitor = Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
                           rule=args.rule, warmup=args.warmup, on_observation=on_observation,
@@ -513,14 +583,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             session = LiveSession(monitor, broker=BrokerConfig(url=broker_url),
                                   outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
             stack.callback(session.close)
-            received = _run_and_receive(session, duration)
+            left = duration - (time.monotonic_ns() - started_ns) / 1e9
+            received = _run_and_receive(session, max(left, 0.0))
             alerts = list(monitor.alerts)
             if recorder is not None:
                 n = recorder.close(monitor.recorded_processes())
                 print(f"prism eval: {n} spans saved to {recorder.path}", file=sys.stderr)
-        stop_sim.set()
-        runner.join(10)
-        watched = _throughput(server.stats, labels_path, duration)
+        watched = _throughput(_counts(sim.finish()), labels_path, duration)
     labels = read_labels(labels_path).iterations
     rows = [row for rank, items in sorted(judged.items())
             for row in match(rank, [t for t, _ in items], [f for _, f in items], labels)]
@@ -637,11 +706,24 @@ def cmd_sim(args: argparse.Namespace) -> int:
     try:
         with SimServer(scenario, labels=args.labels, metrics_port=args.metrics_port,
                        log=log) as server:
+            if args.json:
+                print(json.dumps({"event": "started", "started_ns": server.started_ns,
+                                  "ranks": {str(r): p for r, p in server.rank_pids.items()},
+                                  "metrics_url": getattr(server, "metrics_url", None)}),
+                      flush=True)
             server.run(args.duration, stop)
             st = server.stats
             log(f"done: iterations per rank {dict(sorted(st.iterations.items()))}, "
                 f"{st.requests} requests finished"
                 + (f", labels in {args.labels}" if args.labels else ""))
+            if args.json:
+                with st.lock:
+                    print(json.dumps({"event": "done", "requests": st.requests,
+                                      "prompt_tokens": st.prompt_tokens,
+                                      "generation_tokens": st.generation_tokens,
+                                      "iterations": {str(r): n for r, n
+                                                     in sorted(st.iterations.items())}}),
+                          flush=True)
     except SimError as exc:
         print(f"prism sim: {exc}", file=sys.stderr)
         return EXIT_OTHER
