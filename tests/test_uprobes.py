@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import itertools
 import time
 from collections import Counter
@@ -276,6 +278,60 @@ async def test_async_batches_until_the_target_exits(ctarget: CTarget, profile: P
                 async for batch in session.batches():
                     got.extend(batch)
     assert [s.probe for s in got] == ["outer"] * 5
+
+
+@pytest.mark.anyio
+async def test_deliver_hands_spans_over_inside_the_reader_callback(
+        ctarget: CTarget, profile: Profile) -> None:
+    """deliver() runs the consumer in the ring's wake-up callback itself (no task, no
+    queue between the kernel's wake-up and the engine), ends when the target exits, and
+    raises what the consumer raised."""
+    import anyio
+
+    sites = sites_for(ctarget, profile, "outer")
+    got: list[Span] = []
+    in_task: list[bool] = []
+
+    def on_spans(spans: list[Span]) -> None:
+        in_task.append(asyncio.current_task() is not None)
+        got.extend(spans)
+
+    with UprobeSession([Target(ctarget.pid)], sites, urgent={"outer"},
+                       mode="thread") as session:
+        async def drive() -> None:
+            await anyio.sleep(0.1)
+            for _ in range(5):
+                await anyio.to_thread.run_sync(ctarget.cmd, "nested 2")
+                await anyio.sleep(0.05)
+            await anyio.to_thread.run_sync(ctarget.close)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drive)
+            with anyio.fail_after(20):
+                await session.deliver(on_spans)
+    assert [s.probe for s in got] == ["outer"] * 5
+    assert in_task and not any(in_task)  # every call came from a loop callback
+
+
+@pytest.mark.anyio
+async def test_deliver_raises_what_the_consumer_raised(ctarget: CTarget,
+                                                       profile: Profile) -> None:
+    import anyio
+
+    def on_spans(spans: list[Span]) -> None:
+        raise RuntimeError(f"engine broke on {len(spans)} spans")
+
+    with UprobeSession([Target(ctarget.pid)], sites_for(ctarget, profile, "outer"),
+                       urgent={"outer"}, mode="thread") as session:
+        async def drive() -> None:
+            await anyio.sleep(0.1)
+            await anyio.to_thread.run_sync(ctarget.cmd, "nested 1")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drive)
+            with anyio.fail_after(20), pytest.raises(RuntimeError, match="engine broke on 1"):
+                await session.deliver(on_spans)
+        assert session.fds()  # nothing else changed: still attached, readers removed
 
 
 @pytest.mark.anyio

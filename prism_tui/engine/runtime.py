@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -408,13 +409,25 @@ class Monitor:
         self._loop = asyncio.get_running_loop()
         pumps: list[asyncio.Task[None]] = []
 
+        failures: list[BaseException] = []
+
+        def on_spans(pid: int, spans: list[Span]) -> None:
+            # in the rings' reader callback: an alert leaves before the callback returns
+            try:
+                self.engine.add_spans(pid, spans)
+            except Exception as exc:
+                failures.append(exc)
+                queue.put_nowait((0, []))
+                raise
+            if self._escalate:
+                queue.put_nowait((0, []))  # DeepDive attaches from the loop below
+
         async def pump(att: _Attached) -> None:
             pid = att.target.pid
             try:
-                async for batch in att.session.batches():
-                    await queue.put((pid, batch))
+                await att.session.deliver(functools.partial(on_spans, pid))
             finally:
-                await queue.put((pid, None))
+                queue.put_nowait((pid, None))
 
         for att in self._attached.values():
             self._new.put_nowait(att)
@@ -440,10 +453,10 @@ class Monitor:
                     pid, spans = await queue.get()
                 finally:
                     tick.cancel()
+                if failures:
+                    raise failures[0]
                 if spans is None:
                     self._lost_target(pid)
-                elif spans:
-                    self.engine.add_spans(pid, spans)
                 while self._escalate:
                     self._start_deepdive(self._escalate.pop())
                 if self._deepdives:
