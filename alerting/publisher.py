@@ -328,6 +328,8 @@ class AlertPublisher:
                 self.outbox.ack_many(acks)
             else:
                 await asyncio.to_thread(self.outbox.ack_many, acks)
+        if self.outbox is not None and self.outbox.checkpoint_due:
+            await asyncio.to_thread(self.outbox.checkpoint)  # the fsync, off the loop
 
     async def _load_backlog(self, outbox: Outbox) -> None:
         after = 0

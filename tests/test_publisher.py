@@ -101,6 +101,30 @@ def test_outbox_is_a_durable_ordered_queue(tmp_path: Path) -> None:
     box.close()  # idempotent
 
 
+def test_outbox_commits_never_checkpoint_the_checkpointer_does(tmp_path: Path) -> None:
+    """put/ack (on the publisher's loop) only append to the WAL: SQLite's automatic
+    checkpoint, an fsync inside whichever commit crosses it, is off. checkpoint() (the
+    writer's thread) copies it back, after which the WAL is reused instead of growing."""
+    path = tmp_path / "outbox.sqlite"
+    wal = Path(f"{path}-wal")
+    with Outbox(path) as box:
+        for i in range(1100):
+            box.ack(box.put(sample_alert(seq=i)))
+        assert box.checkpoint_due
+        grown = wal.stat().st_size
+        assert grown > 2200 * 4096  # 2,200 commits, none checkpointed (SQLite's own
+        # automatic checkpoint would have restarted the WAL at 1,000 pages)
+        box.checkpoint()
+        assert not box.checkpoint_due
+        kept = [sample_alert(seq=1000 + i) for i in range(5)]
+        for i in range(300):
+            box.ack(box.put(sample_alert(seq=i)))
+        box.put_many(kept)
+        assert wal.stat().st_size == grown  # rewritten from its start, not extended
+    with Outbox(path) as box:
+        assert [a for _, a in box.pending()] == kept
+
+
 @pytest.mark.parametrize("content", [b"this is not a database at all" * 100, "foreign"])
 def test_corrupt_outbox_is_moved_aside(tmp_path: Path, content: bytes | str) -> None:
     """A garbage or foreign file is kept under .corrupt-<time>, with a notice, not a crash."""
