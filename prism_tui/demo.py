@@ -27,6 +27,7 @@ from prism_tui.engine.runtime import Monitor
 from prism_tui.engine.sinks import JsonLinesSink
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
+from prism_tui.scheduling import request_short_slice
 from probes.catalog import load_profile
 from probes.governor import calibrate
 from probes.perf import check_permission
@@ -51,6 +52,8 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
         if broker_url is None:
             broker = EmbeddedBroker().start()
             broker_url = broker.url
+            if broker.pid is not None:  # the alert's next hop: see prism_tui.scheduling
+                request_short_slice(broker.pid)
             if broker.notice:
                 notices.append(broker.notice)
         with SimServer(spec, log=notices.append, metrics_port=0) as server:
