@@ -147,14 +147,19 @@ class AlertPublisher:
         host: this machine's name (a topic level and the status payload).
         outbox: the durable outbox; None keeps the backlog in memory only.
         on_delivered: called with an alert's id when the broker acknowledged it.
+        direct: send from ``publish()`` itself when connected with nothing queued
+            (default); False always queues (the previous path, kept for comparison in
+            ``bench/alert_latency.py``).
     """
 
     def __init__(self, config: BrokerConfig, *, host: str, outbox: Outbox | None,
-                 on_delivered: Callable[[str], None] | None = None) -> None:
+                 on_delivered: Callable[[str], None] | None = None,
+                 direct: bool = True) -> None:
         self.config = config
         self.host = host or socket.gethostname()
         self.outbox = outbox
         self.on_delivered = on_delivered
+        self.direct = direct
         self.client_id = config.client_id or f"prism-pub-{self.host}-{os.getpid()}"
         self._counter = itertools.count()
         self._fresh: list[Alert] = []
@@ -191,7 +196,7 @@ class AlertPublisher:
         if self._closed:
             return
         conn = self._conn
-        if (conn is not None and not conn.failed.done() and not self._fresh
+        if (self.direct and conn is not None and not conn.failed.done() and not self._fresh
                 and not self._taken and not self._backlog
                 and len(self._inflight) < WINDOW):
             try:  # written before it is sent, as on the queued path
