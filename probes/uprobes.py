@@ -729,7 +729,7 @@ class UprobeSession:
             spans = self.read()
             if spans:
                 on_spans(spans)
-        except BaseException as exc:  # noqa: BLE001 - handed to deliver()'s caller
+        except BaseException as exc:  # handed to deliver()'s caller
             finished.set_exception(exc)
             return
         if self.all_exited or self._closed:
