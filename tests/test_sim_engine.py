@@ -273,6 +273,24 @@ def test_prism_sim_leaves_nothing_behind(tmp_path: Path, how: str) -> None:
     assert labels.iterations
 
 
+def test_prism_sim_json_reports_the_ranks_and_the_final_counts(tmp_path: Path) -> None:
+    """--json: the ranks' pids while they run (how prism eval attaches to a child
+    simulator), then the counts it needs for the throughput ratio, and nothing else."""
+    path = scenario_file(tmp_path, "json", 3, batch=4)
+    proc = _prism_sim("--scenario", str(path), "--labels", str(tmp_path / "l.jsonl"),
+                      "--json")
+    assert proc.stdout is not None
+    started = json.loads(proc.stdout.readline())
+    assert started["event"] == "started" and sorted(started["ranks"]) == ["0", "1"]
+    for pid in started["ranks"].values():
+        assert Path(f"/proc/{pid}").exists()  # running when announced
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    done = json.loads(out)
+    assert done["event"] == "done" and done["generation_tokens"] > 0
+    assert set(done["iterations"]) == {"0", "1"} and min(done["iterations"].values()) > 0
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
