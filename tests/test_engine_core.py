@@ -216,15 +216,15 @@ def test_an_old_recording_gets_its_profiles_derived_features(tmp_path: Path) -> 
     assert "kv_tokens" in procs[0].derived  # what the cuda profile derives
 
 
-def test_models_are_fitted_in_a_worker_process_at_the_lowest_priority() -> None:
-    """A fit must neither take CPU from the monitored server (it would slow the very
-    iterations being judged) nor hold the loop's GIL: a child process at niceness 19,
-    over pipes (nothing left in /dev/shm), restarted when it dies."""
+def test_models_are_fitted_in_a_worker_process_at_a_low_priority() -> None:
+    """A fit must neither take much CPU from the monitored server (it would slow the
+    very iterations being judged) nor hold the loop's GIL: a child process at niceness
+    10, over pipes (nothing left in /dev/shm), restarted when it dies."""
     shm_before = set(os.listdir("/dev/shm"))
     worker = FitWorker()
     pid, nice = worker.call("whoami")
-    assert pid == worker.pid and pid != os.getpid() and nice == FIT_NICENESS == 19
-    assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # ours is untouched
+    assert pid == worker.pid and pid != os.getpid() and nice == FIT_NICENESS == 10
+    assert os.getpriority(os.PRIO_PROCESS, 0) < 10  # ours is untouched
     x = np.arange(500, dtype=float).reshape(100, 5)
     fitted = worker.fit(x, x.sum(axis=1), "prism")
     assert fitted.n_train == 100 and fitted.rule.name == "prism"
