@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="loopback port of the Prometheus /metrics endpoint (0: any free)")
     sm.add_argument("--json", action="store_true",
                     help="print JSON lines on stdout: the ranks' pids once they run, the "
-                    "final counts at the end (for scripts; prism eval uses it)")
+                    "final counts at the end; stop when the parent process exits (for "
+                    "scripts; prism eval uses it)")
 
     from alerting.gateway.cli import add_gateway_arguments
 
@@ -491,8 +492,7 @@ class SimChild:
         except ValueError:
             doc = {}
         if doc.get("event") != event:
-            self._proc.kill()
-            self._proc.wait()
+            self._stop()
             self._log.seek(0)
             tail = [ln for ln in self._log.read().splitlines() if ln.strip()][-3:]
             raise SimError("the simulator stopped: " + (" / ".join(tail) or
@@ -508,10 +508,20 @@ class SimChild:
         self._proc.wait(timeout_s)
         return self.done
 
+    def _stop(self) -> None:
+        """SIGTERM (it stops its ranks and fault processes), SIGKILL if that hangs."""
+        assert self._proc is not None
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
     def __exit__(self, *exc: object) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        if self._proc is not None:
+            self._stop()
         self._log.close()
 
 
@@ -709,6 +719,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if args.json:  # a script's child: stop (cleanly) when the script is gone
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            while not stop.wait(0.5):
+                if os.getppid() != parent:
+                    stop.set()
+
+        threading.Thread(target=watch_parent, daemon=True, name="parent-watch").start()
 
     def log(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)

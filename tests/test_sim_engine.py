@@ -291,6 +291,29 @@ def test_prism_sim_json_reports_the_ranks_and_the_final_counts(tmp_path: Path) -
     assert set(done["iterations"]) == {"0", "1"} and min(done["iterations"].values()) > 0
 
 
+def test_prism_sim_json_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """prism eval drives prism sim --json as a child: if eval is SIGKILLed, the simulator
+    and its ranks must not run on for the rest of the scenario."""
+    path = scenario_file(tmp_path, "orphan", 120, batch=4)
+    script = ("import subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-m', 'prism_tui.cli', 'sim', "
+              f"'--scenario', {str(path)!r}, '--json'], stdout=subprocess.PIPE, text=True)\n"
+              "print(p.pid, p.stdout.readline().strip(), flush=True)\n"
+              "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    assert parent.stdout is not None
+    sim_pid, started = parent.stdout.readline().split(" ", 1)
+    pids = [int(sim_pid), *json.loads(started)["ranks"].values()]
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(not _is_zombie(p) for p in pids):
+        time.sleep(0.2)
+    assert all(_is_zombie(p) for p in pids), "the simulator outlived its parent"
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
