@@ -201,9 +201,9 @@ class AlertPublisher:
                 and len(self._inflight) < WINDOW):
             try:  # written before it is sent, as on the queued path
                 seq = self.outbox.put_many([alert])[0] if self.outbox is not None else None
-            except Exception:  # the writer retries and reports it
-                seq = -1
-            if seq != -1:
+            except Exception:  # queued below: the writer retries and reports it
+                pass
+            else:
                 self._send(conn, _Entry(next(self._counter), alert, seq))
                 return
         self._fresh.append(alert)
