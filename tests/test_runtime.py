@@ -51,7 +51,7 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
         runner.start()
         targets = [Target(pid) for pid in server.rank_pids.values()]
         with Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
-                     rule="prism", warmup=500, sinks=[sink],
+                     rule="paper", warmup=500, sinks=[sink],
                      on_observation=on_observation, escalation_s=3) as monitor:
             asyncio.run(monitor.run(32))
             series = monitor.engine.sketches.keys()  # a tuple, not a dict view
@@ -67,7 +67,14 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
     # the fault is caught. False alarms are not asserted: the baseline sees batch size
     # only (context length is not in these call arguments yet), and they vary a lot
     # from run to run (FPR from 1.5 % to most of a run seen; docs/detection.md)
-    assert result["recall"] > 0.5, result
+    # The reference rule (prism watch's default): this device slowdown (~1.6x) sits at
+    # the prism rule's limit, which a noisy warm-up on this 2-vCPU VM puts at 0.3-0.46,
+    # so with it the test measured the VM's noise (recall 0-0.5 in about half the runs,
+    # the code before 2026-12-03 included); docs/detection.md compares the two rules.
+    # When it is missed, say with which limits.
+    ucls = [round(d.ucl or 0.0, 3) for pid in monitor.engine.pids
+            for d in monitor.engine._watched[pid].detectors.values()]
+    assert result["recall"] > 0.5, (result, "UCL per rank", ucls)
     [fault] = labels.faults
     firing = [a for a in sink.alerts if a.status == "firing"]
 
