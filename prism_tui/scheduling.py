@@ -25,6 +25,21 @@ _SCHED_OTHER = 0
 _RESET_ON_FORK = 0x01
 
 
+def _sched_attr(tid: int) -> tuple[int, ...] | str:
+    """``struct sched_attr`` of ``tid`` as a tuple, or why it cannot be read (one line)."""
+    numbers = _SYSCALLS.get(platform.machine())
+    if numbers is None:
+        return f"no sched_setattr number known for {platform.machine()}"
+    buf = ctypes.create_string_buffer(_ATTR.size)
+    if _libc().syscall(numbers[1], tid, buf, _ATTR.size, 0) != 0:
+        return f"sched_getattr: {os.strerror(ctypes.get_errno())}"
+    return _ATTR.unpack(buf.raw)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def request_short_slice(tid: int = 0, slice_ns: int = SHORT_SLICE_NS) -> str | None:
     """Give thread ``tid`` (0: the caller) a ``slice_ns`` slice, keeping its nice value.
 
@@ -34,35 +49,22 @@ def request_short_slice(tid: int = 0, slice_ns: int = SHORT_SLICE_NS) -> str | N
     Returns None when the kernel took it, else one line saying why not (an old kernel,
     another architecture, a real-time thread left alone, no permission).
     """
-    numbers = _SYSCALLS.get(platform.machine())
-    if numbers is None:
-        return f"no sched_setattr number known for {platform.machine()}"
-    set_nr, get_nr = numbers
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(_ATTR.size)
-    if libc.syscall(get_nr, tid, buf, _ATTR.size, 0) != 0:
-        return f"sched_getattr: {os.strerror(ctypes.get_errno())}"
-    _size, policy, _flags, nice, prio, _runtime, *_rest = _ATTR.unpack(buf.raw)
+    attr = _sched_attr(tid)
+    if isinstance(attr, str):
+        return attr
+    _size, policy, _flags, nice, prio, *_rest = attr
     if policy != _SCHED_OTHER:
         return f"scheduling policy {policy} is not SCHED_OTHER: left as it is"
     packed = _ATTR.pack(_ATTR.size, policy, _RESET_ON_FORK, nice, prio, slice_ns, 0, 0, 0, 0)
-    attr = ctypes.create_string_buffer(packed, _ATTR.size)
-    if libc.syscall(set_nr, tid, attr, 0) != 0:
+    set_nr = _SYSCALLS[platform.machine()][0]
+    if _libc().syscall(set_nr, tid, ctypes.create_string_buffer(packed, _ATTR.size), 0) != 0:
         return f"sched_setattr: {os.strerror(ctypes.get_errno())}"
-    if libc.syscall(get_nr, tid, buf, _ATTR.size, 0) != 0:
-        return f"sched_getattr: {os.strerror(ctypes.get_errno())}"
-    if _ATTR.unpack(buf.raw)[5] != slice_ns:
+    if current_slice_ns(tid) != slice_ns:
         return "this kernel has no custom slices (Linux 6.12 or later)"
     return None
 
 
 def current_slice_ns(tid: int = 0) -> int | None:
     """The thread's requested slice (0: the default), or None when it cannot be read."""
-    numbers = _SYSCALLS.get(platform.machine())
-    if numbers is None:
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(_ATTR.size)
-    if libc.syscall(numbers[1], tid, buf, _ATTR.size, 0) != 0:
-        return None
-    return int(_ATTR.unpack(buf.raw)[5])
+    attr = _sched_attr(tid)
+    return None if isinstance(attr, str) else int(attr[5])
