@@ -70,12 +70,17 @@ def test_features_are_the_papers_five() -> None:
     assert relative_errors([10, 10], [8, 12]).tolist() == pytest.approx([0.2, 0.0])
 
 
+def law_data(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+    """``n`` random workloads' features and their noisy latencies under ``law``."""
+    rng = np.random.default_rng(seed)
+    ws = workloads(rng, n)
+    x = np.asarray([features(w) for w in ws])
+    return x, np.asarray([noisy(rng, w) for w in ws]), rng
+
+
 @pytest.mark.parametrize("target", ["linear", "log"])
 def test_model_fits_known_law(target: str) -> None:
-    rng = np.random.default_rng(1)
-    ws = workloads(rng, 2000)
-    x = np.asarray([features(w) for w in ws])
-    y = np.asarray([noisy(rng, w) for w in ws])
+    x, y, _ = law_data(1, 2000)
     m = BaselineModel(target).fit(x[:1500], y[:1500])  # type: ignore[arg-type]
     mape = float(np.mean(np.abs(m.predict(x[1500:]) - y[1500:]) / y[1500:]))
     assert mape < 0.05
@@ -85,10 +90,7 @@ def test_model_fits_known_law(target: str) -> None:
 def test_flattened_trees_predict_what_scikit_learn_predicts(target: str) -> None:
     # rows from training (values that sit next to split points), far outside it, and
     # integers: the walk must round to float32 and go left on <= as sklearn's trees do
-    rng = np.random.default_rng(7)
-    ws = workloads(rng, 1500)
-    x = np.asarray([features(w) for w in ws])
-    y = np.asarray([noisy(rng, w) for w in ws])
+    x, y, rng = law_data(7, 1500)
     model = BaselineModel(target).fit(x, y)  # type: ignore[arg-type]
     est = model._est
     trees = TreeEnsemble.of(est)
