@@ -50,10 +50,9 @@ INFERENCE_PATTERN = (r"vllm|sglang|llama[-_.]?(server|cpp|cli)|text-generation|t
 """Command lines that look like inference servers (the process picker's list)."""
 RESCAN_S = 1.0
 TELEMETRY_S = 1.0
-
-
 DEEPDIVE_DELAY_S = 0.05
 """How long a DeepDive waits after its alert before it opens probes (see _open_deepdive)."""
+
 _T = TypeVar("_T")
 
 @dataclass(frozen=True)
