@@ -219,7 +219,8 @@ class AlertPublisher:
     @property
     def status(self) -> PublisherStatus:
         """Connection state, backlog size, delivered count and the last error line."""
-        pending = len(self._fresh) + len(self._backlog) + len(self._inflight)
+        # _taken: alerts the writer is storing (in a thread for a burst), in no list
+        pending = len(self._fresh) + self._taken + len(self._backlog) + len(self._inflight)
         return PublisherStatus(self._state, pending, self._published, self._last_error,
                                self._protocol, len(self._inflight))
 
