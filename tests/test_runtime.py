@@ -102,7 +102,9 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
 
 
 def test_prism_eval_prints_the_scores(tmp_path: Path) -> None:
-    path = scenario_file(tmp_path, 10)
+    # 14 s: the monitor watches the child simulator from its attach to the scenario's
+    # end, 1-3 s less than the scenario, and > 100 iterations must follow the warm-up
+    path = scenario_file(tmp_path, 14)
     result = subprocess.run(
         [sys.executable, "-m", "prism_tui.cli", "eval", "--scenario", str(path),
          "--warmup", "200", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
