@@ -25,6 +25,7 @@ from prism_tui.engine.core import AlertEvent, Engine
 from prism_tui.engine.runtime import Monitor
 from prism_tui.engine.sinks import to_wire
 from prism_tui.engine.view import DeliveryStatus, EngineView
+from prism_tui.gc_pauses import settle_for_the_loop
 from prism_tui.history.store import HistoryStore
 from prism_tui.history.writer import HistoryWriter
 
@@ -90,9 +91,15 @@ class LiveSession:
 
     def __init__(self, monitor: Monitor, *, broker: BrokerConfig | None = None,
                  outbox_path: str | None = None, history_db: str | None = None,
-                 retention_days: float = 7.0, max_iterations: int = 1_000_000) -> None:
-        """Wire the alert path and history into ``monitor``'s engine (opens the outbox)."""
+                 retention_days: float = 7.0, max_iterations: int = 1_000_000,
+                 settle_gc: bool = False) -> None:
+        """Wire the alert path and history into ``monitor``'s engine (opens the outbox).
+
+        ``settle_gc``: freeze the start-up heap before the loop runs (see
+        :mod:`prism_tui.gc_pauses`); for the ``prism`` commands, which own their process.
+        """
         self.monitor = monitor
+        self._settle_gc = settle_gc
         self.engine = monitor.engine
         self.publisher: AlertPublisher | None = None
         self.outbox: Outbox | None = None
@@ -169,6 +176,8 @@ class LiveSession:
                 tasks.append(asyncio.create_task(self.history.run(history_stop)))
             if self.publisher is not None:
                 tasks.append(asyncio.create_task(self.publisher.run()))
+            if self._settle_gc:
+                settle_for_the_loop()
             await self.monitor.run(duration_s, stop)
         finally:
             history_stop.set()

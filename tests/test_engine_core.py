@@ -8,6 +8,7 @@ peer in the all-reduce, so both ranks' iterations slow down).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import gzip
 import itertools
 import json
@@ -164,6 +165,28 @@ def test_chrome_trace_of_recent_spans(tmp_path: Path) -> None:
     assert any(e["args"]["name"] == f"rank0 {procs[0].pid}" for e in meta)
     assert (tmp_path / "trace.json").stat().st_mode & 0o777 == 0o600
     assert chrome_trace([])["traceEvents"] == []
+
+
+def test_kept_spans_and_training_rows_are_invisible_to_the_cyclic_gc() -> None:
+    # a full collection walks every tracked object: 200k span objects made it ~160 ms,
+    # a stall of the monitor's loop (and of the alert it was about to send)
+    engine, _, _, _, _ = run()
+    gc.collect()
+    kept = list(engine._spans)
+    assert len(kept) > 10_000
+    assert not any(gc.is_tracked(row) for row in kept)
+    det = next(d for w in engine._watched.values() for d in w.detectors.values())
+    rows = [*det._training, *det._recent]
+    assert rows and not any(gc.is_tracked(row) for row in rows)
+    # and they read back as the spans that went in
+    _, spans = load_spans(str(RECORDING))
+    last = {(s.tid, s.start_ns, s.probe): s for s in spans}
+    back = engine.recent_spans(1.0)
+    assert back
+    for s in back:
+        orig = last[(s.tid, s.start_ns, s.probe)]
+        assert (s.pid, s.end_ns, dict(s.args)) == (orig.pid, orig.end_ns, dict(orig.args))
+        assert s.duration_ns == orig.end_ns - orig.start_ns
 
 
 def test_recording_round_trip_and_a_bad_file(tmp_path: Path) -> None:

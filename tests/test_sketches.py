@@ -177,6 +177,36 @@ def test_snapshot_is_immutable_and_computes_share_rate_sparkline() -> None:
     assert again.series is snap.series and again.now_ns == 20 * S + 5
 
 
+def test_snapshot_steps_compute_the_same_snapshot_one_series_at_a_time() -> None:
+    def fed() -> tuple[WindowedSketches, FakeClock]:
+        clock = FakeClock()
+        sk = WindowedSketches(clock=clock, block_windows=4)
+        for sec in range(40):
+            for j in range(5):
+                t = sec * S + j * 200_000_000
+                sk.add(IT, t, 10.0 + j)
+                sk.add(K, t, 2.0 + (sec % 7))
+        clock.ns = 40 * S + S // 2
+        return sk, clock
+
+    stepped, _ = fed()
+    steps = list(stepped.snapshot_steps(span_s=30))
+    assert len(steps) == 2  # one per series: the loop gets a turn between them
+    assert list(stepped.snapshot_steps(span_s=30)) == []  # now cached: nothing to do
+    direct, _ = fed()
+    assert stepped.snapshot(span_s=30).series == direct.snapshot(span_s=30).series
+    # windows that close between two steps leave the range being computed as it was
+    later, clock = fed()
+    gen = later.snapshot_steps(span_s=30)
+    next(gen)
+    for j in range(5):
+        later.add(K, 41 * S + j, 99.0)
+    later.tick(42 * S)
+    list(gen)
+    clock.ns = 40 * S + S // 2
+    assert later.snapshot(span_s=30).series == direct.snapshot(span_s=30).series
+
+
 def test_snapshot_sparkline_marks_gaps() -> None:
     sk = WindowedSketches(clock=FakeClock(), spark_windows=4)
     for sec in (0, 2, 3):

@@ -15,9 +15,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from itertools import chain
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from prism_tui.engine.detector import (
@@ -224,7 +226,9 @@ class Engine:
         self._points: deque[DetectorPoint] = deque(maxlen=keep_points)
         self._records: deque[AlertRecord] = deque(maxlen=keep_alerts)
         self._delivery_of: dict[str, str] = {}
-        self._spans: deque[SpanLike] = deque(maxlen=keep_spans)
+        # plain tuples of numbers and strings, which the cyclic GC stops tracking: 200k
+        # span objects (with their args mappings) made each full collection ~160 ms
+        self._spans: deque[_KeptSpanRow] = deque(maxlen=keep_spans)
         self._telemetry: tuple[TelemetryValue, ...] = ()
         self._delivery = DeliveryStatus()
         self._notices: deque[str] = deque(maxlen=5)
@@ -283,7 +287,7 @@ class Engine:
         w = self._watched.get(pid)
         if w is None:
             return []
-        self._spans.extend(spans)
+        self._keep(spans)
         if self.on_spans is not None:
             self.on_spans(spans)
         done = w.builder.add(spans)
@@ -302,7 +306,7 @@ class Engine:
         w = self._watched.get(pid)
         if w is None:
             return
-        self._spans.extend(spans)
+        self._keep(spans)
         if self.on_spans is not None:
             self.on_spans(spans)
         for s in spans:
@@ -310,10 +314,18 @@ class Engine:
             self.sketches.add(SeriesKey(stage, w.device, "deepdive"), s.end_ns,
                               (s.end_ns - s.start_ns) / 1e6)
 
+    def _keep(self, spans: Sequence[SpanLike]) -> None:
+        # one flat tuple per span (args as key, value, ...): nested tuples would stay
+        # tracked until a collection had untracked every level below them
+        self._spans.extend((s.probe, s.pid, s.tid, s.start_ns, s.end_ns,
+                            *chain.from_iterable(s.args.items())) for s in spans)
+
     def recent_spans(self, seconds: float) -> list[SpanLike]:
         """Spans that ended in the last ``seconds`` (for a trace export)."""
         horizon = self.clock() - int(seconds * 1e9)
-        return [s for s in self._spans if s.end_ns >= horizon]
+        return [KeptSpan(row[0], row[1], row[2], row[3], row[4],
+                         tuple(zip(row[5::2], row[6::2], strict=True)))
+                for row in self._spans if row[4] >= horizon]
 
     def _on_iteration(self, w: _Watched, it: Iteration) -> None:
         self.iterations_seen += 1
@@ -467,6 +479,16 @@ class Engine:
         self.sketches.tick(now_ns)
         return {span: self.sketches.snapshot(now_ns, span_s=span) for span in WINDOWS_S}
 
+    def prepare_view(self, now_ns: int | None = None) -> Iterator[None]:
+        """Compute ``view(now_ns)``'s snapshots one series per step (nothing when cached).
+
+        For a caller that yields to its event loop between steps; see
+        :meth:`WindowedSketches.snapshot_steps`.
+        """
+        self.sketches.tick(now_ns)
+        for span in WINDOWS_S:
+            yield from self.sketches.snapshot_steps(now_ns, span)
+
     def view(self, now_ns: int | None = None) -> EngineView:
         """An immutable view of everything the dashboard draws."""
         now = self.clock() if now_ns is None else now_ns
@@ -499,6 +521,32 @@ class Engine:
             detector=tuple(self._points), detectors=tuple(detectors), alerts=records,
             telemetry=self._telemetry, delivery=self._delivery, slos=tuple(slos),
             history_path=self.history_path, notices=tuple(self._notices))
+
+
+_KeptSpanRow = tuple[Any, ...]
+"""``(probe, pid, tid, start_ns, end_ns, arg name, arg value, …)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeptSpan:
+    """A span read back from the engine's recent-span buffer (for trace exports)."""
+
+    probe: str
+    pid: int
+    tid: int
+    start_ns: int
+    end_ns: int
+    arg_items: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def args(self) -> Mapping[str, Any]:
+        """The captured arguments by name."""
+        return MappingProxyType(dict(self.arg_items))
+
+    @property
+    def duration_ns(self) -> int:
+        """``end_ns - start_ns``."""
+        return self.end_ns - self.start_ns
 
 
 def _quantile_of(stat: str) -> float:

@@ -616,10 +616,9 @@ class Verdict:
     """Why the workload is outside the model's training range (not judged), else None."""
 
 
-@dataclass
-class _Sample:
-    x: tuple[float, float, float, float, float]
-    y: float
+_Sample = tuple[tuple[float, float, float, float, float], float]
+"""A training row ``(features, latency_ms)``: plain tuples, which the cyclic GC stops
+tracking (a dataclass per row kept thousands of objects in every full collection)."""
 
 
 @dataclass
@@ -799,7 +798,7 @@ class Detector:
             return None
         x = features(workload)
         if self._baseline is None:
-            self._training.append(_Sample(x, lat))
+            self._training.append((x, lat))
             if self.auto_fit and len(self._training) >= self.warmup:
                 self.fit_now()
             return None
@@ -848,7 +847,7 @@ class Detector:
             # outside what the model learned: neither evidence of a fault nor of its
             # absence. Kept for the refit; the smoothed error and the state stand still.
             self._novel += 1
-            self._recent.append(_Sample(x, lat))  # type: ignore[arg-type]
+            self._recent.append((x, lat))  # type: ignore[arg-type]
             self._since_fit += 1
             self.n_verdicts += 1
             return Verdict(t_ns, lat, predicted, err, self._smoothed_now(), ucl,
@@ -885,7 +884,7 @@ class Detector:
         else:
             self._below = 0
         if x is not None and not self._firing and transition is None and err <= ucl:
-            self._recent.append(_Sample(x, lat))
+            self._recent.append((x, lat))
         self._since_fit += 1
         self.n_verdicts += 1
         return Verdict(t_ns, lat, predicted, err, smoothed, ucl, self._firing, transition)
@@ -907,8 +906,8 @@ class Detector:
 def _arrays(samples: Sequence[_Sample] | deque[_Sample]) -> tuple[FloatArray, FloatArray]:
     if not samples:
         return np.zeros((0, len(FEATURE_NAMES))), np.zeros(0)
-    x = np.asarray([s.x for s in samples], dtype=np.float64)
-    y = np.asarray([s.y for s in samples], dtype=np.float64)
+    x = np.asarray([s[0] for s in samples], dtype=np.float64)
+    y = np.asarray([s[1] for s in samples], dtype=np.float64)
     return x, y
 
 

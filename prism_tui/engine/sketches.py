@@ -52,7 +52,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from fastdigest import TDigest, merge_all
@@ -414,30 +414,57 @@ class WindowedSketches:
             self._cache[ck] = series
         return Snapshot(now, span_s, start, end, series)
 
+    def snapshot_steps(self, now_ns: int | None = None, span_s: float = 10.0) -> Iterator[None]:
+        """Compute what ``snapshot(now_ns, span_s)`` returns, one series per step.
+
+        Iterate it from the event loop, yielding to other callbacks between steps (a
+        300 s snapshot of many series merges thousands of centroids: milliseconds that
+        an alert would otherwise wait behind); ``snapshot`` is then a cache hit. Closed
+        windows never change, so the result stays right for its range even when windows
+        close meanwhile (only windows older than ``retain_s`` can be trimmed from it).
+        """
+        now = self._clock() if now_ns is None else now_ns
+        start, end = self._span(span_s, now)
+        ck = (span_s, start, end)
+        if ck in self._cache:
+            return
+        parts: dict[SeriesKey, _Partial] = {}
+        for key in list(self._series):
+            partial = self._partial(key, start, end, span_s)
+            if partial is not None:
+                parts[key] = partial
+            yield
+        self._cache[ck] = MappingProxyType(_finish(parts, span_s))
+
     def _compute(self, start: int, end: int, span_s: float) -> dict[SeriesKey, SeriesStats]:
-        raw: dict[SeriesKey, tuple[TDigest, int, float, float, float]] = {}
-        for key, s in self._series.items():
-            lo = bisect_left(s.starts, start)
-            hi = bisect_left(s.starts, end)
-            if lo == hi:
-                continue
-            ws = s.windows[lo:hi]
-            parts = self._range_parts(key, start, end)
-            digest = parts[0] if len(parts) == 1 else merge_all(parts, self._mc)
-            raw[key] = (digest, sum(w.count for w in ws), math.fsum(w.sum for w in ws),
-                        min(w.min for w in ws), max(w.max for w in ws))
-        out: dict[SeriesKey, SeriesStats] = {}
-        spark_from = end - self._spark * self._w
-        for key, (digest, count, total, lo_v, hi_v) in raw.items():
-            it = raw.get(SeriesKey(ITERATION, key.device, key.phase))
-            share = None if it is None or it[2] <= 0 else total / it[2]
-            p50, p90, p99, p999 = (digest.quantile(q) for q in QUANTILES)
-            out[key] = SeriesStats(
-                key=key, count=count, rate=count / span_s if span_s > 0 else 0.0,
-                p50=p50, p90=p90, p99=p99, p999=p999, max=hi_v, min=lo_v,
-                mean=total / count, share=share,
-                sparkline=self._sparkline(self._series[key], spark_from, end))
-        return out
+        parts = {}
+        for key in self._series:
+            partial = self._partial(key, start, end, span_s)
+            if partial is not None:
+                parts[key] = partial
+        return _finish(parts, span_s)
+
+    def _partial(self, key: SeriesKey, start: int, end: int, span_s: float) -> _Partial | None:
+        """One series' stats over ``[start, end)`` except its share of the iteration."""
+        s = self._series.get(key)
+        if s is None:
+            return None
+        lo = bisect_left(s.starts, start)
+        hi = bisect_left(s.starts, end)
+        if lo == hi:
+            return None
+        ws = s.windows[lo:hi]
+        parts = self._range_parts(key, start, end)
+        digest = parts[0] if len(parts) == 1 else merge_all(parts, self._mc)
+        count = sum(w.count for w in ws)
+        total = math.fsum(w.sum for w in ws)
+        p50, p90, p99, p999 = (digest.quantile(q) for q in QUANTILES)
+        stats = SeriesStats(
+            key=key, count=count, rate=count / span_s if span_s > 0 else 0.0,
+            p50=p50, p90=p90, p99=p99, p999=p999, max=max(w.max for w in ws),
+            min=min(w.min for w in ws), mean=total / count, share=None,
+            sparkline=self._sparkline(s, end - self._spark * self._w, end))
+        return _Partial(stats, total)
 
     def _sparkline(self, s: _Series, start: int, end: int) -> tuple[float | None, ...]:
         slots: list[float | None] = [None] * self._spark
@@ -450,6 +477,22 @@ class WindowedSketches:
     def __iter__(self) -> Iterator[Window]:
         """All closed windows in memory, by (start, key)."""
         return iter(tuple(self._feed))
+
+
+@dataclass(frozen=True, slots=True)
+class _Partial:
+    stats: SeriesStats
+    total: float
+
+
+def _finish(parts: Mapping[SeriesKey, _Partial], span_s: float) -> dict[SeriesKey, SeriesStats]:
+    """Add each series' share of its device's and phase's iteration time."""
+    out: dict[SeriesKey, SeriesStats] = {}
+    for key, part in parts.items():
+        it = parts.get(SeriesKey(ITERATION, key.device, key.phase))
+        share = None if it is None or it.total <= 0 else part.total / it.total
+        out[key] = part.stats if share is None else replace(part.stats, share=share)
+    return out
 
 
 def _start_of(w: Window) -> int:
