@@ -21,7 +21,7 @@ import time
 import aiomqtt
 
 from alerting.config import parse_broker_url
-from prism_tui.scheduling import request_short_slice
+from prism_tui.scheduling import go_realtime, request_short_slice
 
 
 async def _receive(url: str, topic: str, username: str | None, password: str | None) -> None:
@@ -56,13 +56,17 @@ async def _receive(url: str, topic: str, username: str | None, password: str | N
 
 
 def main(argv: list[str]) -> int:
-    """``URL TOPIC`` (credentials from ``PRISM_RECEIVER_USERNAME``/``_PASSWORD``, not argv:
+    """``URL TOPIC [PRIO]`` (credentials from ``PRISM_RECEIVER_USERNAME``/``_PASSWORD``, not argv:
     argv is world-readable); exit 1 with one line when the broker refuses."""
     url, topic = argv[0], argv[1]
+    realtime = int(argv[2]) if len(argv) > 2 else 0
     username = os.environ.get("PRISM_RECEIVER_USERNAME") or None
     password = os.environ.get("PRISM_RECEIVER_PASSWORD") or None
     # it stands in for a consumer on another host, which our CPU faults do not starve
     request_short_slice()
+    why = go_realtime(realtime, "the alert receiver")  # with prism eval --realtime
+    if why:
+        print(f"alert receiver: {why}", file=sys.stderr)
     try:
         asyncio.run(_receive(url, topic, username, password))
     except aiomqtt.MqttError as exc:

@@ -157,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
                    "temporary file removed at exit)")
     d.add_argument("--headless", action="store_true",
                    help="JSON lines on stdout instead of the dashboard")
+    for cmd in (w, ev, d):
+        cmd.add_argument("--realtime", type=int, nargs="?", const=1,
+                         default=None if cmd is w else 0, metavar="PRIO",
+                         help="run the loop (and an embedded broker) under SCHED_FIFO at "
+                              "PRIO (default 1): alerts are not delayed by busy CPUs; "
+                              "needs root or CAP_SYS_NICE")
     return p
 
 
@@ -178,6 +184,19 @@ def _favour_the_loop() -> None:
     from prism_tui.scheduling import request_short_slice
 
     request_short_slice()  # this (the loop's) thread preempts a CPU hog sooner on wake-up
+
+
+def _go_realtime(priority: int, what: str = "the monitor's loop", tid: int = 0) -> bool:
+    """Run ``tid`` (0: this thread) under ``SCHED_FIFO`` at ``priority`` (0: leave it).
+
+    A refusal is one line on stderr and the run goes on at normal priority.
+    """
+    from prism_tui.scheduling import go_realtime
+
+    why = go_realtime(priority, what, tid)
+    if why is not None:
+        print(f"prism: {why}", file=sys.stderr)
+    return why is None and priority > 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(args.duration, scenario=args.scenario, warmup=args.warmup,
                             headless=args.headless, history_db=args.db,
-                            broker_url=args.broker)
+                            broker_url=args.broker, realtime=args.realtime)
     except (ProbeError, SettingsError, AlertingError, HistoryError, SimError) as exc:
         print(f"prism {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -256,6 +275,7 @@ def _watch_settings(args: argparse.Namespace) -> Any:
 
     return load_settings(args.config, overrides={
         "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
+        "engine.realtime_priority": args.realtime,
         "engine.slo": tuple(args.slo) if args.slo else None, "mqtt.broker": args.broker,
         "history.db": args.db})
 
@@ -286,6 +306,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     settings = _watch_settings(args)
     check_permission()  # exit 3 with what to grant, before anything starts
+    _go_realtime(settings.engine.realtime_priority)
     targets = resolve_target(args.pid, args.match, allow_many=True)
     profile = _pick_profile(targets[0], args.profile or settings.watch.profile)
     extras = _companion_profiles(targets[0], profile)
@@ -310,7 +331,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(history_db) or ".", mode=0o700, exist_ok=True)
     session = LiveSession(monitor, broker=broker_config(settings.mqtt), history_db=history_db,
                           retention_days=settings.history.retention_days,
-                          max_iterations=settings.history.max_iterations)
+                          max_iterations=settings.history.max_iterations, settle_gc=True)
     counts: dict[str, int] = {}
     try:
         if headless:
@@ -406,8 +427,9 @@ class AlertReceiver:
     timestamps; CLOCK_MONOTONIC is shared by every process on the host.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, realtime: int = 0) -> None:
         self.config = config
+        self.realtime = realtime
         self.received: dict[str, int] = {}
         """Alert id → CLOCK_MONOTONIC ns of receipt (the spans' clock)."""
         self._proc: subprocess.Popen[str] | None = None
@@ -420,7 +442,7 @@ class AlertReceiver:
                    PRISM_RECEIVER_PASSWORD=self.config.password or "")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "prism_tui.alert_receiver", self.config.url,
-             f"{self.config.topic_root}/+/+/alert"], stdin=subprocess.PIPE,
+             f"{self.config.topic_root}/+/+/alert", str(self.realtime)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert self._proc.stdout is not None
         first = self._proc.stdout.readline().strip()
@@ -534,11 +556,11 @@ def _counts(done: dict[str, Any]) -> Any:
                                              for r, n in done["iterations"].items()})
 
 
-def _run_and_receive(session: Any, duration: float) -> dict[str, int]:
+def _run_and_receive(session: Any, duration: float, realtime: int = 0) -> dict[str, int]:
     """Run the session while a real MQTT subscriber records when each alert arrives."""
     import asyncio
 
-    with AlertReceiver(session.publisher.config) as receiver:
+    with AlertReceiver(session.publisher.config, realtime) as receiver:
         asyncio.run(session.run(None, None, duration))
         time.sleep(0.5)  # the last deliveries
     return dict(receiver.received)
@@ -560,6 +582,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from probes.target import Target
 
     check_permission()
+    _go_realtime(args.realtime)
     try:
         scenario = load_scenario(args.scenario)
     except ScenarioError as exc:
@@ -600,11 +623,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 broker_url = broker.url
                 if broker.pid is not None:  # the alert's next hop
                     request_short_slice(broker.pid)
+                    _go_realtime(args.realtime, "the embedded broker", broker.pid)
             session = LiveSession(monitor, broker=BrokerConfig(url=broker_url),
-                                  outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
+                                  outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
+                                  settle_gc=True)
             stack.callback(session.close)
             left = duration - (time.monotonic_ns() - started_ns) / 1e9
-            received = _run_and_receive(session, max(left, 0.0))
+            received = _run_and_receive(session, max(left, 0.0), args.realtime)
             alerts = list(monitor.alerts)
             if recorder is not None:
                 n = recorder.close(monitor.recorded_processes())

@@ -27,7 +27,7 @@ from prism_tui.engine.runtime import Monitor
 from prism_tui.engine.sinks import JsonLinesSink
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
-from prism_tui.scheduling import request_short_slice
+from prism_tui.scheduling import go_realtime, request_short_slice
 from probes.catalog import load_profile
 from probes.governor import calibrate
 from probes.perf import check_permission
@@ -36,8 +36,11 @@ from probes.target import Target
 
 def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
              warmup: int = 1000, headless: bool = False, history_db: str | None = None,
-             broker_url: str | None = None) -> int:
-    """Run the demo until quit (or ``duration_s``); returns the exit code."""
+             broker_url: str | None = None, realtime: int = 0) -> int:
+    """Run the demo until quit (or ``duration_s``); returns the exit code.
+
+    ``realtime``: a ``SCHED_FIFO`` priority for the loop and the embedded broker (0: off).
+    """
     check_permission()  # exit 3 with what to grant, before anything starts
     try:
         spec = load_scenario(scenario)
@@ -48,12 +51,18 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
     notices: list[str] = []
     tmp = tempfile.TemporaryDirectory(prefix="prism-demo-")
     broker: EmbeddedBroker | None = None
+    why = go_realtime(realtime, "the monitor's loop")
+    if why:
+        notices.append(why)
     try:
         if broker_url is None:
             broker = EmbeddedBroker().start()
             broker_url = broker.url
             if broker.pid is not None:  # the alert's next hop: see prism_tui.scheduling
                 request_short_slice(broker.pid)
+                why = go_realtime(realtime, "the embedded broker", broker.pid)
+                if why:
+                    notices.append(why)
             if broker.notice:
                 notices.append(broker.notice)
         with SimServer(spec, log=notices.append, metrics_port=0) as server:
@@ -70,7 +79,7 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
                 session = LiveSession(
                     monitor, broker=BrokerConfig(url=broker_url),
                     outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
-                    history_db=history_db)
+                    history_db=history_db, settle_gc=True)
                 monitor.engine.notice(f"simulator: {len(targets)} ranks, scenario "
                                       f"{spec.name!r}; broker {broker_url}")
                 try:

@@ -88,6 +88,9 @@ class EngineSettings:
         slo: latency objectives like ``"decode p99 <= 60ms over 10s"``.
         escalation_s: how long the deeper (deepdive-level) probes stay attached after an
             alert fires (0: never escalate).
+        realtime_priority: 0 runs the monitor's loop at normal priority; 1–99 runs it
+            under ``SCHED_FIFO`` at that priority, so a busy host does not delay alerts
+            (needs root or CAP_SYS_NICE; ``--realtime`` sets 1).
     """
 
     warmup_iterations: int = 1000
@@ -96,6 +99,7 @@ class EngineSettings:
     snapshot_hz: float = 4.0
     slo: tuple[str, ...] = ()
     escalation_s: float = 30.0
+    realtime_priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -406,6 +410,8 @@ def _check(section: str, key: str, value: Any) -> str | None:
     at_least_one = {"engine.warmup_iterations", "history.max_iterations"}
     if name in at_least_one and value < 1:
         return f"must be >= 1, not {value}"
+    if name == "engine.realtime_priority" and not 0 <= value <= 99:
+        return f"must be 0 (off) or a SCHED_FIFO priority 1-99, not {value}"
     if name == "engine.escalation_s" and value < 0:
         return f"must be >= 0, not {value:g}"
     if name == "engine.slo":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -9,7 +10,16 @@ import threading
 
 import pytest
 
-from prism_tui.scheduling import SHORT_SLICE_NS, current_slice_ns, request_short_slice
+from prism_tui.gc_pauses import settle_for_the_loop
+from prism_tui.scheduling import (
+    SHORT_SLICE_NS,
+    current_slice_ns,
+    go_realtime,
+    request_realtime,
+    request_short_slice,
+)
+
+RESET_ON_FORK = 0x40000000
 
 
 def _in_thread(fn: object) -> object:
@@ -59,3 +69,44 @@ def test_a_missing_thread_is_one_line_not_an_exception() -> None:
     why = request_short_slice(2**22 + 12345)  # above pid_max's default: no such task
     assert why is not None and why.startswith("sched_getattr:") and "\n" not in why
     assert current_slice_ns(2**22 + 12345) is None
+
+
+def test_a_real_time_process_starts_children_at_normal_priority() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; sys.stdin.readline(); "
+         "print(subprocess.run([sys.executable, '-c', 'import os; "
+         "print(os.sched_getscheduler(0))'], capture_output=True, text=True).stdout)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        why = request_realtime(child.pid)
+        if why is not None and "Operation not permitted" in why:
+            pytest.skip(f"{why} (needs CAP_SYS_NICE)")
+        assert why is None
+        assert os.sched_getscheduler(child.pid) & ~RESET_ON_FORK == os.SCHED_FIFO
+        assert os.sched_getparam(child.pid).sched_priority == 1
+        out, _ = child.communicate("go\n", timeout=30)
+        assert int(out) == os.SCHED_OTHER  # the ranks of prism eval stay normal
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_real_time_for_a_missing_thread_is_one_line() -> None:
+    why = request_realtime(2**22 + 12345)
+    assert why is not None and why.startswith("sched_setscheduler:") and "\n" not in why
+    # what --realtime shows when the kernel refuses (here: no such priority)
+    line = go_realtime(100, "the monitor's loop")
+    assert line is not None and "\n" not in line
+    assert line.startswith("the monitor's loop stays at normal priority (sched_setscheduler:")
+    assert "CAP_SYS_NICE" in line
+    assert os.sched_getscheduler(0) & ~RESET_ON_FORK == os.SCHED_OTHER
+    assert go_realtime(0, "the monitor's loop") is None  # not asked: nothing done
+
+
+def test_settling_the_gc_freezes_the_start_up_heap() -> None:
+    try:
+        frozen = settle_for_the_loop()
+        assert frozen > 10_000 and gc.get_freeze_count() == frozen
+        assert "sklearn.ensemble" in sys.modules  # not imported later, mid-run
+    finally:
+        gc.unfreeze()

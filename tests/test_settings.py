@@ -149,6 +149,7 @@ def test_unknown_section_suggests(tmp_path: Path) -> None:
     ("[engine]\nwarmup_iterations = 1.5\n", 2, "must be an integer"),
     ("[engine]\nwarmup_iterations = true\n", 2, "must be an integer, not a boolean"),
     ("[engine]\nwarmup_iterations = 0\n", 2, "must be >= 1"),
+    ("[engine]\nrealtime_priority = 100\n", 2, "a SCHED_FIFO priority 1-99"),
     ("[probe]\n\noverhead_budget = 1.5\n", 3, "must be in (0, 1)"),
     ("[probe]\noverhead_budget = 0\n", 2, "must be in (0, 1)"),
     ("[probe]\nring_pages = 48\n", 2, "power of two"),
