@@ -167,6 +167,11 @@ VARIANTS: dict[str, DetectorRule] = {
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
+    "prism, refits may widen the limit (before 2026-12-03 evening)": dataclasses.replace(
+        _PRISM, refit_ucl_growth=None),
+    "prism, refits narrow the limit to 0.9 x the warm-up's": dataclasses.replace(
+        _PRISM, refit_ucl_growth=0.9),
+    "prism, refit data only below 0.5 x UCL": dataclasses.replace(_PRISM, guard_fraction=0.5),
     "prism before (random 20 % hold-out, q99.5, W10, fire 3, resolve 10)": dataclasses.replace(
         _PRISM, calibration="holdout", quantile=0.995, ucl_scale=1.0, window=10, fire_after=3,
         resolve_after=10),

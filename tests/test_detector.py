@@ -401,6 +401,30 @@ def test_drift_guard_keeps_alerting_iterations_out_of_refit_data() -> None:
     assert det.baseline is fb
 
 
+def test_a_refit_never_widens_the_warm_up_limit_but_may_narrow_it() -> None:
+    det, rng = warmed("prism")
+    first = det.ucl
+    assert first is not None
+
+    def refit_on(noise: float) -> float:
+        ws = workloads(rng, WARMUP)
+        x = np.asarray([features(w) for w in ws])
+        y = np.asarray([law(w) * float(1 + abs(rng.normal(0, noise))) for w in ws])
+        fb = fit_baseline(x, y, det.rule_spec, n_estimators=50)
+        det.install(fb)
+        return fb.ucl
+
+    # recent data with a mild slowdown mixed in (a fault too small to fire): its own
+    # limit is wider, and would hide the next fault of that size
+    assert refit_on(0.3) > first
+    assert det.ucl == first
+    assert refit_on(0.002) < first  # quieter recent data: the tighter limit is taken
+    assert det.ucl is not None and det.ucl < first
+    # the reference rule recalibrates freely
+    ref, rng = warmed("paper")
+    assert ref.rule_spec.refit_ucl_growth is None
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(

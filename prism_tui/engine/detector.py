@@ -29,6 +29,7 @@ executor with :meth:`Detector.training_data` and hands the result to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import statistics
@@ -389,6 +390,13 @@ class DetectorRule:
             error (``"smoothed"``) or each iteration's own error (``"raw"``: the alert
             ends ``resolve_after`` iterations after the fault, without waiting for the
             smoothing window to drain).
+        refit_ucl_growth: a refit may lower the limit but not raise it above the first
+            (warm-up) limit times this (None: no bound). A fault too mild to fire still
+            lands in the recent iterations a refit learns from; its recalibrated limit
+            then rose (0.24 to 0.37-0.49 after one such fault in ``mixed``) and hid
+            every later fault of that size.
+        guard_fraction: recent iterations enter a refit's data only when their own
+            error is at most ``guard_fraction × UCL`` (1.0: the limit itself).
     """
 
     name: str
@@ -411,6 +419,8 @@ class DetectorRule:
     resolve_after: int = 10
     ucl_scale: float = 1.0
     resolve_on: Literal["smoothed", "raw"] = "smoothed"
+    refit_ucl_growth: float | None = None
+    guard_fraction: float = 1.0
 
 
 RULES: dict[str, DetectorRule] = {
@@ -428,6 +438,7 @@ RULES: dict[str, DetectorRule] = {
         resolve_after=3,
         resolve_on="raw",
         novelty_margin=0.5,
+        refit_ucl_growth=1.0,
     ),
 }
 
@@ -616,9 +627,10 @@ class Verdict:
     """Why the workload is outside the model's training range (not judged), else None."""
 
 
-_Sample = tuple[tuple[float, float, float, float, float], float]
-"""A training row ``(features, latency_ms)``: plain tuples, which the cyclic GC stops
-tracking (a dataclass per row kept thousands of objects in every full collection)."""
+_Sample = tuple[float, float, float, float, float, float]
+"""A training row: the five features, then the latency in ms. One flat tuple of floats,
+which the cyclic GC stops tracking at its first pass (a dataclass per row kept thousands
+of objects in every full collection; a nested tuple needs a pass per level)."""
 
 
 @dataclass
@@ -675,6 +687,7 @@ class Detector:
         self._errors: deque[float] = deque(maxlen=self._rule.window)
         self._ewma: float | None = None
         self._baseline: FittedBaseline | None = None
+        self._first_ucl: float | None = None
         self._firing = False
         self._below = 0
         self._above = 0
@@ -768,6 +781,11 @@ class Detector:
 
     def install(self, baseline: FittedBaseline) -> None:
         """Install a model fitted elsewhere (for example in an executor)."""
+        growth = self._rule.refit_ucl_growth
+        if self._first_ucl is None:
+            self._first_ucl = baseline.ucl
+        elif growth is not None and baseline.ucl > self._first_ucl * growth:
+            baseline = dataclasses.replace(baseline, ucl=self._first_ucl * growth)
         # a refit for a new regime is followed by one more once the regime settled
         self._settle = self._novel >= self._rule.novelty_refit
         self._baseline = baseline
@@ -798,7 +816,7 @@ class Detector:
             return None
         x = features(workload)
         if self._baseline is None:
-            self._training.append((x, lat))
+            self._training.append((*x, lat))
             if self.auto_fit and len(self._training) >= self.warmup:
                 self.fit_now()
             return None
@@ -843,11 +861,11 @@ class Detector:
         margin = self._rule.novelty_margin
         novel = (self._baseline.novelty(x, margin)
                  if margin is not None and x is not None else None)
-        if novel is not None:
+        if novel is not None and x is not None:
             # outside what the model learned: neither evidence of a fault nor of its
             # absence. Kept for the refit; the smoothed error and the state stand still.
             self._novel += 1
-            self._recent.append((x, lat))  # type: ignore[arg-type]
+            self._recent.append((*x, lat))
             self._since_fit += 1
             self.n_verdicts += 1
             return Verdict(t_ns, lat, predicted, err, self._smoothed_now(), ucl,
@@ -883,8 +901,9 @@ class Detector:
                         self._ewma = err
         else:
             self._below = 0
-        if x is not None and not self._firing and transition is None and err <= ucl:
-            self._recent.append((x, lat))
+        if (x is not None and not self._firing and transition is None
+                and err <= ucl * self._rule.guard_fraction):
+            self._recent.append((*x, lat))
         self._since_fit += 1
         self.n_verdicts += 1
         return Verdict(t_ns, lat, predicted, err, smoothed, ucl, self._firing, transition)
@@ -906,8 +925,8 @@ class Detector:
 def _arrays(samples: Sequence[_Sample] | deque[_Sample]) -> tuple[FloatArray, FloatArray]:
     if not samples:
         return np.zeros((0, len(FEATURE_NAMES))), np.zeros(0)
-    x = np.asarray([s[0] for s in samples], dtype=np.float64)
-    y = np.asarray([s[1] for s in samples], dtype=np.float64)
+    x = np.asarray([s[:5] for s in samples], dtype=np.float64)
+    y = np.asarray([s[5] for s in samples], dtype=np.float64)
     return x, y
 
 
