@@ -25,7 +25,7 @@ from prism_tui.engine.core import AlertEvent, Engine
 from prism_tui.engine.runtime import Monitor
 from prism_tui.engine.sinks import to_wire
 from prism_tui.engine.view import DeliveryStatus, EngineView
-from prism_tui.gc_pauses import settle_for_the_loop
+from prism_tui.gc_pauses import freeze_heap
 from prism_tui.history.store import HistoryStore
 from prism_tui.history.writer import HistoryWriter
 
@@ -95,11 +95,13 @@ class LiveSession:
                  settle_gc: bool = False) -> None:
         """Wire the alert path and history into ``monitor``'s engine (opens the outbox).
 
-        ``settle_gc``: freeze the start-up heap before the loop runs (see
-        :mod:`prism_tui.gc_pauses`); for the ``prism`` commands, which own their process.
+        ``settle_gc``: freeze the heap before the loop runs and again once the first
+        model is in (see :mod:`prism_tui.gc_pauses`); for the ``prism`` commands, which
+        own their process.
         """
         self.monitor = monitor
         self._settle_gc = settle_gc
+        self._settled_after_fit = False
         self.engine = monitor.engine
         self.publisher: AlertPublisher | None = None
         self.outbox: Outbox | None = None
@@ -128,6 +130,10 @@ class LiveSession:
             self.sink.delivered(alert_id)
 
     def _view(self, view: EngineView) -> None:
+        if self._settle_gc and not self._settled_after_fit and any(
+                d.state == "live" for d in view.detectors):
+            self._settled_after_fit = True
+            freeze_heap()  # no alert before the first model: a quiet moment
         if self.publisher is not None:
             st = self.publisher.status
             self.engine.set_delivery(DeliveryStatus(self.publisher.config.url, st.state,
@@ -177,7 +183,7 @@ class LiveSession:
             if self.publisher is not None:
                 tasks.append(asyncio.create_task(self.publisher.run()))
             if self._settle_gc:
-                settle_for_the_loop()
+                freeze_heap()
             await self.monitor.run(duration_s, stop)
         finally:
             history_stop.set()

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from prism_tui.gc_pauses import settle_for_the_loop
+from prism_tui.gc_pauses import freeze_heap
 from prism_tui.scheduling import (
     SHORT_SLICE_NS,
     current_slice_ns,
@@ -103,10 +103,10 @@ def test_real_time_for_a_missing_thread_is_one_line() -> None:
     assert go_realtime(0, "the monitor's loop") is None  # not asked: nothing done
 
 
-def test_settling_the_gc_freezes_the_start_up_heap() -> None:
+def test_freezing_the_heap_takes_it_out_of_collections() -> None:
     try:
-        frozen = settle_for_the_loop()
+        frozen = freeze_heap()
         assert frozen > 10_000 and gc.get_freeze_count() == frozen
-        assert "sklearn.ensemble" in sys.modules  # not imported later, mid-run
+        assert sum(gc.get_count()) == 0 and len(gc.get_objects(2)) < 1000
     finally:
         gc.unfreeze()

@@ -201,10 +201,13 @@ def test_snapshot_steps_compute_the_same_snapshot_one_series_at_a_time() -> None
     next(gen)
     for j in range(5):
         later.add(K, 41 * S + j, 99.0)
-    later.tick(42 * S)
+    later.tick(42 * S)  # closes window 39 too: later snapshots cover a newer range
     list(gen)
-    clock.ns = 40 * S + S // 2
-    assert later.snapshot(span_s=30).series == direct.snapshot(span_s=30).series
+    # the range the steps began with ends at 39 s, which `direct` still shows at 40.5 s
+    before = direct.snapshot(span_s=30)
+    clock.ns = 39 * S + S // 2
+    assert later.snapshot(span_s=30).series is later.snapshot(span_s=30).series  # cached
+    assert later.snapshot(span_s=30).series == before.series
 
 
 def test_snapshot_sparkline_marks_gaps() -> None:

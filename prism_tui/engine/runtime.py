@@ -135,6 +135,7 @@ class Monitor:
         if escalation_s > 0:
             self.engine.sinks.append(_EscalationSink(self))
         self._attached: dict[int, _Attached] = {}
+        self._ever_attached: dict[int, RecordedProcess] = {}  # a recording's header
         self._new: asyncio.Queue[_Attached] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._host_sampler = HostSampler()
@@ -204,6 +205,7 @@ class Monitor:
                           device=self.device_of(target.pid), derived=self.profile.derived,
                           probes=probes)
         att = self._attached[target.pid] = _Attached(target, session, placements)
+        self._ever_attached[target.pid] = self._recorded_process(target.pid, att)
         if self._new is not None:
             self._new.put_nowait(att)
         return att
@@ -261,14 +263,19 @@ class Monitor:
         self._proc_samplers.pop(pid, None)
 
     def recorded_processes(self) -> list[RecordedProcess]:
-        """The header of a span recording of the attached processes."""
-        out = []
-        for pid, att in self._attached.items():
-            stage_of = {s.probe: s.stage for p in att.placements for s in p.sites}
-            out.append(RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
-                                       self.device_of(pid), stage_of,
-                                       {d.name: d.expr for d in self.profile.derived}))
-        return out
+        """The header of a span recording: every process attached during the run.
+
+        Those that exited too: under ``prism eval`` the ranks exit at the scenario's
+        end, before the recording is closed (the header came out empty, and the
+        recording could not be replayed).
+        """
+        return list(self._ever_attached.values())
+
+    def _recorded_process(self, pid: int, att: _Attached) -> RecordedProcess:
+        stage_of = {s.probe: s.stage for p in att.placements for s in p.sites}
+        return RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
+                               self.device_of(pid), stage_of,
+                               {d.name: d.expr for d in self.profile.derived})
 
     def candidates(self, pattern: str = INFERENCE_PATTERN) -> list[Candidate]:
         """Inference-like processes for the picker, the watched ones marked."""
