@@ -186,7 +186,7 @@ def _favour_the_loop() -> None:
     request_short_slice()  # this (the loop's) thread preempts a CPU hog sooner on wake-up
 
 
-def _go_realtime(priority: int, what: str = "the monitor's loop", tid: int = 0) -> bool:
+def _go_realtime(priority: int, what: str = "the monitor's loop", tid: int = 0) -> None:
     """Run ``tid`` (0: this thread) under ``SCHED_FIFO`` at ``priority`` (0: leave it).
 
     A refusal is one line on stderr and the run goes on at normal priority.
@@ -196,7 +196,6 @@ def _go_realtime(priority: int, what: str = "the monitor's loop", tid: int = 0) 
     why = go_realtime(priority, what, tid)
     if why is not None:
         print(f"prism: {why}", file=sys.stderr)
-    return why is None and priority > 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
