@@ -48,6 +48,7 @@ from prism_tui.engine.view import (
     TelemetryValue,
     frozen_snapshots,
 )
+from probes.uprobes import Span
 
 BASELINE_SHARES = 300  # normal iterations kept for root-cause comparison
 ANOMALY_SHARES = 10
@@ -323,8 +324,8 @@ class Engine:
     def recent_spans(self, seconds: float) -> list[SpanLike]:
         """Spans that ended in the last ``seconds`` (for a trace export)."""
         horizon = self.clock() - int(seconds * 1e9)
-        return [KeptSpan(row[0], row[1], row[2], row[3], row[4],
-                         tuple(zip(row[5::2], row[6::2], strict=True)))
+        return [Span(row[0], row[1], row[2], row[3], row[4],
+                     MappingProxyType(dict(zip(row[5::2], row[6::2], strict=True))))
                 for row in self._spans if row[4] >= horizon]
 
     def _on_iteration(self, w: _Watched, it: Iteration) -> None:
@@ -525,28 +526,6 @@ class Engine:
 
 _KeptSpanRow = tuple[Any, ...]
 """``(probe, pid, tid, start_ns, end_ns, arg name, arg value, …)``."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeptSpan:
-    """A span read back from the engine's recent-span buffer (for trace exports)."""
-
-    probe: str
-    pid: int
-    tid: int
-    start_ns: int
-    end_ns: int
-    arg_items: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def args(self) -> Mapping[str, Any]:
-        """The captured arguments by name."""
-        return MappingProxyType(dict(self.arg_items))
-
-    @property
-    def duration_ns(self) -> int:
-        """``end_ns - start_ns``."""
-        return self.end_ns - self.start_ns
 
 
 def _quantile_of(stat: str) -> float:
