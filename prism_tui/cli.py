@@ -330,7 +330,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(history_db) or ".", mode=0o700, exist_ok=True)
     session = LiveSession(monitor, broker=broker_config(settings.mqtt), history_db=history_db,
                           retention_days=settings.history.retention_days,
-                          max_iterations=settings.history.max_iterations, settle_gc=True)
+                          max_iterations=settings.history.max_iterations, freeze_gc=True)
     counts: dict[str, int] = {}
     try:
         if headless:
@@ -625,7 +625,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     _go_realtime(args.realtime, "the embedded broker", broker.pid)
             session = LiveSession(monitor, broker=BrokerConfig(url=broker_url),
                                   outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
-                                  settle_gc=True)
+                                  freeze_gc=True)
             stack.callback(session.close)
             left = duration - (time.monotonic_ns() - started_ns) / 1e9
             received = _run_and_receive(session, max(left, 0.0), args.realtime)

@@ -79,7 +79,7 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
                 session = LiveSession(
                     monitor, broker=BrokerConfig(url=broker_url),
                     outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
-                    history_db=history_db, settle_gc=True)
+                    history_db=history_db, freeze_gc=True)
                 monitor.engine.notice(f"simulator: {len(targets)} ranks, scenario "
                                       f"{spec.name!r}; broker {broker_url}")
                 try:

@@ -92,16 +92,16 @@ class LiveSession:
     def __init__(self, monitor: Monitor, *, broker: BrokerConfig | None = None,
                  outbox_path: str | None = None, history_db: str | None = None,
                  retention_days: float = 7.0, max_iterations: int = 1_000_000,
-                 settle_gc: bool = False) -> None:
+                 freeze_gc: bool = False) -> None:
         """Wire the alert path and history into ``monitor``'s engine (opens the outbox).
 
-        ``settle_gc``: freeze the heap before the loop runs and again once the first
+        ``freeze_gc``: freeze the heap before the loop runs and again once the first
         model is in (see :mod:`prism_tui.gc_pauses`); for the ``prism`` commands, which
         own their process.
         """
         self.monitor = monitor
-        self._settle_gc = settle_gc
-        self._settled_after_fit = False
+        self._freeze_gc = freeze_gc
+        self._frozen_after_fit = False
         self.engine = monitor.engine
         self.publisher: AlertPublisher | None = None
         self.outbox: Outbox | None = None
@@ -130,9 +130,9 @@ class LiveSession:
             self.sink.delivered(alert_id)
 
     def _view(self, view: EngineView) -> None:
-        if self._settle_gc and not self._settled_after_fit and any(
+        if self._freeze_gc and not self._frozen_after_fit and any(
                 d.state == "live" for d in view.detectors):
-            self._settled_after_fit = True
+            self._frozen_after_fit = True
             freeze_heap()  # no alert before the first model: a quiet moment
         if self.publisher is not None:
             st = self.publisher.status
@@ -182,7 +182,7 @@ class LiveSession:
                 tasks.append(asyncio.create_task(self.history.run(history_stop)))
             if self.publisher is not None:
                 tasks.append(asyncio.create_task(self.publisher.run()))
-            if self._settle_gc:
+            if self._freeze_gc:
                 freeze_heap()
             await self.monitor.run(duration_s, stop)
         finally:
