@@ -167,6 +167,12 @@ VARIANTS: dict[str, DetectorRule] = {
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
+    "prism, every warm-up episode sets the limit (before 2026-12-03 night)":
+        dataclasses.replace(_PRISM, ucl_skip_episodes=0),
+    "prism, the worst episode never sets the limit": dataclasses.replace(
+        _PRISM, episode_outlier=1.0),
+    "prism, the worst episode never sets the limit, ×1.75": dataclasses.replace(
+        _PRISM, episode_outlier=1.0, ucl_scale=1.75),
     "prism, refits may widen the limit (before 2026-12-03 evening)": dataclasses.replace(
         _PRISM, refit_ucl_growth=None),
     "prism, refits narrow the limit to 0.9 x the warm-up's": dataclasses.replace(

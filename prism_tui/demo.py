@@ -33,6 +33,14 @@ from probes.governor import calibrate
 from probes.perf import check_permission
 from probes.target import Target
 
+SETTLE_S = 3.0
+"""Seconds of each rank's first decode iterations the demo's detectors do not train on.
+The demo starts the server with the monitor: in the tmux demo the ranks' start and the
+dashboard's first paint slowed iterations 25-35 % for a few tenths of a second within
+the first 2 s (both vCPUs busy), and a warm-up limit calibrated on that (0.37-0.49) hid
+a device slowdown to 60 % speed. ``prism watch`` attaches to a running server and
+trains from its first iteration."""
+
 
 def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
              warmup: int = 1000, headless: bool = False, history_db: str | None = None,
@@ -74,7 +82,7 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
                 targets = [Target(pid) for pid in server.rank_pids.values()]
                 monitor = Monitor(targets, load_profile("cuda"),
                                   extra_profiles=[load_profile("nccl")], rule="prism",
-                                  warmup=warmup, costs=costs)
+                                  warmup=warmup, costs=costs, settle_s=SETTLE_S)
                 history_db = history_db or os.path.join(tmp.name, "history.sqlite")
                 session = LiveSession(
                     monitor, broker=BrokerConfig(url=broker_url),

@@ -24,7 +24,7 @@ from tests.sim_scenarios import scenario_text, slowdown
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_START_S = 30
-SCENARIO = scenario_text(600, slowdown(FAULT_START_S, 20, intensity=0.4), seed=11,
+SCENARIO = scenario_text(600, slowdown(FAULT_START_S, 20, intensity=0.5), seed=11,
                          name="tmux-demo")
 STAGE_ROW = re.compile(r"^\s*\S?(iteration|device_sync|host)\s+cuda:[01]\s+\d+\s+\d[\d.]*\s+\d")
 ALERT_ROW = re.compile(r"(\d\d:\d\d:\d\d) (?:err|crit|warn)\w*\s+firing\s+iteration\s+(cuda:\d)")
@@ -126,8 +126,13 @@ def test_demo_in_tmux_shows_stages_and_the_fault_alert_and_leaves_nothing(
                     return True
             return False
 
-        _wait_for("a firing alert during the fault", fault_alert, session,
-                  FAULT_START_S + 45)
+        try:
+            _wait_for("a firing alert during the fault", fault_alert, session,
+                      FAULT_START_S + 45)
+        except pytest.fail.Exception as exc:  # say what the detectors were doing
+            _tmux("send-keys", "-t", session, "3")
+            time.sleep(1.5)
+            raise AssertionError(f"{exc}\ndetector tab:\n{_screen(session)}") from None
         children = _descendants(shell) | children
         _tmux("send-keys", "-t", session, "q")
         deadline = time.monotonic() + 60

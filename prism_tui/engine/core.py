@@ -203,13 +203,17 @@ class Engine:
                  clock: Callable[[], int] = time.monotonic_ns,
                  wall_clock: Callable[[], float] = time.time,
                  keep_iterations: int = 240, keep_points: int = 600,
-                 keep_alerts: int = 200, keep_spans: int = 200_000) -> None:
+                 keep_alerts: int = 200, keep_spans: int = 200_000,
+                 settle_s: float = 0.0) -> None:
         """``clock`` is CLOCK_MONOTONIC in ns (span timestamps use it); ``wall_clock`` epoch s.
+        ``settle_s``: seconds of a process's first decode iterations its detector does
+        not train on (for a target started with the monitor: its start-up is not normal).
 
         Raises ValueError when an SLO rule does not parse.
         """
         self.rule = rule
         self.warmup = warmup
+        self.settle_ns = int(settle_s * 1e9)
         self.sinks = list(sinks)
         self.on_observation = on_observation
         self.on_spans = on_spans
@@ -344,7 +348,7 @@ class Engine:
             det = w.detectors.get(phase)
             if det is None:
                 det = w.detectors[phase] = Detector(rule=self.rule, warmup=self.warmup,
-                                                    auto_fit=False)
+                                                    auto_fit=False, settle_ns=self.settle_ns)
             verdict = det.observe(it.end_ns, it.latency_ms, workload)
             if verdict is not None and verdict.novel and det.novel_seen == 1:
                 self.notice(f"pid {w.pid}: {phase} workload new to the baseline "

@@ -397,6 +397,19 @@ class DetectorRule:
             every later fault of that size.
         guard_fraction: recent iterations enter a refit's data only when their own
             error is at most ``guard_fraction × UCL`` (1.0: the limit itself).
+        ucl_skip_episodes: with ``"smoothed_quantile"``, up to this many one-off
+            episodes are removed before the quantile is taken: the stretch of
+            ``episode_fraction`` of the calibration rows centred on the largest smoothed
+            error, when that error is at least ``episode_outlier`` times the quantile of
+            the rest. A level the data reaches once and far above everything else (the
+            server's first iterations, one stall of the host) then does not set the limit
+            for the whole run: in the tmux demo, the simulator's start-up put the limit at
+            0.45-0.49 in one run of five and hid a 2.5x device slowdown. 0: never.
+        episode_fraction: the length of one removed episode, as a fraction of the rows
+            (at least ``5·W`` rows).
+        episode_outlier: how far above the rest's quantile an episode must peak to be
+            removed (1.0: always the worst; removing it unconditionally raised the false
+            positive rate 2-4x on recorded runs, docs/detection.md).
     """
 
     name: str
@@ -421,6 +434,9 @@ class DetectorRule:
     resolve_on: Literal["smoothed", "raw"] = "smoothed"
     refit_ucl_growth: float | None = None
     guard_fraction: float = 1.0
+    ucl_skip_episodes: int = 0
+    episode_fraction: float = 0.05
+    episode_outlier: float = 1.0
 
 
 RULES: dict[str, DetectorRule] = {
@@ -439,6 +455,8 @@ RULES: dict[str, DetectorRule] = {
         resolve_on="raw",
         novelty_margin=0.5,
         refit_ucl_growth=1.0,
+        ucl_skip_episodes=1,
+        episode_outlier=2.0,
     ),
 }
 
@@ -531,12 +549,29 @@ def compute_ucl(errors: npt.ArrayLike, rule: DetectorRule) -> tuple[float, float
     if rule.ucl_method == "sigma":
         raw = mean + rule.k_sigma * std
     elif rule.ucl_method == "smoothed_quantile":
-        sm = smooth_errors(e, rule)
+        sm = without_episodes(smooth_errors(e, rule), rule)
         raw = float(np.quantile(sm, rule.quantile)) if sm.size else 0.0
     else:
         raw = float(np.quantile(e, rule.quantile)) if e.size else 0.0
     ucl = min(max(raw * rule.ucl_scale, rule.ucl_floor), rule.ucl_cap)
     return ucl, mean, std
+
+
+def without_episodes(smoothed: FloatArray, rule: DetectorRule) -> FloatArray:
+    """``smoothed`` without its ``rule.ucl_skip_episodes`` worst episodes (see
+    :class:`DetectorRule`); unchanged when that would leave fewer than half the rows."""
+    keep = np.ones(len(smoothed), dtype=bool)
+    half = max(round(len(smoothed) * rule.episode_fraction), 5 * rule.window) // 2
+    for _ in range(rule.ucl_skip_episodes):
+        if keep.sum() - (2 * half + 1) < len(smoothed) / 2:
+            break
+        worst = int(np.argmax(np.where(keep, smoothed, -np.inf)))
+        rest = keep.copy()
+        rest[max(0, worst - half):worst + half + 1] = False
+        if smoothed[worst] < rule.episode_outlier * np.quantile(smoothed[rest], rule.quantile):
+            break
+        keep = rest
+    return smoothed[keep]
 
 
 def fit_and_calibrate(
@@ -667,6 +702,10 @@ class Detector:
     recent_capacity: int = 5_000
     seed: int = 0
     n_estimators: int = 200
+    settle_ns: int = 0
+    """Iterations ending within this long of the first one are not trained on (counted
+    as skipped ``settling``): for a target started with the monitor, whose first seconds
+    are not its normal."""
     skipped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -694,6 +733,7 @@ class Detector:
         self._novel = 0
         self._settle = False
         self._since_fit = 0
+        self._first_ns: int | None = None
         self.n_verdicts = 0
 
     # ---- state
@@ -816,6 +856,11 @@ class Detector:
             return None
         x = features(workload)
         if self._baseline is None:
+            if self._first_ns is None:
+                self._first_ns = t_ns
+            if t_ns - self._first_ns < self.settle_ns:
+                self._skip("settling")
+                return None
             self._training.append((*x, lat))
             if self.auto_fit and len(self._training) >= self.warmup:
                 self.fit_now()

@@ -107,7 +107,7 @@ class Monitor:
                  mode: str = "auto", clock: Callable[[], int] = time.monotonic_ns,
                  slos: Sequence[SloSpec] = (), match: str | None = None,
                  costs: HitCosts | None = None, telemetry: bool = True,
-                 escalation_s: float = 30.0) -> None:
+                 escalation_s: float = 30.0, settle_s: float = 0.0) -> None:
         """Attach the sentinel probes of ``profile`` (which names the iteration anchor and
         derived features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to
         every target; raises a ProbeError subclass when a probe cannot be opened."""
@@ -125,7 +125,7 @@ class Monitor:
         self.snapshot_interval_s = snapshot_interval_s
         self.engine = Engine(rule=rule, warmup=warmup, sinks=sinks,
                              on_observation=on_observation, on_spans=on_spans, slos=slos,
-                             clock=clock)
+                             clock=clock, settle_s=settle_s)
         self.placements: list[Placement] = []
         self.escalation_s = escalation_s
         self.escalations: list[tuple[str, int, int]] = []
