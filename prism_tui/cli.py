@@ -407,15 +407,16 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
             "max": round(values[-1], 3)}
 
 
-def _throughput(stats: Any, labels_path: str, duration: float) -> dict[str, float]:
-    """Generated tokens per second and mean decode iteration latency of one run."""
+def _throughput(done: dict[str, Any], labels_path: str, duration: float) -> dict[str, float]:
+    """Generated tokens per second and mean decode iteration latency of one run, from the
+    simulator child's final counts (``done``) and its labels."""
     from prism_sim.labels import read_labels
 
     decode = [it for it in read_labels(labels_path).iterations if it.phase == "decode"]
     mean_ms = (sum(it.end_ns - it.start_ns for it in decode) / len(decode) / 1e6
                if decode else 0.0)
-    return {"tokens_per_s": round(stats.generation_tokens / duration, 3),
-            "iterations": float(sum(stats.iterations.values())),
+    return {"tokens_per_s": round(int(done["generation_tokens"]) / duration, 3),
+            "iterations": float(sum(int(n) for n in done["iterations"].values())),
             "decode_ms_mean": round(mean_ms, 4)}
 
 
@@ -546,15 +547,6 @@ class SimChild:
         self._log.close()
 
 
-def _counts(done: dict[str, Any]) -> Any:
-    """The child's final counts in the shape :func:`_throughput` reads."""
-    import types
-
-    return types.SimpleNamespace(generation_tokens=int(done["generation_tokens"]),
-                                 iterations={int(r): int(n)
-                                             for r, n in done["iterations"].items()})
-
-
 def _run_and_receive(session: Any, duration: float, realtime: int = 0) -> dict[str, int]:
     """Run the session while a real MQTT subscriber records when each alert arrives."""
     import asyncio
@@ -597,7 +589,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bare_labels = os.path.join(tmp.name, "bare.jsonl")
         with SimChild(args.scenario, duration, bare_labels) as bare:
             time.sleep(duration)
-            unwatched = _throughput(_counts(bare.finish(duration + 30)), bare_labels,
+            unwatched = _throughput(bare.finish(duration + 30), bare_labels,
                                     duration)
     with SimChild(args.scenario, duration, labels_path) as sim:
         rank_of = {pid: rank for rank, pid in sim.rank_pids.items()}
@@ -633,7 +625,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if recorder is not None:
                 n = recorder.close(monitor.recorded_processes())
                 print(f"prism eval: {n} spans saved to {recorder.path}", file=sys.stderr)
-        watched = _throughput(_counts(sim.finish()), labels_path, duration)
+        watched = _throughput(sim.finish(), labels_path, duration)
     labels = read_labels(labels_path).iterations
     rows = [row for rank, items in sorted(judged.items())
             for row in match(rank, [t for t, _ in items], [f for _, f in items], labels)]
