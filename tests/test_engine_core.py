@@ -278,3 +278,33 @@ def test_a_fit_worker_that_cannot_start_says_so(monkeypatch: pytest.MonkeyPatch,
     x = np.arange(500, dtype=float).reshape(100, 5)
     shutdown_fit_executor()
     assert fit_in_worker(x, x.sum(axis=1), "paper").rule.name == "paper"
+
+
+def test_alerts_raised_while_held_reach_the_sinks_when_the_block_ends() -> None:
+    """The runtime judges every rank's finished iterations before any alert's sink work."""
+    procs, spans = load_spans(str(RECORDING))
+    clock = ReplayClock(spans[0].start_ns)
+    sink = ListSink()
+    engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
+                    wall_clock=lambda: WALL, host="replay")
+    held_alerts: list[AlertEvent] = []
+    original = engine.add_spans
+
+    def add_spans_holding(pid: int, batch: list[object]) -> list[object]:
+        before = len(sink.alerts)
+        with engine.alerts_held():
+            with engine.alerts_held():  # nested: flushed by the outermost only
+                done = original(pid, batch)  # type: ignore[arg-type]
+            assert len(sink.alerts) == before  # nothing emitted inside
+            pending = engine.alerts_pending
+        if pending:
+            held_alerts.extend(sink.alerts[before:])
+            assert len(sink.alerts) > before
+        assert not engine.alerts_pending
+        return done  # type: ignore[return-value]
+
+    engine.add_spans = add_spans_holding  # type: ignore[method-assign]
+    replay(engine, clock, procs, spans)
+    assert held_alerts and held_alerts == sink.alerts == engine.alerts
+    ends = [a.iteration_end_ns for a in sink.alerts]
+    assert ends == sorted(ends)

@@ -10,6 +10,7 @@ so a replay is deterministic). Every detector or SLO transition becomes an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -237,6 +238,7 @@ class Engine:
         self._telemetry: tuple[TelemetryValue, ...] = ()
         self._delivery = DeliveryStatus()
         self._notices: deque[str] = deque(maxlen=5)
+        self._held: list[AlertEvent] | None = None
         self.history_path = ""
 
     # ------------------------------------------------------------------ targets
@@ -402,7 +404,34 @@ class Engine:
              "score": round(s.score, 4), "delta_share": round(s.delta_share, 4)}
             for s in rank_suspects(w.baseline_summary, list(w.recent_shares), top=3))
 
+    @contextlib.contextmanager
+    def alerts_held(self) -> Iterator[None]:
+        """Alerts raised inside the block reach the sinks when it ends, in order.
+
+        The runtime judges every target's finished iterations first: when two ranks fire
+        on one iteration, the second's verdict does not wait behind the first alert's
+        root-cause ranking, outbox write and publish. Nested blocks flush at the outermost.
+        """
+        if self._held is not None:
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            for alert in held:
+                self._emit(alert)
+
+    @property
+    def alerts_pending(self) -> bool:
+        """Whether alerts are held by :meth:`alerts_held` (raised, not yet emitted)."""
+        return bool(self._held)
+
     def _emit(self, alert: AlertEvent) -> None:
+        if self._held is not None:
+            self._held.append(alert)
+            return
         self.alerts.append(alert)
         self._records.append(AlertRecord(
             alert.id, alert.fingerprint, alert.status, alert.severity, alert.source,

@@ -290,6 +290,19 @@ class Monitor:
                 if pid not in seen]
         return sorted(out, key=lambda c: (not c.watched, c.pid))
 
+    def _judge_the_others(self, pid: int) -> None:
+        """Feed the engine what the other targets' rings hold now (an alert is pending).
+
+        The ranks of one model finish an iteration together; their wake-ups are
+        callbacks of the same loop turn, or of the next. Reading their rings here puts
+        their verdicts before the pending alert's work instead of after it.
+        """
+        for other, att in list(self._attached.items()):
+            if other != pid:
+                spans = att.session.read()
+                if spans:
+                    self.engine.add_spans(other, spans)
+
     # ------------------------------------------------------------------ DeepDive
     def request_escalation(self, pid: int) -> None:
         """Ask for the deeper probes on ``pid`` (done on the loop's next turn)."""
@@ -424,9 +437,13 @@ class Monitor:
         failures: list[BaseException] = []
 
         def on_spans(pid: int, spans: list[Span]) -> None:
-            # in the rings' reader callback: an alert leaves before the callback returns
+            # in the rings' reader callback: an alert leaves before the callback returns,
+            # after the other targets' finished iterations are judged (see alerts_held)
             try:
-                self.engine.add_spans(pid, spans)
+                with self.engine.alerts_held():
+                    self.engine.add_spans(pid, spans)
+                    if self.engine.alerts_pending:
+                        self._judge_the_others(pid)
             except Exception as exc:
                 failures.append(exc)
                 queue.put_nowait((0, []))
