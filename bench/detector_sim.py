@@ -173,6 +173,9 @@ EXPLORE: dict[str, DetectorRule] = {
         _PRISM, episode_outlier=1.0),
     "prism, the worst episode never sets the limit, ×1.75": dataclasses.replace(
         _PRISM, episode_outlier=1.0, ucl_scale=1.75),
+    "prism, q99 × 2": dataclasses.replace(_PRISM, quantile=0.99, ucl_scale=2.0),
+    "prism, q99 × 1.75": dataclasses.replace(_PRISM, quantile=0.99, ucl_scale=1.75),
+    "prism, q99.5 × 1.75": dataclasses.replace(_PRISM, quantile=0.995, ucl_scale=1.75),
     "prism, refits may widen the limit (before 2026-12-03 evening)": dataclasses.replace(
         _PRISM, refit_ucl_growth=None),
     "prism, refits narrow the limit to 0.9 x the warm-up's": dataclasses.replace(
