@@ -404,7 +404,7 @@ class DetectorRule:
             the rest. A level the data reaches once and far above everything else (the
             server's first iterations, one stall of the host) then does not set the limit
             for the whole run: in the tmux demo, the simulator's start-up put the limit at
-            0.45-0.49 in one run of five and hid a 2.5x device slowdown. 0: never.
+            0.45-0.49 in one run of five and hid a device slowdown to 60 % speed. 0: never.
         episode_fraction: the length of one removed episode, as a fraction of the rows
             (at least ``5·W`` rows).
         episode_outlier: how far above the rest's quantile an episode must peak to be
