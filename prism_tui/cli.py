@@ -438,6 +438,8 @@ class AlertReceiver:
     def __enter__(self) -> AlertReceiver:
         import threading
 
+        from prism_tui.scheduling import realtime_priority
+
         env = dict(os.environ, PRISM_RECEIVER_USERNAME=self.config.username or "",
                    PRISM_RECEIVER_PASSWORD=self.config.password or "")
         self._proc = subprocess.Popen(
@@ -451,11 +453,15 @@ class AlertReceiver:
             self._proc.kill()
             self._proc.wait()
             raise RuntimeError(f"the measuring subscriber did not start: {err.strip()}")
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(realtime_priority(),),
+                                        daemon=True)
         self._reader.start()
         return self
 
-    def _read(self) -> None:
+    def _read(self, priority: int) -> None:
+        from prism_tui.scheduling import follow_priority
+
+        follow_priority(priority)  # a normal thread holding the GIL would delay the loop
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
             alert_id, _, ns = line.strip().partition(" ")

@@ -28,6 +28,7 @@ from prism_tui.engine.view import DeliveryStatus, EngineView
 from prism_tui.gc_pauses import freeze_heap
 from prism_tui.history.store import HistoryStore
 from prism_tui.history.writer import HistoryWriter
+from prism_tui.scheduling import helper_executor, realtime_priority
 
 SUMMARY_EVERY_S = 5.0
 
@@ -47,6 +48,12 @@ class MqttSink:
     def delivered(self, alert_id: str) -> None:
         """The broker acknowledged the alert."""
         self.engine.mark_delivery(alert_id, "sent")
+
+
+HELPER_THREADS = 4
+"""Threads of a real-time loop's default executor (outbox acknowledgements, telemetry,
+DeepDive's probes, detaching): few, so that what runs real-time beside the loop stays
+bounded."""
 
 
 def summary_docs(view: EngineView) -> dict[str, dict[str, Any]]:
@@ -154,6 +161,9 @@ class LiveSession:
         """Run everything until ``stop``, ``duration_s`` or the targets' end."""
         stop = stop or asyncio.Event()
         self._on_view = on_view
+        if realtime_priority():  # helpers at the loop's priority: no GIL inversion
+            asyncio.get_running_loop().set_default_executor(
+                helper_executor(HELPER_THREADS, "prism-helper"))
         tasks: list[asyncio.Task[Any]] = []
         history_stop = asyncio.Event()
         try:

@@ -11,10 +11,13 @@ end. On older kernels the call succeeds but changes nothing; we say so.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
 import struct
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 SHORT_SLICE_NS = 100_000
 """0.1 ms, the shortest slice the kernel accepts."""
@@ -101,3 +104,44 @@ def go_realtime(priority: int, what: str, tid: int = 0) -> str | None:
         return None
     return (f"{what} stays at normal priority ({why}; real-time scheduling needs root "
             "or CAP_SYS_NICE)")
+
+
+def realtime_priority(tid: int = 0) -> int:
+    """Thread ``tid``'s ``SCHED_FIFO`` priority (0: the caller); 0 when it runs normally."""
+    try:
+        policy = os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK
+        return os.sched_getparam(tid).sched_priority if policy == os.SCHED_FIFO else 0
+    except OSError:
+        return 0
+
+
+def follow_priority(priority: int) -> None:
+    """Thread start-up hook: run the calling thread under ``SCHED_FIFO`` at ``priority``
+    (0: leave it); a refusal leaves it at normal priority, silently (the loop's own
+    refusal was already shown)."""
+    if priority > 0:
+        request_realtime(0, priority)
+
+
+def helper_executor(max_workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads run at the calling thread's real-time priority.
+
+    Why: a helper thread that holds the GIL when CPU hogs preempt it keeps a real-time
+    loop waiting until the scheduler runs the helper again (a priority inversion,
+    measured by ``bench/gil_inversion.py``). Helpers that only hand work over (the
+    outbox's acknowledgements, DeepDive's probe registration, the fit's hand-off) hold
+    the GIL briefly, so real-time costs the host no more CPU time. Heavy work does not
+    belong here: it goes to a child process or a normal-priority pool. Created by a
+    normal thread, it is a plain pool.
+    """
+    priority = realtime_priority()
+    return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name,
+                              initializer=partial(follow_priority, priority)
+                              if priority else None)
+
+
+def leave_realtime() -> None:
+    """Return the calling thread to normal scheduling (before it starts heavy work)."""
+    if realtime_priority():
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))

@@ -821,11 +821,26 @@ class _BuiltRing:
             self.watcher.close()
 
 
+def _fifo_priority() -> int:
+    """The calling thread's ``SCHED_FIFO`` priority, 0 when it runs normally."""
+    try:
+        policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+        return os.sched_getparam(0).sched_priority if policy == os.SCHED_FIFO else 0
+    except OSError:
+        return 0
+
+
 class _Worker:
-    """One daemon thread that runs the callables handed to it, in order."""
+    """One daemon thread that runs the callables handed to it, in order.
+
+    It runs at the real-time priority of the thread that starts it (a monitor's loop
+    under ``--realtime``): its jobs are short system calls, and a normal-priority thread
+    holding the GIL while CPU hogs preempt it would keep that loop waiting.
+    """
 
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._priority = _fifo_priority()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -833,6 +848,10 @@ class _Worker:
         self._jobs.put(job)
 
     def _run(self) -> None:
+        if self._priority:
+            with contextlib.suppress(OSError):  # refused: it runs normally
+                os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
+                                      os.sched_param(self._priority))
         while (job := self._jobs.get()) is not None:
             job()
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from prism_tui.gc_pauses import freeze_heap
+from prism_tui.history.store import HistoryStore, _query_pool
 from prism_tui.scheduling import (
     SHORT_SLICE_NS,
     current_slice_ns,
     go_realtime,
+    helper_executor,
+    leave_realtime,
+    realtime_priority,
     request_realtime,
     request_short_slice,
 )
@@ -110,3 +116,74 @@ def test_freezing_the_heap_takes_it_out_of_collections() -> None:
         assert sum(gc.get_count()) == 0 and len(gc.get_objects(2)) < 1000
     finally:
         gc.unfreeze()
+
+
+def _policy(tid: int = 0) -> tuple[int, int]:
+    return os.sched_getscheduler(tid) & ~RESET_ON_FORK, os.sched_getparam(tid).sched_priority
+
+
+def _as_real_time(fn: object, priority: int = 3) -> object:
+    """Run ``fn`` in a fresh thread under SCHED_FIFO (as ``--realtime`` runs the loop)."""
+    def work() -> object:
+        why = request_realtime(0, priority)
+        if why is not None:
+            return why
+        return fn()  # type: ignore[operator]
+
+    out = _in_thread(work)
+    if isinstance(out, str) and "Operation not permitted" in out:
+        pytest.skip(f"{out} (needs CAP_SYS_NICE)")
+    return out
+
+
+def test_a_real_time_loops_helpers_run_at_its_priority_and_heavy_work_does_not() -> None:
+    def work() -> tuple[object, ...]:
+        with helper_executor(2, "t-helper") as pool:
+            helper = pool.submit(_policy).result()
+        return helper, _policy(), realtime_priority()
+
+    helper, mine, seen = _as_real_time(work)  # type: ignore[misc]
+    assert mine == (os.SCHED_FIFO, 3) and seen == 3
+    assert helper == (os.SCHED_FIFO, 3)  # no GIL inversion with the loop
+    # created by a normal thread: a plain pool
+    with helper_executor(1, "t-plain") as pool:
+        assert pool.submit(_policy).result() == (os.SCHED_OTHER, 0)
+
+    def leave() -> tuple[int, int]:
+        leave_realtime()
+        return _policy()
+
+    assert _as_real_time(leave) == (os.SCHED_OTHER, 0)  # before a fit in-thread
+
+
+def test_a_real_time_history_writes_at_its_priority_and_queries_at_normal(
+        tmp_path: Path) -> None:
+    async def session() -> tuple[tuple[int, int], tuple[int, int]]:
+        store = await HistoryStore(tmp_path / "h.sqlite").open()
+        try:
+            sqlite_thread = await store._db._execute(_policy)  # type: ignore[union-attr]
+            await store.quantiles()
+            query_thread = await asyncio.get_running_loop().run_in_executor(
+                _query_pool(), _policy)
+        finally:
+            await store.close()
+        return sqlite_thread, query_thread
+
+    sqlite_thread, query_thread = _as_real_time(lambda: asyncio.run(session()))  # type: ignore[misc]
+    assert sqlite_thread == (os.SCHED_FIFO, 3)  # every write passes through it
+    assert query_thread == (os.SCHED_OTHER, 0)  # merging digests: seconds of CPU
+
+
+def test_the_probe_layers_workers_run_at_their_starters_priority() -> None:
+    from probes.uprobes import _Worker
+
+    def policy_of_a_worker() -> tuple[int, int]:
+        seen: list[tuple[int, int]] = []
+        worker = _Worker("t-opener")
+        worker.put(lambda: seen.append(_policy()))
+        worker.finish()
+        return seen[0]
+
+    # started by a real-time loop: the opener and closer follow it
+    assert _as_real_time(policy_of_a_worker, 2) == (os.SCHED_FIFO, 2)
+    assert policy_of_a_worker() == (os.SCHED_OTHER, 0)

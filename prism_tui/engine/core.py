@@ -49,6 +49,7 @@ from prism_tui.engine.view import (
     TelemetryValue,
     frozen_snapshots,
 )
+from prism_tui.scheduling import follow_priority, helper_executor, leave_realtime, realtime_priority
 from probes.uprobes import Span
 
 BASELINE_SHARES = 300  # normal iterations kept for root-cause comparison
@@ -172,7 +173,9 @@ def fit_executor() -> ThreadPoolExecutor:
     global _fit_pool
     with _fit_pool_lock:
         if _fit_pool is None:
-            _fit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-fit")
+            # the loop's priority: the thread only pickles and waits, and a normal one
+            # holding the GIL under CPU hogs would keep a real-time loop waiting
+            _fit_pool = helper_executor(1, "prism-fit")
         return _fit_pool
 
 
@@ -184,7 +187,12 @@ def fit_in_worker(x: Any, y: Any, rule: Any) -> FittedBaseline:
         result: FittedBaseline = _fit_worker.fit(x, y, rule)
         return result
     except FitWorkerUnavailableError:
-        return fit_baseline(x, y, rule)
+        priority = realtime_priority()
+        leave_realtime()  # a second of CPU: never at real-time priority
+        try:
+            return fit_baseline(x, y, rule)
+        finally:
+            follow_priority(priority)
 
 
 def shutdown_fit_executor() -> None:

@@ -35,6 +35,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +44,7 @@ from typing import Any
 import aiosqlite
 
 from prism_tui.engine.sketches import SeriesKey, Window, digest_from_bytes, merge_digests
+from prism_tui.scheduling import follow_priority, leave_realtime, realtime_priority
 
 Migration = tuple[int, str, tuple[str, ...]]
 
@@ -289,8 +291,14 @@ class HistoryStore:
         if self._closed:
             raise HistoryError(f"{self.path}: history store already closed")
         await asyncio.to_thread(self._precheck)
+        priority = realtime_priority()  # the loop's: its SQLite thread runs at it too
+
+        def connect() -> sqlite3.Connection:
+            follow_priority(priority)  # runs in aiosqlite's thread, before it connects
+            return sqlite3.connect(self.path, isolation_level=None)
+
         try:
-            db = await aiosqlite.connect(self.path, isolation_level=None)
+            db = await aiosqlite.Connection(connect, 64)
         except sqlite3.Error as exc:
             raise HistoryError(f"{self.path}: cannot open history database: {exc}") from exc
         try:
@@ -569,7 +577,10 @@ class HistoryStore:
         rows = await self._fetch(
             "SELECT series, wall_ns, digest, count, max FROM windows WHERE "
             + " AND ".join(where) + " ORDER BY series, wall_ns", args)
-        return await asyncio.to_thread(_bucket, self.path, rows, since_ns, step_s)
+        # merging digests over a long range is CPU work: a normal-priority thread, not the
+        # default executor (whose threads run real-time with ``--realtime``)
+        return await asyncio.get_running_loop().run_in_executor(
+            _query_pool(), _bucket, self.path, rows, since_ns, step_s)
 
     async def alerts(self, since_ns: int | None = None,
                      until_ns: int | None = None) -> list[dict[str, Any]]:
@@ -599,6 +610,19 @@ class HistoryStore:
              2**63 - 1 if until_ns is None else until_ns, limit))
         return [IterationRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7],
                                 json.loads(r[8]), r[9], r[10]) for r in rows]
+
+
+_QUERY_POOL: ThreadPoolExecutor | None = None
+
+
+def _query_pool() -> ThreadPoolExecutor:
+    """The thread that merges window digests for queries, at normal priority even when
+    the loop runs real-time (a long range is seconds of CPU)."""
+    global _QUERY_POOL
+    if _QUERY_POOL is None:
+        _QUERY_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-query",
+                                         initializer=leave_realtime)
+    return _QUERY_POOL
 
 
 def _bucket(path: Path, rows: Sequence[sqlite3.Row], since_ns: int | None,
