@@ -160,9 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     for cmd in (w, ev, d):
         cmd.add_argument("--realtime", type=int, nargs="?", const=1,
                          default=None if cmd is w else 0, metavar="PRIO",
-                         help="run the loop (and an embedded broker) under SCHED_FIFO at "
-                              "PRIO (default 1): alerts are not delayed by busy CPUs; "
-                              "needs root or CAP_SYS_NICE")
+                         help="run the loop, its helper threads (and an embedded "
+                              "broker) under SCHED_FIFO at PRIO (default 1): alerts are "
+                              "not delayed by busy CPUs; needs root or CAP_SYS_NICE")
     return p
 
 

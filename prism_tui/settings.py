@@ -89,8 +89,8 @@ class EngineSettings:
         escalation_s: how long the deeper (deepdive-level) probes stay attached after an
             alert fires (0: never escalate).
         realtime_priority: 0 runs the monitor's loop at normal priority; 1–99 runs it
-            under ``SCHED_FIFO`` at that priority, so a busy host does not delay alerts
-            (needs root or CAP_SYS_NICE; ``--realtime`` sets 1).
+            and its helper threads under ``SCHED_FIFO`` at that priority, so a busy host
+            does not delay alerts (needs root or CAP_SYS_NICE; ``--realtime`` sets 1).
     """
 
     warmup_iterations: int = 1000
