@@ -167,6 +167,13 @@ VARIANTS: dict[str, DetectorRule] = {
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
+    "prism, a new regime judged by its refit alone, its settling refit may widen the "
+    "limit (before 2026-12-03 late)": dataclasses.replace(
+        _PRISM, bound_by_previous=False, settle_keeps_limit=False),
+    "prism, without the previous model's bound": dataclasses.replace(
+        _PRISM, bound_by_previous=False),
+    "prism, the settling refit may widen the limit": dataclasses.replace(
+        _PRISM, settle_keeps_limit=False),
     "prism, every warm-up episode sets the limit (before 2026-12-03 night)":
         dataclasses.replace(_PRISM, ucl_skip_episodes=0),
     "prism, the worst episode never sets the limit": dataclasses.replace(

@@ -255,6 +255,60 @@ def test_a_workload_below_training_is_judged_and_then_learnt() -> None:
     assert any(v is not None and v.transition == "firing" for v in slow)
 
 
+@pytest.mark.parametrize("bound", [True, False])
+def test_a_new_regimes_first_iterations_do_not_make_the_rest_of_it_an_alarm(
+        bound: bool) -> None:
+    """The load drops to batches 1-4; its first 100 iterations run 30 % faster than the
+    ones after (in ``mixed``: the step down to 8 requests). The refit for the regime
+    learnt the fast ones; until the regime's settling refit, the previous model's
+    prediction bounds the smaller workload from above, so the rest is no alarm (without
+    the bound it is), while a real slowdown there still fires."""
+    rule = dataclasses.replace(RULES["prism"], bound_by_previous=bound)
+    rng = np.random.default_rng(7)
+    det = Detector(rule=rule, warmup=WARMUP)
+    for k, w in enumerate(workloads(rng, WARMUP, 16, 64)):
+        det.observe(k, noisy(rng, w), w)
+    t = WARMUP
+    for w in workloads(rng, rule.novelty_refit, 1, 4):
+        det.observe(t, noisy(rng, w, 0.7), w)
+        t += 1
+    assert det.refit_due
+    det.refit_now()  # the regime's refit, on its first (fast) iterations
+    rest = [det.observe(t + k, noisy(rng, w), w) for k, w in enumerate(workloads(rng, 80, 1, 4))]
+    t += 80
+    assert not det.refit_due  # still before the settling refit
+    fired = any(v is not None and v.transition == "firing" for v in rest)
+    assert fired is not bound
+    if bound:
+        slow = [det.observe(t + k, noisy(rng, w, 3.0), w)
+                for k, w in enumerate(workloads(rng, 20, 1, 4))]
+        assert any(v is not None and v.transition == "firing" for v in slow)
+
+
+def test_a_new_regimes_settling_refit_keeps_the_limit_of_before_the_regime() -> None:
+    """A settling refit calibrates on the regime's start (transitions, the noisy first
+    seconds): it may not widen the limit that held before the regime came."""
+    det, rng = warmed("prism")
+    assert det.rule_spec.settle_keeps_limit
+    ws = workloads(rng, WARMUP)
+    x = np.asarray([features(w) for w in ws])
+    y = np.asarray([noisy(rng, w) for w in ws])
+    fb = fit_baseline(x, y, det.rule_spec, n_estimators=50)
+    first = det.ucl
+    assert first is not None
+    det.install(dataclasses.replace(fb, ucl=first * 0.6))  # a quiet refit narrowed it
+    t = WARMUP
+    for w in workloads(rng, det.rule_spec.novelty_refit, 150, 200):
+        det.observe(t, noisy(rng, w), w)
+        t += 1
+    assert det.refit_due
+    det.install(dataclasses.replace(fb, ucl=first * 0.8))  # the regime's refit
+    det.install(dataclasses.replace(fb, ucl=first * 0.9))  # and its settling refit
+    assert det.ucl == pytest.approx(first * 0.6)
+    det.install(dataclasses.replace(fb, ucl=first * 0.9))  # a later, ordinary refit
+    assert det.ucl == pytest.approx(first * 0.9)
+
+
 def test_a_new_regime_is_learnt_even_while_an_alert_fires() -> None:
     """Novel iterations leave the state as it is: without a refit while firing, an
     alert that fired just before the load grew would stay firing for good."""

@@ -18,7 +18,8 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
   it and bursts of noise stay bursts; smoothed exactly as the live ones are, W = 5, since
   the smoothed error is what the UCL is compared with), floored at 0.05 so that a
   near-perfect fit cannot produce a hair trigger, capped at 0.5; a workload above the
-  trained range is not judged but learnt by a refit; resolves after 3 iterations whose
+  trained range is not judged but learnt by a refit (one below it is judged against the
+  previous model too until the regime settles); resolves after 3 iterations whose
   own errors are below 0.8 × UCL (not waiting for the smoothing window to drain).
 
 Time is injected: every call carries the caller's ``t_ns``; nothing here reads a clock.
@@ -410,6 +411,16 @@ class DetectorRule:
         episode_outlier: how far above the rest's quantile an episode must peak to be
             removed (1.0: always the worst; removing it unconditionally raised the false
             positive rate 2-4x on recorded runs, docs/detection.md).
+        bound_by_previous: after a refit for a new workload regime and until the refit
+            that follows once it settled, an iteration below the previous model's
+            trained range is judged against the larger of the two models' predictions.
+            The new model has seen only ``novelty_refit`` iterations of the regime (in
+            ``mixed``, the first 100 after the step down to 8 requests were faster than
+            the next ones: false alarms for ~2 s); the previous model's prediction
+            bounds a smaller workload's latency from above.
+        settle_keeps_limit: the refit that follows a regime's refit once the regime
+            settled may not raise the limit above the one in force before the regime
+            (its calibration holds the regime's first, noisiest seconds).
     """
 
     name: str
@@ -437,6 +448,8 @@ class DetectorRule:
     ucl_skip_episodes: int = 0
     episode_fraction: float = 0.05
     episode_outlier: float = 1.0
+    bound_by_previous: bool = False
+    settle_keeps_limit: bool = False
 
 
 RULES: dict[str, DetectorRule] = {
@@ -457,6 +470,8 @@ RULES: dict[str, DetectorRule] = {
         refit_ucl_growth=1.0,
         ucl_skip_episodes=1,
         episode_outlier=2.0,
+        bound_by_previous=True,
+        settle_keeps_limit=True,
     ),
 }
 
@@ -726,6 +741,8 @@ class Detector:
         self._errors: deque[float] = deque(maxlen=self._rule.window)
         self._ewma: float | None = None
         self._baseline: FittedBaseline | None = None
+        self._previous: FittedBaseline | None = None  # see DetectorRule.bound_by_previous
+        self._before_regime: float | None = None
         self._first_ucl: float | None = None
         self._firing = False
         self._below = 0
@@ -826,8 +843,16 @@ class Detector:
             self._first_ucl = baseline.ucl
         elif growth is not None and baseline.ucl > self._first_ucl * growth:
             baseline = dataclasses.replace(baseline, ucl=self._first_ucl * growth)
+        if (self._rule.settle_keeps_limit and self._settle and self._before_regime is not None
+                and baseline.ucl > self._before_regime):
+            baseline = dataclasses.replace(baseline, ucl=self._before_regime)
         # a refit for a new regime is followed by one more once the regime settled
-        self._settle = self._novel >= self._rule.novelty_refit
+        regime = self._novel >= self._rule.novelty_refit
+        if regime and not self._settle:
+            self._before_regime = None if self._baseline is None else self._baseline.ucl
+        self._settle = regime
+        self._previous = (self._baseline if self._settle and self._rule.bound_by_previous
+                          else None)
         self._baseline = baseline
         self._since_fit = 0
         self._novel = 0
@@ -902,6 +927,10 @@ class Detector:
             self._skip("bad_prediction")
             return None
         ucl = self._baseline.ucl
+        if self._previous is not None and x is not None and self._previous.below_range(x, 0.1):
+            bound = float(self._previous.model.predict(np.asarray([x]))[0])
+            if math.isfinite(bound):
+                predicted = max(predicted, bound)
         err = max(0.0, (lat - predicted) / lat)
         margin = self._rule.novelty_margin
         novel = (self._baseline.novelty(x, margin)
