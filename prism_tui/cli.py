@@ -13,7 +13,6 @@ import itertools
 import json
 import math
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -483,76 +482,6 @@ class AlertReceiver:
             self._reader.join(5)
 
 
-class SimChild:
-    """``prism sim --json`` in a child process, for ``prism eval``.
-
-    Its own process, as a real inference server is: run in a thread of the monitor's
-    process, the simulator's label writers, fault drivers and scheduler competed with
-    the monitor's event loop for the GIL and inflated the very latencies being measured.
-    """
-
-    def __init__(self, scenario: str, duration: float, labels: str) -> None:
-        self.argv = [sys.executable, "-m", "prism_tui.cli", "sim", "--scenario", scenario,
-                     "--duration", repr(duration), "--labels", labels, "--json"]
-        self.rank_pids: dict[int, int] = {}
-        self.started_ns = 0
-        self.done: dict[str, Any] | None = None
-        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in __exit__
-        self._proc: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> SimChild:
-        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
-        started = self._next("started", timeout_s=120)
-        self.rank_pids = {int(r): int(p) for r, p in started["ranks"].items()}
-        self.started_ns = int(started["started_ns"])
-        return self
-
-    def _next(self, event: str, timeout_s: float) -> dict[str, Any]:
-        """The child's next JSON line, which must be ``event`` (else a SimError)."""
-        from prism_sim.errors import SimError
-
-        assert self._proc is not None and self._proc.stdout is not None
-        ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
-        line = self._proc.stdout.readline() if ready else ""
-        try:
-            doc: dict[str, Any] = json.loads(line)
-        except ValueError:
-            doc = {}
-        if doc.get("event") != event:
-            self._stop()
-            self._log.seek(0)
-            tail = [ln for ln in self._log.read().splitlines() if ln.strip()][-3:]
-            raise SimError("the simulator stopped: " + (" / ".join(tail) or
-                                                        f"exit status {self._proc.returncode}"))
-        return doc
-
-    def finish(self, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Stop the run now (SIGTERM: it ends cleanly, labels flushed); its final counts."""
-        assert self._proc is not None
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-        self.done = self._next("done", timeout_s)
-        self._proc.wait(timeout_s)
-        return self.done
-
-    def _stop(self) -> None:
-        """SIGTERM (it stops its ranks and fault processes), SIGKILL if that hangs."""
-        assert self._proc is not None
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._stop()
-        self._log.close()
-
-
 def _run_and_receive(session: Any, duration: float, realtime: int = 0) -> dict[str, int]:
     """Run the session while a real MQTT subscriber records when each alert arrives."""
     import asyncio
@@ -574,6 +503,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prism_tui.engine.runtime import Monitor, Observation
     from prism_tui.live import LiveSession
     from prism_tui.scheduling import request_short_slice
+    from prism_tui.sim_child import SimChild
     from probes.catalog import load_profile
     from probes.perf import check_permission
     from probes.target import Target

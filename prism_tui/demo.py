@@ -1,11 +1,12 @@
 """``prism demo``: the main job on an embedded default.
 
-It starts the simulated tensor-parallel inference server (the ``demo`` scenario: steady
-load, then a fault every 40 s or so), an embedded MQTT broker on a free loopback port,
-and the monitor attached to every rank by uprobes with the unchanged ``cuda`` and
-``nccl`` catalog profiles — exactly as it would attach to a real engine — and opens the
-dashboard. Alerts go through the broker with a durable outbox; history goes to SQLite.
-On quit, Ctrl-C or SIGTERM every child process stops and no shared memory is left.
+It starts the simulated tensor-parallel inference server in a child process (the
+``demo`` scenario: steady load, then a fault every 40 s or so), an embedded MQTT broker
+on a free loopback port, and the monitor attached to every rank by uprobes with the
+unchanged ``cuda`` and ``nccl`` catalog profiles — exactly as it would attach to a real
+engine — and opens the dashboard. Alerts go through the broker with a durable outbox;
+history goes to SQLite. On quit, Ctrl-C or SIGTERM every child process stops and no
+shared memory is left.
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 from typing import Any
 
 from alerting.broker import EmbeddedBroker
 from alerting.config import BrokerConfig
 from prism_sim.errors import ScenarioError, SimError
 from prism_sim.scenario import load_scenario
-from prism_sim.server import SimServer
 from prism_tui.engine.runtime import Monitor
 from prism_tui.engine.sinks import JsonLinesSink
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
 from prism_tui.scheduling import go_realtime, request_short_slice
+from prism_tui.sim_child import SimChild
 from probes.catalog import load_profile
 from probes.governor import calibrate
 from probes.perf import check_permission
@@ -73,30 +73,23 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
                     notices.append(why)
             if broker.notice:
                 notices.append(broker.notice)
-        with SimServer(spec, log=notices.append, metrics_port=0) as server:
-            stop_sim = threading.Event()
-            runner = threading.Thread(target=server.run, args=(duration_s, stop_sim),
-                                      daemon=True)
-            runner.start()
+        # the server in its own process, as a real one is (see prism_tui.sim_child)
+        with SimChild(scenario, duration_s, on_log=notices.append) as server:
+            targets = [Target(pid) for pid in server.rank_pids.values()]
+            monitor = Monitor(targets, load_profile("cuda"),
+                              extra_profiles=[load_profile("nccl")], rule="prism",
+                              warmup=warmup, costs=costs, settle_s=SETTLE_S)
+            history_db = history_db or os.path.join(tmp.name, "history.sqlite")
+            session = LiveSession(
+                monitor, broker=BrokerConfig(url=broker_url),
+                outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
+                history_db=history_db, freeze_gc=True)
+            monitor.engine.notice(f"simulator: {len(targets)} ranks, scenario "
+                                  f"{spec.name!r}; broker {broker_url}")
             try:
-                targets = [Target(pid) for pid in server.rank_pids.values()]
-                monitor = Monitor(targets, load_profile("cuda"),
-                                  extra_profiles=[load_profile("nccl")], rule="prism",
-                                  warmup=warmup, costs=costs, settle_s=SETTLE_S)
-                history_db = history_db or os.path.join(tmp.name, "history.sqlite")
-                session = LiveSession(
-                    monitor, broker=BrokerConfig(url=broker_url),
-                    outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
-                    history_db=history_db, freeze_gc=True)
-                monitor.engine.notice(f"simulator: {len(targets)} ranks, scenario "
-                                      f"{spec.name!r}; broker {broker_url}")
-                try:
-                    _run(session, notices, duration_s, headless, history_db)
-                finally:
-                    session.close()
+                _run(session, notices, duration_s, headless, history_db)
             finally:
-                stop_sim.set()
-                runner.join(15)
+                session.close()
     except (SimError, OSError) as exc:
         print(f"prism demo: {exc}", file=sys.stderr)
         return 1
