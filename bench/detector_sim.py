@@ -167,6 +167,11 @@ VARIANTS: dict[str, DetectorRule] = {
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
+    "prism, limit floored at 0.05 (before 2026-12-03 late)": dataclasses.replace(
+        _PRISM, ucl_floor=0.05),
+    "prism, floor 0.2": dataclasses.replace(_PRISM, ucl_floor=0.2),
+    "prism, floor 0.25": dataclasses.replace(_PRISM, ucl_floor=0.25),
+    "prism, floor 0.3": dataclasses.replace(_PRISM, ucl_floor=0.3),
     "prism, a new regime judged by its refit alone, its settling refit may widen the "
     "limit (before 2026-12-03 late)": dataclasses.replace(
         _PRISM, bound_by_previous=False, settle_keeps_limit=False),
