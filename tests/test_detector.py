@@ -285,6 +285,23 @@ def test_a_new_regimes_first_iterations_do_not_make_the_rest_of_it_an_alarm(
         assert any(v is not None and v.transition == "firing" for v in slow)
 
 
+@pytest.mark.parametrize("rule", ["paper", "prism"])
+def test_the_first_verdicts_after_a_fit_are_not_compared_with_the_limit(rule: str) -> None:
+    """The limit was calibrated on errors smoothed over W; right after a fit the window
+    holds fewer, so one slow iteration would be the whole mean (live, the model lands a
+    few seconds into the run: the smoke test's alerts 0.1-0.3 s before its fault). A
+    slowdown that lasts fires once the window is full."""
+    det, rng = warmed(rule)
+    window = det.rule_spec.window
+    w = workloads(rng, 1)[0]
+    first = det.observe(WARMUP, noisy(rng, w, 3.0), w)
+    assert first is not None and first.smoothed > first.ucl and not first.firing
+    verdicts = [det.observe(WARMUP + 1 + k, noisy(rng, w, 3.0), w)
+                for k, w in enumerate(workloads(rng, window))]
+    fired = [k for k, v in enumerate(verdicts) if v is not None and v.transition == "firing"]
+    assert fired and fired[0] == window - 2  # the W-th error since the fit
+
+
 def test_a_quiet_warm_up_gives_the_prism_rules_floor_not_a_hair_trigger() -> None:
     """2 % noise calibrates far below what this host's normal stretches reach (smoothed
     errors of 0.25-0.29 on the 2-vCPU VM): the limit stays at the floor."""

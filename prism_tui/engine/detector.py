@@ -694,8 +694,10 @@ class Detector:
     :meth:`install` (iterations seen while waiting are added to the training data and
     yield no verdict). Afterwards each valid iteration yields a :class:`Verdict`.
 
-    Hysteresis: fire when the smoothed error exceeds the UCL; resolve when it has been
-    below ``UCL * hysteresis`` for ``resolve_after`` consecutive iterations.
+    Hysteresis: fire when the smoothed error exceeds the UCL (once W errors have been
+    smoothed since the model was installed: the limit is calibrated on W-smoothed
+    errors); resolve when it has been below ``UCL * hysteresis`` for ``resolve_after``
+    consecutive iterations.
 
     Drift guard: iterations judged while firing, or whose own error exceeds the UCL, are
     kept out of :meth:`recent_training_data`; when an alert fires, the last ``window``
@@ -741,6 +743,7 @@ class Detector:
         self._training: deque[_Sample] = deque(maxlen=4 * self.warmup)
         self._recent: deque[_Sample] = deque(maxlen=self.recent_capacity)
         self._errors: deque[float] = deque(maxlen=self._rule.window)
+        self._since_fit_errors = 0  # errors smoothed since the model was installed
         self._ewma: float | None = None
         self._baseline: FittedBaseline | None = None
         self._previous: FittedBaseline | None = None  # see DetectorRule.bound_by_previous
@@ -861,6 +864,7 @@ class Detector:
         self._training.clear()
         # errors against the previous model say nothing about this one
         self._errors.clear()
+        self._since_fit_errors = 0
         self._ewma = None
 
     # ---- streaming
@@ -952,7 +956,10 @@ class Detector:
         smoothed = self._smooth(err)
         transition: Transition | None = None
         if not self._firing:
-            self._above = self._above + 1 if smoothed > ucl else 0
+            # the limit was calibrated on errors smoothed over W: a mean of fewer (the first
+            # verdicts after a fit) is noisier and is not compared with it
+            full = self._since_fit_errors >= self._rule.window
+            self._above = self._above + 1 if full and smoothed > ucl else 0
             if self._above >= self._rule.fire_after:
                 self._firing = True
                 self._below = 0
@@ -990,6 +997,7 @@ class Detector:
         return window_statistic(self._errors, self._rule.smoothing) if self._errors else 0.0
 
     def _smooth(self, err: float) -> float:
+        self._since_fit_errors += 1
         if self._rule.smoothing == "ewma":
             alpha = 2.0 / (self._rule.window + 1)
             self._ewma = err if self._ewma is None else alpha * err + (1 - alpha) * self._ewma
