@@ -45,7 +45,6 @@ class SimChild:
             self.argv += ["--labels", labels]
         self.rank_pids: dict[int, int] = {}
         self.started_ns = 0
-        self.metrics_url: str | None = None
         self.done: dict[str, Any] | None = None
         self._on_log = on_log
         self._tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -67,7 +66,6 @@ class SimChild:
             raise
         self.rank_pids = {int(r): int(p) for r, p in started["ranks"].items()}
         self.started_ns = int(started["started_ns"])
-        self.metrics_url = started.get("metrics_url")
         return self
 
     def _read_log(self, stream: IO[str]) -> None:
