@@ -520,6 +520,11 @@ class FittedBaseline:
                    for col, rng in ((0, self.batch_range), (3, self.kv_range)))
 
 
+BELOW_MARGIN = 0.1
+"""How far below a model's trained batch sizes or contexts a workload must lie to count
+as below its range (towards a refit, and for the previous model's bound)."""
+
+
 def window_statistic(values: Sequence[float] | deque[float], smoothing: str) -> float:
     """The smoothed error of one window of errors (non-empty) under ``smoothing``."""
     if smoothing == "median":
@@ -933,8 +938,9 @@ class Detector:
             self._skip("bad_prediction")
             return None
         ucl = self._baseline.ucl
-        if self._previous is not None and x is not None and self._previous.below_range(x, 0.1):
-            bound = float(self._previous.model.predict(np.asarray([x]))[0])
+        previous = self._previous
+        if previous is not None and x is not None and previous.below_range(x, BELOW_MARGIN):
+            bound = float(previous.model.predict(np.asarray([x]))[0])
             if math.isfinite(bound):
                 predicted = max(predicted, bound)
         err = max(0.0, (lat - predicted) / lat)
@@ -950,7 +956,7 @@ class Detector:
             self.n_verdicts += 1
             return Verdict(t_ns, lat, predicted, err, self._smoothed_now(), ucl,
                            self._firing, None, novel)
-        if margin is not None and x is not None and self._baseline.below_range(x, 0.1):
+        if margin is not None and x is not None and self._baseline.below_range(x, BELOW_MARGIN):
             # judged (the error is conservative) and counted towards a refit that learns it
             self._novel += 1
         smoothed = self._smooth(err)
