@@ -19,6 +19,16 @@ Entries and returns are paired per (thread, probe) with a stack, so nested and r
 calls pair correctly. A return with no entry (lost, or read from another CPU's ring
 first) waits one read for its entry, then is dropped and counted; entries of a thread
 that exits, or that sit before a loss in the same ring, are dropped and counted too.
+
+Returns that never come (a ``longjmp`` or an exception unwinding out of a probed call):
+the kernel drops such a call's uretprobe without firing it. Every event of an
+entry+return site records the stack pointer, and an entry is judged abandoned by the
+kernel's own rule (``arch_uretprobe_is_alive``): a call still running sits higher up the
+stack than any later call or return of the thread. So an entry whose stack pointer is at
+or below a new entry's, or below the frame of a return, is dropped and counted as
+unfinished, and a return pairs only with the entry of its own frame (x86-64: the probe
+fires before the callee touches the stack, so the return's stack pointer is the entry's
+plus the 8-byte return address).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from probes.perf import (
     PERF_RECORD_EXIT,
     PERF_RECORD_FORK,
     PERF_RECORD_LOST,
+    REG_SP,
     RETURN_REGISTER,
     EventSpec,
     PerfRing,
@@ -58,6 +69,8 @@ from probes.placement import ProbeSite
 from probes.target import Target
 
 ArgValue = int | float
+RETURN_ADDRESS_BYTES = 8
+"""x86-64 ``call`` pushes the return address: a return's stack pointer is its entry's + 8."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,8 @@ class _EventInfo:
     reg_slots: tuple[tuple[str, int], ...]
     # (arg name, stack offset, size, decoder) for stack captures
     stack_slots: tuple[tuple[str, int, int, Callable[[bytes], ArgValue]], ...]
+    # index of the stack pointer in the sample's register tuple (entry+return sites)
+    sp_slot: int | None = None
 
 
 def _read_count(fd: int) -> int:
@@ -191,7 +206,9 @@ class UprobeSession:
         self._ring_pid: dict[int, int] = {}  # id(ring) → target pid (thread mode)
         self._watchers: dict[int, PerfRing] = {}  # tid → ring of its FORK/EXIT records
         self._closed_counts: Counter[str] = Counter()  # kernel hit counts of closed fds
-        self._pending: dict[tuple[int, int], list[tuple[int, dict[str, ArgValue]]]] = {}
+        # (tid, site) -> entries waiting for their return: (time, stack pointer, args)
+        self._pending: dict[tuple[int, int],
+                            list[tuple[int, int | None, dict[str, ArgValue]]]] = {}
         self._orphans: list[Sample] = []
         self._last_rescan = 0.0
         self._opened = False
@@ -319,12 +336,17 @@ class UprobeSession:
                           cpu: int) -> list[tuple[int, int, int, EventSpec]]:
         """Open one site's events into ``ring``: (site index, event id, fd, spec) each."""
         entry_args = site.entry_registers
+        # an entry+return site records the stack pointer too: it tells which entry a
+        # return belongs to, and which entries were abandoned (longjmp)
+        sp = (REG_SP,) if site.ret else ()
         entry = EventSpec(site.open_path, site.offset, False,
-                          registers_for(entry_args), site.stack_bytes)
+                          tuple(sorted({*registers_for(entry_args), *sp})),
+                          site.stack_bytes)
         specs = [entry]
         if site.ret:
-            specs.append(EventSpec(site.open_path, site.offset, True,
-                                   registers_for((), site.wants_return_value)))
+            specs.append(EventSpec(
+                site.open_path, site.offset, True,
+                tuple(sorted({*registers_for((), site.wants_return_value), *sp}))))
         opened = []
         for spec in specs:
             fd = open_uprobe(spec, tid, cpu,
@@ -360,7 +382,7 @@ class UprobeSession:
                 regs.append((cap.name, order[ARG_REGISTERS[cap.register]]))
             elif cap.source == "stack" and cap.stack_offset is not None:
                 stack.append((cap.name, cap.stack_offset, cap.size, cap.decode))
-        return _EventInfo(index, spec.is_return, tuple(regs), tuple(stack))
+        return _EventInfo(index, spec.is_return, tuple(regs), tuple(stack), order.get(REG_SP))
 
     def _attach_thread(self, pid: int, tid: int) -> None:
         """Attach a thread's events: at once before the loop runs, else on the opener.
@@ -663,6 +685,7 @@ class UprobeSession:
                 continue
             site = sites[info.site]
             hits[site.probe] += 1
+            sp = regs[info.sp_slot] if info.sp_slot is not None and regs else None
             if not info.is_return:
                 args: dict[str, ArgValue] = {}
                 if regs:
@@ -675,16 +698,19 @@ class UprobeSession:
                             args[name] = decode(chunk)
                 if site.ret:
                     stack_list = pending.setdefault((tid, info.site), [])
+                    if sp is not None:
+                        self._drop_abandoned(stack_list, t, sp)
                     if len(stack_list) >= self.max_depth:
                         stack_list.pop(0)
                         self.stats.unfinished += 1
-                    stack_list.append((t, args))
+                    stack_list.append((t, sp, args))
                 else:
                     spans.append(Span(site.probe, pid, tid, t, t, MappingProxyType(args)))
                 continue
             waiting = pending.get((tid, info.site))
-            if waiting:
-                start, args = waiting.pop()
+            entry = self._entry_of_return(waiting, t, sp) if waiting else None
+            if entry is not None:
+                start, _sp, args = entry
                 if info.reg_slots and regs:
                     args = dict(args)
                     for name, i in info.reg_slots:
@@ -695,6 +721,46 @@ class UprobeSession:
                 hits[site.probe] -= 1  # counted again when retried
             else:
                 self.stats.orphan_returns += 1
+
+    def _drop_abandoned(self, waiting: list[tuple[int, int | None, dict[str, ArgValue]]],
+                        t: int, sp: int) -> None:
+        """Drop (and count) entries a new entry at ``sp`` shows were abandoned.
+
+        A call still running is higher up the stack than any call made after it, so a
+        pending entry at or below ``sp`` was left by a longjmp: its return never comes.
+        Entries from after ``t`` (read out of order across CPU rings) are kept.
+        """
+        while waiting:
+            start, entry_sp, _args = waiting[-1]
+            if entry_sp is None or entry_sp > sp or start > t:
+                return
+            waiting.pop()
+            self.stats.unfinished += 1
+
+    def _entry_of_return(self, waiting: list[tuple[int, int | None, dict[str, ArgValue]]],
+                         t: int, sp: int | None
+                         ) -> tuple[int, int | None, dict[str, ArgValue]] | None:
+        """Take the pending entry a return at ``sp`` (time ``t``) closes, if it is there.
+
+        Entries below the returning frame were abandoned (a longjmp out of them into
+        this call): dropped and counted. ``None`` when the top entry is an outer call or
+        came after ``t``: this return's own entry was not seen (lost, or not read yet).
+        Without stack pointers, the last entry is taken.
+        """
+        while waiting:
+            start, entry_sp, _args = waiting[-1]
+            if sp is None or entry_sp is None:
+                return waiting.pop()
+            if start > t:
+                return None
+            frame = entry_sp + RETURN_ADDRESS_BYTES
+            if frame == sp:
+                return waiting.pop()
+            if frame > sp:
+                return None
+            waiting.pop()  # below the returning frame: abandoned
+            self.stats.unfinished += 1
+        return None
 
     # ------------------------------------------------------------------ waiting
     def fds(self) -> list[int]:

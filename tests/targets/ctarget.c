@@ -16,10 +16,18 @@
  *                     microseconds after each call when given), then joined
  *   sleep US N        N calls of pl_sleep_us(US)
  *   spin_start US     a background thread calling pl_work then sleeping US, forever
+ *   escape D C        pl_escape(D, C): D+1 nested activations; the innermost longjmps
+ *                     to the setjmp of the activation at depth C, which returns
+ *                     normally, so the C activations below it never return; with C > D
+ *                     the jump lands in main and no activation returns (answers D)
+ *   quit T            T new threads, each sleeping 50 ms (time to be attached), then
+ *                     calling pl_quit, which ends the thread with pthread_exit: the call
+ *                     never returns (answers T once every thread is joined)
  *   time FN N         N calls of FN (work, plain, endbr) timed: answers ns per call
  *   exit              exit(0)
  */
 #include <pthread.h>
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,6 +86,30 @@ __attribute__((noinline)) long pl_outer(long n) {
     return total;
 }
 
+/* Where pl_escape's innermost activation jumps to: set by main or by one activation. */
+static jmp_buf *pl_escape_to;
+
+__attribute__((noinline)) long pl_escape(long depth, long catch_at) {
+    jmp_buf here;
+    jmp_buf *volatile outer = pl_escape_to;
+    pl_sink += depth;
+    if (depth == catch_at) {
+        if (setjmp(here)) {
+            pl_escape_to = outer;
+            return -1;  /* the activations below this one were abandoned */
+        }
+        pl_escape_to = &here;
+    }
+    if (depth <= 0)
+        longjmp(*pl_escape_to, 1);
+    return pl_escape(depth - 1, catch_at);
+}
+
+__attribute__((noinline)) void pl_quit(long x) {
+    pl_sink += x;
+    pthread_exit(NULL);
+}
+
 __attribute__((noinline)) void pl_sleep_us(long us) {
     struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
     nanosleep(&ts, NULL);
@@ -101,6 +133,12 @@ static void *thread_main(void *arg) {
         if (job->pause_us)
             pl_sleep_us(job->pause_us);
     }
+    return NULL;
+}
+
+static void *quit_main(void *arg) {
+    pl_sleep_us(50000);
+    pl_quit((long)arg);
     return NULL;
 }
 
@@ -159,6 +197,24 @@ int main(void) {
             sscanf(line, "%*s %ld", &a);
             pthread_create(&t, NULL, spin_main, (void *)a);
             pthread_detach(t);
+        } else if (!strcmp(cmd, "escape")) {
+            jmp_buf top;
+            sscanf(line, "%*s %ld %ld", &a, &b);
+            pl_escape_to = &top;
+            if (!setjmp(top))
+                pl_escape(a, b);
+            pl_escape_to = NULL;
+            result = a;
+        } else if (!strcmp(cmd, "quit")) {
+            pthread_t tids[256];
+            sscanf(line, "%*s %ld", &a);
+            if (a > 256)
+                a = 256;
+            for (long i = 0; i < a; i++)
+                pthread_create(&tids[i], NULL, quit_main, (void *)i);
+            for (long i = 0; i < a; i++)
+                pthread_join(tids[i], NULL);
+            result = a;
         } else if (!strcmp(cmd, "time")) {
             sscanf(line, "%*s %31s %ld", fn, &a);
             long (*fp)(long) = !strcmp(fn, "plain") ? (long (*)(long))pl_plain
