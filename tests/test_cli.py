@@ -197,7 +197,9 @@ def test_symbols_json_for_the_c_target(ctarget: CTarget, tmp_path: Path) -> None
     from tests.conftest import CTARGET_PROFILE
 
     profile = tmp_path / "ctarget.toml"
-    profile.write_text(CTARGET_PROFILE)
+    # pl_lea: endbr64 then a lea, which the kernel single-steps even after the endbr64
+    profile.write_text(CTARGET_PROFILE + '\n[[probe]]\nid = "lea"\nlibrary = "exe"\n'
+                       'symbol = "pl_lea"\nstage = "host"\n')
     result = prism("symbols", "--pid", str(ctarget.pid), "--profile", str(profile), "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
@@ -206,6 +208,13 @@ def test_symbols_json_for_the_c_target(ctarget: CTarget, tmp_path: Path) -> None
     site = probes["work"]["sites"][0]
     assert site["skipped_endbr64"] and site["site"] == "emulated"
     assert probes["missing"]["status"] == "missing"
+    # every site carries its estimated cost per call (the hit costs measured at start-up)
+    sites = [s for p in probes.values() for s in p["sites"]]
+    assert sites and all(s["est_cost_us_per_call"] > 0 for s in sites)
+    lea = probes["lea"]["sites"][0]
+    assert lea["skipped_endbr64"] and lea["site"] == "single-step"
+    assert not site["ret"] and not lea["ret"]  # both entry-only: same cost terms
+    assert site["est_cost_us_per_call"] <= lea["est_cost_us_per_call"]
     text = prism("symbols", "--pid", str(ctarget.pid), "--profile", str(profile))
     assert "after endbr64" in text.stdout and "pl_does_not_exist" in text.stdout
 

@@ -3,7 +3,9 @@
  * Built by the test fixtures with the system compiler:
  *   cc -O0 -g -fcf-protection=full -pthread ctarget.c -o ctarget
  * so that every function starts with `endbr64; push %rbp` (the prologue of distribution
- * builds), except pl_plain, which has no endbr64 (nocf_check) and starts with `push %rbp`.
+ * builds), except pl_plain, which has no endbr64 (nocf_check) and starts with `push %rbp`,
+ * and pl_lea, written in assembly, whose `endbr64` is followed by a `lea`: an instruction
+ * the kernel single-steps, so a probe after its endbr64 is still a single-stepped site.
  *
  * It reads one command per line on stdin, runs it, and answers "ok <value>" on stdout,
  * so a test can attach first and then cause an exact number of calls:
@@ -51,6 +53,17 @@ __attribute__((noinline, nocf_check)) long pl_plain(long x) {
     pl_sink += x;
     return x + 1;
 }
+
+/* long pl_lea(long x): x + 1, with a single-stepped first instruction after endbr64. */
+__asm__(".text\n"
+        ".globl pl_lea\n"
+        ".type pl_lea, @function\n"
+        "pl_lea:\n"
+        "    endbr64\n"
+        "    lea 1(%rdi), %rax\n"
+        "    ret\n"
+        ".size pl_lea, .-pl_lea\n");
+long pl_lea(long x);
 
 __attribute__((noinline)) long pl_endbr(long x) {
     pl_sink += x;
