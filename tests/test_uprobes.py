@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -111,6 +112,13 @@ def test_integer_arguments_from_registers(ctarget: CTarget, profile: Profile) ->
     assert span.duration_ns > 0
     with pytest.raises(TypeError):
         span.args["a"] = 1  # type: ignore[index]
+
+
+def test_span_is_immutable() -> None:
+    span = Span("work", 1, 1, 10, 20)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        span.end_ns = 30  # type: ignore[misc]
+    assert span.duration_ns == 10
 
 
 def test_struct_passed_by_value_read_from_stack(ctarget: CTarget, profile: Profile) -> None:
