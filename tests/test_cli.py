@@ -246,6 +246,21 @@ def test_bad_input_is_one_line_and_exit_2(python_child: Any, args: list[str],
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_trace_match_of_two_processes_is_one_line_and_exit_2(python_child: Any) -> None:
+    """Several processes match --match: trace wants one, so it lists them and stops."""
+    code = "import time; time.sleep(60)  # prism-twin-7"  # one line: a cmdline may be listed
+    first, second = python_child(code), python_child(code)
+    # the pattern does not match its own text (`[` is no digit), nor pick prism itself
+    result = prism("trace", "--match", "prism-twin-[0-9]", "--probe", "libc:clock_nanosleep",
+                   "--duration", "1")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "2 processes match" in line and "--pid" in line
+    assert str(first.pid) in line and str(second.pid) in line
+    assert result.stdout == ""
+
+
 def test_malformed_profile_names_file_and_line(python_child: Any, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[profile]\nname = "bad"\ndescription = "x"\n\n[[probe]]\nid = 3\n')
