@@ -248,6 +248,11 @@ def find_targets(pattern: str, *, exclude_self: bool = True) -> list[Target]:
     return sorted(found, key=lambda t: t.pid)
 
 
+def _one_line(cmdline: list[str], width: int = 40) -> str:
+    """A command line shortened to ``width`` characters on one line (``-c`` code has newlines)."""
+    return " ".join(" ".join(cmdline).split())[:width]
+
+
 def resolve_target(pid: int | None = None, match: str | None = None,
                    *, allow_many: bool = False) -> list[Target]:
     """Targets named by ``--pid`` or ``--match`` as the CLI gives them.
@@ -263,7 +268,7 @@ def resolve_target(pid: int | None = None, match: str | None = None,
         raise TargetNotFoundError("name a target with --pid PID or --match REGEX")
     targets = find_targets(match)
     if len(targets) > 1 and not allow_many:
-        listing = ", ".join(f"{t.pid} ({' '.join(t.cmdline)[:40]})" for t in targets[:8])
+        listing = ", ".join(f"{t.pid} ({_one_line(t.cmdline)})" for t in targets[:8])
         raise AmbiguousTargetError(
             f"{len(targets)} processes match {match!r}: {listing}; pick one with --pid")
     return targets

@@ -104,6 +104,14 @@ def test_two_matches_are_ambiguous(python_child: StartChild) -> None:
     assert [t.pid for t in both] == sorted([first.pid, second.pid])
 
 
+def test_listing_of_matches_stays_on_one_line() -> None:
+    # `python -c` code spans lines; the ambiguity error names each match on one line
+    from probes.target import _one_line
+
+    assert _one_line(["python3", "-c", "import sys\nsys.stdin.readline()"]) == (
+        "python3 -c import sys sys.stdin.readline("[:40])
+
+
 def test_no_match_and_bad_regex_raise() -> None:
     with pytest.raises(TargetNotFoundError) as err:
         resolve_target(match=re.escape(unique_marker("nobody")))
