@@ -151,10 +151,16 @@ def test_single_rank_collectives_are_trivial_calls(device: SimDevice) -> None:
         device.all_gather(1024)
         device.reduce_scatter(1024)
         device.broadcast(1024)
+    with device.group():  # to oneself: legal inside a group, as in NCCL
+        device.send(0, 4096)
+        device.recv(0, 4096)
     device.synchronize()
     with pytest.raises(SimDeviceError) as err:
         device.allreduce(16, dtype=99)
     assert err.value.code == 4  # ncclInvalidArgument
+    with pytest.raises(SimDeviceError, match="peer 1") as err:
+        device.send(1, 16)
+    assert err.value.code == 4
 
 
 def test_closed_device_refuses_work_and_close_is_idempotent() -> None:
@@ -250,6 +256,14 @@ for line in sys.stdin:
                     dev.memcpy_d2h(args[0])
                 elif name == "allreduce":
                     dev.allreduce(args[0])
+                elif name == "send":
+                    dev.send(args[0], args[1])
+                elif name == "recv":
+                    dev.recv(args[0], args[1])
+                elif name == "exchange":  # grouped send to and receive from one peer
+                    with dev.group():
+                        dev.send(args[0], args[1])
+                        dev.recv(args[0], args[1])
             reply(ok=True, sync_s=sync_s)
         elif cmd["op"] == "close":
             dev.close()
@@ -356,6 +370,34 @@ def test_link_factor_slows_allreduce_on_every_rank(
             assert after["sync_s"] / before["sync_s"] == pytest.approx(2.0, rel=0.2)
 
 
+def test_send_waits_for_its_receiver_and_an_exchange_does_not_deadlock(
+        start_ranks: Callable[..., list[Rank]]) -> None:
+    """ncclSend/ncclRecv between two rank processes: a rendezvous on the device (the
+    sender waits for a late receiver), count × size over the link, and a grouped
+    exchange in both directions at once."""
+    ranks = start_ranks(2)
+    count = 5_000_000  # fp16: 10 MB over the default 50 GB/s link = 0.2 ms
+    for _ in range(2):  # a second round reuses the pair's slots
+        for rank, steps in zip(ranks, [[["send", 1, count], ["sync"]],
+                                       [["launch", FLOPS * 0.05], ["recv", 0, count],
+                                        ["sync"]]], strict=True):
+            rank.send(op="run", steps=steps)
+        sender, receiver = (rank.reply(10.0) for rank in ranks)
+        assert sender["ok"] and receiver["ok"], (sender, receiver)
+        # the receiver reaches its recv after a 50 ms kernel; the send waits for it
+        assert sender["sync_s"] >= 0.045, sender
+        assert receiver["sync_s"] == pytest.approx(0.05, abs=0.02)
+    # a big exchange: each way 250 MB over 50 GB/s = 5 ms, both ways at once
+    steps: list[list[Any]] = [["exchange", 1, 125_000_000], ["sync"]]
+    ranks[0].send(op="run", steps=steps)
+    ranks[1].send(op="run", steps=[["exchange", 0, 125_000_000], ["sync"]])
+    answers = [rank.reply(10.0) for rank in ranks]
+    assert all(a["ok"] for a in answers), answers
+    assert all(0.004 <= a["sync_s"] < 0.05 for a in answers), answers
+    for rank in ranks:
+        assert rank.call(op="close")["ok"]
+
+
 @pytest.mark.parametrize("how", ["kill", "exit", "stop"])
 def test_collective_fails_when_the_peer_is_gone(start_ranks: Callable[..., list[Rank]],
                                                 how: str) -> None:
@@ -437,17 +479,19 @@ def test_cuda_and_nccl_profiles_attach_unchanged_to_a_rank(
     (rank,) = start_ranks(1)
     target = Target(rank.pid)
     # attach the probes asserted on below: every uprobe costs ~0.1 s to remove here
-    watched = {"launch", "graph_launch", "memcpy_async", "stream_sync", "all_reduce"}
+    watched = {"launch", "graph_launch", "memcpy_async", "stream_sync", "all_reduce", "send",
+               "recv"}
     sites = []
     for name in ("cuda", "nccl"):
-        placement = place_profile(target, load_profile(name), "deepdive")
+        profile = load_profile(name)
+        placement = place_profile(target, profile, "deepdive")
         resolved = {d.probe for d in placement.decisions if d.status == "resolved"}
         sites += [site for site in placement.sites if site.probe in watched]
         if name == "cuda":
             assert {"launch", "memcpy_async", "memcpy", "stream_sync", "device_sync",
                     "event_sync", "graph_launch", "event_record"} <= resolved
-        else:
-            assert {"all_reduce", "all_gather", "broadcast", "group_end"} <= resolved
+        else:  # every probe of the nccl profile, Send/Recv included
+            assert resolved == {p.id for p in profile.probes}, placement.decisions
     k = 5
     h2d = [1000 + 8 * i for i in range(k)]
     d2h = [8 * (i + 1) for i in range(k)]
@@ -455,7 +499,7 @@ def test_cuda_and_nccl_profiles_attach_unchanged_to_a_rank(
     steps: list[list[Any]] = []
     for i in range(k):
         steps += [["h2d", h2d[i]], ["launch", 1e6], ["graph"], ["allreduce", counts[i]],
-                  ["d2h", d2h[i]], ["sync"]]
+                  ["exchange", 0, counts[i] // 2], ["d2h", d2h[i]], ["sync"]]
     with UprobeSession([target], sites) as session:
         assert session.read() == []
         assert rank.call(op="run", steps=steps)["ok"]
@@ -480,6 +524,11 @@ def test_cuda_and_nccl_profiles_attach_unchanged_to_a_rank(
     reduces = by_probe["all_reduce"]
     assert [s.args["count"] for s in reduces] == counts
     assert all(int(s.args["datatype"]) & 0xFFFFFFFF == 6 for s in reduces)
+    for probe in ("send", "recv"):  # (buff, count, datatype, peer, comm, stream)
+        p2p = by_probe[probe]
+        assert [s.args["count"] for s in p2p] == [c // 2 for c in counts], probe
+        assert all(int(s.args["peer"]) & 0xFFFFFFFF == 0 for s in p2p)
+        assert all(int(s.args["datatype"]) & 0xFFFFFFFF == 6 for s in p2p)
     # launches return at once; the synchronisations carry the device time
     assert max(s.duration_ns for s in launches) < 5_000_000
     assert rank.call(op="close")["ok"]

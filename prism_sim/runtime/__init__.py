@@ -42,7 +42,7 @@ from typing import Any
 
 from prism_sim.errors import SimDeviceError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 LIBRARY_GLOB = "libsimxpu*.so"
 COMM_ID_BYTES = 128
@@ -121,6 +121,8 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
                                    _c_void_p]),
     "ncclBroadcast": (_c_int, [_c_void_p, _c_void_p, _c_size_t, _c_int, _c_int, _c_void_p,
                                _c_void_p]),
+    "ncclSend": (_c_int, [_c_void_p, _c_size_t, _c_int, _c_int, _c_void_p, _c_void_p]),
+    "ncclRecv": (_c_int, [_c_void_p, _c_size_t, _c_int, _c_int, _c_void_p, _c_void_p]),
     "ncclGroupStart": (_c_int, []),
     "ncclGroupEnd": (_c_int, []),
 }
@@ -551,9 +553,28 @@ class SimDevice:
         self._nccl("ncclBroadcast", int(self._lib.ncclBroadcast(
             buf, buf, self._count("count", count), dtype, root, self._comm, self._stream)))
 
+    def send(self, peer: int, count: int, dtype: int = NCCL_FLOAT16) -> None:
+        """``ncclSend(sendbuff, count, dtype, peer, comm, stream)``: enqueued; on the device
+        it waits for ``peer``'s matching :meth:`recv` (rendezvous), then takes
+        ``count × size`` bytes over the slower of the two links. Ranks that send to each
+        other must do it inside :meth:`group`, as with NCCL."""
+        self._open()
+        self._nccl("ncclSend", int(self._lib.ncclSend(
+            self._collective_buffers(), self._count("count", count), dtype,
+            self._count("peer", peer), self._comm, self._stream)))
+
+    def recv(self, peer: int, count: int, dtype: int = NCCL_FLOAT16) -> None:
+        """``ncclRecv(recvbuff, count, dtype, peer, comm, stream)``: the receiving side of
+        :meth:`send` (the k-th receive from ``peer`` matches its k-th send to this rank)."""
+        self._open()
+        self._nccl("ncclRecv", int(self._lib.ncclRecv(
+            self._collective_buffers(), self._count("count", count), dtype,
+            self._count("peer", peer), self._comm, self._stream)))
+
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
-        """``ncclGroupStart()`` ... ``ncclGroupEnd()`` around the block."""
+        """``ncclGroupStart()`` ... ``ncclGroupEnd()`` around the block: sends and receives
+        in it are launched together by ``ncclGroupEnd`` (so an exchange cannot deadlock)."""
         self._open()
         self._nccl("ncclGroupStart", int(self._lib.ncclGroupStart()))
         try:

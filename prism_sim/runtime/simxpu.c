@@ -27,6 +27,16 @@
  *     when the last rank reached the collective (on the device clock). `link` is the
  *     smallest link factor of the ranks taking part (a ring runs at its slowest link).
  *     Collectives move no data.
+ *   - ncclSend/ncclRecv are point-to-point rendezvous through the same segment: the k-th
+ *     send of rank a to rank b matches the k-th receive of b from a. Each side's device
+ *     reaches its op (posting its device time and link factor), waits until the other
+ *     side reached the matching one, then takes count*size/(link_bw*min link) from the
+ *     later of the two arrivals. A send therefore waits for its receiver, as NCCL's
+ *     rendezvous does: ranks that send to each other must group the calls. Between
+ *     ncclGroupStart and ncclGroupEnd, sends and receives are recorded and launched by
+ *     ncclGroupEnd as one work item that posts every op before waiting on any (so a
+ *     grouped exchange cannot deadlock); collectives are still enqueued when called.
+ *     Sending to oneself works inside a group. Up to P2P_MAX_RANKS ranks; no data moves.
  *   - speed, link and preempt are read from the control block (simxpu.h) each time the
  *     device thread starts an item; without a control block they are 1, 1 and 0.
  *   - A collective whose peers do not all arrive within SIMXPU_COLLECTIVE_TIMEOUT_S
@@ -76,6 +86,8 @@
 #define DEFAULT_DEVICE_COUNT 8
 #define COMM_MAX_RANKS 64
 #define COMM_ID_PREFIX "/prism-sim-"
+#define P2P_MAX_RANKS 16 /* point-to-point is simulated for communicators this small */
+#define P2P_DEPTH 8      /* ops per (pair, direction) a side may post ahead of its peer */
 #define cudaErrorInvalidConfiguration 9
 
 #define STREAM_MAGIC 0x5354524du
@@ -194,6 +206,25 @@ struct simxpu_event {
     int64_t time_ns;
 };
 
+/* Point-to-point rendezvous board, indexed [dir][from][to] with dir P2P_SEND (`from`
+ * sends to `to`) or P2P_RECV (`from` receives from `to`). posted: ops `from` has reached
+ * on its device; seen: how many of them `to` has read; slot: the device time and link
+ * factor of op k at k % P2P_DEPTH. Zero-filled. */
+enum { P2P_SEND = 0, P2P_RECV = 1 };
+
+struct p2p_slot {
+    int64_t ns;
+    uint64_t link_bits;
+};
+
+struct p2p_board {
+    uint32_t epoch; /* futex word of a private board (one-rank communicator) */
+    uint32_t pad;
+    uint64_t posted[2][P2P_MAX_RANKS][P2P_MAX_RANKS];
+    uint64_t seen[2][P2P_MAX_RANKS][P2P_MAX_RANKS];
+    struct p2p_slot slot[2][P2P_MAX_RANKS][P2P_MAX_RANKS][P2P_DEPTH];
+};
+
 /* the per-communicator shared segment (zero-filled by ftruncate) */
 struct comm_shm {
     uint32_t nranks;
@@ -207,6 +238,7 @@ struct comm_shm {
     uint64_t arrive[COMM_MAX_RANKS];          /* sequence number of the latest collective */
     uint64_t link_bits[2][COMM_MAX_RANKS];    /* link factor per rank, by parity of seq */
     int64_t arrive_ns[2][COMM_MAX_RANKS];     /* device time each rank reached it */
+    struct p2p_board p2p;
 };
 
 struct simxpu_comm {
@@ -221,9 +253,23 @@ struct simxpu_comm {
     int error;           /* sticky ncclResult_t (atomic) */
     int64_t timeout_ns;
     struct simxpu_comm *next_live;
+    struct p2p_board *board; /* &sh->p2p, or a private one when nranks == 1 */
+    uint32_t *p2p_epoch;     /* futex word p2p waits sleep on (&sh->epoch or the board's) */
+    uint64_t p2p_next[2][P2P_MAX_RANKS]; /* p2p ops enqueued so far, per direction and peer */
 };
 
-enum { W_KERNEL, W_MEMCPY, W_COLL, W_EVENT };
+enum { W_KERNEL, W_MEMCPY, W_COLL, W_EVENT, W_P2P };
+
+/* one ncclSend or ncclRecv */
+struct p2p_op {
+    struct simxpu_comm *comm;
+    struct simxpu_stream *stream;
+    const char *what;
+    int dir; /* P2P_SEND or P2P_RECV */
+    int peer;
+    double bytes;
+    uint64_t seq; /* k: this is the k-th op of comm in this direction with peer */
+};
 
 struct item {
     struct item *next;
@@ -241,6 +287,9 @@ struct item {
     double link_bytes;
     /* event marker */
     struct simxpu_event *event;
+    /* point-to-point ops launched together */
+    struct p2p_op *ops;
+    int nops;
     /* kernels: n pairs (flops, bytes) */
     int n;
     double work[];
@@ -282,6 +331,8 @@ static int64_t g_dev_free; /* device clock: end of the latest item (device threa
 
 static __thread int tl_last_error;
 static __thread int tl_group_depth;
+static __thread struct p2p_op *tl_group_ops; /* p2p calls recorded since ncclGroupStart */
+static __thread int tl_group_nops, tl_group_cap;
 
 static int fail(int err) {
     if (err)
@@ -467,11 +518,118 @@ static int exec_collective(struct item *it, const struct plan *p) {
     return 0;
 }
 
+/* Wait until *word >= target for a p2p op (0), or fail like a collective: the peer left or
+ * died (ncclRemoteError), the communicator broke, or the timeout passed (ncclSystemError). */
+static int p2p_wait(const struct p2p_op *op, const uint64_t *word, uint64_t target,
+                    int64_t deadline, const char *waiting_for) {
+    struct simxpu_comm *c = op->comm;
+    struct comm_shm *sh = c->sh;
+    for (;;) {
+        uint32_t seen = LOAD(c->p2p_epoch);
+        if (LOAD(word) >= target)
+            return 0;
+        if (sh) {
+            if (LOAD(&sh->departed[op->peer]) && op->peer != c->rank) {
+                set_message("%s: rank %d of %d: peer %d left the communicator", op->what,
+                            c->rank, c->nranks, op->peer);
+                return ncclRemoteError;
+            }
+            pid_t pid = LOAD(&sh->pid[op->peer]);
+            if (pid_gone(pid)) {
+                set_message("%s: rank %d of %d: peer %d (pid %d) died", op->what, c->rank,
+                            c->nranks, op->peer, (int)pid);
+                return ncclRemoteError;
+            }
+            if (LOAD(&sh->broken)) {
+                set_message("%s: rank %d of %d: another rank gave up on the communicator",
+                            op->what, c->rank, c->nranks);
+                return ncclRemoteError;
+            }
+        }
+        int64_t now = now_ns();
+        if (now >= deadline) {
+            set_message("%s: rank %d of %d: timed out waiting for peer %d to %s", op->what,
+                        c->rank, c->nranks, op->peer, waiting_for);
+            return ncclSystemError;
+        }
+        futex_wait_slice(c->p2p_epoch, seen, deadline - now);
+    }
+}
+
+static int p2p_failed(const struct p2p_op *op, int rc) {
+    struct simxpu_comm *c = op->comm;
+    __atomic_store_n(&c->error, rc, __ATOMIC_RELEASE);
+    if (c->sh)
+        STORE(&c->sh->broken, 1u);
+    futex_wake_all(c->p2p_epoch);
+    return cudaErrorLaunchTimeout;
+}
+
+/* Every op of the item reaches the device at once (posted), then each waits for its
+ * match; the item ends when the last transfer does. */
+static int exec_p2p(struct item *it, const struct plan *p) {
+    int64_t start = device_start(it->submit_ns);
+    for (int i = 0; i < it->nops; i++) {
+        const struct p2p_op *op = &it->ops[i];
+        struct simxpu_comm *c = op->comm;
+        struct p2p_board *b = c->board;
+        uint64_t k = op->seq;
+        /* the peer must have read op k - P2P_DEPTH before its slot is reused */
+        if (k > P2P_DEPTH) {
+            int64_t deadline = now_ns() + c->timeout_ns;
+            int rc = p2p_wait(op, &b->seen[op->dir][c->rank][op->peer], k - P2P_DEPTH,
+                              deadline, "catch up");
+            if (rc)
+                return p2p_failed(op, rc);
+        }
+        struct p2p_slot *slot = &b->slot[op->dir][c->rank][op->peer][k % P2P_DEPTH];
+        uint64_t bits;
+        memcpy(&bits, &p->link, sizeof bits);
+        STORE(&slot->ns, start);
+        STORE(&slot->link_bits, bits);
+        STORE(&b->posted[op->dir][c->rank][op->peer], k);
+        futex_wake_all(c->p2p_epoch);
+    }
+    int64_t end = start;
+    for (int i = 0; i < it->nops; i++) {
+        const struct p2p_op *op = &it->ops[i];
+        struct simxpu_comm *c = op->comm;
+        struct p2p_board *b = c->board;
+        int other = 1 - op->dir;
+        uint64_t k = op->seq;
+        int64_t deadline = now_ns() + c->timeout_ns;
+        int rc = p2p_wait(op, &b->posted[other][op->peer][c->rank], k, deadline,
+                          op->dir == P2P_SEND ? "receive" : "send");
+        if (rc)
+            return p2p_failed(op, rc);
+        struct p2p_slot *slot = &b->slot[other][op->peer][c->rank][k % P2P_DEPTH];
+        int64_t arrived = LOAD(&slot->ns);
+        uint64_t other_bits = LOAD(&slot->link_bits);
+        STORE(&b->seen[other][op->peer][c->rank], k);
+        futex_wake_all(c->p2p_epoch);
+        double link = p->link, peer_link;
+        memcpy(&peer_link, &other_bits, sizeof peer_link);
+        if (peer_link > 0 && peer_link < link)
+            link = peer_link;
+        int64_t from = arrived > start ? arrived : start; /* the later of the two */
+        int64_t done = from + (int64_t)(op->bytes / (p->link_bw * link) * 1e9);
+        if (done > end)
+            end = done;
+    }
+    occupy(start, end - start);
+    return 0;
+}
+
 static void release_event_locked(struct simxpu_event *ev) {
     if (--ev->refs == 0) {
         ev->magic = DEAD_MAGIC;
         free(ev);
     }
+}
+
+static void free_item(struct item *it) {
+    free(it->ops);
+    free(it);
 }
 
 static void *device_main(void *arg) {
@@ -505,6 +663,9 @@ static void *device_main(void *arg) {
             case W_COLL:
                 err = exec_collective(it, &p);
                 break;
+            case W_P2P:
+                err = exec_p2p(it, &p);
+                break;
             case W_EVENT:
                 break;
             }
@@ -526,7 +687,7 @@ static void *device_main(void *arg) {
         g_completed = it->seq;
         pthread_cond_broadcast(&g_done_cv);
         pthread_mutex_unlock(&g_mu);
-        free(it);
+        free_item(it);
     }
     return NULL;
 }
@@ -581,7 +742,7 @@ static int enqueue(struct item *it, struct simxpu_stream *s, uint64_t *seq_out) 
     int err = g_dev_error ? g_dev_error : ensure_device_thread_locked();
     if (err) {
         pthread_mutex_unlock(&g_mu);
-        free(it);
+        free_item(it);
         return err;
     }
     it->seq = ++g_submitted;
@@ -590,6 +751,12 @@ static int enqueue(struct item *it, struct simxpu_stream *s, uint64_t *seq_out) 
     if (it->comm) {
         it->cseq = ++it->comm->next_cseq;
         it->comm->last_seq = it->seq;
+    }
+    for (int i = 0; i < it->nops; i++) { /* p2p: numbered per direction and peer */
+        struct p2p_op *op = &it->ops[i];
+        op->seq = ++op->comm->p2p_next[op->dir][op->peer];
+        op->comm->last_seq = it->seq;
+        op->stream->last_seq = it->seq;
     }
     if (it->event) {
         it->event->refs++;
@@ -1155,6 +1322,17 @@ EXPORT ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId 
             return rc;
         }
     }
+    if (c->sh) {
+        c->board = &c->sh->p2p;
+        c->p2p_epoch = &c->sh->epoch;
+    } else {
+        c->board = calloc(1, sizeof *c->board);
+        if (!c->board) {
+            free(c);
+            return ncclSystemError;
+        }
+        c->p2p_epoch = &c->board->epoch;
+    }
     pthread_mutex_lock(&g_mu);
     c->next_live = g_live_comms;
     g_live_comms = c;
@@ -1193,6 +1371,8 @@ EXPORT ncclResult_t ncclCommDestroy(ncclComm_t comm) {
         if (__atomic_add_fetch(&sh->left, 1u, __ATOMIC_ACQ_REL) == (uint32_t)comm->nranks)
             comm_unlink(comm);
         munmap(sh, sizeof *sh);
+    } else {
+        free(comm->board);
     }
     free(comm);
     return ncclSuccess;
@@ -1318,8 +1498,82 @@ EXPORT ncclResult_t ncclReduce(const void *sendbuff, void *recvbuff, size_t coun
     return collective("ncclReduce", C_ONE_TO_ALL, count, datatype, comm, stream);
 }
 
-/* Collectives are enqueued as they are called (their order is kept), so a group only
- * has to be balanced. */
+/* Enqueue `n` p2p ops as one work item (copied). */
+static ncclResult_t launch_p2p(const struct p2p_op *ops, int n, const char *what) {
+    struct item *it = new_item(W_P2P, what, 0);
+    struct p2p_op *copy = malloc((size_t)n * sizeof *copy);
+    if (!it || !copy) {
+        free(it);
+        free(copy);
+        return ncclSystemError;
+    }
+    memcpy(copy, ops, (size_t)n * sizeof *copy);
+    it->ops = copy;
+    it->nops = n;
+    int err = enqueue(it, ops[0].stream, NULL);
+    if (err) {
+        tl_last_error = err;
+        return ncclUnhandledCudaError;
+    }
+    return ncclSuccess;
+}
+
+static ncclResult_t p2p(const char *what, int dir, size_t count, ncclDataType_t datatype,
+                        int peer, ncclComm_t comm, cudaStream_t stream) {
+    int rc = comm_check(comm);
+    if (rc)
+        return rc;
+    int size = dtype_size(datatype);
+    if (size < 0) {
+        set_message("%s: unknown datatype %d", what, datatype);
+        return ncclInvalidArgument;
+    }
+    if (peer < 0 || peer >= comm->nranks) {
+        set_message("%s: peer %d is not a rank of the communicator (0..%d)", what, peer,
+                    comm->nranks - 1);
+        return ncclInvalidArgument;
+    }
+    if (comm->nranks > P2P_MAX_RANKS) {
+        set_message("%s: point-to-point is simulated for up to %d ranks, not %d", what,
+                    P2P_MAX_RANKS, comm->nranks);
+        return ncclInvalidUsage;
+    }
+    rc = __atomic_load_n(&comm->error, __ATOMIC_ACQUIRE);
+    if (rc)
+        return rc;
+    struct simxpu_stream *s;
+    if (resolve_stream(stream, &s))
+        return ncclInvalidArgument;
+    struct p2p_op op = {.comm = comm, .stream = s, .what = what, .dir = dir, .peer = peer,
+                        .bytes = (double)count * size};
+    if (tl_group_depth == 0)
+        return launch_p2p(&op, 1, what);
+    if (tl_group_nops == tl_group_cap) {
+        int cap = tl_group_cap ? 2 * tl_group_cap : 8;
+        struct p2p_op *grown = realloc(tl_group_ops, (size_t)cap * sizeof *grown);
+        if (!grown)
+            return ncclSystemError;
+        tl_group_ops = grown;
+        tl_group_cap = cap;
+    }
+    tl_group_ops[tl_group_nops++] = op;
+    return ncclSuccess;
+}
+
+EXPORT ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype,
+                             int peer, ncclComm_t comm, cudaStream_t stream) {
+    (void)sendbuff;
+    return p2p("ncclSend", P2P_SEND, count, datatype, peer, comm, stream);
+}
+
+EXPORT ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer,
+                             ncclComm_t comm, cudaStream_t stream) {
+    (void)recvbuff;
+    return p2p("ncclRecv", P2P_RECV, count, datatype, peer, comm, stream);
+}
+
+/* Collectives are enqueued as they are called (their order is kept); sends and receives
+ * are recorded and launched together by the outermost ncclGroupEnd. */
 EXPORT ncclResult_t ncclGroupStart(void) {
     tl_group_depth++;
     return ncclSuccess;
@@ -1330,8 +1584,18 @@ EXPORT ncclResult_t ncclGroupEnd(void) {
         set_message("ncclGroupEnd without ncclGroupStart");
         return ncclInvalidUsage;
     }
-    tl_group_depth--;
-    return ncclSuccess;
+    if (--tl_group_depth > 0 || tl_group_nops == 0)
+        return ncclSuccess;
+    int n = tl_group_nops;
+    tl_group_nops = 0;
+    for (int i = 0; i < n; i++) { /* a communicator destroyed or failed since the call */
+        int rc = comm_check(tl_group_ops[i].comm);
+        if (!rc)
+            rc = __atomic_load_n(&tl_group_ops[i].comm->error, __ATOMIC_ACQUIRE);
+        if (rc)
+            return rc;
+    }
+    return launch_p2p(tl_group_ops, n, "ncclGroupEnd");
 }
 
 /* ------------------------------------------------------------------ process life */
@@ -1346,6 +1610,8 @@ static void atfork_child(void) {
     g_thread_started = 0;
     g_completed = g_submitted;
     g_live_comms = NULL;
+    tl_group_nops = 0; /* recorded p2p calls belong to the parent's communicators */
+    tl_group_depth = 0;
 }
 
 __attribute__((constructor)) static void simxpu_init(void) {

@@ -24,7 +24,7 @@ extern "C" {
 
 /* Bumped whenever an exported signature or a shared layout changes; the Python binding
  * refuses a library built from another version (a stale build: `pip install -e .`). */
-#define SIMXPU_ABI_VERSION 1
+#define SIMXPU_ABI_VERSION 2
 
 /* ------------------------------------------------------------------ control block
  *
@@ -185,6 +185,10 @@ ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count,
 ncclResult_t ncclReduce(const void *sendbuff, void *recvbuff, size_t count,
                         ncclDataType_t datatype, ncclRedOp_t op, int root, ncclComm_t comm,
                         cudaStream_t stream);
+ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype, int peer,
+                      ncclComm_t comm, cudaStream_t stream);
+ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer,
+                      ncclComm_t comm, cudaStream_t stream);
 ncclResult_t ncclGroupStart(void);
 ncclResult_t ncclGroupEnd(void);
 
