@@ -662,6 +662,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         raise UsageError("--duration must be positive")
     try:
         scenario = load_scenario(args.scenario)
+        if args.duration is not None:  # what runs, so the labels' scenario line says it
+            scenario = scenario.with_duration(args.duration)
     except ScenarioError as exc:
         raise UsageError(str(exc)) from exc
     stop = threading.Event()
@@ -692,7 +694,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                                   "ranks": {str(r): p for r, p in server.rank_pids.items()},
                                   "metrics_url": getattr(server, "metrics_url", None)}),
                       flush=True)
-            server.run(args.duration, stop)
+            server.run(stop=stop)
             st = server.stats
             log(f"done: iterations per rank {dict(sorted(st.iterations.items()))}, "
                 f"{st.requests} requests finished"

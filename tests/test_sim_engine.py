@@ -273,6 +273,21 @@ def test_prism_sim_leaves_nothing_behind(tmp_path: Path, how: str) -> None:
     assert labels.iterations
 
 
+def test_prism_sim_duration_is_what_runs_and_what_the_labels_say(tmp_path: Path) -> None:
+    """--duration overrides a built-in's (smoke: 40 s) and the labels record the 3 s run."""
+    labels_path = tmp_path / "smoke.jsonl"
+    proc = _prism_sim("--scenario", "smoke", "--duration", "3", "--labels", str(labels_path))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    labels = read_labels(labels_path)
+    assert labels.scenario is not None and labels.scenario.name == "smoke"
+    assert labels.scenario.duration_s == 3.0
+    assert labels.iterations
+    # the last iteration started within the 3 s (it may end a little after)
+    assert max(it.start_ns for it in labels.iterations) - labels.scenario.started_ns < 3.1e9
+    assert labels.faults == []  # smoke's fault is at 20 s
+
+
 def test_prism_sim_json_reports_the_ranks_and_the_final_counts(tmp_path: Path) -> None:
     """--json: the ranks' pids while they run (how prism eval attaches to a child
     simulator), then the counts it needs for the throughput ratio, and nothing else."""
