@@ -17,6 +17,8 @@ monitor can recover it non-intrusively: copy sizes are ``8 × tokens`` (H2D inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import math
@@ -399,6 +401,26 @@ def run_worker(rank: Rank, plan_fd: int) -> None:
             rank.iteration_record(plan, start, time.monotonic_ns())
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies; False if it already did.
+
+    SIGKILL, not SIGTERM: it also ends a process a SIGSTOP duty cycle (``cpu_throttle``)
+    left stopped, and needs no handler. The parent may have died before the ``prctl``
+    (this process would then never get the signal), so the parent pid is checked after.
+
+    Args:
+        parent: the pid the parent had when it started this process (0: not checked).
+    """
+    # not Linux (no prctl): the orchestrator's close() still stops the rank
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL),
+                                                0, 0, 0)
+    return parent == 0 or os.getppid() == parent
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a rank process (started by :mod:`prism_sim.server`)."""
     p = argparse.ArgumentParser(prog="prism_sim.engine")
@@ -410,7 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-fd", type=int, required=True)
     p.add_argument("--plan-fds", default="", help="rank 0: fds to send plans on")
     p.add_argument("--plan-fd", type=int, default=-1, help="ranks > 0: fd plans arrive on")
+    p.add_argument("--parent-pid", type=int, default=0,
+                   help="the orchestrator's pid: the rank dies with it")
     args = p.parse_args(argv)
+    if not die_with_parent(args.parent_pid):
+        print(f"prism-sim rank {args.rank}: the orchestrator is gone", file=sys.stderr)
+        return 1
     # Ctrl-C in a terminal reaches the whole process group: the orchestrator decides.
     # Only rank 0 stops on SIGTERM; it finishes its iteration and tells the others, so no
     # rank ever leaves a collective its peers are still in.

@@ -5,6 +5,15 @@ prism_sim.engine``), the pipes between them, the shared-memory control block, th
 injectors and their child processes, the labels file and the metrics HTTP server.
 ``close()`` (idempotent, also on Ctrl-C, SIGTERM and errors) stops them all and removes
 the run's shared-memory segments, so nothing is left behind.
+
+When the orchestrator cannot run ``close()`` (SIGKILL, a crash), nothing is left either:
+the rank processes and the fault helpers are SIGKILLed by the kernel when their parent
+dies (``PR_SET_PDEATHSIG``; a rank a ``cpu_throttle`` left stopped dies too), the control
+block and the communicator are unlinked as soon as every rank has mapped them, and a
+guard process (:mod:`prism_sim.guard`) removes whatever remains (a throttle's cgroups, or
+shared memory of a run killed while starting). ``PR_SET_PDEATHSIG`` fires when the
+*thread* that started a child exits, so :meth:`SimServer.start` must run on a thread that
+lives as long as the server (as the ``with`` statement of the main thread does).
 """
 
 from __future__ import annotations
@@ -144,6 +153,7 @@ class SimServer:
         self._label_lock = threading.Lock()
         self._ready: set[int] = set()
         self._comm_id: bytes | None = None
+        self._guard: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> SimServer:
@@ -174,8 +184,9 @@ class SimServer:
 
     def _start(self) -> None:
         world = self.scenario.topology.ranks
-        self.control = ControlBlock.create(f"{self.session}-ctl", world)
         comm_id = self._comm_id = SimDevice.new_comm_id()
+        self._start_guard("/dev/shm" + SimDevice.comm_shm_name(comm_id))
+        self.control = ControlBlock.create(f"{self.session}-ctl", world)
         self.started_ns = time.monotonic_ns()
         if self.labels_path is not None:
             self.labels = LabelWriter(self.labels_path, self.timeline)
@@ -187,7 +198,7 @@ class SimServer:
             cmd = [sys.executable, "-m", "prism_sim.engine", "--rank", str(r),
                    "--world", str(world), "--scenario", self.scenario.source,
                    "--comm-id", comm_id.hex(), "--control", self.control.name,
-                   "--report-fd", str(report_w)]
+                   "--report-fd", str(report_w), "--parent-pid", str(os.getpid())]
             if r == 0:
                 writers = [w for _, w in plan_pipes]
                 fds += writers
@@ -210,11 +221,39 @@ class SimServer:
             os.close(r)
             os.close(w)
         self._wait_ready(world)
+        # every rank mapped the control block (before it said ready): from now on a
+        # SIGKILL of this process cannot leave its name behind
+        self.control.unlink()
         if self.metrics_port is not None:
             self._start_metrics(self.metrics_port)
         self.log(f"simulator {self.scenario.name}: {world} ranks, pids "
                  f"{', '.join(str(p.pid) for p in self.ranks)}"
                  + (f", metrics {self.metrics_url}" if self.metrics_url else ""))
+
+    def _start_guard(self, *shm_paths: str) -> None:
+        """Start the guard that cleans up if this process dies without :meth:`close`."""
+        cmd = [sys.executable, "-m", "prism_sim.guard", "--session", self.session]
+        for path in shm_paths:
+            cmd += ["--shm", path]
+        # its stdin is a pipe only this process holds (close_fds for every child): EOF
+        # there means this process is gone
+        self._guard = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       close_fds=True)
+
+    def _release_guard(self) -> None:
+        """Tell the guard everything is cleaned up and reap it (never raises)."""
+        guard, self._guard = self._guard, None
+        if guard is None:
+            return
+        with contextlib.suppress(OSError):
+            assert guard.stdin is not None
+            guard.stdin.write(b"done\n")
+            guard.stdin.close()
+        try:
+            guard.wait(5)
+        except subprocess.TimeoutExpired:
+            guard.kill()
+            guard.wait()
 
     def _wait_ready(self, world: int, timeout_s: float = 60.0) -> None:
         """Block until every rank has opened its device (or fail if one exits)."""
@@ -373,3 +412,4 @@ class SimServer:
         for leftover in glob.glob(f"/dev/shm/{self.session}*"):
             Path(leftover).unlink(missing_ok=True)
         cleanup_session(self.session)  # cgroups a throttle left if it was interrupted
+        self._release_guard()

@@ -250,27 +250,82 @@ def _children(pid: int) -> set[int]:
     return {int(x) for x in out.split()}
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "end"])
+def _session_cgroups(pid: int) -> list[str]:
+    """cgroups of the runs of ``prism sim`` process ``pid`` (sessions ``prism-sim-<pid>-*``)
+    in every mounted hierarchy."""
+    found = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] in ("cgroup", "cgroup2"):
+            found += glob.glob(f"{parts[1]}/prism-sim-{pid}-*")
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL", "end"])
 def test_prism_sim_leaves_nothing_behind(tmp_path: Path, how: str) -> None:
+    """No child process, /dev/shm entry or cgroup of the run survives any exit path; with
+    SIGKILL of prism sim itself, while a cpu_throttle holds rank 1 (in a cgroup, or
+    stopped by SIGSTOP) and a cpu_squeeze's hogs run, the kernel and the run's guard
+    process clean up what its close() would have."""
+    from prism_sim.faults import throttle_mechanism
+
     duration = 4 if how == "end" else 60
-    path = scenario_file(tmp_path, "exit", duration, batch=4,
-                         extra='\n[[fault]]\ntype = "cpu_squeeze"\nstart_s = 1\n'
-                               f'duration_s = {duration - 1.5}\nrank = 0\n')
+    extra = ('\n[[fault]]\ntype = "cpu_squeeze"\nstart_s = 1\n'
+             f'duration_s = {duration - 1.5}\nrank = 0\n')
+    if how == "SIGKILL":
+        extra += '\n[[fault]]\ntype = "cpu_throttle"\nstart_s = 1\nduration_s = 50\nrank = 1\n'
+    path = scenario_file(tmp_path, "exit", duration, batch=4, extra=extra)
     before = set(glob.glob("/dev/shm/*"))
     proc = _prism_sim("--scenario", str(path), "--labels", str(tmp_path / "l.jsonl"))
     time.sleep(2.5)
     kids = _children(proc.pid)
     assert kids, "the ranks and the squeeze should be children of prism sim"
-    if how != "end":
+    if how == "SIGKILL":
+        if throttle_mechanism().startswith("cgroup"):
+            assert _session_cgroups(proc.pid), "the throttle's cgroup should be there"
+        proc.kill()
+    elif how != "end":
         proc.send_signal(getattr(signal, how))
+    # ends when every process holding prism sim's stderr (ranks, guard) is gone
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    assert proc.returncode == (-signal.SIGKILL if how == "SIGKILL" else 0), err
     assert "Traceback" not in err
+    # a child SIGKILLed by the kernel when its parent died (a hog started just then,
+    # which finds its parent gone) still has to be scheduled to exit: give it a moment
+    deadline = time.monotonic() + 10
+    while (any(Path(f"/proc/{kid}").exists() and not _is_zombie(kid) for kid in kids)
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
     for kid in kids:
         assert not Path(f"/proc/{kid}").exists() or _is_zombie(kid), f"child {kid} survives"
+    assert glob.glob(f"/dev/shm/prism-sim-{proc.pid}-*") == []
     assert set(glob.glob("/dev/shm/*")) - before == set()
+    assert _session_cgroups(proc.pid) == []
     labels = read_labels(tmp_path / "l.jsonl")
     assert labels.iterations
+
+
+@pytest.mark.parametrize("said_done", [True, False])
+def test_guard_cleans_up_only_when_its_orchestrator_did_not(said_done: bool) -> None:
+    """The guard removes the session's /dev/shm entries (and the extra path it was given)
+    when its stdin closes without "done", and leaves everything alone after "done"."""
+    session = f"prism-sim-{os.getpid()}-guardtest{int(said_done)}"
+    paths = [Path(f"/dev/shm/{session}-ctl"), Path(f"/dev/shm/{session}x-comm")]
+    for path in paths:
+        path.write_bytes(b"x")
+    try:
+        guard = subprocess.Popen([sys.executable, "-m", "prism_sim.guard", "--session",
+                                  session, "--shm", str(paths[1])],
+                                 stdin=subprocess.PIPE, cwd=ROOT)
+        assert guard.stdin is not None
+        if said_done:
+            guard.stdin.write(b"done\n")
+        guard.stdin.close()
+        assert guard.wait(10) == 0
+        assert [path.exists() for path in paths] == [said_done] * 2
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
 
 
 def test_prism_sim_duration_is_what_runs_and_what_the_labels_say(tmp_path: Path) -> None:
