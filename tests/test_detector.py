@@ -134,11 +134,12 @@ def test_slowdown_fires_fast_and_resolves_with_hysteresis() -> None:
     resolved = [k for k, v in enumerate(verdicts) if v.transition == "resolved"]
     assert fired and 300 <= fired[0] <= 305, fired
     assert all(v.firing for v in verdicts[fired[0] : 360])
-    # resolves after the slowdown ends: the window drains (W), then K below h·UCL
+    # resolves after the slowdown ends: at once on a clearly normal iteration
+    # (resolve_clear), at the latest when the window drained (W) and K were below h·UCL
     spec = det.rule_spec
     assert len(resolved) == 1, resolved
     latest = 360 + spec.window + spec.resolve_after + 10
-    assert 360 + spec.resolve_after - 1 <= resolved[0] <= latest
+    assert 360 <= resolved[0] <= latest
     assert not any(v.firing for v in verdicts[resolved[0] :])
     assert [v.transition for v in verdicts if v.transition] == ["firing", "resolved"]
 
@@ -148,7 +149,8 @@ def test_resolving_on_raw_errors_ends_the_alert_when_the_slowdown_ends() -> None
     iteration's own error resolves ``resolve_after`` iterations after it instead."""
     ends = {}
     for resolve_on in ("raw", "smoothed"):
-        rule = dataclasses.replace(RULES["prism"], window=10, resolve_on=resolve_on)
+        rule = dataclasses.replace(RULES["prism"], window=10, resolve_on=resolve_on,
+                                   resolve_clear=None)
         det, rng = warmed(rule, seed=3)
         t = WARMUP
         verdicts = []
@@ -169,6 +171,36 @@ def test_resolving_on_raw_errors_ends_the_alert_when_the_slowdown_ends() -> None
                         for k, w in enumerate(workloads(rng, 100))]
     transitions = [v.transition for v in slow_then_normal if v is not None and v.transition]
     assert transitions == ["firing", "resolved"], transitions
+
+
+def test_a_clearly_normal_iteration_ends_the_alert_at_once() -> None:
+    """Under ``prism`` one iteration back on the prediction resolves (no tail of false
+    positives after every fault); milder dips inside a fault still need three in a row."""
+    ends = {}
+    for clear in (0.2, None):
+        rule = dataclasses.replace(RULES["prism"], resolve_clear=clear)
+        det, rng = warmed(rule, seed=3)
+        assert det.ucl is not None
+        t = WARMUP
+        verdicts = []
+        ws = workloads(rng, 200)
+        for k, w in enumerate(ws):
+            if k < 100 or k >= 160:
+                factor = 1.0  # normal, then back to normal after the fault
+            elif k % 4 == 1:
+                # a dip inside the fault: still 0.5 x UCL above the prediction
+                factor = 1 / (1 - 0.5 * det.ucl)
+            else:
+                factor = 1.6
+            lat = law(w) * factor if 100 <= k < 160 else noisy(rng, w)
+            verdicts.append(det.observe(t, lat, w))
+            t += 1
+        transitions = [(k, v.transition) for k, v in enumerate(verdicts)
+                       if v is not None and v.transition]
+        assert [tr for _, tr in transitions] == ["firing", "resolved"], (clear, transitions)
+        ends[clear] = transitions[1][0]
+    assert ends[0.2] == 160  # the first normal iteration
+    assert ends[None] == 160 + 3 - 1  # the third
 
 
 def test_paper_rule_fires_on_slowdown_but_its_in_sample_ucl_is_tight() -> None:

@@ -423,6 +423,12 @@ class DetectorRule:
         settle_keeps_limit: the refit that follows a regime's refit once the regime
             settled may not raise the limit above the one in force before the regime
             (its calibration holds the regime's first, noisiest seconds).
+        resolve_clear: when set, one iteration whose own error is below
+            ``resolve_clear × UCL`` resolves a firing alert at once (a step back on the
+            model's prediction says the fault is over); errors between that and
+            ``hysteresis × UCL`` still need ``resolve_after`` in a row. None: only the
+            latter. The alert then ends on the fault's last iteration instead of
+            ``resolve_after - 1`` iterations after it.
     """
 
     name: str
@@ -452,6 +458,7 @@ class DetectorRule:
     episode_outlier: float = 1.0
     bound_by_previous: bool = False
     settle_keeps_limit: bool = False
+    resolve_clear: float | None = None
 
 
 RULES: dict[str, DetectorRule] = {
@@ -474,6 +481,7 @@ RULES: dict[str, DetectorRule] = {
         episode_outlier=2.0,
         bound_by_previous=True,
         settle_keeps_limit=True,
+        resolve_clear=0.2,
     ),
 }
 
@@ -976,7 +984,8 @@ class Detector:
                     self._recent.pop()
         elif (err if self._rule.resolve_on == "raw" else smoothed) < ucl * self._hysteresis:
             self._below += 1
-            if self._below >= self._resolve_after:
+            clear = self._rule.resolve_clear
+            if self._below >= self._resolve_after or (clear is not None and err < ucl * clear):
                 self._firing = False
                 self._below = 0
                 transition = "resolved"
