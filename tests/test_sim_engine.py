@@ -327,16 +327,45 @@ def test_cuda_and_nccl_profiles_see_the_workload_in_a_rank(tmp_path: Path) -> No
 
 
 def test_metrics_endpoint_speaks_prometheus(tmp_path: Path) -> None:
+    """vLLM's metric names: running and waiting requests, KV usage, and TTFT and
+    inter-token latency histograms that count the finished requests."""
     path = scenario_file(tmp_path, "metrics", 6, batch=4)
+    # 20-token outputs: requests finish within the run (arrivals, 200/s, pile up waiting)
+    path.write_text(path.read_text().replace("value = 400", "value = 20"))
     with SimServer(parse_scenario(path.read_text(), str(path))) as server:
         server.run(duration_s=4)
         assert server.metrics_url is not None
-        body = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    assert "vllm:num_requests_running" in body
-    assert 'vllm:time_per_output_token_seconds_bucket{le="+Inf"}' in body
-    running = [line for line in body.splitlines()
-               if line.startswith("vllm:num_requests_running ")]
-    assert running and int(running[0].split()[1]) >= 0
+        bodies = []
+        for _ in range(5):  # a few scrapes: a batch that just finished shows 0 running
+            bodies.append(urllib.request.urlopen(server.metrics_url, timeout=5).read().decode())
+            time.sleep(0.05)
+    scrapes: list[dict[str, float]] = []
+    for body in bodies:
+        scrapes.append({})
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                scrapes[-1][name] = float(value)
+    values = scrapes[-1]
+    for name, kind in (("vllm:num_requests_running", "gauge"),
+                       ("vllm:num_requests_waiting", "gauge"),
+                       ("vllm:gpu_cache_usage_perc", "gauge"),
+                       ("vllm:time_to_first_token_seconds", "histogram"),
+                       ("vllm:time_per_output_token_seconds", "histogram")):
+        assert f"# TYPE {name} {kind}" in bodies[-1], name
+    running = [v["vllm:num_requests_running"] for v in scrapes]
+    kv_usage = [v["vllm:gpu_cache_usage_perc"] for v in scrapes]
+    assert all(0 <= n <= 4 for n in running) and max(running) >= 1, running
+    assert all(0 <= u <= 1 for u in kv_usage) and max(kv_usage) > 0, kv_usage
+    assert values["vllm:num_requests_waiting"] >= 50  # 200/s arrive, ~20/s are served
+    finished = values["vllm:request_success_total"]
+    assert finished > 0
+    for hist in ("vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds"):
+        buckets = [v for k, v in values.items() if k.startswith(f"{hist}_bucket{{")]
+        assert buckets == sorted(buckets), hist  # cumulative
+        assert values[f'{hist}_bucket{{le="+Inf"}}'] == values[f"{hist}_count"], hist
+        assert values[f"{hist}_sum"] > 0, hist
+    assert values["vllm:time_to_first_token_seconds_count"] == finished
 
 
 def _prism_sim(*args: str) -> subprocess.Popen[str]:
