@@ -368,6 +368,42 @@ def test_metrics_endpoint_speaks_prometheus(tmp_path: Path) -> None:
     assert values["vllm:time_to_first_token_seconds_count"] == finished
 
 
+def test_workload_shifts_are_not_labelled_as_faults(tmp_path: Path) -> None:
+    """A concurrency step, a prompt-length surge, longer outputs and an idle gap, and no
+    fault: no fault line in the labels and no iteration with a fault."""
+    phase = ("\n[[phase]]\nstart_s = {}\narrival_rate = {}\nmax_batch = {}\n"
+             "prompt = {{ dist = \"uniform\", min = {}, max = {} }}\n"
+             "output = {{ dist = \"uniform\", min = {}, max = {} }}\n")
+    phases = (phase.format(0, 40, 4, 16, 64, 10, 30)  # steady
+              + phase.format(1.5, 80, 12, 16, 64, 10, 30)  # concurrency step
+              + phase.format(3, 20, 12, 300, 600, 10, 30)  # prompt-length surge
+              + phase.format(4, 20, 12, 16, 64, 60, 90)  # longer outputs
+              + phase.format(5, 0, 12, 16, 64, 10, 30))  # idle gap
+    text = STEADY.format(name="shifts", duration=6, batch=4, extra="", layers=4, hidden=2048)
+    text = text[:text.index("[[phase]]")] + phases
+    path = tmp_path / "shifts.toml"
+    path.write_text(text)
+    labels_path = tmp_path / "labels.jsonl"
+    with SimServer(parse_scenario(text, str(path)), labels=labels_path,
+                   metrics_port=None) as server:
+        server.run()
+    labels = read_labels(labels_path)
+    assert labels.scenario is not None and labels.faults == []
+    assert labels.iterations
+    assert not any(it.fault_active or it.faults or it.rank_faults for it in labels.iterations)
+    lines = [json.loads(x) for x in labels_path.read_text().splitlines()]
+    assert not [x for x in lines if x["kind"] == "fault"]
+    # the shifts happened: bigger batches after the step, 256-token prefill chunks in
+    # the surge
+    t0 = labels.scenario.started_ns
+
+    def since(s: float) -> list[IterationRecord]:
+        return [it for it in labels.iterations if it.start_ns >= t0 + s * 1e9]
+
+    assert max(it.batch_size for it in since(1.5)) > 4
+    assert max(it.tokens for it in since(3) if it.phase == "prefill") >= 256
+
+
 def _prism_sim(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "prism_tui.cli", "sim", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
