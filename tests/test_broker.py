@@ -69,6 +69,17 @@ async def test_mosquitto_stop_start_on_the_same_port_and_clean_close() -> None:
         b.start()
 
 
+def test_free_port_is_outside_the_ephemeral_range() -> None:
+    """No outgoing connection (not even a reconnect to the stopped broker, a TCP
+    self-connect) can take the port while the broker is down for a restart."""
+    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        port = free_port()
+        assert port < lo
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # and it is free
+
+
 def test_port_in_use_is_one_clear_error() -> None:
     """A fixed port someone else holds: BrokerStartError naming the port, no traceback spam."""
     with socket.socket() as holder:
