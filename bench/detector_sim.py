@@ -167,12 +167,10 @@ VARIANTS: dict[str, DetectorRule] = {
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
-    "prism, resolving only after 3 quiet iterations (before 2026-12-04)": dataclasses.replace(
-        _PRISM, resolve_clear=None),
+    "prism, one iteration within 0.2 x UCL resolves": dataclasses.replace(
+        _PRISM, resolve_clear=0.2),
     "prism, one iteration within 0.3 x UCL resolves": dataclasses.replace(
         _PRISM, resolve_clear=0.3),
-    "prism, one iteration within 0.1 x UCL resolves": dataclasses.replace(
-        _PRISM, resolve_clear=0.1),
     "prism, limit floored at 0.05 (before 2026-12-03 late)": dataclasses.replace(
         _PRISM, ucl_floor=0.05),
     "prism, floor 0.2": dataclasses.replace(_PRISM, ucl_floor=0.2),

@@ -149,8 +149,7 @@ def test_resolving_on_raw_errors_ends_the_alert_when_the_slowdown_ends() -> None
     iteration's own error resolves ``resolve_after`` iterations after it instead."""
     ends = {}
     for resolve_on in ("raw", "smoothed"):
-        rule = dataclasses.replace(RULES["prism"], window=10, resolve_on=resolve_on,
-                                   resolve_clear=None)
+        rule = dataclasses.replace(RULES["prism"], window=10, resolve_on=resolve_on)
         det, rng = warmed(rule, seed=3)
         t = WARMUP
         verdicts = []
@@ -174,8 +173,9 @@ def test_resolving_on_raw_errors_ends_the_alert_when_the_slowdown_ends() -> None
 
 
 def test_a_clearly_normal_iteration_ends_the_alert_at_once() -> None:
-    """Under ``prism`` one iteration back on the prediction resolves (no tail of false
-    positives after every fault); milder dips inside a fault still need three in a row."""
+    """With ``resolve_clear`` one iteration back on the prediction resolves (no tail of
+    false positives after every fault); milder dips inside a fault still need three in a
+    row. (Measured, not adopted by ``prism``: docs/detection.md.)"""
     ends = {}
     for clear in (0.2, None):
         rule = dataclasses.replace(RULES["prism"], resolve_clear=clear)

@@ -481,7 +481,6 @@ RULES: dict[str, DetectorRule] = {
         episode_outlier=2.0,
         bound_by_previous=True,
         settle_keeps_limit=True,
-        resolve_clear=0.2,
     ),
 }
 
