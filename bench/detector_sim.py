@@ -167,6 +167,10 @@ VARIANTS: dict[str, DetectorRule] = {
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
+    "prism, trained range from min to max (before 2026-12-04)": dataclasses.replace(
+        _PRISM, range_quantile=0.0),
+    "prism, trained range from the 2nd to the 98th percentile": dataclasses.replace(
+        _PRISM, range_quantile=0.02),
     "prism, one iteration within 0.2 x UCL resolves": dataclasses.replace(
         _PRISM, resolve_clear=0.2),
     "prism, one iteration within 0.3 x UCL resolves": dataclasses.replace(

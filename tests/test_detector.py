@@ -203,6 +203,28 @@ def test_a_clearly_normal_iteration_ends_the_alert_at_once() -> None:
     assert ends[None] == 160 + 3 - 1  # the third
 
 
+def test_a_few_stray_small_batches_do_not_hide_a_regime_below_the_trained_one() -> None:
+    """The trained range runs between the 1st and 99th percentiles under ``prism``: a
+    warm-up of batches 16-32 with a handful of tiny ones (a ramp-up) still sees a step
+    down to batch 8 as a new regime and refits for it; min-max ranges do not."""
+    seen = {}
+    for q in (0.01, 0.0):
+        rng = np.random.default_rng(5)
+        det = Detector(rule=dataclasses.replace(RULES["prism"], range_quantile=q),
+                       warmup=WARMUP)
+        ws = workloads(rng, WARMUP, b_lo=16, b_hi=32)
+        for k in range(3):
+            ws[k] = Workload(2, ws[k].avg_input, ws[k].avg_output)  # the stray rows
+        for k, w in enumerate(ws):
+            det.observe(k, noisy(rng, w), w)
+        assert det.fitted
+        for k, w in enumerate(workloads(rng, 120, b_lo=8, b_hi=8)):
+            det.observe(WARMUP + k, noisy(rng, w), w)
+        seen[q] = (det.novel_seen, det.refit_due)
+    assert seen[0.01] == (120, True)  # learnt as a new regime
+    assert seen[0.0] == (0, False)  # inside min-max: judged by a model that barely saw it
+
+
 def test_paper_rule_fires_on_slowdown_but_its_in_sample_ucl_is_tight() -> None:
     """The paper's UCL comes from training-set errors, which a GBDT under-states.
 
