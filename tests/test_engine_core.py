@@ -239,14 +239,35 @@ def test_an_old_recording_gets_its_profiles_derived_features(tmp_path: Path) -> 
     assert "kv_tokens" in procs[0].derived  # what the cuda profile derives
 
 
+def test_a_fit_that_outruns_the_idle_class_is_promoted() -> None:
+    """Idle-class CPU can starve on a saturated host: a fit still running after
+    ``promote_after_s`` moves to SCHED_OTHER (niceness 10), and the next request starts
+    idle again."""
+    worker = FitWorker(promote_after_s=0.05)
+    try:
+        rng = np.random.default_rng(0)
+        x = rng.uniform(1, 64, (3000, 5))
+        worker.fit(x, x.sum(axis=1), "prism")  # blocks calibration: well over 50 ms
+        pid = worker.pid
+        assert pid is not None and worker.promotions == 1
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, pid) == FIT_NICENESS
+        _, _, policy = worker.call("whoami")
+        assert policy == os.SCHED_IDLE and worker.promotions == 1  # quick: not promoted
+    finally:
+        worker.close()
+
+
 def test_models_are_fitted_in_a_worker_process_at_a_low_priority() -> None:
-    """A fit must neither take much CPU from the monitored server (it would slow the
-    very iterations being judged) nor hold the loop's GIL: a child process at niceness
-    10, over pipes (nothing left in /dev/shm), restarted when it dies."""
+    """A fit must neither take CPU the monitored server wants (it would slow the very
+    iterations being judged) nor hold the loop's GIL: a child process in the idle class
+    (niceness 10 once promoted), over pipes (nothing left in /dev/shm), restarted when
+    it dies."""
     shm_before = set(os.listdir("/dev/shm"))
     worker = FitWorker()
-    pid, nice = worker.call("whoami")
+    pid, nice, policy = worker.call("whoami")
     assert pid == worker.pid and pid != os.getpid() and nice == FIT_NICENESS == 10
+    assert policy == os.SCHED_IDLE
     assert os.getpriority(os.PRIO_PROCESS, 0) < 10  # ours is untouched
     x = np.arange(500, dtype=float).reshape(100, 5)
     fitted = worker.fit(x, x.sum(axis=1), "prism")
@@ -257,7 +278,7 @@ def test_models_are_fitted_in_a_worker_process_at_a_low_priority() -> None:
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(FitWorkerError, match="died"):
         worker.call("whoami")
-    new_pid, _ = worker.call("whoami")  # started again
+    new_pid, _, _ = worker.call("whoami")  # started again
     assert new_pid != pid
     worker.close()
     assert worker.pid is None and set(os.listdir("/dev/shm")) - shm_before == set()

@@ -4,12 +4,18 @@ A fit takes about a second of CPU per thousand iterations. At normal priority it
 competes with the monitored server for the host's cores (on a small host it slows the
 very iterations being judged, which then look anomalous). In a thread at low priority it
 holds the GIL while the kernel leaves it waiting for a CPU, and the monitor's loop, with
-the alert it was about to send, waits too (~90 ms measured in ``prism eval``). A child
-process at niceness 10 shares no lock with the loop and, when the host is busy, gets
-about a tenth of the CPU time the server's threads get. Not 19 (about 1.5 %): with two
-CPU hogs on this 2-vCPU host, the demo's first fit did not finish within 45 s and the
-monitor never judged anything (tests/test_demo_tmux.py fails that way at 19, passes at
-10).
+the alert it was about to send, waits too (~90 ms measured in ``prism eval``).
+
+So a child process fits, under ``SCHED_IDLE``: it runs on CPU time nobody else wants,
+and a server thread that wakes up takes its CPU at once. At niceness 10 (before) it got
+about a tenth of a CPU the server wanted, and every fit slowed the simulated server's
+iterations by 10-15 % for 2-3 s (the warm-up's end and each refit, visible in every
+recording; one smoke test alarm came from it). An idle-class process can starve when
+the host is saturated (two CPU hogs on this 2-vCPU host), so a fit still running after
+``PROMOTE_AFTER_S`` is promoted to ``SCHED_OTHER`` at niceness 10 (not 19, about 1.5 %:
+with two hogs the demo's first fit then did not finish within 45 s), and the worker goes
+back to the idle class at its next request. Where promotion is not permitted (an
+unprivileged monitor without ``RLIMIT_NICE``) the fit stays idle.
 
 The child is a plain ``python -m prism_tui.engine.fit_worker`` talking length-prefixed
 pickles over its stdin and stdout: no multiprocessing machinery, so nothing is left in
@@ -30,7 +36,10 @@ import threading
 from typing import IO, Any
 
 FIT_NICENESS = 10
-"""Niceness of the process that fits baseline models."""
+"""Niceness of the process that fits baseline models (once promoted, see below)."""
+
+PROMOTE_AFTER_S = 5.0
+"""A fit still running after this long leaves ``SCHED_IDLE`` for ``SCHED_OTHER``."""
 
 _HEADER = struct.Struct("<Q")
 
@@ -64,9 +73,11 @@ def _receive(fh: IO[bytes]) -> Any:
 class FitWorker:
     """A lazily started child process that runs :func:`fit_baseline` calls in turn."""
 
-    def __init__(self) -> None:
+    def __init__(self, promote_after_s: float = PROMOTE_AFTER_S) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # one request at a time on the pipes
+        self.promote_after_s = promote_after_s
+        self.promotions = 0  # fits that outran promote_after_s and were promoted
 
     @property
     def pid(self) -> int | None:
@@ -79,15 +90,26 @@ class FitWorker:
         with self._lock:
             proc = self._start()
             assert proc.stdin is not None and proc.stdout is not None
+            timer = threading.Timer(self.promote_after_s, self._promote, (proc.pid,))
+            timer.daemon = True
             try:
                 _send(proc.stdin, (kind, *args))
+                timer.start()
                 status, value = _receive(proc.stdout)
             except (OSError, EOFError, pickle.UnpicklingError) as exc:
                 self._stop(proc)
                 raise FitWorkerError(f"fit worker died: {exc}") from None
+            finally:
+                timer.cancel()
         if status != "ok":
             raise FitWorkerError(str(value))
         return value
+
+    def _promote(self, pid: int) -> None:
+        """Move a fit that has waited too long for idle CPU to ``SCHED_OTHER`` (nice 10)."""
+        with contextlib.suppress(AttributeError, OSError):  # not permitted: it stays idle
+            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+            self.promotions += 1
 
     def fit(self, x: object, y: object, rule: object) -> Any:
         """``fit_baseline(x, y, rule)`` in the worker."""
@@ -123,10 +145,17 @@ class FitWorker:
             self._stop(proc)
 
 
-def main() -> int:
-    """The worker: lowest priority, then answer requests until stdin closes."""
+def _idle() -> None:
+    """Back to the idle class (and niceness 10 for when it is promoted)."""
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, 0, FIT_NICENESS)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def main() -> int:
+    """The worker: idle class, then answer requests until stdin closes."""
+    _idle()
     requests = sys.stdin.buffer
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print() must not corrupt the answers
@@ -137,12 +166,14 @@ def main() -> int:
             kind, *args = _receive(requests)
         except (EOFError, OSError):
             return 0
+        _idle()  # a promoted fit's worker starts the next one idle again
         answer: tuple[str, object]
         try:
             if kind == "fit":
                 answer = ("ok", fit_baseline(*args))
             elif kind == "whoami":
-                answer = ("ok", (os.getpid(), os.getpriority(os.PRIO_PROCESS, 0)))
+                answer = ("ok", (os.getpid(), os.getpriority(os.PRIO_PROCESS, 0),
+                                 os.sched_getscheduler(0)))
             else:
                 raise ValueError(f"unknown request {kind!r}")
         except Exception as exc:  # an answer, not a dead worker
