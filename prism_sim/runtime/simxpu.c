@@ -1410,22 +1410,44 @@ EXPORT ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncEr
 
 enum { C_ALLREDUCE, C_GATHER_SCATTER, C_ONE_TO_ALL };
 
-static ncclResult_t collective(const char *what, int shape, size_t count, ncclDataType_t datatype,
-                               ncclComm_t comm, cudaStream_t stream) {
+/* The checks every NCCL call makes before it enqueues: a live communicator, a known
+ * datatype (its size in *size), no asynchronous error on the communicator, and a stream
+ * of this process (in *s). */
+static ncclResult_t nccl_call_args(const char *what, ncclComm_t comm, ncclDataType_t datatype,
+                                   cudaStream_t stream, int *size, struct simxpu_stream **s) {
     int rc = comm_check(comm);
     if (rc)
         return rc;
-    int size = dtype_size(datatype);
-    if (size < 0) {
+    *size = dtype_size(datatype);
+    if (*size < 0) {
         set_message("%s: unknown datatype %d", what, datatype);
         return ncclInvalidArgument;
     }
     rc = __atomic_load_n(&comm->error, __ATOMIC_ACQUIRE);
     if (rc)
         return rc;
-    struct simxpu_stream *s;
-    if (resolve_stream(stream, &s))
+    if (resolve_stream(stream, s))
         return ncclInvalidArgument;
+    return ncclSuccess;
+}
+
+/* Enqueue a communication item on stream s; a failure is kept for cudaGetLastError. */
+static ncclResult_t nccl_enqueue(struct item *it, struct simxpu_stream *s) {
+    int err = enqueue(it, s, NULL);
+    if (err) {
+        tl_last_error = err;
+        return ncclUnhandledCudaError;
+    }
+    return ncclSuccess;
+}
+
+static ncclResult_t collective(const char *what, int shape, size_t count, ncclDataType_t datatype,
+                               ncclComm_t comm, cudaStream_t stream) {
+    int size;
+    struct simxpu_stream *s;
+    ncclResult_t rc = nccl_call_args(what, comm, datatype, stream, &size, &s);
+    if (rc)
+        return rc;
     double n = comm->nranks;
     double bytes = (double)count * size;
     double on_link = 0.0;
@@ -1441,12 +1463,7 @@ static ncclResult_t collective(const char *what, int shape, size_t count, ncclDa
         return ncclSystemError;
     it->comm = comm;
     it->link_bytes = on_link;
-    int err = enqueue(it, s, NULL);
-    if (err) {
-        tl_last_error = err;
-        return ncclUnhandledCudaError;
-    }
-    return ncclSuccess;
+    return nccl_enqueue(it, s);
 }
 
 EXPORT ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
@@ -1510,24 +1527,16 @@ static ncclResult_t launch_p2p(const struct p2p_op *ops, int n, const char *what
     memcpy(copy, ops, (size_t)n * sizeof *copy);
     it->ops = copy;
     it->nops = n;
-    int err = enqueue(it, ops[0].stream, NULL);
-    if (err) {
-        tl_last_error = err;
-        return ncclUnhandledCudaError;
-    }
-    return ncclSuccess;
+    return nccl_enqueue(it, ops[0].stream);
 }
 
 static ncclResult_t p2p(const char *what, int dir, size_t count, ncclDataType_t datatype,
                         int peer, ncclComm_t comm, cudaStream_t stream) {
-    int rc = comm_check(comm);
+    int size;
+    struct simxpu_stream *s;
+    ncclResult_t rc = nccl_call_args(what, comm, datatype, stream, &size, &s);
     if (rc)
         return rc;
-    int size = dtype_size(datatype);
-    if (size < 0) {
-        set_message("%s: unknown datatype %d", what, datatype);
-        return ncclInvalidArgument;
-    }
     if (peer < 0 || peer >= comm->nranks) {
         set_message("%s: peer %d is not a rank of the communicator (0..%d)", what, peer,
                     comm->nranks - 1);
@@ -1538,12 +1547,6 @@ static ncclResult_t p2p(const char *what, int dir, size_t count, ncclDataType_t 
                     P2P_MAX_RANKS, comm->nranks);
         return ncclInvalidUsage;
     }
-    rc = __atomic_load_n(&comm->error, __ATOMIC_ACQUIRE);
-    if (rc)
-        return rc;
-    struct simxpu_stream *s;
-    if (resolve_stream(stream, &s))
-        return ncclInvalidArgument;
     struct p2p_op op = {.comm = comm, .stream = s, .what = what, .dir = dir, .peer = peer,
                         .bytes = (double)count * size};
     if (tl_group_depth == 0)
