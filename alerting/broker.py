@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -86,30 +87,26 @@ def write_password_file(path: str | Path, users: Mapping[str, str]) -> Path:
     return out
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's range of local ports for outgoing connections (Linux default if unknown)."""
+def _ephemeral_floor() -> int:
+    """The lowest local port the kernel hands to outgoing connections (Linux default if unknown)."""
     try:
-        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
-        return int(lo), int(hi)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago, outside the ephemeral range.
+    """A TCP port that was free on ``host`` a moment ago, below the ephemeral range.
 
     The broker is restarted on the same port after an outage. A port from the ephemeral
     range can be taken meanwhile as the local end of an outgoing connection (even a
     client's own reconnect to it: TCP self-connect), and the restart then fails with
     "Address already in use" (seen once in a 30 s outage test). So the port is drawn
-    below that range, and the kernel's pick is only the fallback.
+    from 20000 (or 1024) up to that range; the kernel's pick is only the fallback.
     """
-    import random
-
-    lo, _hi = _ephemeral_range()
-    first = 20000 if lo > 21024 else 1024
-    candidates = random.sample(range(first, max(first + 1, lo)), k=min(64, max(1, lo - first)))
-    for port in candidates:
+    floor = _ephemeral_floor()
+    pool = range(20000 if floor > 20000 else 1024, floor)
+    for port in random.sample(pool, min(64, len(pool))):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
