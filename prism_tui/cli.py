@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", help="attach and monitor: the dashboard, or JSON lines")
     target_args(w)
     w.add_argument("--profile", default=None, help="profile name or file (default: the "
-                   "first profile whose iteration anchor resolves in the target)")
+                   "first profile whose iteration anchor resolves in the target; a "
+                   "profile without an anchor has one chosen from its spans)")
     w.add_argument("--config", metavar="FILE", help="settings TOML (default: $PRISM_CONFIG "
                    "or ~/.config/latencyprism/config.toml when it exists)")
     w.add_argument("--broker", metavar="URL",
@@ -242,6 +243,8 @@ def _pick_profile(target: Any, name: str | None) -> Any:
 
     if name is not None:
         return load_profile(name)
+    # only a profile that names its anchor is picked unasked: one without (cpython,
+    # blas) would have the monitor cut "iterations" at whatever recurs (GIL waits...)
     for candidate in sorted(available_profiles()):
         profile = load_profile(candidate)
         if profile.anchor is None:
@@ -250,7 +253,8 @@ def _pick_profile(target: Any, name: str | None) -> Any:
         if any(s.probe == profile.anchor for s in placement.sites):
             return profile
     raise UsageError(f"no profile's iteration anchor resolves in pid {target.pid}; "
-                     "name one with --profile (prism symbols --pid PID lists them)")
+                     "name one with --profile (prism symbols --pid PID lists them; a "
+                     "profile without an anchor has one chosen from its spans)")
 
 
 def _companion_profiles(target: Any, main: Any) -> list[Any]:

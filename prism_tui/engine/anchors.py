@@ -13,10 +13,12 @@ chosen by call frequency and duration stability; candidates must recur; minimum 
   call durations; above ``max_cycle_cv`` / ``max_duration_cv`` the probe is irregular
   (called at random, or several times per iteration with different gaps).
 
-Candidates that pass are scored; see :func:`rank_anchors`. A lower-precision fallback,
-:func:`dominant_period_ms`, finds the iteration period from the autocorrelation of the
-binned event-count series of the whole probe stream, as the reference does, when no
-single probe qualifies.
+Candidates that pass are scored; see :func:`rank_anchors`. The reference's
+lower-precision method, the iteration period from the autocorrelation of the binned
+event-count series of the whole probe stream (:func:`dominant_period_ms`), serves here
+only to score how well a candidate's cycle fits that period: iterations are cut at the
+end of an anchor's span, so when no single probe qualifies there is no anchor, and the
+monitor (:mod:`prism_tui.engine.runtime`) keeps looking rather than cutting at a period.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ def dominant_period_ms(timestamps_ns: Sequence[int] | npt.NDArray[np.integer], *
                        bin_ms: float = 0.25, min_period_ms: float = 1.0,
                        max_period_ms: float | None = None,
                        min_strength: float = 0.2) -> float | None:
-    """Dominant period of an event stream by autocorrelation (a lower-precision fallback).
+    """Dominant period of an event stream by autocorrelation (the reference's fallback).
 
     The events are counted in bins of ``bin_ms``; the autocorrelation of the
     mean-removed count series (computed with an FFT, biased estimator so that multiples

@@ -2,6 +2,9 @@
 
 One asyncio loop moves data only: per target a uprobe session (its anchor probe urgent,
 so an iteration's end reaches the loop within a millisecond) whose spans go to the engine.
+A profile that names no anchor gets one from its own spans: they are held for a discovery
+phase until :func:`~prism_tui.engine.anchors.choose_anchor` accepts a probe, then fed to
+the engine with that anchor, so no span is lost.
 Telemetry is sampled once a second in an executor; views and snapshots are built a few
 times per second. With ``match`` the monitor re-attaches when a matching process appears
 after the watched one exited. Sinks are a protocol: the alerting package plugs in without
@@ -20,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from prism_tui.engine.anchors import AnchorChoice, choose_anchor
 from prism_tui.engine.core import (
     AlertEvent,
     AlertSink,
@@ -52,6 +56,8 @@ RESCAN_S = 1.0
 TELEMETRY_S = 1.0
 DEEPDIVE_DELAY_S = 0.05
 """How long a DeepDive waits after its alert before it opens probes (see _open_deepdive)."""
+DISCOVERY_CHECK_S = 0.5
+"""How often the spans held while no anchor is known are ranked (see _discover)."""
 
 _T = TypeVar("_T")
 
@@ -107,15 +113,29 @@ class Monitor:
                  mode: str = "auto", clock: Callable[[], int] = time.monotonic_ns,
                  slos: Sequence[SloSpec] = (), match: str | None = None,
                  costs: HitCosts | None = None, telemetry: bool = True,
-                 escalation_s: float = 30.0, settle_s: float = 0.0) -> None:
-        """Attach the sentinel probes of ``profile`` (which names the iteration anchor and
-        derived features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to
-        every target; raises a ProbeError subclass when a probe cannot be opened."""
-        if profile.anchor is None:
-            raise ValueError(f"profile {profile.name!r} names no iteration anchor")
+                 escalation_s: float = 30.0, settle_s: float = 0.0,
+                 anchor_discovery_s: float = 5.0) -> None:
+        """Attach the sentinel probes of ``profile`` (its iteration anchor and derived
+        features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to every
+        target; raises a ProbeError subclass when a probe cannot be opened.
+
+        When ``profile`` names no anchor, :meth:`run` holds the spans (no iterations, no
+        verdicts) until :func:`~prism_tui.engine.anchors.choose_anchor` accepts a probe
+        of them, then feeds them to the engine cut at that anchor; after
+        ``anchor_discovery_s`` without one it says so in a notice and keeps looking at
+        the last ``anchor_discovery_s`` of spans. The choice is :attr:`anchor_choice`.
+        A discovered anchor is not urgent: its spans reach the engine at the sessions'
+        next drain (20 ms at most), not within a millisecond.
+        """
         self.profile = profile
         self.extra_profiles = list(extra_profiles)
-        self.anchor = profile.anchor
+        self.anchor: str | None = profile.anchor
+        self.anchor_choice: AnchorChoice | None = None
+        """The discovered anchor with its cycle and reason (None: named, or not yet)."""
+        self.anchor_discovery_s = anchor_discovery_s
+        self._held: list[Span] | None = None if profile.anchor is not None else []
+        self._discovery_deadline: float | None = None
+        self._next_discovery = 0.0
         self.mode = mode
         self.match = match
         self.costs = costs
@@ -185,10 +205,14 @@ class Monitor:
             more = place_profile(target, extra, "sentinel")
             placements.append(more)
             sites += more.sites
-        if not any(s.probe == self.anchor for s in sites):
+        if self.anchor is not None and not any(s.probe == self.anchor for s in sites):
             raise ValueError(f"the anchor {self.anchor!r} of profile "
                              f"{self.profile.name!r} does not resolve in pid {target.pid}")
-        session = UprobeSession([target], sites, mode=self.mode, urgent={self.anchor},
+        if self.anchor is None and not sites:
+            raise ValueError(f"no sentinel probe of profile {self.profile.name!r} resolves "
+                             f"in pid {target.pid}: nothing to choose an anchor from")
+        urgent: set[str] = set() if self.anchor is None else {self.anchor}
+        session = UprobeSession([target], sites, mode=self.mode, urgent=urgent,
                                 drain_interval_s=0.02).open()
         return session, placements
 
@@ -197,18 +221,24 @@ class Monitor:
         """The state half of an attach: on the loop's thread once the loop runs."""
         if target.pid in self._attached:
             raise ValueError(f"pid {target.pid} is already watched")
-        sites = [s for p in placements for s in p.sites]
         self.placements.extend(placements)
-        probes = _probe_statuses(placements, {})
-        self.engine.watch(target.pid, target.name, self.anchor,
-                          {s.probe: s.stage for s in sites}, profile=self.profile.name,
-                          device=self.device_of(target.pid), derived=self.profile.derived,
-                          probes=probes)
         att = self._attached[target.pid] = _Attached(target, session, placements)
-        self._ever_attached[target.pid] = self._recorded_process(target.pid, att)
+        if self.anchor is not None:  # else once one is chosen (see _discover)
+            self._watch(att)
         if self._new is not None:
             self._new.put_nowait(att)
         return att
+
+    def _watch(self, att: _Attached) -> None:
+        """Have the engine cut ``att``'s spans into iterations at :attr:`anchor`."""
+        assert self.anchor is not None
+        pid = att.target.pid
+        sites = [s for p in att.placements for s in p.sites]
+        self.engine.watch(pid, att.target.name, self.anchor,
+                          {s.probe: s.stage for s in sites}, profile=self.profile.name,
+                          device=self.device_of(pid), derived=self.profile.derived,
+                          probes=_probe_statuses(att.placements, {}))
+        self._ever_attached[pid] = self._recorded_process(pid, att)
 
     def _on_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn(*args)`` on the loop's thread (the dashboard calls from a worker thread).
@@ -272,6 +302,7 @@ class Monitor:
         return list(self._ever_attached.values())
 
     def _recorded_process(self, pid: int, att: _Attached) -> RecordedProcess:
+        assert self.anchor is not None
         stage_of = {s.probe: s.stage for p in att.placements for s in p.sites}
         return RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
                                self.device_of(pid), stage_of,
@@ -437,6 +468,9 @@ class Monitor:
         failures: list[BaseException] = []
 
         def on_spans(pid: int, spans: list[Span]) -> None:
+            if self._held is not None:  # no anchor yet: _discover feeds them later
+                self._held.extend(spans)
+                return
             # in the rings' reader callback: an alert leaves before the callback returns,
             # after the other targets' finished iterations are judged (see alerts_held)
             try:
@@ -461,6 +495,11 @@ class Monitor:
         for att in self._attached.values():
             self._new.put_nowait(att)
         deadline = None if duration_s is None else time.monotonic() + duration_s
+        if self._held is not None:
+            self._discovery_deadline = time.monotonic() + self.anchor_discovery_s
+            self._next_discovery = time.monotonic() + DISCOVERY_CHECK_S
+            self.engine.notice(f"profile {self.profile.name!r} names no iteration anchor: "
+                               "choosing one from its spans")
         last_view = last_rescan = last_telemetry = time.monotonic()
         telemetry_task: asyncio.Future[list[TelemetryValue]] | None = None
         view_task: asyncio.Task[None] | None = None
@@ -492,6 +531,9 @@ class Monitor:
                 if self._deepdives:
                     self._expire_deepdives()
                 now = time.monotonic()
+                if self._held is not None and now >= self._next_discovery:
+                    self._next_discovery = now + DISCOVERY_CHECK_S
+                    self._discover(now)
                 if self.match is not None and now - last_rescan >= RESCAN_S:
                     last_rescan = now
                     self._rescan()
@@ -527,6 +569,41 @@ class Monitor:
                 view_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await view_task
+
+    def _discover(self, now: float) -> None:
+        """Choose the anchor from the spans held so far, then feed them to the engine.
+
+        Until a probe qualifies (it recurs at least 20 times in a process, every 1 ms or
+        more, regularly: :func:`~prism_tui.engine.anchors.rank_anchors`) the spans stay
+        held; past ``anchor_discovery_s`` one notice says why none does, and only the
+        last ``anchor_discovery_s`` of spans are kept, so a server that was idle at
+        attach time gets its anchor once it serves.
+        """
+        held = self._held
+        assert held is not None
+        choice = choose_anchor(held)
+        if choice is None:
+            if self._discovery_deadline is not None and now >= self._discovery_deadline:
+                self._discovery_deadline = None  # say it once
+                self.engine.notice(
+                    f"no iteration anchor after {self.anchor_discovery_s:g} s: no probe of "
+                    f"{self.profile.name!r} recurred regularly every >= 1 ms in "
+                    f"{len(held)} spans; still looking (or name one with the profile's "
+                    "anchor)")
+            if self._discovery_deadline is None and held:
+                horizon = max(s.end_ns for s in held) - int(self.anchor_discovery_s * 1e9)
+                held[:] = [s for s in held if s.end_ns >= horizon]
+            return
+        self._held = None
+        self.anchor, self.anchor_choice = choice.probe, choice
+        self.engine.notice(f"iteration anchor: {choice.probe}, chosen from {len(held)} "
+                           f"spans: {choice.reason}")
+        for pid, att in self._attached.items():
+            self._watch(att)
+            mine = [s for s in held if s.pid == pid]
+            if mine:
+                with self.engine.alerts_held():
+                    self.engine.add_spans(pid, mine)
 
     def _lost_target(self, pid: int) -> None:
         att = self._attached.get(pid)
