@@ -261,14 +261,18 @@ def test_a_fit_that_outruns_the_idle_class_is_promoted() -> None:
 def test_models_are_fitted_in_a_worker_process_at_a_low_priority() -> None:
     """A fit must neither take CPU the monitored server wants (it would slow the very
     iterations being judged) nor hold the loop's GIL: a child process in the idle class
-    (niceness 10 once promoted), over pipes (nothing left in /dev/shm), restarted when
-    it dies."""
+    (niceness 10 once promoted), on one thread, over pipes (nothing left in /dev/shm),
+    restarted when it dies."""
     shm_before = set(os.listdir("/dev/shm"))
     worker = FitWorker()
     pid, nice, policy = worker.call("whoami")
     assert pid == worker.pid and pid != os.getpid() and nice == FIT_NICENESS == 10
     assert policy == os.SCHED_IDLE
     assert os.getpriority(os.PRIO_PROCESS, 0) < 10  # ours is untouched
+    # one thread per numeric library (OpenMP, both OpenBLAS builds): a fit is one
+    # background job, not one per core competing with the server on every core
+    pools = worker.call("threads")
+    assert any(k.startswith("openmp") for k in pools) and set(pools.values()) == {1}, pools
     x = np.arange(500, dtype=float).reshape(100, 5)
     fitted = worker.fit(x, x.sum(axis=1), "prism")
     assert fitted.n_train == 100 and fitted.rule.name == "prism"

@@ -17,6 +17,10 @@ with two hogs the demo's first fit then did not finish within 45 s), and the wor
 back to the idle class at its next request. Where promotion is not permitted (an
 unprivileged monitor without ``RLIMIT_NICE``) the fit stays idle.
 
+The child runs its numeric libraries on one thread (``ONE_THREAD``): a fit is a
+background job, and BLAS or OpenMP threads on every core would compete with the server
+on all of them at once.
+
 The child is a plain ``python -m prism_tui.engine.fit_worker`` talking length-prefixed
 pickles over its stdin and stdout: no multiprocessing machinery, so nothing is left in
 ``/dev/shm`` and no probe fd is inherited (they are close-on-exec). One request at a
@@ -40,6 +44,10 @@ FIT_NICENESS = 10
 
 PROMOTE_AFTER_S = 5.0
 """A fit still running after this long leaves ``SCHED_IDLE`` for ``SCHED_OTHER``."""
+
+ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                     "MKL_NUM_THREADS", "BLIS_NUM_THREADS")}
+"""Environment that keeps the worker's numeric libraries on one thread."""
 
 _HEADER = struct.Struct("<Q")
 
@@ -121,7 +129,8 @@ class FitWorker:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "prism_tui.engine.fit_worker"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                env={**os.environ, **ONE_THREAD})
         except OSError as exc:
             raise FitWorkerUnavailableError(f"cannot start the fit worker: {exc}") from None
         return self._proc
@@ -153,6 +162,15 @@ def _idle() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
+def _thread_pools() -> dict[str, int]:
+    """Threads of each numeric library loaded once a fit's modules are imported."""
+    import sklearn.ensemble  # noqa: F401  (loads the OpenMP runtime a fit uses)
+    from threadpoolctl import threadpool_info
+
+    return {f"{p['internal_api']} {p['filepath']}": int(p["num_threads"])
+            for p in threadpool_info()}
+
+
 def main() -> int:
     """The worker: idle class, then answer requests until stdin closes."""
     _idle()
@@ -174,6 +192,8 @@ def main() -> int:
             elif kind == "whoami":
                 answer = ("ok", (os.getpid(), os.getpriority(os.PRIO_PROCESS, 0),
                                  os.sched_getscheduler(0)))
+            elif kind == "threads":
+                answer = ("ok", _thread_pools())
             else:
                 raise ValueError(f"unknown request {kind!r}")
         except Exception as exc:  # an answer, not a dead worker
