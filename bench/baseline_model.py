@@ -119,7 +119,7 @@ def score(y: FloatArray, p: FloatArray, min_ms: float) -> dict[str, float]:
 # label -> (detector rule whose model it is, model form; None = that rule's default)
 MODELS: dict[str, tuple[str, Literal["gbdt", "robust"] | None]] = {
     "paper": ("paper", None),  # GBDT on latency
-    "prism": ("prism", None),  # the prism rule's model: GBDT on log-latency
+    "prism": ("prism", None),  # the prism rule's model: GBDT on log-latency, its leaves
     "robust": ("prism", "robust"),  # opt-in: physical shape + median HGB on log-latency
 }
 
@@ -131,7 +131,8 @@ def evaluate(
     rule, form = MODELS[name]
     tr, te = split(data, kind, seed)
     t0 = time.perf_counter()
-    model = BaselineModel(RULES[rule].target, random_state=seed, form=form)
+    model = BaselineModel(RULES[rule].target, random_state=seed, form=form,
+                          min_samples_leaf=RULES[rule].min_samples_leaf)
     model.fit(data.x[tr], data.y[tr])
     fit_s = time.perf_counter() - t0
     out: dict[str, float | int | str] = {"model": name, "form": model.form}

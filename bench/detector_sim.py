@@ -167,14 +167,24 @@ VARIANTS: dict[str, DetectorRule] = {
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
+    "prism before 2026-12-04 evening (leaves of 1 row, no fast firing)":
+        dataclasses.replace(_PRISM, min_samples_leaf=1, fast_fire=0),
+    "prism, leaves of 1 row": dataclasses.replace(_PRISM, min_samples_leaf=1),
+    "prism, leaves of 50 rows": dataclasses.replace(_PRISM, min_samples_leaf=50),
+    "prism, no fast firing": dataclasses.replace(_PRISM, fast_fire=0),
+    "prism, 2 raw errors above 1.2 x UCL fire": dataclasses.replace(
+        _PRISM, fast_fire=2, fast_fire_level=1.2),
+    "prism, 2 raw errors below 0.1 x UCL resolve": dataclasses.replace(
+        _PRISM, resolve_clear=0.1, clear_after=2),
+    "prism, the robust model": dataclasses.replace(_PRISM, form="robust"),
     "prism, trained range from min to max (before 2026-12-04)": dataclasses.replace(
         _PRISM, range_quantile=0.0),
     "prism, trained range from the 2nd to the 98th percentile": dataclasses.replace(
         _PRISM, range_quantile=0.02),
     "prism, one iteration within 0.2 x UCL resolves": dataclasses.replace(
-        _PRISM, resolve_clear=0.2),
+        _PRISM, resolve_clear=0.2, clear_after=1),
     "prism, one iteration within 0.3 x UCL resolves": dataclasses.replace(
-        _PRISM, resolve_clear=0.3),
+        _PRISM, resolve_clear=0.3, clear_after=1),
     "prism, limit floored at 0.05 (before 2026-12-03 late)": dataclasses.replace(
         _PRISM, ucl_floor=0.05),
     "prism, floor 0.2": dataclasses.replace(_PRISM, ucl_floor=0.2),

@@ -12,17 +12,18 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
 
 * ``"paper"`` — the reference: GBDT on latency, UCL = min(mean + 3·std, 0.5) of the
   model's *training-set* errors, moving mean over W = 10.
-* ``"prism"`` — ours: GBDT on log-latency; UCL = 1.5 × the 99.9th percentile of the
-  *smoothed* out-of-fold errors of the warm-up (five folds of runs of 25 iterations in
-  arrival order, so every warm-up iteration gets an error from a model that did not see
-  it and bursts of noise stay bursts; smoothed exactly as the live ones are, W = 5, since
-  the smoothed error is what the UCL is compared with), floored at 0.22 (a quiet
-  warm-up must not set a limit below the noise the host's normal stretches reach later:
-  smoothed errors of 0.25-0.29 on the 2-vCPU VM, docs/detection.md), capped at 0.5;
-  a workload above the trained range is not judged but learnt by a refit (one below it
-  is judged against the previous model too until the regime settles); resolves after 3
-  iterations whose own errors are below 0.8 × UCL (not waiting for the smoothing window
-  to drain).
+* ``"prism"`` — ours: GBDT on log-latency (leaves of at least 20 rows); UCL = 1.5 × the
+  99.9th percentile of the *smoothed* out-of-fold errors of the warm-up (five folds of
+  runs of 25 iterations in arrival order, so every warm-up iteration gets an error from a
+  model that did not see it and bursts of noise stay bursts; smoothed exactly as the
+  live ones are, W = 5, since the smoothed error is what the UCL is compared with),
+  floored at 0.22 (a quiet warm-up must not set a limit below the noise the host's
+  normal stretches reach later: smoothed errors of 0.25-0.29 on the 2-vCPU VM,
+  docs/detection.md), capped at 0.5; a workload above the trained range is not judged
+  but learnt by a refit (one below it is judged against the previous model too until the
+  regime settles); also fires on 3 iterations in a row whose own errors exceed the UCL;
+  resolves after 3 iterations whose own errors are below 0.8 × UCL (not waiting for the
+  smoothing window to drain).
 
 Time is injected: every call carries the caller's ``t_ns``; nothing here reads a clock.
 Fitting is synchronous; a runtime that must not block calls :func:`fit_baseline` in an
@@ -141,6 +142,9 @@ class BaselineModel:
         learning_rate: shrinkage (the paper's 0.1).
         max_depth: tree depth (the paper's 4).
         random_state: seed.
+        min_samples_leaf: fewest rows in a leaf of the GBDT (scikit-learn's and the
+            paper's 1). A larger leaf averages a regime's handful of odd rows instead of
+            learning them: see :class:`DetectorRule`.
     """
 
     def __init__(
@@ -152,8 +156,10 @@ class BaselineModel:
         max_depth: int = 4,
         random_state: int = 0,
         form: Literal["gbdt", "robust"] | None = None,
+        min_samples_leaf: int = 1,
     ) -> None:
         self.target = target
+        self._min_samples_leaf = min_samples_leaf
         self.form: Literal["gbdt", "robust"] = form or "gbdt"
         self._n_estimators = n_estimators
         self._learning_rate = learning_rate
@@ -184,6 +190,7 @@ class BaselineModel:
             learning_rate=self._learning_rate,
             max_depth=self._max_depth,
             random_state=self._random_state,
+            min_samples_leaf=self._min_samples_leaf,
         )
         return paper
 
@@ -423,12 +430,27 @@ class DetectorRule:
         settle_keeps_limit: the refit that follows a regime's refit once the regime
             settled may not raise the limit above the one in force before the regime
             (its calibration holds the regime's first, noisiest seconds).
-        resolve_clear: when set, one iteration whose own error is below
-            ``resolve_clear × UCL`` resolves a firing alert at once (a step back on the
-            model's prediction says the fault is over); errors between that and
+        resolve_clear: when set, ``clear_after`` iterations in a row whose own errors
+            are below ``resolve_clear × UCL`` resolve a firing alert at once (steps back
+            on the model's prediction say the fault is over); errors between that and
             ``hysteresis × UCL`` still need ``resolve_after`` in a row. None: only the
-            latter. The alert then ends on the fault's last iteration instead of
-            ``resolve_after - 1`` iterations after it.
+            latter. The alert then ends ``clear_after - 1`` iterations after the fault
+            instead of ``resolve_after - 1``.
+        clear_after: see ``resolve_clear``. One clear iteration was too few: a fault
+            that lets a normal iteration through now and then (``cpu_squeeze``) ended
+            its alert on each and fired again (one ``mixed`` run: 50 of its 424
+            iterations missed instead of 10).
+        fast_fire: when > 0, this many iterations in a row whose own errors exceed
+            ``fast_fire_level × UCL`` fire at once, before the smoothed error (a mean
+            that a fault's first iterations raise by a fifth each) gets there. Most
+            iterations the smoothed rule misses are each fault's first three. Like the
+            smoothed error, only once W errors have come in since the last fit.
+        fast_fire_level: see ``fast_fire``.
+        min_samples_leaf: of the model's trees (:class:`BaselineModel`). With 1 (the
+            paper), a regime refit's model, which holds about a hundred rows of the new
+            regime, learnt single odd rows and predicted the regime's later iterations
+            11-15 % high; a fault shortly after the step (a device slowdown 7 s after the
+            step to 32 requests) then stayed below the limit.
         range_quantile: the workload range a model counts as trained (for
             ``novelty_margin``, the refit of a regime below it and ``bound_by_previous``)
             runs from this quantile of its rows' batch sizes and contexts to ``1 -`` it
@@ -468,6 +490,10 @@ class DetectorRule:
     settle_keeps_limit: bool = False
     resolve_clear: float | None = None
     range_quantile: float = 0.0
+    fast_fire: int = 0
+    fast_fire_level: float = 1.5
+    clear_after: int = 1
+    min_samples_leaf: int = 1
 
 
 RULES: dict[str, DetectorRule] = {
@@ -491,6 +517,9 @@ RULES: dict[str, DetectorRule] = {
         bound_by_previous=True,
         settle_keeps_limit=True,
         range_quantile=0.01,
+        min_samples_leaf=20,
+        fast_fire=3,
+        fast_fire_level=1.0,
     ),
 }
 
@@ -613,13 +642,18 @@ def without_episodes(smoothed: FloatArray, rule: DetectorRule) -> FloatArray:
     return smoothed[keep]
 
 
+def _model_of(r: DetectorRule, seed: int, n_estimators: int) -> BaselineModel:
+    return BaselineModel(r.target, n_estimators=n_estimators, random_state=seed, form=r.form,
+                         min_samples_leaf=r.min_samples_leaf)
+
+
 def fit_and_calibrate(
     xa: FloatArray, ya: FloatArray, r: DetectorRule, *, seed: int = 0,
     n_estimators: int = 200,
 ) -> tuple[BaselineModel, FloatArray, int, int]:
     """The model and the calibration errors the UCL is computed from, per ``r.calibration``
     (see :func:`fit_baseline`); also the rows fitted and the rows calibrated on."""
-    model = BaselineModel(r.target, n_estimators=n_estimators, random_state=seed, form=r.form)
+    model = _model_of(r, seed, n_estimators)
     block_len = max(5 * r.window, 20)
     if r.calibration == "blocks" and len(ya) >= 2 * block_len:
         # runs of block_len rows in arrival order, dealt to the folds in turn: each
@@ -630,8 +664,7 @@ def fit_and_calibrate(
         pred = np.empty_like(ya)
         for k in range(folds):
             held = fold_of == k
-            fold = BaselineModel(r.target, n_estimators=n_estimators, random_state=seed,
-                                 form=r.form)
+            fold = _model_of(r, seed, n_estimators)
             fold.fit(xa[~held], ya[~held])
             pred[held] = fold.predict(xa[held])
         model.fit(xa, ya)
@@ -783,6 +816,8 @@ class Detector:
         self._firing = False
         self._below = 0
         self._above = 0
+        self._hot = 0
+        self._clear = 0
         self._novel = 0
         self._settle = False
         self._since_fit = 0
@@ -992,10 +1027,14 @@ class Detector:
             # verdicts after a fit) is noisier and is not compared with it
             full = self._since_fit_errors >= self._rule.window
             self._above = self._above + 1 if full and smoothed > ucl else 0
-            if self._above >= self._rule.fire_after:
+            self._hot = self._hot + 1 if full and err > ucl * self._rule.fast_fire_level else 0
+            fast = self._rule.fast_fire > 0 and self._hot >= self._rule.fast_fire
+            if self._above >= self._rule.fire_after or fast:
                 self._firing = True
                 self._below = 0
                 self._above = 0
+                self._hot = 0
+                self._clear = 0
                 transition = "firing"
                 lead_in = self._rule.window + self._rule.fire_after - 1
                 for _ in range(min(lead_in, len(self._recent))):
@@ -1003,7 +1042,9 @@ class Detector:
         elif (err if self._rule.resolve_on == "raw" else smoothed) < ucl * self._hysteresis:
             self._below += 1
             clear = self._rule.resolve_clear
-            if self._below >= self._resolve_after or (clear is not None and err < ucl * clear):
+            self._clear = self._clear + 1 if clear is not None and err < ucl * clear else 0
+            if self._below >= self._resolve_after or (
+                    clear is not None and self._clear >= self._rule.clear_after):
                 self._firing = False
                 self._below = 0
                 transition = "resolved"
@@ -1017,6 +1058,7 @@ class Detector:
                         self._ewma = err
         else:
             self._below = 0
+            self._clear = 0
         if (x is not None and not self._firing and transition is None
                 and err <= ucl * self._rule.guard_fraction):
             self._recent.append((*x, lat))
