@@ -116,7 +116,10 @@ def _parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("history", help="quantiles over time and alerts from the SQLite history")
     h.add_argument("--db", default=None, metavar="PATH",
-                   help=f"history file (default: $PRISM_DB or {DEFAULT_DB})")
+                   help=f"history file (default: $PRISM_DB, the settings' history.db or "
+                   f"{DEFAULT_DB})")
+    h.add_argument("--config", metavar="FILE", help="settings TOML, for its history.db "
+                   "(default: $PRISM_CONFIG or ~/.config/latencyprism/config.toml)")
     h.add_argument("--since", default="1h", metavar="DUR|T",
                    help="start: a duration before now (90s, 15m, 2h, 1d) or RFC 3339")
     h.add_argument("--until", default=None, metavar="DUR|T", help="end (default: now)")
@@ -353,8 +356,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 if args.json or snap is None:
                     return
                 rows = [{"stage": k.stage, "device": k.device, "phase": k.phase,
-                         "rate": round(v.rate, 3), "p50_ms": v.p50, "p99_ms": v.p99,
-                         "p999_ms": v.p999, "max_ms": v.max, "share": v.share}
+                         "rate": round(v.rate, 3), "p50_ms": v.p50, "p90_ms": v.p90,
+                         "p99_ms": v.p99, "p999_ms": v.p999, "max_ms": v.max,
+                         "share": v.share}
                         for k, v in sorted(snap.series.items())]
                 print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows}}),
                       flush=True)
@@ -623,8 +627,10 @@ def cmd_history(args: argparse.Namespace) -> int:
     """``prism history``: merged window digests over time, and the alerts in range."""
     from prism_tui.history.query import history_report
     from prism_tui.history.store import HistoryError
+    from prism_tui.settings import load_settings
 
-    path = os.path.expanduser(args.db or os.environ.get("PRISM_DB") or DEFAULT_DB)
+    # the file `prism watch` writes: the same settings decide it
+    path = str(load_settings(args.config, overrides={"history.db": args.db}).history.path)
     try:
         doc = history_report(path, args.since, args.until, args.stage, args.device,
                              phase=args.phase)

@@ -73,3 +73,23 @@ def test_bad_history_input_is_one_line_exit_2(tmp_path: Path) -> None:
         assert len(result.stderr.strip().splitlines()) == 1
     assert garbage.read_bytes() == before  # nothing lost
     assert not (tmp_path / "missing.sqlite").exists()
+
+
+def test_history_reads_the_file_the_settings_name(tmp_path: Path) -> None:
+    """`prism watch` writes where the settings' history.db says; `prism history` reads
+    the same file (and `--db` still wins); a malformed settings file is one line."""
+    db = tmp_path / "from-settings.sqlite"
+    write_db(db, 10)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[history]\ndb = "{db}"\n')
+    result = prism_history("--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["series"][0]["total"]["count"] == 10 * 20
+    other = tmp_path / "other.sqlite"
+    write_db(other, 3)
+    result = prism_history("--config", str(config), "--db", str(other), "--json")
+    assert json.loads(result.stdout)["series"][0]["total"]["count"] == 3 * 20
+    config.write_text("[history\n")
+    bad = prism_history("--config", str(config))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "invalid TOML" in bad.stderr and "Traceback" not in bad.stderr

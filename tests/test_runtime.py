@@ -136,6 +136,8 @@ def test_prism_watch_headless_prints_snapshots_of_every_stage(tmp_path: Path) ->
     decode = [row for row in snaps[-1]["series"]
               if row["stage"] == "iteration" and row["phase"] == "decode"]
     assert decode and decode[0]["rate"] > 10 and decode[0]["p50_ms"] > 0
+    row = decode[0]
+    assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["p999_ms"] <= row["max_ms"]
 
 
 def test_smoke_scenario_watched_headless_alerts_during_the_fault_only(tmp_path: Path) -> None:
