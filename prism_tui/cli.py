@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                    "$PRISM_DB or ~/.local/state/latencyprism/history.sqlite)")
     w.add_argument("--no-history", action="store_true", help="keep no SQLite history")
     w.add_argument("--slo", action="append", metavar="RULE",
-                   help="latency objective, e.g. 'decode p99 <= 60ms over 10s' (repeatable)")
+                   help="latency objective, e.g. 'decode p99 <= 60ms over 10s', or on one "
+                   "stage 'device_sync: decode p99 <= 5ms over 10s' (repeatable)")
     w.add_argument("--record", metavar="FILE",
                    help="also save every span to FILE (gzip JSON lines) for replay")
     w.add_argument("--headless", action="store_true",
@@ -318,7 +319,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     headless = args.headless or args.json or settings.watch.headless
     recorder = None
     try:
-        slos = [SloSpec(rule) for rule in settings.engine.slo]
+        slos = [SloSpec.parse(rule) for rule in settings.engine.slo]
         recorder = _span_recorder(args.record)
         monitor = Monitor(
             targets, profile, extra_profiles=extras, rule=settings.engine.detector_rule,

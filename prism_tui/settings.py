@@ -85,7 +85,9 @@ class EngineSettings:
         detector_rule: ``paper`` (the reference rule) or ``prism`` (ours).
         window_s: sketch window shown by the dashboard, in seconds.
         snapshot_hz: snapshots per second handed to the UI.
-        slo: latency objectives like ``"decode p99 <= 60ms over 10s"``.
+        slo: latency objectives like ``"decode p99 <= 60ms over 10s"`` (the whole
+            iteration) or ``"device_sync: decode p99 <= 5ms over 10s"`` (one stage's time
+            per iteration).
         escalation_s: how long the deeper (deepdive-level) probes stay attached after an
             alert fires (0: never escalate).
         realtime_priority: 0 runs the monitor's loop at normal priority; 1–99 runs it
@@ -415,11 +417,11 @@ def _check(section: str, key: str, value: Any) -> str | None:
     if name == "engine.escalation_s" and value < 0:
         return f"must be >= 0, not {value:g}"
     if name == "engine.slo":
-        from prism_tui.engine.detector import SloRule  # numpy: only when SLOs are set
+        from prism_tui.engine.core import SloSpec  # numpy: only when SLOs are set
 
         for spec in value:
             try:
-                SloRule.parse(spec)
+                SloSpec.parse(spec)
             except ValueError as exc:
                 return str(exc)
     if name == "mqtt.broker":

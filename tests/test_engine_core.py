@@ -148,6 +148,25 @@ def test_a_breached_slo_fires_once_and_names_itself() -> None:
                                                              for n in names)
 
 
+def test_an_slo_on_one_stage_judges_that_stages_time() -> None:
+    """``"stage: rule"`` holds one stage's time per iteration to the objective (the
+    issue's "per stage or whole iteration"); the same text's label names the stage."""
+    tight = SloSpec.parse("device_sync: decode p99 <= 0.01ms over 1s")
+    loose = SloSpec.parse("memcpy : decode max <= 10s over 1s")
+    assert (tight.stage, tight.rule) == ("device_sync", "decode p99 <= 0.01ms over 1s")
+    assert tight.label == "device_sync: decode p99 <= 0.01ms over 1s"
+    assert SloSpec.parse("decode p99 <= 60ms over 10s").stage == ITERATION
+    whole = SloSpec.parse("decode p99 <= 0.01ms over 1s")
+    _, sink, _, _, _ = run(slos=(tight, loose, whole))
+    slo = [a for a in sink.alerts if a.source == "slo"]
+    assert {a.stage for a in slo} == {"device_sync", ITERATION}  # not memcpy's
+    first = {a.stage: a for a in reversed(slo) if a.status == "firing"}
+    # the stage's own time, above its limit and below the whole iteration's
+    assert 0.01 < first["device_sync"].observed_ms < first[ITERATION].observed_ms
+    with pytest.raises(ValueError, match="cannot parse SLO"):
+        SloSpec.parse("device_sync: p99 under 60")
+
+
 def test_a_bad_slo_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match="cannot parse SLO"):
         Engine(slos=[SloSpec("p99 under 60")])

@@ -68,7 +68,8 @@ governor_action = "duty-cycle"
 warmup_iterations = 200
 detector_rule = "prism"
 window_s = 5
-slo = ["decode p99 <= 60ms over 10s", "p50 < 20ms over 1m"]
+slo = ["decode p99 <= 60ms over 10s", "p50 < 20ms over 1m",
+       "device_sync: decode p99 <= 5ms over 10s"]
 
 [mqtt]
 broker = "mqtt://localhost:1883"
@@ -83,7 +84,8 @@ duration_s = 30
     assert s.probe.overhead_budget == 0.01 and s.probe.governor_action == "duty-cycle"
     assert s.engine.warmup_iterations == 200 and s.engine.detector_rule == "prism"
     assert s.engine.window_s == 5.0 and isinstance(s.engine.window_s, float)
-    assert s.engine.slo == ("decode p99 <= 60ms over 10s", "p50 < 20ms over 1m")
+    assert s.engine.slo == ("decode p99 <= 60ms over 10s", "p50 < 20ms over 1m",
+                            "device_sync: decode p99 <= 5ms over 10s")
     assert s.mqtt.broker == "mqtt://localhost:1883"
     assert s.watch.profile == "cuda" and s.watch.duration_s == 30.0
 
@@ -156,6 +158,7 @@ def test_unknown_section_suggests(tmp_path: Path) -> None:
     ('[probe]\nmode = "threads"\n', 2, "did you mean 'thread'?"),
     ('[engine]\ndetector_rule = "papr"\n', 2, "must be one of 'paper', 'prism'"),
     ('[engine]\nslo = ["p99 under 60ms"]\n', 2, "cannot parse SLO"),
+    ('[engine]\nslo = ["device_sync: p99 under 60ms"]\n', 2, "cannot parse SLO"),
     ("[engine]\nslo = [1, 2]\n", 2, "list of strings"),
     ('[mqtt]\nbroker = "http://x"\n', 2, "unknown scheme 'http'"),
     ('[watch]\nduration_s = -1\n', 2, "must be > 0"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -122,6 +123,19 @@ class SloSpec:
         """Its name, or the rule text with the stage."""
         return self.name or (self.rule if self.stage == ITERATION else
                              f"{self.stage}: {self.rule}")
+
+    @classmethod
+    def parse(cls, text: str) -> SloSpec:
+        """``"[stage:] rule"``: ``"device_sync: decode p99 <= 5ms over 10s"`` holds one
+        stage's time per iteration to the objective, ``"decode p99 <= 60ms over 10s"``
+        the whole iteration. Raises ValueError (one line) when the rule does not parse."""
+        m = _SLO_STAGE.match(text)
+        stage, rule = (m["stage"], m["rule"]) if m else (ITERATION, text)
+        SloRule.parse(rule)
+        return cls(rule.strip(), stage=stage)
+
+
+_SLO_STAGE = re.compile(r"^\s*(?P<stage>[a-z_][a-z0-9_]*)\s*:\s*(?P<rule>.+)$", re.IGNORECASE)
 
 
 def workload_of(it: Iteration) -> Workload:
