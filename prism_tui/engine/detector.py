@@ -643,6 +643,7 @@ def without_episodes(smoothed: FloatArray, rule: DetectorRule) -> FloatArray:
 
 
 def _model_of(r: DetectorRule, seed: int, n_estimators: int) -> BaselineModel:
+    """An unfitted model of the rule's form, target and leaf size."""
     return BaselineModel(r.target, n_estimators=n_estimators, random_state=seed, form=r.form,
                          min_samples_leaf=r.min_samples_leaf)
 
@@ -760,7 +761,8 @@ class Detector:
 
     Hysteresis: fire when the smoothed error exceeds the UCL (once W errors have been
     smoothed since the model was installed: the limit is calibrated on W-smoothed
-    errors); resolve when it has been below ``UCL * hysteresis`` for ``resolve_after``
+    errors), or, with the rule's ``fast_fire``, on that many raw errors in a row above
+    it; resolve when it has been below ``UCL * hysteresis`` for ``resolve_after``
     consecutive iterations.
 
     Drift guard: iterations judged while firing, or whose own error exceeds the UCL, are
