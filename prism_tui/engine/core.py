@@ -477,8 +477,6 @@ class Engine:
         suspects = self._suspects(w, it.device)
         top = f"; top suspect: {suspects[0]['stage']}" if suspects else ""
         where = f"{it.phase} iterations of pid {w.pid} on {it.device}"
-        rule = w.detectors[it.phase].rule_spec if it.phase in w.detectors else None
-        window = rule.window if rule is not None else get_rule(self.rule).window
         why = (f"smoothed error {v.smoothed:.0%} > UCL {v.ucl:.0%}" if v.smoothed > v.ucl
                else f"error {v.error:.0%} and its latest predecessors above UCL {v.ucl:.0%}")
         summary = (f"{where} take {v.observed_ms:.1f} ms where the workload predicts "
@@ -493,8 +491,8 @@ class Engine:
             target={"pid": w.pid, "name": w.name}, device=it.device, stage=ITERATION,
             phase=it.phase, observed_ms=round(v.observed_ms, 4),
             predicted_ms=round(v.predicted_ms, 4), error=round(v.smoothed, 4),
-            ucl=round(v.ucl, 4), window=window, started_at_ns=started, detected_at_ns=now,
-            iteration_end_ns=it.end_ns, suspects=suspects, summary=summary,
+            ucl=round(v.ucl, 4), window=get_rule(self.rule).window, started_at_ns=started,
+            detected_at_ns=now, iteration_end_ns=it.end_ns, suspects=suspects, summary=summary,
             wall_time=self.wall_clock()))
 
     def _check_slos(self, w: _Watched, it: Iteration) -> None:
