@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from prism_sim.labels import read_labels
 from prism_sim.scenario import parse_scenario
 from prism_sim.server import SimServer
-from prism_tui.engine.iterations import HOST, IterationBuilder, union_ns
+from prism_tui.engine.iterations import HOST, IterationBuilder, exclusive_time, union_ns
 from probes.catalog import load_profile
 from probes.placement import place_profile
 from probes.target import Target
@@ -78,6 +78,27 @@ def test_stages_never_exceed_the_iteration(raw: list[tuple[str, int, int]]) -> N
         assert sum(it.stages.values()) == it.end_ns - it.start_ns
     assert [it.index for it in its] == list(range(len(its)))
     assert all(x.end_ns <= y.start_ns for x, y in itertools.pairwise(its))
+
+
+def innermost_owner_reference(items: list[tuple[int, int, str]]) -> dict[str, int]:
+    """Instant by instant: the covering span with the latest (start, index) owns it."""
+    out: dict[str, int] = {}
+    cuts = sorted({t for s, e, _ in items for t in (s, e)})
+    for a, b in itertools.pairwise(cuts):
+        covering = [(s, i) for i, (s, e, _) in enumerate(items) if s <= a and e >= b and e > s]
+        if covering:
+            stage = items[max(covering)[1]][2]
+            out[stage] = out.get(stage, 0) + (b - a)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 60),
+                          st.sampled_from(["s1", "s2", "s3"])), max_size=25))
+def test_exclusive_time_gives_each_instant_to_the_span_that_started_last(
+        raw: list[tuple[int, int, str]]) -> None:
+    items = [(s, s + d, stage) for s, d, stage in raw]
+    assert exclusive_time(items) == innermost_owner_reference(items)
 
 
 def test_simulator_iterations_match_its_labels(tmp_path: Path) -> None:

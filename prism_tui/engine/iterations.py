@@ -105,27 +105,36 @@ def exclusive_time(spans: Iterable[tuple[int, int, str]]) -> dict[str, int]:
     ``spans`` are ``(start, end, stage)``; where spans overlap (a nested call, or another
     thread at the same moment) the one that started last owns the time, as in a
     profiler's self time, so stages never add up to more than the time covered.
+    One sweep over the sorted starts and ends with a stack of the active spans in start
+    order (an ended one leaves when it reaches the top): the top is always the owner.
     """
-    events: list[tuple[int, int, int]] = []  # (time, 0 = end / 1 = start, span index)
     items = [(s, e, st) for s, e, st in spans if e > s]
+    events: list[tuple[int, int, int]] = []  # (time, 0 = end / 1 = start, span index)
     for i, (start, end, _stage) in enumerate(items):
         events.append((start, 1, i))
         events.append((end, 0, i))
     events.sort()
-    active: set[int] = set()
+    stack: list[int] = []  # starts in (start, index) order: the top started last
+    ended = [False] * len(items)
     out: dict[str, int] = {}
-    prev = None
+    prev = 0
     for t, kind, i in events:
-        if prev is not None and active and t > prev:
-            owner = max(active, key=lambda j: (items[j][0], j))
-            stage = items[owner][2]
+        if stack and t > prev:
+            stage = items[stack[-1]][2]
             out[stage] = out.get(stage, 0) + (t - prev)
-        if kind == 1:
-            active.add(i)
+        if kind:
+            stack.append(i)
         else:
-            active.discard(i)
+            ended[i] = True
+            while stack and ended[stack[-1]]:
+                stack.pop()
         prev = t
     return out
+
+
+_CALL_KEYS: dict[str, str] = {}
+_ARG_KEYS: dict[tuple[str, str], str] = {}
+"""Feature names by probe (and argument), formatted once rather than for every span."""
 
 
 def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
@@ -136,12 +145,19 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
     feats: dict[str, float] = {}
     first_h2d: tuple[int, float] | None = None
     for s in spans:
-        key = f"calls.{s.probe}"
+        probe = s.probe
+        key = _CALL_KEYS.get(probe)
+        if key is None:
+            key = _CALL_KEYS[probe] = f"calls.{probe}"
         feats[key] = feats.get(key, 0.0) + 1
+        if not s.args:
+            continue
         for name, value in s.args.items():
             if name == "kind":
                 continue
-            k = f"{s.probe}.{name}"
+            k = _ARG_KEYS.get((probe, name))
+            if k is None:
+                k = _ARG_KEYS[(probe, name)] = f"{probe}.{name}"
             feats[k] = feats.get(k, 0.0) + float(value)
         if "bytes" in s.args and "kind" in s.args:
             kind_name = MEMCPY_KINDS.get(int(s.args["kind"]) & 0xFFFFFFFF)
