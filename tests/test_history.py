@@ -139,29 +139,71 @@ async def test_migrations_from_empty_and_old_files(tmp_path: Path) -> None:
     zero = tmp_path / "zero.db"
     zero.write_bytes(b"")
     async with store(zero) as st:
-        assert await st.user_version() == SCHEMA_VERSION == 1
+        assert await st.user_version() == SCHEMA_VERSION == 2
     empty = tmp_path / "empty.db"
     sqlite3.connect(empty).execute("VACUUM").connection.close()
     assert empty.stat().st_size == 0 or empty.read_bytes().startswith(b"SQLite format 3")
     async with store(empty) as st:
-        assert await st.user_version() == 1
+        assert await st.user_version() == 2
         assert set((await st.counts()).keys()) >= {"windows", "iterations", "alerts"}
-    # an old (v1) file with data, opened by a version that knows a v2 migration
+    # a file of this version with data, opened by a version that knows one more migration
     old = tmp_path / "old.db"
     async with store(old) as st:
         await st.write_alert({"id": "a1", "status": "firing", "fingerprint": "f"})
-    v2 = (*MIGRATIONS, (2, "alert notes", ("ALTER TABLE alerts ADD COLUMN note TEXT",)))
-    async with store(old, migrations=v2) as st:
-        assert await st.user_version() == 2
+    nxt = SCHEMA_VERSION + 1
+    newer = (*MIGRATIONS, (nxt, "alert notes", ("ALTER TABLE alerts ADD COLUMN note TEXT",)))
+    async with store(old, migrations=newer) as st:
+        assert await st.user_version() == nxt
         assert [a["alert"]["id"] for a in await st.alerts()] == ["a1"]
     con = sqlite3.connect(old)
     assert "note" in [r[1] for r in con.execute("PRAGMA table_info(alerts)")]
     con.close()
-    # ...and that v2 file is now too new for this version: refused, untouched
+    # ...and that file is now too new for this version: refused, untouched
     before = old.read_bytes()
     with pytest.raises(HistoryError, match="newer"):
         await store(old).open()
     assert old.read_bytes() == before
+
+
+def write_v1_file(path: Path) -> None:
+    """A history file as schema v1 left it: its DDL, ``user_version`` 1, one iteration."""
+    con = sqlite3.connect(path)
+    for sql in MIGRATIONS[0][2]:
+        con.execute(sql)
+    con.execute("PRAGMA user_version = 1")
+    con.execute(
+        "INSERT INTO iterations(target, pid, device, phase, idx, start_ns, end_ns, wall_ns,"
+        " session, latency_ms, features, predicted_ms, error)"
+        " VALUES ('pid 7', 7, 'cuda:0', 'decode', 3, ?, ?, ?, NULL, 20.0, ?, 19.5, 0.025)",
+        (S, S + 20_000_000, EPOCH + S + 20_000_000, '{"batch": 8.0}'))
+    con.commit()
+    con.close()
+
+
+async def test_a_v1_file_is_migrated_in_place_and_its_iterations_read_no_stages(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "v1.db"
+    write_v1_file(db)
+    con = sqlite3.connect(db)
+    assert "stages" not in [r[1] for r in con.execute("PRAGMA table_info(iterations)")]
+    con.close()
+    async with store(db) as st:
+        assert await st.user_version() == 2
+        (it,) = await st.iterations()
+        assert it == IterationRecord("pid 7", 7, "cuda:0", "decode", 3, S, S + 20_000_000,
+                                     20.0, {"batch": 8.0}, 19.5, 0.025)
+        assert it.stages == {}
+        # new rows in the migrated file keep their stages next to the old one
+        new = IterationRecord("pid 7", 7, "cuda:0", "decode", 4, 2 * S, 2 * S + 10_000_000,
+                              10.0, stages={"device_sync": 7.5, "host": 2.5})
+        await st.write_iterations([new])
+        assert [i.stages for i in await st.iterations()] == [{}, new.stages]
+    con = sqlite3.connect(db)  # in place: the same file, now v2, with the column
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert "stages" in [r[1] for r in con.execute("PRAGMA table_info(iterations)")]
+    assert con.execute("SELECT count(*) FROM iterations").fetchone()[0] == 2
+    con.close()
 
 
 async def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
@@ -211,11 +253,14 @@ async def test_iterations_alerts_targets_probe_decisions_and_purge(tmp_path: Pat
     mono, wall = clocks()
     async with store(tmp_path / "h.db", mono, wall) as st:
         its = [IterationRecord("vllm", 42, "cuda:0", "decode", i, i * S, i * S + 20_000_000,
-                               20.0 + i, {"batch": 8.0, "kv_len": 100.0 + i}, 21.0, 0.01)
+                               20.0 + i, {"batch": 8.0, "kv_len": 100.0 + i}, 21.0, 0.01,
+                               {"device_sync": 15.25 + i, "nccl": 0.0001, "host": 4.75}
+                               if i % 2 else {})
                for i in range(100)]
         assert await st.write_iterations(its) == 100
         back = await st.iterations()
         assert back == its
+        assert back[1].stages == {"device_sync": 16.25, "nccl": 0.0001, "host": 4.75}
         alert = {"id": "x1", "fingerprint": "fp", "status": "firing", "severity": "critical",
                  "target": {"pid": 42, "name": "vllm"}, "device": "cuda:0",
                  "stage": "iteration", "phase": "decode", "summary": "decode slow",

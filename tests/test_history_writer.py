@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from prism_tui.engine.core import Engine, SloSpec
+from prism_tui.engine.core import Engine, Observation, SloSpec
+from prism_tui.engine.detector import Verdict
+from prism_tui.engine.iterations import HOST, Iteration
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
+from prism_tui.engine.sketches import WindowedSketches
 from prism_tui.history import HistoryStore
 from prism_tui.history.query import history_report_async
 from prism_tui.history.writer import HistoryWriter
@@ -34,6 +37,9 @@ async def test_replayed_iterations_windows_and_alerts_reach_the_history(tmp_path
         counts = await store.counts()
         assert writer.last_error == ""
         assert counts["iterations"] == engine.iterations_seen
+        stored = await store.iterations(limit=counts["iterations"])
+        assert all(HOST in i.stages for i in stored)  # every iteration kept its stages
+        assert all(sum(i.stages.values()) <= i.latency_ms + 1e-3 for i in stored)
         assert counts["alerts"] == len(engine.alerts) > 0
         assert counts["windows"] == writer.written["windows"] > 0
         # a second flush writes nothing twice
@@ -68,3 +74,25 @@ async def test_a_broken_database_is_a_value_and_nothing_is_dropped(tmp_path: Pat
     stop = asyncio.Event()
     stop.set()
     await writer.run(stop)  # returns after one last flush
+
+
+async def test_an_observation_is_stored_with_its_stages_in_ms(tmp_path: Path) -> None:
+    it = Iteration(pid=42, device="cuda:0", index=7, start_ns=10**9,
+                   end_ns=10**9 + 20_000_000, phase="decode",
+                   stages={"device_sync": 15_123_456, "nccl": 60, HOST: 4_876_484},
+                   features={"batch": 8.0})
+    verdict = Verdict(t_ns=it.end_ns, observed_ms=20.0, predicted_ms=18.5, error=0.075,
+                      smoothed=0.05, ucl=0.3, firing=False)
+    async with HistoryStore(tmp_path / "h.sqlite") as store:
+        writer = HistoryWriter(store, WindowedSketches())
+        writer.observe(Observation(it, verdict))
+        writer.observe(Observation(Iteration(42, "cuda:0", 8, it.end_ns, it.end_ns + 10**6,
+                                             "decode"), None))
+        await writer.flush()
+        assert writer.last_error == ""
+        first, second = await store.iterations()
+    assert first.stages == {"device_sync": 15.1235, "nccl": 0.0001, HOST: 4.8765}
+    assert (first.index, first.latency_ms, first.predicted_ms, first.error) == (
+        7, 20.0, 18.5, 0.075)
+    assert first.features == {"batch": 8.0}
+    assert second.stages == {} and second.predicted_ms is None

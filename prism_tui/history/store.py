@@ -22,6 +22,11 @@ Schema versions
     transaction together with its ``user_version`` bump. A file from a newer version, a
     foreign SQLite file, or a corrupt file raises :class:`HistoryError` and is never
     modified.
+
+    * v1: sessions, windows, iterations, alerts, targets, probe_decisions.
+    * v2: ``iterations.stages``, the iteration's exclusive time per stage as JSON
+      ``{stage: ms}`` (``host`` is the time no span covered); rows written before it
+      read back as ``{}``.
 """
 
 from __future__ import annotations
@@ -119,6 +124,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             at_ns INTEGER NOT NULL)""",
         "CREATE INDEX probe_decisions_at ON probe_decisions(at_ns)",
     )),
+    (2, "iteration stages", (
+        "ALTER TABLE iterations ADD COLUMN stages TEXT NOT NULL DEFAULT '{}'",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 TABLES = ("sessions", "windows", "iterations", "alerts", "targets", "probe_decisions")
@@ -133,7 +141,11 @@ class HistoryError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class IterationRecord:
-    """One iteration as stored (``*_ns`` are CLOCK_MONOTONIC)."""
+    """One iteration as stored (``*_ns`` are CLOCK_MONOTONIC).
+
+    ``stages`` is the iteration's exclusive time per stage in ms (``host``: what no span
+    covered), so a slow stored iteration still says where its time went.
+    """
 
     target: str
     pid: int
@@ -146,6 +158,7 @@ class IterationRecord:
     features: Mapping[str, float] = field(default_factory=dict)
     predicted_ms: float | None = None
     error: float | None = None
+    stages: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,12 +452,13 @@ class HistoryStore:
         session, off = await self._session_id(), self._offset()
         rows = [(i.target, i.pid, i.device, i.phase, i.index, i.start_ns, i.end_ns,
                  i.end_ns + off, session, i.latency_ms,
-                 json.dumps(dict(i.features), sort_keys=True), i.predicted_ms, i.error)
+                 json.dumps(dict(i.features), sort_keys=True), i.predicted_ms, i.error,
+                 json.dumps(dict(i.stages), sort_keys=True))
                 for i in its]
         await self._write([(
             "INSERT INTO iterations(target, pid, device, phase, idx, start_ns, end_ns,"
-            " wall_ns, session, latency_ms, features, predicted_ms, error)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)])
+            " wall_ns, session, latency_ms, features, predicted_ms, error, stages)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)])
         return len(rows)
 
     async def write_alert(self, alert: Mapping[str, Any], at_ns: int | None = None) -> bool:
@@ -601,15 +615,17 @@ class HistoryStore:
 
     async def iterations(self, since_ns: int | None = None, until_ns: int | None = None,
                          limit: int = 10_000) -> list[IterationRecord]:
-        """Stored iterations with wall end in ``[since, until)``, oldest first."""
+        """Stored iterations with wall end in ``[since, until)``, oldest first (with their
+        stages; ``{}`` for rows written before schema v2)."""
         rows = await self._fetch(
             "SELECT target, pid, device, phase, idx, start_ns, end_ns, latency_ms, features,"
-            " predicted_ms, error FROM iterations WHERE wall_ns >= ? AND wall_ns < ?"
+            " predicted_ms, error, stages FROM iterations WHERE wall_ns >= ? AND wall_ns < ?"
             " ORDER BY wall_ns, rowid LIMIT ?",
             (-(2**63) if since_ns is None else since_ns,
              2**63 - 1 if until_ns is None else until_ns, limit))
         return [IterationRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7],
-                                json.loads(r[8]), r[9], r[10]) for r in rows]
+                                json.loads(r[8]), r[9], r[10], json.loads(r[11]))
+                for r in rows]
 
 
 _QUERY_POOL: ThreadPoolExecutor | None = None

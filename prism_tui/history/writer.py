@@ -51,7 +51,8 @@ class HistoryWriter:
         self._alerts.append(to_wire(alert).to_dict())
 
     def observe(self, obs: Observation) -> None:
-        """Queue an iteration, with the detector's prediction when there is one."""
+        """Queue an iteration with its stage times (ns → ms, 4 decimals: 100 ns) and the
+        detector's prediction when there is one."""
         if len(self._iterations) >= self.max_pending:
             self.dropped_iterations += 1  # the DB is stuck: keep memory bounded
             return
@@ -61,7 +62,8 @@ class HistoryWriter:
             index=it.index, start_ns=it.start_ns, end_ns=it.end_ns,
             latency_ms=it.latency_ms, features=dict(it.features),
             predicted_ms=None if v is None else v.predicted_ms,
-            error=None if v is None else v.error))
+            error=None if v is None else v.error,
+            stages={stage: round(ns / 1e6, 4) for stage, ns in it.stages.items()}))
 
     # ---------------------------------------------------------------- the task
     async def flush(self) -> None:
