@@ -13,10 +13,11 @@ import asyncio
 import base64
 import contextlib
 import os
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alerting.config import BrokerConfig
 from alerting.outbox import Outbox
@@ -24,11 +25,14 @@ from alerting.publisher import AlertPublisher
 from prism_tui.engine.core import AlertEvent, Engine
 from prism_tui.engine.runtime import Monitor
 from prism_tui.engine.sinks import to_wire
-from prism_tui.engine.view import DeliveryStatus, EngineView
+from prism_tui.engine.view import DeliveryStatus, EngineView, TargetStatus
 from prism_tui.gc_pauses import freeze_heap
-from prism_tui.history.store import HistoryStore
+from prism_tui.history.store import HistoryError, HistoryStore
 from prism_tui.history.writer import HistoryWriter
 from prism_tui.scheduling import helper_executor, realtime_priority
+
+if TYPE_CHECKING:
+    from probes.placement import Placement
 
 SUMMARY_EVERY_S = 5.0
 
@@ -120,6 +124,10 @@ class LiveSession:
         self._on_view: Callable[[EngineView], None] | None = None
         self._last_summary = 0.0
         self._closed = False
+        self._targets_recorded: set[tuple[int, str]] = set()
+        self._placements_recorded = 0
+        """How many of ``monitor.placements`` (append-only) the history has."""
+        self._recording: asyncio.Task[None] | None = None
         if broker is not None:
             path = outbox_path or default_outbox_path()
             Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -153,6 +161,11 @@ class LiveSession:
                     self.publisher.publish_summary(key, doc)
         if self.history is not None and self.history.last_error:
             self.engine.notice(self.history.last_error)
+        if self._store is not None and (self._recording is None or self._recording.done()):
+            targets, placements = self._unrecorded(view)
+            if targets or placements:  # attached since: by --match or the picker
+                self._recording = asyncio.get_running_loop().create_task(
+                    self._record_targets(self._store, targets, placements))
         if self._on_view is not None:
             self._on_view(view)
 
@@ -183,12 +196,7 @@ class LiveSession:
 
                 self.engine.on_observation = observe
                 self.engine.history_path = str(self._history_db)
-                for placement in self.monitor.placements:
-                    await self._store.write_probe_decisions(
-                        placement.target_pid,
-                        [(d.probe, d.status, d.reason or None) for d in placement.decisions])
-                for t in self.engine.view().targets:
-                    await self._store.write_target(t.pid, t.name, t.profile, t.device)
+                await self._record_targets(self._store, *self._unrecorded(self.engine.view()))
                 tasks.append(asyncio.create_task(self.history.run(history_stop)))
             if self.publisher is not None:
                 tasks.append(asyncio.create_task(self.publisher.run()))
@@ -205,8 +213,35 @@ class LiveSession:
                                          Exception):
                     await asyncio.wait_for(task, 5)
             if self._store is not None:
+                with contextlib.suppress(Exception):
+                    if self._recording is not None:
+                        await asyncio.wait_for(self._recording, 5)
+                    # a target attached after the last view
+                    await asyncio.wait_for(self._record_targets(
+                        self._store, *self._unrecorded(self.engine.view())), 5)
                 await self._store.close()
             await self._detach_off_loop()
+
+    def _unrecorded(self, view: EngineView) -> tuple[list[TargetStatus], list[Placement]]:
+        """The targets in ``view`` and the monitor's probe decisions not in the history yet."""
+        targets = [t for t in view.targets if (t.pid, t.name) not in self._targets_recorded]
+        return targets, self.monitor.placements[self._placements_recorded:]
+
+    async def _record_targets(self, store: HistoryStore, targets: Sequence[TargetStatus],
+                              placements: Sequence[Placement]) -> None:
+        """Write targets and probe decisions to the history, at start and whenever the
+        monitor attaches another process; a failed write is a notice, retried next view."""
+        try:
+            for placement in placements:
+                await store.write_probe_decisions(
+                    placement.target_pid,
+                    [(d.probe, d.status, d.reason or None) for d in placement.decisions])
+                self._placements_recorded += 1
+            for t in targets:
+                await store.write_target(t.pid, t.name, t.profile, t.device)
+                self._targets_recorded.add((t.pid, t.name))
+        except (HistoryError, sqlite3.Error, OSError) as exc:
+            self.engine.notice(f"history: {exc}")
 
     async def _detach_off_loop(self) -> None:
         """Close the probes in a thread (seconds of kernel work), saying so on screen."""

@@ -164,6 +164,8 @@ class Monitor:
         self._close_lock = threading.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._deepdive_opening: set[int] = set()
+        self._attaching: set[int] = set()
+        """Matching pids whose probes a thread is opening (see :meth:`_reattach`)."""
         if device_of is None:
             from prism_tui.engine.devices import device_of as from_environment
 
@@ -615,6 +617,7 @@ class Monitor:
         # closing a dead target's probes is seconds of kernel work: off the loop
         self._in_background(asyncio.get_running_loop().run_in_executor(None, att.session.close))
         del self._attached[pid]
+        self._proc_samplers.pop(pid, None)  # it would read a reused pid as exited
         self.engine.gone(pid)
         self.engine.notice(f"pid {pid} exited" + (
             f"; waiting for a process matching {self.match!r}" if self.match else ""))
@@ -629,16 +632,37 @@ class Monitor:
         task.add_done_callback(self._retiring.discard)
 
     def _rescan(self) -> None:
+        """Attach, in the background, every process matching ``match`` not watched yet."""
         assert self.match is not None
         try:
             candidates = find_targets(self.match)
         except (ProbeError, OSError):
             return
         for target in candidates:
-            if target.pid in self._attached:
+            if target.pid in self._attached or target.pid in self._attaching:
                 continue
-            if self.attach(target.pid) is None:
-                self.engine.notice(f"re-attached to pid {target.pid} ({target.name})")
+            self._attaching.add(target.pid)
+            self._in_background(self._reattach(target))
+
+    async def _reattach(self, target: Target) -> None:
+        """Open ``target``'s probes in a thread, then watch it from the loop.
+
+        Opening is ELF lookups and perf events (6-30 ms for a simulator rank with the
+        ``cuda`` and ``nccl`` profiles): on the loop it delayed every verdict. A process
+        that fails (its libraries not loaded yet, say) is tried again at the next rescan.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            session, placements = await loop.run_in_executor(None, self._open, target)
+        except (ProbeError, ValueError, OSError):
+            return
+        finally:
+            self._attaching.discard(target.pid)
+        if self._loop is None or target.pid in self._attached:  # stopped, or picked meanwhile
+            await loop.run_in_executor(None, session.close)
+            return
+        self._register(target, session, placements)
+        self.engine.notice(f"re-attached to pid {target.pid} ({target.name})")
 
     async def _next_view(self) -> None:
         """Compute the view's snapshots a series at a time, then publish the view.

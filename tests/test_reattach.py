@@ -1,0 +1,165 @@
+"""``--match``: the watched process exits, the monitor waits, a new match is attached.
+
+Real parts only: the C target (``pl_work`` every 2 ms, the ``ctarget`` profile's anchor),
+real uprobes, the monitor's own rescan; the live session's SQLite history for the last
+test. A few seconds each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prism_tui.engine.runtime import RESCAN_S, Monitor, Observation
+from prism_tui.engine.view import EngineView
+from prism_tui.live import LiveSession
+from probes.catalog import parse_profile
+from probes.target import Target
+from tests.conftest import CTARGET_PROFILE, CTarget
+
+SPIN_US = 2000
+"""The targets call ``pl_work`` (the anchor) every 2 ms: ~500 iterations a second."""
+ITERATIONS = 50
+"""Iterations each target must show before the test moves on (0.1 s of work)."""
+
+
+class Watch:
+    """What the monitor reported: the latest view and the iterations per pid."""
+
+    def __init__(self) -> None:
+        self.view: EngineView | None = None
+        self.views = 0
+        self.per_pid: collections.Counter[int] = collections.Counter()
+
+    def on_view(self, view: EngineView) -> None:
+        """Keep the latest view (the monitor publishes one every 0.1 s here)."""
+        self.view, self.views = view, self.views + 1
+
+    def on_observation(self, obs: Observation) -> None:
+        """Count an iteration of its process."""
+        self.per_pid[obs.iteration.pid] += 1
+
+    def state(self, pid: int) -> str | None:
+        """``attached`` or ``gone`` as the latest view shows ``pid`` (None: not shown)."""
+        if self.view is None:
+            return None
+        return next((t.state for t in self.view.targets if t.pid == pid), None)
+
+    def notices(self) -> tuple[str, ...]:
+        """The status-bar lines of the latest view."""
+        return () if self.view is None else self.view.notices
+
+
+async def _until(what: str, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll ``predicate`` on the loop (the monitor runs meanwhile); fail after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+def _spinning(exe: Path) -> CTarget:
+    """A new C target calling the anchor every SPIN_US."""
+    target = CTarget(exe)
+    target.cmd(f"spin_start {SPIN_US}")
+    return target
+
+
+def _monitor(exe: Path, first: CTarget, watch: Watch) -> Monitor:
+    """A monitor of ``first`` with ``--match`` on the C target's path (no fitting, no DeepDive)."""
+    return Monitor([Target(first.pid)], parse_profile(CTARGET_PROFILE, "ctarget"),
+                   match=re.escape(str(exe)), warmup=100_000, escalation_s=0,
+                   telemetry=False, snapshot_interval_s=0.1, on_view=watch.on_view,
+                   on_observation=watch.on_observation)
+
+
+async def _exit_and_reattach(exe: Path, first: CTarget, watch: Watch,
+                             run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> CTarget:
+    """Run the monitor (``run``) through the cycle; returns the second target (running).
+
+    The first target is seen, killed and shown gone while the monitor keeps running;
+    a second process matching the pattern is then attached and its iterations counted.
+    """
+    stop = asyncio.Event()
+    running = asyncio.create_task(run(stop))
+    second: CTarget | None = None
+    try:
+        await _until("the first target's iterations", lambda: (
+            watch.per_pid[first.pid] >= ITERATIONS and watch.state(first.pid) == "attached"))
+        first.close()  # SIGKILL
+        await _until("the first target shown gone", lambda: watch.state(first.pid) == "gone")
+        before = (watch.views, watch.per_pid[first.pid])
+        await _until("views after the exit", lambda: watch.views >= before[0] + 3)
+        assert not running.done()  # still running, with no target attached
+        assert watch.per_pid[first.pid] == before[1]
+        assert any(n.startswith(f"pid {first.pid} exited; waiting for a process matching")
+                   for n in watch.notices()), watch.notices()
+
+        second = await asyncio.to_thread(_spinning, exe)
+        pid = second.pid
+        await _until("the second target attached and counted", lambda: (
+            watch.state(pid) == "attached" and watch.per_pid[pid] >= ITERATIONS),
+            timeout_s=RESCAN_S + 5.0)
+        assert f"re-attached to pid {pid} ({exe.name})" in watch.notices(), \
+            watch.notices()
+        assert watch.state(first.pid) == "gone"  # still listed, greyed
+        return second
+    except BaseException:
+        if second is not None:
+            second.close()
+        raise
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+
+
+@pytest.mark.anyio
+async def test_a_match_exits_is_shown_gone_and_the_next_match_is_attached(
+        ctarget_exe: Path) -> None:
+    first = _spinning(ctarget_exe)
+    watch = Watch()
+    monitor = _monitor(ctarget_exe, first, watch)
+    second: CTarget | None = None
+    try:
+        second = await _exit_and_reattach(
+            ctarget_exe, first, watch, lambda stop: monitor.run(30.0, stop))
+        assert set(monitor.engine.pids) == {first.pid, second.pid}
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        await asyncio.to_thread(monitor.close)
+
+
+@pytest.mark.anyio
+async def test_a_target_attached_by_match_is_written_to_the_history(
+        ctarget_exe: Path, tmp_path: Path) -> None:
+    db = tmp_path / "history.sqlite"
+    first = _spinning(ctarget_exe)
+    watch = Watch()
+    monitor = _monitor(ctarget_exe, first, watch)
+    session = LiveSession(monitor, history_db=str(db))
+    second: CTarget | None = None
+    try:
+        second = await _exit_and_reattach(
+            ctarget_exe, first, watch, lambda stop: session.run(watch.on_view, stop, 30.0))
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        session.close()
+    # HistoryStore has no reader for these two tables: plain SQLite
+    with sqlite3.connect(db) as conn:
+        targets = dict(conn.execute("SELECT pid, profile FROM targets").fetchall())
+        decided = {pid for (pid,) in conn.execute("SELECT target_pid FROM probe_decisions")}
+    assert targets == {first.pid: "ctarget", second.pid: "ctarget"}
+    assert decided == {first.pid, second.pid}
