@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -118,6 +119,38 @@ def test_prism_eval_prints_the_scores(tmp_path: Path) -> None:
     # every alert went through the embedded broker to the subscriber
     assert doc["alerts_received"] == doc["alerts"], doc
     assert doc["iterations"] > 100 and doc["abnormal"] == 0  # no fault in this scenario
+
+
+def test_prism_eval_overhead_runs_the_scenario_without_then_with_the_monitor() -> None:
+    """``--overhead``: the same scenario first unwatched, then watched; their ratio.
+
+    A sanity band only: this VM is noisy, and the figures belong in bench/. ``smoke``'s
+    load is set by its arrivals, so its tokens/s hardly move with the monitor.
+    """
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "prism_tui.cli", "eval", "--scenario", "smoke", "--duration",
+         "6", "--overhead", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    # two 6-s runs of the simulator, one after the other (not one under the monitor twice)
+    assert time.monotonic() - started >= 12
+    doc = json.loads(result.stdout)
+    assert doc["scenario"] == "smoke" and doc["duration_s"] == 6
+    without, with_monitor = doc["overhead"]["without"], doc["overhead"]["with"]
+    # the unwatched run has the simulator's own figures only: nothing a monitor judged
+    assert set(without) == set(with_monitor) == {"tokens_per_s", "iterations",
+                                                 "decode_ms_mean"}, doc["overhead"]
+    assert without["tokens_per_s"] > 0 and without["iterations"] > 0, without
+    assert without["decode_ms_mean"] > 0, without
+    assert with_monitor["tokens_per_s"] > 0 and with_monitor["iterations"] > 0, with_monitor
+    ratio = doc["throughput_ratio"]
+    assert isinstance(ratio, float) and math.isfinite(ratio), ratio
+    assert 0.3 < ratio <= 1.5, doc["overhead"]
+    assert ratio == round(with_monitor["tokens_per_s"] / without["tokens_per_s"], 4)
+    latency = doc["decode_latency_ratio"]
+    assert isinstance(latency, float) and 0.3 < latency < 3.0, doc["overhead"]
+    # the monitor's own figures come from the watched run, through the embedded broker
+    assert doc["alerts_received"] == doc["alerts"], doc
 
 
 def test_prism_watch_headless_prints_snapshots_of_every_stage(tmp_path: Path) -> None:
