@@ -108,6 +108,29 @@ def test_flattened_trees_predict_what_scikit_learn_predicts(target: str) -> None
         np.exp(want[0]) if target == "log" else want[0]), rel=1e-12)
 
 
+@pytest.mark.parametrize("depth", [1, 5, 6])
+def test_tabled_trees_of_any_depth_predict_what_scikit_learn_predicts(depth: int) -> None:
+    # depth 5 and 6 have more leaves than 16 bits: the wide masks' path; depth 1 is a stump
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    x, y, rng = law_data(11, 1200)
+    est = GradientBoostingRegressor(n_estimators=40, max_depth=depth, random_state=0).fit(x, y)
+    trees = TreeEnsemble.of(est)
+    assert trees is not None
+    probes = np.vstack([x[:200], rng.uniform(-1e3, 1e6, (50, 5)), x[:50] + 1e-3])
+    assert np.allclose(trees.predict(probes), est.predict(probes), rtol=1e-12, atol=1e-12)
+
+
+def test_one_row_prediction_is_the_bulk_prediction() -> None:
+    x, y, _ = law_data(5, 1200)
+    for model in (BaselineModel("log", min_samples_leaf=20).fit(x, y),
+                  BaselineModel("linear").fit(x, y),
+                  BaselineModel("log", form="robust").fit(x, y)):
+        for row in x[:40]:
+            assert model.predict_one(tuple(row)) == pytest.approx(
+                float(model.predict(row)[0]), rel=1e-12)
+
+
 def test_only_a_squared_loss_gbdt_is_flattened() -> None:
     from sklearn.ensemble import HistGradientBoostingRegressor
     from sklearn.linear_model import LinearRegression

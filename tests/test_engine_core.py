@@ -310,6 +310,9 @@ def test_models_are_fitted_in_a_worker_process_at_a_low_priority() -> None:
     assert fit_executor() is fit_executor()
     fitted = fit_executor().submit(fit_in_worker, x, x.sum(axis=1), "paper").result(60)
     assert fitted.rule.name == "paper"
+    # its trees were tabled in the worker and unpickled here: one row predicts as many do
+    assert fitted.model.predict_one(tuple(x[3])) == pytest.approx(
+        float(fitted.model.predict(x[:5])[3]), rel=1e-12)
     shutdown_fit_executor()
 
 
