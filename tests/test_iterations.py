@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from pathlib import Path
 from types import MappingProxyType
@@ -13,7 +14,14 @@ from hypothesis import strategies as st
 from prism_sim.labels import read_labels
 from prism_sim.scenario import parse_scenario
 from prism_sim.server import SimServer
-from prism_tui.engine.iterations import HOST, IterationBuilder, exclusive_time, union_ns
+from prism_tui.engine.iterations import (
+    HOST,
+    MEMCPY_KINDS,
+    IterationBuilder,
+    exclusive_time,
+    union_ns,
+    workload_features,
+)
 from probes.catalog import load_profile
 from probes.placement import place_profile
 from probes.target import Target
@@ -139,3 +147,52 @@ def test_simulator_iterations_match_its_labels(tmp_path: Path) -> None:
         assert it.share("device_sync") > 0 and it.stages[HOST] > 0
         matched += 1
     assert matched == len(iterations)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 40),
+                          st.sampled_from(["s1", "s2", "s3"])), max_size=25),
+       st.randoms(use_true_random=False))
+def test_exclusive_time_of_spans_one_after_another(
+        raw: list[tuple[int, int, str]], rnd: random.Random) -> None:
+    # the fast path: back to back or with gaps, never overlapping, in any order
+    items, t = [], 0
+    for gap, d, stage in raw:
+        items.append((t + gap, t + gap + d, stage))
+        t += gap + d
+    rnd.shuffle(items)
+    assert exclusive_time(items) == innermost_owner_reference(items)
+
+
+def features_span_by_span(spans: list[Span]) -> dict[str, float]:
+    """The features as first written: one span at a time, in order."""
+    out: dict[str, float] = {}
+    first: tuple[int, float] | None = None
+    for s in spans:
+        out[f"calls.{s.probe}"] = out.get(f"calls.{s.probe}", 0.0) + 1
+        for name, value in s.args.items():
+            if name != "kind":
+                out[f"{s.probe}.{name}"] = out.get(f"{s.probe}.{name}", 0.0) + float(value)
+        if "bytes" in s.args and "kind" in s.args:
+            kind = MEMCPY_KINDS.get(int(s.args["kind"]) & 0xFFFFFFFF)
+            if kind is not None:
+                out[kind] = out.get(kind, 0.0) + float(s.args["bytes"])
+                if kind == "h2d_bytes" and (first is None or s.start_ns < first[0]):
+                    first = (s.start_ns, float(s.args["bytes"]))
+    if first is not None:
+        out["h2d_first_bytes"] = first[1]
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from(["memcpy", "reduce", "sync"]), st.integers(0, 1000),
+    st.dictionaries(st.sampled_from(["bytes", "kind", "count", "op"]),
+                    st.one_of(st.integers(0, 2**40), st.floats(0, 1e12)), max_size=4)),
+    max_size=30))
+def test_features_grouped_by_probe_are_the_span_by_span_sums(
+        raw: list[tuple[str, int, dict[str, float]]]) -> None:
+    # grouped by probe and summed per argument (some calls lack one), in span order:
+    # the same floats as one span at a time
+    spans = [Span(p, 1, 1, t, t + 5, MappingProxyType(a)) for p, t, a in raw]
+    assert workload_features(spans) == features_span_by_span(spans)

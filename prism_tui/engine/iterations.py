@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Protocol
 
@@ -109,6 +111,9 @@ def exclusive_time(spans: Iterable[tuple[int, int, str]]) -> dict[str, int]:
     order (an ended one leaves when it reaches the top): the top is always the owner.
     """
     items = [(s, e, st) for s, e, st in spans if e > s]
+    disjoint = _disjoint_time(items)
+    if disjoint is not None:
+        return disjoint
     events: list[tuple[int, int, int]] = []  # (time, 0 = end / 1 = start, span index)
     for i, (start, end, _stage) in enumerate(items):
         events.append((start, 1, i))
@@ -132,6 +137,19 @@ def exclusive_time(spans: Iterable[tuple[int, int, str]]) -> dict[str, int]:
     return out
 
 
+def _disjoint_time(items: list[tuple[int, int, str]]) -> dict[str, int] | None:
+    """Time per stage when no two spans overlap (one thread's calls one after another,
+    the usual iteration), else None: then each span owns all of its own time."""
+    out: dict[str, int] = {}
+    prev_end = None
+    for start, end, stage in sorted(items):
+        if prev_end is not None and start < prev_end:
+            return None
+        out[stage] = out.get(stage, 0) + (end - start)
+        prev_end = end
+    return out
+
+
 _CALL_KEYS: dict[str, str] = {}
 _ARG_KEYS: dict[tuple[str, str], str] = {}
 """Feature names by probe (and argument), formatted once rather than for every span."""
@@ -141,30 +159,48 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
                       ) -> dict[str, float]:
     """Per-iteration features: calls and argument sums per probe, copy bytes by kind
     (and ``h2d_first_bytes``, the iteration's first host-to-device copy: engines copy
-    the input ids first), then derived expressions that resolve."""
+    the input ids first), then derived expressions that resolve.
+
+    Spans are grouped by probe first and each argument is summed over its group in
+    span order (the same sums as span by span: this runs once per iteration).
+    """
+    groups: dict[str, list[SpanLike]] = {}
+    for s in spans:
+        group = groups.get(s.probe)
+        if group is None:
+            groups[s.probe] = [s]
+        else:
+            group.append(s)
     feats: dict[str, float] = {}
     first_h2d: tuple[int, float] | None = None
-    for s in spans:
-        probe = s.probe
+    for probe, group in groups.items():
         key = _CALL_KEYS.get(probe)
         if key is None:
             key = _CALL_KEYS[probe] = f"calls.{probe}"
-        feats[key] = feats.get(key, 0.0) + 1
-        if not s.args:
+        feats[key] = float(len(group))
+        args = [s.args for s in group if s.args]
+        if not args:
             continue
-        for name, value in s.args.items():
+        for name in dict.fromkeys(chain.from_iterable(args)):  # names, first seen first
             if name == "kind":
                 continue
             k = _ARG_KEYS.get((probe, name))
             if k is None:
                 k = _ARG_KEYS[(probe, name)] = f"{probe}.{name}"
-            feats[k] = feats.get(k, 0.0) + float(value)
-        if "bytes" in s.args and "kind" in s.args:
-            kind_name = MEMCPY_KINDS.get(int(s.args["kind"]) & 0xFFFFFFFF)
-            if kind_name is not None:
-                feats[kind_name] = feats.get(kind_name, 0.0) + float(s.args["bytes"])
-                if kind_name == "h2d_bytes" and (first_h2d is None or s.start_ns < first_h2d[0]):
-                    first_h2d = (s.start_ns, float(s.args["bytes"]))
+            try:
+                feats[k] = sum(map(float, map(itemgetter(name), args)), 0.0)
+            except KeyError:  # not every call captured it
+                feats[k] = sum([float(a[name]) for a in args if name in a], 0.0)
+        for s in group:
+            a = s.args
+            if "kind" in a and "bytes" in a:
+                kind_name = MEMCPY_KINDS.get(int(a["kind"]) & 0xFFFFFFFF)
+                if kind_name is not None:
+                    n_bytes = float(a["bytes"])
+                    feats[kind_name] = feats.get(kind_name, 0.0) + n_bytes
+                    if kind_name == "h2d_bytes" and (
+                            first_h2d is None or s.start_ns < first_h2d[0]):
+                        first_h2d = (s.start_ns, n_bytes)
     if first_h2d is not None:
         feats["h2d_first_bytes"] = first_h2d[1]
     for d in derived:
@@ -236,8 +272,10 @@ class IterationBuilder:
         inside = [s for s in self._pending if s.start_ns < end and s.end_ns > start]
         inside.append(anchor)
         self._pending = [s for s in self._pending if s.end_ns > end]
-        clipped = [(max(s.start_ns, start), min(s.end_ns, end),
-                    self.stage_of.get(s.probe, s.probe)) for s in inside]
+        stage_of = self.stage_of
+        clipped = [(s.start_ns if s.start_ns > start else start,  # max(), min() inlined
+                    s.end_ns if s.end_ns < end else end,
+                    stage_of.get(s.probe, s.probe)) for s in inside]
         stages = exclusive_time(clipped)
         stages[HOST] = (end - start) - sum(stages.values())
         feats = workload_features(

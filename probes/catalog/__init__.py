@@ -221,7 +221,8 @@ class ProbeSpec:
 class DerivedFeature:
     """A feature computed from others by safe arithmetic (``tokens = d2h_bytes / 8``).
 
-    The expression is parsed with :mod:`ast` and walked; it is never passed to ``eval``.
+    The expression is parsed with :mod:`ast`, whitelisted and turned into closures; it is
+    never passed to ``eval``.
     """
 
     name: str
@@ -243,7 +244,7 @@ class DerivedFeature:
         Failing math is a division by zero, an overflow, or a result that is not finite.
         """
         try:
-            result = float(_eval(_compile_expr(self.expr).body, values))
+            result = float(_closure_of(self.expr)(values))
         except (KeyError, ZeroDivisionError, OverflowError, ValueError, TypeError,
                 RecursionError):
             return None
@@ -361,21 +362,41 @@ def _check_node(node: ast.expr) -> None:
                          f"({type(node).__name__} not allowed)")
 
 
-def _eval(node: ast.expr, values: Mapping[str, float]) -> Any:
-    """Evaluate a whitelisted node; integers stay exact, ``/`` and ``**`` give floats."""
+_Closure = Callable[[Mapping[str, float]], Any]
+
+
+@lru_cache(maxsize=1024)
+def _closure_of(expr: str) -> _Closure:
+    """``expr`` as nested closures: evaluated without dispatching on node types.
+
+    Why: the engine evaluates the profile's derived features once per iteration; the
+    whitelisted tree is turned into Python closures once, and never into code for eval.
+    """
+    return _closure(_compile_expr(expr).body)
+
+
+def _closure(node: ast.expr) -> _Closure:
     if isinstance(node, ast.Constant):
-        return node.value
+        constant = node.value
+        return lambda values: constant
     if isinstance(node, ast.Name):
-        value = values[node.id]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{node.id} is not a number")
-        return value
+        name = node.id
+
+        def lookup(values: Mapping[str, float]) -> Any:
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} is not a number")
+            return value
+        return lookup
     if isinstance(node, ast.UnaryOp):
-        return -_eval(node.operand, values)
+        operand = _closure(node.operand)
+        return lambda values: -operand(values)
     if isinstance(node, ast.BinOp):
-        return _BINOPS[type(node.op)](_eval(node.left, values), _eval(node.right, values))
+        op, left, right = _BINOPS[type(node.op)], _closure(node.left), _closure(node.right)
+        return lambda values: op(left(values), right(values))
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-        return _FUNCS[node.func.id](*(_eval(a, values) for a in node.args))
+        func, args = _FUNCS[node.func.id], [_closure(a) for a in node.args]
+        return lambda values: func(*(a(values) for a in args))
     raise ValueError(f"unexpected node {type(node).__name__}")  # pragma: no cover
 
 
