@@ -258,6 +258,7 @@ class Engine:
         # plain tuples of numbers and strings, which the cyclic GC stops tracking: 200k
         # span objects (with their args mappings) made each full collection ~160 ms
         self._spans: deque[_KeptSpanRow] = deque(maxlen=keep_spans)
+        self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
         self._telemetry: tuple[TelemetryValue, ...] = ()
         self._delivery = DeliveryStatus()
         self._notices: deque[str] = deque(maxlen=5)
@@ -360,10 +361,15 @@ class Engine:
     def _on_iteration(self, w: _Watched, it: Iteration) -> None:
         self.iterations_seen += 1
         device, phase = it.device, it.phase
-        for stage, ns in it.stages.items():
-            self.sketches.add(SeriesKey(stage, device, phase), it.end_ns, ns / 1e6)
-        self.sketches.add(SeriesKey(ITERATION, device, phase), it.end_ns, it.latency_ms)
-        shares = {stage: it.share(stage) for stage in it.stages}
+        keys = self._series_keys
+        for stage, ns in (*it.stages.items(), (ITERATION, it.end_ns - it.start_ns)):
+            key = keys.get((stage, device, phase))
+            if key is None:  # made once per series, not per iteration
+                key = keys[(stage, device, phase)] = SeriesKey(stage, device, phase)
+            self.sketches.add(key, it.end_ns, ns / 1e6)
+        total_ns = it.end_ns - it.start_ns
+        shares = {stage: ns / total_ns if total_ns > 0 else 0.0
+                  for stage, ns in it.stages.items()}  # Iteration.share, inlined
         workload = workload_of(it)
         self._bars.append(IterationBar(it.pid, device, phase, it.end_ns, it.latency_ms,
                                        tuple(sorted(shares.items())), workload.batch_size))

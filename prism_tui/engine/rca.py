@@ -91,6 +91,13 @@ def _column(rows: Sequence[Mapping[str, float]], key: str, missing: float | None
     return out
 
 
+def _finite_sum(column: Sequence[float]) -> bool:
+    try:
+        return math.isfinite(math.fsum(column))
+    except (OverflowError, ValueError):  # huge values, or inf and -inf together
+        return False
+
+
 def _log_column(rows: Sequence[Mapping[str, float]], key: str) -> list[float]:
     return [math.log(max(v, _LOG_FLOOR)) for v in _column(rows, key, None) if v >= 0]
 
@@ -112,7 +119,11 @@ def summarize(rows: Sequence[Mapping[str, float]]) -> BaselineSummary:
     """Summarise a baseline window (a stage missing from an iteration counts as 0)."""
     stats: dict[str, tuple[float, float] | None] = {}
     for key in sorted({k for r in rows for k in r}):
-        column = _column(rows, key, 0.0)
+        column = [r.get(key, 0.0) for r in rows]
+        # the engine's shares are finite floats: checked at once (a non-finite value
+        # makes the sum non-finite), and only otherwise value by value
+        if not all(type(v) is float for v in column) or not _finite_sum(column):
+            column = _column(rows, key, 0.0)
         stats[key] = _mean_std(column) if column else None
     return BaselineSummary(len(rows), stats)
 
