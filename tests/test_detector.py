@@ -29,7 +29,7 @@ from prism_tui.engine.detector import (
     relative_errors,
     smooth_errors,
 )
-from prism_tui.engine.rca import rank_suspects, summarize
+from prism_tui.engine.rca import _column, _mean_std, rank_suspects, summarize
 
 WARMUP = 600
 
@@ -875,6 +875,18 @@ def test_rca_against_a_summary_ranks_exactly_as_against_the_rows(
         base: list[dict[str, float]], anom: list[dict[str, float]]) -> None:
     # the engine summarises its baseline ahead of the alert: same suspects, same scores
     assert rank_suspects(summarize(base), anom, top=0) == rank_suspects(base, anom, top=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.one_of(
+    st.floats(0, 1), st.integers(0, 3), st.booleans(), st.just(float("nan")),
+    st.just(float("inf")), st.just(-float("inf"))), max_size=3), max_size=30))
+def test_rca_summary_checks_each_value_only_where_the_sum_says_so(
+        rows: list[dict[str, float]]) -> None:
+    # the fast path (all floats, finite sum) and the value-by-value path agree
+    want = {k: (_mean_std(c) if (c := _column(rows, k, 0.0)) else None)
+            for k in sorted({k for r in rows for k in r})}
+    assert dict(summarize(rows).stats) == want
 
 
 def test_rca_edge_cases() -> None:
