@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import os
 import random
 import shutil
@@ -16,8 +18,12 @@ import pytest
 
 from prism_tui.engine import devices
 from prism_tui.engine.anchors import choose_anchor, dominant_period_ms, rank_anchors
-from prism_tui.engine.devices import device_of, read_environ
+from prism_tui.engine.devices import VISIBLE_DEVICE_VARS, NvmlDevices, device_of, read_environ
+from prism_tui.engine.runtime import Monitor
+from probes.catalog import parse_profile
+from probes.target import Target
 from probes.uprobes import Span
+from tests.conftest import CTARGET_PROFILE, CTarget
 
 # --------------------------------------------------------------------------- devices
 
@@ -59,12 +65,76 @@ def test_device_from_a_real_process_environment(child: object, env: dict[str, st
     assert read_environ(pid).get("CUDA_VISIBLE_DEVICES") == env.get("CUDA_VISIBLE_DEVICES")
 
 
+def _nvml_loadable() -> bool:
+    """Whether NVML's library loads here (it does not on a host without NVIDIA's driver)."""
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def test_nvml_processes_come_first(child: object) -> None:
     pid = child(CUDA_VISIBLE_DEVICES="3")  # type: ignore[operator]
+    other = child(HIP_VISIBLE_DEVICES="1")  # type: ignore[operator]
+    # shaped as NvmlSampler.processes() gives it: every GPU process of the host
+    listed = {pid: [1], other: [0, 2], 1: [0]}
+    assert device_of(pid, nvml_processes=listed) == "cuda:1"
+    assert device_of(other, nvml_processes=listed) == "cuda:0+2"  # over its HIP variable
+    assert device_of(pid, nvml_processes={pid: []}) == "cuda:3"  # no GPU listed: env
     assert device_of(pid, nvml_processes={pid: [1]}) == "cuda:1"
     assert device_of(pid, nvml_processes={pid: [2, 0]}) == "cuda:0+2"
     assert device_of(pid, nvml_processes={pid + 1: [1]}) == "cuda:3"  # not listed: env
     assert device_of(pid, nvml_processes={}) == "cuda:3"
+
+
+def test_the_default_labeller_falls_back_to_the_environment(child: object) -> None:
+    """NvmlDevices on this host: NVML's list when it has one, the environment otherwise."""
+    pid = child(CUDA_VISIBLE_DEVICES="3")  # type: ignore[operator]
+    labeller = NvmlDevices()
+    assert labeller.unavailable_reason is None  # nothing asked yet
+    assert labeller(pid) == "cuda:3"  # a sleeping interpreter holds no GPU context
+    reason = labeller.unavailable_reason
+    if not _nvml_loadable():
+        assert reason is not None and "libnvidia-ml" in reason, reason
+    if reason is not None:
+        assert labeller.processes() == {}  # not tried again, and no exception
+        assert labeller.unavailable_reason == reason
+    else:  # a host with NVML: it answered, without our child
+        assert pid not in labeller.processes()
+    labeller.close()
+    labeller.close()
+    assert labeller(pid) == "cuda:3"
+    assert labeller.unavailable_reason == "NVML closed"
+
+
+def test_the_monitor_labels_its_targets_by_default(
+        ctarget_exe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real C target started with CUDA_VISIBLE_DEVICES=3, real uprobes, the default
+    labeller: the target, its recording header and its series are ``cuda:3``."""
+    for var, _ in VISIBLE_DEVICE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # the child inherits it
+    target = CTarget(ctarget_exe)
+    try:
+        target.cmd("spin_start 2000")  # the anchor every 2 ms
+        monitor = Monitor([Target(target.pid)], parse_profile(CTARGET_PROFILE, "ctarget"),
+                          warmup=100_000, escalation_s=0, telemetry=False)
+        try:
+            notices = monitor.engine.view().notices
+            asyncio.run(monitor.run(0.5))
+        finally:
+            monitor.close()
+    finally:
+        target.close()
+    [shown] = monitor.engine.view().targets
+    assert (shown.pid, shown.device) == (target.pid, "cuda:3")
+    assert [p.device for p in monitor.recorded_processes()] == ["cuda:3"]
+    devices_seen = {k.device for k in monitor.engine.sketches.keys()}  # noqa: SIM118
+    assert devices_seen == {"cuda:3"}
+    nvml_notices = [n for n in notices if "NVML unavailable" in n]
+    if not _nvml_loadable():  # said once, with NVML's own reason
+        assert len(nvml_notices) == 1 and "libnvidia-ml" in nvml_notices[0], notices
 
 
 def test_given_environ_and_unreadable_processes() -> None:

@@ -7,11 +7,21 @@ its runtime was told to use (``CUDA_VISIBLE_DEVICES``, ``HIP_VISIBLE_DEVICES``,
 ``ROCR_VISIBLE_DEVICES``, ``ASCEND_RT_VISIBLE_DEVICES``); a process with none of those
 is labelled ``cpu``. Nothing here raises for an unreadable ``/proc/PID/environ``
 (another user's process, or one that exited): the next source is tried.
+
+:class:`NvmlDevices` is the monitor's default: one NVML session, asked for its process
+list once per attached target, and the reason NVML is unavailable when it is. The module
+imports the standard library only (NVML's binding is loaded by the first label), so it
+also runs as a standalone copy (see the tests).
+
+Profiles name no device (``probes/catalog/*.toml`` has no such field), so they are not a
+source here.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
+from typing import Any
 
 # (variable, label prefix), in the order they are consulted.
 VISIBLE_DEVICE_VARS: tuple[tuple[str, str], ...] = (
@@ -48,6 +58,62 @@ def device_of(pid: int, *, nvml_processes: Mapping[int, list[int]] | None = None
             if label is not None:
                 return f"{prefix}:{label}"
     return "cpu"
+
+
+class NvmlDevices:
+    """Device labels from NVML's process list, else from the process environment.
+
+    A callable ``pid → label`` for :class:`~prism_tui.engine.runtime.Monitor`. The NVML
+    session is opened at the first label (nvmlInit takes a while on some hosts) and kept
+    until :meth:`close`; each label asks NVML for its process list once. Nothing raises:
+    when NVML cannot start, or a query fails, the label comes from the environment and
+    :attr:`unavailable_reason` says why NVML was not used.
+
+    A process is listed by NVML only once it has a CUDA context: one attached before it
+    creates it (a server still loading) is labelled from its environment.
+    """
+
+    def __init__(self) -> None:
+        """A closed session; nothing is loaded until the first label."""
+        self._lock = threading.Lock()
+        self._sampler: Any = None  # probes.telemetry.NvmlSampler, imported when needed
+        self._closed = False
+        self.unavailable_reason: str | None = None
+        """Why the latest label could not use NVML (None: it could)."""
+
+    def __call__(self, pid: int) -> str:
+        """Label of ``pid``: NVML's GPUs for it, else its environment's, else ``cpu``."""
+        return device_of(pid, nvml_processes=self.processes())
+
+    def processes(self) -> dict[int, list[int]]:
+        """NVML's PID → GPU indices now; ``{}`` (reason in :attr:`unavailable_reason`)
+        when NVML is unavailable or the query failed."""
+        try:
+            with self._lock:
+                if self._closed:
+                    self.unavailable_reason = "NVML closed"
+                    return {}
+                if self._sampler is None:
+                    from probes.telemetry import NvmlSampler
+
+                    self._sampler = NvmlSampler().open()
+                found = self._sampler.processes()
+                self.unavailable_reason = self._sampler.unavailable_reason
+                return dict(found)
+        except ImportError as exc:  # nvidia-ml-py missing: a CPU-only install
+            self.unavailable_reason = f"NVML binding not importable ({exc})"
+            return {}
+        except Exception as exc:  # a broken binding or driver must not fail an attach
+            self.unavailable_reason = f"NVML query failed: {type(exc).__name__}: {exc}"
+            return {}
+
+    def close(self) -> None:
+        """End the NVML session (idempotent); later labels come from the environment."""
+        with self._lock:
+            self._closed = True
+            sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.close()
 
 
 def read_environ(pid: int) -> dict[str, str]:

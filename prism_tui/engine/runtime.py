@@ -33,6 +33,7 @@ from prism_tui.engine.core import (
     shutdown_fit_executor,
     workload_of,
 )
+from prism_tui.engine.devices import NvmlDevices
 from prism_tui.engine.iterations import SpanLike
 from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.sketches import Snapshot
@@ -95,6 +96,8 @@ class _Attached:
     target: Target
     session: UprobeSession
     placements: list[Placement]
+    device: str = "cpu"
+    """Its device label, found once at the attach (see :attr:`Monitor.device_of`)."""
     prev_hits: dict[str, int] = field(default_factory=dict)
     prev_t: float = field(default_factory=time.monotonic)
 
@@ -166,11 +169,13 @@ class Monitor:
         self._deepdive_opening: set[int] = set()
         self._attaching: set[int] = set()
         """Matching pids whose probes a thread is opening (see :meth:`_reattach`)."""
+        self._nvml_devices: NvmlDevices | None = None
+        """The default :attr:`device_of`: NVML's process list, else the environment."""
+        self._nvml_noticed = False
         if device_of is None:
-            from prism_tui.engine.devices import device_of as from_environment
-
-            device_of = from_environment
-        self.device_of = device_of
+            device_of = self._nvml_devices = NvmlDevices()
+        self.device_of: Callable[[int], str] = device_of
+        """pid → device label (``cuda:0``, ``cpu``...), called once per attach."""
         try:
             for target in targets:
                 self._attach(target)
@@ -191,15 +196,16 @@ class Monitor:
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self, target: Target) -> _Attached:
-        session, placements = self._open(target)
+        session, placements, device = self._open(target)
         try:
-            return self._on_loop(self._register, target, session, placements)
+            return self._on_loop(self._register, target, session, placements, device)
         except BaseException:
             session.close()
             raise
 
-    def _open(self, target: Target) -> tuple[UprobeSession, list[Placement]]:
-        """The blocking half of an attach (ELF lookups, perf events): any thread."""
+    def _open(self, target: Target) -> tuple[UprobeSession, list[Placement], str]:
+        """The blocking half of an attach (ELF lookups, perf events, the device label from
+        NVML's process list): any thread."""
         placement = place_profile(target, self.profile, "sentinel")
         placements = [placement]
         sites = placement.sites
@@ -216,15 +222,21 @@ class Monitor:
         urgent: set[str] = set() if self.anchor is None else {self.anchor}
         session = UprobeSession([target], sites, mode=self.mode, urgent=urgent,
                                 drain_interval_s=0.02).open()
-        return session, placements
+        try:
+            device = self.device_of(target.pid)
+        except BaseException:
+            session.close()
+            raise
+        return session, placements, device
 
     def _register(self, target: Target, session: UprobeSession,
-                  placements: list[Placement]) -> _Attached:
+                  placements: list[Placement], device: str) -> _Attached:
         """The state half of an attach: on the loop's thread once the loop runs."""
         if target.pid in self._attached:
             raise ValueError(f"pid {target.pid} is already watched")
+        self._notice_nvml()
         self.placements.extend(placements)
-        att = self._attached[target.pid] = _Attached(target, session, placements)
+        att = self._attached[target.pid] = _Attached(target, session, placements, device)
         if self.anchor is not None:  # else once one is chosen (see _discover)
             self._watch(att)
         if self._new is not None:
@@ -238,9 +250,18 @@ class Monitor:
         sites = [s for p in att.placements for s in p.sites]
         self.engine.watch(pid, att.target.name, self.anchor,
                           {s.probe: s.stage for s in sites}, profile=self.profile.name,
-                          device=self.device_of(pid), derived=self.profile.derived,
+                          device=att.device, derived=self.profile.derived,
                           probes=_probe_statuses(att.placements, {}))
         self._ever_attached[pid] = self._recorded_process(pid, att)
+
+    def _notice_nvml(self) -> None:
+        """Say once why device labels come from process environments, not NVML."""
+        nvml = self._nvml_devices
+        if nvml is None or self._nvml_noticed or nvml.unavailable_reason is None:
+            return
+        self._nvml_noticed = True
+        self.engine.notice("device labels from process environments: NVML unavailable "
+                           f"({nvml.unavailable_reason})")
 
     def _on_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn(*args)`` on the loop's thread (the dashboard calls from a worker thread).
@@ -307,7 +328,7 @@ class Monitor:
         assert self.anchor is not None
         stage_of = {s.probe: s.stage for p in att.placements for s in p.sites}
         return RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
-                               self.device_of(pid), stage_of,
+                               att.device, stage_of,
                                {d.name: d.expr for d in self.profile.derived})
 
     def candidates(self, pattern: str = INFERENCE_PATTERN) -> list[Candidate]:
@@ -447,6 +468,8 @@ class Monitor:
             self._deepdives.clear()
             for att in self._attached.values():
                 att.session.close()
+            if self._nvml_devices is not None:
+                self._nvml_devices.close()
             shutdown_fit_executor()
             self._closed = True
 
@@ -653,7 +676,8 @@ class Monitor:
         """
         loop = asyncio.get_running_loop()
         try:
-            session, placements = await loop.run_in_executor(None, self._open, target)
+            session, placements, device = await loop.run_in_executor(
+                None, self._open, target)
         except (ProbeError, ValueError, OSError):
             return
         finally:
@@ -661,7 +685,7 @@ class Monitor:
         if self._loop is None or target.pid in self._attached:  # stopped, or picked meanwhile
             await loop.run_in_executor(None, session.close)
             return
-        self._register(target, session, placements)
+        self._register(target, session, placements, device)
         self.engine.notice(f"re-attached to pid {target.pid} ({target.name})")
 
     async def _next_view(self) -> None:
