@@ -372,8 +372,14 @@ MALFORMED = {
                     "unknown type 'x8'"),
     "derived unsafe call": (MINIMAL + '[[derived]]\nname = "x"\nexpr = "__import__(\'os\')"'
                             "  #<\n", "call of __import__() is not allowed"),
-    "derived attribute": (MINIMAL + '[[derived]]\nname = "x"\nexpr = "a.b * 2"  #<\n',
+    "derived attribute": (MINIMAL + '[[derived]]\nname = "x"\nexpr = "a.b.c * 2"  #<\n',
                           "attribute access is not allowed"),
+    "derived method": (MINIMAL + '[[derived]]\nname = "x"\nexpr = "min.x"  #<\n',
+                       "attribute access is not allowed"),
+    "phase rule comparison": (MINIMAL.replace(
+        'description = "minimal profile"',
+        'description = "minimal profile"\nphase_rule = "calls.p == 1"  #<'),
+        "phase_rule: 'calls.p == 1' is not safe arithmetic"),
     "derived syntax": (MINIMAL + '[[derived]]\nname = "x"\nexpr = "a +"  #<\n',
                        "not an arithmetic expression"),
     "derived name": (MINIMAL + '[[derived]]\nname = "2x"  #<\nexpr = "1"\n',
@@ -560,11 +566,12 @@ def test_profile_accessors() -> None:
 def test_optional_keys_and_single_soname_string() -> None:
     profile = parse_profile(MINIMAL.replace('soname = ["libx.so*"]', 'soname = "libx.so*"')
                             .replace('description = "minimal profile"',
-                                     'description = "d"\nanchor = "p"\nphase_rule = "n == 1"')
+                                     'description = "d"\nanchor = "p"\n'
+                                     'phase_rule = "min(calls.p, n) / n"')
                             + 'optional = true\n')
     assert profile.library("lib").patterns == ("libx.so*",)
     assert profile.anchor == "p"
-    assert profile.phase_rule == "n == 1"
+    assert profile.phase_rule == "min(calls.p, n) / n"
     assert profile.probe("p").optional
 
 
@@ -649,6 +656,15 @@ def test_derived_integers_stay_exact() -> None:
     assert tokens.evaluate({"d2h_bytes": 64 * 8}) == 64
 
 
+def test_dotted_names_are_features_of_a_probe() -> None:
+    # probe.argument and calls.probe are how the engine names per-iteration features
+    rule = DerivedFeature("x", "min(calls.sample, decode.n_tokens) / decode.n_tokens")
+    assert rule.names == {"calls.sample", "decode.n_tokens"}
+    assert rule.evaluate({"calls.sample": 3.0, "decode.n_tokens": 12.0}) == 0.25
+    assert rule.evaluate({"calls": 3.0, "decode.n_tokens": 12.0}) is None  # not 'calls'
+    assert DerivedFeature("y", "decode + decode.n").names == {"decode", "decode.n"}
+
+
 def test_derived_missing_and_failing_math_give_none() -> None:
     assert DerivedFeature("x", "a / b").evaluate({"a": 1}) is None
     assert DerivedFeature("x", "a / b").evaluate({"a": 1, "b": 0}) is None
@@ -662,7 +678,7 @@ def test_derived_missing_and_failing_math_give_none() -> None:
 
 
 @pytest.mark.parametrize("expr", [
-    "__import__('os')", "__import__('os').system('true')", "a.b", "a.__class__",
+    "__import__('os')", "__import__('os').system('true')", "a.b.c", "a.__class__",
     "open('x')", "eval('1')", "f(a)", "(lambda: 1)()", "a if b else c", "a < b",
     "a and b", "not a", "[1, 2]", "(1, 2)", "{1: 2}", "a[0]", "'text'", "True", "None",
     "...", "1j", "~a", "+a", "a & b", "a << 2", "a @ b", "min", "abs(a, b)", "max(a)",

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -47,6 +48,8 @@ from prism_tui.engine.recording import (
 from prism_tui.engine.sketches import ITERATION
 from prism_tui.engine.trace_export import chrome_trace, write_chrome_trace
 from prism_tui.engine.view import WINDOWS_S
+from probes.catalog import load_profile
+from probes.uprobes import Span
 
 RECORDING = Path(__file__).resolve().parent / "data" / "sim_spans.jsonl.gz"
 WALL = 1_790_000_000.0
@@ -357,3 +360,33 @@ def test_alerts_raised_while_held_reach_the_sinks_when_the_block_ends() -> None:
     for pid in {a.target["pid"] for a in sink.alerts}:  # ranks' batches arrive in turn
         ends = [a.iteration_end_ns for a in sink.alerts if a.target["pid"] == pid]
         assert ends == sorted(ends)
+
+
+def test_mixed_steps_are_sketched_apart_and_not_judged_as_decode() -> None:
+    """With the llama_cpp profile's phase rule, a prompt chunk beside decoding slots is a
+    ``mixed`` iteration: its own series, and the decode detector never sees it."""
+    profile = load_profile("llama_cpp")
+    engine = Engine(rule="prism", warmup=10**6, clock=lambda: 0, wall_clock=lambda: WALL,
+                    host="t")
+    engine.watch(7, "llama-server", profile.anchor or "decode",
+                 {p.id: p.stage for p in profile.probes}, profile="llama_cpp",
+                 derived=profile.derived, phase_rule=profile.phase_rule)
+    spans, t = [Span("decode", 7, 7, 0, 10, MappingProxyType({"n_tokens": 1}))], 10
+    for step in range(60):
+        n_tokens = 260 if step % 6 == 5 else 4  # every sixth step takes a prompt chunk
+        spans += [Span("sample", 7, 7, t + i, t + i + 1, MappingProxyType({"token": 1}))
+                  for i in range(4)]
+        spans.append(Span("decode", 7, 7, t + 100, t + 20_000_000,
+                          MappingProxyType({"n_tokens": n_tokens})))
+        t += 20_000_100
+    its = engine.add_spans(7, spans)
+    assert [it.phase for it in its].count("mixed") == 10
+    assert [it.phase for it in its].count("decode") == 50
+    engine.sketches.flush()
+    series = engine.sketches.keys()
+    phases = {k.phase for k in series}
+    assert {"mixed", "decode"} <= phases
+    det = engine._watched[7].detectors["decode"]
+    assert set(engine._watched[7].detectors) == {"decode"}
+    assert len(det.training_data()[1]) == 50  # the decode steps only, B = 4 each
+    assert set(det.training_data()[0][:, 0]) == {4.0}

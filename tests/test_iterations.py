@@ -17,8 +17,10 @@ from prism_sim.server import SimServer
 from prism_tui.engine.iterations import (
     HOST,
     MEMCPY_KINDS,
+    Features,
     IterationBuilder,
     exclusive_time,
+    phase_of,
     union_ns,
     workload_features,
 )
@@ -196,3 +198,35 @@ def test_features_grouped_by_probe_are_the_span_by_span_sums(
     # the same floats as one span at a time
     spans = [Span(p, 1, 1, t, t + 5, MappingProxyType(a)) for p, t, a in raw]
     assert workload_features(spans) == features_span_by_span(spans)
+
+
+def test_phase_from_the_profiles_rule_then_the_built_in_one() -> None:
+    rule = "min(calls.sample, decode.n_tokens) / decode.n_tokens"
+    assert phase_of({"calls.sample": 8, "decode.n_tokens": 8}, rule) == "decode"
+    assert phase_of({"calls.sample": 4, "decode.n_tokens": 504}, rule) == "mixed"
+    assert phase_of({"decode.n_tokens": 500, "calls.sample": 0}, rule) == "prefill"
+    # the rule does not resolve (no sampling call seen, or no tokens): the built-in rule
+    assert phase_of({"decode.n_tokens": 500}, rule) == "unknown"
+    assert phase_of(Features({"decode.n_tokens": 500}), rule) == "prefill"  # no call: 0
+    assert phase_of({"calls.sample": 2, "decode.n_tokens": 0,
+                     "h2d_first_bytes": 16, "d2h_bytes": 16}, rule) == "decode"
+    assert phase_of({"h2d_first_bytes": 800, "d2h_bytes": 16}) == "prefill"
+
+
+def test_llama_cpp_steps_are_cut_into_prefill_mixed_and_decode() -> None:
+    """The llama_cpp profile's rule on its own probes' spans: a prompt alone, then two
+    slots decoding, then a prompt chunk beside them."""
+    profile = load_profile("llama_cpp")
+    b = IterationBuilder(1, profile.anchor or "decode",
+                         {p.id: p.stage for p in profile.probes},
+                         derived=profile.derived, phase_rule=profile.phase_rule)
+    b.add([span("decode", 0, 10, n_tokens=1)])
+    steps = [(300, 0), (2, 1), (2, 2), (130, 2)]  # (tokens in, sequences sampled before)
+    spans, t = [], 10
+    for n_tokens, sampled in steps:
+        spans += [span("sample", t + i * 2, t + i * 2 + 1, token=7) for i in range(sampled)]
+        spans.append(span("decode", t + 10, t + 50, n_tokens=n_tokens))
+        t += 60
+    its = b.add(spans)
+    assert [it.phase for it in its] == ["prefill", "mixed", "decode", "mixed"]
+    assert its[2].features["sequences"] == 2

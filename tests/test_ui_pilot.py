@@ -245,6 +245,10 @@ async def test_phase_toggle_shows_prefill_rows(views: list[EngineView]) -> None:
         assert stats is not None
         assert _cell(app.query_one(PrismTable), ITERATION, "cuda:0", "p50") == fmt_ms(
             stats.p50)
+        await pilot.press("f")  # chunked prefill beside decoding sequences
+        assert app.state.phase == "mixed"
+        await pilot.press("f")
+        assert app.state.phase == "decode"
 
 
 async def test_filter_keeps_matching_rows_and_escape_clears(views: list[EngineView]) -> None:

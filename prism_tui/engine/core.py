@@ -141,13 +141,15 @@ _SLO_STAGE = re.compile(r"^\s*(?P<stage>[a-z_][a-z0-9_]*)\s*:\s*(?P<rule>.+)$", 
 def workload_of(it: Iteration) -> Workload:
     """What the detector regresses on, from the iteration's captured arguments.
 
-    Sequences come from the device-to-host copy of sampled tokens (8 bytes each); the
+    Sequences come from the profile's ``sequences`` feature when it derives one, else
+    from the device-to-host copy of sampled tokens (8 bytes each, one per sequence); the
     batch's total context length from the profile's ``kv_tokens`` (the attention
     metadata copied each decode step) when the profile derives it. The reference's
     features follow: average context per sequence as ``avg_input`` (prompt and output
     are not told apart in these arguments), so ``kv_len`` and ``B × kv_len`` are exact.
     """
-    batch = it.features.get("d2h_bytes", 0.0) / 8
+    sequences = it.features.get("sequences")
+    batch = sequences if sequences is not None else it.features.get("d2h_bytes", 0.0) / 8
     kv = it.features.get("kv_tokens")
     avg_kv = kv / batch if kv is not None and kv > 0 and batch > 0 else 0.0
     return Workload(batch_size=batch, avg_input=avg_kv, avg_output=0.0)
@@ -268,9 +270,10 @@ class Engine:
     # ------------------------------------------------------------------ targets
     def watch(self, pid: int, name: str, anchor: str, stage_of: Mapping[str, str], *,
               profile: str = "", device: str = "cpu", derived: Sequence[Derived] = (),
-              probes: Sequence[ProbeStatus] = ()) -> None:
+              phase_rule: str | None = None, probes: Sequence[ProbeStatus] = ()) -> None:
         """Start (or restart) following process ``pid`` whose iterations end at ``anchor``."""
-        builder = IterationBuilder(pid, anchor, stage_of, device=device, derived=derived)
+        builder = IterationBuilder(pid, anchor, stage_of, device=device, derived=derived,
+                                   phase_rule=phase_rule)
         self._watched[pid] = _Watched(pid, name, profile, device, builder, probes=tuple(probes))
 
     def gone(self, pid: int) -> None:

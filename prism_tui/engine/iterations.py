@@ -29,6 +29,8 @@ from operator import itemgetter
 from types import MappingProxyType
 from typing import Protocol
 
+from probes.catalog import evaluate_expr
+
 HOST = "host"
 MEMCPY_KINDS = {1: "h2d_bytes", 2: "d2h_bytes", 3: "d2d_bytes"}
 
@@ -155,6 +157,16 @@ _ARG_KEYS: dict[tuple[str, str], str] = {}
 """Feature names by probe (and argument), formatted once rather than for every span."""
 
 
+class Features(dict[str, float]):
+    """An iteration's features: a probe not called in it reads as ``calls.<probe> = 0``
+    (so an expression such as the phase rule resolves for a step without sampling)."""
+
+    def __missing__(self, key: str) -> float:
+        if key.startswith("calls."):
+            return 0.0
+        raise KeyError(key)
+
+
 def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
                       ) -> dict[str, float]:
     """Per-iteration features: calls and argument sums per probe, copy bytes by kind
@@ -171,7 +183,7 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
             groups[s.probe] = [s]
         else:
             group.append(s)
-    feats: dict[str, float] = {}
+    feats: dict[str, float] = Features()
     first_h2d: tuple[int, float] | None = None
     for probe, group in groups.items():
         key = _CALL_KEYS.get(probe)
@@ -210,9 +222,23 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
     return feats
 
 
-def phase_of(features: Mapping[str, float]) -> str:
-    """``prefill`` when more tokens go in (the first H2D copy: input ids) than sequences
-    come out, else ``decode``."""
+PHASES = ("prefill", "decode", "mixed", "unknown")
+
+
+def phase_of(features: Mapping[str, float], rule: str | None = None) -> str:
+    """The iteration's phase from its features.
+
+    With the profile's ``rule`` (an expression giving the share of the step's new
+    tokens that are decode tokens, one per running sequence): ``decode`` at 1 or more,
+    ``prefill`` at 0 or less, ``mixed`` between (chunked prefill beside decoding
+    sequences). Without one, or where it does not resolve, the built-in rule:
+    ``prefill`` when more tokens go in (the first H2D copy: input ids) than sequences
+    come out, else ``decode``; ``unknown`` without those copies.
+    """
+    if rule is not None:
+        share = evaluate_expr(rule, features)
+        if share is not None:
+            return "decode" if share >= 1 else "prefill" if share <= 0 else "mixed"
     h2d = features.get("h2d_first_bytes", features.get("h2d_bytes"))
     d2h = features.get("d2h_bytes")
     if h2d is None or d2h is None or d2h <= 0:
@@ -224,7 +250,8 @@ class IterationBuilder:
     """Cuts one process's span stream into :class:`Iteration` s at its anchor probe."""
 
     def __init__(self, pid: int, anchor: str, stage_of: Mapping[str, str], *,
-                 device: str = "cpu", derived: Sequence[Derived] = ()) -> None:
+                 device: str = "cpu", derived: Sequence[Derived] = (),
+                 phase_rule: str | None = None) -> None:
         """Build iterations of ``pid`` delimited by the ends of ``anchor`` spans.
 
         Args:
@@ -233,12 +260,14 @@ class IterationBuilder:
             stage_of: probe id → stage name.
             device: device label of this process (``cuda:0``, ``cpu``...).
             derived: the profile's derived features.
+            phase_rule: the profile's phase rule (see :func:`phase_of`).
         """
         self.pid = pid
         self.anchor = anchor
         self.stage_of = dict(stage_of)
         self.device = device
         self.derived = tuple(derived)
+        self.phase_rule = phase_rule
         self.index = 0
         self.late_spans = 0
         self._last_end: int | None = None
@@ -280,7 +309,8 @@ class IterationBuilder:
         stages[HOST] = (end - start) - sum(stages.values())
         feats = workload_features(
             [s for s in inside if s.start_ns >= start or s is anchor], self.derived)
-        it = Iteration(self.pid, self.device, self.index, start, end, phase_of(feats),
+        it = Iteration(self.pid, self.device, self.index, start, end,
+                       phase_of(feats, self.phase_rule),
                        MappingProxyType(stages), MappingProxyType(feats))
         self.index += 1
         return it

@@ -52,7 +52,7 @@ from prism_tui.ui.widgets import (
 Engine = Callable[[Callable[[EngineView], None], asyncio.Event], Awaitable[None]]
 """``await engine(show_view, stop_event)``: runs until ``stop_event`` is set."""
 
-PHASES = ("decode", "prefill")
+PHASES = ("decode", "prefill", "mixed")
 PANES = ("alerts", "iterations", "detector", "telemetry")
 STOP_TIMEOUT_S = 30.0
 WIDE_COLUMNS = 150
@@ -326,7 +326,7 @@ class PrismApp(App[int]):
         self._redraw()
 
     def action_phase(self) -> None:
-        """Toggle decode / prefill rows."""
+        """Cycle decode / prefill / mixed rows."""
         i = PHASES.index(self.state.phase) if self.state.phase in PHASES else -1
         self.state = replace(self.state, phase=PHASES[(i + 1) % len(PHASES)])
         self._redraw()
@@ -411,7 +411,7 @@ class PrismApp(App[int]):
             ("Pause / resume", "Freeze the view; data is still collected", self.action_pause),
             ("Next window", "10 s → 1 min → 5 min", self.action_window),
             ("Next sort order", "stage, device, p99, share, rate", self.action_sort),
-            ("Toggle phase", "decode / prefill rows", self.action_phase),
+            ("Toggle phase", "decode / prefill / mixed rows", self.action_phase),
             ("Toggle light/dark", "Switch theme", self.action_toggle_theme),
             ("Export trace", "Chrome/Perfetto JSON of the last seconds", self.action_export),
             ("Screenshot", "Save an SVG screenshot", self.action_save_screenshot),

@@ -29,7 +29,7 @@ HELP_KEYS: tuple[tuple[str, str], ...] = (
     ("p", "pause: freeze the view; data is still collected"),
     ("s", "sort: stage, device, p99, share, rate"),
     ("w", "window: 10 s, 1 min, 5 min"),
-    ("f", "phase: decode / prefill"),
+    ("f", "phase: decode / prefill / mixed"),
     ("1-4", "bottom pane: alerts, iterations, detector, telemetry"),
     ("Enter", "details of the selected row or alert"),
     ("Esc", "back / close"),

@@ -235,20 +235,14 @@ class DerivedFeature:
     @property
     def names(self) -> frozenset[str]:
         """Feature names the expression reads."""
-        return frozenset(n.id for n in ast.walk(_compile_expr(self.expr))
-                         if isinstance(n, ast.Name) and n.id not in _FUNCS)
+        return feature_names(self.expr)
 
     def evaluate(self, values: Mapping[str, float]) -> float | None:
         """The value for ``values``; None if a name is missing or the math fails.
 
         Failing math is a division by zero, an overflow, or a result that is not finite.
         """
-        try:
-            result = float(_closure_of(self.expr)(values))
-        except (KeyError, ZeroDivisionError, OverflowError, ValueError, TypeError,
-                RecursionError):
-            return None
-        return result if math.isfinite(result) else None
+        return evaluate_expr(self.expr, values)
 
 
 @dataclass(frozen=True)
@@ -261,6 +255,10 @@ class Profile:
     probes: tuple[ProbeSpec, ...]
     anchor: str | None
     phase_rule: str | None
+    """An expression of the iteration's features giving the share of the step's new
+    tokens that are decode tokens (one per running sequence): 1 or more is ``decode``,
+    0 or less ``prefill``, between ``mixed``. None, or a rule that does not resolve for an
+    iteration: the engine's built-in rule (tokens in vs sequences out)."""
     derived: tuple[DerivedFeature, ...]
     source: str
 
@@ -356,13 +354,43 @@ def _check_node(node: ast.expr) -> None:
         for arg in node.args:
             _check_node(arg)
     elif isinstance(node, ast.Attribute):
-        raise ValueError(f"{ast.unparse(node)!r}: attribute access is not allowed")
+        if not isinstance(node.value, ast.Name) or node.value.id in _FUNCS or \
+                node.attr.startswith("__"):
+            raise ValueError(f"{ast.unparse(node)!r}: attribute access is not allowed "
+                             "(a dotted name is one feature: probe.argument, calls.probe)")
     else:
         raise ValueError(f"{ast.unparse(node)!r} is not safe arithmetic "
                          f"({type(node).__name__} not allowed)")
 
 
 _Closure = Callable[[Mapping[str, float]], Any]
+
+
+def feature_names(expr: str) -> frozenset[str]:
+    """Feature names ``expr`` reads: identifiers, and dotted names such as
+    ``decode.n_tokens`` (the features of a probe's arguments and calls)."""
+    tree = _compile_expr(expr)
+    dotted = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names = {n.id for n in ast.walk(tree)
+             if isinstance(n, ast.Name) and n.id not in _FUNCS and id(n) not in dotted}
+    names |= {_dotted(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    return frozenset(names)
+
+
+def _dotted(node: ast.Attribute) -> str:
+    assert isinstance(node.value, ast.Name)  # _check_node allows nothing else
+    return f"{node.value.id}.{node.attr}"
+
+
+def evaluate_expr(expr: str, values: Mapping[str, float]) -> float | None:
+    """``expr`` (checked as a derived expression) on ``values``; None if a name is
+    missing or the math fails (division by zero, overflow, a result not finite)."""
+    try:
+        result = float(_closure_of(expr)(values))
+    except (KeyError, ZeroDivisionError, OverflowError, ValueError, TypeError,
+            RecursionError):
+        return None
+    return result if math.isfinite(result) else None
 
 
 @lru_cache(maxsize=1024)
@@ -379,8 +407,8 @@ def _closure(node: ast.expr) -> _Closure:
     if isinstance(node, ast.Constant):
         constant = node.value
         return lambda values: constant
-    if isinstance(node, ast.Name):
-        name = node.id
+    if isinstance(node, (ast.Name, ast.Attribute)):
+        name = node.id if isinstance(node, ast.Name) else _dotted(node)
 
         def lookup(values: Mapping[str, float]) -> Any:
             value = values[name]
@@ -671,6 +699,11 @@ class _Parser:
         description = self.get(meta, "description", str, ctx, line_of, header, required=True)
         anchor = self.get(meta, "anchor", str, ctx, line_of, header)
         phase_rule = self.get(meta, "phase_rule", str, ctx, line_of, header)
+        if phase_rule is not None:
+            try:
+                _compile_expr(phase_rule)
+            except ValueError as exc:
+                self.fail(line_of("phase_rule"), ctx, f"phase_rule: {exc}")
         return name, description, anchor, phase_rule
 
     def tables(self, doc: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
