@@ -213,12 +213,18 @@ def test_kept_spans_and_training_rows_are_invisible_to_the_cyclic_gc() -> None:
 
 
 def test_recording_round_trip_and_a_bad_file(tmp_path: Path) -> None:
-    proc = RecordedProcess(7, "x", "cuda", "a", "cpu", {"a": "host"})
+    proc = RecordedProcess(7, "x", "cuda", "a", "cpu", {"a": "host"}, {},
+                           "min(calls.a, 2) / 2")
     span = RecordedSpan("a", 7, 8, 1, 2, {"count": 3})
     path = tmp_path / "r.jsonl.gz"
     assert save_spans(str(path), [proc], [span]) == 1
     procs, spans = load_spans(str(path))
     assert procs[0].pid == 7 and spans == [span]
+    assert procs[0].phase_rule == "min(calls.a, 2) / 2"  # replays cut phases as live did
+    with gzip.open(tmp_path / "old.jsonl.gz", "wt") as fh:  # before rules were saved
+        fh.write('{"format": 1, "processes": [{"pid": 7, "name": "x", "profile": "cuda", '
+                 '"anchor": "a", "device": "cpu", "stage_of": {}}]}\n')
+    assert load_spans(str(tmp_path / "old.jsonl.gz"))[0][0].phase_rule is None
     (tmp_path / "plain.txt").write_text("hello")
     with pytest.raises(RecordingError, match=r"plain\.txt"):
         load_spans(str(tmp_path / "plain.txt"))

@@ -16,8 +16,9 @@ from prism_sim.scenario import load_scenario, parse_scenario
 from prism_sim.server import SimServer
 from prism_tui.engine.evaluate import match, score
 from prism_tui.engine.runtime import AlertEvent, Monitor, Observation
-from probes.catalog import load_profile
+from probes.catalog import load_profile, parse_profile
 from probes.target import Target
+from tests.conftest import CTARGET_PROFILE, CTarget
 from tests.sim_scenarios import scenario_file, sim_server, slowdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,3 +227,18 @@ def test_smoke_scenario_watched_headless_alerts_during_the_fault_only(tmp_path: 
     assert replayed["input"]["iterations"] > 1000, replayed["input"]
     [prism] = replayed["results"]
     assert prism["alerts"] >= 1 and prism["recall"] > 0.5, prism
+
+
+def test_the_profiles_phase_rule_reaches_the_live_iterations(ctarget: CTarget) -> None:
+    """A profile whose rule says half of each step decodes: every iteration the monitor
+    cuts from the real target by uprobes is ``mixed`` (the anchor is its one call)."""
+    profile = parse_profile(CTARGET_PROFILE.replace(
+        'anchor = "work"', 'anchor = "work"\nphase_rule = "calls.work / 2"'), "ctarget")
+    phases: list[str] = []
+    ctarget.cmd("spin_start 2000")
+    with Monitor([Target(ctarget.pid)], profile, warmup=100_000, escalation_s=0,
+                 telemetry=False,
+                 on_observation=lambda obs: phases.append(obs.iteration.phase)) as monitor:
+        asyncio.run(monitor.run(1.0))
+    assert len(phases) > 50
+    assert set(phases) == {"mixed"}

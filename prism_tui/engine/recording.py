@@ -53,6 +53,8 @@ class RecordedProcess:
     stage_of: Mapping[str, str]
     derived: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """The profile's derived features, name → expression (``kv_tokens`` and the like)."""
+    phase_rule: str | None = None
+    """The profile's phase rule (None: the built-in rule)."""
 
 
 class RecordingError(ValueError):
@@ -138,7 +140,8 @@ class SpanRecorder:
 def _header(processes: Iterable[RecordedProcess]) -> dict[str, Any]:
     return {"format": FORMAT, "processes": [
         {"pid": p.pid, "name": p.name, "profile": p.profile, "anchor": p.anchor,
-         "device": p.device, "stage_of": dict(p.stage_of), "derived": dict(p.derived)}
+         "device": p.device, "stage_of": dict(p.stage_of), "derived": dict(p.derived),
+         "phase_rule": p.phase_rule}
         for p in processes]}
 
 
@@ -153,7 +156,8 @@ def load_spans(path: str) -> tuple[list[RecordedProcess], list[RecordedSpan]]:
                 raise RecordingError(f"{path}: not a span recording of format {FORMAT}")
             procs = [RecordedProcess(p["pid"], p["name"], p["profile"], p["anchor"],
                                      p["device"], MappingProxyType(dict(p["stage_of"])),
-                                     MappingProxyType(_derived_of(p)))
+                                     MappingProxyType(_derived_of(p)),
+                                     _phase_rule_of(p))
                      for p in header["processes"]]
             for lineno, line in enumerate(fh, start=2):
                 probe, pid, tid, start, end, args = json.loads(line)
@@ -182,6 +186,13 @@ def _derived_of(process: Mapping[str, Any]) -> dict[str, str]:
         return {}
 
 
+def _phase_rule_of(process: Mapping[str, Any]) -> str | None:
+    """A recorded process's phase rule; None in recordings made before rules were saved
+    (no built-in profile had one then)."""
+    rule = process.get("phase_rule")
+    return str(rule) if rule is not None else None
+
+
 class ReplayClock:
     """A CLOCK_MONOTONIC stand-in that follows the replayed spans (DESIGN.md rule 7)."""
 
@@ -199,7 +210,7 @@ class ReplayClock:
 class _Feed(Protocol):
     def watch(self, pid: int, name: str, anchor: str, stage_of: Mapping[str, str], *,
               profile: str = ..., device: str = ...,
-              derived: Sequence[DerivedFeature] = ...) -> None: ...
+              derived: Sequence[DerivedFeature] = ..., phase_rule: str | None = ...) -> None: ...
 
     def add_spans(self, pid: int, spans: Sequence[SpanLike]) -> Any: ...
 
@@ -214,7 +225,8 @@ def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProces
     """
     for p in processes:
         engine.watch(p.pid, p.name, p.anchor, p.stage_of, profile=p.profile, device=p.device,
-                     derived=[DerivedFeature(n, e) for n, e in p.derived.items()])
+                     derived=[DerivedFeature(n, e) for n, e in p.derived.items()],
+                     phase_rule=p.phase_rule)
     pending: dict[int, list[RecordedSpan]] = {}
     n = 0
 

@@ -251,6 +251,7 @@ class Monitor:
         self.engine.watch(pid, att.target.name, self.anchor,
                           {s.probe: s.stage for s in sites}, profile=self.profile.name,
                           device=att.device, derived=self.profile.derived,
+                          phase_rule=self.profile.phase_rule,
                           probes=_probe_statuses(att.placements, {}))
         self._ever_attached[pid] = self._recorded_process(pid, att)
 
@@ -329,7 +330,8 @@ class Monitor:
         stage_of = {s.probe: s.stage for p in att.placements for s in p.sites}
         return RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
                                att.device, stage_of,
-                               {d.name: d.expr for d in self.profile.derived})
+                               {d.name: d.expr for d in self.profile.derived},
+                               self.profile.phase_rule)
 
     def candidates(self, pattern: str = INFERENCE_PATTERN) -> list[Candidate]:
         """Inference-like processes for the picker, the watched ones marked."""
