@@ -127,6 +127,9 @@ class LiveSession:
         self._targets_recorded: set[tuple[int, str]] = set()
         self._placements_recorded = 0
         """How many of ``monitor.placements`` (append-only) the history has."""
+        self._latest_view: EngineView | None = None
+        """The targets to touch in the history (see :meth:`_touch_targets`)."""
+        self._touch_error = ""
         self._recording: asyncio.Task[None] | None = None
         if broker is not None:
             path = outbox_path or default_outbox_path()
@@ -145,6 +148,7 @@ class LiveSession:
             self.sink.delivered(alert_id)
 
     def _view(self, view: EngineView) -> None:
+        self._latest_view = view
         if self._freeze_gc and not self._frozen_after_fit and any(
                 d.state == "live" for d in view.detectors):
             self._frozen_after_fit = True
@@ -198,6 +202,8 @@ class LiveSession:
                 self.engine.history_path = str(self._history_db)
                 await self._record_targets(self._store, *self._unrecorded(self.engine.view()))
                 tasks.append(asyncio.create_task(self.history.run(history_stop)))
+                tasks.append(asyncio.create_task(self._touch_targets(
+                    self._store, self.history.flush_s, history_stop)))
             if self.publisher is not None:
                 tasks.append(asyncio.create_task(self.publisher.run()))
             if self._freeze_gc:
@@ -242,6 +248,27 @@ class LiveSession:
                 self._targets_recorded.add((t.pid, t.name))
         except (HistoryError, sqlite3.Error, OSError) as exc:
             self.engine.notice(f"history: {exc}")
+
+    async def _touch_targets(self, store: HistoryStore, every_s: float,
+                             stop: asyncio.Event) -> None:
+        """Advance the history's ``last_seen_ns`` of the attached targets once per history
+        flush until ``stop``, then once more (retention keeps a long-watched target)."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+            view = self._latest_view
+            if view is None:
+                continue
+            keys = [(t.pid, t.name, t.device) for t in view.targets
+                    if t.state == "attached" and (t.pid, t.name) in self._targets_recorded]
+            try:
+                await store.touch_targets(keys)
+            except (HistoryError, sqlite3.Error, OSError) as exc:
+                if str(exc) != self._touch_error:  # once per distinct failure
+                    self.engine.notice(f"history: {exc}")
+                self._touch_error = str(exc)
+            else:
+                self._touch_error = ""
 
     async def _detach_off_loop(self) -> None:
         """Close the probes in a thread (seconds of kernel work), saying so on screen."""

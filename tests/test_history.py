@@ -30,7 +30,12 @@ from prism_tui.history import (
     parse_time,
 )
 from prism_tui.history.query import history_report_async, rfc3339
-from prism_tui.history.store import MIGRATIONS, SCHEMA_VERSION
+from prism_tui.history.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    ProbeDecisionRecord,
+    TargetRecord,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -289,6 +294,47 @@ async def test_iterations_alerts_targets_probe_decisions_and_purge(tmp_path: Pat
         left = await st.iterations()
         assert [i.index for i in left] == list(range(50, 100))
         assert (await st.counts())["windows"] == 70
+
+
+async def test_an_attached_target_is_touched_and_read_back(tmp_path: Path) -> None:
+    """``last_seen_ns`` advances with touches (never back), in the file another
+    connection reads; ``targets()`` and ``probe_decisions()`` read what was written."""
+    db = tmp_path / "h.db"
+    mono, wall = clocks()
+    async with store(db, mono, wall) as st:
+        assert await st.targets() == [] and await st.probe_decisions() == []
+        await st.write_target(42, "vllm", "cuda", "cuda:0")  # at the wall clock: EPOCH+1000s
+        await st.write_target(43, "vllm", "cuda", "cuda:1", EPOCH + 1001 * S)
+        wall.ns += 5 * S
+        assert await st.touch_targets([(42, "vllm", "cuda:0"), (43, "vllm", "cuda:1")]) == 2
+        assert await st.touch_targets([(43, "vllm", "cuda:1")], EPOCH + 1010 * S) == 1
+        assert await st.touch_targets([(43, "vllm", "cuda:1")], EPOCH + 1002 * S) == 1
+        assert await st.touch_targets([(44, "vllm", "cuda:0"), (42, "vllm", "cpu")]) == 0
+        assert await st.touch_targets([]) == 0
+        assert await st.targets() == [
+            TargetRecord(42, "vllm", "cuda", "cuda:0", EPOCH + 1000 * S, EPOCH + 1005 * S),
+            TargetRecord(43, "vllm", "cuda", "cuda:1", EPOCH + 1001 * S, EPOCH + 1010 * S)]
+        assert [t.pid for t in await st.targets(since_ns=EPOCH + 1006 * S)] == [43]
+        assert len(await st.targets()) == 2  # the unknown keys added no row
+        await st.write_probe_decisions(43, [("stream_sync", "attached", None)], EPOCH + 3 * S)
+        await st.write_probe_decisions(
+            42, [("stream_sync", "attached", None), ("allreduce", "unresolved", "no libnccl")],
+            EPOCH + 2 * S)
+        assert await st.probe_decisions() == [
+            ProbeDecisionRecord(42, "stream_sync", "attached", None, EPOCH + 2 * S),
+            ProbeDecisionRecord(42, "allreduce", "unresolved", "no libnccl", EPOCH + 2 * S),
+            ProbeDecisionRecord(43, "stream_sync", "attached", None, EPOCH + 3 * S)]
+        assert [d.probe for d in await st.probe_decisions(target_pid=42)] == [
+            "stream_sync", "allreduce"]
+        assert await st.probe_decisions(since_ns=EPOCH + 3 * S) == [
+            ProbeDecisionRecord(43, "stream_sync", "attached", None, EPOCH + 3 * S)]
+        # retention keeps what was touched: 42 was last seen at +1005 s
+        deleted = await st.purge(older_than_ns=EPOCH + 1006 * S)
+        assert deleted["targets"] == 1
+        assert [t.pid for t in await st.targets()] == [43]
+    with sqlite3.connect(db) as conn:  # committed to the file, not only this connection
+        assert conn.execute("SELECT pid, first_seen_ns, last_seen_ns FROM targets").fetchall() \
+            == [(43, EPOCH + 1001 * S, EPOCH + 1010 * S)]
 
 
 async def test_wall_clock_anchor_across_restarts(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from prism_tui.engine.runtime import RESCAN_S, Monitor, Observation
 from prism_tui.engine.view import EngineView
+from prism_tui.history.store import HistoryStore
 from prism_tui.live import LiveSession
 from probes.catalog import parse_profile
 from probes.target import Target
@@ -157,9 +157,14 @@ async def test_a_target_attached_by_match_is_written_to_the_history(
         if second is not None:
             second.close()
         session.close()
-    # HistoryStore has no reader for these two tables: plain SQLite
-    with sqlite3.connect(db) as conn:
-        targets = dict(conn.execute("SELECT pid, profile FROM targets").fetchall())
-        decided = {pid for (pid,) in conn.execute("SELECT target_pid FROM probe_decisions")}
-    assert targets == {first.pid: "ctarget", second.pid: "ctarget"}
+    async with HistoryStore(db, create=False) as store:
+        targets = {t.pid: t for t in await store.targets()}
+        decided = {d.target_pid for d in await store.probe_decisions()}
+    assert {pid: t.profile for pid, t in targets.items()} == {
+        first.pid: "ctarget", second.pid: "ctarget"}
     assert decided == {first.pid, second.pid}
+    # last seen: advanced while attached (the second was still attached at the stop),
+    # not once the process was gone (the second started after the first was shown gone)
+    gone, attached = targets[first.pid], targets[second.pid]
+    assert attached.last_seen_ns > attached.first_seen_ns, attached
+    assert gone.first_seen_ns <= gone.last_seen_ns < attached.first_seen_ns, (gone, attached)

@@ -162,6 +162,33 @@ class IterationRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class TargetRecord:
+    """A watched process as stored; ``*_seen_ns`` are wall-clock ns.
+
+    ``last_seen_ns`` advances while the process stays attached (see
+    :meth:`HistoryStore.touch_targets`), so retention keeps a long-watched target.
+    """
+
+    pid: int
+    name: str
+    profile: str | None
+    device: str
+    first_seen_ns: int
+    last_seen_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeDecisionRecord:
+    """Whether one probe was attached to a target, and why not; ``at_ns`` is wall clock."""
+
+    target_pid: int
+    probe: str
+    status: str
+    reason: str | None
+    at_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class QuantileRow:
     """Quantiles (ms) of one series over ``[start_ns, start_ns + step)`` (wall-clock ns)."""
 
@@ -498,6 +525,22 @@ class HistoryStore:
             " profile = coalesce(excluded.profile, profile)",
             [(pid, name, profile, device, at, at)])])
 
+    async def touch_targets(self, keys: Iterable[tuple[int, str, str]],
+                            seen_ns: int | None = None) -> int:
+        """Advance ``last_seen_ns`` of the ``(pid, name, device)`` targets still attached.
+
+        One transaction for them all, meant once per history flush rather than per view;
+        a target never written by :meth:`write_target` is left out, and a time earlier
+        than the stored one changes nothing. Returns how many rows matched.
+        """
+        at = self._wall() if seen_ns is None else seen_ns
+        rows = [(at, pid, name, device) for pid, name, device in keys]
+        if not rows:
+            return 0
+        return await self._write([(
+            "UPDATE targets SET last_seen_ns = max(last_seen_ns, ?)"
+            " WHERE pid = ? AND name = ? AND device = ?", rows)])
+
     async def write_probe_decisions(self, target_pid: int,
                                     decisions: Iterable[tuple[str, str, str | None]],
                                     at_ns: int | None = None) -> int:
@@ -613,6 +656,28 @@ class HistoryStore:
             out.append({"at_ns": int(at), "alert": alert})
         return out
 
+    async def targets(self, since_ns: int | None = None) -> list[TargetRecord]:
+        """Targets last seen at or after ``since_ns`` (wall clock; None: all), in the
+        order they were first seen."""
+        rows = await self._fetch(
+            "SELECT pid, name, profile, device, first_seen_ns, last_seen_ns FROM targets"
+            " WHERE last_seen_ns >= ? ORDER BY first_seen_ns, rowid",
+            (-(2**63) if since_ns is None else since_ns,))
+        return [TargetRecord(int(r[0]), r[1], r[2], r[3], int(r[4]), int(r[5])) for r in rows]
+
+    async def probe_decisions(self, target_pid: int | None = None,
+                              since_ns: int | None = None) -> list[ProbeDecisionRecord]:
+        """Probe decisions (of ``target_pid``, or of every target) made at or after
+        ``since_ns`` (wall clock; None: all), oldest first."""
+        where, args = "at_ns >= ?", [-(2**63) if since_ns is None else since_ns]
+        if target_pid is not None:
+            where += " AND target_pid = ?"
+            args.append(target_pid)
+        rows = await self._fetch(
+            "SELECT target_pid, probe, status, reason, at_ns FROM probe_decisions WHERE "
+            + where + " ORDER BY at_ns, rowid", args)
+        return [ProbeDecisionRecord(int(r[0]), r[1], r[2], r[3], int(r[4])) for r in rows]
+
     async def iterations(self, since_ns: int | None = None, until_ns: int | None = None,
                          limit: int = 10_000) -> list[IterationRecord]:
         """Stored iterations with wall end in ``[since, until)``, oldest first (with their
@@ -676,5 +741,7 @@ __all__ = [
     "HistoryError",
     "HistoryStore",
     "IterationRecord",
+    "ProbeDecisionRecord",
     "QuantileRow",
+    "TargetRecord",
 ]
