@@ -396,3 +396,23 @@ def test_mixed_steps_are_sketched_apart_and_not_judged_as_decode() -> None:
     assert set(engine._watched[7].detectors) == {"decode"}
     assert len(det.training_data()[1]) == 50  # the decode steps only, B = 4 each
     assert set(det.training_data()[0][:, 0]) == {4.0}
+
+
+def test_run_queue_readings_between_iterations_wait_for_the_next_one() -> None:
+    """A reading that completes no iteration keeps the previous one: the wait since then
+    belongs to the iteration still open. Another thread's reading starts afresh."""
+    engine = Engine(rule="prism", warmup=10**6, clock=lambda: 0, wall_clock=lambda: WALL,
+                    host="t")
+    engine.watch(7, "x", "sync", {"sync": "device_sync", "copy": "memcpy"})
+
+    def sp(probe: str, start: int, end: int) -> Span:
+        return Span(probe, 7, 70, start, end, MappingProxyType({}))
+
+    assert engine.add_spans(7, [sp("sync", 0, 10)], (70, 5_000)) == []
+    assert engine.add_spans(7, [sp("copy", 20, 30)], (70, 5_600)) == []  # mid-iteration
+    [it] = engine.add_spans(7, [sp("sync", 900, 1_000)], (70, 5_700))
+    assert it.stages["runqueue"] == 700 and sum(it.stages.values()) == 990
+    [it] = engine.add_spans(7, [sp("sync", 1_500, 2_000)], (71, 9_000))  # another thread
+    assert "runqueue" not in it.stages
+    [it] = engine.add_spans(7, [sp("sync", 2_500, 3_000)], (71, 9_100))
+    assert it.stages["runqueue"] == 100

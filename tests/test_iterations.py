@@ -18,10 +18,12 @@ from prism_tui.engine.iterations import (
     HOST,
     MEMCPY_KINDS,
     Features,
+    Iteration,
     IterationBuilder,
     exclusive_time,
     phase_of,
     union_ns,
+    with_run_queue_delay,
     workload_features,
 )
 from probes.catalog import load_profile
@@ -230,3 +232,25 @@ def test_llama_cpp_steps_are_cut_into_prefill_mixed_and_decode() -> None:
     its = b.add(spans)
     assert [it.phase for it in its] == ["prefill", "mixed", "decode", "mixed"]
     assert its[2].features["sequences"] == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 10_000), st.integers(0, 10_000)), min_size=1,
+                max_size=5), st.integers(-100, 50_000))
+def test_run_queue_wait_is_shared_by_duration_and_never_exceeds_host(
+        shapes: list[tuple[int, int]], delay: int) -> None:
+    its, t = [], 0
+    for i, (length, busy) in enumerate(shapes):
+        busy = min(busy, length)
+        its.append(Iteration(1, "cpu", i, t, t + length, "decode",
+                             MappingProxyType({"gemm": busy, HOST: length - busy})))
+        t += length
+    out = with_run_queue_delay(its, delay)
+    for before, after in zip(its, out, strict=True):
+        assert sum(after.stages.values()) == before.end_ns - before.start_ns
+        rq = after.stages.get("runqueue", 0)
+        assert 0 <= rq <= before.stages[HOST] and after.stages["gemm"] == before.stages["gemm"]
+        if delay > 0:  # the iteration's part of the wait, unless host is smaller
+            part = delay * (before.end_ns - before.start_ns) // t
+            assert rq == min(part, before.stages[HOST])
+    assert sum(a.stages.get("runqueue", 0) for a in out) <= max(delay, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -242,3 +243,43 @@ def test_the_profiles_phase_rule_reaches_the_live_iterations(ctarget: CTarget) -
         asyncio.run(monitor.run(1.0))
     assert len(phases) > 50
     assert set(phases) == {"mixed"}
+
+
+def test_a_busy_cpu_shows_as_the_runqueue_stage(ctarget: CTarget) -> None:
+    """The anchor's thread computes 2 ms of CPU time per iteration on one CPU; with two
+    busy processes on that CPU it waits for it two thirds of the time, and that wait is
+    the iterations' ``runqueue`` stage (from ``schedstat``, read as each one arrives),
+    taken out of ``host``: stages still add up to the iteration."""
+    cpu = max(os.sched_getaffinity(0))
+    ctarget.cmd("burn_start 2000")
+    for task in os.listdir(f"/proc/{ctarget.pid}/task"):
+        os.sched_setaffinity(int(task), {cpu})
+    profile = parse_profile(CTARGET_PROFILE, "ctarget")
+
+    def watch() -> list[tuple[float, float, int]]:
+        rows: list[tuple[float, float, int]] = []
+        with Monitor([Target(ctarget.pid)], profile, warmup=100_000, escalation_s=0,
+                     telemetry=False, on_observation=lambda obs: rows.append((
+                         obs.iteration.latency_ms,
+                         obs.iteration.stages.get("runqueue", 0) / 1e6,
+                         sum(obs.iteration.stages.values()) - (
+                             obs.iteration.end_ns - obs.iteration.start_ns)))) as monitor:
+            asyncio.run(monitor.run(1.5))
+        assert len(rows) > 50 and {extra for _, _, extra in rows} == {0}
+        return rows
+
+    def share(rows: list[tuple[float, float, int]]) -> float:
+        return sum(rq for _, rq, _ in rows) / sum(lat for lat, _, _ in rows)
+
+    quiet = share(watch())
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        busy = watch()
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert share(busy) > 0.4 and share(busy) > quiet + 0.3, (quiet, share(busy))
+    assert sum(lat for lat, _, _ in busy) / len(busy) > 4.0  # 2 ms of work, 3x as long

@@ -34,7 +34,13 @@ from prism_tui.engine.detector import (
     get_rule,
 )
 from prism_tui.engine.fit_worker import FitWorker, FitWorkerUnavailableError
-from prism_tui.engine.iterations import Derived, Iteration, IterationBuilder, SpanLike
+from prism_tui.engine.iterations import (
+    Derived,
+    Iteration,
+    IterationBuilder,
+    SpanLike,
+    with_run_queue_delay,
+)
 from prism_tui.engine.rca import BaselineSummary, rank_suspects, summarize
 from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
 from prism_tui.engine.view import (
@@ -175,6 +181,8 @@ class _Watched:
     baseline_summary: BaselineSummary | None = None
     """``normal_shares`` summarised every SUMMARY_EVERY normal iterations, ahead of alerts."""
     normal_seen: int = 0
+    run_queue: tuple[int, int] | None = None
+    """The last run-queue reading: (tid, cumulative ns waiting for a CPU)."""
     fitting: set[str] = field(default_factory=set)
     firing_since: dict[str, int] = field(default_factory=dict)
     slos: dict[tuple[str, str], list[tuple[SloSpec, SloRule]]] = field(default_factory=dict)
@@ -316,8 +324,15 @@ class Engine:
         self._notices.append(line)
 
     # ------------------------------------------------------------------ spans
-    def add_spans(self, pid: int, spans: Sequence[SpanLike]) -> list[Iteration]:
-        """Feed spans of ``pid``; returns the iterations they completed."""
+    def add_spans(self, pid: int, spans: Sequence[SpanLike],
+                  run_queue: tuple[int, int] | None = None) -> list[Iteration]:
+        """Feed spans of ``pid``; returns the iterations they completed.
+
+        ``run_queue`` is ``(tid, ns)``: the cumulative run-queue wait of the thread that
+        ends the iterations, read as the spans arrived. The wait since the previous
+        reading of that thread becomes the ``runqueue`` stage of the iterations the
+        spans complete.
+        """
         w = self._watched.get(pid)
         if w is None:
             return []
@@ -325,6 +340,13 @@ class Engine:
         if self.on_spans is not None:
             self.on_spans(spans)
         done = w.builder.add(spans)
+        previous = w.run_queue
+        if run_queue is not None and (done or previous is None or previous[0] != run_queue[0]):
+            # a reading with no iteration completed keeps the last one: the wait since
+            # then belongs to the iteration still open
+            w.run_queue = run_queue
+            if done and previous is not None and previous[0] == run_queue[0]:
+                done = with_run_queue_delay(done, run_queue[1] - previous[1])
         for it in done:
             self._on_iteration(w, it)
         return done

@@ -23,7 +23,7 @@ drained late) is counted in ``late_spans``, not attributed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from operator import itemgetter
 from types import MappingProxyType
@@ -32,6 +32,8 @@ from typing import Protocol
 from probes.catalog import evaluate_expr
 
 HOST = "host"
+RUNQUEUE = "runqueue"
+"""The stage of the time the iteration's thread waited for a CPU (from ``schedstat``)."""
 MEMCPY_KINDS = {1: "h2d_bytes", 2: "d2h_bytes", 3: "d2d_bytes"}
 
 
@@ -220,6 +222,31 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
         if derived_value is not None:
             feats[d.name] = derived_value
     return feats
+
+
+def with_run_queue_delay(its: Sequence[Iteration], delay_ns: int) -> list[Iteration]:
+    """``its`` with ``delay_ns`` of run-queue wait (read once for all of them) as their
+    ``runqueue`` stage, shared in proportion to their durations.
+
+    The wait is taken out of ``host``, the time no probed call covers: a thread that
+    waits for a CPU is not inside a call it would otherwise be timed in, mostly (the
+    host's Python between calls is what a busy CPU delays). Never more than ``host``, so
+    stages still add up to the iteration.
+    """
+    total = sum(it.end_ns - it.start_ns for it in its)
+    if delay_ns <= 0 or total <= 0:
+        return list(its)
+    out = []
+    for it in its:
+        stages = dict(it.stages)
+        host = stages.get(HOST, 0)
+        share = min(host, delay_ns * (it.end_ns - it.start_ns) // total)
+        if share > 0:
+            stages[HOST] = host - share
+            stages[RUNQUEUE] = share
+            it = replace(it, stages=MappingProxyType(stages))
+        out.append(it)
+    return out
 
 
 PHASES = ("prefill", "decode", "mixed", "unknown")

@@ -44,7 +44,7 @@ from probes.errors import ProbeError
 from probes.governor import HitCosts
 from probes.placement import Placement, place_profile
 from probes.target import Target, find_targets
-from probes.telemetry import HostSampler, ProcSampler, Reading
+from probes.telemetry import HostSampler, ProcSampler, Reading, thread_runqueue_ns
 from probes.uprobes import Span, UprobeSession
 
 __all__ = ["AlertEvent", "AlertSink", "Monitor", "Observation", "SloSpec", "workload_of"]
@@ -117,7 +117,7 @@ class Monitor:
                  slos: Sequence[SloSpec] = (), match: str | None = None,
                  costs: HitCosts | None = None, telemetry: bool = True,
                  escalation_s: float = 30.0, settle_s: float = 0.0,
-                 anchor_discovery_s: float = 5.0) -> None:
+                 anchor_discovery_s: float = 5.0, run_queue_stage: bool = True) -> None:
         """Attach the sentinel probes of ``profile`` (its iteration anchor and derived
         features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to every
         target; raises a ProbeError subclass when a probe cannot be opened.
@@ -129,7 +129,11 @@ class Monitor:
         the last ``anchor_discovery_s`` of spans. The choice is :attr:`anchor_choice`.
         A discovered anchor is not urgent: its spans reach the engine at the sessions'
         next drain (20 ms at most), not within a millisecond.
+
+        With ``run_queue_stage``, the anchor thread's run-queue wait (``schedstat``) is
+        read as each iteration arrives and becomes its ``runqueue`` stage.
         """
+        self.run_queue_stage = run_queue_stage
         self.profile = profile
         self.extra_profiles = list(extra_profiles)
         self.anchor: str | None = profile.anchor
@@ -357,7 +361,20 @@ class Monitor:
             if other != pid:
                 spans = att.session.read()
                 if spans:
-                    self.engine.add_spans(other, spans)
+                    self.engine.add_spans(other, spans, self._run_queue_of(other, spans))
+
+    def _run_queue_of(self, pid: int, spans: Sequence[Span]) -> tuple[int, int] | None:
+        """(tid, cumulative ns waiting for a CPU) of the thread that ended an iteration in
+        ``spans``, read now; None when no anchor is among them or the kernel does not
+        keep schedstat. One small /proc read per iteration (~10 µs), for the engine's
+        ``runqueue`` stage."""
+        if not self.run_queue_stage or self.anchor is None:
+            return None
+        tid = next((s.tid for s in reversed(spans) if s.probe == self.anchor), None)
+        if tid is None:
+            return None
+        ns = thread_runqueue_ns(pid, tid)
+        return None if ns is None else (tid, ns)
 
     # ------------------------------------------------------------------ DeepDive
     def request_escalation(self, pid: int) -> None:
@@ -502,7 +519,7 @@ class Monitor:
             # after the other targets' finished iterations are judged (see alerts_held)
             try:
                 with self.engine.alerts_held():
-                    self.engine.add_spans(pid, spans)
+                    self.engine.add_spans(pid, spans, self._run_queue_of(pid, spans))
                     if self.engine.alerts_pending:
                         self._judge_the_others(pid)
             except Exception as exc:

@@ -18,6 +18,8 @@
  *                     microseconds after each call when given), then joined
  *   sleep US N        N calls of pl_sleep_us(US)
  *   spin_start US     a background thread calling pl_work then sleeping US, forever
+ *   burn_start US     a background thread calling pl_work then computing for US of
+ *                     its own CPU time, forever (always runnable: it waits on a busy CPU)
  *   escape D C        pl_escape(D, C): D+1 nested activations; the innermost longjmps
  *                     to the setjmp of the activation at depth C, which returns
  *                     normally, so the C activations below it never return; with C > D
@@ -164,6 +166,20 @@ static void *spin_main(void *arg) {
     return NULL;
 }
 
+static void *burn_main(void *arg) {
+    long us = (long)arg;
+    for (;;) {
+        pl_work(1);
+        struct timespec t0, t;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+        do {
+            pl_sink++;
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+        } while ((t.tv_sec - t0.tv_sec) * 1000000L + (t.tv_nsec - t0.tv_nsec) / 1000 < us);
+    }
+    return NULL;
+}
+
 int main(void) {
     char line[256];
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -209,6 +225,11 @@ int main(void) {
             pthread_t t;
             sscanf(line, "%*s %ld", &a);
             pthread_create(&t, NULL, spin_main, (void *)a);
+            pthread_detach(t);
+        } else if (!strcmp(cmd, "burn_start")) {
+            pthread_t t;
+            sscanf(line, "%*s %ld", &a);
+            pthread_create(&t, NULL, burn_main, (void *)a);
             pthread_detach(t);
         } else if (!strcmp(cmd, "escape")) {
             jmp_buf top;
