@@ -47,7 +47,7 @@ from prism_tui.engine.recording import (
 )
 from prism_tui.engine.sketches import ITERATION
 from prism_tui.engine.trace_export import chrome_trace, write_chrome_trace
-from prism_tui.engine.view import WINDOWS_S
+from prism_tui.engine.view import WINDOWS_S, TelemetryValue
 from probes.catalog import load_profile
 from probes.uprobes import Span
 
@@ -416,3 +416,38 @@ def test_run_queue_readings_between_iterations_wait_for_the_next_one() -> None:
     assert "runqueue" not in it.stages
     [it] = engine.add_spans(7, [sp("sync", 2_500, 3_000)], (71, 9_100))
     assert it.stages["runqueue"] == 100
+
+
+def test_the_resolved_alert_names_the_metric_that_moved_during_the_episode() -> None:
+    """Telemetry (once a replayed second, as the runtime samples it) joins the root-cause
+    score: the slowed rank's preemptions jump during its fault, the other rank's stay;
+    the resolved alert ranks the episode's stages with that metric."""
+    procs, spans = load_spans(str(RECORDING))
+    t0 = spans[0].start_ns
+    clock = ReplayClock(t0)
+    sink = ListSink()
+    engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
+                    wall_clock=lambda: WALL, host="replay")
+    slow, calm = procs[1].pid, procs[0].pid
+    next_sample = [t0]
+
+    def every(now_ns: int) -> None:
+        while now_ns >= next_sample[0]:
+            t = (next_sample[0] - t0) / 1e9
+            switches = 900.0 if 8.0 <= t <= 12.0 else 40.0 + (int(t) % 3)
+            engine.set_telemetry([
+                TelemetryValue(f"pid {slow}", "involuntary_switches_delta", switches, "1/s"),
+                TelemetryValue(f"pid {calm}", "involuntary_switches_delta",
+                               40.0 + (int(t) % 3), "1/s"),
+                TelemetryValue(f"pid {slow}", "rss_bytes", 1e9 + t, "B"),  # not compared
+                TelemetryValue("host", "cpu_util_pct", None, "%", "unavailable")])
+            next_sample[0] += 1_000_000_000
+
+    replay(engine, clock, procs, spans, every=every)
+    [resolved] = [a for a in sink.alerts if a.status == "resolved" and a.target["pid"] == slow]
+    assert resolved.suspects, resolved
+    top = resolved.suspects[0]
+    assert top["metric"] == "involuntary_switches_delta" and top["score"] > 0
+    assert "the episode pointed at" in resolved.summary and "involuntary" in resolved.summary
+    assert all(s["metric"] in {"involuntary_switches_delta", "share"}
+               for a in sink.alerts for s in a.suspects)

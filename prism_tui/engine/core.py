@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import socket
 import threading
@@ -62,6 +63,24 @@ from probes.uprobes import Span
 
 BASELINE_SHARES = 300  # normal iterations kept for root-cause comparison
 ANOMALY_SHARES = 10
+BASELINE_METRIC_SAMPLES = 60
+"""Telemetry samples before an episode that form the metrics' baseline (a minute)."""
+METRIC_SAMPLES = 600
+"""Telemetry samples kept for root-cause hints (10 min at one a second)."""
+METRIC_FLOOR = 1.0
+"""Metric values below this count as this: the score takes their log, and a count or a
+percentage near 0 (no major fault this second) would make any change look enormous."""
+RCA_METRICS = frozenset({
+    # the target process: CPU it got, its threads' wait for a CPU, preemptions
+    "cpu_pct", "runqueue_delta_ns", "involuntary_switches_delta", "major_faults_delta",
+    # the host: how busy and how fast its CPUs are
+    "cpu_util_pct", "load_avg_1m", "cpu_freq_min_mhz",
+    # a GPU (NVML), when one is sampled
+    "gpu_util_pct", "mem_util_pct", "sm_clock_mhz", "mem_clock_mhz", "power_w",
+    "pcie_rx_kbps", "pcie_tx_kbps",
+})
+"""Telemetry metrics compared by the root-cause score (rates and levels that move with
+a slowdown; not sizes such as RSS or thread counts)."""
 SUMMARY_EVERY = 50
 """Normal iterations between summaries of the root-cause baseline (~1 ms each, kept off
 the alert's path: an alert compares its window with the last summary)."""
@@ -178,6 +197,8 @@ class _Watched:
         default_factory=lambda: deque(maxlen=BASELINE_SHARES))
     recent_shares: deque[dict[str, float]] = field(
         default_factory=lambda: deque(maxlen=ANOMALY_SHARES))
+    recent_starts: deque[int] = field(default_factory=lambda: deque(maxlen=ANOMALY_SHARES))
+    """When each of ``recent_shares``' iterations started."""
     baseline_summary: BaselineSummary | None = None
     """``normal_shares`` summarised every SUMMARY_EVERY normal iterations, ahead of alerts."""
     normal_seen: int = 0
@@ -185,6 +206,9 @@ class _Watched:
     """The last run-queue reading: (tid, cumulative ns waiting for a CPU)."""
     fitting: set[str] = field(default_factory=set)
     firing_since: dict[str, int] = field(default_factory=dict)
+    episode_shares: list[dict[str, float]] = field(default_factory=list)
+    """Stage shares of the iterations judged while the detector fires (capped), for the
+    root-cause hints of the ``resolved`` alert: the whole episode against the baseline."""
     slos: dict[tuple[str, str], list[tuple[SloSpec, SloRule]]] = field(default_factory=dict)
 
 
@@ -268,6 +292,7 @@ class Engine:
         # plain tuples of numbers and strings, which the cyclic GC stops tracking: 200k
         # span objects (with their args mappings) made each full collection ~160 ms
         self._spans: deque[_KeptSpanRow] = deque(maxlen=keep_spans)
+        self._metric_log: deque[tuple[int, dict[str, float]]] = deque(maxlen=METRIC_SAMPLES)
         self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
         self._telemetry: tuple[TelemetryValue, ...] = ()
         self._delivery = DeliveryStatus()
@@ -308,8 +333,15 @@ class Engine:
                                                               lost, overhead_pct)
 
     def set_telemetry(self, values: Iterable[TelemetryValue]) -> None:
-        """Replace the telemetry shown (sampled elsewhere, once a second)."""
+        """Replace the telemetry shown (sampled elsewhere, once a second), and log its
+        numbers (``metric@device``) for the root-cause hints."""
         self._telemetry = tuple(values)
+        metrics = {f"{v.metric}@{v.device}": max(v.value, METRIC_FLOOR)
+                   for v in self._telemetry
+                   if v.metric in RCA_METRICS and v.value is not None
+                   and _usable_metric(v.value)}
+        if metrics:
+            self._metric_log.append((self.clock(), metrics))
 
     def set_delivery(self, status: DeliveryStatus) -> None:
         """Replace the alert path status (broker and outbox)."""
@@ -399,6 +431,7 @@ class Engine:
         self._bars.append(IterationBar(it.pid, device, phase, it.end_ns, it.latency_ms,
                                        tuple(sorted(shares.items())), workload.batch_size))
         w.recent_shares.append(shares)
+        w.recent_starts.append(it.start_ns)
         verdict = None
         if phase == "decode":
             det = w.detectors.get(phase)
@@ -420,6 +453,8 @@ class Engine:
                     w.normal_seen += 1
                     if w.normal_seen % SUMMARY_EVERY == 0:
                         w.baseline_summary = summarize(list(w.normal_shares))
+                elif len(w.episode_shares) < BASELINE_SHARES:
+                    w.episode_shares.append(shares)
                 if verdict.transition is not None:
                     self._detector_alert(w, it, verdict)
         self._check_slos(w, it)
@@ -448,15 +483,36 @@ class Engine:
         future.add_done_callback(done)
 
     # ------------------------------------------------------------------ alerts
-    def _suspects(self, w: _Watched, device: str) -> tuple[dict[str, Any], ...]:
+    def _suspects(self, w: _Watched, device: str, anomalous: Sequence[Mapping[str, float]],
+                  since_ns: int) -> tuple[dict[str, Any], ...]:
+        """The top root-cause hints: each stage's share of the ``anomalous`` iterations
+        against the normal ones, with the telemetry metric that moved most between the
+        samples before ``since_ns`` and those after it (the paper's score). A sample is
+        taken once a second: one describes an episode, rarely its first iterations."""
         if len(w.normal_shares) < 20:
             return ()
         if w.baseline_summary is None:
             w.baseline_summary = summarize(list(w.normal_shares))
+        before = [m for t, m in self._metric_log if t < since_ns][-BASELINE_METRIC_SAMPLES:]
+        during = [m for t, m in self._metric_log if t >= since_ns]
         return tuple(
-            {"stage": s.stage, "device": s.device or device, "metric": s.metric or "share",
+            {"stage": s.stage, "device": s.device or device,
+             "metric": s.metric.partition("@")[0] if s.metric else "share",
              "score": round(s.score, 4), "delta_share": round(s.delta_share, 4)}
-            for s in rank_suspects(w.baseline_summary, list(w.recent_shares), top=3))
+            for s in rank_suspects(w.baseline_summary, anomalous, before, during,
+                                   related=self._related_metrics(w, before + during, anomalous),
+                                   top=3))
+
+    def _related_metrics(self, w: _Watched, samples: Sequence[Mapping[str, float]],
+                         anomalous: Sequence[Mapping[str, float]]) -> dict[str, list[str]]:
+        """Every stage of ``w`` with the metrics of its process and host (CPU time, run
+        queue, preemptions, clocks) and of its device (a GPU's): a slowdown of any
+        stage can come from either side."""
+        mine = (f"@pid {w.pid}", "@host", f"@{w.device}")
+        keys = sorted({k for m in samples for k in m if k.endswith(mine)})
+        stages = set(w.baseline_summary.stats if w.baseline_summary else ()) | \
+            {k for row in anomalous for k in row}
+        return {stage: keys for stage in stages}
 
     @contextlib.contextmanager
     def alerts_held(self) -> Iterator[None]:
@@ -505,14 +561,23 @@ class Engine:
         if v.transition == "firing":
             w.firing_since[key] = it.end_ns
         started = w.firing_since.get(key, it.end_ns)
-        suspects = self._suspects(w, it.device)
-        top = f"; top suspect: {suspects[0]['stage']}" if suspects else ""
+        if v.transition == "firing":  # the iterations that crossed, as they arrive
+            suspects = self._suspects(w, it.device, list(w.recent_shares), w.recent_starts[0])
+        else:  # the whole episode, with the telemetry sampled during it
+            suspects = self._suspects(w, it.device, w.episode_shares or list(w.recent_shares),
+                                      started)
+            w.episode_shares = []
+        top = ""
+        if suspects:
+            metric = suspects[0]["metric"]
+            top = (f"; {'top suspect' if v.transition == 'firing' else 'the episode pointed at'}"
+                   f": {suspects[0]['stage']}" + (f" ({metric})" if metric != "share" else ""))
         where = f"{it.phase} iterations of pid {w.pid} on {it.device}"
         why = (f"smoothed error {v.smoothed:.0%} > UCL {v.ucl:.0%}" if v.smoothed > v.ucl
                else f"error {v.error:.0%} and its latest predecessors above UCL {v.ucl:.0%}")
         summary = (f"{where} take {v.observed_ms:.1f} ms where the workload predicts "
                    f"{v.predicted_ms:.1f} ms ({why}){top}" if v.transition == "firing" else
-                   f"{where} are back within the workload's prediction")
+                   f"{where} are back within the workload's prediction{top}")
         if v.transition == "resolved":
             w.firing_since.pop(key, None)
         self._emit(AlertEvent(
@@ -559,7 +624,8 @@ class Engine:
                 error=round(stat / rule.threshold_ms - 1, 4), ucl=0.0,
                 window=int(rule.window_s), started_at_ns=started,
                 detected_at_ns=self.clock(), iteration_end_ns=it.end_ns,
-                suspects=self._suspects(w, it.device) if transition == "firing" else (),
+                suspects=self._suspects(w, it.device, list(w.recent_shares),
+                                        w.recent_starts[0]) if transition == "firing" else (),
                 summary=summary, source="slo", wall_time=self.wall_clock()))
 
     # ------------------------------------------------------------------ views
@@ -614,6 +680,10 @@ class Engine:
 
 _KeptSpanRow = tuple[Any, ...]
 """``(probe, pid, tid, start_ns, end_ns, arg name, arg value, …)``."""
+
+
+def _usable_metric(value: float) -> bool:
+    return not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def _quantile_of(stat: str) -> float:

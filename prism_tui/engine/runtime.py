@@ -581,7 +581,7 @@ class Monitor:
                 if self.match is not None and now - last_rescan >= RESCAN_S:
                     last_rescan = now
                     self._rescan()
-                if self.telemetry and self.on_view is not None:
+                if self.telemetry:  # for the view, and the root-cause hints' metrics
                     if telemetry_task is not None and telemetry_task.done():
                         if telemetry_task.exception() is None:
                             self.engine.set_telemetry(telemetry_task.result())
