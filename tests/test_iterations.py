@@ -26,7 +26,7 @@ from prism_tui.engine.iterations import (
     with_run_queue_delay,
     workload_features,
 )
-from probes.catalog import load_profile
+from probes.catalog import DerivedFeature, load_profile
 from probes.placement import place_profile
 from probes.target import Target
 from probes.uprobes import Span, UprobeSession
@@ -203,7 +203,7 @@ def test_features_grouped_by_probe_are_the_span_by_span_sums(
 
 
 def test_phase_from_the_profiles_rule_then_the_built_in_one() -> None:
-    rule = "min(calls.sample, decode.n_tokens) / decode.n_tokens"
+    rule = DerivedFeature("phase", "min(calls.sample, decode.n_tokens) / decode.n_tokens")
     assert phase_of({"calls.sample": 8, "decode.n_tokens": 8}, rule) == "decode"
     assert phase_of({"calls.sample": 4, "decode.n_tokens": 504}, rule) == "mixed"
     assert phase_of({"decode.n_tokens": 500, "calls.sample": 0}, rule) == "prefill"
@@ -221,7 +221,8 @@ def test_llama_cpp_steps_are_cut_into_prefill_mixed_and_decode() -> None:
     profile = load_profile("llama_cpp")
     b = IterationBuilder(1, profile.anchor or "decode",
                          {p.id: p.stage for p in profile.probes},
-                         derived=profile.derived, phase_rule=profile.phase_rule)
+                         derived=profile.derived,
+                         phase_rule=DerivedFeature("phase", profile.phase_rule or ""))
     b.add([span("decode", 0, 10, n_tokens=1)])
     steps = [(300, 0), (2, 1), (2, 2), (130, 2)]  # (tokens in, sequences sampled before)
     spans, t = [], 10

@@ -59,6 +59,7 @@ from prism_tui.engine.view import (
     frozen_snapshots,
 )
 from prism_tui.scheduling import follow_priority, helper_executor, leave_realtime, realtime_priority
+from probes.catalog import DerivedFeature
 from probes.uprobes import Span
 
 BASELINE_SHARES = 300  # normal iterations kept for root-cause comparison
@@ -305,8 +306,9 @@ class Engine:
               profile: str = "", device: str = "cpu", derived: Sequence[Derived] = (),
               phase_rule: str | None = None, probes: Sequence[ProbeStatus] = ()) -> None:
         """Start (or restart) following process ``pid`` whose iterations end at ``anchor``."""
-        builder = IterationBuilder(pid, anchor, stage_of, device=device, derived=derived,
-                                   phase_rule=phase_rule)
+        builder = IterationBuilder(
+            pid, anchor, stage_of, device=device, derived=derived,
+            phase_rule=DerivedFeature("phase_rule", phase_rule) if phase_rule else None)
         self._watched[pid] = _Watched(pid, name, profile, device, builder, probes=tuple(probes))
 
     def gone(self, pid: int) -> None:

@@ -29,8 +29,6 @@ from operator import itemgetter
 from types import MappingProxyType
 from typing import Protocol
 
-from probes.catalog import evaluate_expr
-
 HOST = "host"
 RUNQUEUE = "runqueue"
 """The stage of the time the iteration's thread waited for a CPU (from ``schedstat``)."""
@@ -252,7 +250,7 @@ def with_run_queue_delay(its: Sequence[Iteration], delay_ns: int) -> list[Iterat
 PHASES = ("prefill", "decode", "mixed", "unknown")
 
 
-def phase_of(features: Mapping[str, float], rule: str | None = None) -> str:
+def phase_of(features: Mapping[str, float], rule: Derived | None = None) -> str:
     """The iteration's phase from its features.
 
     With the profile's ``rule`` (an expression giving the share of the step's new
@@ -263,7 +261,7 @@ def phase_of(features: Mapping[str, float], rule: str | None = None) -> str:
     come out, else ``decode``; ``unknown`` without those copies.
     """
     if rule is not None:
-        share = evaluate_expr(rule, features)
+        share = rule.evaluate(features)
         if share is not None:
             return "decode" if share >= 1 else "prefill" if share <= 0 else "mixed"
     h2d = features.get("h2d_first_bytes", features.get("h2d_bytes"))
@@ -278,7 +276,7 @@ class IterationBuilder:
 
     def __init__(self, pid: int, anchor: str, stage_of: Mapping[str, str], *,
                  device: str = "cpu", derived: Sequence[Derived] = (),
-                 phase_rule: str | None = None) -> None:
+                 phase_rule: Derived | None = None) -> None:
         """Build iterations of ``pid`` delimited by the ends of ``anchor`` spans.
 
         Args:
