@@ -100,12 +100,15 @@ def test_the_default_labeller_falls_back_to_the_environment(child: object) -> No
     if reason is not None:
         assert labeller.processes() == {}  # not tried again, and no exception
         assert labeller.unavailable_reason == reason
+        assert labeller.samples() == []  # the telemetry's GPU side: nothing, no error
     else:  # a host with NVML: it answered, without our child
         assert pid not in labeller.processes()
+        assert [g.index for g in labeller.samples()] == list(range(len(labeller.samples())))
     labeller.close()
     labeller.close()
     assert labeller(pid) == "cuda:3"
     assert labeller.unavailable_reason == "NVML closed"
+    assert labeller.samples() == []
 
 
 def test_the_monitor_labels_its_targets_by_default(

@@ -107,6 +107,22 @@ class NvmlDevices:
             self.unavailable_reason = f"NVML query failed: {type(exc).__name__}: {exc}"
             return {}
 
+    def samples(self) -> list[Any]:
+        """One ``probes.telemetry.GpuSample`` per GPU from the same session (utilisation,
+        clocks, power, PCIe...); ``[]`` when NVML is unavailable, closed or failing."""
+        try:
+            with self._lock:
+                if self._closed:
+                    return []
+                if self._sampler is None:
+                    from probes.telemetry import NvmlSampler
+
+                    self._sampler = NvmlSampler().open()
+                return list(self._sampler.sample())
+        except Exception as exc:  # a broken binding or driver must not stop telemetry
+            self.unavailable_reason = f"NVML query failed: {type(exc).__name__}: {exc}"
+            return []
+
     def close(self) -> None:
         """End the NVML session (idempotent); later labels come from the environment."""
         with self._lock:

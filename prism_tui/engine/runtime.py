@@ -765,6 +765,10 @@ class Monitor:
         host = self._host_sampler.sample()
         for metric, reading in host.readings().items():
             out.append(_value("host", metric, reading))
+        if self._nvml_devices is not None:  # GPUs, when NVML has any (labels as devices')
+            for gpu in self._nvml_devices.samples():
+                for metric, reading in gpu.readings().items():
+                    out.append(_value(f"cuda:{gpu.index}", metric, reading))
         for pid in list(self._attached):
             sampler = self._proc_samplers.get(pid)
             if sampler is None:
