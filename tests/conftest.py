@@ -6,6 +6,7 @@ mocked.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -15,6 +16,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+
+def nvml_loadable() -> bool:
+    """Whether NVML's library loads here (it does not on a host without NVIDIA's driver)."""
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
 
 ROOT = Path(__file__).resolve().parent.parent
 CTARGET_SRC = ROOT / "tests" / "targets" / "ctarget.c"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import random
 import shutil
@@ -23,7 +22,7 @@ from prism_tui.engine.runtime import Monitor
 from probes.catalog import parse_profile
 from probes.target import Target
 from probes.uprobes import Span
-from tests.conftest import CTARGET_PROFILE, CTarget
+from tests.conftest import CTARGET_PROFILE, CTarget, nvml_loadable
 
 # --------------------------------------------------------------------------- devices
 
@@ -65,14 +64,6 @@ def test_device_from_a_real_process_environment(child: object, env: dict[str, st
     assert read_environ(pid).get("CUDA_VISIBLE_DEVICES") == env.get("CUDA_VISIBLE_DEVICES")
 
 
-def _nvml_loadable() -> bool:
-    """Whether NVML's library loads here (it does not on a host without NVIDIA's driver)."""
-    try:
-        ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return False
-    return True
-
 
 def test_nvml_processes_come_first(child: object) -> None:
     pid = child(CUDA_VISIBLE_DEVICES="3")  # type: ignore[operator]
@@ -95,7 +86,7 @@ def test_the_default_labeller_falls_back_to_the_environment(child: object) -> No
     assert labeller.unavailable_reason is None  # nothing asked yet
     assert labeller(pid) == "cuda:3"  # a sleeping interpreter holds no GPU context
     reason = labeller.unavailable_reason
-    if not _nvml_loadable():
+    if not nvml_loadable():
         assert reason is not None and "libnvidia-ml" in reason, reason
     if reason is not None:
         assert labeller.processes() == {}  # not tried again, and no exception
@@ -136,7 +127,7 @@ def test_the_monitor_labels_its_targets_by_default(
     devices_seen = {k.device for k in monitor.engine.sketches.keys()}  # noqa: SIM118
     assert devices_seen == {"cuda:3"}
     nvml_notices = [n for n in notices if "NVML unavailable" in n]
-    if not _nvml_loadable():  # said once, with NVML's own reason
+    if not nvml_loadable():  # said once, with NVML's own reason
         assert len(nvml_notices) == 1 and "libnvidia-ml" in nvml_notices[0], notices
 
 

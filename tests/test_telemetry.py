@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -26,17 +25,9 @@ from probes.telemetry import (
     decode_clock_event_reasons,
     thread_runqueue_ns,
 )
+from tests.conftest import nvml_loadable
 
-
-def _nvml_loadable() -> bool:
-    try:
-        ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return False
-    return True
-
-
-HAS_NVML = _nvml_loadable()
+HAS_NVML = nvml_loadable()
 
 # Two threads spin, one sleeps in short naps and prints its TID; the main thread sleeps.
 CHILD = """
