@@ -255,3 +255,25 @@ def test_run_queue_wait_is_shared_by_duration_and_never_exceeds_host(
             part = delay * (before.end_ns - before.start_ns) // t
             assert rq == min(part, before.stages[HOST])
     assert sum(a.stages.get("runqueue", 0) for a in out) <= max(delay, 0)
+
+
+def test_an_expression_of_one_probes_arguments_is_summed_per_call() -> None:
+    """blas's ``flops = 2 * M * N * K`` and cuda's ``grid_blocks`` (packed dim3) are per
+    call: two GEMMs of different shapes are the sum of their flops, not the product of
+    summed dimensions. ``tokens = d2h_bytes / 8`` stays over the iteration's features."""
+    blas = load_profile("blas").derived
+    gemms = [span("gemm", 0, 5, M=128, N=256, K=64), span("gemm", 10, 20, M=4, N=4, K=4),
+             span("gemm", 30, 40, M=9)]  # a call whose shape was not captured: left out
+    feats = workload_features(gemms, blas)
+    assert feats["flops"] == 2 * 128 * 256 * 64 + 2 * 4 * 4 * 4
+    assert feats["gemm.M"] == 128 + 4 + 9
+    cuda = load_profile("cuda").derived
+    launches = [span("launch", 0, 1, grid_xy=(2 << 32) | 3, grid_z=1, block_xy=(1 << 32) | 128,
+                     block_z=1),
+                span("launch", 2, 3, grid_xy=(1 << 32) | 10, grid_z=(0xBEEF << 32) | 2,
+                     block_xy=(1 << 32) | 64, block_z=1),
+                span("memcpy_async", 4, 5, bytes=24, kind=2)]
+    feats = workload_features(launches, cuda)
+    assert feats["grid_blocks"] == 3 * 2 * 1 + 10 * 1 * 2
+    assert feats["block_threads"] == 128 + 64
+    assert feats["tokens"] == 3  # d2h_bytes / 8, once over the iteration

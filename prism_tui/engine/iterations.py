@@ -58,6 +58,9 @@ class Derived(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def names(self) -> frozenset[str]: ...
+
     def evaluate(self, values: Mapping[str, float]) -> float | None: ...
 
 
@@ -175,6 +178,11 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
 
     Spans are grouped by probe first and each argument is summed over its group in
     span order (the same sums as span by span: this runs once per iteration).
+
+    A derived expression over one probe's own arguments (``2 * M * N * K`` of a GEMM,
+    a launch's packed grid) is evaluated per call and summed over the iteration: the
+    product of summed arguments would mean nothing. Any other is evaluated once, over
+    the iteration's features (``d2h_bytes / 8``).
     """
     groups: dict[str, list[SpanLike]] = {}
     for s in spans:
@@ -184,6 +192,8 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
         else:
             group.append(s)
     feats: dict[str, float] = Features()
+    per_call: set[str] = set()
+    per_call_names = frozenset().union(*(d.names for d in derived)) if derived else frozenset()
     first_h2d: tuple[int, float] | None = None
     for probe, group in groups.items():
         key = _CALL_KEYS.get(probe)
@@ -193,7 +203,12 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
         args = [s.args for s in group if s.args]
         if not args:
             continue
-        for name in dict.fromkeys(chain.from_iterable(args)):  # names, first seen first
+        names = dict.fromkeys(chain.from_iterable(args))  # first seen first
+        if per_call_names and not per_call_names.isdisjoint(names):
+            for d in derived:
+                if d.names and d.names <= names.keys():
+                    per_call_sum(d, args, feats, per_call)
+        for name in names:
             if name == "kind":
                 continue
             k = _ARG_KEYS.get((probe, name))
@@ -216,10 +231,22 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
     if first_h2d is not None:
         feats["h2d_first_bytes"] = first_h2d[1]
     for d in derived:
+        if d.name in per_call:
+            continue
         derived_value = d.evaluate(feats)
         if derived_value is not None:
             feats[d.name] = derived_value
     return feats
+
+
+def per_call_sum(d: Derived, args: Sequence[Mapping[str, int | float]],
+                 feats: dict[str, float], done: set[str]) -> None:
+    """Add ``d`` evaluated on each call's own arguments to ``feats[d.name]`` (calls
+    where it does not resolve are left out); ``done`` records that it was."""
+    values = [v for a in args if (v := d.evaluate(a)) is not None]
+    if values:
+        feats[d.name] = feats.get(d.name, 0.0) + sum(values, 0.0)
+        done.add(d.name)
 
 
 def with_run_queue_delay(its: Sequence[Iteration], delay_ns: int) -> list[Iteration]:

@@ -24,7 +24,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -232,9 +232,9 @@ class DerivedFeature:
         """Validate the expression up front (ValueError with the reason)."""
         _compile_expr(self.expr)
 
-    @property
+    @cached_property
     def names(self) -> frozenset[str]:
-        """Feature names the expression reads."""
+        """Feature names the expression reads (worked out once: read per iteration)."""
         return feature_names(self.expr)
 
     def evaluate(self, values: Mapping[str, float]) -> float | None:
@@ -366,6 +366,7 @@ def _check_node(node: ast.expr) -> None:
 _Closure = Callable[[Mapping[str, float]], Any]
 
 
+@lru_cache(maxsize=1024)
 def feature_names(expr: str) -> frozenset[str]:
     """Feature names ``expr`` reads: identifiers, and dotted names such as
     ``decode.n_tokens`` (the features of a probe's arguments and calls)."""
