@@ -249,6 +249,29 @@ def test_three_iterations_above_the_limit_fire_before_the_smoothed_error_does() 
     assert RULES["prism"].fast_fire == 3 and RULES["prism"].fast_fire_level == 1.0
 
 
+def test_one_clearly_slow_iteration_soon_after_a_resolve_fires_again() -> None:
+    """A CPU squeeze alternates slow and normal iterations: three normal ones resolve
+    the alert. Within ``refire_within`` iterations of that, one iteration above
+    ``refire_level × UCL`` fires again; a milder one, or one later, does not alone."""
+    def run(rule: DetectorRule, after_resolve: list[float]) -> list[str | None]:
+        det, _ = warmed(rule, seed=4)
+        ucl = det.ucl
+        assert ucl is not None
+        errors = [0.0] * 10 + [2.2 * ucl] * 8 + [0.0] * 3 + [e * ucl for e in after_resolve]
+        verdicts = [det.observe_predicted(WARMUP + k, 10.0 / (1 - e), 10.0)
+                    for k, e in enumerate(errors)]
+        assert all(v is not None for v in verdicts)
+        return [v.transition for v in verdicts[10:] if v is not None]
+
+    prism = RULES["prism"]
+    assert (prism.refire_within, prism.refire_level) == (5, 2.0)
+    fault = [None, None, "firing"] + [None] * 5 + [None, None, "resolved"]
+    assert run(prism, [0.0, 2.5]) == [*fault, None, "firing"]
+    assert run(prism, [0.0, 1.5, 0.0]) == fault + [None] * 3  # not clearly slow
+    assert run(prism, [0.0] * 6 + [2.5]) == fault + [None] * 7  # too late to count
+    assert run(dataclasses.replace(prism, refire_within=0), [0.0, 2.5]) == fault + [None] * 2
+
+
 def test_larger_leaves_do_not_learn_a_handful_of_odd_rows() -> None:
     """A regime refit holds ~100 rows of the new regime; with leaves of one row the
     trees learnt a few slow ones at the edge of its range and predicted everything

@@ -520,6 +520,11 @@ class DetectorRule:
             iterations the smoothed rule misses are each fault's first three. Like the
             smoothed error, only once W errors have come in since the last fit.
         fast_fire_level: see ``fast_fire``.
+        refire_within: for this many judged iterations after a resolve, one iteration
+            whose own error exceeds ``fast_fire_level × UCL`` fires again (not
+            ``fast_fire`` in a row): a fault whose slow iterations come and go (a CPU
+            squeeze) resolves on three normal ones and is back at the next slow one.
+        refire_level: the error, in UCLs, that re-fires within ``refire_within``.
         min_samples_leaf: of the model's trees (:class:`BaselineModel`). With 1 (the
             paper), a regime refit's model, which holds about a hundred rows of the new
             regime, learnt single odd rows and predicted the regime's later iterations
@@ -566,6 +571,8 @@ class DetectorRule:
     range_quantile: float = 0.0
     fast_fire: int = 0
     fast_fire_level: float = 1.5
+    refire_within: int = 0
+    refire_level: float = 1.0
     clear_after: int = 1
     min_samples_leaf: int = 1
 
@@ -594,6 +601,8 @@ RULES: dict[str, DetectorRule] = {
         min_samples_leaf=20,
         fast_fire=3,
         fast_fire_level=1.0,
+        refire_within=5,
+        refire_level=2.0,
     ),
 }
 
@@ -894,6 +903,7 @@ class Detector:
         self._above = 0
         self._hot = 0
         self._clear = 0
+        self._since_resolve = 1 << 62  # judged iterations since the last resolve
         self._novel = 0
         self._settle = False
         self._since_fit = 0
@@ -1104,7 +1114,11 @@ class Detector:
             full = self._since_fit_errors >= self._rule.window
             self._above = self._above + 1 if full and smoothed > ucl else 0
             self._hot = self._hot + 1 if full and err > ucl * self._rule.fast_fire_level else 0
-            fast = self._rule.fast_fire > 0 and self._hot >= self._rule.fast_fire
+            need = self._rule.fast_fire
+            if self._since_resolve < self._rule.refire_within and \
+                    err > ucl * self._rule.refire_level:
+                need = 1  # the fault resolved a moment ago: one slow iteration re-fires
+            fast = need > 0 and self._hot >= need
             if self._above >= self._rule.fire_after or fast:
                 self._firing = True
                 self._below = 0
@@ -1123,6 +1137,7 @@ class Detector:
                     clear is not None and self._clear >= self._rule.clear_after):
                 self._firing = False
                 self._below = 0
+                self._since_resolve = 0
                 transition = "resolved"
                 if self._rule.resolve_on == "raw":
                     # the window still holds the fault's errors and would fire again at
@@ -1139,6 +1154,8 @@ class Detector:
                 and err <= ucl * self._rule.guard_fraction):
             self._recent.append((*x, lat))
         self._since_fit += 1
+        if transition != "resolved":
+            self._since_resolve += 1
         self.n_verdicts += 1
         return Verdict(t_ns, lat, predicted, err, smoothed, ucl, self._firing, transition)
 
