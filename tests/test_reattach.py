@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -168,3 +170,33 @@ async def test_a_target_attached_by_match_is_written_to_the_history(
     gone, attached = targets[first.pid], targets[second.pid]
     assert attached.last_seen_ns > attached.first_seen_ns, attached
     assert gone.first_seen_ns <= gone.last_seen_ns < attached.first_seen_ns, (gone, attached)
+
+
+@pytest.mark.anyio
+async def test_a_match_that_cannot_be_watched_is_said_once(ctarget_exe: Path) -> None:
+    """A process whose command line matches but which has none of the profile's
+    functions (a Python sleeping with the target's path as an argument): one notice
+    says why, the monitor keeps running and retries without repeating itself."""
+    first = _spinning(ctarget_exe)
+    watch = Watch()
+    monitor = _monitor(ctarget_exe, first, watch)
+    imposter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 str(ctarget_exe)])
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(30.0, stop))
+    said = f"pid {imposter.pid} "
+    try:
+        await _until("a notice about the imposter",
+                     lambda: any(said in n for n in watch.notices()), RESCAN_S + 5)
+        await asyncio.sleep(2 * RESCAN_S + 0.5)  # two more rescans, same reason
+        lines = [n for n in watch.notices() if said in n]
+        assert len(lines) == 1 and "cannot be watched" in lines[0], watch.notices()
+        assert imposter.pid not in monitor.engine.pids
+        assert watch.state(first.pid) == "attached" and not task.done()
+    finally:
+        stop.set()
+        await task
+        imposter.kill()
+        imposter.wait()
+        first.close()
+        await asyncio.to_thread(monitor.close)

@@ -172,6 +172,8 @@ class Monitor:
         self._retiring: set[asyncio.Task[None]] = set()
         self._deepdive_opening: set[int] = set()
         self._attaching: set[int] = set()
+        self._unattachable: dict[int, str] = {}
+        """Matching pids that failed to attach, with the reason last said in a notice."""
         """Matching pids whose probes a thread is opening (see :meth:`_reattach`)."""
         self._nvml_devices: NvmlDevices | None = None
         """The default :attr:`device_of`: NVML's process list, else the environment."""
@@ -691,16 +693,24 @@ class Monitor:
 
         Opening is ELF lookups and perf events (6-30 ms for a simulator rank with the
         ``cuda`` and ``nccl`` profiles): on the loop it delayed every verdict. A process
-        that fails (its libraries not loaded yet, say) is tried again at the next rescan.
+        that fails (its libraries not loaded yet, say) is tried again at the next rescan;
+        a notice says why, once per pid and reason.
         """
         loop = asyncio.get_running_loop()
         try:
             session, placements, device = await loop.run_in_executor(
                 None, self._open, target)
-        except (ProbeError, ValueError, OSError):
+        except (ProbeError, ValueError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if self._unattachable.get(target.pid) != reason:  # once per pid and reason
+                self._unattachable[target.pid] = reason
+                self.engine.notice(f"pid {target.pid} ({target.name}) matches "
+                                   f"{self.match!r} but cannot be watched: {reason}; "
+                                   "trying again every rescan")
             return
         finally:
             self._attaching.discard(target.pid)
+        self._unattachable.pop(target.pid, None)
         if self._loop is None or target.pid in self._attached:  # stopped, or picked meanwhile
             await loop.run_in_executor(None, session.close)
             return
