@@ -207,7 +207,7 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
         if per_call_names and not per_call_names.isdisjoint(names):
             for d in derived:
                 if d.names and d.names <= names.keys():
-                    per_call_sum(d, args, feats, per_call)
+                    _per_call_sum(d, args, feats, per_call)
         for name in names:
             if name == "kind":
                 continue
@@ -239,7 +239,7 @@ def workload_features(spans: Sequence[SpanLike], derived: Sequence[Derived] = ()
     return feats
 
 
-def per_call_sum(d: Derived, args: Sequence[Mapping[str, int | float]],
+def _per_call_sum(d: Derived, args: Sequence[Mapping[str, int | float]],
                  feats: dict[str, float], done: set[str]) -> None:
     """Add ``d`` evaluated on each call's own arguments to ``feats[d.name]`` (calls
     where it does not resolve are left out); ``done`` records that it was."""
@@ -272,9 +272,6 @@ def with_run_queue_delay(its: Sequence[Iteration], delay_ns: int) -> list[Iterat
             it = replace(it, stages=MappingProxyType(stages))
         out.append(it)
     return out
-
-
-PHASES = ("prefill", "decode", "mixed", "unknown")
 
 
 def phase_of(features: Mapping[str, float], rule: Derived | None = None) -> str:

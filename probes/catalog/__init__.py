@@ -242,7 +242,12 @@ class DerivedFeature:
 
         Failing math is a division by zero, an overflow, or a result that is not finite.
         """
-        return evaluate_expr(self.expr, values)
+        try:
+            result = float(_closure_of(self.expr)(values))
+        except (KeyError, ZeroDivisionError, OverflowError, ValueError, TypeError,
+                RecursionError):
+            return None
+        return result if math.isfinite(result) else None
 
 
 @dataclass(frozen=True)
@@ -381,17 +386,6 @@ def feature_names(expr: str) -> frozenset[str]:
 def _dotted(node: ast.Attribute) -> str:
     assert isinstance(node.value, ast.Name)  # _check_node allows nothing else
     return f"{node.value.id}.{node.attr}"
-
-
-def evaluate_expr(expr: str, values: Mapping[str, float]) -> float | None:
-    """``expr`` (checked as a derived expression) on ``values``; None if a name is
-    missing or the math fails (division by zero, overflow, a result not finite)."""
-    try:
-        result = float(_closure_of(expr)(values))
-    except (KeyError, ZeroDivisionError, OverflowError, ValueError, TypeError,
-            RecursionError):
-        return None
-    return result if math.isfinite(result) else None
 
 
 @lru_cache(maxsize=1024)
