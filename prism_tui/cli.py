@@ -327,7 +327,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             mode=settings.probe.mode, costs=calibrate(),
             escalation_s=settings.engine.escalation_s,
             snapshot_interval_s=1 / settings.engine.snapshot_hz,
-            on_spans=recorder.add if recorder else None)
+            on_spans=recorder.add if recorder else None,
+            on_run_queue=recorder.add_run_queue if recorder else None)
     except ValueError as exc:
         if recorder is not None:
             recorder.discard()
@@ -549,7 +550,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         recorder = _span_recorder(args.record)
         monitor = Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
                           rule=args.rule, warmup=args.warmup, on_observation=on_observation,
-                          telemetry=False, on_spans=recorder.add if recorder else None)
+                          telemetry=False, on_spans=recorder.add if recorder else None,
+                          on_run_queue=recorder.add_run_queue if recorder else None)
         with contextlib.ExitStack() as stack:
             if recorder is not None:
                 stack.callback(recorder.discard)  # a run that fails leaves no temp file

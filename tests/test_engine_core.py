@@ -40,7 +40,9 @@ from prism_tui.engine.recording import (
     RecordedSpan,
     RecordingError,
     ReplayClock,
+    RunQueueReading,
     SpanRecorder,
+    load_recording,
     load_spans,
     replay,
     save_spans,
@@ -250,6 +252,27 @@ def test_span_recorder_streams_and_keeps_derived_features(tmp_path: Path) -> Non
     assert spans == [s for b in batches for s in b]
     assert dict(procs[0].derived) == {"kv_tokens": "a.count * 2"}
     assert [p.name for p in tmp_path.iterdir()] == ["stream.jsonl.gz"]  # no temp left
+    # run-queue readings land after the batch they came with, and a future format or a
+    # reading that is not three integers is one clear error
+    rec = SpanRecorder(str(tmp_path / "rq.jsonl.gz"))
+    for k, batch in enumerate(batches):
+        rec.add(batch)
+        rec.add_run_queue(7, 8, 1000 * k)
+    rec.close([proc])
+    back = load_recording(str(tmp_path / "rq.jsonl.gz"))
+    assert back.spans == [s for b in batches for s in b]
+    assert back.run_queue == [RunQueueReading(3 * (k + 1), 7, 8, 1000 * k) for k in range(4)]
+    assert load_recording(str(path)).run_queue == []
+    for bad, where in (('{"format": 3, "processes": []}\n', "format 1 or 2"),
+                       ('{"format": 2, "processes": []}\n{"run_queue": [1, 2]}\n', ":2:"),
+                       ('{"format": 2, "processes": []}\n{"run_queue": [1, 2, 0.5]}\n',
+                        ":2: a run-queue reading")):
+        with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as fh:
+            fh.write(bad)
+        with pytest.raises(RecordingError, match=where):
+            load_recording(str(tmp_path / "bad.jsonl.gz"))
+    (tmp_path / "rq.jsonl.gz").unlink()
+    (tmp_path / "bad.jsonl.gz").unlink()
     failed = SpanRecorder(str(tmp_path / "failed.jsonl.gz"))
     failed.add(batches[0])
     failed.discard()

@@ -15,7 +15,10 @@ from pathlib import Path
 from prism_sim.labels import read_labels
 from prism_sim.scenario import load_scenario, parse_scenario
 from prism_sim.server import SimServer
+from prism_tui.engine.core import Engine
 from prism_tui.engine.evaluate import match, score
+from prism_tui.engine.iterations import Iteration
+from prism_tui.engine.recording import ReplayClock, SpanRecorder, load_recording, replay
 from prism_tui.engine.runtime import AlertEvent, Monitor, Observation
 from probes.catalog import load_profile, parse_profile
 from probes.target import Target
@@ -245,41 +248,68 @@ def test_the_profiles_phase_rule_reaches_the_live_iterations(ctarget: CTarget) -
     assert set(phases) == {"mixed"}
 
 
-def test_a_busy_cpu_shows_as_the_runqueue_stage(ctarget: CTarget) -> None:
+_Row = tuple[int, float, float, int]
+"""An iteration's end, latency in ms, runqueue stage in ms, and stages minus latency."""
+
+
+def test_a_busy_cpu_shows_as_the_runqueue_stage(ctarget: CTarget, tmp_path: Path) -> None:
     """The anchor's thread computes 2 ms of CPU time per iteration on one CPU; with two
     busy processes on that CPU it waits for it two thirds of the time, and that wait is
     the iterations' ``runqueue`` stage (from ``schedstat``, read as each one arrives),
-    taken out of ``host``: stages still add up to the iteration."""
+    taken out of ``host``: stages still add up to the iteration. A recording of the busy
+    run keeps the readings: replayed, it gives every iteration the same stage."""
     cpu = max(os.sched_getaffinity(0))
     ctarget.cmd("burn_start 2000")
     for task in os.listdir(f"/proc/{ctarget.pid}/task"):
         os.sched_setaffinity(int(task), {cpu})
     profile = parse_profile(CTARGET_PROFILE, "ctarget")
+    def row(it: Iteration) -> _Row:
+        return (it.end_ns, it.latency_ms, it.stages.get("runqueue", 0) / 1e6,
+                sum(it.stages.values()) - (it.end_ns - it.start_ns))
 
-    def watch() -> list[tuple[float, float, int]]:
-        rows: list[tuple[float, float, int]] = []
+    def watch(recorder: SpanRecorder | None = None) -> list[_Row]:
+        rows: list[_Row] = []
         with Monitor([Target(ctarget.pid)], profile, warmup=100_000, escalation_s=0,
-                     telemetry=False, on_observation=lambda obs: rows.append((
-                         obs.iteration.latency_ms,
-                         obs.iteration.stages.get("runqueue", 0) / 1e6,
-                         sum(obs.iteration.stages.values()) - (
-                             obs.iteration.end_ns - obs.iteration.start_ns)))) as monitor:
+                     telemetry=False, on_observation=lambda obs: rows.append(row(obs.iteration)),
+                     on_spans=recorder.add if recorder else None,
+                     on_run_queue=recorder.add_run_queue if recorder else None) as monitor:
             asyncio.run(monitor.run(1.5))
-        assert len(rows) > 50 and {extra for _, _, extra in rows} == {0}
+            if recorder is not None:
+                recorder.close(monitor.recorded_processes())
+        assert len(rows) > 50 and {extra for *_, extra in rows} == {0}
         return rows
 
-    def share(rows: list[tuple[float, float, int]]) -> float:
-        return sum(rq for _, rq, _ in rows) / sum(lat for lat, _, _ in rows)
+    def share(rows: list[_Row]) -> float:
+        return sum(r[2] for r in rows) / sum(r[1] for r in rows)
 
     quiet = share(watch())
     code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
     hogs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    path = tmp_path / "busy.spans.gz"
     try:
         time.sleep(0.3)
-        busy = watch()
+        busy = watch(SpanRecorder(str(path)))
     finally:
         for hog in hogs:
             hog.kill()
             hog.wait()
     assert share(busy) > 0.4 and share(busy) > quiet + 0.3, (quiet, share(busy))
-    assert sum(lat for lat, _, _ in busy) / len(busy) > 4.0  # 2 ms of work, 3x as long
+    assert sum(r[1] for r in busy) / len(busy) > 4.0  # 2 ms of work, 3x as long
+
+    rec = load_recording(str(path))
+    assert len(rec.run_queue) >= len(busy)
+    clock = ReplayClock(rec.spans[0].start_ns)
+    replayed: list[_Row] = []
+    engine = Engine(warmup=100_000, clock=clock,
+                    on_observation=lambda obs: replayed.append(row(obs.iteration)))
+    replay(engine, clock, rec.processes, rec.spans, run_queue=rec.run_queue)
+    assert replayed == busy
+    # without the readings the replay has no runqueue stage at all
+    plain: list[_Row] = []
+    clock = ReplayClock(rec.spans[0].start_ns)
+    engine = Engine(warmup=100_000, clock=clock,
+                    on_observation=lambda obs: plain.append(row(obs.iteration)))
+    replay(engine, clock, rec.processes, rec.spans)
+    assert [r[:2] for r in plain] == [r[:2] for r in busy] and share(plain) == 0
+
+

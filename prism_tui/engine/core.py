@@ -258,6 +258,7 @@ class Engine:
                  sinks: Sequence[AlertSink] = (),
                  on_observation: Callable[[Observation], None] | None = None,
                  on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
+                 on_run_queue: Callable[[int, int, int], None] | None = None,
                  slos: Sequence[SloSpec] = (), host: str | None = None,
                  clock: Callable[[], int] = time.monotonic_ns,
                  wall_clock: Callable[[], float] = time.time,
@@ -267,6 +268,8 @@ class Engine:
         """``clock`` is CLOCK_MONOTONIC in ns (span timestamps use it); ``wall_clock`` epoch s.
         ``settle_s``: seconds of a process's first decode iterations its detector does
         not train on (for a target started with the monitor: its start-up is not normal).
+        ``on_spans`` sees every batch of spans fed, ``on_run_queue`` every run-queue
+        reading that came with one (``pid, tid, ns``), after the batch: a recorder.
 
         Raises ValueError when an SLO rule does not parse.
         """
@@ -276,6 +279,7 @@ class Engine:
         self.sinks = list(sinks)
         self.on_observation = on_observation
         self.on_spans = on_spans
+        self.on_run_queue = on_run_queue
         self.slo_specs = tuple(slos)
         for spec in self.slo_specs:
             SloRule.parse(spec.rule)  # fail at start, not on the first iteration
@@ -373,6 +377,8 @@ class Engine:
         self._keep(spans)
         if self.on_spans is not None:
             self.on_spans(spans)
+        if run_queue is not None and self.on_run_queue is not None:
+            self.on_run_queue(pid, *run_queue)
         done = w.builder.add(spans)
         previous = w.run_queue
         if run_queue is not None and (done or previous is None or previous[0] != run_queue[0]):

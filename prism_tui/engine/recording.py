@@ -1,7 +1,10 @@
 """Spans saved to and replayed from a file (gzip JSON lines), for offline analysis and tests.
 
 The first line is a header (format version, processes with their profile, anchor,
-stage map and device); then one span per line (captured arguments are numbers).
+stage map and device); then one span per line (a JSON array; captured arguments are
+numbers) and, from format 2, the run-queue readings that came with the spans (a JSON
+object ``{"run_queue": [pid, tid, ns]}`` after the batch it came with), so a replay has
+the live run's ``runqueue`` stage.
 Replaying a recording through :class:`~prism_tui.engine.core.Engine` with a clock that
 follows the spans gives the iterations, sketches and alerts of the live run, which makes
 the engine and the dashboard testable without probes.
@@ -25,7 +28,9 @@ from typing import Any, Protocol
 from prism_tui.engine.iterations import SpanLike
 from probes.catalog import DerivedFeature
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+"""Format 1 had no run-queue readings; it reads as a recording without them."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,29 @@ class RecordedProcess:
     """The profile's phase rule (None: the built-in rule)."""
 
 
+@dataclass(frozen=True)
+class RunQueueReading:
+    """A thread's cumulative run-queue wait read live with a batch of spans.
+
+    ``after`` is how many spans of the recording came before it: the batch it came
+    with ends there.
+    """
+
+    after: int
+    pid: int
+    tid: int
+    ns: int
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A recording read back: its processes, spans and run-queue readings, in order."""
+
+    processes: list[RecordedProcess]
+    spans: list[RecordedSpan]
+    run_queue: list[RunQueueReading]
+
+
 class RecordingError(ValueError):
     """A file that is not a span recording (the message says where it broke)."""
 
@@ -84,6 +112,8 @@ class SpanRecorder:
     formats the lines into a temporary file next to ``path``. ``close(processes)`` writes
     the header, which needs every process the run attached, then the spans, into
     ``path``. Memory stays at the queue's backlog, not the run's length.
+    ``add_run_queue`` takes the engine's run-queue readings (its ``on_run_queue``) into
+    the same queue, so each lands after the batch it came with.
     """
 
     def __init__(self, path: str) -> None:
@@ -91,7 +121,8 @@ class SpanRecorder:
         directory = os.path.dirname(os.path.abspath(path))
         fd, self._body_path = tempfile.mkstemp(prefix=".spans-", dir=directory)
         self._body = os.fdopen(fd, "w", encoding="utf-8")
-        self._queue: queue.SimpleQueue[Sequence[SpanLike] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Sequence[SpanLike] | tuple[int, int, int] | None] = \
+            queue.SimpleQueue()
         self.count = 0
         self._closed = False
         self._thread = threading.Thread(target=self._write, name="span-recorder",
@@ -103,10 +134,18 @@ class SpanRecorder:
         if not self._closed:
             self._queue.put(list(spans))
 
+    def add_run_queue(self, pid: int, tid: int, ns: int) -> None:
+        """Queue a run-queue reading that came with the batch queued last for ``pid``."""
+        if not self._closed:
+            self._queue.put((pid, tid, ns))
+
     def _write(self) -> None:
-        while (batch := self._queue.get()) is not None:
-            self._body.write("".join(_span_line(s) for s in batch))
-            self.count += len(batch)
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, tuple):
+                self._body.write(json.dumps({"run_queue": list(item)}) + "\n")
+                continue
+            self._body.write("".join(_span_line(s) for s in item))
+            self.count += len(item)
 
     def discard(self) -> None:
         """Stop and delete what was written (a run that failed); harmless after close."""
@@ -147,19 +186,34 @@ def _header(processes: Iterable[RecordedProcess]) -> dict[str, Any]:
 
 def load_spans(path: str) -> tuple[list[RecordedProcess], list[RecordedSpan]]:
     """The processes of a recording and its spans, in file order."""
+    rec = load_recording(path)
+    return rec.processes, rec.spans
+
+
+def load_recording(path: str) -> Recording:
+    """A recording's processes, spans and run-queue readings, in file order."""
     spans: list[RecordedSpan] = []
+    readings: list[RunQueueReading] = []
     lineno = 1
     try:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             header = json.loads(fh.readline())
-            if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise RecordingError(f"{path}: not a span recording of format {FORMAT}")
+            if not isinstance(header, dict) or header.get("format") not in READABLE_FORMATS:
+                raise RecordingError(f"{path}: not a span recording of format "
+                                     f"{' or '.join(map(str, READABLE_FORMATS))}")
             procs = [RecordedProcess(p["pid"], p["name"], p["profile"], p["anchor"],
                                      p["device"], MappingProxyType(dict(p["stage_of"])),
                                      MappingProxyType(_derived_of(p)),
                                      _phase_rule_of(p))
                      for p in header["processes"]]
             for lineno, line in enumerate(fh, start=2):
+                if line.startswith("{"):
+                    rq_pid, rq_tid, rq_ns = json.loads(line)["run_queue"]
+                    if not all(isinstance(v, int) for v in (rq_pid, rq_tid, rq_ns)):
+                        raise RecordingError(f"{path}:{lineno}: a run-queue reading "
+                                             "holds integers")
+                    readings.append(RunQueueReading(len(spans), rq_pid, rq_tid, rq_ns))
+                    continue
                 probe, pid, tid, start, end, args = json.loads(line)
                 if not all(isinstance(v, (int, float)) for v in args.values()):
                     raise RecordingError(f"{path}:{lineno}: arguments must be numbers")
@@ -169,7 +223,7 @@ def load_spans(path: str) -> tuple[list[RecordedProcess], list[RecordedSpan]]:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RecordingError(f"{path}:{lineno}: not a span recording ({exc})") from None
-    return procs, spans
+    return Recording(procs, spans, readings)
 
 
 def _derived_of(process: Mapping[str, Any]) -> dict[str, str]:
@@ -212,16 +266,21 @@ class _Feed(Protocol):
               profile: str = ..., device: str = ...,
               derived: Sequence[DerivedFeature] = ..., phase_rule: str | None = ...) -> None: ...
 
-    def add_spans(self, pid: int, spans: Sequence[SpanLike]) -> Any: ...
+    def add_spans(self, pid: int, spans: Sequence[SpanLike],
+                  run_queue: tuple[int, int] | None = ...) -> Any: ...
 
 
 def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProcess],
            spans: Iterable[RecordedSpan], *, batch: int = 64,
-           every: Callable[[int], None] | None = None) -> int:
+           every: Callable[[int], None] | None = None,
+           run_queue: Sequence[RunQueueReading] = ()) -> int:
     """Feed a recording to an engine built on ``clock``, in batches as a ring would deliver.
 
-    ``every(now_ns)`` runs after each batch (to take views at replayed times). Returns
-    the number of spans fed.
+    ``every(now_ns)`` runs after each batch (to take views at replayed times). With
+    ``run_queue`` (a recording's readings), a process that has readings is fed in the
+    live run's batches: each ends at a reading and carries it, so its iterations get
+    the live ``runqueue`` stage (``batch`` does not cut them). Returns the number of
+    spans fed.
     """
     for p in processes:
         engine.watch(p.pid, p.name, p.anchor, p.stage_of, profile=p.profile, device=p.device,
@@ -229,21 +288,34 @@ def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProces
                      phase_rule=p.phase_rule)
     pending: dict[int, list[RecordedSpan]] = {}
     n = 0
+    read = {r.pid for r in run_queue}
+    readings = iter(run_queue)
+    upcoming = next(readings, None)
 
-    def flush(pid: int) -> None:
+    def flush(pid: int, reading: tuple[int, int] | None = None) -> None:
         group = pending.pop(pid, [])
-        if group:
-            clock.advance_to(max(s.end_ns for s in group))
-            engine.add_spans(pid, group)
+        if group or reading is not None:
+            if group:
+                clock.advance_to(max(s.end_ns for s in group))
+            if reading is None:
+                engine.add_spans(pid, group)
+            else:
+                engine.add_spans(pid, group, reading)
             if every is not None:
                 every(clock.now_ns)
 
     for s in spans:
+        while upcoming is not None and upcoming.after <= n:
+            flush(upcoming.pid, (upcoming.tid, upcoming.ns))
+            upcoming = next(readings, None)
         group = pending.setdefault(s.pid, [])
         group.append(s)
         n += 1
-        if len(group) >= batch:
+        if len(group) >= batch and s.pid not in read:
             flush(s.pid)
+    while upcoming is not None:
+        flush(upcoming.pid, (upcoming.tid, upcoming.ns))
+        upcoming = next(readings, None)
     for pid in list(pending):
         flush(pid)
     return n

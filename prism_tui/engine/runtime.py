@@ -112,6 +112,7 @@ class Monitor:
                  on_snapshot: Callable[[Snapshot], None] | None = None,
                  on_view: Callable[[EngineView], None] | None = None,
                  on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
+                 on_run_queue: Callable[[int, int, int], None] | None = None,
                  snapshot_interval_s: float = 0.5, device_of: Callable[[int], str] | None = None,
                  mode: str = "auto", clock: Callable[[], int] = time.monotonic_ns,
                  slos: Sequence[SloSpec] = (), match: str | None = None,
@@ -131,7 +132,9 @@ class Monitor:
         next drain (20 ms at most), not within a millisecond.
 
         With ``run_queue_stage``, the anchor thread's run-queue wait (``schedstat``) is
-        read as each iteration arrives and becomes its ``runqueue`` stage.
+        read as each iteration arrives and becomes its ``runqueue`` stage; the readings
+        go to ``on_run_queue`` as the spans go to ``on_spans`` (a
+        :class:`~prism_tui.engine.recording.SpanRecorder` takes both).
         """
         self.run_queue_stage = run_queue_stage
         self.profile = profile
@@ -151,8 +154,9 @@ class Monitor:
         self.on_view = on_view
         self.snapshot_interval_s = snapshot_interval_s
         self.engine = Engine(rule=rule, warmup=warmup, sinks=sinks,
-                             on_observation=on_observation, on_spans=on_spans, slos=slos,
-                             clock=clock, settle_s=settle_s)
+                             on_observation=on_observation, on_spans=on_spans,
+                             on_run_queue=on_run_queue, slos=slos, clock=clock,
+                             settle_s=settle_s)
         self.placements: list[Placement] = []
         self.escalation_s = escalation_s
         self.escalations: list[tuple[str, int, int]] = []
