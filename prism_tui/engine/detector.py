@@ -21,7 +21,8 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
   normal stretches reach later: smoothed errors of 0.25-0.29 on the 2-vCPU VM,
   docs/detection.md), capped at 0.5; a workload above the trained range is not judged
   but learnt by a refit (one below it is judged against the previous model too until the
-  regime settles); also fires on 3 iterations in a row whose own errors exceed the UCL;
+  regime settles); also fires on 2 iterations in a row whose own errors exceed 1.3 × the
+  UCL;
   resolves after 3 iterations whose own errors are below 0.8 × UCL (not waiting for the
   smoothing window to drain).
 
@@ -599,8 +600,8 @@ RULES: dict[str, DetectorRule] = {
         settle_keeps_limit=True,
         range_quantile=0.01,
         min_samples_leaf=20,
-        fast_fire=3,
-        fast_fire_level=1.0,
+        fast_fire=2,
+        fast_fire_level=1.3,
         refire_within=5,
         refire_level=2.0,
     ),
