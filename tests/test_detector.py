@@ -172,7 +172,8 @@ def test_resolving_on_raw_errors_ends_the_alert_when_the_slowdown_ends() -> None
     iteration's own error resolves ``resolve_after`` iterations after it instead."""
     ends = {}
     for resolve_on in ("raw", "smoothed"):
-        rule = dataclasses.replace(RULES["prism"], window=10, resolve_on=resolve_on)
+        rule = dataclasses.replace(RULES["prism"], window=10, resolve_on=resolve_on,
+                                   resolve_clear=None)
         det, rng = warmed(rule, seed=3)
         t = WARMUP
         verdicts = []
@@ -201,7 +202,7 @@ def test_two_clearly_normal_iterations_end_the_alert_but_one_inside_a_fault_does
     fault's tail of false positives is one iteration, not two). A fault that lets one
     normal iteration through now and then (every fourth here, as a CPU squeeze does)
     keeps firing; with ``clear_after=1`` it flapped. Milder dips need three in a row.
-    (Measured, not adopted by ``prism``: docs/detection.md.)"""
+    (``prism`` resolves on two below 0.5 × UCL: docs/detection.md.)"""
     ends = {}
     for clear_after, clear in ((1, 0.1), (2, 0.1), (2, None)):
         rule = dataclasses.replace(RULES["prism"], resolve_clear=clear,
@@ -222,7 +223,35 @@ def test_two_clearly_normal_iterations_end_the_alert_but_one_inside_a_fault_does
     for key, last in (((2, 0.1), 161), ((2, None), 162)):
         assert [tr for _, tr in ends[key]] == ["firing", "resolved"], (key, ends[key])
         assert ends[key][1][0] == last  # the second (clear) or third normal iteration
-    assert RULES["prism"].resolve_clear is None
+    prism = RULES["prism"]
+    assert (prism.resolve_clear, prism.clear_after, prism.flap_within) == (0.5, 2, 50)
+
+
+def test_an_alert_that_fires_again_soon_after_a_resolve_needs_three_normal_iterations(
+) -> None:
+    """Two clearly normal iterations end an alert, unless it fired within
+    ``flap_within`` iterations of the previous resolve: the fault is still on and lets
+    normal iterations through (a CPU squeeze), and the ordinary three in a row apply."""
+    def run(rule: DetectorRule, gap: int) -> list[tuple[int, str]]:
+        det, _ = warmed(rule, seed=4)
+        ucl = det.ucl
+        assert ucl is not None
+        slow = [2.2 * ucl] * 8
+        errors = [0.0] * 10 + slow + [0.0] * gap + slow + [0.0] * 10
+        verdicts = [det.observe_predicted(WARMUP + k, 10.0 / (1 - e), 10.0)
+                    for k, e in enumerate(errors)]
+        return [(k, v.transition) for k, v in enumerate(verdicts)
+                if v is not None and v.transition]
+
+    prism = RULES["prism"]
+    # fired again 9 iterations after the resolve (past refire_within): flapping
+    assert run(prism, 10) == [(11, "firing"), (19, "resolved"), (29, "firing"),
+                              (38, "resolved")]
+    assert run(dataclasses.replace(prism, flap_within=0), 10) == [
+        (11, "firing"), (19, "resolved"), (29, "firing"), (37, "resolved")]
+    # 60 iterations later it is a new alert, ended by two clear iterations
+    assert run(prism, 60) == [(11, "firing"), (19, "resolved"), (79, "firing"),
+                              (87, "resolved")]
 
 
 def test_two_clearly_slow_iterations_fire_before_the_smoothed_error_does() -> None:
@@ -252,14 +281,14 @@ def test_two_clearly_slow_iterations_fire_before_the_smoothed_error_does() -> No
 
 
 def test_one_clearly_slow_iteration_soon_after_a_resolve_fires_again() -> None:
-    """A CPU squeeze alternates slow and normal iterations: three normal ones resolve
+    """A CPU squeeze alternates slow and normal iterations: two clearly normal ones resolve
     the alert. Within ``refire_within`` iterations of that, one iteration above
     ``refire_level × UCL`` fires again; a milder one, or one later, does not alone."""
     def run(rule: DetectorRule, after_resolve: list[float]) -> list[str | None]:
         det, _ = warmed(rule, seed=4)
         ucl = det.ucl
         assert ucl is not None
-        errors = [0.0] * 10 + [2.2 * ucl] * 8 + [0.0] * 3 + [e * ucl for e in after_resolve]
+        errors = [0.0] * 10 + [2.2 * ucl] * 8 + [0.0] * 2 + [e * ucl for e in after_resolve]
         verdicts = [det.observe_predicted(WARMUP + k, 10.0 / (1 - e), 10.0)
                     for k, e in enumerate(errors)]
         assert all(v is not None for v in verdicts)
@@ -267,7 +296,7 @@ def test_one_clearly_slow_iteration_soon_after_a_resolve_fires_again() -> None:
 
     prism = RULES["prism"]
     assert (prism.refire_within, prism.refire_level) == (5, 2.0)
-    fault = [None, "firing"] + [None] * 6 + [None, None, "resolved"]
+    fault = [None, "firing"] + [None] * 6 + [None, "resolved"]  # two clear ones end it
     assert run(prism, [0.0, 2.5]) == [*fault, None, "firing"]
     assert run(prism, [0.0, 1.5, 0.0]) == fault + [None] * 3  # not clearly slow
     assert run(prism, [0.0] * 6 + [2.5]) == fault + [None] * 7  # too late to count

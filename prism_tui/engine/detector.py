@@ -22,9 +22,10 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
   docs/detection.md), capped at 0.5; a workload above the trained range is not judged
   but learnt by a refit (one below it is judged against the previous model too until the
   regime settles); also fires on 2 iterations in a row whose own errors exceed 1.3 × the
-  UCL;
-  resolves after 3 iterations whose own errors are below 0.8 × UCL (not waiting for the
-  smoothing window to drain).
+  UCL (on 1 above 2 × UCL within 5 iterations of a resolve); resolves after 3
+  iterations whose own errors are below 0.8 × UCL (not waiting for the smoothing window
+  to drain), or after 2 below 0.5 × UCL unless the alert fired within 50 iterations of
+  the previous resolve (a fault that comes and goes).
 
 Time is injected: every call carries the caller's ``t_ns``; nothing here reads a clock.
 Fitting is synchronous; a runtime that must not block calls :func:`fit_baseline` in an
@@ -526,6 +527,10 @@ class DetectorRule:
             ``fast_fire`` in a row): a fault whose slow iterations come and go (a CPU
             squeeze) resolves on three normal ones and is back at the next slow one.
         refire_level: the error, in UCLs, that re-fires within ``refire_within``.
+        flap_within: an alert that fires within this many judged iterations of the
+            previous resolve is *flapping* (0: never): the fault is still on and lets
+            normal iterations through (a CPU squeeze), so ``resolve_clear`` does not end
+            it; only ``resolve_after`` iterations below ``hysteresis × UCL`` do.
         min_samples_leaf: of the model's trees (:class:`BaselineModel`). With 1 (the
             paper), a regime refit's model, which holds about a hundred rows of the new
             regime, learnt single odd rows and predicted the regime's later iterations
@@ -574,6 +579,7 @@ class DetectorRule:
     fast_fire_level: float = 1.5
     refire_within: int = 0
     refire_level: float = 1.0
+    flap_within: int = 0
     clear_after: int = 1
     min_samples_leaf: int = 1
 
@@ -602,6 +608,9 @@ RULES: dict[str, DetectorRule] = {
         min_samples_leaf=20,
         fast_fire=2,
         fast_fire_level=1.3,
+        resolve_clear=0.5,
+        clear_after=2,
+        flap_within=50,
         refire_within=5,
         refire_level=2.0,
     ),
@@ -905,6 +914,7 @@ class Detector:
         self._hot = 0
         self._clear = 0
         self._since_resolve = 1 << 62  # judged iterations since the last resolve
+        self._flapping = False  # see DetectorRule.flap_within
         self._novel = 0
         self._settle = False
         self._since_fit = 0
@@ -1122,6 +1132,7 @@ class Detector:
             fast = need > 0 and self._hot >= need
             if self._above >= self._rule.fire_after or fast:
                 self._firing = True
+                self._flapping = self._since_resolve < self._rule.flap_within
                 self._below = 0
                 self._above = 0
                 self._hot = 0
@@ -1132,7 +1143,7 @@ class Detector:
                     self._recent.pop()
         elif (err if self._rule.resolve_on == "raw" else smoothed) < ucl * self._hysteresis:
             self._below += 1
-            clear = self._rule.resolve_clear
+            clear = None if self._flapping else self._rule.resolve_clear
             self._clear = self._clear + 1 if clear is not None and err < ucl * clear else 0
             if self._below >= self._resolve_after or (
                     clear is not None and self._clear >= self._rule.clear_after):
