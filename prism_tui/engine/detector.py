@@ -523,7 +523,7 @@ class DetectorRule:
             smoothed error, only once W errors have come in since the last fit.
         fast_fire_level: see ``fast_fire``.
         refire_within: for this many judged iterations after a resolve, one iteration
-            whose own error exceeds ``fast_fire_level × UCL`` fires again (not
+            whose own error exceeds ``refire_level × UCL`` fires again (not
             ``fast_fire`` in a row): a fault whose slow iterations come and go (a CPU
             squeeze) resolves on three normal ones and is back at the next slow one.
         refire_level: the error, in UCLs, that re-fires within ``refire_within``.

@@ -176,9 +176,9 @@ class Monitor:
         self._retiring: set[asyncio.Task[None]] = set()
         self._deepdive_opening: set[int] = set()
         self._attaching: set[int] = set()
+        """Matching pids whose probes a thread is opening (see :meth:`_reattach`)."""
         self._unattachable: dict[int, str] = {}
         """Matching pids that failed to attach, with the reason last said in a notice."""
-        """Matching pids whose probes a thread is opening (see :meth:`_reattach`)."""
         self._nvml_devices: NvmlDevices | None = None
         """The default :attr:`device_of`: NVML's process list, else the environment."""
         self._nvml_noticed = False
@@ -686,6 +686,9 @@ class Monitor:
             candidates = find_targets(self.match)
         except (ProbeError, OSError):
             return
+        present = {t.pid for t in candidates}
+        for pid in [p for p in self._unattachable if p not in present]:
+            del self._unattachable[pid]  # exited: a reused pid gets its notice again
         for target in candidates:
             if target.pid in self._attached or target.pid in self._attaching:
                 continue
