@@ -1,4 +1,4 @@
-"""The ``prism`` command line (DESIGN.md §4.1).
+"""The ``prism`` command line (docs/architecture.md §Command line).
 
 Every user error reaches the user as one line on stderr with the exit code of its kind
 (2 bad input, 3 permission, 1 anything else); ``--json`` prints one JSON document on

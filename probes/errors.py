@@ -2,7 +2,7 @@
 
 Every error a user can cause (a wrong PID, a missing symbol, no permission, a malformed
 profile) is a subclass of :class:`ProbeError` carrying the process exit code the CLI uses,
-so the command line prints one clear line instead of a traceback (DESIGN.md §3 rule 4).
+so the command line prints one clear line instead of a traceback (docs/architecture.md §Rules 4).
 """
 
 from __future__ import annotations
