@@ -72,20 +72,20 @@ def test_perfmon_alone_cannot_read_a_root_process_exit_3(python_child: Any,
     assert "root" in line
 
 
-@pytest.mark.parametrize("command", [
-    ["symbols"],
-    ["trace", "--probe", "libc:read"],
-    ["watch", "--headless", "--duration", "2", "--no-history"],
+SYMBOLS = ["symbols"]
+WATCH = ["watch", "--headless", "--duration", "2", "--no-history"]
+
+
+@pytest.mark.parametrize("args, needle", [  # trace's own cases are in tests/test_cli.py
+    ([*SYMBOLS, "--pid", "999999999"], "no process with pid 999999999"),
+    ([*SYMBOLS, "--pid", "-3"], "no process with pid -3"),
+    ([*SYMBOLS, "--match", "no-such-process-xyzzy-[0-9]"], "no process command line matches"),
+    ([*WATCH, "--pid", "999999999"], "no process with pid 999999999"),
+    ([*WATCH, "--match", "no-such-process-xyzzy-[0-9]"], "no process command line matches"),
+    ([*WATCH, "--match", "("], "bad pattern"),
 ])
-@pytest.mark.parametrize("target, needle", [
-    (["--pid", "999999999"], "no process with pid 999999999"),
-    (["--pid", "-3"], "no process with pid -3"),
-    (["--match", "no-such-process-xyzzy-[0-9]"], "no process command line matches"),
-    (["--match", "("], "bad pattern"),
-])
-def test_a_target_that_is_not_there_exits_2(command: list[str], target: list[str],
-                                            needle: str) -> None:
-    result = prism(*command, *target)
+def test_a_target_that_is_not_there_exits_2(args: list[str], needle: str) -> None:
+    result = prism(*args)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert needle in one_line(result)
 
