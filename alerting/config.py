@@ -1,4 +1,4 @@
-"""Broker settings and the MQTT topic layout of DESIGN.md §4.2 for the publisher side.
+"""Broker settings and the MQTT topic layout of docs/alerts.md for the publisher side.
 
 Kept separate from the publisher so the CLI, the embedded broker and the tests can share
 one URL parser and one set of topic helpers without importing aiomqtt.

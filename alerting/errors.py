@@ -1,4 +1,4 @@
-"""The alerting package's one base error (DESIGN.md §3 rule 4)."""
+"""The alerting package's one base error (docs/architecture.md §Rules 4)."""
 
 from __future__ import annotations
 

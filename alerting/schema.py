@@ -1,4 +1,4 @@
-"""Alert schema version 1 (DESIGN.md §4.2): a typed, validated model and its JSON codec.
+"""Alert schema version 1 (docs/alerts.md): a typed, validated model and its JSON codec.
 
 The payload is self-contained: everything a pager needs is in one message. Decoding is
 strict (unknown schema, wrong types, missing fields, oversized payloads raise
@@ -131,7 +131,7 @@ class Alert:
 
     # ------------------------------------------------------------------ codec
     def to_dict(self) -> dict[str, Any]:
-        """The wire form (DESIGN.md §4.2 field names)."""
+        """The wire form (docs/alerts.md field names)."""
         return {
             "schema": SCHEMA_VERSION,
             "id": self.id,

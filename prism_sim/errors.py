@@ -1,7 +1,7 @@
-"""Typed errors of the simulator (one base per package, DESIGN.md §3 rule 4).
+"""Typed errors of the simulator (one base per package, docs/architecture.md §Rules 4).
 
-``exit_code`` follows the CLI's convention (DESIGN.md §4.1): 2 for bad input, 1 for
-anything else, so ``prism sim`` prints one clear line instead of a traceback.
+``exit_code`` follows the CLI's convention (docs/architecture.md §Command line): 2 for
+bad input, 1 for anything else, so ``prism sim`` prints one clear line instead of a traceback.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``prism`` command line (DESIGN.md §4.1).
+"""The ``prism`` command line (docs/architecture.md §Command line).
 
 Every user error reaches the user as one line on stderr with the exit code of its kind
 (2 bad input, 3 permission, 1 anything else); ``--json`` prints one JSON document on
@@ -26,7 +26,7 @@ from fastdigest import TDigest
 from alerting.errors import AlertingError
 from prism_sim.errors import SimError
 from prism_tui import __version__
-from prism_tui.history.store import HistoryError
+from prism_tui.history.store import HistoryError, HistoryPermissionError
 from prism_tui.settings import SettingsError
 from probes.errors import EXIT_OTHER, EXIT_USAGE, ProbeError
 
@@ -335,7 +335,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     history_db = None if args.no_history else str(settings.history.path)
     if history_db is not None:
-        os.makedirs(os.path.dirname(history_db) or ".", mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(history_db) or ".", mode=0o700, exist_ok=True)
+        except PermissionError as exc:  # the outbox lives beside it: refuse before attaching
+            raise HistoryPermissionError(
+                f"cannot create the directory of {history_db}: permission denied; pass a "
+                "--db this user may write, or --no-history") from exc
+        except OSError as exc:
+            raise UsageError(f"cannot create the directory of {history_db}: "
+                             f"{exc.strerror}") from exc
     session = LiveSession(monitor, broker=broker_config(settings.mqtt), history_db=history_db,
                           retention_days=settings.history.retention_days,
                           max_iterations=settings.history.max_iterations, freeze_gc=True)
@@ -629,16 +637,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     """``prism history``: merged window digests over time, and the alerts in range."""
     from prism_tui.history.query import history_report
-    from prism_tui.history.store import HistoryError
     from prism_tui.settings import load_settings
 
     # the file `prism watch` writes: the same settings decide it
     path = str(load_settings(args.config, overrides={"history.db": args.db}).history.path)
-    try:
-        doc = history_report(path, args.since, args.until, args.stage, args.device,
-                             phase=args.phase)
-    except HistoryError as exc:
-        raise UsageError(str(exc)) from exc
+    doc = history_report(path, args.since, args.until, args.stage, args.device,
+                         phase=args.phase)  # a HistoryError carries its own exit code
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0

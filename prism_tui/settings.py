@@ -1,4 +1,4 @@
-"""One typed settings object for the monitor (DESIGN.md §3 rule 6).
+"""One typed settings object for the monitor (docs/architecture.md §Rules 6).
 
 Settings are loaded once, in this order, each layer overriding the one before:
 

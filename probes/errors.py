@@ -2,7 +2,7 @@
 
 Every error a user can cause (a wrong PID, a missing symbol, no permission, a malformed
 profile) is a subclass of :class:`ProbeError` carrying the process exit code the CLI uses,
-so the command line prints one clear line instead of a traceback (DESIGN.md §3 rule 4).
+so the command line prints one clear line instead of a traceback (docs/architecture.md §Rules 4).
 """
 
 from __future__ import annotations
@@ -34,6 +34,16 @@ class TargetExitedError(ProbeError):
     """The target went away while it was being inspected."""
 
     exit_code = EXIT_USAGE
+
+
+class TargetAccessError(ProbeError):
+    """The kernel refused to show the monitor a target's memory map, files or threads.
+
+    Reading ``/proc/PID/maps`` needs ptrace read access: the target's own user, or
+    CAP_SYS_PTRACE; it is a permission problem (exit 3), not a missing process.
+    """
+
+    exit_code = EXIT_PERMISSION
 
 
 class LibraryNotMappedError(ProbeError):
@@ -88,3 +98,21 @@ PERMISSION_HINT = (
     "sudo setcap cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep "
     "\"$(readlink -f .venv/bin/python)\""
 )
+
+TARGET_ACCESS_HINT = (
+    "the kernel shows a process's memory map and files only to its own user or to a monitor with "
+    "CAP_SYS_PTRACE: run prism as root (sudo) or as the target's user, or "
+    "sudo setcap cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep "
+    "\"$(readlink -f .venv/bin/python)\""
+)
+ROOT_REFUSED_HINT = (
+    "even root is refused here: a security module (Yama, SELinux, AppArmor, a sandbox) "
+    "or the target's user namespace denies ptrace read access to it"
+)
+
+
+def target_access_hint() -> str:
+    """How to get read access to a target: as root, what refuses it; else what to grant."""
+    import os
+
+    return ROOT_REFUSED_HINT if os.geteuid() == 0 else TARGET_ACCESS_HINT

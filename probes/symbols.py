@@ -24,7 +24,7 @@ from typing import IO, Any
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from probes.errors import ElfError, SymbolNotFoundError
+from probes.errors import ElfError, SymbolNotFoundError, TargetAccessError, target_access_hint
 
 ENDBR64 = b"\xf3\x0f\x1e\xfa"
 STT_FUNC_TYPES = ("STT_FUNC",)
@@ -32,6 +32,16 @@ STT_FUNC_TYPES = ("STT_FUNC",)
 # time to pick an implementation, so a probe on it would never see the calls
 STT_IFUNC_TYPES = ("STT_GNU_IFUNC", "STT_LOOS")
 VERSYM_HIDDEN = 0x8000
+
+
+def _refused(path: str) -> TargetAccessError:
+    """A target's file the kernel would not let us open: a permission problem (exit 3)."""
+    if "/map_files/" in path:  # its path was unreachable or replaced: the kernel's own link
+        return TargetAccessError(
+            f"cannot open {path}: permission denied; the mapped file's path is not "
+            "reachable by this user (or was replaced) and /proc/PID/map_files opens only "
+            "with CAP_SYS_ADMIN: run prism as root (sudo)")
+    return TargetAccessError(f"cannot open {path}: permission denied; {target_access_hint()}")
 
 
 def classify_site(code: bytes) -> str:
@@ -110,6 +120,8 @@ class ElfSymbols:
         self._lock = threading.RLock()
         try:
             self._stream: IO[bytes] = open(path, "rb")  # noqa: SIM115 - owned by the object
+        except PermissionError as exc:
+            raise _refused(path) from exc
         except OSError as exc:
             raise ElfError(f"cannot open {path}: {exc.strerror}") from exc
         try:
@@ -324,6 +336,8 @@ def elf_symbols(path: str) -> ElfSymbols:
     """The cached :class:`ElfSymbols` for the file at ``path`` (keyed by file identity)."""
     try:
         st = os.stat(path)
+    except PermissionError as exc:
+        raise _refused(path) from exc
     except OSError as exc:
         raise ElfError(f"cannot open {path}: {exc.strerror}") from exc
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -8,13 +8,20 @@ always names the inode the process really runs.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from probes.errors import AmbiguousTargetError, TargetExitedError, TargetNotFoundError
+from probes.errors import (
+    AmbiguousTargetError,
+    TargetAccessError,
+    TargetExitedError,
+    TargetNotFoundError,
+    target_access_hint,
+)
 
 PROC = Path("/proc")
 
@@ -124,12 +131,22 @@ class Target:
             return []
         return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
+    def _refused(self, what: str) -> TargetAccessError:
+        """The typed error for a ``/proc/PID/<what>`` the kernel would not let us read."""
+        return TargetAccessError(f"cannot read /proc/{self.pid}/{what} ({self.name}): "
+                                 f"permission denied; {target_access_hint()}")
+
     @property
     def exe(self) -> str:
         """Path of the executable as the process sees it."""
         try:
             return os.readlink(self._proc / "exe").removesuffix(" (deleted)")
+        except PermissionError as exc:
+            raise self._refused("exe") from exc
         except OSError as exc:
+            if exc.errno == errno.ENOENT and self.alive() and not self.cmdline:
+                raise TargetNotFoundError(f"pid {self.pid} ({self.name}) is a kernel thread: "
+                                          "it has no executable or libraries to probe") from exc
             raise TargetExitedError(f"cannot read the executable of pid {self.pid}: "
                                     f"{exc.strerror}") from exc
 
@@ -142,13 +159,17 @@ class Target:
         """Thread ids of the process now (threads come and go; call again to refresh)."""
         try:
             return sorted(int(t) for t in os.listdir(self._proc / "task"))
+        except PermissionError as exc:
+            raise self._refused("task") from exc
         except FileNotFoundError as exc:
             raise TargetExitedError(f"process {self.pid} has exited") from exc
 
     def maps_text(self) -> str:
-        """Raw ``/proc/PID/maps``."""
+        """Raw ``/proc/PID/maps``; :class:`TargetAccessError` (exit 3) when it is refused."""
         try:
             return (self._proc / "maps").read_text()
+        except PermissionError as exc:
+            raise self._refused("maps") from exc
         except FileNotFoundError as exc:
             raise TargetExitedError(f"process {self.pid} has exited") from exc
 

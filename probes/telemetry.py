@@ -1,12 +1,12 @@
 """NVML and /proc samplers: device, process, thread and host metrics polled about once a second.
 
-Failures are values, not exceptions (DESIGN.md §3 rule 4): every metric is a :class:`Reading`
-that holds either a value or the reason it is missing ("not supported on this GPU",
+Failures are values, not exceptions (docs/architecture.md §Rules 4): every metric is a
+:class:`Reading` that holds either a value or the reason it is missing ("not supported on this GPU",
 "permission denied", "process exited", ...). Sampler methods never raise except on programming
 errors, so an executor job that calls them cannot surface a traceback in the asyncio loop.
 
 Samplers are synchronous and blocking (NVML calls, /proc reads); the engine runs them in an
-executor (DESIGN.md §3 rule 3). Three of them, one concern each:
+executor (docs/architecture.md §Rules 3). Three of them, one concern each:
 
 * :class:`NvmlSampler` owns one NVML session and samples every NVIDIA GPU;
 * :class:`ProcSampler` samples one process and its threads from ``/proc/PID``;

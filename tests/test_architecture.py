@@ -1,4 +1,4 @@
-"""The layering rules of DESIGN.md §3, checked on every run of the suite."""
+"""The layering rules of docs/architecture.md, checked on every run of the suite."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The gateway's stages, pure and driven by an injected clock (DESIGN.md rule 7).
+"""The gateway's stages, pure and driven by an injected clock (docs/architecture.md §Rules 7).
 
 In Alertmanager's spirit, every alert goes: validate → dedup (fingerprint + status) →
 route (tree with ``continue``) → group (``group_wait``, ``group_interval``,

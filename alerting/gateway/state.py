@@ -4,7 +4,7 @@ A restart reads them back, so it neither re-pages (the notification log says wha
 sink was last sent, and when) nor forgets (silences; alerts still firing, which a later
 ``resolved`` must close). The file is created with mode 0600 and uses WAL, so the
 ``prism gateway silence`` commands can write while a gateway runs. Calls block: the
-service runs them in a thread (DESIGN.md rule 3).
+service runs them in a thread (docs/architecture.md §Rules 3).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Automatic choice of the iteration anchor when a profile names none.
 
 An anchor is the probe whose span end closes an iteration (see
-:mod:`prism_tui.engine.iterations`). Following the reference (DESIGN.md §2: anchors are
+:mod:`prism_tui.engine.iterations`). Following the reference (docs/architecture.md: anchors are
 chosen by call frequency and duration stability; candidates must recur; minimum cycle
 1 ms), every probe seen in a sample of spans is a candidate and is measured per process:
 

@@ -89,7 +89,7 @@ the alert's path: an alert compares its window with the last summary)."""
 
 @dataclass(frozen=True)
 class AlertEvent:
-    """One alert state change, as the engine emits it (DESIGN.md §4.2 fields)."""
+    """One alert state change, as the engine emits it (the fields of docs/alerts.md)."""
 
     id: str
     fingerprint: str

@@ -1,6 +1,6 @@
 """Workload-aware latency anomaly detection (pure computation: no asyncio, no I/O).
 
-The method follows the LatencyPrism paper (DESIGN.md §2): a gradient-boosted regression
+The method follows the LatencyPrism paper (docs/architecture.md): a gradient-boosted regression
 predicts the latency a decode iteration *should* have from its workload (batch size,
 average input length, average output length, ``kv_len = in + out`` and ``B * kv_len``).
 The positive relative residual ``E_t = max(0, (Y - Ŷ) / Y)`` is smoothed over a window of

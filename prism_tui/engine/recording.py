@@ -248,7 +248,7 @@ def _phase_rule_of(process: Mapping[str, Any]) -> str | None:
 
 
 class ReplayClock:
-    """A CLOCK_MONOTONIC stand-in that follows the replayed spans (DESIGN.md rule 7)."""
+    """A CLOCK_MONOTONIC stand-in following the replayed spans (docs/architecture.md §Rules 7)."""
 
     def __init__(self, start_ns: int = 0) -> None:
         self.now_ns = start_ns

@@ -1,4 +1,4 @@
-"""What the dashboard sees: one immutable :class:`EngineView` per refresh (DESIGN.md §3 rule 2).
+"""What the dashboard sees: an immutable :class:`EngineView` (docs/architecture.md §Rules 2).
 
 The engine builds a view a few times per second from its own state and hands it to
 whoever listens (the Textual app posts it as a message that replaces older queued ones).

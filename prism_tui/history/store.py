@@ -139,6 +139,21 @@ class HistoryError(Exception):
     exit_code = 2
 
 
+class HistoryPermissionError(HistoryError):
+    """The history file or its directory is not ours to read or create (exit code 3)."""
+
+    exit_code = 3
+
+
+def _refused(path: Path, exc: OSError) -> HistoryError:
+    """The typed error for an OSError on ``path``: a refusal is exit 3, the rest exit 2."""
+    if isinstance(exc, PermissionError):
+        return HistoryPermissionError(
+            f"{path}: permission denied; run as the user who owns it or pass a --db "
+            f"this user may read and write")
+    return HistoryError(f"{path}: cannot read history database: {exc.strerror}")
+
+
 @dataclass(frozen=True, slots=True)
 class IterationRecord:
     """One iteration as stored (``*_ns`` are CLOCK_MONOTONIC).
@@ -230,7 +245,7 @@ def _check_file(path: Path) -> None:
         with path.open("rb") as f:
             header = f.read(100)
     except OSError as exc:
-        raise HistoryError(f"{path}: cannot read history database: {exc.strerror}") from exc
+        raise _refused(path, exc) from exc
     if size == 0:
         return  # SQLite treats an empty file as an empty database
     if len(header) < 100 or not header.startswith(_MAGIC):
@@ -272,11 +287,16 @@ def _probe_readonly(path: Path, latest: int) -> int:
 
 def _create_private(path: Path) -> None:
     """Create ``path`` with mode 0600 whatever the umask (parents 0700)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise _refused(path, exc) from exc
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
         return
+    except PermissionError as exc:
+        raise _refused(path, exc) from exc
     except OSError as exc:
         raise HistoryError(f"{path}: cannot create history database: {exc.strerror}") from exc
     try:
@@ -361,7 +381,11 @@ class HistoryStore:
         return self
 
     def _precheck(self) -> None:
-        if not self.path.exists():
+        try:
+            exists = self.path.exists()
+        except OSError as exc:  # a directory on the way we may not search
+            raise _refused(self.path, exc) from exc
+        if not exists:
             if not self._create:
                 raise HistoryError(f"{self.path}: no such history database")
             _create_private(self.path)
