@@ -272,3 +272,34 @@ def test_two_gateways_split_the_stream_and_a_killed_one_loses_nothing(
     # A repeats at most the deliveries in flight at the kill (one per concurrent sink
     # call; a handful at most)
     assert sum(a.values()) - len(a) <= 5, a.most_common(5)
+
+
+def test_shared_group_settings_are_checked_with_the_line_to_fix() -> None:
+    """A group implies MQTT 5 and subscribes under ``$share``; a bad one is one line."""
+    from alerting.gateway.config import parse_gateway_config
+    from alerting.gateway.errors import GatewayConfigError
+
+    base = '[route]\nreceiver = "out"\n[[receiver]]\nname = "out"\n[[receiver.sink]]\n' \
+           'type = "stdout"\n'
+    config = parse_gateway_config('[broker]\nshared_group = "pagers"\n' + base, "gw.toml")
+    assert config.broker.protocol == "5"
+    assert config.broker.subscription == "$share/pagers/latencyprism/v1/+/+/alert"
+    assert parse_gateway_config(base).broker.subscription == "latencyprism/v1/+/+/alert"
+    for bad, said in (('shared_group = "a/b"', "no '/'"),
+                      ('protocol = "3.1.1"\nshared_group = "p"', 'needs protocol "5"'),
+                      ('protocol = "4"', "unknown MQTT protocol")):
+        with pytest.raises(GatewayConfigError, match=r"gw\.toml:") as err:
+            parse_gateway_config(f"[broker]\n{bad}\n" + base, "gw.toml")
+        assert said in str(err.value)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--edge", "rack 1", "--core", "mqtt://core:1883"], "edge name"),
+    (["--edge", "r1", "--core", "ws://core"], "core broker"),
+    (["--edge", "r1", "--core", "mqtt://core", "--listen", "nowhere"], "listen address"),
+])
+def test_broker_config_bad_input_is_one_line_and_exit_2(args: list[str], said: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "prism_tui.cli", "broker-config", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and said in proc.stderr and not proc.stdout
