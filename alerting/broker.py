@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
@@ -172,6 +172,8 @@ class EmbeddedBroker:
             present one it signed.
         persistence: keep sessions and queued QoS 1 messages across ``stop()``/``start()``.
         mosquitto: path of the binary (default :func:`find_mosquitto`).
+        extra_config: further ``mosquitto.conf`` lines, for example a bridge's
+            ``connection`` block (:func:`alerting.bridge.bridge_section`).
         start: start at construction (default True).
     """
 
@@ -180,7 +182,8 @@ class EmbeddedBroker:
                  allow_anonymous: bool | None = None, certfile: str | Path | None = None,
                  keyfile: str | Path | None = None, cafile: str | Path | None = None,
                  require_certificate: bool = False, persistence: bool = True,
-                 mosquitto: str | None = None, start: bool = True) -> None:
+                 mosquitto: str | None = None, extra_config: Sequence[str] = (),
+                 start: bool = True) -> None:
         self.host = "127.0.0.1"
         self.notice = ""
         binary = mosquitto or (find_mosquitto() if prefer == "mosquitto" else None)
@@ -201,6 +204,10 @@ class EmbeddedBroker:
         self._cafile = Path(cafile) if cafile else None
         self._require_certificate = require_certificate
         self._persistence = persistence
+        self._extra_config = tuple(extra_config)
+        if self.kind == "amqtt" and self._extra_config:
+            raise BrokerStartError("the amqtt fallback broker takes no mosquitto.conf lines: "
+                                   "install mosquitto")
         self._dir = Path(tempfile.mkdtemp(prefix="prism-broker-"))
         self.port = port or 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -318,6 +325,7 @@ class EmbeddedBroker:
             lines.append(f"require_certificate {'true' if self._require_certificate else 'false'}")
         if os.geteuid() == 0:
             lines.append("user root")  # else Mosquitto drops to 'mosquitto' and cannot read
+        lines += self._extra_config  # last: a bridge's `connection` block ends the file
         return "\n".join(lines) + "\n"
 
     def _start_mosquitto(self) -> None:

@@ -148,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
                        "commands; manage silences")
     add_gateway_arguments(g)
 
+    from alerting.bridge import add_arguments as add_bridge_arguments
+
+    bc = sub.add_parser("broker-config", help="print the mosquitto.conf of an edge broker "
+                        "that bridges a rack's monitors to core brokers")
+    add_bridge_arguments(bc)
+
     d = sub.add_parser("demo", help="the main job on an embedded default: simulator, "
                        "broker, monitor, dashboard")
     d.add_argument("--duration", type=float, default=None, metavar="S",
@@ -224,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from alerting.gateway.cli import run_gateway_command
 
             return run_gateway_command(args)
+        if args.command == "broker-config":
+            from alerting.bridge import main as bridge_config
+
+            print(bridge_config(args), end="")
+            return 0
         if args.command == "demo":
             from prism_tui.demo import run_demo
 

@@ -71,6 +71,19 @@ class BrokerSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     keepalive_s: int = 30
+    shared_group: str | None = None
+    """MQTT v5 shared subscription group: gateways of one group split the alert stream."""
+    protocol: str = "3.1.1"
+    """``3.1.1`` or ``5``; a shared group needs ``5``."""
+    session_expiry_s: int = 7 * 86400
+    """MQTT v5: how long the broker keeps the session and its queued alerts while we are away."""
+
+    @property
+    def subscription(self) -> str:
+        """The topic filter subscribed to: ``$share/<group>/<topic>`` in a shared group."""
+        if self.shared_group:
+            return f"$share/{self.shared_group}/{self.topic}"
+        return self.topic
 
     @property
     def endpoint(self) -> tuple[str, int, bool, str, str | None]:
@@ -360,7 +373,8 @@ class _Loader:
 
     def broker(self, raw: Any) -> BrokerSettings:
         keys = ("url", "topic", "client_id", "username", "password", "password_env",
-                "tls_ca", "tls_cert", "tls_key", "keepalive")
+                "tls_ca", "tls_cert", "tls_key", "keepalive", "shared_group", "protocol",
+                "session_expiry")
         t = self.table(raw, ("broker",), keys)
         out = BrokerSettings()
         values: dict[str, Any] = {}
@@ -384,6 +398,24 @@ class _Loader:
                                                                ("broker", "keepalive"))))
         if (values.get("tls_cert") is None) != (values.get("tls_key") is None):
             raise self.fail(("broker",), "tls_cert and tls_key go together")
+        if "protocol" in t:
+            protocol = self.string(t["protocol"], ("broker", "protocol"))
+            if protocol not in ("3.1.1", "5"):
+                raise self.fail(("broker", "protocol"),
+                                f"unknown MQTT protocol {protocol!r} (use \"3.1.1\" or \"5\")")
+            values["protocol"] = protocol
+        if "shared_group" in t:
+            group = self.string(t["shared_group"], ("broker", "shared_group"))
+            if any(c in group for c in "/+#"):
+                raise self.fail(("broker", "shared_group"),
+                                f"{group!r}: a group name has no '/', '+' or '#'")
+            values["shared_group"] = group
+            if values.get("protocol", "5") != "5":
+                raise self.fail(("broker", "protocol"), "a shared_group needs protocol \"5\"")
+            values["protocol"] = "5"
+        if "session_expiry" in t:
+            values["session_expiry_s"] = max(0, round(self.duration(
+                t["session_expiry"], ("broker", "session_expiry"))))
         return replace(out, **values)
 
     def retry(self, raw: Any) -> RetryPolicy:

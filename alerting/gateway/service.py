@@ -1,9 +1,13 @@
 """The gateway process: an MQTT subscriber feeding the pipeline, and the senders.
 
 The subscriber reconnects with backoff outside the client (aiomqtt's documented
-pattern) and uses a persistent session (fixed client id, ``clean_session=False``), so
-the broker keeps QoS 1 alerts while the gateway restarts. Malformed payloads are counted
-per kind, logged once per kind, and dropped; the gateway keeps running. Delivered
+pattern) and uses a persistent session (fixed client id; ``clean_session=False`` in MQTT
+3.1.1, ``clean_start=False`` with a session expiry in MQTT 5), so the broker keeps QoS 1
+alerts while the gateway restarts. Each message is acknowledged only once what it
+changed is in the state file: a gateway killed between receipt and that write gets the
+message again from the broker, so no alert is lost. Gateways of one MQTT 5 shared
+subscription group split the stream between them. Malformed payloads are counted per
+kind, logged once per kind, and dropped; the gateway keeps running. Delivered
 notifications, firing alerts and silences live in :class:`GatewayState`.
 """
 
@@ -21,6 +25,8 @@ from typing import Any, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from alerting.gateway.config import GatewayConfig
 from alerting.gateway.errors import BrokerRefusedError, GatewayConfigError
@@ -32,6 +38,19 @@ log = logging.getLogger("alerting.gateway")
 T = TypeVar("T")
 _REFUSED = {4, 5, 134, 135}
 """CONNACK codes no retry can fix: bad user name or password, not authorized."""
+
+
+def _nothing() -> None:
+    """A state-writer job that writes nothing: orders an acknowledgement after the writes."""
+
+
+def _acknowledger(client: aiomqtt.Client, message: aiomqtt.Message) -> Callable[[], object]:
+    """Send the message's PUBACK (QoS 0 has none); a closed connection just drops it."""
+    def acknowledge() -> object:
+        if message.qos == 0:
+            return None
+        return client._client.ack(message.mid, message.qos)
+    return acknowledge
 
 
 class GatewayService:
@@ -80,19 +99,37 @@ class GatewayService:
         finally:
             self._writes.discard(future)
 
-    def _write_later(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _write_later(self, fn: Callable[..., Any], *args: Any,
+                     then: Callable[[], object] | None = None) -> None:
         future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         self._writes.add(future)
-        future.add_done_callback(self._write_done)
+        future.add_done_callback(lambda done: self._write_done(done, then))
 
-    def _write_done(self, future: asyncio.Future[Any]) -> None:
+    def _write_done(self, future: asyncio.Future[Any], then: Callable[[], object] | None
+                    ) -> None:
         self._writes.discard(future)
-        if not future.cancelled() and future.exception() is not None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:  # not acknowledged: the broker sends it again
             log.error("gateway state: %s", future.exception())
+        elif then is not None:
+            then()
 
     # ------------------------------------------------------------------ ingest
-    def handle(self, topic: str, payload: bytes) -> Ingested:
-        """Feed one MQTT message to the pipeline (never raises for bad payloads)."""
+    def handle(self, topic: str, payload: bytes,
+               acknowledge: Callable[[], object] | None = None) -> Ingested:
+        """Feed one MQTT message to the pipeline (never raises for bad payloads).
+
+        ``acknowledge`` runs on the loop once the state write this message caused (if
+        any) is done; messages are acknowledged in the order they arrived, because every
+        write and every acknowledgement goes through the one state-writer thread.
+        """
+        result = self._ingest(topic, payload)
+        if acknowledge is not None:
+            self._write_later(_nothing, then=acknowledge)
+        return result
+
+    def _ingest(self, topic: str, payload: bytes) -> Ingested:
         result = self.pipeline.ingest(payload)
         if result.outcome.startswith("invalid."):
             kind = result.outcome.split(".", 1)[1]
@@ -159,11 +196,20 @@ class GatewayService:
                 ca_certs=os.path.expanduser(b.tls_ca) if b.tls_ca else None,
                 certfile=os.path.expanduser(b.tls_cert) if b.tls_cert else None,
                 keyfile=os.path.expanduser(b.tls_key) if b.tls_key else None)
-        return aiomqtt.Client(host, port, username=user, password=password,
-                              identifier=b.client_id, clean_session=False,
-                              keepalive=b.keepalive_s, tls_params=tls_params,
-                              transport="websockets" if transport == "websockets" else "tcp",
-                              websocket_path=path, timeout=10.0)
+        session: dict[str, Any] = {"clean_session": False}
+        if b.protocol == "5":
+            connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect.SessionExpiryInterval = b.session_expiry_s
+            session = {"protocol": aiomqtt.ProtocolVersion.V5, "clean_start": False,
+                       "properties": connect}
+        client = aiomqtt.Client(host, port, username=user, password=password,
+                                identifier=b.client_id, keepalive=b.keepalive_s,
+                                tls_params=tls_params,
+                                transport="websockets" if transport == "websockets" else "tcp",
+                                websocket_path=path, timeout=10.0, **session)
+        # aiomqtt has no switch for it: paho acknowledges a QoS 1 message when asked to
+        client._client.manual_ack_set(True)
+        return client
 
     async def _subscribe(self) -> None:
         backoff, down_logged = 0.5, False
@@ -171,16 +217,17 @@ class GatewayService:
         while True:
             try:
                 async with self._client() as client:
-                    await client.subscribe(b.topic, qos=1)
+                    await client.subscribe(b.subscription, qos=1)
                     self.stats["connects"] += 1
-                    log.info("subscribed to %s on %s", b.topic, b.url)
+                    log.info("subscribed to %s on %s", b.subscription, b.url)
                     self.connected.set()
                     backoff, down_logged = 0.5, False
                     async for message in client.messages:
                         raw = message.payload
                         payload = (bytes(raw) if isinstance(raw, (bytes, bytearray))
                                    else b"" if raw is None else str(raw).encode())
-                        self.handle(str(message.topic), payload)
+                        self.handle(str(message.topic), payload,
+                                    _acknowledger(client, message))
             except aiomqtt.MqttCodeError as exc:
                 code = getattr(exc.rc, "value", exc.rc)
                 if isinstance(exc, MqttConnectError) and code in _REFUSED:
