@@ -210,9 +210,8 @@ EXPLORE: dict[str, DetectorRule] = {
         _PRISM, refit_ucl_growth=None),
     "prism, refits narrow the limit to 0.9 x the warm-up's": dataclasses.replace(
         _PRISM, refit_ucl_growth=0.9),
-    "prism, refit data only below 0.5 x UCL": dataclasses.replace(_PRISM, guard_fraction=0.5),
-    "prism before (random 20 % hold-out, q99.5, W10, fire 3, resolve 10)": dataclasses.replace(
-        _PRISM, calibration="holdout", quantile=0.995, ucl_scale=1.0, window=10, fire_after=3,
+    "prism before (random 20 % hold-out, q99.5, W10, resolve 10)": dataclasses.replace(
+        _PRISM, calibration="holdout", quantile=0.995, ucl_scale=1.0, window=10,
         resolve_after=10),
     "prism, random 20 % hold-out": dataclasses.replace(_PRISM, calibration="holdout"),
     "prism, W10": dataclasses.replace(_PRISM, window=10),
@@ -222,15 +221,8 @@ EXPLORE: dict[str, DetectorRule] = {
     "prism, ×1.25, resolve on smoothed errors": dataclasses.replace(
         _PRISM, ucl_scale=1.25, resolve_on="smoothed"),
     "prism, resolve on smoothed errors": dataclasses.replace(_PRISM, resolve_on="smoothed"),
-    "prism, fire 2": dataclasses.replace(_PRISM, fire_after=2),
     "prism, resolve 2": dataclasses.replace(_PRISM, resolve_after=2),
     "prism, resolve 5": dataclasses.replace(_PRISM, resolve_after=5),
-    "prism, median of W5": dataclasses.replace(_PRISM, smoothing="median"),
-    "prism, trimmed mean of W5": dataclasses.replace(_PRISM, smoothing="trimmed"),
-    "prism, trimmed mean of W5, ×1.25": dataclasses.replace(_PRISM, smoothing="trimmed",
-                                                            ucl_scale=1.25),
-    "prism, trimmed mean of W5, q99.5": dataclasses.replace(_PRISM, smoothing="trimmed",
-                                                            quantile=0.995),
 }
 
 

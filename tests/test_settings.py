@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from prism_tui.engine.episodes import EpisodeHolds
 from prism_tui.settings import Settings, SettingsError, load_settings
 
 
@@ -32,7 +33,9 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s == Settings()
     assert s.probe.mode == "auto" and s.probe.overhead_budget == 0.005
     assert s.probe.governor_action == "detach"
-    assert s.engine.warmup_iterations == 1000 and s.engine.detector_rule == "paper"
+    assert s.engine.warmup_iterations == 1000 and s.engine.detector_rule == "prism"
+    assert s.engine.warmup_s == 10.0
+    assert s.engine.episode_holds() == EpisodeHolds(3, 500.0, 10, 5000.0)
     assert s.engine.window_s == 10 and s.engine.snapshot_hz == 4
     assert s.engine.slo == () and s.engine.escalation_s == 30
     assert s.history.db == "~/.local/state/latencyprism/history.sqlite"
@@ -152,6 +155,9 @@ def test_unknown_section_suggests(tmp_path: Path) -> None:
     ("[engine]\nwarmup_iterations = true\n", 2, "must be an integer, not a boolean"),
     ("[engine]\nwarmup_iterations = 0\n", 2, "must be >= 1"),
     ("[engine]\nrealtime_priority = 100\n", 2, "a SCHED_FIFO priority 1-99"),
+    ("[engine]\nalert_close_ms = -5\n", 2, "must be >= 0"),
+    ("[engine]\nalert_open_iterations = 0\n", 2, "must be >= 1"),
+    ("[engine]\nwarmup_s = -1\n", 2, "must be >= 0"),
     ("[probe]\n\noverhead_budget = 1.5\n", 3, "must be in (0, 1)"),
     ("[probe]\noverhead_budget = 0\n", 2, "must be in (0, 1)"),
     ("[probe]\nring_pages = 48\n", 2, "power of two"),
