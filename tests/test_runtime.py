@@ -124,6 +124,11 @@ def test_prism_eval_prints_the_scores(tmp_path: Path) -> None:
     # every alert went through the embedded broker to the subscriber
     assert doc["alerts_received"] == doc["alerts"], doc
     assert doc["iterations"] > 100 and doc["abnormal"] == 0  # no fault in this scenario
+    # the default rule, and the episode figures beside the per-iteration ones
+    assert doc["rule"] == "prism" and doc["warmup_s"] == 10.0
+    episodes = doc["episodes"]
+    assert episodes["fault_episodes"] == episodes["episodes_detected"] == 0
+    assert episodes["false_episodes"] == episodes["alert_episodes"] == doc["alerts_firing"]
 
 
 def test_prism_eval_overhead_runs_the_scenario_without_then_with_the_monitor() -> None:

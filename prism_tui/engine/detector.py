@@ -441,8 +441,8 @@ class DetectorRule:
             (smoothing random rows spreads W errors over ~W/fraction iterations and hides
             the bursts the live stream has), while every workload regime of the period
             is in every fold's training data.
-        ucl_method: ``"sigma"`` = mean + ``k_sigma``·std; ``"quantile"`` = the
-            ``quantile`` of the calibration errors; ``"smoothed_quantile"`` = the
+        ucl_method: ``"sigma"`` = mean + ``k_sigma``·std (the paper);
+            ``"smoothed_quantile"`` = the
             ``quantile`` of the calibration errors smoothed like the live ones (the
             quantity the UCL is compared with), taken in arrival order.
         ucl_cap: upper bound of the UCL (the paper's 0.5).
@@ -450,7 +450,6 @@ class DetectorRule:
         window: smoothing window W in iterations.
         (The error is smoothed by a moving mean over the last W errors, fewer at the
         start.)
-        form: the baseline model's form (:class:`BaselineModel`).
         novelty_margin: when set, an iteration whose batch size or context lies above
             the trained range by more than this fraction is *novel*: a workload the model
             never saw (trees do not extrapolate) is not judged as a fault; it is kept and,
@@ -540,7 +539,7 @@ class DetectorRule:
     name: str
     target: Literal["linear", "log"] = "linear"
     calibration: Literal["train", "holdout", "blocks"] = "train"
-    ucl_method: Literal["sigma", "quantile", "smoothed_quantile"] = "sigma"
+    ucl_method: Literal["sigma", "smoothed_quantile"] = "sigma"
     k_sigma: float = 3.0
     quantile: float = 0.99
     ucl_cap: float = 0.5
@@ -548,7 +547,6 @@ class DetectorRule:
     holdout_fraction: float = 0.2
     folds: int = 5
     window: int = 10
-    form: Literal["gbdt", "robust"] = "gbdt"
     novelty_margin: float | None = None
     novelty_refit: int = 100
     hysteresis: float = 0.8
@@ -671,11 +669,9 @@ def compute_ucl(errors: npt.ArrayLike, rule: DetectorRule) -> tuple[float, float
     std = float(e.std()) if e.size else 0.0
     if rule.ucl_method == "sigma":
         raw = mean + rule.k_sigma * std
-    elif rule.ucl_method == "smoothed_quantile":
+    else:
         sm = without_episodes(smooth_errors(e, rule), rule)
         raw = float(np.quantile(sm, rule.quantile)) if sm.size else 0.0
-    else:
-        raw = float(np.quantile(e, rule.quantile)) if e.size else 0.0
     ucl = min(max(raw * rule.ucl_scale, rule.ucl_floor), rule.ucl_cap)
     return ucl, mean, std
 
@@ -698,8 +694,8 @@ def without_episodes(smoothed: FloatArray, rule: DetectorRule) -> FloatArray:
 
 
 def _model_of(r: DetectorRule, seed: int, n_estimators: int) -> BaselineModel:
-    """An unfitted model of the rule's form, target and leaf size."""
-    return BaselineModel(r.target, n_estimators=n_estimators, random_state=seed, form=r.form,
+    """An unfitted model of the rule's target and leaf size (the GBDT)."""
+    return BaselineModel(r.target, n_estimators=n_estimators, random_state=seed,
                          min_samples_leaf=r.min_samples_leaf)
 
 
