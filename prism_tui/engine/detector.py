@@ -12,7 +12,8 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
 
 * ``"paper"`` — the reference: GBDT on latency, UCL = min(mean + 3·std, 0.5) of the
   model's *training-set* errors, moving mean over W = 10.
-* ``"prism"`` — ours: GBDT on log-latency (leaves of at least 20 rows); UCL = 1.5 × the
+* ``"prism"`` — ours, the monitor's default: GBDT on log-latency (leaves of at least
+  20 rows); UCL = 1.5 × the
   99.9th percentile of the *smoothed* out-of-fold errors of the warm-up (five folds of
   runs of 25 iterations in arrival order, so every warm-up iteration gets an error from a
   model that did not see it and bursts of noise stay bursts; smoothed exactly as the
@@ -26,6 +27,9 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
   iterations whose own errors are below 0.8 × UCL (not waiting for the smoothing window
   to drain), or after 2 below 0.5 × UCL unless the alert fired within 50 iterations of
   the previous resolve (a fault that comes and goes).
+
+A verdict's ``firing`` is the per-iteration state (what the paper's scoring reads); the
+engine makes alerts from episodes of it (:mod:`prism_tui.engine.episodes`).
 
 Time is injected: every call carries the caller's ``t_ns``; nothing here reads a clock.
 Fitting is synchronous; a runtime that must not block calls :func:`fit_baseline` in an
