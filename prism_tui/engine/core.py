@@ -479,7 +479,7 @@ class Engine:
                 change = gate.observe(it.end_ns, verdict.firing)
                 if change is not None:
                     self._detector_alert(w, it, verdict, change, gate.started_ns or it.end_ns)
-                elif not verdict.firing and not gate.open:
+                elif not verdict.firing and not gate.open and w.episode_shares:
                     w.episode_shares = []  # a blip that opened no episode
         self._check_slos(w, it)
         if self.on_observation is not None:
