@@ -203,8 +203,11 @@ def test_smoke_scenario_watched_headless_alerts_during_the_fault_only(tmp_path: 
                  "--rule", "prism", "--warmup", "500", "--no-history",
                  "--record", str(tmp_path / "spans.jsonl.gz"), "--duration", f"{watch_s:.1f}"],
                 capture_output=True, text=True, timeout=duration + 60, cwd=ROOT,
+                # episodes close 2 s after the detector clears (default 5 s): the
+                # resolve lands well inside the 9 s the scenario runs after its fault
                 env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                     "XDG_STATE_HOME": str(tmp_path / "state")})
+                     "XDG_STATE_HOME": str(tmp_path / "state"),
+                     "PRISM_ENGINE_ALERT_CLOSE_MS": "2000"})
         finally:
             stop.set()
             runner.join(10)
