@@ -238,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from prism_tui.demo import run_demo
 
+            if args.warmup < 2 or not 0 <= args.warmup_s < math.inf:
+                raise UsageError("--warmup must be >= 2 and --warmup-s >= 0")
             return run_demo(args.duration, scenario=args.scenario, warmup=args.warmup,
                             warmup_s=args.warmup_s,
                             headless=args.headless, history_db=args.db,
