@@ -193,13 +193,6 @@ def main() -> None:
                 "log+holdout sq0.999": replace(
                     RULES["prism"], name="log+holdout sq0.999", quantile=0.999
                 ),
-                "prism ewma": replace(RULES["prism"], name="prism ewma", smoothing="ewma"),
-                "prism fire_after 1": replace(RULES["prism"], name="prism fire_after 1",
-                                              fire_after=1),
-                "prism fire_after 3": replace(RULES["prism"], name="prism fire_after 3",
-                                              fire_after=3),
-                "prism fire_after 5": replace(RULES["prism"], name="prism fire_after 5",
-                                              fire_after=5),
             }
         )
     fits: dict[tuple[str, str], Fit] = {}

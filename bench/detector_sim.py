@@ -35,7 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prism_sim.labels import IterationRecord, read_labels
 from prism_tui.engine.core import Engine, Observation, workload_of
 from prism_tui.engine.detector import RULES, Detector, DetectorRule, Verdict, Workload
-from prism_tui.engine.evaluate import Scored, detection_lag, labels_at, score
+from prism_tui.engine.episodes import EpisodeGate, EpisodeHolds
+from prism_tui.engine.evaluate import (
+    AlertEpisode,
+    FaultLike,
+    Scored,
+    detection_lag,
+    labels_at,
+    score,
+    score_episodes,
+)
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
 
 
@@ -88,6 +97,7 @@ def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[
                   for (t, lat, w), lab in pairs]
     info["iterations"] = len(steps)
     info["fault_iterations"] = sum(s.fault for s in steps)
+    info["faults"] = labels.faults
     return steps, info
 
 
@@ -99,17 +109,21 @@ def observe(det: Detector, s: DecodeStep) -> Verdict | None:
     return v
 
 
-def run_rule(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int
-             ) -> dict[str, Any]:
-    """One rule over every rank's iterations (a detector per rank), scored."""
+def run_rule(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int,
+             warmup_s: float = 0.0, faults: Sequence[FaultLike] = (),
+             holds: EpisodeHolds | None = None) -> dict[str, Any]:
+    """One rule over every rank's iterations (a detector per rank), scored per iteration
+    and, with the engine's alert episodes (``holds``), per episode."""
     rows: list[Scored] = []
+    episodes: list[AlertEpisode] = []
     alerts = 0
     novel = 0
     tail_fp = 0  # false positives within TAIL_S of a fault's end: the alert not yet resolved
     ucls = []
     t0 = time.perf_counter()
     for rank in sorted({s.rank for s in steps}):
-        det = Detector(rule=rule, warmup=warmup)
+        det = Detector(rule=rule, warmup=warmup, warmup_s=warmup_s)
+        gate = EpisodeGate(holds)
         fault_end: int | None = None
         prev_fault = False
         for s in (s for s in steps if s.rank == rank):
@@ -124,9 +138,12 @@ def run_rule(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int
             tail_fp += (v.firing and not s.fault and fault_end is not None
                         and s.end_ns - fault_end < TAIL_S * 1e9)
             rows.append(Scored(rank, s.end_ns, v.firing, s.fault))
+            if gate.observe(s.end_ns, v.firing) == "opened":
+                episodes.append(AlertEpisode(rank, s.end_ns, None, None))
         ucls.append(round(det.ucl or 0.0, 3))
     doc = score(rows)
     lags = detection_lag(rows)
+    doc["episodes"] = score_episodes(rows, episodes, faults)
     doc.update(rule=rule.name, alerts=alerts, novel=novel, fp_after_fault=tail_fp, ucl=ucls,
                lag_iterations=lags, seconds=round(time.perf_counter() - t0, 1))
     return doc
@@ -176,7 +193,6 @@ EXPLORE: dict[str, DetectorRule] = {
         _PRISM, fast_fire=2, fast_fire_level=1.2),
     "prism, 2 raw errors below 0.1 x UCL resolve": dataclasses.replace(
         _PRISM, resolve_clear=0.1, clear_after=2),
-    "prism, the robust model": dataclasses.replace(_PRISM, form="robust"),
     "prism, trained range from min to max (before 2026-12-04)": dataclasses.replace(
         _PRISM, range_quantile=0.0),
     "prism, trained range from the 2nd to the 98th percentile": dataclasses.replace(
@@ -210,9 +226,8 @@ EXPLORE: dict[str, DetectorRule] = {
         _PRISM, refit_ucl_growth=None),
     "prism, refits narrow the limit to 0.9 x the warm-up's": dataclasses.replace(
         _PRISM, refit_ucl_growth=0.9),
-    "prism, refit data only below 0.5 x UCL": dataclasses.replace(_PRISM, guard_fraction=0.5),
-    "prism before (random 20 % hold-out, q99.5, W10, fire 3, resolve 10)": dataclasses.replace(
-        _PRISM, calibration="holdout", quantile=0.995, ucl_scale=1.0, window=10, fire_after=3,
+    "prism before (random 20 % hold-out, q99.5, W10, resolve 10)": dataclasses.replace(
+        _PRISM, calibration="holdout", quantile=0.995, ucl_scale=1.0, window=10,
         resolve_after=10),
     "prism, random 20 % hold-out": dataclasses.replace(_PRISM, calibration="holdout"),
     "prism, W10": dataclasses.replace(_PRISM, window=10),
@@ -222,15 +237,8 @@ EXPLORE: dict[str, DetectorRule] = {
     "prism, ×1.25, resolve on smoothed errors": dataclasses.replace(
         _PRISM, ucl_scale=1.25, resolve_on="smoothed"),
     "prism, resolve on smoothed errors": dataclasses.replace(_PRISM, resolve_on="smoothed"),
-    "prism, fire 2": dataclasses.replace(_PRISM, fire_after=2),
     "prism, resolve 2": dataclasses.replace(_PRISM, resolve_after=2),
     "prism, resolve 5": dataclasses.replace(_PRISM, resolve_after=5),
-    "prism, median of W5": dataclasses.replace(_PRISM, smoothing="median"),
-    "prism, trimmed mean of W5": dataclasses.replace(_PRISM, smoothing="trimmed"),
-    "prism, trimmed mean of W5, ×1.25": dataclasses.replace(_PRISM, smoothing="trimmed",
-                                                            ucl_scale=1.25),
-    "prism, trimmed mean of W5, q99.5": dataclasses.replace(_PRISM, smoothing="trimmed",
-                                                            quantile=0.995),
 }
 
 
@@ -239,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--spans", required=True, help="recording from prism eval --record")
     ap.add_argument("--labels", required=True, help="labels from prism eval --labels")
     ap.add_argument("--warmup", type=int, default=1000)
+    ap.add_argument("--warmup-s", type=float, default=0.0,
+                    help="... or seconds, whichever first (prism watch: 10; default 0 here, "
+                    "so replays of older recordings keep their figures)")
     ap.add_argument("--rules", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--explore", action="store_true", help="also the variants explored")
     ap.add_argument("--why", action="store_true", help="list where false alarms start")
@@ -250,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = {name: VARIANTS[name] for name in args.rules}
     if args.explore:
         rules |= EXPLORE
-    results = [run_rule(steps, dataclasses.replace(rule, name=name), args.warmup)
+    faults = info.pop("faults")
+    results = [run_rule(steps, dataclasses.replace(rule, name=name), args.warmup,
+                        args.warmup_s, faults)
                for name, rule in rules.items()]
     if args.json:
         print(json.dumps({"input": info, "results": results}, indent=2))
@@ -260,16 +273,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("| rule | UCL per rank | judged | abnormal | precision | recall | F1 | FPR "
           f"| false positives (≤ {TAIL_S:.0f} s after a fault / elsewhere) | alerts | novel "
-          "| lag (iterations) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| lag (iterations) | fault episodes paged | false episodes | firings per fault |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     for r in results:
+        ep = r["episodes"]
         lags = r["lag_iterations"]
         lag = f"{min(lags)}–{max(lags)}" if lags else "–"
         ucl = " / ".join(f"{u:.3f}" for u in r["ucl"])
         print(f"| {r['rule']} | {ucl} | {r['iterations']} | {r['abnormal']} "
               f"| {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} "
               f"| {r['fpr'] * 100:.2f} % | {r['fp_after_fault']} / "
-              f"{r['fp'] - r['fp_after_fault']} | {r['alerts']} | {r['novel']} | {lag} |")
+              f"{r['fp'] - r['fp_after_fault']} | {r['alerts']} | {r['novel']} | {lag} "
+              f"| {ep['episodes_detected']} / {ep['fault_episodes']} | {ep['false_episodes']} "
+              f"| {ep['firings_per_fault_episode']['max']} |")
     if args.why:
         for name, rule in rules.items():
             print(f"\nfalse alarms of {name}:")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -96,16 +97,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="JSON lines (snapshots, alerts) on stdout instead of the dashboard")
     w.add_argument("--duration", type=float, default=None, metavar="S")
     w.add_argument("--rule", choices=("paper", "prism"), default=None,
-                   help="detection rule (docs/detection.md; default: settings, paper)")
+                   help="detection rule (docs/detection.md; default: settings, prism; "
+                   "paper is the reference method)")
     w.add_argument("--warmup", type=int, default=None, metavar="N",
                    help="decode iterations before the baseline is fitted (default 1000)")
+    w.add_argument("--warmup-s", type=float, default=None, metavar="S",
+                   help="... or seconds they span, whichever comes first, with at least "
+                   "200 iterations (default 10; 0: iterations only)")
     w.add_argument("--json", action="store_true", help="one JSON summary at the end")
 
     ev = sub.add_parser("eval", help="simulator + headless monitor, scored against the labels")
     ev.add_argument("--scenario", default="smoke", metavar="NAME|FILE")
     ev.add_argument("--duration", type=float, default=None, metavar="S")
-    ev.add_argument("--rule", choices=("paper", "prism"), default="paper")
-    ev.add_argument("--warmup", type=int, default=1000, metavar="N")
+    ev.add_argument("--rule", choices=("paper", "prism"), default=None,
+                    help="detection rule (default: settings, prism)")
+    ev.add_argument("--warmup", type=int, default=None, metavar="N",
+                    help="decode iterations before the baseline is fitted (default 1000)")
+    ev.add_argument("--warmup-s", type=float, default=None, metavar="S",
+                    help="... or seconds they span, whichever comes first (default 10)")
     ev.add_argument("--labels", metavar="FILE", help="keep the labels file here")
     ev.add_argument("--record", metavar="FILE", help="save the spans (gzip JSON lines) "
                     "for offline replay, e.g. by bench/detector_sim.py")
@@ -162,6 +171,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="simulator scenario (default: demo, faults every ~40 s after 60 s)")
     d.add_argument("--warmup", type=int, default=1000, metavar="N",
                    help="decode iterations before the baseline is fitted")
+    d.add_argument("--warmup-s", type=float, default=10.0, metavar="S",
+                   help="... or seconds they span, whichever comes first (default 10)")
     d.add_argument("--broker", metavar="URL", help="use this broker instead of starting one")
     d.add_argument("--db", metavar="PATH", help="keep the history here (default: a "
                    "temporary file removed at exit)")
@@ -238,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from prism_tui.demo import run_demo
 
+            if args.warmup < 2 or not 0 <= args.warmup_s < math.inf:
+                raise UsageError("--warmup must be >= 2 and --warmup-s >= 0")
             return run_demo(args.duration, scenario=args.scenario, warmup=args.warmup,
+                            warmup_s=args.warmup_s,
                             headless=args.headless, history_db=args.db,
                             broker_url=args.broker, realtime=args.realtime)
     except (ProbeError, SettingsError, AlertingError, HistoryError, SimError) as exc:
@@ -292,7 +306,7 @@ def _watch_settings(args: argparse.Namespace) -> Any:
 
     return load_settings(args.config, overrides={
         "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
-        "engine.realtime_priority": args.realtime,
+        "engine.warmup_s": args.warmup_s, "engine.realtime_priority": args.realtime,
         "engine.slo": tuple(args.slo) if args.slo else None, "mqtt.broker": args.broker,
         "history.db": args.db})
 
@@ -334,7 +348,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         recorder = _span_recorder(args.record)
         monitor = Monitor(
             targets, profile, extra_profiles=extras, rule=settings.engine.detector_rule,
-            warmup=settings.engine.warmup_iterations, slos=slos, match=args.match,
+            warmup=settings.engine.warmup_iterations, warmup_s=settings.engine.warmup_s,
+            holds=settings.engine.episode_holds(), slos=slos, match=args.match,
             mode=settings.probe.mode, costs=calibrate(),
             escalation_s=settings.engine.escalation_s,
             snapshot_interval_s=1 / settings.engine.snapshot_hz,
@@ -528,15 +543,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prism_sim.errors import ScenarioError
     from prism_sim.labels import read_labels
     from prism_sim.scenario import load_scenario
-    from prism_tui.engine.evaluate import detection_delay_s, detection_lag, match, score
+    from prism_tui.engine.evaluate import (
+        alert_episodes,
+        detection_delay_s,
+        detection_lag,
+        match,
+        score,
+        score_episodes,
+    )
     from prism_tui.engine.runtime import Monitor, Observation
     from prism_tui.live import LiveSession
     from prism_tui.scheduling import request_short_slice
+    from prism_tui.settings import load_settings
     from prism_tui.sim_child import SimChild
     from probes.catalog import load_profile
     from probes.perf import check_permission
     from probes.target import Target
 
+    engine_settings = load_settings(None, overrides={
+        "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
+        "engine.warmup_s": args.warmup_s}).engine
     check_permission()
     _go_realtime(args.realtime)
     try:
@@ -568,7 +594,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         targets = [Target(pid) for pid in sim.rank_pids.values()]
         recorder = _span_recorder(args.record)
         monitor = Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
-                          rule=args.rule, warmup=args.warmup, on_observation=on_observation,
+                          rule=engine_settings.detector_rule,
+                          warmup=engine_settings.warmup_iterations,
+                          warmup_s=engine_settings.warmup_s,
+                          holds=engine_settings.episode_holds(), on_observation=on_observation,
                           telemetry=False, on_spans=recorder.add if recorder else None,
                           on_run_queue=recorder.add_run_queue if recorder else None)
         with contextlib.ExitStack() as stack:
@@ -592,10 +621,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 n = recorder.close(monitor.recorded_processes())
                 print(f"prism eval: {n} spans saved to {recorder.path}", file=sys.stderr)
         watched = _throughput(sim.finish(), labels_path, duration)
-    labels = read_labels(labels_path).iterations
+    read = read_labels(labels_path)
+    labels = read.iterations
     rows = [row for rank, items in sorted(judged.items())
             for row in match(rank, [t for t, _ in items], [f for _, f in items], labels)]
     result = score(rows)
+    episodes = score_episodes(rows, alert_episodes(alerts, rank_of), read.faults)
     firing = [a for a in alerts if a.status == "firing"]
     # end to end: the anomalous iteration's end → receipt by a real MQTT subscriber
     latencies = sorted((received[a.id] - a.iteration_end_ns) / 1e6 for a in alerts
@@ -605,8 +636,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     deliver = sorted((received[a.id] - a.detected_at_ns) / 1e6 for a in alerts
                      if a.id in received)
     doc = {
-        "scenario": scenario.name, "duration_s": duration, "rule": args.rule,
-        "warmup": args.warmup, **result, "detection_lag_iterations": detection_lag(rows),
+        "scenario": scenario.name, "duration_s": duration,
+        "rule": engine_settings.detector_rule, "warmup": engine_settings.warmup_iterations,
+        "warmup_s": engine_settings.warmup_s,
+        "alert_holds": dataclasses.asdict(engine_settings.episode_holds()),
+        # the paper's per-iteration scores, then what an on-call sees: alert episodes
+        **result, "episodes": episodes, "detection_lag_iterations": detection_lag(rows),
         "detection_delay_s": detection_delay_s(rows), "alerts": len(alerts),
         "alerts_firing": len(firing), "alerts_resolved": len(alerts) - len(firing),
         "alerts_received": len(received),
@@ -640,6 +675,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{scenario.name}: {result['iterations']} judged decode iterations, "
               f"{result['abnormal']} abnormal; precision {result['precision']}, recall "
               f"{result['recall']}, F1 {result['f1']}, FPR {result['fpr']}; "
+              f"{episodes['episodes_detected']} of {episodes['fault_episodes']} fault "
+              f"episodes paged, {episodes['false_episodes']} false; "
               f"{len(firing)} alerts, latency p50 {doc['alert_latency_ms']['p50']} ms")
     return 0
 

@@ -27,6 +27,7 @@ from prism_tui.engine.sinks import JsonLinesSink
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
 from prism_tui.scheduling import go_realtime, request_short_slice
+from prism_tui.settings import EngineSettings
 from prism_tui.sim_child import SimChild
 from probes.catalog import load_profile
 from probes.governor import calibrate
@@ -43,11 +44,15 @@ trains from its first iteration."""
 
 
 def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
-             warmup: int = 1000, headless: bool = False, history_db: str | None = None,
+             warmup: int = 1000, warmup_s: float = 10.0, headless: bool = False,
+             history_db: str | None = None,
              broker_url: str | None = None, realtime: int = 0) -> int:
     """Run the demo until quit (or ``duration_s``); returns the exit code.
 
-    ``realtime``: a ``SCHED_FIFO`` priority for the loop and the embedded broker (0: off).
+    ``warmup``, ``warmup_s``: the baseline is fitted after that many decode iterations
+    or seconds, whichever first (the detector rule and alert holds are the defaults of
+    ``prism watch``). ``realtime``: a ``SCHED_FIFO`` priority for the loop and the
+    embedded broker (0: off).
     """
     check_permission()  # exit 3 with what to grant, before anything starts
     try:
@@ -56,6 +61,7 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
         print(f"prism demo: {exc}", file=sys.stderr)
         return 2
     costs = calibrate()
+    defaults = EngineSettings()  # the rule and alert holds prism watch uses by default
     notices: list[str] = []
     tmp = tempfile.TemporaryDirectory(prefix="prism-demo-")
     broker: EmbeddedBroker | None = None
@@ -77,8 +83,9 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
         with SimChild(scenario, duration_s, on_log=notices.append) as server:
             targets = [Target(pid) for pid in server.rank_pids.values()]
             monitor = Monitor(targets, load_profile("cuda"),
-                              extra_profiles=[load_profile("nccl")], rule="prism",
-                              warmup=warmup, costs=costs, settle_s=SETTLE_S)
+                              extra_profiles=[load_profile("nccl")],
+                              rule=defaults.detector_rule, holds=defaults.episode_holds(),
+                              warmup=warmup, warmup_s=warmup_s, costs=costs, settle_s=SETTLE_S)
             history_db = history_db or os.path.join(tmp.name, "history.sqlite")
             session = LiveSession(
                 monitor, broker=BrokerConfig(url=broker_url),

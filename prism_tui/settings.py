@@ -32,9 +32,12 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from probes.catalog import toml_error_position
+
+if TYPE_CHECKING:
+    from prism_tui.engine.episodes import EpisodeHolds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,7 +85,17 @@ class EngineSettings:
 
     Attributes:
         warmup_iterations: decode iterations collected before the baseline is fitted.
-        detector_rule: ``paper`` (the reference rule) or ``prism`` (ours).
+        warmup_s: ... or seconds spanned by at least 200 of them, whichever comes first
+            (0: iterations only), so a short run or a slow server is judged too.
+        detector_rule: ``prism`` (ours, the default) or ``paper`` (the reference rule).
+        alert_open_iterations: an alert episode opens (one ``firing`` alert) once the
+            detector has fired on this many iterations in a row ...
+        alert_open_ms: ... spanning at least this many milliseconds (a blip on a
+            sub-millisecond loop does not page).
+        alert_close_iterations: an open episode closes (one ``resolved`` alert) once the
+            detector has been clear for this many iterations in a row ...
+        alert_close_ms: ... spanning at least this many milliseconds (a fault that lets
+            a normal iteration through now and then pages once).
         window_s: sketch window shown by the dashboard, in seconds.
         snapshot_hz: snapshots per second handed to the UI.
         slo: latency objectives like ``"decode p99 <= 60ms over 10s"`` (the whole
@@ -96,12 +109,25 @@ class EngineSettings:
     """
 
     warmup_iterations: int = 1000
-    detector_rule: Literal["paper", "prism"] = "paper"
+    warmup_s: float = 10.0
+    detector_rule: Literal["paper", "prism"] = "prism"
+    alert_open_iterations: int = 3
+    alert_open_ms: float = 500.0
+    alert_close_iterations: int = 10
+    alert_close_ms: float = 5000.0
     window_s: float = 10.0
     snapshot_hz: float = 4.0
     slo: tuple[str, ...] = ()
     escalation_s: float = 30.0
     realtime_priority: int = 0
+
+
+    def episode_holds(self) -> EpisodeHolds:
+        """The alert episodes' holds as the engine takes them."""
+        from prism_tui.engine.episodes import EpisodeHolds
+
+        return EpisodeHolds(self.alert_open_iterations, self.alert_open_ms,
+                            self.alert_close_iterations, self.alert_close_ms)
 
 
 @dataclass(frozen=True)
@@ -409,12 +435,15 @@ def _check(section: str, key: str, value: Any) -> str | None:
                 "history.retention_days", "watch.duration_s"}
     if name in positive and value <= 0:
         return f"must be > 0, not {value:g}"
-    at_least_one = {"engine.warmup_iterations", "history.max_iterations"}
+    at_least_one = {"engine.warmup_iterations", "history.max_iterations",
+                    "engine.alert_open_iterations", "engine.alert_close_iterations"}
     if name in at_least_one and value < 1:
         return f"must be >= 1, not {value}"
     if name == "engine.realtime_priority" and not 0 <= value <= 99:
         return f"must be 0 (off) or a SCHED_FIFO priority 1-99, not {value}"
-    if name == "engine.escalation_s" and value < 0:
+    non_negative = {"engine.escalation_s", "engine.warmup_s", "engine.alert_open_ms",
+                    "engine.alert_close_ms"}
+    if name in non_negative and value < 0:
         return f"must be >= 0, not {value:g}"
     if name == "engine.slo":
         from prism_tui.engine.core import SloSpec  # numpy: only when SLOs are set

@@ -29,6 +29,7 @@ from prism_tui.engine.core import (
     fit_in_worker,
     shutdown_fit_executor,
 )
+from prism_tui.engine.episodes import EpisodeHolds
 from prism_tui.engine.fit_worker import (
     FIT_NICENESS,
     FitWorker,
@@ -55,6 +56,9 @@ from probes.uprobes import Span
 
 RECORDING = Path(__file__).resolve().parent / "data" / "sim_spans.jsonl.gz"
 WALL = 1_790_000_000.0
+EVERY_TRANSITION = EpisodeHolds(open_iterations=1, open_ms=0, close_iterations=1, close_ms=0)
+"""Every change of the detector's per-iteration state is an alert: for tests of what an
+alert carries on this 14 s recording (the default holds would resolve after it ends)."""
 
 
 class ListSink:
@@ -65,14 +69,15 @@ class ListSink:
         self.alerts.append(alert)
 
 
-def run(slos: tuple[SloSpec, ...] = (), views_every: int = 0) -> tuple[
+def run(slos: tuple[SloSpec, ...] = (), views_every: int = 0,
+        holds: EpisodeHolds = EVERY_TRANSITION) -> tuple[
         Engine, ListSink, int, list[RecordedProcess], list[object]]:
     procs, spans = load_spans(str(RECORDING))
     t0 = spans[0].start_ns
     clock = ReplayClock(t0)
     sink = ListSink()
     engine = Engine(rule="prism", warmup=150, sinks=[sink], slos=slos, clock=clock,
-                    wall_clock=lambda: WALL, host="replay")
+                    wall_clock=lambda: WALL, host="replay", holds=holds)
     views: list[object] = []
     calls = [0]
 
@@ -105,6 +110,35 @@ def test_the_slowed_rank_fires_during_the_fault_and_resolves_after_it() -> None:
         assert a.window == 5  # the prism rule's smoothing window, not the paper's 10
     # one series per target, device and phase: firing and resolved share a fingerprint
     assert len({a.fingerprint for a in sink.alerts}) == len(procs)
+
+
+def test_alert_episodes_page_once_per_target_with_the_default_holds() -> None:
+    """End to end through the engine: the detector's per-iteration state flaps during the
+    4 s fault (its verdicts show it), the MQTT-bound alerts do not: one firing alert per
+    slowed target, opened during the fault, and no resolve within the recording (the
+    default close hold, 5 s, outlasts the 2 s left after the fault)."""
+    procs, spans = load_spans(str(RECORDING))
+    t0 = spans[0].start_ns
+    clock = ReplayClock(t0)
+    sink = ListSink()
+    transitions: list[tuple[int, str]] = []
+    engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
+                    wall_clock=lambda: WALL, host="replay",
+                    on_observation=lambda o: transitions.append(
+                        (o.iteration.pid, o.verdict.transition))
+                    if o.verdict is not None and o.verdict.transition else None)
+    replay(engine, clock, procs, spans)
+    assert engine.holds == EpisodeHolds()
+    slow = procs[1].pid
+    fired = [a for a in sink.alerts if a.status == "firing"]
+    assert len([a for a in fired if a.target["pid"] == slow]) == 1, sink.alerts
+    assert len({a.target["pid"] for a in fired}) == len(fired)  # once per target
+    for a in fired:
+        assert 8.0 <= (a.iteration_end_ns - t0) / 1e9 <= 12.5, a
+        assert a.started_at_ns <= a.iteration_end_ns - 500_000_000  # held 500 ms first
+    assert not [a for a in sink.alerts if a.status == "resolved"]
+    # the per-iteration state changed more often than the alerts did
+    assert len(transitions) > len(sink.alerts), (transitions, sink.alerts)
 
 
 def test_views_are_immutable_and_stages_never_exceed_the_iteration() -> None:
@@ -366,7 +400,7 @@ def test_alerts_raised_while_held_reach_the_sinks_when_the_block_ends() -> None:
     clock = ReplayClock(spans[0].start_ns)
     sink = ListSink()
     engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
-                    wall_clock=lambda: WALL, host="replay")
+                    wall_clock=lambda: WALL, host="replay", holds=EVERY_TRANSITION)
     held_alerts: list[AlertEvent] = []
     original = engine.add_spans
 
@@ -450,7 +484,7 @@ def test_the_resolved_alert_names_the_metric_that_moved_during_the_episode() -> 
     clock = ReplayClock(t0)
     sink = ListSink()
     engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
-                    wall_clock=lambda: WALL, host="replay")
+                    wall_clock=lambda: WALL, host="replay", holds=EVERY_TRANSITION)
     slow, calm = procs[1].pid, procs[0].pid
     next_sample = [t0]
 

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from prism_tui.engine.evaluate import Scored, detection_delay_s, detection_lag, score
+from dataclasses import dataclass, field
+from typing import Any
+
+from prism_tui.engine.evaluate import (
+    AlertEpisode,
+    Scored,
+    alert_episodes,
+    detection_delay_s,
+    detection_lag,
+    score,
+    score_episodes,
+)
 
 MS = 1_000_000
 
@@ -27,3 +38,68 @@ def test_lag_and_delay_per_episode_and_rank() -> None:
     r1 = rows(1, "...Ffff...", step_ms=10)  # caught at once
     assert detection_lag(r0) == [2]
     assert detection_delay_s(r0 + r1) == [0.04, None, 0.0]
+
+
+@dataclass(frozen=True)
+class Fault:
+    type: str
+    rank: int | None
+    start_ns: int
+    end_ns: int
+
+
+@dataclass(frozen=True)
+class Alert:
+    status: str
+    pid: int
+    iteration_end_ns: int
+    stage: str | None = None
+    source: str = "detector"
+    suspects: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def target(self) -> dict[str, Any]:
+        return {"pid": self.pid}
+
+
+def alert(status: str, pid: int, at_ms: int, stage: str | None = None) -> Alert:
+    return Alert(status, pid, at_ms * MS, stage,
+                 suspects=({"stage": stage},) if stage else ())
+
+
+def test_alerts_pair_into_episodes_per_target() -> None:
+    alerts = [alert("firing", 10, 100, "host"), alert("firing", 11, 120, "collective"),
+              alert("resolved", 10, 900, "runqueue"), alert("firing", 10, 2000),
+              alert("resolved", 99, 50), Alert("firing", 10, 150, source="slo")]
+    assert alert_episodes(alerts, {10: 0, 11: 1}) == [
+        AlertEpisode(0, 100 * MS, 900 * MS, "host", "runqueue"),
+        AlertEpisode(1, 120 * MS, None, "collective"),
+        AlertEpisode(0, 2000 * MS, None, None)]
+
+
+def test_episode_figures_per_fault_and_rank() -> None:
+    # 10 ms iterations over 10 s on two ranks; faults at 2-4 s (squeeze) and 6-7 s
+    judged = [Scored(rank, t * 10 * MS, False, False) for rank in (0, 1) for t in range(1000)]
+    faults = [Fault("cpu_squeeze", None, 2000 * MS, 4000 * MS),
+              Fault("device_slowdown", 1, 6000 * MS, 7000 * MS)]
+    episodes = [
+        AlertEpisode(0, 2500 * MS, 4200 * MS, "host"),  # squeeze, rank 0: right cause
+        AlertEpisode(0, 3500 * MS, 3900 * MS, "runqueue"),  # ... paged twice
+        AlertEpisode(1, 1500 * MS, 1800 * MS, "host"),  # before any fault: false
+        AlertEpisode(1, 8500 * MS, None, "host"),  # 1.5 s after it ended: its late page
+        AlertEpisode(0, 9500 * MS, None, "host"),  # 2.5 s after: false
+    ]
+    doc = score_episodes(judged, episodes, faults)
+    assert doc["fault_episodes"] == 4  # two faults on two lockstep ranks
+    assert doc["episodes_detected"] == 2  # squeeze on rank 0, slowdown on rank 1
+    assert doc["false_episodes"] == 2 and doc["alert_episodes"] == 5
+    assert doc["false_episodes_per_hour"] == round(2 / (2 * 9.99 / 3600), 2)
+    assert doc["firings_per_fault_episode"] == {"mean": 1.5, "max": 2}
+    assert doc["detection_delay_ms"] == {"median": 2500.0, "max": 2500.0}  # 500 and 2,500
+    assert doc["detection_delay_iterations"] == {"median": 250.0, "max": 250.0}  # 50, 250
+    squeeze = doc["by_fault_kind"]["cpu_squeeze"]
+    assert (squeeze["episodes"], squeeze["detected"], squeeze["suspect_matches"]) == (2, 1, 1)
+    slowdown = doc["by_fault_kind"]["device_slowdown"]
+    assert slowdown["top_suspect"] == "host" and slowdown["suspect_matches"] == 0
+    # a fault nobody judged (warm-up) is no fault episode
+    assert score_episodes(judged[500:1000], [], faults)["fault_episodes"] == 1

@@ -124,6 +124,11 @@ def test_prism_eval_prints_the_scores(tmp_path: Path) -> None:
     # every alert went through the embedded broker to the subscriber
     assert doc["alerts_received"] == doc["alerts"], doc
     assert doc["iterations"] > 100 and doc["abnormal"] == 0  # no fault in this scenario
+    # the default rule, and the episode figures beside the per-iteration ones
+    assert doc["rule"] == "prism" and doc["warmup_s"] == 10.0
+    episodes = doc["episodes"]
+    assert episodes["fault_episodes"] == episodes["episodes_detected"] == 0
+    assert episodes["false_episodes"] == episodes["alert_episodes"] == doc["alerts_firing"]
 
 
 def test_prism_eval_overhead_runs_the_scenario_without_then_with_the_monitor() -> None:
@@ -198,8 +203,11 @@ def test_smoke_scenario_watched_headless_alerts_during_the_fault_only(tmp_path: 
                  "--rule", "prism", "--warmup", "500", "--no-history",
                  "--record", str(tmp_path / "spans.jsonl.gz"), "--duration", f"{watch_s:.1f}"],
                 capture_output=True, text=True, timeout=duration + 60, cwd=ROOT,
+                # episodes close 2 s after the detector clears (default 5 s): the
+                # resolve lands well inside the 9 s the scenario runs after its fault
                 env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                     "XDG_STATE_HOME": str(tmp_path / "state")})
+                     "XDG_STATE_HOME": str(tmp_path / "state"),
+                     "PRISM_ENGINE_ALERT_CLOSE_MS": "2000"})
         finally:
             stop.set()
             runner.join(10)

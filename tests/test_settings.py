@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from prism_tui.engine.episodes import EpisodeHolds
 from prism_tui.settings import Settings, SettingsError, load_settings
 
 
@@ -32,7 +33,9 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s == Settings()
     assert s.probe.mode == "auto" and s.probe.overhead_budget == 0.005
     assert s.probe.governor_action == "detach"
-    assert s.engine.warmup_iterations == 1000 and s.engine.detector_rule == "paper"
+    assert s.engine.warmup_iterations == 1000 and s.engine.detector_rule == "prism"
+    assert s.engine.warmup_s == 10.0
+    assert s.engine.episode_holds() == EpisodeHolds(3, 500.0, 10, 5000.0)
     assert s.engine.window_s == 10 and s.engine.snapshot_hz == 4
     assert s.engine.slo == () and s.engine.escalation_s == 30
     assert s.history.db == "~/.local/state/latencyprism/history.sqlite"
@@ -66,7 +69,8 @@ governor_action = "duty-cycle"
 
 [engine]
 warmup_iterations = 200
-detector_rule = "prism"
+detector_rule = "paper"
+alert_close_ms = 2500
 window_s = 5
 slo = ["decode p99 <= 60ms over 10s", "p50 < 20ms over 1m",
        "device_sync: decode p99 <= 5ms over 10s"]
@@ -82,7 +86,8 @@ duration_s = 30
     s = load_settings(path, env={})
     assert s.probe.mode == "thread" and s.probe.ring_pages == 128
     assert s.probe.overhead_budget == 0.01 and s.probe.governor_action == "duty-cycle"
-    assert s.engine.warmup_iterations == 200 and s.engine.detector_rule == "prism"
+    assert s.engine.warmup_iterations == 200 and s.engine.detector_rule == "paper"
+    assert s.engine.episode_holds().close_ms == 2500.0
     assert s.engine.window_s == 5.0 and isinstance(s.engine.window_s, float)
     assert s.engine.slo == ("decode p99 <= 60ms over 10s", "p50 < 20ms over 1m",
                             "device_sync: decode p99 <= 5ms over 10s")
@@ -90,11 +95,12 @@ duration_s = 30
     assert s.watch.profile == "cuda" and s.watch.duration_s == 30.0
 
     env = {"PRISM_ENGINE_WARMUP_ITERATIONS": "500", "PRISM_PROBE_OVERHEAD_BUDGET": "0.002",
+           "PRISM_ENGINE_WARMUP_S": "4.5",
            "PRISM_WATCH_HEADLESS": "yes", "PRISM_WATCH_DURATION_S": "",
            "PRISM_ENGINE_SLO": "decode p99 <= 50ms over 10s, p90 <= 40ms over 5s",
            "PRISM_DB": "/tmp/h.sqlite", "PRISM_PROFILE_PATH": "/x", "HOME": "/root"}
     s = load_settings(path, env=env)
-    assert s.engine.warmup_iterations == 500
+    assert s.engine.warmup_iterations == 500 and s.engine.warmup_s == 4.5
     assert s.probe.overhead_budget == 0.002
     assert s.watch.headless is True and s.watch.duration_s is None
     assert s.engine.slo == ("decode p99 <= 50ms over 10s", "p90 <= 40ms over 5s")
@@ -152,6 +158,9 @@ def test_unknown_section_suggests(tmp_path: Path) -> None:
     ("[engine]\nwarmup_iterations = true\n", 2, "must be an integer, not a boolean"),
     ("[engine]\nwarmup_iterations = 0\n", 2, "must be >= 1"),
     ("[engine]\nrealtime_priority = 100\n", 2, "a SCHED_FIFO priority 1-99"),
+    ("[engine]\nalert_close_ms = -5\n", 2, "must be >= 0"),
+    ("[engine]\nalert_open_iterations = 0\n", 2, "must be >= 1"),
+    ("[engine]\nwarmup_s = -1\n", 2, "must be >= 0"),
     ("[probe]\n\noverhead_budget = 1.5\n", 3, "must be in (0, 1)"),
     ("[probe]\noverhead_budget = 0\n", 2, "must be in (0, 1)"),
     ("[probe]\nring_pages = 48\n", 2, "power of two"),

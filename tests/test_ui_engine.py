@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from prism_tui.engine.core import Engine, SloSpec
+from prism_tui.engine.episodes import EpisodeHolds
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
 from prism_tui.engine.sketches import ITERATION
 from prism_tui.engine.view import EngineView
@@ -33,7 +34,8 @@ def replayed() -> tuple[list[EngineView], list[str]]:
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
     engine = Engine(rule="prism", warmup=150, clock=clock, wall_clock=lambda: WALL,
-                    host="replay-host", slos=(SloSpec("decode p99 <= 15ms over 1s"),))
+                    host="replay-host", slos=(SloSpec("decode p99 <= 15ms over 1s"),),
+                    holds=EpisodeHolds(1, 0.0, 1, 0.0))  # the 14 s replay resolves in it
     views: list[EngineView] = []
     last = [0]
 

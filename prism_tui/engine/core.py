@@ -34,6 +34,7 @@ from prism_tui.engine.detector import (
     fit_baseline,
     get_rule,
 )
+from prism_tui.engine.episodes import EpisodeGate, EpisodeHolds
 from prism_tui.engine.fit_worker import FitWorker, FitWorkerUnavailableError
 from prism_tui.engine.iterations import (
     Derived,
@@ -207,6 +208,8 @@ class _Watched:
     """The last run-queue reading: (tid, cumulative ns waiting for a CPU)."""
     fitting: set[str] = field(default_factory=set)
     firing_since: dict[str, int] = field(default_factory=dict)
+    episodes: dict[str, EpisodeGate] = field(default_factory=dict)
+    """Per phase: the detector's per-iteration state turned into alert episodes."""
     episode_shares: list[dict[str, float]] = field(default_factory=list)
     """Stage shares of the iterations judged while the detector fires (capped), for the
     root-cause hints of the ``resolved`` alert: the whole episode against the baseline."""
@@ -254,7 +257,8 @@ def shutdown_fit_executor() -> None:
 class Engine:
     """Turns spans of watched processes into iterations, sketches, alerts and views."""
 
-    def __init__(self, *, rule: str = "paper", warmup: int = 1000,
+    def __init__(self, *, rule: str = "prism", warmup: int = 1000, warmup_s: float = 0.0,
+                 holds: EpisodeHolds | None = None,
                  sinks: Sequence[AlertSink] = (),
                  on_observation: Callable[[Observation], None] | None = None,
                  on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
@@ -268,6 +272,9 @@ class Engine:
         """``clock`` is CLOCK_MONOTONIC in ns (span timestamps use it); ``wall_clock`` epoch s.
         ``settle_s``: seconds of a process's first decode iterations its detector does
         not train on (for a target started with the monitor: its start-up is not normal).
+        ``warmup_s``: the baseline is also fitted once its training iterations span this
+        long (see :class:`Detector`). ``holds``: when the detector's per-iteration state
+        becomes an alert episode (:class:`EpisodeHolds`; default: its defaults).
         ``on_spans`` sees every batch of spans fed, ``on_run_queue`` every run-queue
         reading that came with one (``pid, tid, ns``), after the batch: a recorder.
 
@@ -275,6 +282,8 @@ class Engine:
         """
         self.rule = rule
         self.warmup = warmup
+        self.warmup_s = warmup_s
+        self.holds = holds or EpisodeHolds()
         self.settle_ns = int(settle_s * 1e9)
         self.sinks = list(sinks)
         self.on_observation = on_observation
@@ -445,7 +454,8 @@ class Engine:
             det = w.detectors.get(phase)
             if det is None:
                 det = w.detectors[phase] = Detector(rule=self.rule, warmup=self.warmup,
-                                                    auto_fit=False, settle_ns=self.settle_ns)
+                                                    warmup_s=self.warmup_s, auto_fit=False,
+                                                    settle_ns=self.settle_ns)
             verdict = det.observe(it.end_ns, it.latency_ms, workload)
             if verdict is not None and verdict.novel and det.novel_seen == 1:
                 self.notice(f"pid {w.pid}: {phase} workload new to the baseline "
@@ -463,8 +473,14 @@ class Engine:
                         w.baseline_summary = summarize(list(w.normal_shares))
                 elif len(w.episode_shares) < BASELINE_SHARES:
                     w.episode_shares.append(shares)
-                if verdict.transition is not None:
-                    self._detector_alert(w, it, verdict)
+                gate = w.episodes.get(phase)
+                if gate is None:
+                    gate = w.episodes[phase] = EpisodeGate(self.holds)
+                change = gate.observe(it.end_ns, verdict.firing)
+                if change is not None:
+                    self._detector_alert(w, it, verdict, change, gate.started_ns or it.end_ns)
+                elif not verdict.firing and not gate.open and w.episode_shares:
+                    w.episode_shares = []  # a blip that opened no episode
         self._check_slos(w, it)
         if self.on_observation is not None:
             self.on_observation(Observation(it, verdict))
@@ -563,13 +579,13 @@ class Engine:
         key = "/".join(str(p) for p in (self.host, *parts))
         return uuid.uuid5(uuid.NAMESPACE_URL, key).hex[:16]
 
-    def _detector_alert(self, w: _Watched, it: Iteration, v: Verdict) -> None:
+    def _detector_alert(self, w: _Watched, it: Iteration, v: Verdict, change: str,
+                        started: int) -> None:
+        """Emit an episode's ``firing`` (it ``opened``) or ``resolved`` (``closed``)."""
         now = self.clock()
         key = f"{it.device}/{it.phase}/{ITERATION}"
-        if v.transition == "firing":
-            w.firing_since[key] = it.end_ns
-        started = w.firing_since.get(key, it.end_ns)
-        if v.transition == "firing":  # the iterations that crossed, as they arrive
+        status = "firing" if change == "opened" else "resolved"
+        if status == "firing":  # the iterations that crossed, as they arrive
             suspects = self._suspects(w, it.device, list(w.recent_shares), w.recent_starts[0])
         else:  # the whole episode, with the telemetry sampled during it
             suspects = self._suspects(w, it.device, w.episode_shares or list(w.recent_shares),
@@ -578,19 +594,17 @@ class Engine:
         top = ""
         if suspects:
             metric = suspects[0]["metric"]
-            top = (f"; {'top suspect' if v.transition == 'firing' else 'the episode pointed at'}"
+            top = (f"; {'top suspect' if status == 'firing' else 'the episode pointed at'}"
                    f": {suspects[0]['stage']}" + (f" ({metric})" if metric != "share" else ""))
         where = f"{it.phase} iterations of pid {w.pid} on {it.device}"
         why = (f"smoothed error {v.smoothed:.0%} > UCL {v.ucl:.0%}" if v.smoothed > v.ucl
                else f"error {v.error:.0%} and its latest predecessors above UCL {v.ucl:.0%}")
         summary = (f"{where} take {v.observed_ms:.1f} ms where the workload predicts "
-                   f"{v.predicted_ms:.1f} ms ({why}){top}" if v.transition == "firing" else
+                   f"{v.predicted_ms:.1f} ms ({why}){top}" if status == "firing" else
                    f"{where} are back within the workload's prediction{top}")
-        if v.transition == "resolved":
-            w.firing_since.pop(key, None)
         self._emit(AlertEvent(
             id=uuid.uuid4().hex, fingerprint=self._fingerprint(w.pid, key),
-            status=str(v.transition),
+            status=status,
             severity="critical" if v.smoothed > 2 * v.ucl else "error", host=self.host,
             target={"pid": w.pid, "name": w.name}, device=it.device, stage=ITERATION,
             phase=it.phase, observed_ms=round(v.observed_ms, 4),

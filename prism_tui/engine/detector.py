@@ -12,7 +12,8 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
 
 * ``"paper"`` — the reference: GBDT on latency, UCL = min(mean + 3·std, 0.5) of the
   model's *training-set* errors, moving mean over W = 10.
-* ``"prism"`` — ours: GBDT on log-latency (leaves of at least 20 rows); UCL = 1.5 × the
+* ``"prism"`` — ours, the monitor's default: GBDT on log-latency (leaves of at least
+  20 rows); UCL = 1.5 × the
   99.9th percentile of the *smoothed* out-of-fold errors of the warm-up (five folds of
   runs of 25 iterations in arrival order, so every warm-up iteration gets an error from a
   model that did not see it and bursts of noise stay bursts; smoothed exactly as the
@@ -27,6 +28,9 @@ Two named rules are provided (see ``RULES`` and docs/detection.md for measuremen
   to drain), or after 2 below 0.5 × UCL unless the alert fired within 50 iterations of
   the previous resolve (a fault that comes and goes).
 
+A verdict's ``firing`` is the per-iteration state (what the paper's scoring reads); the
+engine makes alerts from episodes of it (:mod:`prism_tui.engine.episodes`).
+
 Time is injected: every call carries the caller's ``t_ns``; nothing here reads a clock.
 Fitting is synchronous; a runtime that must not block calls :func:`fit_baseline` in an
 executor with :meth:`Detector.training_data` and hands the result to
@@ -39,7 +43,6 @@ import bisect
 import dataclasses
 import math
 import re
-import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -442,19 +445,15 @@ class DetectorRule:
             (smoothing random rows spreads W errors over ~W/fraction iterations and hides
             the bursts the live stream has), while every workload regime of the period
             is in every fold's training data.
-        ucl_method: ``"sigma"`` = mean + ``k_sigma``·std; ``"quantile"`` = the
-            ``quantile`` of the calibration errors; ``"smoothed_quantile"`` = the
+        ucl_method: ``"sigma"`` = mean + ``k_sigma``·std (the paper);
+            ``"smoothed_quantile"`` = the
             ``quantile`` of the calibration errors smoothed like the live ones (the
             quantity the UCL is compared with), taken in arrival order.
         ucl_cap: upper bound of the UCL (the paper's 0.5).
         ucl_floor: lower bound of the UCL.
         window: smoothing window W in iterations.
-        smoothing: ``"mean"`` (moving mean over the last W errors; fewer at the start)
-            ``"trimmed"`` (mean of the last W without their largest: one isolated stall
-            does not move it, two slow iterations in a row do),
-            ``"median"`` (of the last W: a burst shorter than half the window does not
-            move it) or ``"ewma"`` (alpha = 2 / (W + 1)).
-        form: the baseline model's form (:class:`BaselineModel`).
+        (The error is smoothed by a moving mean over the last W errors, fewer at the
+        start.)
         novelty_margin: when set, an iteration whose batch size or context lies above
             the trained range by more than this fraction is *novel*: a workload the model
             never saw (trees do not extrapolate) is not judged as a fault; it is kept and,
@@ -464,9 +463,6 @@ class DetectorRule:
             smallest trained workload bounds it from above: an error against it is
             conservative) and is also learnt by the same refit. None: judge everything
             (the paper).
-        fire_after: consecutive iterations the smoothed error must stay above the UCL
-            before the alert fires (1: at once, the paper's rule). The alert is still
-            emitted on the iteration that completes the run.
         hysteresis: a firing alert resolves once the smoothed error stays below
             ``hysteresis × UCL`` ...
         resolve_after: ... for this many consecutive iterations.
@@ -481,8 +477,6 @@ class DetectorRule:
             lands in the recent iterations a refit learns from; its recalibrated limit
             then rose (0.24 to 0.37-0.49 after one such fault in ``mixed``) and hid
             every later fault of that size.
-        guard_fraction: recent iterations enter a refit's data only when their own
-            error is at most ``guard_fraction × UCL`` (1.0: the limit itself).
         ucl_skip_episodes: with ``"smoothed_quantile"``, up to this many one-off
             episodes are removed before the quantile is taken: the stretch of
             ``episode_fraction`` of the calibration rows centred on the largest smoothed
@@ -549,7 +543,7 @@ class DetectorRule:
     name: str
     target: Literal["linear", "log"] = "linear"
     calibration: Literal["train", "holdout", "blocks"] = "train"
-    ucl_method: Literal["sigma", "quantile", "smoothed_quantile"] = "sigma"
+    ucl_method: Literal["sigma", "smoothed_quantile"] = "sigma"
     k_sigma: float = 3.0
     quantile: float = 0.99
     ucl_cap: float = 0.5
@@ -557,9 +551,6 @@ class DetectorRule:
     holdout_fraction: float = 0.2
     folds: int = 5
     window: int = 10
-    smoothing: Literal["mean", "median", "trimmed", "ewma"] = "mean"
-    fire_after: int = 1
-    form: Literal["gbdt", "robust"] = "gbdt"
     novelty_margin: float | None = None
     novelty_refit: int = 100
     hysteresis: float = 0.8
@@ -567,7 +558,6 @@ class DetectorRule:
     ucl_scale: float = 1.0
     resolve_on: Literal["smoothed", "raw"] = "smoothed"
     refit_ucl_growth: float | None = None
-    guard_fraction: float = 1.0
     ucl_skip_episodes: int = 0
     episode_fraction: float = 0.05
     episode_outlier: float = 1.0
@@ -595,7 +585,6 @@ RULES: dict[str, DetectorRule] = {
         quantile=0.999,
         ucl_scale=1.5,
         ucl_floor=0.22,
-        fire_after=1,
         resolve_after=3,
         resolve_on="raw",
         novelty_margin=0.5,
@@ -659,43 +648,18 @@ class FittedBaseline:
                    for col, rng in ((0, self.batch_range), (3, self.kv_range)))
 
 
+MIN_WARMUP = 200
+"""The fewest training iterations a time-bound warm-up fits on (five folds of runs of 25
+for the ``prism`` calibration need 50; 200 gives each fold's model 160 rows)."""
+
 BELOW_MARGIN = 0.1
 """How far below a model's trained batch sizes or contexts a workload must lie to count
 as below its range (towards a refit, and for the previous model's bound)."""
 
 
-def window_statistic(values: Sequence[float] | deque[float], smoothing: str) -> float:
-    """The smoothed error of one window of errors (non-empty) under ``smoothing``."""
-    if smoothing == "median":
-        return float(statistics.median(values))
-    if smoothing == "trimmed":
-        return trimmed_mean(values)
-    return sum(values) / len(values)
-
-
-def trimmed_mean(values: Sequence[float] | deque[float]) -> float:
-    """Mean without the largest value (plain mean below three values)."""
-    n = len(values)
-    total = sum(values)
-    return (total - max(values)) / (n - 1) if n >= 3 else total / n
-
-
 def smooth_errors(errors: npt.ArrayLike, rule: DetectorRule) -> FloatArray:
     """The detector's smoothing applied to a sequence of errors (in arrival order)."""
     e = np.asarray(errors, dtype=np.float64)
-    out = np.empty_like(e)
-    if rule.smoothing == "ewma":
-        alpha = 2.0 / (rule.window + 1)
-        acc = 0.0
-        for i, v in enumerate(e.tolist()):
-            acc = v if i == 0 else alpha * v + (1 - alpha) * acc
-            out[i] = acc
-        return out
-    if rule.smoothing in ("median", "trimmed"):
-        values = e.tolist()
-        return np.array([window_statistic(values[max(0, i - rule.window + 1):i + 1],
-                                          rule.smoothing) for i in range(len(values))],
-                        dtype=np.float64)
     c = np.concatenate([[0.0], np.cumsum(e)])
     idx = np.arange(1, len(e) + 1)
     lo = np.maximum(0, idx - rule.window)
@@ -709,11 +673,9 @@ def compute_ucl(errors: npt.ArrayLike, rule: DetectorRule) -> tuple[float, float
     std = float(e.std()) if e.size else 0.0
     if rule.ucl_method == "sigma":
         raw = mean + rule.k_sigma * std
-    elif rule.ucl_method == "smoothed_quantile":
+    else:
         sm = without_episodes(smooth_errors(e, rule), rule)
         raw = float(np.quantile(sm, rule.quantile)) if sm.size else 0.0
-    else:
-        raw = float(np.quantile(e, rule.quantile)) if e.size else 0.0
     ucl = min(max(raw * rule.ucl_scale, rule.ucl_floor), rule.ucl_cap)
     return ucl, mean, std
 
@@ -736,8 +698,8 @@ def without_episodes(smoothed: FloatArray, rule: DetectorRule) -> FloatArray:
 
 
 def _model_of(r: DetectorRule, seed: int, n_estimators: int) -> BaselineModel:
-    """An unfitted model of the rule's form, target and leaf size."""
-    return BaselineModel(r.target, n_estimators=n_estimators, random_state=seed, form=r.form,
+    """An unfitted model of the rule's target and leaf size (the GBDT)."""
+    return BaselineModel(r.target, n_estimators=n_estimators, random_state=seed,
                          min_samples_leaf=r.min_samples_leaf)
 
 
@@ -871,6 +833,11 @@ class Detector:
 
     rule: str | DetectorRule = "paper"
     warmup: int = 1000
+    warmup_s: float = 0.0
+    """The baseline is also ready once its training iterations span this many seconds
+    (0: only ``warmup`` counts), provided there are ``min_warmup`` of them: a short run
+    or a slow server gets a baseline before its faults, a fast one after ``warmup``."""
+    min_warmup: int = MIN_WARMUP
     hysteresis: float | None = None
     """None: the rule's (0.8 for both named rules)."""
     resolve_after: int | None = None
@@ -894,6 +861,10 @@ class Detector:
                                else self.resolve_after)
         if self.warmup < 2:
             raise ValueError("warmup must be >= 2 iterations")
+        if not (0 <= self.warmup_s < math.inf):
+            raise ValueError("warmup_s must be finite and >= 0")
+        self._warmup_ns = int(self.warmup_s * 1e9)
+        self._min_warmup = max(2, min(self.min_warmup, self.warmup))
         if not 0 < self._hysteresis <= 1:
             raise ValueError("hysteresis must be in (0, 1]")
         if self._resolve_after < 1:
@@ -903,14 +874,12 @@ class Detector:
         self._recent: deque[_Sample] = deque(maxlen=self.recent_capacity)
         self._errors: deque[float] = deque(maxlen=self._rule.window)
         self._since_fit_errors = 0  # errors smoothed since the model was installed
-        self._ewma: float | None = None
         self._baseline: FittedBaseline | None = None
         self._previous: FittedBaseline | None = None  # see DetectorRule.bound_by_previous
         self._before_regime: float | None = None
         self._first_ucl: float | None = None
         self._firing = False
         self._below = 0
-        self._above = 0
         self._hot = 0
         self._clear = 0
         self._since_resolve = 1 << 62  # judged iterations since the last resolve
@@ -919,6 +888,8 @@ class Detector:
         self._settle = False
         self._since_fit = 0
         self._first_ns: int | None = None
+        self._trained_since_ns: int | None = None  # the first training iteration's end
+        self._trained_until_ns = 0  # the latest one's
         self.n_verdicts = 0
 
     # ---- state
@@ -949,9 +920,20 @@ class Detector:
         return self._rule
 
     @property
+    def warmed_up(self) -> bool:
+        """Enough training data: ``warmup`` iterations, or ``min_warmup`` spanning
+        ``warmup_s`` seconds, whichever comes first."""
+        n = len(self._training)
+        if n >= self.warmup:
+            return True
+        return (self._warmup_ns > 0 and n >= self._min_warmup
+                and self._trained_since_ns is not None
+                and self._trained_until_ns - self._trained_since_ns >= self._warmup_ns)
+
+    @property
     def needs_fit(self) -> bool:
         """Warm-up complete but no model installed yet."""
-        return self._baseline is None and len(self._training) >= self.warmup
+        return self._baseline is None and self.warmed_up
 
     @property
     def refit_due(self) -> bool:
@@ -1028,7 +1010,6 @@ class Detector:
         # errors against the previous model say nothing about this one
         self._errors.clear()
         self._since_fit_errors = 0
-        self._ewma = None
 
     # ---- streaming
 
@@ -1056,7 +1037,10 @@ class Detector:
                 self._skip("settling")
                 return None
             self._training.append((*x, lat))
-            if self.auto_fit and len(self._training) >= self.warmup:
+            if self._trained_since_ns is None:
+                self._trained_since_ns = t_ns
+            self._trained_until_ns = max(self._trained_until_ns, t_ns)
+            if self.auto_fit and self.warmed_up:
                 self.fit_now()
             return None
         predicted = self._baseline.model.predict_one(x)
@@ -1123,22 +1107,21 @@ class Detector:
             # the limit was calibrated on errors smoothed over W: a mean of fewer (the first
             # verdicts after a fit) is noisier and is not compared with it
             full = self._since_fit_errors >= self._rule.window
-            self._above = self._above + 1 if full and smoothed > ucl else 0
+            above = full and smoothed > ucl
             self._hot = self._hot + 1 if full and err > ucl * self._rule.fast_fire_level else 0
             need = self._rule.fast_fire
             if self._since_resolve < self._rule.refire_within and \
                     err > ucl * self._rule.refire_level:
                 need = 1  # the fault resolved a moment ago: one slow iteration re-fires
             fast = need > 0 and self._hot >= need
-            if self._above >= self._rule.fire_after or fast:
+            if above or fast:
                 self._firing = True
                 self._flapping = self._since_resolve < self._rule.flap_within
                 self._below = 0
-                self._above = 0
                 self._hot = 0
                 self._clear = 0
                 transition = "firing"
-                lead_in = self._rule.window + self._rule.fire_after - 1
+                lead_in = self._rule.window
                 for _ in range(min(lead_in, len(self._recent))):
                     self._recent.pop()
         elif (err if self._rule.resolve_on == "raw" else smoothed) < ucl * self._hysteresis:
@@ -1157,13 +1140,11 @@ class Detector:
                     recent = list(self._errors)[-self._resolve_after:]
                     self._errors.clear()
                     self._errors.extend(recent)
-                    if self._ewma is not None:
-                        self._ewma = err
         else:
             self._below = 0
             self._clear = 0
         if (x is not None and not self._firing and transition is None
-                and err <= ucl * self._rule.guard_fraction):
+                and err <= ucl):
             self._recent.append((*x, lat))
         self._since_fit += 1
         if transition != "resolved":
@@ -1172,18 +1153,12 @@ class Detector:
         return Verdict(t_ns, lat, predicted, err, smoothed, ucl, self._firing, transition)
 
     def _smoothed_now(self) -> float:
-        if self._rule.smoothing == "ewma":
-            return self._ewma or 0.0
-        return window_statistic(self._errors, self._rule.smoothing) if self._errors else 0.0
+        return sum(self._errors) / len(self._errors) if self._errors else 0.0
 
     def _smooth(self, err: float) -> float:
         self._since_fit_errors += 1
-        if self._rule.smoothing == "ewma":
-            alpha = 2.0 / (self._rule.window + 1)
-            self._ewma = err if self._ewma is None else alpha * err + (1 - alpha) * self._ewma
-            return self._ewma
         self._errors.append(err)
-        return window_statistic(self._errors, self._rule.smoothing)
+        return sum(self._errors) / len(self._errors)
 
 
 def _arrays(samples: Sequence[_Sample] | deque[_Sample]) -> tuple[FloatArray, FloatArray]:

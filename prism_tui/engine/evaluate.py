@@ -117,3 +117,168 @@ def detection_delay_s(rows: Sequence[Scored]) -> list[float | None]:
         if start is not None and not found:
             out.append(None)
     return out
+
+
+# ----------------------------------------------------------------------- episodes
+
+CAUSE_STAGES: dict[str, frozenset[str]] = {
+    # the host's CPU work: the Python loop, API calls, waiting for a CPU
+    "cpu_squeeze": frozenset({"host", "runqueue", "launch", "graph_launch", "event"}),
+    "cpu_throttle": frozenset({"host", "runqueue", "launch", "graph_launch", "event"}),
+    "memory_pressure": frozenset({"host", "runqueue", "launch", "graph_launch", "event"}),
+    "gc_storm": frozenset({"host", "runqueue"}),
+    "gil_contention": frozenset({"host", "runqueue"}),
+    # the device: waiting for its kernels (a slow rank holds its peers in collectives)
+    "device_slowdown": frozenset({"device_sync", "collective"}),
+    "device_preemption": frozenset({"device_sync", "collective"}),
+    "straggler": frozenset({"device_sync", "collective"}),
+    # the links: collectives and copies
+    "interconnect_squeeze": frozenset({"collective", "p2p", "memcpy"}),
+}
+"""Per injected fault type, the stages a root-cause hint consistent with it names."""
+
+EPISODE_TOLERANCE_NS = 2_000_000_000
+"""An alert episode that opens up to this long after a fault ended still belongs to it
+(the smoothing and the episode's open hold lag the fault)."""
+
+
+class FaultLike(Protocol):
+    """A fault window (``prism_sim.labels.FaultRecord`` fits)."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def rank(self) -> int | None: ...
+    @property
+    def start_ns(self) -> int: ...
+    @property
+    def end_ns(self) -> int: ...
+
+
+class AlertLike(Protocol):
+    """An alert as the engine emits it (``prism_tui.engine.core.AlertEvent`` fits)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def target(self) -> dict[str, Any]: ...
+    @property
+    def iteration_end_ns(self) -> int: ...
+    @property
+    def suspects(self) -> tuple[dict[str, Any], ...]: ...
+
+
+@dataclass(frozen=True)
+class AlertEpisode:
+    """One detector alert episode of one rank: its ``firing`` alert and its ``resolved``."""
+
+    rank: int
+    opened_ns: int
+    closed_ns: int | None
+    suspect: str | None
+    """The top root-cause suspect's stage in the firing alert."""
+    episode_suspect: str | None = None
+    """... in the resolved alert (ranked over the whole episode)."""
+
+
+def alert_episodes(alerts: Sequence[AlertLike], rank_of: dict[int, int]) -> list[AlertEpisode]:
+    """Pair each target's detector ``firing`` alerts with the ``resolved`` that follows."""
+    out: list[AlertEpisode] = []
+    open_: dict[int, AlertLike] = {}
+    for a in sorted(alerts, key=lambda x: x.iteration_end_ns):
+        rank = rank_of.get(int(a.target.get("pid", -1)))
+        if a.source != "detector" or rank is None:
+            continue
+        if a.status == "firing":
+            open_[rank] = a
+        elif a.status == "resolved" and rank in open_:
+            fired = open_.pop(rank)
+            out.append(AlertEpisode(rank, fired.iteration_end_ns, a.iteration_end_ns,
+                                    _top(fired), _top(a)))
+    out += [AlertEpisode(rank, a.iteration_end_ns, None, _top(a)) for rank, a in open_.items()]
+    return sorted(out, key=lambda e: (e.opened_ns, e.rank))
+
+
+def _top(alert: AlertLike) -> str | None:
+    return str(alert.suspects[0]["stage"]) if alert.suspects else None
+
+
+def score_episodes(rows: Sequence[Scored], episodes: Sequence[AlertEpisode],
+                   faults: Sequence[FaultLike], *,
+                   tolerance_ns: int = EPISODE_TOLERANCE_NS) -> dict[str, Any]:
+    """Alert episodes against fault windows, per judged rank (what an on-call sees).
+
+    A *fault episode* is a fault and a rank judged during it (tensor-parallel ranks run
+    in lockstep: a fault on one slows all, as the per-iteration labels say). It is
+    detected when an alert episode of that rank opens between the fault's start and
+    ``tolerance_ns`` after its end; every such opening counts as a firing of it. An
+    alert episode opening outside every fault (with the tolerance) is *false*. Delays
+    run from the fault's start to the opening alert's iteration, in ms and in judged
+    iterations of the rank. Per fault type: how many were detected and whether the
+    firing alert's top suspect names a stage consistent with the cause (CAUSE_STAGES).
+    """
+    by_rank: dict[int, list[int]] = {}
+    for r in rows:
+        by_rank.setdefault(r.rank, []).append(r.end_ns)
+    for ends in by_rank.values():
+        ends.sort()
+    opened: dict[int, list[AlertEpisode]] = {}
+    for e in episodes:
+        opened.setdefault(e.rank, []).append(e)
+    fault_episodes = detected = 0
+    firings: list[int] = []
+    delays_ms: list[float] = []
+    delays_it: list[int] = []
+    kinds: dict[str, dict[str, Any]] = {}
+    for f in sorted(faults, key=lambda x: x.start_ns):
+        for rank, ends in sorted(by_rank.items()):
+            lo = bisect.bisect_left(ends, f.start_ns)
+            if lo >= len(ends) or ends[lo] > f.end_ns:
+                continue  # not judged during the fault (warm-up, no traffic)
+            fault_episodes += 1
+            kind = kinds.setdefault(f.type, {"episodes": 0, "detected": 0, "suspects": {},
+                                             "suspect_matches": 0})
+            kind["episodes"] += 1
+            hits = [e for e in opened.get(rank, [])
+                    if f.start_ns <= e.opened_ns <= f.end_ns + tolerance_ns]
+            if not hits:
+                continue
+            detected += 1
+            kind["detected"] += 1
+            firings.append(len(hits))
+            first = hits[0]
+            delays_ms.append(round((first.opened_ns - f.start_ns) / 1e6, 1))
+            delays_it.append(bisect.bisect_left(ends, first.opened_ns) - lo)
+            suspect = first.suspect or "none"
+            kind["suspects"][suspect] = kind["suspects"].get(suspect, 0) + 1
+            kind["suspect_matches"] += first.suspect in CAUSE_STAGES.get(f.type, frozenset())
+    false = [e for e in episodes
+             if not any(f.start_ns <= e.opened_ns <= f.end_ns + tolerance_ns
+                        for f in faults)]
+    judged_h = sum(ends[-1] - ends[0] for ends in by_rank.values() if ends) / 3.6e12
+    for kind in kinds.values():
+        kind["top_suspect"] = (max(kind["suspects"], key=kind["suspects"].get)
+                               if kind["suspects"] else None)
+    return {
+        "fault_episodes": fault_episodes,
+        "episodes_detected": detected,
+        "alert_episodes": len(episodes),
+        "false_episodes": len(false),
+        "false_episodes_per_hour": round(len(false) / judged_h, 2) if judged_h else None,
+        "firings_per_fault_episode": {
+            "mean": round(sum(firings) / len(firings), 3) if firings else None,
+            "max": max(firings, default=None)},
+        "detection_delay_ms": _spread(delays_ms),
+        "detection_delay_iterations": _spread([float(d) for d in delays_it]),
+        "by_fault_kind": {k: kinds[k] for k in sorted(kinds)},
+    }
+
+
+def _spread(values: Sequence[float]) -> dict[str, float | None]:
+    """Median and max of ``values`` (None when empty)."""
+    if not values:
+        return {"median": None, "max": None}
+    s = sorted(values)
+    return {"median": s[len(s) // 2], "max": s[-1]}

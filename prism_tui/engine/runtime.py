@@ -34,6 +34,7 @@ from prism_tui.engine.core import (
     workload_of,
 )
 from prism_tui.engine.devices import NvmlDevices
+from prism_tui.engine.episodes import EpisodeHolds
 from prism_tui.engine.iterations import SpanLike
 from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.sketches import Snapshot
@@ -106,8 +107,9 @@ class Monitor:
     """Watches targets with a profile; one owner of their sessions (``close()`` idempotent)."""
 
     def __init__(self, targets: Sequence[Target], profile: Profile, *,
-                 extra_profiles: Sequence[Profile] = (), rule: str = "paper",
-                 warmup: int = 1000, sinks: Sequence[AlertSink] = (),
+                 extra_profiles: Sequence[Profile] = (), rule: str = "prism",
+                 warmup: int = 1000, warmup_s: float = 0.0,
+                 holds: EpisodeHolds | None = None, sinks: Sequence[AlertSink] = (),
                  on_observation: Callable[[Observation], None] | None = None,
                  on_snapshot: Callable[[Snapshot], None] | None = None,
                  on_view: Callable[[EngineView], None] | None = None,
@@ -135,6 +137,9 @@ class Monitor:
         read as each iteration arrives and becomes its ``runqueue`` stage; the readings
         go to ``on_run_queue`` as the spans go to ``on_spans`` (a
         :class:`~prism_tui.engine.recording.SpanRecorder` takes both).
+
+        ``rule``, ``warmup``, ``warmup_s`` and ``holds`` go to the
+        :class:`~prism_tui.engine.core.Engine` (the detector and its alert episodes).
         """
         self.run_queue_stage = run_queue_stage
         self.profile = profile
@@ -153,7 +158,8 @@ class Monitor:
         self.on_snapshot = on_snapshot
         self.on_view = on_view
         self.snapshot_interval_s = snapshot_interval_s
-        self.engine = Engine(rule=rule, warmup=warmup, sinks=sinks,
+        self.engine = Engine(rule=rule, warmup=warmup, warmup_s=warmup_s, holds=holds,
+                             sinks=sinks,
                              on_observation=on_observation, on_spans=on_spans,
                              on_run_queue=on_run_queue, slos=slos, clock=clock,
                              settle_s=settle_s)
