@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--warmup", type=int, default=None, metavar="N",
                    help="decode iterations before the baseline is fitted (default 1000)")
     w.add_argument("--json", action="store_true", help="one JSON summary at the end")
+    w.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus/OpenMetrics /metrics on this port (0: any free "
+                   "port; default: settings metrics.port, else none)")
+    w.add_argument("--metrics-addr", default=None, metavar="ADDR",
+                   help="address /metrics binds (default: settings metrics.addr, 127.0.0.1)")
 
     ev = sub.add_parser("eval", help="simulator + headless monitor, scored against the labels")
     ev.add_argument("--scenario", default="smoke", metavar="NAME|FILE")
@@ -283,7 +288,8 @@ def _watch_settings(args: argparse.Namespace) -> Any:
         "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
         "engine.realtime_priority": args.realtime,
         "engine.slo": tuple(args.slo) if args.slo else None, "mqtt.broker": args.broker,
-        "history.db": args.db})
+        "history.db": args.db, "metrics.port": args.metrics_port,
+        "metrics.addr": args.metrics_addr})
 
 
 def broker_config(mqtt: Any) -> Any:
@@ -339,6 +345,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
     session = LiveSession(monitor, broker=broker_config(settings.mqtt), history_db=history_db,
                           retention_days=settings.history.retention_days,
                           max_iterations=settings.history.max_iterations, freeze_gc=True)
+    try:
+        metrics = _serve_metrics(session, settings.metrics)
+    except UsageError:
+        session.close()
+        if recorder is not None:
+            recorder.discard()
+        raise
     counts: dict[str, int] = {}
     try:
         if headless:
@@ -388,11 +401,29 @@ def cmd_watch(args: argparse.Namespace) -> int:
                            title=f"LatencyPrism — {profile.name}")
             app.run()
     finally:
+        if metrics is not None:
+            metrics.close()
         session.close()
         if recorder is not None:
             n = recorder.close(monitor.recorded_processes())
             print(f"prism watch: {n} spans saved to {recorder.path}", file=sys.stderr)
     return 0
+
+
+def _serve_metrics(session: Any, settings: Any) -> Any:
+    """Start ``/metrics`` when ``[metrics] port`` is set (None otherwise); the bound URL
+    goes to stderr. An address that cannot be bound is a usage error."""
+    if settings.port is None:
+        return None
+    from prism_tui.metrics import serve_metrics
+
+    try:
+        server = serve_metrics(lambda: session.latest_view, settings.port, settings.addr)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {settings.addr}:{settings.port}: "
+                         f"{exc.strerror or exc}") from None
+    print(f"prism watch: metrics on {server.url}", file=sys.stderr, flush=True)
+    return server
 
 
 def _span_recorder(path: str | None) -> Any:

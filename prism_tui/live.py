@@ -143,6 +143,11 @@ class LiveSession:
             self.engine.sinks.append(self.sink)
         monitor.on_view = self._view
 
+    @property
+    def latest_view(self) -> EngineView | None:
+        """The view most recently published to the dashboard (None before the first)."""
+        return self._latest_view
+
     def _delivered(self, alert_id: str) -> None:
         if self.sink is not None:
             self.sink.delivered(alert_id)
