@@ -153,6 +153,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+DASHBOARD = ROOT / "docs" / "grafana" / "latencyprism.json"
+GRAFANA_VARS = {"$instance": ".*", "$target": ".*", "$phase": "decode",
+                "$__rate_interval": "1m", "$__range": "1m"}
+
+
+def _dashboard_queries() -> dict[str, str]:
+    """Each panel's PromQL from the example Grafana dashboard, variables filled in."""
+    out = {}
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for var, value in GRAFANA_VARS.items():
+                expr = expr.replace(var, value)
+            out[f"{panel['title']} {target['refId']}"] = expr
+    return out
+
+
 def _query(api: str, promql: str) -> list[dict[str, Any]]:
     url = f"{api}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
     with urllib.request.urlopen(url, timeout=5) as reply:
@@ -179,6 +196,8 @@ def test_a_real_prometheus_scrapes_prism_watch_and_sees_the_dashboards_values(
          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     scraped: dict[str, list[dict[str, Any]]] = {}
+    panels: dict[str, list[dict[str, Any]]] = {}
+    first_seen = 0.0
     try:
         with sim_server(scenario_file(tmp_path, 40, seed=4, name="metrics")) as server:
             stop_sim = threading.Event()
@@ -205,6 +224,10 @@ def test_a_real_prometheus_scrapes_prism_watch_and_sees_the_dashboards_values(
                         continue  # Prometheus is still starting
                     if p99 and its and count:
                         scraped = {"p99": p99, "its": its, "count": count}
+                        first_seen = first_seen or time.monotonic()
+                    if scraped and not panels and time.monotonic() - first_seen > 4:
+                        panels = {title: _query(api, expr)  # a rate needs two scrapes
+                                  for title, expr in _dashboard_queries().items()}
                 out, err = watch.communicate(timeout=60)
             finally:
                 if watch.poll() is None:
@@ -230,3 +253,8 @@ def test_a_real_prometheus_scrapes_prism_watch_and_sees_the_dashboards_values(
                 shown.add(row["p99_ms"] / 1000)
     assert float(p99["value"][1]) in shown
     assert float(its["value"][1]) >= float(count["value"][1]) > 0
+    # every panel of the example Grafana dashboard is valid PromQL over these series, and
+    # all but the alert panel (no alert in 14 s of a healthy run) show data
+    assert panels, "the dashboard's queries never ran"
+    empty = [title for title, result in panels.items() if not result]
+    assert empty == ["Alerts fired A"], empty
