@@ -153,6 +153,21 @@ def _parser() -> argparse.ArgumentParser:
                        "commands; manage silences")
     add_gateway_arguments(g)
 
+    fl = sub.add_parser("fleet", help="every monitor on a broker: hosts, fleet-wide "
+                        "quantiles merged from their digests, outliers, alerts (JSON)")
+    fl.add_argument("--broker", metavar="URL", help="MQTT broker (default: settings "
+                    "mqtt.broker)")
+    fl.add_argument("--config", metavar="FILE", help="settings TOML, for [mqtt]")
+    fl.add_argument("--window", type=float, default=60.0, metavar="S",
+                    help="merge the digests of windows that started in the last S seconds "
+                    "(default 60)")
+    fl.add_argument("--interval", type=float, default=1.0, metavar="S",
+                    help="seconds between the JSON lines (default 1)")
+    fl.add_argument("--duration", type=float, default=None, metavar="S",
+                    help="stop after S seconds (default: run until interrupted)")
+    fl.add_argument("--json", action="store_true",
+                    help="print one JSON document when it stops instead of JSON lines")
+
     d = sub.add_parser("demo", help="the main job on an embedded default: simulator, "
                        "broker, monitor, dashboard")
     d.add_argument("--duration", type=float, default=None, metavar="S",
@@ -225,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_watch(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "fleet":
+            return cmd_fleet(args)
         if args.command == "gateway":
             from alerting.gateway.cli import run_gateway_command
 
@@ -657,6 +674,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- history
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """``prism fleet``: follow every monitor on the broker; JSON lines of the fleet's
+    state every ``--interval``, or one document at the end with ``--json``."""
+    import asyncio
+
+    from alerting.fleet import FleetState, follow_fleet
+    from prism_tui.settings import load_settings
+
+    settings = load_settings(args.config, overrides={"mqtt.broker": args.broker})
+    config = broker_config(settings.mqtt)
+    if config is None:
+        raise UsageError("no broker: give --broker URL or set mqtt.broker")
+    for name in ("window", "interval", "duration"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name} must be > 0, not {value:g}")
+    state = FleetState(config.topic_root, window_s=args.window)
+    errors: list[str] = []
+
+    def error(line: str) -> None:
+        if not errors or errors[-1] != line:
+            print(f"prism fleet: {line}", file=sys.stderr, flush=True)
+        errors.append(line)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        follower = asyncio.create_task(follow_fleet(config, state, stop, on_error=error))
+        deadline = None if args.duration is None else loop.time() + args.duration
+        while not stop.is_set():
+            wait = args.interval if deadline is None else min(args.interval,
+                                                              deadline - loop.time())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, wait))
+            if deadline is not None and loop.time() >= deadline:
+                stop.set()
+            if not args.json and not stop.is_set():
+                print(json.dumps({"fleet": state.snapshot()}), flush=True)
+        await follower
+
+    asyncio.run(run())
+    if args.json:
+        print(json.dumps(state.snapshot(), indent=2))
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     """``prism history``: merged window digests over time, and the alerts in range."""
     from prism_tui.history.query import history_report
