@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml setup.py prism_sim/runtime/simxpu.c prism_sim/runtime/s
 	touch $(STAMP)
 
 # Mosquitto (the broker the alerting tests start), a C compiler (the test targets) and
-# tmux (the end-to-end test of `prism demo` in a real terminal).
+# tmux (the end-to-end test of `prism demo` in a real terminal), Prometheus (the server
+# that scrapes `prism watch --metrics-port` in tests/test_metrics.py).
 # Installed with apt-get when missing and we are root; otherwise say what to install.
 system-deps:
 	@missing=""; \
@@ -27,6 +28,7 @@ system-deps:
 	command -v strip >/dev/null 2>&1 || missing="$$missing binutils"; \
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	command -v tmux >/dev/null 2>&1 || missing="$$missing tmux"; \
+	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -135,3 +135,8 @@ def alert_topic(root: str, host: str, target_key: str) -> str:
 def summary_topic(root: str, host: str, target_key: str) -> str:
     """``<root>/<host>/<target_key>/summary``: QoS 0 periodic digests (latest only)."""
     return f"{root}/{topic_segment(host)}/{topic_segment(target_key)}/summary"
+
+
+def digest_topic(root: str, host: str, target_key: str) -> str:
+    """``<root>/<host>/<target_key>/digest``: closed windows' t-digests (alerting.digests)."""
+    return f"{root}/{topic_segment(host)}/{topic_segment(target_key)}/digest"

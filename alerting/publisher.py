@@ -39,7 +39,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from alerting.config import BrokerConfig, alert_topic, status_topic, summary_topic
+from alerting.config import (
+    BrokerConfig,
+    alert_topic,
+    digest_topic,
+    status_topic,
+    summary_topic,
+)
+from alerting.digests import encode as encode_digests
 from alerting.outbox import Outbox
 from alerting.schema import SCHEMA_VERSION, Alert, rfc3339
 
@@ -55,6 +62,8 @@ MEMORY_LIMIT = 100_000
 INLINE_WRITES = 32
 """Outbox writes of up to this many alerts run on the loop (µs); bigger ones in a thread."""
 """Without an outbox, the most alerts kept in memory while the broker is away."""
+DIGEST_QUEUE = 1000
+"""Digest messages queued for the sender at most (the oldest go first when it lags)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,10 @@ class AlertPublisher:
         self._inflight: dict[int, _Entry] = {}
         self._to_ack: list[int] = []
         self._summaries: dict[str, bytes] = {}
+        self._digests: deque[tuple[str, bytes]] = deque(maxlen=DIGEST_QUEUE)
+        self.digests_dropped = 0
+        """Digest messages not sent: published while disconnected, or pushed out of a
+        full queue."""
         self._taken = 0  # fresh alerts the writer is storing (not yet in the backlog)
         self._conn: _Connection | None = None  # set while the sender runs
         self._work = asyncio.Event()  # fresh alerts or acks for the writer
@@ -214,6 +227,17 @@ class AlertPublisher:
         if self._state != "connected":
             return
         self._summaries[target_key] = json.dumps(doc, separators=(",", ":")).encode()
+        self._ready.set()
+
+    def publish_digest(self, target_key: str, doc: dict[str, Any]) -> None:
+        """Queue one digest message (:mod:`alerting.digests`; QoS 0, in order; dropped
+        and counted in :attr:`digests_dropped` while disconnected)."""
+        if self._state != "connected":
+            self.digests_dropped += 1
+            return
+        if len(self._digests) == self._digests.maxlen:
+            self.digests_dropped += 1
+        self._digests.append((target_key, encode_digests(doc)))
         self._ready.set()
 
     @property
@@ -477,7 +501,7 @@ class AlertPublisher:
             while True:
                 if conn.failed.done():
                     conn.failed.result()
-                if not self._backlog and not self._summaries:
+                if not self._backlog and not self._summaries and not self._digests:
                     self._ready.clear()
                     waiter: asyncio.Future[Any] = asyncio.ensure_future(self._ready.wait())
                     waiting: set[asyncio.Future[Any]] = {waiter, conn.failed}
@@ -489,6 +513,10 @@ class AlertPublisher:
                 while self._summaries:
                     key, payload = self._summaries.popitem()
                     await client.publish(summary_topic(self.config.topic_root, self.host, key),
+                                         payload, qos=0)
+                while self._digests:
+                    key, payload = self._digests.popleft()
+                    await client.publish(digest_topic(self.config.topic_root, self.host, key),
                                          payload, qos=0)
                 if not self._backlog:
                     continue

@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="... or seconds they span, whichever comes first, with at least "
                    "200 iterations (default 10; 0: iterations only)")
     w.add_argument("--json", action="store_true", help="one JSON summary at the end")
+    w.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus/OpenMetrics /metrics on this port (0: any free "
+                   "port; default: settings metrics.port, else none)")
+    w.add_argument("--metrics-addr", default=None, metavar="ADDR",
+                   help="address /metrics binds (default: settings metrics.addr, 127.0.0.1)")
 
     ev = sub.add_parser("eval", help="simulator + headless monitor, scored against the labels")
     ev.add_argument("--scenario", default="smoke", metavar="NAME|FILE")
@@ -162,6 +167,20 @@ def _parser() -> argparse.ArgumentParser:
     bc = sub.add_parser("broker-config", help="print the mosquitto.conf of an edge broker "
                         "that bridges a rack's monitors to core brokers")
     add_bridge_arguments(bc)
+    fl = sub.add_parser("fleet", help="every monitor on a broker: hosts, fleet-wide "
+                        "quantiles merged from their digests, outliers, alerts (JSON)")
+    fl.add_argument("--broker", metavar="URL", help="MQTT broker (default: settings "
+                    "mqtt.broker)")
+    fl.add_argument("--config", metavar="FILE", help="settings TOML, for [mqtt]")
+    fl.add_argument("--window", type=float, default=60.0, metavar="S",
+                    help="merge the digests of windows that started in the last S seconds "
+                    "(default 60)")
+    fl.add_argument("--interval", type=float, default=1.0, metavar="S",
+                    help="seconds between the JSON lines (default 1)")
+    fl.add_argument("--duration", type=float, default=None, metavar="S",
+                    help="stop after S seconds (default: run until interrupted)")
+    fl.add_argument("--json", action="store_true",
+                    help="print one JSON document when it stops instead of JSON lines")
 
     d = sub.add_parser("demo", help="the main job on an embedded default: simulator, "
                        "broker, monitor, dashboard")
@@ -237,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_watch(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "fleet":
+            return cmd_fleet(args)
         if args.command == "gateway":
             from alerting.gateway.cli import run_gateway_command
 
@@ -308,7 +329,8 @@ def _watch_settings(args: argparse.Namespace) -> Any:
         "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
         "engine.warmup_s": args.warmup_s, "engine.realtime_priority": args.realtime,
         "engine.slo": tuple(args.slo) if args.slo else None, "mqtt.broker": args.broker,
-        "history.db": args.db})
+        "history.db": args.db, "metrics.port": args.metrics_port,
+        "metrics.addr": args.metrics_addr})
 
 
 def broker_config(mqtt: Any) -> Any:
@@ -373,6 +395,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
     session = LiveSession(monitor, broker=broker_config(settings.mqtt), history_db=history_db,
                           retention_days=settings.history.retention_days,
                           max_iterations=settings.history.max_iterations, freeze_gc=True)
+    try:
+        metrics = _serve_metrics(session, settings.metrics)
+    except UsageError:
+        session.close()
+        if recorder is not None:
+            recorder.discard()
+        raise
     counts: dict[str, int] = {}
     try:
         if headless:
@@ -422,11 +451,29 @@ def cmd_watch(args: argparse.Namespace) -> int:
                            title=f"LatencyPrism — {profile.name}")
             app.run()
     finally:
+        if metrics is not None:
+            metrics.close()
         session.close()
         if recorder is not None:
             n = recorder.close(monitor.recorded_processes())
             print(f"prism watch: {n} spans saved to {recorder.path}", file=sys.stderr)
     return 0
+
+
+def _serve_metrics(session: Any, settings: Any) -> Any:
+    """Start ``/metrics`` when ``[metrics] port`` is set (None otherwise); the bound URL
+    goes to stderr. An address that cannot be bound is a usage error."""
+    if settings.port is None:
+        return None
+    from prism_tui.metrics import serve_metrics
+
+    try:
+        server = serve_metrics(lambda: session.latest_view, settings.port, settings.addr)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {settings.addr}:{settings.port}: "
+                         f"{exc.strerror or exc}") from None
+    print(f"prism watch: metrics on {server.url}", file=sys.stderr, flush=True)
+    return server
 
 
 def _span_recorder(path: str | None) -> Any:
@@ -682,6 +729,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- history
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """``prism fleet``: follow every monitor on the broker; JSON lines of the fleet's
+    state every ``--interval``, or one document at the end with ``--json``."""
+    import asyncio
+
+    from alerting.fleet import FleetState, follow_fleet
+    from prism_tui.settings import load_settings
+
+    settings = load_settings(args.config, overrides={"mqtt.broker": args.broker})
+    config = broker_config(settings.mqtt)
+    if config is None:
+        raise UsageError("no broker: give --broker URL or set mqtt.broker")
+    for name in ("window", "interval", "duration"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name} must be > 0, not {value:g}")
+    state = FleetState(config.topic_root, window_s=args.window)
+    errors: list[str] = []
+
+    def error(line: str) -> None:
+        if not errors or errors[-1] != line:
+            print(f"prism fleet: {line}", file=sys.stderr, flush=True)
+        errors.append(line)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        follower = asyncio.create_task(follow_fleet(config, state, stop, on_error=error))
+        deadline = None if args.duration is None else loop.time() + args.duration
+        while not stop.is_set():
+            wait = args.interval if deadline is None else min(args.interval,
+                                                              deadline - loop.time())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, wait))
+            if deadline is not None and loop.time() >= deadline:
+                stop.set()
+            if not args.json and not stop.is_set():
+                print(json.dumps({"fleet": state.snapshot()}), flush=True)
+        await follower
+
+    asyncio.run(run())
+    if args.json:
+        print(json.dumps(state.snapshot(), indent=2))
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     """``prism history``: merged window digests over time, and the alerts in range."""
     from prism_tui.history.query import history_report

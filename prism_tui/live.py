@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from alerting.config import BrokerConfig
 from alerting.outbox import Outbox
 from alerting.publisher import AlertPublisher
+from prism_tui.digest_feed import DigestFeed
 from prism_tui.engine.core import AlertEvent, Engine
 from prism_tui.engine.runtime import Monitor
 from prism_tui.engine.sinks import to_wire
@@ -117,6 +118,7 @@ class LiveSession:
         self.publisher: AlertPublisher | None = None
         self.outbox: Outbox | None = None
         self.sink: MqttSink | None = None
+        self.digests: DigestFeed | None = None
         self.history: HistoryWriter | None = None
         self._store: HistoryStore | None = None
         self._history_db = history_db
@@ -141,7 +143,13 @@ class LiveSession:
                                             on_delivered=self._delivered)
             self.sink = MqttSink(self.publisher, self.engine)
             self.engine.sinks.append(self.sink)
+            self.digests = DigestFeed(self.engine, self.publisher.publish_digest)
         monitor.on_view = self._view
+
+    @property
+    def latest_view(self) -> EngineView | None:
+        """The view most recently published to the dashboard (None before the first)."""
+        return self._latest_view
 
     def _delivered(self, alert_id: str) -> None:
         if self.sink is not None:
@@ -157,6 +165,8 @@ class LiveSession:
             st = self.publisher.status
             self.engine.set_delivery(DeliveryStatus(self.publisher.config.url, st.state,
                                                     st.pending, st.published, st.last_error))
+            if self.digests is not None:
+                self.digests.poll(view.targets)
             now = time.monotonic()
             if now - self._last_summary >= SUMMARY_EVERY_S:
                 self._last_summary = now

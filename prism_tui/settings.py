@@ -176,6 +176,19 @@ class MqttSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus/OpenMetrics endpoint of ``prism watch``.
+
+    Attributes:
+        port: TCP port of ``/metrics`` (None: no endpoint; 0: any free port, printed).
+        addr: address it binds (loopback by default; ``0.0.0.0`` for every interface).
+    """
+
+    port: int | None = None
+    addr: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class WatchSettings:
     """Defaults of ``prism watch``.
 
@@ -198,6 +211,7 @@ class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     history: HistorySettings = field(default_factory=HistorySettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
 
     def to_dict(self, *, redact: bool = True) -> dict[str, dict[str, Any]]:
@@ -220,6 +234,7 @@ SECTIONS: dict[str, type[Any]] = {
     "engine": EngineSettings,
     "history": HistorySettings,
     "mqtt": MqttSettings,
+    "metrics": MetricsSettings,
     "watch": WatchSettings,
 }
 
@@ -453,6 +468,10 @@ def _check(section: str, key: str, value: Any) -> str | None:
                 SloSpec.parse(spec)
             except ValueError as exc:
                 return str(exc)
+    if name == "metrics.port" and not 0 <= value <= 65535:
+        return f"must be a TCP port 0-65535 (0: any free port), not {value}"
+    if name == "metrics.addr" and not value.strip():
+        return "must not be empty (127.0.0.1 serves loopback only)"
     if name == "mqtt.broker":
         return _check_broker(value)
     if name in ("mqtt.topic_root", "history.db") and not value.strip():

@@ -122,7 +122,7 @@ def test_to_dict_is_json_and_redacts_password(tmp_path: Path) -> None:
     d = s.to_dict()
     assert d["mqtt"]["password"] == "***"
     assert d["engine"]["slo"] == ["p99 <= 5ms over 1s"]
-    assert set(d) == {"probe", "engine", "history", "mqtt", "watch"}
+    assert set(d) == {"probe", "engine", "history", "mqtt", "metrics", "watch"}
     json.dumps(d)
     assert s.to_dict(redact=False)["mqtt"]["password"] == "hunter2"
 

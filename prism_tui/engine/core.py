@@ -47,11 +47,13 @@ from prism_tui.engine.rca import BaselineSummary, rank_suspects, summarize
 from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
 from prism_tui.engine.view import (
     WINDOWS_S,
+    AlertCount,
     AlertRecord,
     DeliveryStatus,
     DetectorPoint,
     DetectorState,
     EngineView,
+    GovernorCount,
     IterationBar,
     ProbeStatus,
     SloStatus,
@@ -194,6 +196,8 @@ class _Watched:
     hits_per_s: float = 0.0
     lost: int = 0
     overhead_pct: float | None = None
+    iterations: dict[str, int] = field(default_factory=dict)
+    """Iterations completed per phase since the watch began."""
     detectors: dict[str, Detector] = field(default_factory=dict)
     normal_shares: deque[dict[str, float]] = field(
         default_factory=lambda: deque(maxlen=BASELINE_SHARES))
@@ -312,6 +316,8 @@ class Engine:
         self._delivery = DeliveryStatus()
         self._notices: deque[str] = deque(maxlen=5)
         self._held: list[AlertEvent] | None = None
+        self._alert_counts: dict[tuple[int, str, str, str], int] = {}
+        self._governor_counts: dict[tuple[int, str], int] = {}
         self.history_path = ""
 
     # ------------------------------------------------------------------ targets
@@ -365,6 +371,13 @@ class Engine:
     def mark_delivery(self, alert_id: str, state: str) -> None:
         """Record what became of one alert (``queued`` → ``sent``)."""
         self._delivery_of[alert_id] = state
+
+    def count_governor_decision(self, pid: int, action: str) -> None:
+        """Count one overhead-governor decision on ``pid`` (``detach``, ``duty-cycle``...)
+        for the view's :attr:`~EngineView.governor_counts`; the monitor calls it for each
+        decision its governor makes."""
+        key = (pid, action)
+        self._governor_counts[key] = self._governor_counts.get(key, 0) + 1
 
     def notice(self, line: str) -> None:
         """A short line for the dashboard's status bar."""
@@ -435,6 +448,7 @@ class Engine:
     def _on_iteration(self, w: _Watched, it: Iteration) -> None:
         self.iterations_seen += 1
         device, phase = it.device, it.phase
+        w.iterations[phase] = w.iterations.get(phase, 0) + 1
         keys = self._series_keys
         for stage, ns in (*it.stages.items(), (ITERATION, it.end_ns - it.start_ns)):
             key = keys.get((stage, device, phase))
@@ -567,6 +581,8 @@ class Engine:
             self._held.append(alert)
             return
         self.alerts.append(alert)
+        kind = (int(alert.target.get("pid", 0)), alert.status, alert.severity, alert.source)
+        self._alert_counts[kind] = self._alert_counts.get(kind, 0) + 1
         self._records.append(AlertRecord(
             alert.id, alert.fingerprint, alert.status, alert.severity, alert.source,
             int(alert.target.get("pid", 0)), alert.device, alert.stage, alert.phase,
@@ -671,7 +687,8 @@ class Engine:
         now = self.clock() if now_ns is None else now_ns
         snaps = self.snapshots(now)
         targets = tuple(TargetStatus(w.pid, w.name, w.profile, w.device, w.state, w.probes,
-                                     w.hits_per_s, w.lost, w.overhead_pct)
+                                     w.hits_per_s, w.lost, w.overhead_pct,
+                                     tuple(sorted(w.iterations.items())))
                         for w in self._watched.values())
         detectors = []
         slos = []
@@ -697,7 +714,13 @@ class Engine:
             snapshots=frozen_snapshots(snaps), iterations=tuple(self._bars),
             detector=tuple(self._points), detectors=tuple(detectors), alerts=records,
             telemetry=self._telemetry, delivery=self._delivery, slos=tuple(slos),
-            history_path=self.history_path, notices=tuple(self._notices))
+            history_path=self.history_path, notices=tuple(self._notices),
+            series_totals=self.sketches.totals(),
+            alert_counts=tuple(AlertCount(pid, status, severity, source, n) for
+                               (pid, status, severity, source), n in
+                               sorted(self._alert_counts.items())),
+            governor_counts=tuple(GovernorCount(pid, action, n) for (pid, action), n in
+                                  sorted(self._governor_counts.items())))
 
 
 _KeptSpanRow = tuple[Any, ...]

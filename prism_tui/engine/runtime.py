@@ -756,7 +756,7 @@ class Monitor:
             dt = max(1e-3, now_t - att.prev_t)
             att.prev_hits, att.prev_t = hits, now_t
             self.engine.set_probe_status(
-                pid, _probe_statuses(att.placements, delta, dt),
+                pid, _probe_statuses(att.placements, delta, dt, hits),
                 hits_per_s=sum(delta.values()) / dt, lost=att.session.dropped(),
                 overhead_pct=self._overhead_pct(att, delta, dt))
         if self.on_view is not None:
@@ -807,15 +807,18 @@ def _value(device: str, metric: str, reading: Reading) -> TelemetryValue:
 
 
 def _probe_statuses(placements: Sequence[Placement], hits: dict[str, int],
-                    dt: float = 1.0) -> tuple[ProbeStatus, ...]:
-    """One status per probe decision: attached with its hit rate, or why not."""
+                    dt: float = 1.0, total: dict[str, int] | None = None,
+                    ) -> tuple[ProbeStatus, ...]:
+    """One status per probe decision: attached with its hit rate (``hits`` in ``dt``)
+    and its hits since attached (``total``), or why not."""
     out = []
     for placement in placements:
         for d in placement.decisions:
             if d.status == "resolved":
                 out.append(ProbeStatus(d.probe, d.stage, "attached",
                                        d.sites[0].library if d.sites else "",
-                                       hits_per_s=hits.get(d.probe, 0) / dt if dt else 0.0))
+                                       hits_per_s=hits.get(d.probe, 0) / dt if dt else 0.0,
+                                       hits=(total or {}).get(d.probe, 0)))
             else:
                 out.append(ProbeStatus(d.probe, d.stage, d.status, reason=d.reason))
     return tuple(out)

@@ -134,6 +134,15 @@ def merge_digests(digests: Iterable[TDigest], max_centroids: int | None = None) 
 
 
 @dataclass(frozen=True, slots=True)
+class SeriesTotal:
+    """Every value a series has had in closed windows since the start (never trimmed):
+    the cumulative ``_count`` and ``_sum`` a Prometheus summary exposes."""
+
+    count: int
+    sum_ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class SeriesStats:
     """Summary of one series over a snapshot's span (values in ms; only non-empty series)."""
 
@@ -239,6 +248,8 @@ class WindowedSketches:
         self._next_close: int | None = None
         self._feed: list[Window] = []  # closed windows in closing order (starts ascending)
         self._cache: dict[tuple[float, int, int], Mapping[SeriesKey, SeriesStats]] = {}
+        self._totals: dict[SeriesKey, SeriesTotal] = {}
+        self._totals_view: Mapping[SeriesKey, SeriesTotal] | None = None
         self.late = 0
         """Values dropped because their window had already closed."""
         self.rejected = 0
@@ -315,6 +326,10 @@ class WindowedSketches:
             s = self._series[win.key] = _Series()
         s.windows.append(win)
         s.starts.append(win.start_ns)
+        total = self._totals.get(win.key)
+        self._totals[win.key] = (SeriesTotal(win.count, win.sum) if total is None else
+                                 SeriesTotal(total.count + win.count, total.sum_ms + win.sum))
+        self._totals_view = None
         s.p99.append(win.digest.quantile(0.99))
         self._feed.append(win)
         block = win.start_ns - win.start_ns % self._block_w
@@ -348,6 +363,13 @@ class WindowedSketches:
     def keys(self) -> tuple[SeriesKey, ...]:
         """Series with closed windows in memory, sorted."""
         return tuple(sorted(k for k, s in self._series.items() if s.windows))
+
+    def totals(self) -> Mapping[SeriesKey, SeriesTotal]:
+        """Cumulative count and sum per series over every closed window since the start
+        (trimming does not lower them); read-only, rebuilt only after a window closed."""
+        if self._totals_view is None:
+            self._totals_view = MappingProxyType(dict(self._totals))
+        return self._totals_view
 
     def windows(self, key: SeriesKey) -> tuple[Window, ...]:
         """Closed windows of one series, oldest first."""

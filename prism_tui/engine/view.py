@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from prism_tui.engine.sketches import Snapshot
+from prism_tui.engine.sketches import SeriesKey, SeriesTotal, Snapshot
 
 WINDOWS_S = (10.0, 60.0, 300.0)
 """The spans the dashboard can show (``w`` cycles through them)."""
@@ -30,6 +30,8 @@ class ProbeStatus:
     library: str = ""
     reason: str = ""
     hits_per_s: float = 0.0
+    hits: int = 0
+    """Kernel hits since the probe was attached (cumulative: a Prometheus counter)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class TargetStatus:
     lost: int = 0
     overhead_pct: float | None = None
     """Estimated CPU share the probes cost the target (hits/s × measured cost per hit)."""
+    iterations: tuple[tuple[str, int], ...] = ()
+    """Iterations completed since the watch began, per phase (sorted by phase)."""
 
     @property
     def attached(self) -> int:
@@ -161,6 +165,27 @@ class AlertRecord:
 
 
 @dataclass(frozen=True)
+class AlertCount:
+    """How many alert state changes of one kind the engine emitted since it started."""
+
+    pid: int
+    status: str
+    severity: str
+    source: str
+    count: int
+
+
+@dataclass(frozen=True)
+class GovernorCount:
+    """How many overhead-governor decisions of one action were made on one target."""
+
+    pid: int
+    action: str
+    """``detach`` | ``duty-cycle`` | ``reattach``..., as the governor names it."""
+    count: int
+
+
+@dataclass(frozen=True)
 class EngineView:
     """Everything the dashboard draws, at one moment. Immutable."""
 
@@ -182,6 +207,13 @@ class EngineView:
     history_path: str = ""
     notices: tuple[str, ...] = ()
     """Short lines for the status bar (simulator events, re-attachments...)."""
+    series_totals: Mapping[SeriesKey, SeriesTotal] = field(
+        default_factory=lambda: MappingProxyType({}))
+    """Cumulative count and sum of every series over its closed windows since start."""
+    alert_counts: tuple[AlertCount, ...] = ()
+    """Alert state changes since start, by target, status, severity and source."""
+    governor_counts: tuple[GovernorCount, ...] = ()
+    """Overhead-governor decisions since start (see :meth:`Engine.count_governor_decision`)."""
 
     def snapshot(self, span_s: float) -> Snapshot | None:
         """The snapshot for ``span_s`` (None when the engine did not build that span)."""

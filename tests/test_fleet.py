@@ -1,0 +1,145 @@
+"""``prism fleet``: two monitors' status, digests and alerts through a real Mosquitto.
+
+The monitors are real engines with their own hosts and publishers (as in
+tests/test_digests.py): node-b is 40 % slower than node-a. The fleet follower must merge
+both hosts' digests to the raw values' quantiles, name node-b the host furthest above
+the fleet's p99, list node-b's alert, and see node-a go offline when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alerting.broker import EmbeddedBroker
+from alerting.config import BrokerConfig
+from alerting.fleet import FleetState, follow_fleet
+from alerting.publisher import AlertPublisher
+from prism_tui.cli import main
+from prism_tui.digest_feed import DigestFeed
+from prism_tui.engine.core import Engine
+from prism_tui.engine.sketches import ITERATION, SeriesKey
+from tests.mqtt_fixtures import broker, sample_alert  # noqa: F401  (the fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALES = {"node-a": 10.0, "node-b": 14.0}
+SECONDS = 10
+
+
+async def _connected(publisher: AlertPublisher) -> None:
+    for _ in range(500):
+        if publisher.status.state == "connected":
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"publisher never connected: {publisher.status}")
+
+
+@pytest.mark.anyio
+async def test_the_fleet_merges_hosts_names_the_slow_one_and_sees_one_go_offline(
+        broker: EmbeddedBroker) -> None:  # noqa: F811
+    config = BrokerConfig(url=broker.url)
+    state = FleetState(config.topic_root, window_s=3600)
+    stop, subscribed = asyncio.Event(), asyncio.Event()
+    follower = asyncio.create_task(follow_fleet(config, state, stop, subscribed))
+    await asyncio.wait_for(subscribed.wait(), 10)
+    raw: list[float] = []
+    by_host: dict[str, list[float]] = {host: [] for host in SCALES}
+    publishers = {}
+    runners = []
+    try:
+        for host, scale in SCALES.items():
+            now = [0]
+            engine = Engine(host=host, clock=lambda now=now: now[0])  # type: ignore[misc]
+            engine.watch(4242, "vllm", "anchor", {}, profile="cuda", device="cuda:0")
+            publisher = publishers[host] = AlertPublisher(config, host=host, outbox=None)
+            runners.append(asyncio.create_task(publisher.run()))
+            await _connected(publisher)
+            feed = DigestFeed(engine, publisher.publish_digest)
+            rng = random.Random(int(scale))
+            targets = engine.view().targets
+            key = SeriesKey(ITERATION, "cuda:0", "decode")
+            for second in range(SECONDS):
+                for i in range(300):
+                    value = scale * rng.lognormvariate(0, 0.25)
+                    raw.append(value)
+                    by_host[host].append(value)
+                    engine.sketches.add(key, second * 10**9 + i * 3_000_000, value)
+                assert feed.poll(targets, (second + 2) * 10**9) == 1
+        publishers["node-b"].publish(sample_alert("fp-b", host="node-b"))
+        await asyncio.sleep(0.5)
+        await publishers["node-a"].aclose()  # a clean stop: retained "offline"
+        for _ in range(200):
+            snap = state.snapshot()
+            hosts = {h["host"]: h for h in snap["hosts"]}
+            if (hosts.get("node-a", {}).get("state") == "offline" and snap["alerts"]
+                    and sum(r["count"] for r in snap["fleet"]) == len(raw)):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for publisher in publishers.values():
+            await publisher.aclose()
+        for runner in runners:
+            await runner
+        stop.set()
+        await follower
+    assert hosts["node-a"]["state"] == "offline" and hosts["node-a"]["reason"] == "stopped"
+    assert hosts["node-b"]["state"] == "online" and hosts["node-b"]["firing"] == 1
+    assert hosts["node-b"]["targets"] == ["vllm-4242"]
+    (row,) = snap["fleet"]
+    assert (row["profile"], row["stage"], row["phase"], row["device_kind"], row["hosts"]) == (
+        "cuda", ITERATION, "decode", "cuda", 2)
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        truth = float(np.quantile(raw, q))
+        assert abs(row[name] - truth) / truth < 0.01, (name, row[name], truth)
+    # each host's p99 over the fleet's, as the raw values have it (the slow host's tail
+    # is most of the fleet's: node-b is above the fleet p99, node-a well below)
+    assert [o["host"] for o in snap["outliers"]] == ["node-b", "node-a"]
+    for o in snap["outliers"]:
+        truth = float(np.quantile(by_host[o["host"]], 0.99) / np.quantile(raw, 0.99))
+        assert abs(o["ratio"] - truth) / truth < 0.02, (o, truth)
+    assert snap["outliers"][0]["ratio"] > 1.0 > snap["outliers"][1]["ratio"]
+    (alert,) = snap["alerts"]
+    assert (alert["host"], alert["fingerprint"], alert["status"]) == ("node-b", "fp-b",
+                                                                     "firing")
+    assert snap["rejected"] == 0
+
+
+def test_fleet_bad_input_is_one_line_and_exit_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PRISM_CONFIG", raising=False)
+    monkeypatch.delenv("PRISM_MQTT_BROKER", raising=False)
+    assert main(["fleet", "--duration", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "prism fleet: no broker: give --broker URL or set mqtt.broker")
+    assert main(["fleet", "--broker", "mqtt://127.0.0.1:1", "--window", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "prism fleet: --window must be > 0, not 0"
+
+
+@pytest.mark.anyio
+async def test_prism_fleet_json_reports_a_monitor_online(
+        broker: EmbeddedBroker, tmp_path: Path) -> None:  # noqa: F811
+    publisher = AlertPublisher(BrokerConfig(url=broker.url), host="gpu-node-7", outbox=None)
+    runner = asyncio.create_task(publisher.run())
+    try:
+        await _connected(publisher)  # its retained "online" status waits on the broker
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "prism_tui.cli", "fleet", "--broker", broker.url,
+            "--duration", "2", "--json", cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await publisher.aclose()
+        await runner
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert [(h["host"], h["state"]) for h in doc["hosts"]] == [("gpu-node-7", "online")]
+    assert doc["fleet"] == [] and doc["alerts"] == []
