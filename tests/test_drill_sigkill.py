@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,7 +38,7 @@ def _integrity(path: Path) -> str:
         return str(db.execute("PRAGMA integrity_check").fetchone()[0])
 
 
-def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
             return db.execute(sql).fetchall()
@@ -84,7 +85,7 @@ async def test_sigkill_leaves_a_last_will_a_sound_history_and_no_breakpoint(
         assert will[0]["reason"] == "connection lost" and will[0]["pid"] == watch.pid
 
     assert _integrity(db) == "ok"
-    assert _rows(db, "SELECT count(*) FROM iterations")[0][0] > 0  # type: ignore[operator]
+    assert _rows(db, "SELECT count(*) FROM iterations")[0][0] > 0
     assert _integrity(tmp_path / "state" / "latencyprism" / "outbox.sqlite") == "ok"
     # the kernel dropped every uprobe with the monitor's perf fds: text as on disk again
     assert changed_code(ctarget.pid, ctarget_exe) == {}
