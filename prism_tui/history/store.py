@@ -32,6 +32,7 @@ Schema versions
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -270,6 +271,14 @@ def _probe_readonly(path: Path, latest: int) -> int:
     return version
 
 
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does on a full disk:
+    a second ROLLBACK would then hide the real error behind "no transaction is active")."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+
+
 def _create_private(path: Path) -> None:
     """Create ``path`` with mode 0600 whatever the umask (parents 0700)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -401,7 +410,7 @@ class HistoryStore:
                     await db.execute(f"PRAGMA user_version = {int(version)}")
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _rollback(db)
                 raise
 
     def _conn(self) -> aiosqlite.Connection:
@@ -421,7 +430,7 @@ class HistoryStore:
                         await db.executemany(sql, rows)
                     await db.execute("COMMIT")
                 except BaseException:
-                    await db.execute("ROLLBACK")
+                    await _rollback(db)
                     raise
                 return int(db.total_changes - before)
             except sqlite3.Error as exc:
@@ -578,7 +587,7 @@ class HistoryStore:
                         deleted["iterations"] = deleted.get("iterations", 0) + cur.rowcount
                     await db.execute("COMMIT")
                 except BaseException:
-                    await db.execute("ROLLBACK")
+                    await _rollback(db)
                     raise
             except sqlite3.Error as exc:
                 raise HistoryError(f"{self.path}: history purge failed: {exc}") from exc
