@@ -314,6 +314,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     check_permission()  # exit 3 with what to grant, before anything starts
     _go_realtime(settings.engine.realtime_priority)
     targets = resolve_target(args.pid, args.match, allow_many=True)
+    for target in targets:
+        target.check_access()  # exit 3 with what to grant (another user's process)
     profile = _pick_profile(targets[0], args.profile or settings.watch.profile)
     extras = _companion_profiles(targets[0], profile)
     headless = args.headless or args.json or settings.watch.headless

@@ -64,6 +64,12 @@ class PerfPermissionError(ProbeError):
     exit_code = EXIT_PERMISSION
 
 
+class TargetAccessError(ProbeError):
+    """The target's memory map or mapped files cannot be read by this user (exit 3)."""
+
+    exit_code = EXIT_PERMISSION
+
+
 class PerfUnavailableError(ProbeError):
     """This kernel offers no uprobe PMU (or perf events are disabled)."""
 
@@ -83,8 +89,10 @@ class CatalogError(ProbeError):
 
 
 PERMISSION_HINT = (
-    "run it as root (sudo), or grant the interpreter CAP_PERFMON, CAP_SYS_PTRACE and "
-    "CAP_DAC_READ_SEARCH (Linux >= 5.8; CAP_SYS_ADMIN before): "
-    "sudo setcap cap_perfmon,cap_sys_ptrace,cap_dac_read_search+ep "
+    "run it as root (sudo), or grant the interpreter CAP_SYS_ADMIN (uprobe perf events), "
+    "CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (another user's process and files): "
+    "sudo setcap cap_sys_admin,cap_sys_ptrace,cap_dac_read_search+ep "
     "\"$(readlink -f .venv/bin/python)\""
 )
+"""What to grant, as measured on Linux 6.18 with ``perf_event_paranoid`` 2
+(tests/test_drill_privileges.py): CAP_PERFMON alone is refused for uprobe events."""

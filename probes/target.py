@@ -14,7 +14,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from probes.errors import AmbiguousTargetError, TargetExitedError, TargetNotFoundError
+from probes.errors import (
+    PERMISSION_HINT,
+    AmbiguousTargetError,
+    TargetAccessError,
+    TargetExitedError,
+    TargetNotFoundError,
+)
 
 PROC = Path("/proc")
 
@@ -129,6 +135,9 @@ class Target:
         """Path of the executable as the process sees it."""
         try:
             return os.readlink(self._proc / "exe").removesuffix(" (deleted)")
+        except PermissionError as exc:  # another user's process, without CAP_SYS_PTRACE
+            raise TargetAccessError(f"cannot read the executable of pid {self.pid} "
+                                    f"({exc.strerror}): {PERMISSION_HINT}") from exc
         except OSError as exc:
             raise TargetExitedError(f"cannot read the executable of pid {self.pid}: "
                                     f"{exc.strerror}") from exc
@@ -146,11 +155,33 @@ class Target:
             raise TargetExitedError(f"process {self.pid} has exited") from exc
 
     def maps_text(self) -> str:
-        """Raw ``/proc/PID/maps``."""
+        """Raw ``/proc/PID/maps`` (another user's needs CAP_SYS_PTRACE: exit 3 without)."""
         try:
             return (self._proc / "maps").read_text()
         except FileNotFoundError as exc:
             raise TargetExitedError(f"process {self.pid} has exited") from exc
+        except PermissionError as exc:
+            raise TargetAccessError(f"cannot read the memory map of pid {self.pid} "
+                                    f"({exc.strerror}): {PERMISSION_HINT}") from exc
+
+    def check_access(self) -> None:
+        """Fail with exit-code-3 advice when this user cannot read the target's memory
+        map or its executable (another user's process, a private directory).
+
+        Without this, an unreadable executable only shows as probes that do not resolve.
+        """
+        exe = self.exe
+        for mapped in self.mapped_files():
+            if mapped.path != exe:
+                continue
+            try:
+                os.close(os.open(mapped.open_path, os.O_RDONLY | os.O_CLOEXEC))
+            except PermissionError as exc:
+                raise TargetAccessError(f"cannot read {exe}, the executable of pid "
+                                        f"{self.pid} ({exc.strerror}): "
+                                        f"{PERMISSION_HINT}") from exc
+            except FileNotFoundError:
+                continue  # exited meanwhile: the caller finds out
 
     def mapped_files(self) -> list[MappedFile]:
         """Every distinct file mapped by the process, executable mappings included."""

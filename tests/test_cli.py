@@ -279,7 +279,7 @@ def test_no_permission_exits_3_with_what_to_grant(python_child: Any) -> None:
     result = prism("trace", "--pid", str(child.pid), "--probe", "libc:clock_nanosleep",
                    user="65534")
     assert result.returncode == 3, (result.returncode, result.stderr)
-    assert "CAP_PERFMON" in result.stderr and "root" in result.stderr
+    assert "CAP_SYS_ADMIN" in result.stderr and "root" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -289,7 +289,7 @@ def test_demo_without_permission_exits_3_before_starting_anything() -> None:
     before = set(os.listdir("/dev/shm"))
     result = prism("demo", "--headless", "--duration", "30", user="65534")
     assert result.returncode == 3, (result.returncode, result.stderr)
-    assert "CAP_PERFMON" in result.stderr and "Traceback" not in result.stderr
+    assert "CAP_SYS_ADMIN" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
     # nothing was started: no simulator ranks, no broker, no shared memory
     assert result.stdout == "" and set(os.listdir("/dev/shm")) == before
