@@ -108,7 +108,7 @@ def tracefs_uprobes(exe: Path) -> list[str] | None:
     return None
 
 
-async def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 20.0,
+async def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 30.0,
                    proc: subprocess.Popen[bytes] | None = None,
                    log: Path | None = None) -> None:
     """Poll ``predicate`` (the loop runs meanwhile); fail with ``what`` and the watcher's

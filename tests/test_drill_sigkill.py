@@ -67,7 +67,7 @@ async def test_sigkill_leaves_a_last_will_a_sound_history_and_no_breakpoint(
                      proc=watch, log=err)
             await wait_for("the monitor online", lambda: any(
                 d.get("state") == "online" for d in _docs(status)), proc=watch, log=err)
-            await alerts.wait_for(1, timeout=20)
+            await alerts.wait_for(1, timeout=30)
             assert _docs(alerts) and _docs(alerts)[0]["source"] == "slo", err.read_text()
             await wait_for("iterations in the history", lambda: bool(
                 _rows(db, "SELECT 1 FROM iterations LIMIT 1")), proc=watch, log=err)
