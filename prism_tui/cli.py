@@ -355,7 +355,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
             monitor.engine.on_observation = on_observation
 
+            said: list[tuple[str, ...]] = [()]
+
             def on_view(view: EngineView) -> None:
+                for line in _new_notices(said[0], view.notices):  # the status bar's lines
+                    print(f"prism watch: {line}", file=sys.stderr, flush=True)
+                said[0] = view.notices
                 snap = view.snapshot(10.0)
                 if args.json or snap is None:
                     return
@@ -364,8 +369,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
                          "p99_ms": v.p99, "p999_ms": v.p999, "max_ms": v.max,
                          "share": v.share}
                         for k, v in sorted(snap.series.items())]
-                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows}}),
-                      flush=True)
+                watched = [{"pid": t.pid, "name": t.name, "state": t.state, "lost": t.lost}
+                           for t in view.targets]
+                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows,
+                                               "targets": watched}}), flush=True)
 
             stop = asyncio.Event()
             loop = asyncio.new_event_loop()
@@ -395,6 +402,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
             n = recorder.close(monitor.recorded_processes())
             print(f"prism watch: {n} spans saved to {recorder.path}", file=sys.stderr)
     return 0
+
+
+def _new_notices(before: tuple[str, ...], now: tuple[str, ...]) -> tuple[str, ...]:
+    """The lines of ``now`` (the engine's last few notices) not already in ``before``:
+    what follows the longest tail of ``before`` that ``now`` starts with."""
+    for k in range(min(len(before), len(now)), 0, -1):
+        if before[-k:] == now[:k]:
+            return now[k:]
+    return now
 
 
 def _span_recorder(path: str | None) -> Any:
