@@ -361,6 +361,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     check_permission()  # exit 3 with what to grant, before anything starts
     _go_realtime(settings.engine.realtime_priority)
     targets = resolve_target(args.pid, args.match, allow_many=True)
+    for target in targets:
+        target.check_access()  # exit 3 with what to grant (another user's process)
     profile = _pick_profile(targets[0], args.profile or settings.watch.profile)
     extras = _companion_profiles(targets[0], profile)
     headless = args.headless or args.json or settings.watch.headless
@@ -416,7 +418,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
             monitor.engine.on_observation = on_observation
 
+            said: list[tuple[str, ...]] = [()]
+
             def on_view(view: EngineView) -> None:
+                for line in _new_notices(said[0], view.notices):  # the status bar's lines
+                    print(f"prism watch: {line}", file=sys.stderr, flush=True)
+                said[0] = view.notices
                 snap = view.snapshot(10.0)
                 if args.json or snap is None:
                     return
@@ -425,8 +432,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
                          "p99_ms": v.p99, "p999_ms": v.p999, "max_ms": v.max,
                          "share": v.share}
                         for k, v in sorted(snap.series.items())]
-                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows}}),
-                      flush=True)
+                watched = [{"pid": t.pid, "name": t.name, "state": t.state, "lost": t.lost}
+                           for t in view.targets]
+                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows,
+                                               "targets": watched}}), flush=True)
 
             stop = asyncio.Event()
             loop = asyncio.new_event_loop()
@@ -474,6 +483,13 @@ def _serve_metrics(session: Any, settings: Any) -> Any:
                          f"{exc.strerror or exc}") from None
     print(f"prism watch: metrics on {server.url}", file=sys.stderr, flush=True)
     return server
+def _new_notices(before: tuple[str, ...], now: tuple[str, ...]) -> tuple[str, ...]:
+    """The lines of ``now`` (the engine's last few notices) not already in ``before``:
+    what follows the longest tail of ``before`` that ``now`` starts with."""
+    for k in range(min(len(before), len(now)), 0, -1):
+        if before[-k:] == now[:k]:
+            return now[k:]
+    return now
 
 
 def _span_recorder(path: str | None) -> Any:

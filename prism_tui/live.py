@@ -131,7 +131,6 @@ class LiveSession:
         """How many of ``monitor.placements`` (append-only) the history has."""
         self._latest_view: EngineView | None = None
         """The targets to touch in the history (see :meth:`_touch_targets`)."""
-        self._touch_error = ""
         self._recording: asyncio.Task[None] | None = None
         if broker is not None:
             path = outbox_path or default_outbox_path()
@@ -173,8 +172,10 @@ class LiveSession:
                 for key, doc in summary_docs(view).items():
                     doc["digests"] = digests_b64(self.engine, doc["device"])
                     self.publisher.publish_summary(key, doc)
-        if self.history is not None and self.history.last_error:
-            self.engine.notice(self.history.last_error)
+        if self.history is not None:
+            line = self.history.notice()
+            if line is not None:  # failing or writing again: said once each
+                self.engine.notice(line)
         if self._store is not None and (self._recording is None or self._recording.done()):
             targets, placements = self._unrecorded(view)
             if targets or placements:  # attached since: by --match or the picker
@@ -274,11 +275,8 @@ class LiveSession:
             try:
                 await store.touch_targets(keys)
             except (HistoryError, sqlite3.Error, OSError) as exc:
-                if str(exc) != self._touch_error:  # once per distinct failure
-                    self.engine.notice(f"history: {exc}")
-                self._touch_error = str(exc)
-            else:
-                self._touch_error = ""
+                if self.history is not None:  # its notice says it, once (a full disk)
+                    self.history.failed(exc)
 
     async def _detach_off_loop(self) -> None:
         """Close the probes in a thread (seconds of kernel work), saying so on screen."""

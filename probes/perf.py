@@ -475,12 +475,11 @@ def registers_for(args: tuple[int, ...], want_return: bool = False) -> tuple[int
 def check_permission() -> None:
     """Fail early with exit-code-3 advice when this process cannot open uprobes.
 
-    Root passes; otherwise CAP_PERFMON (or CAP_SYS_ADMIN) must be in the effective set:
-    the uprobe PMU is not open to unprivileged users.
+    CAP_SYS_ADMIN must be in the effective set, whatever the user id: the uprobe PMU
+    refused CAP_PERFMON alone on Linux 6.18 (``perf_event_paranoid`` 2), and root
+    without capabilities (a container, ``setpriv``) is refused too.
     """
     uprobe_pmu()
-    if os.geteuid() == 0:
-        return
     cap_eff = 0
     try:
         with open("/proc/self/status") as f:
@@ -489,7 +488,7 @@ def check_permission() -> None:
                     cap_eff = int(line.split()[1], 16)
     except OSError:
         pass
-    cap_sys_admin, cap_perfmon = 21, 38
-    if cap_eff & ((1 << cap_sys_admin) | (1 << cap_perfmon)):
+    cap_sys_admin = 21
+    if cap_eff & (1 << cap_sys_admin):
         return
     raise PerfPermissionError(f"this user may not open uprobe perf events: {PERMISSION_HINT}")

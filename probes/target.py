@@ -173,6 +173,25 @@ class Target:
         except FileNotFoundError as exc:
             raise TargetExitedError(f"process {self.pid} has exited") from exc
 
+    def check_access(self) -> None:
+        """Fail with exit-code-3 advice when this user cannot read the target's memory
+        map or its executable (another user's process, a private directory).
+
+        Without this, an unreadable executable only shows as probes that do not resolve.
+        """
+        exe = self.exe
+        for mapped in self.mapped_files():
+            if mapped.path != exe:
+                continue
+            try:
+                os.close(os.open(mapped.open_path, os.O_RDONLY | os.O_CLOEXEC))
+            except PermissionError as exc:
+                raise TargetAccessError(f"cannot read {exe}, the executable of pid "
+                                        f"{self.pid} ({exc.strerror}): "
+                                        f"{target_access_hint()}") from exc
+            except FileNotFoundError:
+                continue  # exited meanwhile: the caller finds out
+
     def mapped_files(self) -> list[MappedFile]:
         """Every distinct file mapped by the process, executable mappings included."""
         lines = list(_parse_maps(self.maps_text()))

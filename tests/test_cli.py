@@ -279,7 +279,7 @@ def test_no_permission_exits_3_with_what_to_grant(python_child: Any) -> None:
     result = prism("trace", "--pid", str(child.pid), "--probe", "libc:clock_nanosleep",
                    user="65534")
     assert result.returncode == 3, (result.returncode, result.stderr)
-    assert "CAP_PERFMON" in result.stderr and "root" in result.stderr
+    assert "CAP_SYS_ADMIN" in result.stderr and "root" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -289,7 +289,7 @@ def test_demo_without_permission_exits_3_before_starting_anything() -> None:
     before = set(os.listdir("/dev/shm"))
     result = prism("demo", "--headless", "--duration", "30", user="65534")
     assert result.returncode == 3, (result.returncode, result.stderr)
-    assert "CAP_PERFMON" in result.stderr and "Traceback" not in result.stderr
+    assert "CAP_SYS_ADMIN" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
     # nothing was started: no simulator ranks, no broker, no shared memory
     assert result.stdout == "" and set(os.listdir("/dev/shm")) == before
@@ -304,3 +304,14 @@ def test_trace_of_a_thread_already_running_in_the_c_target(ctarget: CTarget) -> 
     # Never shorter than the sleep (paired entry and return of one call), never two calls
     # long; the upper margin is scheduling delay on a loaded 2-core runner.
     assert 2.0 * 0.99 <= doc["p50_ms"] < 2.0 * 1.4
+
+
+def test_headless_watch_prints_each_new_notice_once() -> None:
+    """The engine keeps its last five notices; the headless printer shows only new ones."""
+    from prism_tui.cli import _new_notices
+
+    assert _new_notices((), ("a",)) == ("a",)
+    assert _new_notices(("a",), ("a",)) == ()
+    assert _new_notices(("a", "b"), ("a", "b", "c")) == ("c",)
+    assert _new_notices(("a", "b", "c", "d", "e"), ("b", "c", "d", "e", "f")) == ("f",)
+    assert _new_notices(("a", "b"), ("x", "y")) == ("x", "y")  # more than five came

@@ -55,6 +55,11 @@ INFERENCE_PATTERN = (r"vllm|sglang|llama[-_.]?(server|cpp|cli)|text-generation|t
                      r"python[\d.]* .*(serve|infer|generate)")
 """Command lines that look like inference servers (the process picker's list)."""
 RESCAN_S = 1.0
+"""How often ``--match`` looks for new processes (a ``/proc`` scan: ~6 ms on the loop)."""
+RESCAN_AFTER_EXIT_S = 0.2
+"""The rescan period while nothing is attached, and for FAST_RESCAN_FOR_S after a
+watched process exited: a restarted server is re-attached well within a second."""
+FAST_RESCAN_FOR_S = 10.0
 TELEMETRY_S = 1.0
 DEEPDIVE_DELAY_S = 0.05
 """How long a DeepDive waits after its alert before it opens probes (see _open_deepdive)."""
@@ -180,6 +185,8 @@ class Monitor:
         self._closed = False
         self._close_lock = threading.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._fast_rescan_until = 0.0
+        """Until when (monotonic s) ``--match`` rescans every RESCAN_AFTER_EXIT_S."""
         self._deepdive_opening: set[int] = set()
         self._attaching: set[int] = set()
         """Matching pids whose probes a thread is opening (see :meth:`_reattach`)."""
@@ -590,7 +597,9 @@ class Monitor:
                 if self._held is not None and now >= self._next_discovery:
                     self._next_discovery = now + DISCOVERY_CHECK_S
                     self._discover(now)
-                if self.match is not None and now - last_rescan >= RESCAN_S:
+                if self.match is not None and now - last_rescan >= (
+                        RESCAN_AFTER_EXIT_S if not self._attached
+                        or now < self._fast_rescan_until else RESCAN_S):
                     last_rescan = now
                     self._rescan()
                 if self.telemetry:  # for the view, and the root-cause hints' metrics
@@ -671,6 +680,7 @@ class Monitor:
         # closing a dead target's probes is seconds of kernel work: off the loop
         self._in_background(asyncio.get_running_loop().run_in_executor(None, att.session.close))
         del self._attached[pid]
+        self._fast_rescan_until = time.monotonic() + FAST_RESCAN_FOR_S  # a restart?
         self._proc_samplers.pop(pid, None)  # it would read a reused pid as exited
         self.engine.gone(pid)
         self.engine.notice(f"pid {pid} exited" + (

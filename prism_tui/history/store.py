@@ -32,6 +32,7 @@ Schema versions
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -285,6 +286,14 @@ def _probe_readonly(path: Path, latest: int) -> int:
     return version
 
 
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does on a full disk:
+    a second ROLLBACK would then hide the real error behind "no transaction is active")."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+
+
 def _create_private(path: Path) -> None:
     """Create ``path`` with mode 0600 whatever the umask (parents 0700)."""
     try:
@@ -425,7 +434,7 @@ class HistoryStore:
                     await db.execute(f"PRAGMA user_version = {int(version)}")
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _rollback(db)
                 raise
 
     def _conn(self) -> aiosqlite.Connection:
@@ -445,7 +454,7 @@ class HistoryStore:
                         await db.executemany(sql, rows)
                     await db.execute("COMMIT")
                 except BaseException:
-                    await db.execute("ROLLBACK")
+                    await _rollback(db)
                     raise
                 return int(db.total_changes - before)
             except sqlite3.Error as exc:
@@ -602,7 +611,7 @@ class HistoryStore:
                         deleted["iterations"] = deleted.get("iterations", 0) + cur.rowcount
                     await db.execute("COMMIT")
                 except BaseException:
-                    await db.execute("ROLLBACK")
+                    await _rollback(db)
                     raise
             except sqlite3.Error as exc:
                 raise HistoryError(f"{self.path}: history purge failed: {exc}") from exc

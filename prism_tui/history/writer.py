@@ -41,6 +41,9 @@ class HistoryWriter:
         self.written: dict[str, int] = {"windows": 0, "iterations": 0, "alerts": 0}
         self.dropped_iterations = 0
         self.last_error = ""
+        """Why the latest flush failed ("" once one succeeds)."""
+        self._failing_said = False
+        self._dropped_said = 0
         self._iterations: list[IterationRecord] = []
         self._alerts: list[dict[str, Any]] = []
         self._last_purge = clock()
@@ -67,7 +70,8 @@ class HistoryWriter:
 
     # ---------------------------------------------------------------- the task
     async def flush(self) -> None:
-        """Write what is queued; on a database error keep it queued and record why."""
+        """Write what is queued; on a database error keep what was not written queued and
+        record why (a full disk: the rows wait in memory, up to ``max_pending``)."""
         # read windows and the cursor together, before any await lets the engine close more
         windows = list(self.sketches.closed_windows_since(self.cursor))
         until = self.sketches.closed_until_ns
@@ -75,11 +79,14 @@ class HistoryWriter:
         self._iterations, self._alerts = [], []
         try:
             self.written["alerts"] += await self.store.write_alerts(alerts)
+            alerts = []
             self.written["iterations"] += await self.store.write_iterations(its)
+            its = []
             self.written["windows"] += await self.store.write_windows(windows)
         except (HistoryError, sqlite3.Error, OSError) as exc:
+            # each table in its own transaction: requeue only what did not commit
             self._iterations[:0], self._alerts[:0] = its, alerts
-            self.last_error = f"history: {exc}"
+            self.failed(exc)
             return
         if until is not None:
             self.cursor = until
@@ -90,6 +97,29 @@ class HistoryWriter:
                 await self.store.purge(
                     older_than_ns=time.time_ns() - int(self.retention_days * 86400e9),
                     max_iterations=self.max_iterations)
+
+    def failed(self, exc: BaseException) -> None:
+        """Record a failed history write (this writer's or the session's); the next
+        successful flush clears it."""
+        self.last_error = f"history: {exc}"
+
+    def notice(self) -> str | None:
+        """A status line when writing starts failing or resumes, once each (None: no news).
+
+        A full disk fails every flush; the dashboard is told once that the history is
+        held back, and once that it writes again (with what it had to drop meanwhile).
+        """
+        if self.last_error and not self._failing_said:
+            self._failing_said = True
+            return (f"{self.last_error}; monitoring and alerts go on, the history is held "
+                    "in memory and written when it can write again")
+        if not self.last_error and self._failing_said:
+            self._failing_said = False
+            dropped = self.dropped_iterations - self._dropped_said
+            self._dropped_said = self.dropped_iterations
+            lost = f", {dropped} iterations dropped meanwhile" if dropped else ""
+            return f"history: writing again{lost}"
+        return None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush every ``flush_s`` until ``stop``, then once more."""
