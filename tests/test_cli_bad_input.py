@@ -59,12 +59,13 @@ def test_symbols_of_a_process_we_may_not_read_exits_3_naming_maps(python_child: 
     ["trace", "--probe", "libc:nosuchfn"],
     ["watch", "--profile", "cpython", "--headless", "--duration", "2", "--no-history"],
 ])
-def test_perfmon_alone_cannot_read_a_root_process_exit_3(python_child: Any,
-                                                         command: list[str]) -> None:
-    """CAP_PERFMON passes the perf check, but the target's files stay out of reach."""
+def test_perf_events_alone_cannot_read_a_root_process_exit_3(python_child: Any,
+                                                             command: list[str]) -> None:
+    """CAP_SYS_ADMIN passes the perf check, but without CAP_SYS_PTRACE the target's
+    files stay out of reach."""
     need_root_and_setpriv()
     child = python_child("import time\ntime.sleep(60)\n")
-    as_user = [*NOBODY, "--inh-caps=+perfmon", "--ambient-caps=+perfmon"]
+    as_user = [*NOBODY, "--inh-caps=+sys_admin", "--ambient-caps=+sys_admin"]
     result = prism(*command, "--pid", str(child.pid), as_user=as_user)
     assert result.returncode == 3, (result.returncode, result.stderr)
     line = one_line(result)
