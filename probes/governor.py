@@ -372,7 +372,7 @@ class OverheadGovernor:
         return total
 
     def _hold(self, st: _ProbeState) -> float:
-        return min(self.max_hold_s, self.hold_s * 2 ** st.restores)
+        return min(self.max_hold_s, self.hold_s * (1 << st.restores))
 
     def _restore(self, now: float, full: dict[str, float], total: float,
                  made: list[GovernorDecision]) -> float:

@@ -51,6 +51,7 @@ from prism_tui.engine.view import (
     DetectorPoint,
     DetectorState,
     EngineView,
+    GovernorStatus,
     IterationBar,
     ProbeStatus,
     SloStatus,
@@ -193,6 +194,9 @@ class _Watched:
     hits_per_s: float = 0.0
     lost: int = 0
     overhead_pct: float | None = None
+    costs_measured: bool = True
+    costs_note: str = ""
+    governor: GovernorStatus | None = None
     detectors: dict[str, Detector] = field(default_factory=dict)
     normal_shares: deque[dict[str, float]] = field(
         default_factory=lambda: deque(maxlen=BASELINE_SHARES))
@@ -331,12 +335,16 @@ class Engine:
         return tuple(self._watched)
 
     def set_probe_status(self, pid: int, probes: Sequence[ProbeStatus], *,
-                         hits_per_s: float, lost: int, overhead_pct: float | None) -> None:
-        """Record the probe health of ``pid`` for the header (Monitor calls it each view)."""
+                         hits_per_s: float, lost: int, overhead_pct: float | None,
+                         costs_measured: bool = True, costs_note: str = "",
+                         governor: GovernorStatus | None = None) -> None:
+        """Record the probe health of ``pid`` for the header (Monitor calls it each view):
+        the overhead estimate, whether its costs were measured, and the governor's state."""
         w = self._watched.get(pid)
         if w is not None:
             w.probes, w.hits_per_s, w.lost, w.overhead_pct = (tuple(probes), hits_per_s,
                                                               lost, overhead_pct)
+            w.costs_measured, w.costs_note, w.governor = costs_measured, costs_note, governor
 
     def set_telemetry(self, values: Iterable[TelemetryValue]) -> None:
         """Replace the telemetry shown (sampled elsewhere, once a second), and log its
@@ -657,7 +665,8 @@ class Engine:
         now = self.clock() if now_ns is None else now_ns
         snaps = self.snapshots(now)
         targets = tuple(TargetStatus(w.pid, w.name, w.profile, w.device, w.state, w.probes,
-                                     w.hits_per_s, w.lost, w.overhead_pct)
+                                     w.hits_per_s, w.lost, w.overhead_pct, w.costs_measured,
+                                     w.costs_note, w.governor)
                         for w in self._watched.values())
         detectors = []
         slos = []
