@@ -139,6 +139,9 @@ def calibrate(calls: int = 3000, rounds: int = 3) -> HitCosts:
         os.unlink(path)
 
 
+_SLACK = 1e-9
+"""Relative tolerance of budget comparisons (a duty computed to fit exactly fits)."""
+
 ACTIONS = ("detach", "duty-cycle")
 """What the governor may do to a probe over budget (``probe.governor_action``)."""
 
@@ -290,7 +293,7 @@ class OverheadGovernor:
         self.estimates = dict(full)
         total = sum(self._share(st) * full[p] for p, st in self._probes.items())
         made: list[GovernorDecision] = []
-        if total > self.budget:
+        if total > self.budget * (1 + _SLACK):
             total = self._cut(now, full, total, made)
         elif total <= self.restore_below * self.budget:
             total = self._restore(now, full, total, made)
@@ -345,7 +348,7 @@ class OverheadGovernor:
         order = sorted(self._probes, key=lambda p: self._share(self._probes[p]) * full[p],
                        reverse=True)
         for probe in order:
-            if total <= self.budget:
+            if total <= self.budget * (1 + _SLACK):
                 break
             st, overhead = self._probes[probe], full[probe]
             current = self._share(st) * overhead
@@ -355,6 +358,8 @@ class OverheadGovernor:
             if self.action == "duty-cycle":
                 duty = (self.budget - (total - current)) / overhead
                 duty = 0.0 if duty < self.min_duty else min(1.0, duty)
+                if st.governed == "duty-cycle" and duty >= st.duty * (1 - _SLACK):
+                    continue  # its share already fits what the others leave
             action = "duty-cycle" if duty > 0 else "detach"
             why = (f"estimated {overhead:.2%} of the target's time ({self._rate(st):.0f} "
                    f"calls/s x {st.cost_ns / 1000:.1f} us, {self._site_words(st)}); "
@@ -365,7 +370,7 @@ class OverheadGovernor:
                 if st.attached:
                     self._set_attached(st, False)
                 st.switch_at = now + self.period_s * (1 - duty)
-            else:
+            elif st.attached:  # a duty-cycled probe may be in its off period
                 self._set_attached(st, False)
             total -= current - self._share(st) * overhead
             made.append(self._decision(now, probe, action, overhead, why))
@@ -385,14 +390,14 @@ class OverheadGovernor:
             after = total - self._share(st) * overhead + overhead
             if after > level:
                 continue
-            st.governed, st.duty = "", 1.0
-            st.restores += 1
-            if not st.attached:
-                self._set_attached(st, True)
             why = (f"estimated {overhead:.2%} ({self._rate(st):.0f} calls/s x "
                    f"{st.cost_ns / 1000:.1f} us); total with it {after:.2%} <= "
                    f"{level:.2%} ({self.restore_below:.0%} of the budget)")
             made.append(self._decision(now, probe, "restore", overhead, why))
+            st.governed, st.duty = "", 1.0
+            st.restores += 1
+            if not st.attached:
+                self._set_attached(st, True)
             return after
         return total
 
