@@ -1,5 +1,7 @@
 """The overhead governor: calibration on this kernel, decisions driven by a fake clock over
-real probe sites of the C target, and one end-to-end run detaching a real uprobe."""
+real probe sites of the C target and over a server-like set of sites (an urgent anchor,
+a hot per-operation probe: wake-ups, restores, hysteresis, invariants under hypothesis),
+and one run detaching a real uprobe. The live monitor's use is in test_governor_live."""
 
 from __future__ import annotations
 
