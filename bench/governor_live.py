@@ -22,7 +22,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,6 +58,16 @@ SETTINGS = {"off (budget 90 %)": (0.9, "detach"), "1 %, detach": (0.01, "detach"
             "1 %, duty-cycle": (0.01, "duty-cycle")}
 
 
+@dataclass(frozen=True)
+class Run:
+    """One watched run: the governor's decisions and hit costs, the tail's steps."""
+
+    decisions: list[dict[str, Any]]
+    costs: dict[str, Any]
+    step_ms: float
+    steps: int
+
+
 def build_target(tmp: Path) -> Path:
     """Compile the C target into ``tmp``."""
     exe = tmp / "ctarget"
@@ -66,7 +78,7 @@ def build_target(tmp: Path) -> Path:
 
 
 def watch(exe: Path, tmp: Path, name: str, budget: float, action: str, duration: float,
-          tail: float) -> dict[str, object]:
+          tail: float) -> Run:
     """One ``prism watch`` run on a fresh serving target: decisions and the tail's steps."""
     tag = name.split()[0].strip("%,")
     (tmp / "server.toml").write_text(PROFILE)
@@ -98,9 +110,8 @@ def watch(exe: Path, tmp: Path, name: str, budget: float, action: str, duration:
         return [r.latency_ms for r in rows if r.end_ns >= end - tail * 1e9]
 
     tail_steps = asyncio.run(steps())
-    return {"decisions": summary["governor"]["decisions"],
-            "costs": summary["governor"]["hit_cost_us"],
-            "step_ms": statistics.fmean(tail_steps), "steps": len(tail_steps)}
+    return Run(summary["governor"]["decisions"], summary["governor"]["hit_cost_us"],
+               statistics.fmean(tail_steps), len(tail_steps))
 
 
 def main() -> None:
@@ -109,7 +120,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--tail", type=float, default=4.0)
     args = parser.parse_args()
-    results: dict[str, list[dict[str, object]]] = {name: [] for name in SETTINGS}
+    results: dict[str, list[Run]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="prism-governor-") as tmpdir:
         tmp = Path(tmpdir)
         exe = build_target(tmp)
@@ -117,25 +128,25 @@ def main() -> None:
             for name, (budget, action) in SETTINGS.items():
                 results[name].append(watch(exe, tmp, name, budget, action, args.duration,
                                            args.tail))
-    base = statistics.median(float(r["step_ms"]) for r in results[next(iter(SETTINGS))])  # type: ignore[arg-type]
+    base = statistics.median(r.step_ms for r in results[next(iter(SETTINGS))])
     print(f"{args.rounds} rounds, {args.duration:g} s each; step = mean anchor-to-anchor "
           f"time over the last {args.tail:g} s (medians over rounds)\n")
     print("| governor | decisions (op probe) | estimated op cost when decided | "
           "mean step (ms) | steps in the tail | ratio to off |")
     print("|---|---|---:|---:|---:|---:|")
     for name, runs in results.items():
-        step = statistics.median(float(r["step_ms"]) for r in runs)  # type: ignore[arg-type]
-        n = statistics.median(int(r["steps"]) for r in runs)  # type: ignore[call-overload]
-        decided = [d for r in runs for d in r["decisions"]]  # type: ignore[attr-defined]
+        step = statistics.median(r.step_ms for r in runs)
+        n = statistics.median(r.steps for r in runs)
+        decided = [d for r in runs for d in r.decisions]
         kinds = sorted({f"{d['probe']} {d['status']}" for d in decided}) or ["none"]
-        per_run = [len(r["decisions"]) for r in runs]  # type: ignore[arg-type]
-        first = [d for r in runs for d in r["decisions"][:1]]  # type: ignore[index]
+        per_run = [len(r.decisions) for r in runs]
+        first = [d for r in runs for d in r.decisions[:1]]
         cost = (f"{statistics.median(d['overhead_pct'] for d in first):.1f} % "
                 f"({statistics.median(d['calls_per_s'] for d in first):,.0f} calls/s)"
                 if first else "–")
         print(f"| {name} | {', '.join(kinds)} ({'/'.join(map(str, per_run))} per run) | "
               f"{cost} | {step:.3f} | {n:.0f} | {step / base:.3f} |")
-    costs = results[next(iter(SETTINGS))][0]["costs"]
+    costs = results[next(iter(SETTINGS))][0].costs
     print(f"\nHit costs calibrated by the first run (us): {json.dumps(costs)}")
 
 
