@@ -377,7 +377,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                          "p99_ms": v.p99, "p999_ms": v.p999, "max_ms": v.max,
                          "share": v.share}
                         for k, v in sorted(snap.series.items())]
-                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows}}),
+                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "span_s": snap.span_s,
+                                               "series": rows}}),
                       flush=True)
 
             stop = asyncio.Event()

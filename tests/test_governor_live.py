@@ -145,3 +145,28 @@ def test_monitor_duty_cycles_the_hot_probe_and_shows_it(ctarget: CTarget) -> Non
     assert any("governor: op duty-cycled" in n for n in last.notices)
     # the anchor kept cutting iterations (~190/s when idle; > 20 in that second under load)
     assert sum(1 for end in ends if end > decision.at_s * 1e9) > 20
+
+
+def test_prism_watch_headless_prints_each_decision(ctarget: CTarget, tmp_path: Path) -> None:
+    """``--headless`` JSON lines: a ``governor`` line when the op probe is duty-cycled,
+    snapshot lines of ``engine.window_s`` (60 s here) before and after it."""
+    (tmp_path / "server.toml").write_text(SERVER_PROFILE)
+    (tmp_path / "config.toml").write_text(
+        f'[probe]\noverhead_budget = {BUDGET}\ngovernor_action = "duty-cycle"\n'
+        "[engine]\nwindow_s = 60\n")
+    ctarget.cmd(SERVE)
+    result = subprocess.run(
+        [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(ctarget.pid),
+         "--profile", str(tmp_path / "server.toml"), "--config", str(tmp_path / "config.toml"),
+         "--no-history", "--headless", "--duration", "5"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    governed = [line["governor"] for line in lines if "governor" in line]
+    assert governed and {(g["probe"], g["status"]) for g in governed} == {
+        ("op", "duty-cycled")}, result.stdout[-2000:]
+    assert governed[0]["pid"] == ctarget.pid and "of every 10 s" in governed[0]["reason"]
+    snapshots = [i for i, line in enumerate(lines) if "snapshot" in line]
+    first = next(i for i, line in enumerate(lines) if "governor" in line)
+    assert snapshots[-1] > first  # still snapshots after the decision
+    assert all(lines[i]["snapshot"]["span_s"] == 60 for i in snapshots)
