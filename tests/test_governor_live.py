@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 from prism_tui.engine.runtime import Monitor
-from prism_tui.engine.view import EngineView
+from prism_tui.engine.view import (
+    EngineView,
+    GovernorAction,
+    GovernorStatus,
+    ProbeStatus,
+    TargetStatus,
+)
 from prism_tui.history.store import HistoryStore
 from prism_tui.ui.widgets import HeaderBar
 from probes.catalog import parse_profile
@@ -170,3 +176,24 @@ def test_prism_watch_headless_prints_each_decision(ctarget: CTarget, tmp_path: P
     first = next(i for i, line in enumerate(lines) if "governor" in line)
     assert snapshots[-1] > first  # still snapshots after the decision
     assert all(lines[i]["snapshot"]["span_s"] == 60 for i in snapshots)
+
+
+def test_the_header_says_when_hit_costs_are_defaults() -> None:
+    """Costs from :data:`probes.governor.DEFAULT_COSTS` (calibration failed) are marked;
+    a restore shows in green words, governed probes are counted, not listed as failed."""
+    probes = (ProbeStatus("step", "host", "attached"),
+              ProbeStatus("op", "host", "detached", reason="over budget"),
+              ProbeStatus("io", "host", "duty-cycled", reason="over budget"),
+              ProbeStatus("gone", "host", "missing", reason="no such symbol"))
+    actions = (GovernorAction("op", "detached", 6.1, 90_000, 0.7, "over", 100.0),
+               GovernorAction("io", "duty-cycled", 1.2, 9_000, 1.3, "over", 101.0),
+               GovernorAction("op", "restored", 0.3, 500, 0.7, "fits", 160.0))
+    target = TargetStatus(1, "server", "p", "cpu", "attached", probes, 100.0, 0, 0.42,
+                          costs_measured=False, costs_note="calibration failed: x",
+                          governor=GovernorStatus(0.5, "duty-cycle", actions))
+    view = EngineView(0, "host", (target,), {})
+    line = HeaderBar._probes(view).plain
+    assert "overhead ≈0.42% of 0.50% (default costs)" in line, line
+    assert "governor: op restored ≈0.30% (+1 governed)" in line, line
+    assert "failed: gone missing: no such symbol" in line and "(+" not in line.split(
+        "failed")[1], line
