@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prism_tui.engine.runtime import Monitor
+from prism_tui.engine.runtime import Monitor, detector_probes
 from prism_tui.engine.view import (
     EngineView,
     GovernorAction,
@@ -20,8 +20,9 @@ from prism_tui.engine.view import (
 )
 from prism_tui.history.store import HistoryStore
 from prism_tui.ui.widgets import HeaderBar
-from probes.catalog import parse_profile
+from probes.catalog import Profile, load_profile, parse_profile
 from probes.governor import HitCosts
+from probes.placement import ProbeSite
 from probes.target import Target
 from tests.conftest import CTarget
 
@@ -104,7 +105,8 @@ def test_prism_watch_detaches_the_hot_probe(ctarget: CTarget, tmp_path: Path) ->
 
 def test_monitor_duty_cycles_the_hot_probe_and_shows_it(ctarget: CTarget) -> None:
     """The Monitor API with ``duty-cycle``: the op probe is duty-cycled, its status and
-    the decision are in the view and its header line, the anchor stays attached."""
+    the decision are in the view and its header line, the anchor stays attached; the
+    rings have the pages and drain interval asked for."""
     ctarget.cmd(SERVE)
     views: list[EngineView] = []
     profile = parse_profile(SERVER_PROFILE, "ctarget-server")
@@ -128,8 +130,12 @@ def test_monitor_duty_cycles_the_hot_probe_and_shows_it(ctarget: CTarget) -> Non
     with Monitor([Target(ctarget.pid)], profile, warmup=100_000, escalation_s=0,
                  telemetry=False, costs=HitCosts(1000.0, 10_500.0, 900.0, 13_500.0),
                  overhead_budget=BUDGET, governor_action="duty-cycle",
-                 on_view=on_view, snapshot_interval_s=0.25,
+                 on_view=on_view, snapshot_interval_s=0.25, ring_pages=128,
+                 drain_interval_s=0.05,
                  on_observation=lambda obs: ends.append(obs.iteration.end_ns)) as monitor:
+        session = monitor._attached[ctarget.pid].session  # probe.ring_pages, drain_interval_s
+        assert session.drain_interval_s == 0.05
+        assert {ring.data_pages for ring in session._rings.values()} == {128}
         asyncio.run(run(monitor))
     decisions = [(d.probe, d.action) for _pid, d, _wall in monitor.governor_decisions]
     # once, or again with a lower duty: with the op probe off the steps come faster, and
@@ -197,3 +203,20 @@ def test_the_header_says_when_hit_costs_are_defaults() -> None:
     assert "governor: op restored ≈0.30% (+1 governed)" in line, line
     assert "failed: gone missing: no such symbol" in line and "(+" not in line.split(
         "failed")[1], line
+
+
+def test_the_probes_the_detector_reads_are_never_governed() -> None:
+    """Detaching a probe whose arguments give the detector its workload (or the phase)
+    would shift what the baseline learnt: those are protected, the rest are not."""
+    def sites(name: str) -> tuple[Profile, list[ProbeSite]]:
+        profile = load_profile(name)
+        return profile, [ProbeSite(p.id, p.stage, "lib", "lib", 1, p.symbol, 0, 0,
+                                   "emulated", p.ret, tuple(p.captures))
+                         for p in profile.probes]
+
+    cuda, cuda_sites = sites("cuda")  # d2h/h2d bytes by kind: the copies
+    assert detector_probes(cuda, cuda_sites) == {"memcpy", "memcpy_async"}
+    llama, llama_sites = sites("llama_cpp")  # its phase rule reads calls.sample, decode
+    assert detector_probes(llama, llama_sites) == {"decode", "sample"}
+    server = parse_profile(SERVER_PROFILE, "ctarget-server")
+    assert detector_probes(server, []) == set()

@@ -165,6 +165,11 @@ class SloSpec:
 _SLO_STAGE = re.compile(r"^\s*(?P<stage>[a-z_][a-z0-9_]*)\s*:\s*(?P<rule>.+)$", re.IGNORECASE)
 
 
+DETECTOR_FEATURES = frozenset({"sequences", "kv_tokens", "d2h_bytes", "h2d_bytes",
+                               "h2d_first_bytes"})
+"""Features the detector's workload (:func:`workload_of`) and the built-in phase rule read."""
+
+
 def workload_of(it: Iteration) -> Workload:
     """What the detector regresses on, from the iteration's captured arguments.
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from prism_tui.engine.anchors import AnchorChoice, choose_anchor
 from prism_tui.engine.core import (
+    DETECTOR_FEATURES,
     AlertEvent,
     AlertSink,
     Engine,
@@ -35,7 +36,7 @@ from prism_tui.engine.core import (
     workload_of,
 )
 from prism_tui.engine.devices import NvmlDevices
-from prism_tui.engine.iterations import SpanLike
+from prism_tui.engine.iterations import MEMCPY_KINDS, SpanLike
 from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.sketches import Snapshot
 from prism_tui.engine.trace_export import write_chrome_trace
@@ -46,10 +47,10 @@ from prism_tui.engine.view import (
     ProbeStatus,
     TelemetryValue,
 )
-from probes.catalog import Profile
+from probes.catalog import Profile, feature_names
 from probes.errors import ProbeError
 from probes.governor import DEFAULT_COSTS, GovernorDecision, HitCosts, OverheadGovernor
-from probes.placement import Placement, place_profile
+from probes.placement import Placement, ProbeSite, place_profile
 from probes.target import Target, find_targets
 from probes.telemetry import HostSampler, ProcSampler, Reading, thread_runqueue_ns
 from probes.uprobes import Span, UprobeSession
@@ -307,7 +308,8 @@ class Monitor:
             att.governor = OverheadGovernor(
                 att.session.sites, self.costs or DEFAULT_COSTS, att.session.detach_site,
                 att.session.reattach_site, budget=self.overhead_budget,
-                action=self.governor_action, anchor=self.anchor, urgent=att.urgent)
+                action=self.governor_action, anchor=self.anchor, urgent=att.urgent,
+                protected=detector_probes(self.profile, att.session.sites))
 
     def _notice_nvml(self) -> None:
         """Say once why device labels come from process environments, not NVML."""
@@ -889,6 +891,35 @@ class Monitor:
             for metric, reading in sample.readings().items():
                 out.append(_value(f"pid {pid}", metric, reading))
         return out
+
+
+def detector_probes(profile: Profile, sites: Sequence[ProbeSite]) -> frozenset[str]:
+    """Probes the detector's inputs come from: never governed.
+
+    Detaching one mid-run would change the workload the baseline was fitted on (or the
+    phase) and read as an anomaly. The inputs are :data:`DETECTOR_FEATURES` and the
+    profile's phase rule, through its derived features; a feature comes from probe ``p``
+    when it is ``calls.p``, ``p.arg``, an argument ``p`` captures (per-call derived
+    expressions read those), or a copy's bytes by kind from a probe capturing ``kind``
+    and ``bytes``.
+    """
+    needed = set(DETECTOR_FEATURES)
+    if profile.phase_rule:
+        needed |= feature_names(profile.phase_rule)
+    grown = True
+    while grown:  # derived features read other features, derived ones included
+        more = {n for d in profile.derived if d.name in needed for n in d.names}
+        grown = not more <= needed
+        needed |= more
+    out = set()
+    for site in sites:
+        args = {c.name for c in site.captures}
+        names = {f"calls.{site.probe}"} | {f"{site.probe}.{a}" for a in args} | args
+        if {"kind", "bytes"} <= args:
+            names |= set(MEMCPY_KINDS.values()) | {"h2d_first_bytes"}
+        if names & needed:
+            out.add(site.probe)
+    return frozenset(out)
 
 
 def _value(device: str, metric: str, reading: Reading) -> TelemetryValue:
