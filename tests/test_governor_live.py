@@ -95,11 +95,11 @@ def test_prism_watch_detaches_the_hot_probe(ctarget: CTarget, tmp_path: Path) ->
                 [it.features for it in after])
 
     rows, features_after = asyncio.run(history())
-    assert ("op", "detached", decision["reason"]) in rows
+    assert ("op", "detached", decision["reason"]) in rows, rows
     assert ("step", "resolved", None) in rows  # the placement's decisions are there too
     # the anchor kept cutting iterations after the decision, and they have no op call
-    assert len(features_after) > 50, len(features_after)
-    assert all(f.get("calls.op", 0) == 0 for f in features_after[5:])
+    assert len(features_after) > 50, (len(features_after), summary)
+    assert all(f.get("calls.op", 0) == 0 for f in features_after[5:]), features_after
     assert sum(summary["iterations"].values()) > 300, summary["iterations"]
 
 
@@ -138,23 +138,24 @@ def test_monitor_duty_cycles_the_hot_probe_and_shows_it(ctarget: CTarget) -> Non
         assert {ring.data_pages for ring in session._rings.values()} == {128}
         asyncio.run(run(monitor))
     decisions = [(d.probe, d.action) for _pid, d, _wall in monitor.governor_decisions]
-    # once, or again with a lower duty: with the op probe off the steps come faster, and
-    # the op rate it would cost follows the anchor's
-    assert decisions and set(decisions) == {("op", "duty-cycle")}, decisions
+    # once, or again with a lower duty (detached under 5 %): with the op probe off the
+    # steps come faster, and the op rate it would cost follows the anchor's
+    assert decisions and decisions[0] == ("op", "duty-cycle"), decisions
+    assert set(decisions) <= {("op", "duty-cycle"), ("op", "detach")}, decisions
     decision = monitor.governor_decisions[0][1]
     assert "on " in decision.reason and "of every 10 s" in decision.reason
     assert stop.is_set(), "no view with the decision in 20 s"
     last = views[-1]
     [target] = last.targets
     status = {p.probe: p.status for p in target.probes}
-    assert status == {"step": "attached", "op": "duty-cycled"}, status
+    assert status["step"] == "attached" and status["op"] in ("duty-cycled", "detached"), status
     assert target.governor is not None and target.governor.budget_pct == 1.0
-    assert {(a.probe, a.status) for a in target.governor.decisions} == {("op", "duty-cycled")}
-    assert target.governor.decisions[0].overhead_pct > 1.0
+    first = target.governor.decisions[0]
+    assert (first.probe, first.status) == ("op", "duty-cycled") and first.overhead_pct > 1.0
     line = HeaderBar._probes(last).plain
-    assert "of 1.00%" in line and "governor: op duty-cycled ≈" in line, line
+    assert "of 1.00%" in line and "governor: op " in line, line
     assert "failed" not in line  # a governed probe is no failure
-    assert any("governor: op duty-cycled" in n for n in last.notices)
+    assert any("governor: op duty-cycled on pid" in n for n in last.notices)
     # the anchor kept cutting iterations (~190/s when idle; > 20 in that second under load)
     assert sum(1 for end in ends if end > decision.at_s * 1e9) > 20
 
@@ -175,8 +176,10 @@ def test_prism_watch_headless_prints_each_decision(ctarget: CTarget, tmp_path: P
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     governed = [line["governor"] for line in lines if "governor" in line]
-    assert governed and {(g["probe"], g["status"]) for g in governed} == {
-        ("op", "duty-cycled")}, result.stdout[-2000:]
+    # duty-cycled; maybe lowered, or detached once its share fell under 5 %
+    assert governed and governed[0]["status"] == "duty-cycled", result.stdout[-2000:]
+    assert {(g["probe"], g["status"]) for g in governed} <= {
+        ("op", "duty-cycled"), ("op", "detached")}, governed
     assert governed[0]["pid"] == ctarget.pid and "of every 10 s" in governed[0]["reason"]
     snapshots = [i for i, line in enumerate(lines) if "snapshot" in line]
     first = next(i for i, line in enumerate(lines) if "governor" in line)
