@@ -447,3 +447,31 @@ def test_governor_invariants(rates: list[tuple[int, int, int]], action: str) -> 
         assert index != 0
         assert state.get(index, True) == (what == "detach"), levers.calls
         state[index] = what == "reattach"
+
+
+def test_governor_restores_real_uprobes_when_the_target_idles(
+        ctarget: CTarget, sites: list[ProbeSite], session: UprobeSession) -> None:
+    """Detached while hot (per ``outer`` call, the anchor here: 2000 inner calls, and
+    work's 200,000); as the anchor idles their estimates fall and, after the
+    hold, each update restores one: their real uprobes record again."""
+    clock = FakeClock()
+    gov = OverheadGovernor(sites, COSTS, session.detach_site, session.reattach_site,
+                           budget=0.001, anchor="outer", clock=clock)
+    assert gov.update(session.stats.hits) == []
+    run_polling(session, ctarget, "work 200000")
+    run_polling(session, ctarget, "nested 2000")
+    clock.advance(1.0)
+    made = gov.update(dict(session.kernel_hits()))
+    assert [d.probe for d in made] == ["work", "inner"], made
+    assert [s.probe for s in run_polling(session, ctarget, "nested 3")] == ["outer"]
+    clock.advance(31.0)  # nearly idle past the hold: the anchor's rate, and theirs, fall
+    first = gov.update(dict(session.kernel_hits()))
+    clock.advance(1.0)
+    second = gov.update(dict(session.kernel_hits()))
+    assert sorted(d.probe for d in first + second) == ["inner", "work"]
+    # each fits under half the budget at the anchor's rate now (the 3 calls above)
+    assert all(d.action == "restore" and d.overhead <= 0.0005 for d in first + second), (
+        first, second)
+    assert session.detached_sites == set()
+    spans = run_polling(session, ctarget, "nested 3") + run_polling(session, ctarget, "work 5")
+    assert sorted(s.probe for s in spans) == ["inner"] * 3 + ["outer"] + ["work"] * 5
