@@ -367,6 +367,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     extras = _companion_profiles(targets[0], profile)
     headless = args.headless or args.json or settings.watch.headless
     recorder = None
+    costs = calibrate()
+    if not costs.measured:  # the overhead estimate and the governor use the defaults
+        print(f"prism watch: hit costs {costs.note}", file=sys.stderr)
     try:
         slos = [SloSpec.parse(rule) for rule in settings.engine.slo]
         recorder = _span_recorder(args.record)
@@ -374,7 +377,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
             targets, profile, extra_profiles=extras, rule=settings.engine.detector_rule,
             warmup=settings.engine.warmup_iterations, warmup_s=settings.engine.warmup_s,
             holds=settings.engine.episode_holds(), slos=slos, match=args.match,
-            mode=settings.probe.mode, costs=calibrate(),
+            mode=settings.probe.mode, costs=costs,
+            overhead_budget=settings.probe.overhead_budget,
+            governor_action=settings.probe.governor_action,
+            ring_pages=settings.probe.ring_pages,
+            drain_interval_s=settings.probe.drain_interval_s,
             escalation_s=settings.engine.escalation_s,
             snapshot_interval_s=1 / settings.engine.snapshot_hz,
             on_spans=recorder.add if recorder else None,
@@ -417,15 +424,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     previous(obs)
 
             monitor.engine.on_observation = on_observation
-
-            said: list[tuple[str, ...]] = [()]
+            said: list[tuple[str, ...]] = [()]  # the notices printed so far
+            decided = [0]  # the governor decisions printed so far
 
             def on_view(view: EngineView) -> None:
                 for line in _new_notices(said[0], view.notices):  # the status bar's lines
                     print(f"prism watch: {line}", file=sys.stderr, flush=True)
                 said[0] = view.notices
-                snap = view.snapshot(10.0)
-                if args.json or snap is None:
+                if args.json:
+                    return
+                for pid, decision, wall in monitor.governor_decisions[decided[0]:]:
+                    print(json.dumps({"governor": governor_doc(pid, decision, wall)}),
+                          flush=True)
+                decided[0] = len(monitor.governor_decisions)
+                snap = view.snapshot(settings.engine.window_s)
+                if snap is None:
                     return
                 rows = [{"stage": k.stage, "device": k.device, "phase": k.phase,
                          "rate": round(v.rate, 3), "p50_ms": v.p50, "p90_ms": v.p90,
@@ -434,8 +447,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         for k, v in sorted(snap.series.items())]
                 watched = [{"pid": t.pid, "name": t.name, "state": t.state, "lost": t.lost}
                            for t in view.targets]
-                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "series": rows,
-                                               "targets": watched}}), flush=True)
+                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "span_s": snap.span_s,
+                                               "series": rows, "targets": watched}}),
+                      flush=True)
 
             stop = asyncio.Event()
             loop = asyncio.new_event_loop()
@@ -449,7 +463,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 print(json.dumps({"profile": profile.name,
                                   "targets": [{"pid": t.pid, "name": t.name} for t in targets],
                                   "iterations": counts, "history": history_db,
-                                  "alerts": [event_doc(a) for a in monitor.alerts]}, indent=2))
+                                  "alerts": [event_doc(a) for a in monitor.alerts],
+                                  "governor": governor_summary(monitor, costs)}, indent=2))
         else:
             from prism_tui.ui.app import PrismApp
 
@@ -457,7 +472,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 await session.run(show, stop, args.duration)
 
             app = PrismApp(engine=engine, control=monitor, history_db=history_db,
-                           title=f"LatencyPrism — {profile.name}")
+                           title=f"LatencyPrism — {profile.name}",
+                           window_s=settings.engine.window_s)
             app.run()
     finally:
         if metrics is not None:
@@ -483,6 +499,8 @@ def _serve_metrics(session: Any, settings: Any) -> Any:
                          f"{exc.strerror or exc}") from None
     print(f"prism watch: metrics on {server.url}", file=sys.stderr, flush=True)
     return server
+
+
 def _new_notices(before: tuple[str, ...], now: tuple[str, ...]) -> tuple[str, ...]:
     """The lines of ``now`` (the engine's last few notices) not already in ``before``:
     what follows the longest tail of ``before`` that ``now`` starts with."""
@@ -490,6 +508,28 @@ def _new_notices(before: tuple[str, ...], now: tuple[str, ...]) -> tuple[str, ..
         if before[-k:] == now[:k]:
             return now[k:]
     return now
+
+
+def governor_doc(pid: int, decision: Any, wall: float) -> dict[str, Any]:
+    """One governor decision as ``prism watch`` prints it (JSON)."""
+    return {"pid": pid, "probe": decision.probe, "status": decision.status,
+            "at": round(wall, 3), "overhead_pct": round(100 * decision.overhead, 4),
+            "calls_per_s": round(decision.hits_per_s, 1),
+            "cost_us_per_call": round(decision.cost_ns / 1000, 3), "reason": decision.reason}
+
+
+def governor_summary(monitor: Any, costs: Any) -> dict[str, Any]:
+    """The overhead governor's settings, hit costs and every decision, for ``--json``."""
+    return {"budget_pct": None if monitor.overhead_budget is None
+            else round(100 * monitor.overhead_budget, 4),
+            "action": monitor.governor_action,
+            "hit_cost_us": {"emulated": round(costs.emulated_ns / 1000, 3),
+                            "single_step": round(costs.single_step_ns / 1000, 3),
+                            "return": round(costs.return_ns / 1000, 3),
+                            "wakeup": round(costs.wakeup_ns / 1000, 3),
+                            "measured": costs.measured, "note": costs.note},
+            "decisions": [governor_doc(pid, d, wall)
+                          for pid, d, wall in monitor.governor_decisions]}
 
 
 def _span_recorder(path: str | None) -> Any:
@@ -928,6 +968,7 @@ def cmd_symbols(args: argparse.Namespace) -> int:
         "hit_cost_us": {"emulated": round(costs.emulated_ns / 1000, 2),
                         "single_step": round(costs.single_step_ns / 1000, 2),
                         "return": round(costs.return_ns / 1000, 2),
+                        "wakeup": round(costs.wakeup_ns / 1000, 2),
                         "measured": costs.measured, "note": costs.note},
         "profiles": report}
     if args.json:

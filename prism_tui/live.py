@@ -129,6 +129,8 @@ class LiveSession:
         self._targets_recorded: set[tuple[int, str]] = set()
         self._placements_recorded = 0
         """How many of ``monitor.placements`` (append-only) the history has."""
+        self._governed_recorded = 0
+        """How many of ``monitor.governor_decisions`` (append-only) the history has."""
         self._latest_view: EngineView | None = None
         """The targets to touch in the history (see :meth:`_touch_targets`)."""
         self._recording: asyncio.Task[None] | None = None
@@ -178,7 +180,8 @@ class LiveSession:
                 self.engine.notice(line)
         if self._store is not None and (self._recording is None or self._recording.done()):
             targets, placements = self._unrecorded(view)
-            if targets or placements:  # attached since: by --match or the picker
+            governed = len(self.monitor.governor_decisions) > self._governed_recorded
+            if targets or placements or governed:  # attached since, or the governor acted
                 self._recording = asyncio.get_running_loop().create_task(
                     self._record_targets(self._store, targets, placements))
         if self._on_view is not None:
@@ -246,14 +249,23 @@ class LiveSession:
 
     async def _record_targets(self, store: HistoryStore, targets: Sequence[TargetStatus],
                               placements: Sequence[Placement]) -> None:
-        """Write targets and probe decisions to the history, at start and whenever the
-        monitor attaches another process; a failed write is a notice, retried next view."""
+        """Write targets and probe decisions to the history, at start, whenever the
+        monitor attaches another process and whenever the overhead governor detaches,
+        duty-cycles or restores a probe (status ``detached``/``duty-cycled``/``restored``,
+        its estimate in the reason); a failed write is a notice, retried next view."""
         try:
             for placement in placements:
                 await store.write_probe_decisions(
                     placement.target_pid,
                     [(d.probe, d.status, d.reason or None) for d in placement.decisions])
                 self._placements_recorded += 1
+            governed = self.monitor.governor_decisions
+            while self._governed_recorded < len(governed):
+                pid, decision, wall = governed[self._governed_recorded]
+                await store.write_probe_decisions(
+                    pid, [(decision.probe, decision.status, decision.reason)],
+                    at_ns=int(wall * 1e9))
+                self._governed_recorded += 1
             for t in targets:
                 await store.write_target(t.pid, t.name, t.profile, t.device)
                 self._targets_recorded.add((t.pid, t.name))

@@ -66,10 +66,14 @@ class ProbeSettings:
     Attributes:
         mode: ``auto``, ``thread`` (one ring per target thread) or ``cpu`` (per CPU).
         ring_pages: data pages per perf ring buffer (a power of two).
-        drain_interval_s: how often rings are drained, in seconds.
-        overhead_budget: the fraction of target CPU time probes may cost, in (0, 1).
+        drain_interval_s: how often rings are drained without a wake-up, in seconds
+            (the anchor's records wake the reader at once; DeepDive probes drain every
+            50 ms at least).
+        overhead_budget: the fraction of target CPU time probes may cost, in (0, 1);
+            ``prism watch`` enforces it on the sentinel probes (docs/performance.md,
+            "Overhead governor").
         governor_action: what the governor does over budget: ``detach`` the costliest
-            probes, or ``duty-cycle`` them.
+            probes, or ``duty-cycle`` them; either way it restores them once they fit.
     """
 
     mode: Literal["auto", "thread", "cpu"] = "auto"
@@ -96,7 +100,9 @@ class EngineSettings:
             detector has been clear for this many iterations in a row ...
         alert_close_ms: ... spanning at least this many milliseconds (a fault that lets
             a normal iteration through now and then pages once).
-        window_s: sketch window shown by the dashboard, in seconds.
+        window_s: the span of the latency table the dashboard shows first and of the
+            snapshots ``prism watch --headless`` prints, in seconds: 10, 60 or 300
+            (``w`` cycles through them).
         snapshot_hz: snapshots per second handed to the UI.
         slo: latency objectives like ``"decode p99 <= 60ms over 10s"`` (the whole
             iteration) or ``"device_sync: decode p99 <= 5ms over 10s"`` (one stage's time
@@ -450,6 +456,12 @@ def _check(section: str, key: str, value: Any) -> str | None:
                 "history.retention_days", "watch.duration_s"}
     if name in positive and value <= 0:
         return f"must be > 0, not {value:g}"
+    if name == "engine.window_s":
+        from prism_tui.engine.view import WINDOWS_S  # the spans the engine snapshots
+
+        if value not in WINDOWS_S:
+            return (f"must be one of {', '.join(f'{w:g}' for w in WINDOWS_S)} (the "
+                    f"dashboard's spans), not {value:g}")
     at_least_one = {"engine.warmup_iterations", "history.max_iterations",
                     "engine.alert_open_iterations", "engine.alert_close_iterations"}
     if name in at_least_one and value < 1:

@@ -71,7 +71,7 @@ governor_action = "duty-cycle"
 warmup_iterations = 200
 detector_rule = "paper"
 alert_close_ms = 2500
-window_s = 5
+window_s = 60
 slo = ["decode p99 <= 60ms over 10s", "p50 < 20ms over 1m",
        "device_sync: decode p99 <= 5ms over 10s"]
 
@@ -88,7 +88,7 @@ duration_s = 30
     assert s.probe.overhead_budget == 0.01 and s.probe.governor_action == "duty-cycle"
     assert s.engine.warmup_iterations == 200 and s.engine.detector_rule == "paper"
     assert s.engine.episode_holds().close_ms == 2500.0
-    assert s.engine.window_s == 5.0 and isinstance(s.engine.window_s, float)
+    assert s.engine.window_s == 60.0 and isinstance(s.engine.window_s, float)
     assert s.engine.slo == ("decode p99 <= 60ms over 10s", "p50 < 20ms over 1m",
                             "device_sync: decode p99 <= 5ms over 10s")
     assert s.mqtt.broker == "mqtt://localhost:1883"
@@ -146,7 +146,7 @@ def test_unknown_key_names_line_and_suggests(tmp_path: Path) -> None:
 
 
 def test_unknown_section_suggests(tmp_path: Path) -> None:
-    path = write(tmp_path, "[engine]\nwindow_s = 1\n[histroy]\nretention_days = 1\n")
+    path = write(tmp_path, "[engine]\nwindow_s = 60\n[histroy]\nretention_days = 1\n")
     msg = str(error_of(path=path, env={}))
     assert msg.startswith(f"{path}:3: unknown section 'histroy'")
     assert "did you mean 'history'?" in msg
@@ -164,6 +164,7 @@ def test_unknown_section_suggests(tmp_path: Path) -> None:
     ("[probe]\n\noverhead_budget = 1.5\n", 3, "must be in (0, 1)"),
     ("[probe]\noverhead_budget = 0\n", 2, "must be in (0, 1)"),
     ("[probe]\nring_pages = 48\n", 2, "power of two"),
+    ("[engine]\nwindow_s = 5\n", 2, "must be one of 10, 60, 300"),
     ('[probe]\nmode = "threads"\n', 2, "did you mean 'thread'?"),
     ('[engine]\ndetector_rule = "papr"\n', 2, "must be one of 'paper', 'prism'"),
     ('[engine]\nslo = ["p99 under 60ms"]\n', 2, "cannot parse SLO"),

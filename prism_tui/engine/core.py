@@ -54,6 +54,7 @@ from prism_tui.engine.view import (
     DetectorState,
     EngineView,
     GovernorCount,
+    GovernorStatus,
     IterationBar,
     ProbeStatus,
     SloStatus,
@@ -167,6 +168,11 @@ class SloSpec:
 _SLO_STAGE = re.compile(r"^\s*(?P<stage>[a-z_][a-z0-9_]*)\s*:\s*(?P<rule>.+)$", re.IGNORECASE)
 
 
+DETECTOR_FEATURES = frozenset({"sequences", "kv_tokens", "d2h_bytes", "h2d_bytes",
+                               "h2d_first_bytes"})
+"""Features the detector's workload (:func:`workload_of`) and the built-in phase rule read."""
+
+
 def workload_of(it: Iteration) -> Workload:
     """What the detector regresses on, from the iteration's captured arguments.
 
@@ -198,6 +204,9 @@ class _Watched:
     overhead_pct: float | None = None
     iterations: dict[str, int] = field(default_factory=dict)
     """Iterations completed per phase since the watch began."""
+    costs_measured: bool = True
+    costs_note: str = ""
+    governor: GovernorStatus | None = None
     detectors: dict[str, Detector] = field(default_factory=dict)
     normal_shares: deque[dict[str, float]] = field(
         default_factory=lambda: deque(maxlen=BASELINE_SHARES))
@@ -346,12 +355,16 @@ class Engine:
         return tuple(self._watched)
 
     def set_probe_status(self, pid: int, probes: Sequence[ProbeStatus], *,
-                         hits_per_s: float, lost: int, overhead_pct: float | None) -> None:
-        """Record the probe health of ``pid`` for the header (Monitor calls it each view)."""
+                         hits_per_s: float, lost: int, overhead_pct: float | None,
+                         costs_measured: bool = True, costs_note: str = "",
+                         governor: GovernorStatus | None = None) -> None:
+        """Record the probe health of ``pid`` for the header (Monitor calls it each view):
+        the overhead estimate, whether its costs were measured, and the governor's state."""
         w = self._watched.get(pid)
         if w is not None:
             w.probes, w.hits_per_s, w.lost, w.overhead_pct = (tuple(probes), hits_per_s,
                                                               lost, overhead_pct)
+            w.costs_measured, w.costs_note, w.governor = costs_measured, costs_note, governor
 
     def set_telemetry(self, values: Iterable[TelemetryValue]) -> None:
         """Replace the telemetry shown (sampled elsewhere, once a second), and log its
@@ -688,7 +701,8 @@ class Engine:
         snaps = self.snapshots(now)
         targets = tuple(TargetStatus(w.pid, w.name, w.profile, w.device, w.state, w.probes,
                                      w.hits_per_s, w.lost, w.overhead_pct,
-                                     tuple(sorted(w.iterations.items())))
+                                     tuple(sorted(w.iterations.items())), w.costs_measured,
+                                     w.costs_note, w.governor)
                         for w in self._watched.values())
         detectors = []
         slos = []

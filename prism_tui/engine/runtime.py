@@ -19,12 +19,14 @@ import contextlib
 import functools
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from prism_tui.engine.anchors import AnchorChoice, choose_anchor
 from prism_tui.engine.core import (
+    DETECTOR_FEATURES,
     AlertEvent,
     AlertSink,
     Engine,
@@ -35,15 +37,21 @@ from prism_tui.engine.core import (
 )
 from prism_tui.engine.devices import NvmlDevices
 from prism_tui.engine.episodes import EpisodeHolds
-from prism_tui.engine.iterations import SpanLike
+from prism_tui.engine.iterations import MEMCPY_KINDS, SpanLike
 from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.sketches import Snapshot
 from prism_tui.engine.trace_export import write_chrome_trace
-from prism_tui.engine.view import EngineView, ProbeStatus, TelemetryValue
-from probes.catalog import Profile
+from prism_tui.engine.view import (
+    EngineView,
+    GovernorAction,
+    GovernorStatus,
+    ProbeStatus,
+    TelemetryValue,
+)
+from probes.catalog import Profile, feature_names
 from probes.errors import ProbeError
-from probes.governor import HitCosts
-from probes.placement import Placement, place_profile
+from probes.governor import DEFAULT_COSTS, GovernorDecision, HitCosts, OverheadGovernor
+from probes.placement import Placement, ProbeSite, place_profile
 from probes.target import Target, find_targets
 from probes.telemetry import HostSampler, ProcSampler, Reading, thread_runqueue_ns
 from probes.uprobes import Span, UprobeSession
@@ -65,6 +73,12 @@ DEEPDIVE_DELAY_S = 0.05
 """How long a DeepDive waits after its alert before it opens probes (see _open_deepdive)."""
 DISCOVERY_CHECK_S = 0.5
 """How often the spans held while no anchor is known are ranked (see _discover)."""
+GOVERN_S = 1.0
+"""How often each target's overhead governor closes a window and decides."""
+DEEPDIVE_DRAIN_S = 0.05
+"""Least drain interval of a DeepDive's probes (they carry no anchor: nothing is urgent)."""
+RECENT_DECISIONS = 8
+"""Governor decisions per target kept for the view."""
 
 _T = TypeVar("_T")
 
@@ -104,8 +118,12 @@ class _Attached:
     placements: list[Placement]
     device: str = "cpu"
     """Its device label, found once at the attach (see :attr:`Monitor.device_of`)."""
+    urgent: frozenset[str] = frozenset()
+    """Probes whose every record wakes the reader (the named anchor)."""
     prev_hits: dict[str, int] = field(default_factory=dict)
     prev_t: float = field(default_factory=time.monotonic)
+    governor: OverheadGovernor | None = None
+    recent: deque[GovernorAction] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
 
 
 class Monitor:
@@ -125,7 +143,9 @@ class Monitor:
                  slos: Sequence[SloSpec] = (), match: str | None = None,
                  costs: HitCosts | None = None, telemetry: bool = True,
                  escalation_s: float = 30.0, settle_s: float = 0.0,
-                 anchor_discovery_s: float = 5.0, run_queue_stage: bool = True) -> None:
+                 anchor_discovery_s: float = 5.0, run_queue_stage: bool = True,
+                 overhead_budget: float | None = None, governor_action: str = "detach",
+                 ring_pages: int = 64, drain_interval_s: float = 0.02) -> None:
         """Attach the sentinel probes of ``profile`` (its iteration anchor and derived
         features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to every
         target; raises a ProbeError subclass when a probe cannot be opened.
@@ -145,6 +165,14 @@ class Monitor:
 
         ``rule``, ``warmup``, ``warmup_s`` and ``holds`` go to the
         :class:`~prism_tui.engine.core.Engine` (the detector and its alert episodes).
+        With ``overhead_budget`` (a fraction: 0.005 is 0.5 %), each target's sentinel
+        probes are governed once its anchor is known: every ``GOVERN_S`` an
+        :class:`~probes.governor.OverheadGovernor` estimates their cost from the kernel's
+        hit counts and ``costs`` (:data:`~probes.governor.DEFAULT_COSTS` when None) and
+        detaches or duty-cycles (``governor_action``) the costliest probes but the
+        anchor while over budget; its decisions go to :attr:`governor_decisions`, the
+        view and the notices. ``ring_pages`` and ``drain_interval_s`` size and drain the
+        sentinel sessions' rings (a DeepDive drains every ``DEEPDIVE_DRAIN_S`` at least).
         """
         self.run_queue_stage = run_queue_stage
         self.profile = profile
@@ -159,6 +187,15 @@ class Monitor:
         self.mode = mode
         self.match = match
         self.costs = costs
+        self.overhead_budget = overhead_budget
+        self.governor_action = governor_action
+        if overhead_budget is not None:  # a bad value fails here, not at the first window
+            OverheadGovernor([], costs or DEFAULT_COSTS, lambda i: None, lambda i: None,
+                             budget=overhead_budget, action=governor_action)
+        self.ring_pages = ring_pages
+        self.drain_interval_s = drain_interval_s
+        self.governor_decisions: list[tuple[int, GovernorDecision, float]] = []
+        """(pid, decision, epoch seconds) of every governor decision, in order."""
         self.telemetry = telemetry
         self.on_snapshot = on_snapshot
         self.on_view = on_view
@@ -244,7 +281,8 @@ class Monitor:
                              f"in pid {target.pid}: nothing to choose an anchor from")
         urgent: set[str] = set() if self.anchor is None else {self.anchor}
         session = UprobeSession([target], sites, mode=self.mode, urgent=urgent,
-                                drain_interval_s=0.02).open()
+                                ring_pages=self.ring_pages,
+                                drain_interval_s=self.drain_interval_s).open()
         try:
             device = self.device_of(target.pid)
         except BaseException:
@@ -259,7 +297,8 @@ class Monitor:
             raise ValueError(f"pid {target.pid} is already watched")
         self._notice_nvml()
         self.placements.extend(placements)
-        att = self._attached[target.pid] = _Attached(target, session, placements, device)
+        att = self._attached[target.pid] = _Attached(target, session, placements, device,
+                                                     frozenset(session.urgent))
         if self.anchor is not None:  # else once one is chosen (see _discover)
             self._watch(att)
         if self._new is not None:
@@ -277,6 +316,12 @@ class Monitor:
                           phase_rule=self.profile.phase_rule,
                           probes=_probe_statuses(att.placements, {}))
         self._ever_attached[pid] = self._recorded_process(pid, att)
+        if self.overhead_budget is not None and att.governor is None:
+            att.governor = OverheadGovernor(
+                att.session.sites, self.costs or DEFAULT_COSTS, att.session.detach_site,
+                att.session.reattach_site, budget=self.overhead_budget,
+                action=self.governor_action, anchor=self.anchor, urgent=att.urgent,
+                protected=detector_probes(self.profile, att.session.sites))
 
     def _notice_nvml(self) -> None:
         """Say once why device labels come from process environments, not NVML."""
@@ -425,8 +470,9 @@ class Monitor:
                  if s.probe not in sentinel]
         if not sites:
             return None, {}
-        session = UprobeSession([att.target], sites, mode=self.mode,
-                                drain_interval_s=0.05).open()
+        session = UprobeSession([att.target], sites, mode=self.mode, ring_pages=self.ring_pages,
+                                drain_interval_s=max(DEEPDIVE_DRAIN_S,
+                                                     self.drain_interval_s)).open()
         return session, {s.probe: s.stage for s in sites}
 
     async def _open_deepdive(self, pid: int, att: _Attached) -> None:
@@ -563,7 +609,7 @@ class Monitor:
             self._next_discovery = time.monotonic() + DISCOVERY_CHECK_S
             self.engine.notice(f"profile {self.profile.name!r} names no iteration anchor: "
                                "choosing one from its spans")
-        last_view = last_rescan = last_telemetry = time.monotonic()
+        last_view = last_rescan = last_telemetry = last_govern = time.monotonic()
         telemetry_task: asyncio.Future[list[TelemetryValue]] | None = None
         view_task: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
@@ -597,6 +643,9 @@ class Monitor:
                 if self._held is not None and now >= self._next_discovery:
                     self._next_discovery = now + DISCOVERY_CHECK_S
                     self._discover(now)
+                if now - last_govern >= GOVERN_S:
+                    last_govern = now
+                    self._govern()
                 if self.match is not None and now - last_rescan >= (
                         RESCAN_AFTER_EXIT_S if not self._attached
                         or now < self._fast_rescan_until else RESCAN_S):
@@ -634,6 +683,31 @@ class Monitor:
                 view_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await view_task
+
+    def _govern(self) -> None:
+        """Close a window of every target's governor; record and announce its decisions.
+
+        Detaching hands the events to the session's closer thread; restoring (and a
+        duty cycle's on-period) opens them again on this thread.
+        """
+        for pid, att in list(self._attached.items()):
+            gov = att.governor
+            if gov is None or att.session.closed:
+                continue
+            try:
+                made = gov.update(dict(att.session.kernel_hits()))
+            except (ProbeError, OSError) as exc:  # a reattach the kernel refused
+                self.engine.notice(f"governor on pid {pid}: {exc}")
+                continue
+            for d in made:
+                wall = time.time()
+                self.governor_decisions.append((pid, d, wall))
+                self.engine.count_governor_decision(pid, d.status)
+                att.recent.append(GovernorAction(d.probe, d.status, 100 * d.overhead,
+                                                 d.hits_per_s, d.cost_ns / 1000, d.reason,
+                                                 wall))
+                self.engine.notice(f"governor: {d.probe} {d.status} on pid {pid}: "
+                                   f"{d.reason}")
 
     def _discover(self, now: float) -> None:
         """Choose the anchor from the spans held so far, then feed them to the engine.
@@ -765,10 +839,17 @@ class Monitor:
             delta = {p: n - att.prev_hits.get(p, 0) for p, n in hits.items()}
             dt = max(1e-3, now_t - att.prev_t)
             att.prev_hits, att.prev_t = hits, now_t
+            gov = att.governor
+            costs = self.costs or DEFAULT_COSTS
             self.engine.set_probe_status(
-                pid, _probe_statuses(att.placements, delta, dt, hits),
+                pid, _probe_statuses(att.placements, delta, dt, hits,
+                                     self._governed_reasons(att)),
                 hits_per_s=sum(delta.values()) / dt, lost=att.session.dropped(),
-                overhead_pct=self._overhead_pct(att, delta, dt))
+                overhead_pct=self._overhead_pct(att, delta, dt),
+                costs_measured=self.costs is not None and self.costs.measured,
+                costs_note=costs.note if self.costs is not None else "no hit costs given",
+                governor=None if gov is None else GovernorStatus(
+                    100 * gov.budget, gov.action, tuple(att.recent)))
         if self.on_view is not None:
             view = self.engine.view(now_ns)
             self.on_view(view)
@@ -780,16 +861,32 @@ class Monitor:
             self.engine.sketches.tick(now_ns)
             self.on_snapshot(self.engine.sketches.snapshot(now_ns, span_s=10))
 
+    @staticmethod
+    def _governed_reasons(att: _Attached) -> dict[str, tuple[str, str]]:
+        """Probe → (status, reason) of the probes the governor holds now."""
+        gov = att.governor
+        if gov is None:
+            return {}
+        last = {a.probe: a.reason for a in att.recent}
+        return {p: ("detached" if how == "detach" else "duty-cycled", last.get(p, ""))
+                for p, how in gov.governed().items()}
+
     def _overhead_pct(self, att: _Attached, delta: dict[str, int], dt: float) -> float | None:
-        """CPU share the probes cost the target: Σ hits/s × measured cost per hit."""
+        """CPU share the probes cost the target over the last view: Σ hits/s × cost per
+        hit, the reader's wake-ups for urgent probes included (one per record)."""
         if self.costs is None:
             return None
         ns = 0.0
+        seen: set[str] = set()
         for placement in att.placements:
             for site in placement.sites:
+                if site.probe in seen:  # kernel counts are per probe, all sites together
+                    continue
+                seen.add(site.probe)
                 n = delta.get(site.probe, 0)
                 calls = n / 2 if site.ret else n
-                ns += calls * self.costs.site_cost_ns(site.site, site.ret)
+                ns += calls * self.costs.site_cost_ns(site.site, site.ret,
+                                                      site.probe in att.urgent)
         return 100.0 * ns / (dt * 1e9)
 
     def _sample_telemetry(self) -> list[TelemetryValue]:
@@ -812,19 +909,56 @@ class Monitor:
         return out
 
 
+def detector_probes(profile: Profile, sites: Sequence[ProbeSite]) -> frozenset[str]:
+    """Probes the detector's inputs come from: never governed.
+
+    Detaching one mid-run would change the workload the baseline was fitted on (or the
+    phase) and read as an anomaly. The inputs are :data:`DETECTOR_FEATURES` and the
+    profile's phase rule, through its derived features; a feature comes from probe ``p``
+    when it is ``calls.p``, ``p.arg``, an argument ``p`` captures (per-call derived
+    expressions read those), or a copy's bytes by kind from a probe capturing ``kind``
+    and ``bytes``.
+    """
+    needed = set(DETECTOR_FEATURES)
+    if profile.phase_rule:
+        needed |= feature_names(profile.phase_rule)
+    grown = True
+    while grown:  # derived features read other features, derived ones included
+        more = {n for d in profile.derived if d.name in needed for n in d.names}
+        grown = not more <= needed
+        needed |= more
+    out = set()
+    for site in sites:
+        args = {c.name for c in site.captures}
+        names = {f"calls.{site.probe}"} | {f"{site.probe}.{a}" for a in args} | args
+        if {"kind", "bytes"} <= args:
+            names |= set(MEMCPY_KINDS.values()) | {"h2d_first_bytes"}
+        if names & needed:
+            out.add(site.probe)
+    return frozenset(out)
+
+
 def _value(device: str, metric: str, reading: Reading) -> TelemetryValue:
     return TelemetryValue(device, metric, reading.value, reading.unit, reading.reason)
 
 
 def _probe_statuses(placements: Sequence[Placement], hits: dict[str, int],
                     dt: float = 1.0, total: dict[str, int] | None = None,
+                    governed: dict[str, tuple[str, str]] | None = None,
                     ) -> tuple[ProbeStatus, ...]:
     """One status per probe decision: attached with its hit rate (``hits`` in ``dt``)
-    and its hits since attached (``total``), or why not."""
+    and its hits since attached (``total``), governed, or why not."""
     out = []
+    governed = governed or {}
     for placement in placements:
         for d in placement.decisions:
-            if d.status == "resolved":
+            if d.status == "resolved" and d.probe in governed:
+                status, reason = governed[d.probe]
+                out.append(ProbeStatus(d.probe, d.stage, status,
+                                       d.sites[0].library if d.sites else "", reason,
+                                       hits_per_s=hits.get(d.probe, 0) / dt if dt else 0.0,
+                                       hits=(total or {}).get(d.probe, 0)))
+            elif d.status == "resolved":
                 out.append(ProbeStatus(d.probe, d.stage, "attached",
                                        d.sites[0].library if d.sites else "",
                                        hits_per_s=hits.get(d.probe, 0) / dt if dt else 0.0,

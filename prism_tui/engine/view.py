@@ -26,12 +26,42 @@ class ProbeStatus:
     probe: str
     stage: str
     status: str
-    """``attached`` | ``missing`` | ``no-library`` | ``detached`` | ``duty-cycle``."""
+    """``attached`` | ``missing`` | ``no-library`` | ``detached`` | ``duty-cycled`` (the
+    last two by the overhead governor; ``reason`` says why)."""
     library: str = ""
     reason: str = ""
     hits_per_s: float = 0.0
     hits: int = 0
     """Kernel hits since the probe was attached (cumulative: a Prometheus counter)."""
+
+
+@dataclass(frozen=True)
+class GovernorAction:
+    """One decision of the overhead governor about one probe of one target."""
+
+    probe: str
+    status: str
+    """``detached`` | ``duty-cycled`` | ``restored``."""
+    overhead_pct: float
+    """Estimated share of the target's time the probe costs while attached (%)."""
+    hits_per_s: float
+    """Calls per second of the probed function, measured or estimated."""
+    cost_us: float
+    """Estimated cost of one call, wake-ups included (µs)."""
+    reason: str
+    wall_time: float
+    """Epoch seconds of the decision."""
+
+
+@dataclass(frozen=True)
+class GovernorStatus:
+    """The overhead governor of one target: its budget, estimate and recent decisions."""
+
+    budget_pct: float
+    action: str
+    """``detach`` | ``duty-cycle`` (``probe.governor_action``)."""
+    decisions: tuple[GovernorAction, ...] = ()
+    """Recent decisions, oldest first."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +78,15 @@ class TargetStatus:
     hits_per_s: float = 0.0
     lost: int = 0
     overhead_pct: float | None = None
-    """Estimated CPU share the probes cost the target (hits/s × measured cost per hit)."""
+    """Estimated CPU share the probes cost the target (hits/s × cost per hit, the
+    reader's wake-ups included)."""
     iterations: tuple[tuple[str, int], ...] = ()
     """Iterations completed since the watch began, per phase (sorted by phase)."""
+    costs_measured: bool = True
+    """False when the hit costs are defaults (calibration failed: ``costs_note`` says why)."""
+    costs_note: str = ""
+    governor: GovernorStatus | None = None
+    """None when no overhead budget is enforced on this target."""
 
     @property
     def attached(self) -> int:

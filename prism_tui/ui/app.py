@@ -110,13 +110,16 @@ class PrismApp(App[int]):
     """Where ``e`` and the screenshot key write their files."""
 
     def __init__(self, *, engine: Engine | None = None, control: EngineControl | None = None,
-                 history_db: str | None = None, title: str = "LatencyPrism") -> None:
+                 history_db: str | None = None, title: str = "LatencyPrism",
+                 window_s: float = WINDOWS_S[0]) -> None:
+        """``window_s``: the span the table shows first (one of ``WINDOWS_S``; ``w``
+        cycles)."""
         super().__init__()
         self.title = title
         self.engine = engine
         self.control = control
         self.history_db = history_db
-        self.state = TableState()
+        self.state = TableState(window_s=window_s)
         self.paused = False
         self.posted = 0
         """Views handed to :meth:`show_view` in total."""

@@ -31,6 +31,8 @@ from prism_tui.engine.view import (
     DetectorPoint,
     DetectorState,
     EngineView,
+    GovernorAction,
+    GovernorStatus,
     IterationBar,
     ProbeStatus,
     SloStatus,
@@ -43,6 +45,8 @@ from prism_tui.ui.control import Candidate
 DEVICES = ("cuda:0", "cuda:1")
 STAGES = ("host", "launch", "sync", "memcpy", "collective")
 BASE_MS = {"host": 4.0, "launch": 3.0, "sync": 11.0, "memcpy": 2.0, "collective": 4.0}
+GOVERNED_AT_S = 12
+"""When the replay's overhead governor detaches rank 0's launch probe."""
 MONO0 = 1_000_000_000_000
 """The replay's CLOCK_MONOTONIC origin (ns)."""
 WALL0 = 1_767_225_600.0
@@ -229,10 +233,21 @@ def _target(device: str, dev: _Dev, names: Sequence[str], ips: int, sec: int) ->
                           float(ips * (3 if s == "launch" else 1))) for s in names]
     probes.append(ProbeStatus("cuda:cudaMemcpyPeerAsync", "memcpy", "missing",
                               "libcudart.so.12", "symbol not exported by this libcudart"))
-    hits = sum(p.hits_per_s for p in probes)
     rank = device.rsplit(":", 1)[-1]
+    decisions: tuple[GovernorAction, ...] = ()
+    if rank == "0" and sec >= GOVERNED_AT_S:  # the launch probe costs too much: detached
+        launch = ips * 3.0 * 40  # 40 kernel launches a step on a busy rank
+        reason = (f"estimated {launch * 1.5e-6:.2%} of the target's time ({launch:.0f} "
+                  "calls/s x 1.5 us, emulated site); total 0.61% > budget 0.50%")
+        probes = [replace(p, status="detached", reason=reason, hits_per_s=0.0)
+                  if p.probe == "cuda:launch" else p for p in probes]
+        decisions = (GovernorAction("cuda:launch", "detached", 100 * launch * 1.5e-6,
+                                    launch, 1.5, reason, WALL0 + GOVERNED_AT_S),)
+    hits = sum(p.hits_per_s for p in probes)
     return TargetStatus(dev.pid, f"sim-rank{rank}", "cuda", device, "attached",
-                        tuple(probes), hits, 0 if sec < 20 else 3, 0.31)
+                        tuple(probes), hits, 0 if sec < 20 else 3,
+                        0.31 if not decisions else 0.27,
+                        governor=GovernorStatus(0.5, "detach", decisions))
 
 
 def _detector_state(device: str, dev: _Dev) -> DetectorState:

@@ -18,7 +18,13 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
 from prism_tui.engine.sketches import ITERATION, SeriesStats, Snapshot
-from prism_tui.engine.view import AlertRecord, DetectorPoint, EngineView, SloStatus
+from prism_tui.engine.view import (
+    AlertRecord,
+    DetectorPoint,
+    EngineView,
+    ProbeStatus,
+    SloStatus,
+)
 from prism_tui.ui.render import (
     fmt_clock,
     fmt_ms,
@@ -46,8 +52,13 @@ def stage_order(stages: Sequence[str]) -> list[str]:
     return ([ITERATION] if ITERATION in stages else []) + rest
 
 
+GOVERNED = ("detached", "duty-cycled")
+"""Probe statuses set by the overhead governor (shown as its decisions, not failures)."""
+
+
 class HeaderBar(Static):
-    """Host, targets, probe health, alert delivery and history path (three lines)."""
+    """Host, targets, probe health and the overhead governor, alert delivery and history
+    path (three lines)."""
 
     def show(self, view: EngineView) -> None:
         """Redraw for ``view`` (only when the text changed)."""
@@ -90,7 +101,13 @@ class HeaderBar(Static):
         t.append(str(lost), style="bold red" if lost else "")
         costs = [tg.overhead_pct for tg in view.targets if tg.overhead_pct is not None]
         t.append(f" · overhead ≈{max(costs):.2f}%" if costs else " · overhead n/a")
-        failed = [p for p in probes if p.status != "attached"]
+        budgets = [tg.governor.budget_pct for tg in view.targets if tg.governor is not None]
+        if budgets:
+            t.append(f" of {min(budgets):.2f}%")
+        if any(not tg.costs_measured for tg in view.targets if tg.overhead_pct is not None):
+            t.append(" (default costs)", style="yellow")
+        HeaderBar._governor(view, probes, t)
+        failed = [p for p in probes if p.status not in ("attached", *GOVERNED)]
         if failed:
             first = failed[0]
             why = f": {first.reason}" if first.reason else ""
@@ -98,6 +115,20 @@ class HeaderBar(Static):
             if len(failed) > 1:
                 t.append(f" (+{len(failed) - 1})", style="yellow")
         return t
+
+    @staticmethod
+    def _governor(view: EngineView, probes: Sequence[ProbeStatus], t: Text) -> None:
+        """The governor's latest decision (probe, what it did, its estimated cost)."""
+        actions = sorted((a for tg in view.targets if tg.governor is not None
+                          for a in tg.governor.decisions), key=lambda a: a.wall_time)
+        if not actions:
+            return
+        last = actions[-1]
+        t.append(f" · governor: {last.probe} {last.status} ≈{last.overhead_pct:.2f}%",
+                 style="green" if last.status == "restored" else "yellow")
+        others = {p.probe for p in probes if p.status in GOVERNED} - {last.probe}
+        if others:
+            t.append(f" (+{len(others)} governed)", style="yellow")
 
     @staticmethod
     def _delivery(view: EngineView) -> Text:

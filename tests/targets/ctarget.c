@@ -20,6 +20,9 @@
  *   spin_start US     a background thread calling pl_work then sleeping US, forever
  *   burn_start US     a background thread calling pl_work then computing for US of
  *                     its own CPU time, forever (always runnable: it waits on a busy CPU)
+ *   serve_start US K  a background "server" forever: one step pl_step(K), which calls
+ *                     the per-operation pl_op K times, then a sleep of US (a step is an
+ *                     iteration; pl_op runs K times as often: a hot per-op probe)
  *   escape D C        pl_escape(D, C): D+1 nested activations; the innermost longjmps
  *                     to the setjmp of the activation at depth C, which returns
  *                     normally, so the C activations below it never return; with C > D
@@ -125,6 +128,18 @@ __attribute__((noinline)) void pl_quit(long x) {
     pthread_exit(NULL);
 }
 
+__attribute__((noinline)) long pl_op(long x) {
+    pl_sink += x;
+    return x;
+}
+
+__attribute__((noinline)) long pl_step(long ops) {
+    long total = 0;
+    for (long i = 0; i < ops; i++)
+        total += pl_op(i);
+    return total;
+}
+
 __attribute__((noinline)) void pl_sleep_us(long us) {
     struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
     nanosleep(&ts, NULL);
@@ -162,6 +177,21 @@ static void *spin_main(void *arg) {
     for (;;) {
         pl_work(1);
         pl_sleep_us(us);
+    }
+    return NULL;
+}
+
+struct serve_job {
+    long us;
+    long ops;
+};
+
+static void *serve_main(void *arg) {
+    struct serve_job job = *(struct serve_job *)arg;
+    free(arg);
+    for (;;) {
+        pl_step(job.ops);
+        pl_sleep_us(job.us);
     }
     return NULL;
 }
@@ -230,6 +260,12 @@ int main(void) {
             pthread_t t;
             sscanf(line, "%*s %ld", &a);
             pthread_create(&t, NULL, burn_main, (void *)a);
+            pthread_detach(t);
+        } else if (!strcmp(cmd, "serve_start")) {
+            pthread_t t;
+            struct serve_job *job = malloc(sizeof *job);
+            sscanf(line, "%*s %ld %ld", &job->us, &job->ops);
+            pthread_create(&t, NULL, serve_main, job);
             pthread_detach(t);
         } else if (!strcmp(cmd, "escape")) {
             jmp_buf top;
