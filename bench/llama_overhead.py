@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C: the server and any monitor are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     if not llama_cpp_importable():
         print("llama_overhead: llama-cpp-python is not installed (`make venv` builds it)",
               file=sys.stderr)
