@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from tests.llama_fixtures import (  # noqa: E402
     N_BATCH,
     Completion,
+    LineReader,
     drive,
     llama_cpp_importable,
     running_server,
@@ -79,7 +80,7 @@ def cpu_s(pid: int) -> float:
 
 
 def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float
-                ) -> subprocess.Popen[str]:
+                ) -> tuple[subprocess.Popen[str], LineReader]:
     """`prism watch` on the server, returned once its first snapshot says it is attached."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PRISM_PROFILE_PATH", None)
@@ -91,11 +92,11 @@ def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float
          str(duration_s)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, start_new_session=True)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith('{"snapshot"'):
+    out = LineReader(proc.stdout)  # drained all along: a full pipe would stall the monitor
+    if out.wait_for('{"snapshot"', timeout_s=600) is None:
         stop_process(proc)  # type: ignore[arg-type]
-        raise RuntimeError(f"prism watch did not start: {line!r}")
-    return proc
+        raise RuntimeError(f"prism watch did not start: {''.join(out.lines)[-500:]!r}")
+    return proc, out
 
 
 def tokens_per_s(done: list[Completion]) -> float:
@@ -112,7 +113,7 @@ def one_round(url: str, server_pid: int, config: str, profile_dir: Path, round_s
     of it: it is reported on its own as ``settle_tokens_per_s``)."""
     watch = None
     if config != "bare":
-        watch = start_watch(server_pid, profile_dir if config == "mul_mat" else None,
+        watch, _ = start_watch(server_pid, profile_dir if config == "mul_mat" else None,
                             settle_s + round_s + 60)
     try:
         settle = drive(url, clients=clients, duration_s=settle_s, max_tokens=max_tokens,

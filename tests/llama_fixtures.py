@@ -35,7 +35,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -283,6 +283,43 @@ def drive(url: str, *, clients: int, requests_per_client: int | None = None,
     if errors:
         raise errors[0]
     return done
+
+
+class LineReader:
+    """Reads a child's text output on a thread of its own, so the child never blocks on
+    a full pipe (`prism watch --headless` prints a snapshot a few times a second), and
+    lets the caller wait for a line."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout_s: float, after: int = 0) -> int | None:
+        """Index of the first line from ``after`` on that contains ``text``; None when the
+        stream ends or ``timeout_s`` passes first."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for i in range(after, len(self.lines)):
+                    if text in self.lines[i]:
+                        return i
+                after = len(self.lines)
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0:
+                    return None
+                self._cond.wait(left)
 
 
 @pytest.fixture(scope="session")

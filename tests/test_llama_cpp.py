@@ -33,6 +33,7 @@ from probes.uprobes import Span, UprobeSession
 from tests.llama_fixtures import (
     N_BATCH,
     Completion,
+    LineReader,
     LlamaServer,
     drive,
     llama_server,
@@ -122,21 +123,34 @@ def watched(llama_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PRISM_PROFILE_PATH", None)
     port = llama_server.url.rsplit(":", 1)[1]
+    # llama_cpp.server runs each request on one of anyio's worker threads, which start
+    # on demand and end after 10 s idle; a thread that starts under watch is seen only
+    # once the monitor has attached it (its first calls are missed). Keep the server
+    # busy from before the monitor attaches until the counted phases begin, so the
+    # threads they run on exist, and are attached, by then.
+    stop_busy = threading.Event()
+
+    def keep_busy() -> None:
+        while not stop_busy.is_set():
+            drive(llama_server.url, clients=MULTI_CLIENTS, requests_per_client=1,
+                  max_tokens=4, first_index=300)
+
+    busy = threading.Thread(target=keep_busy, daemon=True)
+    busy.start()
     watch = prism("watch", "--match", rf"llama_cpp\.server .*--port {port}\b",
                   "--profile", "llama_cpp", "--headless", "--duration", "300",
                   "--db", str(db), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert watch.stdout is not None
-        line = watch.stdout.readline()  # the first snapshot: the session runs
-        assert line.startswith('{"snapshot"'), (line, watch.stderr.read() if watch.stderr
-                                                else "")
-        # A warm-up request until the snapshots show decode steps: every thread's probes
-        # are in, and the warm-up's first llama_decode opened the first iteration
-        drive(llama_server.url, clients=1, requests_per_client=1, max_tokens=4,
-              first_index=500)
-        while '"phase": "decode"' not in line:
-            line = watch.stdout.readline()
-            assert line, watch.stderr.read() if watch.stderr else ""
+        assert watch.stdout is not None and watch.stderr is not None
+        out, err_lines = LineReader(watch.stdout), LineReader(watch.stderr)
+        first = out.wait_for('{"snapshot"', timeout_s=300)  # the session runs
+        assert first is not None, "".join(err_lines.lines)
+        # Decode steps in the snapshots: the threads' probes are in; the busy requests
+        # opened the first iteration
+        assert out.wait_for('"phase": "decode"', timeout_s=120, after=first) is not None, \
+            "".join(err_lines.lines)
+        stop_busy.set()
+        busy.join()
         single_started = time.monotonic_ns()
         single = drive(llama_server.url, clients=1, requests_per_client=SINGLE_REQUESTS,
                        max_tokens=MAX_TOKENS)
@@ -152,10 +166,11 @@ def watched(llama_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory
         while count_iterations(db, single_started) < expected and time.monotonic() < deadline:
             time.sleep(0.5)
         watch.send_signal(2)
-        _, err = watch.communicate(timeout=300)  # detaching: ~80 ms per perf event, more under load
-        assert watch.returncode == 0, err
+        watch.wait(timeout=300)  # detaching: ~80 ms per perf event, more under load
+        assert watch.returncode == 0, "".join(err_lines.lines)
         yield WatchedRun(read_iterations(db), single, multi, single_started, multi_started)
     finally:
+        stop_busy.set()
         if watch.poll() is None:
             watch.kill()
             watch.wait()
