@@ -5,10 +5,18 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# llama.cpp's Python bindings and server, the real engine the llama tests watch: built
+# from PyPI's source for the CPU only (about 5 minutes on 2 cores the first time, then
+# pip's wheel cache), once per venv; gguf writes the tests' tiny random-weight model.
+LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
+LLAMA_CPP_PYTHON := llama-cpp-python[server]==0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
 .PHONY: demo test lint system-deps venv clean bench
 
-venv: $(STAMP)
+venv: $(STAMP) $(LLAMA_STAMP)
 
 # setup.py builds the simulator's C runtime: rebuild when its sources change
 $(STAMP): pyproject.toml setup.py prism_sim/runtime/simxpu.c prism_sim/runtime/simxpu.h
@@ -17,14 +25,21 @@ $(STAMP): pyproject.toml setup.py prism_sim/runtime/simxpu.c prism_sim/runtime/s
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Mosquitto (the broker the alerting tests start), a C compiler (the test targets) and
-# tmux (the end-to-end test of `prism demo` in a real terminal), Prometheus (the server
-# that scrapes `prism watch --metrics-port` in tests/test_metrics.py).
+# After system-deps (a C++ compiler); pip reuses its cached wheel when there is one
+$(LLAMA_STAMP): $(STAMP) | system-deps
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet \
+	  '$(LLAMA_CPP_PYTHON)' 'gguf>=0.17'
+	touch $(LLAMA_STAMP)
+
+# Mosquitto (the broker the alerting tests start), C and C++ compilers (the test targets,
+# llama.cpp's build), tmux (the end-to-end test of `prism demo` in a real terminal) and
+# Prometheus (the server that scrapes `prism watch --metrics-port` in tests/test_metrics.py).
 # Installed with apt-get when missing and we are root; otherwise say what to install.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v cc >/dev/null 2>&1 || missing="$$missing build-essential"; \
+	command -v c++ >/dev/null 2>&1 || missing="$$missing g++"; \
 	command -v strip >/dev/null 2>&1 || missing="$$missing binutils"; \
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	command -v tmux >/dev/null 2>&1 || missing="$$missing tmux"; \
@@ -44,13 +59,13 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps $(LLAMA_STAMP) lint
 	$(BIN)/pytest -q
 
 demo: $(STAMP)
 	$(BIN)/prism demo
 
-bench: $(STAMP)
+bench: $(STAMP) $(LLAMA_STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

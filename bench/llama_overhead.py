@@ -1,0 +1,226 @@
+"""What `prism watch` costs a real llama.cpp server: tokens/s without and with it.
+
+A ``llama_cpp.server`` (llama-cpp-python, the tiny random-weight model of
+tests/llama_fixtures.py, two compute threads) is driven by closed-loop HTTP clients in
+interleaved rounds of three configurations, the order rotated every round:
+
+``bare``     no monitor;
+``watch``    ``prism watch --pid P --profile llama_cpp --headless --no-history``
+             (the profile's sentinel probes: ``llama_decode``, the ggml graph compute,
+             sampling; plus any companion profile that resolves);
+``mul_mat``  the same with a user profile adding ``ggml_compute_forward_mul_mat``, a
+             per-operation probe that every compute thread hits tens of thousands of
+             times a second (the hot probe the overhead governor is for).
+
+Each configuration first drives the server for ``--settle-s`` seconds (the monitor
+attaches its threads' probes then; those tokens/s are printed apart), then measures for
+``--round-s``. Per round and configuration it prints the completion tokens/s the HTTP
+responses report, the ratio to the same round's ``bare``, the server's and the monitor's CPU
+(``/proc/PID/stat``) over the driven window, and the monitor's CPU per iteration (one
+``llama_decode`` call: the server's own step count, from the responses). The summary is
+the median ratio and its spread (min-max) over the rounds.
+
+    python bench/llama_overhead.py --rounds 3 --round-s 15 --settle-s 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from math import ceil
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.llama_fixtures import (  # noqa: E402
+    N_BATCH,
+    Completion,
+    LineReader,
+    drive,
+    llama_cpp_importable,
+    running_server,
+    stop_process,
+    write_tiny_llama,
+)
+
+CONFIGS = ("bare", "watch", "mul_mat")
+MATMUL_PROFILE = """\
+[profile]
+name = "llama_ops"
+description = "one ggml CPU operation, run by every compute thread"
+
+[[library]]
+id = "ggml"
+soname = ["libggml-cpu*.so*", "libggml*.so*"]
+
+[[probe]]
+id = "mul_mat"
+library = "ggml"
+symbol = "ggml_compute_forward_mul_mat"
+stage = "mul_mat"
+ret = true
+"""
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float
+                ) -> tuple[subprocess.Popen[str], LineReader]:
+    """`prism watch` on the server, returned once its first snapshot says it is attached."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PRISM_PROFILE_PATH", None)
+    if profile_dir is not None:
+        env["PRISM_PROFILE_PATH"] = str(profile_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(server_pid),
+         "--profile", "llama_cpp", "--headless", "--no-history", "--duration",
+         str(duration_s)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    assert proc.stdout is not None
+    out = LineReader(proc.stdout)  # drained all along: a full pipe would stall the monitor
+    if out.wait_for('{"snapshot"', timeout_s=600) is None:
+        stop_process(proc)  # type: ignore[arg-type]
+        raise RuntimeError(f"prism watch did not start: {''.join(out.lines)[-500:]!r}")
+    return proc, out
+
+
+def tokens_per_s(done: list[Completion]) -> float:
+    """Completion tokens per second over the span of these requests."""
+    wall_s = (max(c.done_ns for c in done) - min(c.sent_ns for c in done)) / 1e9
+    return sum(c.completion_tokens for c in done) / wall_s
+
+
+def one_round(url: str, server_pid: int, config: str, profile_dir: Path, round_s: float,
+              settle_s: float, clients: int, max_tokens: int, first_index: int
+              ) -> dict[str, Any]:
+    """Drive the server for ``settle_s`` then ``round_s`` under ``config``; tokens/s of
+    both windows, CPU figures of the second (the monitor's attach transient is left out
+    of it: it is reported on its own as ``settle_tokens_per_s``)."""
+    watch = None
+    if config != "bare":
+        watch, _ = start_watch(server_pid, profile_dir if config == "mul_mat" else None,
+                            settle_s + round_s + 60)
+    try:
+        settle = drive(url, clients=clients, duration_s=settle_s, max_tokens=max_tokens,
+                       first_index=first_index + 5000)
+        server0 = cpu_s(server_pid)
+        mon0 = cpu_s(watch.pid) if watch else 0.0
+        done = drive(url, clients=clients, duration_s=round_s, max_tokens=max_tokens,
+                     first_index=first_index)
+        server1 = cpu_s(server_pid)
+        mon1 = cpu_s(watch.pid) if watch else 0.0
+    finally:
+        if watch is not None:  # detached and gone before the next configuration runs
+            stop_process(watch, grace_s=120)  # type: ignore[arg-type]
+    wall_s = (max(c.done_ns for c in done) - min(c.sent_ns for c in done)) / 1e9
+    tokens = sum(c.completion_tokens for c in done)
+    steps = sum(c.completion_tokens - 1 + ceil((c.prompt_tokens - 1) / N_BATCH)
+                for c in done)
+    return {"config": config, "requests": len(done), "tokens": tokens, "wall_s": wall_s,
+            "settle_tokens_per_s": tokens_per_s(settle), "tokens_per_s": tokens / wall_s,
+            "steps_per_s": steps / wall_s,
+            "server_cpu": (server1 - server0) / wall_s,
+            "monitor_cpu": (mon1 - mon0) / wall_s if watch else None,
+            "monitor_us_per_step": (mon1 - mon0) / steps * 1e6 if watch else None}
+
+
+def main() -> int:
+    """Run the interleaved rounds and print the table (or JSON)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--round-s", type=float, default=20.0, help="measured seconds per config")
+    ap.add_argument("--settle-s", type=float, default=10.0,
+                    help="driven seconds before each measurement (the monitor's attach)")
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C: the server and any monitor are stopped on the way out
+    # (once: a second SIGTERM, from `timeout` passing it on, must not cut the cleanup short)
+    def on_term(_sig: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if not llama_cpp_importable():
+        print("llama_overhead: llama-cpp-python is not installed (`make venv` builds it)",
+              file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_llama(Path(tmp) / "tiny-llama.gguf")
+        profile_dir = Path(tmp) / "profiles"
+        profile_dir.mkdir()
+        (profile_dir / "llama_ops.toml").write_text(MATMUL_PROFILE)
+        with running_server(model) as server:
+            drive(server.url, clients=args.clients, duration_s=3, max_tokens=args.max_tokens)
+            for r in range(args.rounds):
+                order = CONFIGS[r % 3:] + CONFIGS[:r % 3]
+                for config in order:
+                    row = one_round(server.url, server.pid, config, profile_dir,
+                                    args.round_s, args.settle_s, args.clients, args.max_tokens,
+                                    first_index=len(rows) * 10_000)
+                    row["round"] = r
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    for row in rows:
+        bare = next(x for x in rows if x["round"] == row["round"] and x["config"] == "bare")
+        row["ratio"] = row["tokens_per_s"] / bare["tokens_per_s"]
+    summary = {}
+    for config in CONFIGS[1:]:
+        mine = [x for x in rows if x["config"] == config]
+        ratios = [x["ratio"] for x in mine]
+        summary[config] = {
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "monitor_cpu_median": statistics.median(x["monitor_cpu"] for x in mine),
+            "monitor_us_per_step_median": statistics.median(
+                x["monitor_us_per_step"] for x in mine)}
+    doc = {"host": f"{platform.node()} {os.cpu_count()} CPUs", "rounds": args.rounds,
+           "round_s": args.round_s, "settle_s": args.settle_s, "clients": args.clients,
+           "max_tokens": args.max_tokens,
+           "rows": rows, "summary": summary}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"llama_cpp.server, tiny model, {args.clients} clients, {args.rounds} rounds of "
+          f"{args.settle_s:g} s settling + {args.round_s:g} s measured per configuration, "
+          f"{os.cpu_count()} CPUs")
+    print("| round | config | tokens/s in the settle window | tokens/s | ratio to bare | "
+          "steps/s | server CPU | monitor CPU | monitor µs/step |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for x in rows:
+        mon = "" if x["monitor_cpu"] is None else f"{100 * x['monitor_cpu']:.0f} %"
+        per = "" if x["monitor_us_per_step"] is None else f"{x['monitor_us_per_step']:.0f}"
+        print(f"| {x['round']} | {x['config']} | {x['settle_tokens_per_s']:.0f} | "
+              f"{x['tokens_per_s']:.0f} | "
+              f"{x['ratio']:.3f} | {x['steps_per_s']:.0f} | {100 * x['server_cpu']:.0f} % | "
+              f"{mon} | {per} |")
+    print()
+    print("| config | tokens/s ratio, median (min-max) | monitor CPU, median | "
+          "monitor µs per step, median |")
+    print("|---|---:|---:|---:|")
+    for config, s in summary.items():
+        print(f"| {config} | {s['ratio_median']:.3f} ({s['ratio_min']:.3f}-"
+              f"{s['ratio_max']:.3f}) | {100 * s['monitor_cpu_median']:.0f} % | "
+              f"{s['monitor_us_per_step_median']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
