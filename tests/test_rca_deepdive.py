@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from prism_tui.engine.rca import rank_suspects
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "rca_deepdive.py"
@@ -54,3 +57,43 @@ def test_bad_cycles_is_a_usage_error() -> None:
     res = run("--cycles", "1")
     assert res.returncode == 2
     assert res.stderr.startswith("rca_deepdive: --cycles")
+
+
+# ------------------------------------------- the two rules the DeepDive data motivated
+
+
+def _rows(means: dict[str, float], spread: dict[str, float], n: int) -> list[dict[str, float]]:
+    """``n`` iterations alternating each stage's share by +-spread around its mean."""
+    return [{k: m + (spread[k] if i % 2 else -spread[k]) for k, m in means.items()}
+            for i in range(n)]
+
+
+def test_a_stage_whose_share_rose_ranks_before_one_whose_share_fell() -> None:
+    """The host loop's share falls by 0.3 with a tiny spread (the larger score); the
+    kernel's rises by 0.1: the kernel took the added time and leads."""
+    spread = {"host": 0.001, "gemm@gpu0": 0.05, "nccl@gpu0": 0.05}
+    base = _rows({"host": 0.6, "gemm@gpu0": 0.2, "nccl@gpu0": 0.2}, spread, 40)
+    anom = _rows({"host": 0.3, "gemm@gpu0": 0.3, "nccl@gpu0": 0.4}, spread, 10)
+    got = rank_suspects(base, anom, top=0)
+    host = next(s for s in got if s.stage == "host")
+    assert host.score > max(s.score for s in got if s.stage != "host")
+    assert [s.stage for s in got] == ["nccl", "gemm", "host"]
+    assert all(s.delta_share > 0 for s in got[:2]) and host.delta_share < 0
+
+
+def test_a_metrics_z_score_does_not_depend_on_its_unit() -> None:
+    """A clock in MHz or in GHz, and a metric near 1 with no baseline spread: the log
+    spread is floored at a 1 % change, so the z-score is the same in every unit and
+    finite."""
+    share_b = _rows({"gemm@gpu0": 0.5, "host": 0.5}, {"gemm@gpu0": 0.01, "host": 0.01}, 20)
+    share_a = _rows({"gemm@gpu0": 0.7, "host": 0.3}, {"gemm@gpu0": 0.01, "host": 0.01}, 10)
+
+    def z(scale: float) -> float:
+        ub = [{"sm_clock@gpu0": 1.4 * scale} for _ in range(20)]
+        ua = [{"sm_clock@gpu0": 0.7 * scale} for _ in range(10)]
+        top = rank_suspects(share_b, share_a, ub, ua, top=1)[0]
+        assert top.stage == "gemm" and top.metric == "sm_clock@gpu0"
+        return top.z_metric
+
+    assert z(1.0) == pytest.approx(z(1000.0)) == pytest.approx(z(1e6))
+    assert z(1.0) == pytest.approx(math.log(0.5) / math.log1p(0.01))
