@@ -119,7 +119,7 @@ def paper_first(data: Path, folder: str) -> str:
 
 def short(s: Suspect) -> str:
     """A suspect in one short cell: kernel name cut at its template, device, metric."""
-    name = re.sub(r"^void |[<(].*$", "", s.stage)[:60]
+    name = re.sub(r"^void |[<(].*$", "", s.stage)[:70]
     metric = (s.metric or "share").split("@")[0]
     return f"{name}@{s.device} ({metric}, {s.score:.3g})"
 
