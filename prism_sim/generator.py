@@ -22,6 +22,7 @@ import re
 __all__ = [
     "INTENSITY_RANGE",
     "MAX_DURATION_S",
+    "MAX_RANK_COST",
     "PREFIX",
     "SETTLE_S",
     "WARMUP_S",
@@ -40,6 +41,10 @@ SETTLE_S = 12.0
 
 MAX_DURATION_S = 300.0
 """Longest a generated scenario runs (checked by the tests over many seeds)."""
+
+MAX_RANK_COST = 8 * 4096 * 4096 // 2
+"""Most ``layers × hidden²`` per rank (that of the built-in ``mixed``): a bigger model is
+split over more ranks, so every scenario decodes fast enough to warm a detector up."""
 
 INTENSITY_RANGE: dict[str, tuple[float, float]] = {
     "cpu_squeeze": (0.125, 1.0),
@@ -119,8 +124,8 @@ def generate_toml(seed: int) -> str:
     """The scenario TOML that ``random:SEED`` stands for (deterministic in ``seed``)."""
     rng = random.Random(f"prism-random-scenario-{seed}")
     ranks = rng.choice((1, 2, 2, 3, 4))
-    layers = rng.choice(_LAYERS)
-    hidden = rng.choice(_HIDDEN)
+    layers, hidden = rng.choice([(layers, hidden) for layers in _LAYERS for hidden in _HIDDEN
+                                 if layers * hidden * hidden <= MAX_RANK_COST * ranks])
     hidden -= hidden % (ranks * 64)
     rate = float(rng.choice((4, 6, 8, 10, 12)))
     batch = rng.choice((8, 16, 16, 32))

@@ -16,6 +16,7 @@ from prism_sim.errors import ScenarioError
 from prism_sim.generator import (
     INTENSITY_RANGE,
     MAX_DURATION_S,
+    MAX_RANK_COST,
     SETTLE_S,
     WARMUP_S,
     generate_toml,
@@ -44,7 +45,9 @@ def test_every_generated_scenario_parses_within_the_formats_limits(seed: int) ->
     s = load_scenario(f"random:{seed}")
     assert s == parse_scenario(generate_toml(seed), f"random:{seed}")
     assert s.source == f"random:{seed}" and s.seed == seed
-    assert 1 <= s.topology.ranks <= 4 and s.topology.hidden % s.topology.ranks == 0
+    topo = s.topology
+    assert 1 <= topo.ranks <= 4 and topo.hidden % topo.ranks == 0
+    assert topo.layers * topo.hidden ** 2 <= MAX_RANK_COST * topo.ranks
     assert s.duration_s is not None and 120 <= s.duration_s <= MAX_DURATION_S
     assert 4 <= len(s.faults) <= 5
     assert len({f.type for f in s.faults}) == len(s.faults)
