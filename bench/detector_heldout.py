@@ -54,8 +54,10 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
-def run_eval(seed: int, rule: str | None, out: Path | None, reuse: bool) -> dict[str, Any]:
-    """One seed's ``prism eval --json`` document (read back from ``out`` with reuse)."""
+def run_eval(seed: int, rule: str | None, out: Path | None,
+             reuse: bool) -> dict[str, Any] | str:
+    """One seed's ``prism eval --json`` document (read back from ``out`` with reuse), or
+    why the eval failed (the table says so and goes on with the other seeds)."""
     saved = out / f"random-{seed}.json" if out is not None else None
     if reuse and saved is not None and saved.is_file():
         doc: dict[str, Any] = json.loads(saved.read_text(encoding="utf-8"))
@@ -67,8 +69,10 @@ def run_eval(seed: int, rule: str | None, out: Path | None, reuse: bool) -> dict
     print(f"detector_heldout: random:{seed} ...", file=sys.stderr, flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     if res.returncode != 0:
-        raise SystemExit(f"detector_heldout: random:{seed}: prism eval exited "
-                         f"{res.returncode}: {res.stderr.strip().splitlines()[-1:]}")
+        last = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
+        print(f"detector_heldout: random:{seed}: prism eval exited {res.returncode}: "
+              f"{last}", file=sys.stderr)
+        return f"eval failed (exit {res.returncode}): {last}"
     doc = json.loads(res.stdout)
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
@@ -123,8 +127,12 @@ def main() -> int:
         return 2
     dev = set(documented_seeds("Development"))
     rows = []
+    failed: dict[int, str] = {}
     for seed in seeds:
         doc = run_eval(seed, args.rule, args.out, args.reuse)
+        if isinstance(doc, str):
+            failed[seed] = doc
+            continue
         rows.append({"seed": seed, "development": seed in dev, "rule": doc.get("rule"),
                      "f1": doc["f1"], "fpr": doc["fpr"], "tp": doc["tp"], "fp": doc["fp"],
                      "fn": doc["fn"], "tn": doc["tn"], "faults": doc["faults"],
@@ -136,7 +144,8 @@ def main() -> int:
     strong_tp = sum(pooled[b]["fired"] for b in STRONG)
     strong_fn = sum(pooled[b]["judged"] - pooled[b]["fired"] for b in STRONG)
     summary = {
-        "seeds": seeds, "development_seeds_included": sorted(dev & set(seeds)),
+        "seeds": seeds, "failed": failed,
+        "development_seeds_included": sorted(dev & set(seeds)),
         "f1_all": f1(sum(r["tp"] for r in rows), fp, sum(r["fn"] for r in rows)),
         "f1_strong": f1(strong_tp, fp, strong_fn),
         "fpr": round(fp / (fp + tn), 4) if fp + tn else None,
@@ -151,6 +160,8 @@ def main() -> int:
         mark = " (dev)" if r["development"] else ""
         print(f"| {r['seed']}{mark} | {ranks} | {r['f1']} | {r['fpr']} | "
               + " | ".join(cell(r["buckets"][b]) for b in BUCKETS[:-1]) + " |")
+    for seed, why in failed.items():
+        print(f"| {seed} | | {why} |" + " |" * (len(BUCKETS) + 1))
     print(f"| all | | {summary['f1_all']} | {summary['fpr']} | "
           + " | ".join(cell(pooled[b]) for b in BUCKETS[:-1]) + " |")
     print(f"\nF1 over faults >= 1.2x (milder ones left out): {summary['f1_strong']}; "

@@ -16,12 +16,14 @@ same workload.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
 __all__ = [
     "INTENSITY_RANGE",
     "MAX_DURATION_S",
+    "MAX_PROMPT_TOKENS_S",
     "MAX_RANK_COST",
     "PREFIX",
     "SETTLE_S",
@@ -45,6 +47,11 @@ MAX_DURATION_S = 300.0
 MAX_RANK_COST = 8 * 4096 * 4096 // 2
 """Most ``layers × hidden²`` per rank (that of the built-in ``mixed``): a bigger model is
 split over more ranks, so every scenario decodes fast enough to warm a detector up."""
+
+MAX_PROMPT_TOKENS_S = 6000
+"""Most prompt tokens a second a phase brings (rate × mean prompt length; ``mixed``
+sustains 14 × 256 = 3,584): at 18 × 1024 a 4-rank scenario ran prefill and mixed batches
+nearly all the time and left too few decode steps to measure a fault by."""
 
 INTENSITY_RANGE: dict[str, tuple[float, float]] = {
     "cpu_squeeze": (0.125, 1.0),
@@ -80,12 +87,17 @@ def _num(x: float) -> str:
     return str(int(r)) if r == int(r) else f"{r:g}"
 
 
-def _prompt(rng: random.Random) -> tuple[str, str]:
-    """A prompt-length distribution and a word for it."""
+def _prompt(rng: random.Random) -> tuple[str, str, int]:
+    """A prompt-length distribution, a word for it and its mean."""
     mean = rng.choice((128, 256, 384, 512, 768, 1024))
     word = "short prompts" if mean <= 256 else "long prompts"
     return (f'{{ dist = "lognormal", mean = {mean}, sigma = {_num(rng.uniform(0.3, 0.6))}, '
-            f"min = 16, max = {min(4 * mean, 4096)} }}", word)
+            f"min = 16, max = {min(4 * mean, 4096)} }}", word, mean)
+
+
+def _capped(rate: float, prompt_mean: int) -> float:
+    """The arrival rate, lowered so prompts bring at most MAX_PROMPT_TOKENS_S tokens/s."""
+    return min(rate, max(1.0, math.floor(2 * MAX_PROMPT_TOKENS_S / prompt_mean) / 2))
 
 
 def _output(rng: random.Random) -> tuple[str, str]:
@@ -95,8 +107,10 @@ def _output(rng: random.Random) -> tuple[str, str]:
     return f'{{ dist = "uniform", min = {lo}, max = {hi} }}', f"outputs {lo}-{hi}"
 
 
-def _shift(rng: random.Random, rate: float, batch: int) -> tuple[dict[str, str], float, int]:
-    """One workload change that is not a fault: its keys, the new rate and batch cap."""
+def _shift(rng: random.Random, rate: float, batch: int,
+           prompt_mean: int) -> tuple[dict[str, str], float, int, int]:
+    """One workload change that is not a fault: its keys, the new rate, batch cap and
+    mean prompt length."""
     kind = rng.choice(("rate", "batch", "prompt", "output", "mix"))
     keys: dict[str, str] = {}
     if kind in ("rate", "mix"):
@@ -110,14 +124,17 @@ def _shift(rng: random.Random, rate: float, batch: int) -> tuple[dict[str, str],
         keys["max_batch"] = str(batch)
         keys["name"] = "concurrency change"
     if kind == "prompt":
-        keys["prompt"], keys["name"] = _prompt(rng)
-        keys["name"] = f"prompt-length change ({keys['name']})"
+        keys["prompt"], word, prompt_mean = _prompt(rng)
+        keys["name"] = f"prompt-length change ({word})"
     if kind == "output":
         keys["output"], keys["name"] = _output(rng)
         keys["name"] = f"output-length change ({keys['name']})"
     if kind == "mix":
         keys["name"] = "load mix change"
-    return keys, rate, batch
+    if _capped(rate, prompt_mean) < rate:
+        rate = _capped(rate, prompt_mean)
+        keys["arrival_rate"] = _num(rate)
+    return keys, rate, batch, prompt_mean
 
 
 def generate_toml(seed: int) -> str:
@@ -129,7 +146,8 @@ def generate_toml(seed: int) -> str:
     hidden -= hidden % (ranks * 64)
     rate = float(rng.choice((4, 6, 8, 10, 12)))
     batch = rng.choice((8, 16, 16, 32))
-    prompt, _ = _prompt(rng)
+    prompt, _, prompt_mean = _prompt(rng)
+    rate = _capped(rate, prompt_mean)
     output, _ = _output(rng)
 
     kinds = [k for k in INTENSITY_RANGE if ranks > 1 or k != "interconnect_squeeze"]
@@ -150,7 +168,7 @@ def generate_toml(seed: int) -> str:
                            "arrival_rate": _num(rate)})
             t += idle
         elif roll < 0.8:
-            keys, rate, batch = _shift(rng, rate, batch)
+            keys, rate, batch, prompt_mean = _shift(rng, rate, batch, prompt_mean)
             phases.append({"start_s": _num(t), **keys})
         t += SETTLE_S + rng.randint(0, 5)
         duration = float(rng.randint(8, 12))

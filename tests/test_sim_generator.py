@@ -16,6 +16,7 @@ from prism_sim.errors import ScenarioError
 from prism_sim.generator import (
     INTENSITY_RANGE,
     MAX_DURATION_S,
+    MAX_PROMPT_TOKENS_S,
     MAX_RANK_COST,
     SETTLE_S,
     WARMUP_S,
@@ -50,6 +51,7 @@ def test_every_generated_scenario_parses_within_the_formats_limits(seed: int) ->
     assert topo.layers * topo.hidden ** 2 <= MAX_RANK_COST * topo.ranks
     assert s.duration_s is not None and 120 <= s.duration_s <= MAX_DURATION_S
     assert 4 <= len(s.faults) <= 5
+    assert all(p.arrival_rate * p.prompt.mean <= MAX_PROMPT_TOKENS_S for p in s.phases)
     assert len({f.type for f in s.faults}) == len(s.faults)
     for f in s.faults:
         lo, hi = INTENSITY_RANGE[f.type]
