@@ -169,7 +169,8 @@ def rank_suspects(
         top: how many suspects to return (<= 0: all).
 
     Returns:
-        Suspects with score > 0, sorted by score descending.
+        Suspects with score > 0: those whose share rose, then those whose share fell,
+        each by score descending.
     """
     summary = baseline if isinstance(baseline, BaselineSummary) else summarize(baseline)
     if not summary.n or not anomalous:
