@@ -11,7 +11,7 @@ Each eval runs its scenario in real time (3-5 minutes). ``--out DIR`` keeps each
 JSON there and ``--reuse`` reads those back instead of running again.
 
     .venv/bin/python bench/detector_heldout.py [--seeds 1001,1002 | --seeds 1001-1012]
-        [--rule RULE] [--out DIR] [--reuse] [--json]
+        [--out DIR] [--reuse] [--json] [-- PRISM-EVAL-ARGS...]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
-def run_eval(seed: int, rule: str | None, out: Path | None,
+def run_eval(seed: int, eval_args: list[str], out: Path | None,
              reuse: bool) -> dict[str, Any] | str:
     """One seed's ``prism eval --json`` document (read back from ``out`` with reuse), or
     why the eval failed (the table says so and goes on with the other seeds)."""
@@ -64,8 +64,7 @@ def run_eval(seed: int, rule: str | None, out: Path | None,
         return doc
     cmd = [sys.executable, "-m", "prism_tui.cli", "eval", "--scenario", f"random:{seed}",
            "--json"]
-    if rule is not None:
-        cmd += ["--rule", rule]
+    cmd += eval_args
     print(f"detector_heldout: random:{seed} ...", file=sys.stderr, flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     if res.returncode != 0:
@@ -112,7 +111,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default=None,
                     help="seeds, e.g. 1001,1002 or 1001-1012 (default: the held-out list)")
-    ap.add_argument("--rule", default=None, help="passed to prism eval --rule")
+    ap.add_argument("eval_args", nargs=argparse.REMAINDER,
+                    help="after --: passed to prism eval (e.g. -- --rule paper)")
     ap.add_argument("--out", type=Path, default=None, help="keep each seed's JSON here")
     ap.add_argument("--reuse", action="store_true", help="read saved JSON back from --out")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -125,11 +125,12 @@ def main() -> int:
     if args.reuse and args.out is None:
         print("detector_heldout: --reuse needs --out DIR", file=sys.stderr)
         return 2
+    eval_args = args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args
     dev = set(documented_seeds("Development"))
     rows = []
     failed: dict[int, str] = {}
     for seed in seeds:
-        doc = run_eval(seed, args.rule, args.out, args.reuse)
+        doc = run_eval(seed, eval_args, args.out, args.reuse)
         if isinstance(doc, str):
             failed[seed] = doc
             continue
