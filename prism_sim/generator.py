@@ -60,7 +60,7 @@ INTENSITY_RANGE: dict[str, tuple[float, float]] = {
     "interconnect_squeeze": (0.3, 0.9),
     "straggler": (0.1, 0.7),
     "device_preemption": (0.1, 0.75),
-    "memory_pressure": (0.2, 0.6),
+    "memory_pressure": (0.25, 1.0),
     "gc_storm": (0.2, 1.0),
     "gil_contention": (0.2, 1.0),
 }
