@@ -24,13 +24,17 @@ from prism_sim.scenario import FaultSpec, Scenario
 __all__ = [
     "ITERATION_PHASES",
     "SCHEMA",
+    "STRENGTH_BUCKETS",
+    "FaultEffect",
     "FaultRecord",
     "FaultTimeline",
     "IterationRecord",
     "LabelWriter",
     "Labels",
     "ScenarioRecord",
+    "fault_effects",
     "read_labels",
+    "strength_bucket",
 ]
 
 SCHEMA = 1
@@ -199,6 +203,74 @@ class Labels:
             if f.applies_to(rank) and f.overlaps(start_ns, end_ns) and f.type not in out:
                 out.append(f.type)
         return out
+
+
+# --------------------------------------------------------------------------- effects
+
+EFFECT_BEFORE_S = 8.0
+"""How far back before a fault :func:`fault_effects` looks for its reference iterations."""
+
+MIN_EFFECT_ITERATIONS = 3
+"""Fewest decode iterations on each side for a fault's effect to be measured."""
+
+STRENGTH_BUCKETS: tuple[tuple[float, str], ...] = (
+    (1.1, "<1.1x"), (1.2, "1.1-1.2x"), (1.5, "1.2-1.5x"), (float("inf"), ">=1.5x"))
+"""Fault strength buckets by measured slowdown: (upper bound, exclusive; name)."""
+
+
+@dataclass(frozen=True)
+class FaultEffect:
+    """How much one fault window slowed the decode steps it touched.
+
+    Attributes:
+        fault: the window.
+        slowdown: median decode iteration time under the fault over the median of the
+            fault-free decode iterations just before it (None: too few on either side).
+        under: decode iterations (of the ranks it acts on) that ran under it.
+        before: fault-free decode iterations of those ranks in the reference stretch.
+    """
+
+    fault: FaultRecord
+    slowdown: float | None
+    under: int
+    before: int
+
+
+def _median(xs: list[int]) -> float:
+    ys = sorted(xs)
+    mid = len(ys) // 2
+    return float(ys[mid]) if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
+
+
+def fault_effects(labels: Labels, before_s: float = EFFECT_BEFORE_S) -> list[FaultEffect]:
+    """Each fault's measured effect, read from the labels alone, in start order.
+
+    The reference is the decode iterations of the fault's ranks that ended in the
+    ``before_s`` seconds before it started with no fault on; the medians make a stray
+    long iteration (an admission, a GC pause) count for little. The ratio reads the
+    fault's strength on this run, whatever its intensity meant on this machine.
+    """
+    before_ns = int(before_s * 1e9)
+    decode = labels.decode()
+    out: list[FaultEffect] = []
+    for f in labels.faults:
+        mine = [it for it in decode if f.applies_to(it.rank)]
+        under = [it.duration_ns for it in mine if f.overlaps(it.start_ns, it.end_ns)]
+        ref = [it.duration_ns for it in mine
+               if f.start_ns - before_ns <= it.end_ns <= f.start_ns and not it.fault_active]
+        slowdown = None
+        if len(under) >= MIN_EFFECT_ITERATIONS and len(ref) >= MIN_EFFECT_ITERATIONS:
+            base = _median(ref)
+            slowdown = round(_median(under) / base, 4) if base > 0 else None
+        out.append(FaultEffect(f, slowdown, len(under), len(ref)))
+    return out
+
+
+def strength_bucket(slowdown: float | None) -> str:
+    """The :data:`STRENGTH_BUCKETS` name of a measured slowdown ("unmeasured" for None)."""
+    if slowdown is None:
+        return "unmeasured"
+    return next(name for bound, name in STRENGTH_BUCKETS if slowdown < bound)
 
 
 # --------------------------------------------------------------------------- writer

@@ -42,6 +42,7 @@ __all__ = [
     "available_scenarios",
     "load_scenario",
     "parse_scenario",
+    "scenario_text",
 ]
 
 BUILTIN_DIR: Path = Path(__file__).resolve().parent / "scenarios"
@@ -720,8 +721,20 @@ def available_scenarios() -> dict[str, str]:
     return out
 
 
-def load_scenario(name_or_path: str) -> Scenario:
-    """A built-in by name (``smoke``) or a TOML file by path; ScenarioError says why not."""
+def scenario_text(name_or_path: str) -> tuple[str, str, str]:
+    """The TOML of a scenario, a label for its errors and its ``source``.
+
+    ``random:SEED`` is generated (:mod:`prism_sim.generator`), a name is a built-in, any
+    other string a path; ScenarioError says why it cannot be had.
+    """
+    from prism_sim.generator import generate_toml, parse_seed
+
+    try:
+        seed = parse_seed(name_or_path)
+    except ValueError as exc:
+        raise ScenarioError(str(exc)) from None
+    if seed is not None:
+        return generate_toml(seed), name_or_path, name_or_path
     builtin = BUILTIN_DIR / f"{name_or_path}.toml"
     if _NAME_RE.fullmatch(name_or_path) and not name_or_path.endswith(".toml") \
             and builtin.is_file():
@@ -731,9 +744,16 @@ def load_scenario(name_or_path: str) -> Scenario:
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.toml")))
             raise ScenarioError(f"{name_or_path}: no such scenario file or built-in "
-                                f"scenario (built-ins: {known})")
+                                f"scenario (built-ins: {known}; or random:SEED)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError(f"{label}: cannot read: {exc}") from None
-    return _Parser(text, label).parse(str(path.resolve()))
+    return text, label, str(path.resolve())
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A built-in by name (``smoke``), a generated one (``random:SEED``) or a TOML file by
+    path; ScenarioError says why not."""
+    text, label, source = scenario_text(name_or_path)
+    return _Parser(text, label).parse(source)

@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="address /metrics binds (default: settings metrics.addr, 127.0.0.1)")
 
     ev = sub.add_parser("eval", help="simulator + headless monitor, scored against the labels")
-    ev.add_argument("--scenario", default="smoke", metavar="NAME|FILE")
+    ev.add_argument("--scenario", default="smoke", metavar="NAME|FILE",
+                    help="built-in scenario name, a TOML file or random:SEED (default: smoke)")
     ev.add_argument("--duration", type=float, default=None, metavar="S")
     ev.add_argument("--rule", choices=("paper", "prism"), default=None,
                     help="detection rule (default: settings, prism)")
@@ -145,7 +146,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("sim", help="run the simulated inference server")
     sm.add_argument("--scenario", default="smoke", metavar="NAME|FILE",
-                    help="built-in scenario name or a TOML file (default: smoke)")
+                    help="built-in scenario name, a TOML file or random:SEED (a generated "
+                    "one; default: smoke)")
+    sm.add_argument("--print", action="store_true", help="print the scenario's TOML "
+                    "(what random:SEED draws) and exit")
     sm.add_argument("--duration", type=float, default=None, metavar="S",
                     help="stop after S seconds (default: the scenario's duration)")
     sm.add_argument("--labels", metavar="FILE", help="write ground-truth labels (JSON lines)")
@@ -755,6 +759,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "max": latencies[-1] if latencies else None},
         "detect_latency_ms": _percentiles(detect),
         "delivery_latency_ms": _percentiles(deliver),
+        "faults": _fault_scores(rows, read, started_ns),
         # every alert's own figures, to find what the slow ones had in common
         "alert_log": [
             {"status": a.status, "pid": a.target.get("pid"), "at_s": round(
@@ -782,6 +787,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"episodes paged, {episodes['false_episodes']} false; "
               f"{len(firing)} alerts, latency p50 {doc['alert_latency_ms']['p50']} ms")
     return 0
+
+
+def _fault_scores(rows: Sequence[Any], labels: Any, started_ns: int) -> list[dict[str, Any]]:
+    """Per fault window: its measured slowdown and strength bucket, the judged decode
+    iterations that ended inside it, the share of them that fired (recall) and whether
+    any did (detected), so scores can be read by fault strength."""
+    from prism_sim.labels import fault_effects, strength_bucket
+
+    out: list[dict[str, Any]] = []
+    for effect in fault_effects(labels):
+        f = effect.fault
+        inside = [r for r in rows if r.fault and f.start_ns <= r.end_ns <= f.end_ns]
+        fired = sum(r.firing for r in inside)
+        out.append({
+            "type": f.type, "rank": f.rank, "intensity": f.intensity,
+            "start_s": round((f.start_ns - started_ns) / 1e9, 3),
+            "duration_s": round((f.end_ns - f.start_ns) / 1e9, 3),
+            "slowdown": effect.slowdown, "strength": strength_bucket(effect.slowdown),
+            "judged": len(inside), "fired": fired,
+            "recall": round(fired / len(inside), 4) if inside else None,
+            "detected": fired > 0})
+    return out
 
 
 # ---------------------------------------------------------------------- history
@@ -871,13 +898,16 @@ def cmd_sim(args: argparse.Namespace) -> int:
     import threading
 
     from prism_sim.errors import ScenarioError, SimError
-    from prism_sim.scenario import load_scenario
+    from prism_sim.scenario import load_scenario, scenario_text
     from prism_sim.server import SimServer
 
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration must be positive")
     try:
         scenario = load_scenario(args.scenario)
+        if args.print:
+            print(scenario_text(args.scenario)[0], end="")
+            return 0
         if args.duration is not None:  # what runs, so the labels' scenario line says it
             scenario = scenario.with_duration(args.duration)
     except ScenarioError as exc:

@@ -15,6 +15,17 @@ A stage without a related metric scores ``|Δβ| × |Z_β|``. Among a stage's re
 metrics the one with the largest ``|Z_log μ|`` is reported. Pure, deterministic: ties are
 broken by stage then metric name.
 
+Two choices of our own, both checked on the paper's DeepDive data
+(``bench/rca_deepdive.py``):
+
+* Suspects whose share rose rank before those whose share fell. When an iteration slows,
+  the stage that took the added time gains share; one that lost share grew by less than
+  the iteration (a host loop waiting less in relative terms while its device slows). The
+  score alone, on ``|Δβ|``, let such a bystander lead.
+* The baseline spread of a ``log μ`` is floored at ``log(1.01)``, a 1 % change of the
+  metric, rather than at 1 % of the mean of the logs, which depends on the metric's unit
+  (about 0.2 for bytes/s, 0 for a metric near 1, where any change read as infinite).
+
 Keys may carry a device as ``"stage@device"`` / ``"metric@device"``; when ``related`` is
 not given, a stage is related to every metric on the same device (or to every metric
 when either has no device).
@@ -31,6 +42,10 @@ from dataclasses import dataclass
 _REL_STD_FLOOR = 0.01
 _ABS_STD_FLOOR = 1e-9
 _LOG_FLOOR = 1e-9
+# The spread of a log metric is floored in log units: ~1 % of the metric's level,
+# whatever its unit (a floor relative to the mean of the logs would depend on the unit:
+# log MHz ~ 7, log % ~ 2).
+_LOG_STD_FLOOR = math.log1p(_REL_STD_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -60,11 +75,14 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return m, math.sqrt(var)
 
 
-def _z(base: Sequence[float], anom: Sequence[float]) -> float:
+def _z_log(base: Sequence[float], anom: Sequence[float]) -> float:
+    """z-score of the anomalous mean of log values against the baseline's, with the
+    baseline's spread floored at :data:`_LOG_STD_FLOOR` (a 1 % relative change)."""
     if not base or not anom:
         return 0.0
     mb, sb = _mean_std(base)
-    return _z_of(mb, sb, _mean_std(anom)[0])
+    diff = _mean_std(anom)[0] - mb
+    return diff / max(sb, _LOG_STD_FLOOR) if diff else 0.0
 
 
 def _z_of(mb: float, sb: float, ma: float) -> float:
@@ -151,7 +169,8 @@ def rank_suspects(
         top: how many suspects to return (<= 0: all).
 
     Returns:
-        Suspects with score > 0, sorted by score descending.
+        Suspects with score > 0: those whose share rose, then those whose share fell,
+        each by score descending.
     """
     summary = baseline if isinstance(baseline, BaselineSummary) else summarize(baseline)
     if not summary.n or not anomalous:
@@ -162,7 +181,7 @@ def rank_suspects(
     metrics = sorted({k for r in (*ub, *ua) for k in r})
     z_metric: dict[str, float] = {}
     for m in metrics:
-        z_metric[m] = _z(_log_column(ub, m), _log_column(ua, m))
+        z_metric[m] = _z_log(_log_column(ub, m), _log_column(ua, m))
 
     out: list[Suspect] = []
     for key in stages:
@@ -189,5 +208,8 @@ def rank_suspects(
         score = abs(delta) * (abs(zb) + abs(zm))
         if score > 0 and math.isfinite(score):
             out.append(Suspect(stage, device, best, score, delta, zb, zm))
-    out.sort(key=lambda s: (-s.score, s.stage, s.device or "", s.metric or ""))
+    # added latency went to the stages whose share rose: one whose share fell grew by
+    # less than the iteration as a whole, so it ranks after every one that rose
+    out.sort(key=lambda s: (s.delta_share <= 0, -s.score, s.stage, s.device or "",
+                            s.metric or ""))
     return out if top <= 0 else out[:top]
