@@ -295,6 +295,17 @@ class LabelWriter:
                      "started_ns": started_ns, "duration_s": scenario.duration_s,
                      "source": scenario.source, "clock": "CLOCK_MONOTONIC"})
 
+    def header(self, name: str, ranks: int, started_ns: int, duration_s: float | None,
+               source: str, pids: list[int]) -> None:
+        """Write the first line for a run that is not a scenario (``prism inject``).
+
+        The same ``scenario`` kind as :meth:`scenario` (readers need nothing new), seed 0,
+        and the target ``pids`` (rank i is ``pids[i]``).
+        """
+        self._write({"kind": "scenario", "schema": SCHEMA, "name": name, "seed": 0,
+                     "ranks": ranks, "started_ns": started_ns, "duration_s": duration_s,
+                     "source": source, "clock": "CLOCK_MONOTONIC", "pids": pids})
+
     def fault(self, spec: FaultSpec, start_ns: int, end_ns: int,
               effect: dict[str, Any] | None = None) -> None:
         """Write one fault window (and end it in the timeline if it is still on).

@@ -115,6 +115,21 @@ def _parser() -> argparse.ArgumentParser:
                     "an embedded one); alert latency is measured at a real subscriber")
     ev.add_argument("--json", action="store_true", help="print one JSON document")
 
+    inj = sub.add_parser("inject", help="a host fault in any live process, from outside, "
+                         "with its measured effect")
+    target_args(inj)
+    inj.add_argument("kind", metavar="KIND",
+                     help="cpu_squeeze, cpu_throttle, memory_pressure or pause")
+    inj.add_argument("--intensity", type=float, default=None, metavar="X",
+                     help="how hard, in (0, max] (default: the kind's, as in scenarios; "
+                          "pause: 0.5, the share of each 200 ms the target is stopped)")
+    inj.add_argument("--duration", type=float, default=None, metavar="S",
+                     help="seconds the fault stays on (default: until Ctrl-C or the "
+                          "target exits)")
+    inj.add_argument("--labels", metavar="FILE",
+                     help="write the fault window and its measured effect here (the "
+                          "simulator's labels format)")
+
     h = sub.add_parser("history", help="quantiles over time and alerts from the SQLite history")
     h.add_argument("--db", default=None, metavar="PATH",
                    help=f"history file (default: $PRISM_DB, the settings' history.db or "
@@ -214,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_sim(args)
         if args.command == "history":
             return cmd_history(args)
+        if args.command == "inject":
+            from prism_tui.inject import run_inject
+
+            return run_inject(args.pid, args.match, args.kind, args.intensity,
+                              args.duration, args.labels)
         if args.command in ("watch", "eval", "demo"):
             _favour_the_loop()
         if args.command == "watch":
@@ -573,7 +593,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 n = recorder.close(monitor.recorded_processes())
                 print(f"prism eval: {n} spans saved to {recorder.path}", file=sys.stderr)
         watched = _throughput(sim.finish(), labels_path, duration)
-    labels = read_labels(labels_path).iterations
+    read = read_labels(labels_path)
+    labels = read.iterations
     rows = [row for rank, items in sorted(judged.items())
             for row in match(rank, [t for t, _ in items], [f for _, f in items], labels)]
     result = score(rows)
@@ -606,6 +627,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
              "delivery_ms": round((received[a.id] - a.detected_at_ns) / 1e6, 3)
              if a.id in received else None}
             for a in alerts],
+        # every fault window with what it measurably did: a window where it did not bite
+        # is scored as abnormal all the same, and shows here
+        "faults": [{"type": f.type, "rank": f.rank, "intensity": f.intensity,
+                    "at_s": round((f.start_ns - started_ns) / 1e9, 3),
+                    "duration_s": round((f.end_ns - f.start_ns) / 1e9, 3), "bit": f.bit,
+                    "effect": f.effect} for f in read.faults],
+        "faults_not_biting": sum(1 for f in read.faults if f.bit is False),
     }
     if unwatched is not None:
         doc["overhead"] = {"without": unwatched, "with": watched}
@@ -621,7 +649,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{scenario.name}: {result['iterations']} judged decode iterations, "
               f"{result['abnormal']} abnormal; precision {result['precision']}, recall "
               f"{result['recall']}, F1 {result['f1']}, FPR {result['fpr']}; "
-              f"{len(firing)} alerts, latency p50 {doc['alert_latency_ms']['p50']} ms")
+              f"{len(firing)} alerts, latency p50 {doc['alert_latency_ms']['p50']} ms; "
+              f"{doc['faults_not_biting']} of {len(read.faults)} fault windows did not "
+              "measurably bite")
     return 0
 
 

@@ -272,6 +272,15 @@ def test_every_fault_slows_iterations_while_on_and_labels_say_so(tmp_path: Path)
         after_vs_before[fault.type] = round(float(med_after / med_before), 3)
     print("slowdown while on:", slowdowns)
     print("after / before:", after_vs_before)
+    # every window's label carries its measured effect, and says the fault bit
+    effects = {f.type: f.effect for f in labels.faults}
+    print("measured effect:", effects)
+    assert all(f.effect is not None and "target" in f.effect for f in labels.faults)
+    assert {f.type: f.bit for f in labels.faults} == {k: True for k, _, _ in FAULT_WINDOWS}, \
+        effects
+    host = {f.type: f.effect["injector"]["mode"] for f in labels.faults  # type: ignore[index]
+            if f.type in ("cpu_squeeze", "memory_pressure")}
+    assert host == {"cpu_squeeze": "rt", "memory_pressure": "rt"}, host  # root here
     assert all(v >= 1.2 for v in slowdowns.values()), slowdowns
     assert all(abs(v - 1) <= 0.10 for v in after_vs_before.values()), after_vs_before
 
