@@ -153,9 +153,13 @@ def run_inject(pid: int | None, match: str | None, kind: str, intensity: float |
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    guard = start_guard(session, pids)
     timeline = FaultTimeline()
-    writer = LabelWriter(labels_path, timeline) if labels_path else None
+    try:
+        writer = LabelWriter(labels_path, timeline) if labels_path else None
+    except OSError as exc:
+        raise InjectUsageError(f"cannot write the labels to {labels_path}: "
+                               f"{exc.strerror}") from None
+    guard = start_guard(session, pids)
     spec = FaultSpec(kind, 0.0, duration if duration is not None else math.inf, None, value)
     injector = make_injector(spec, FaultContext(None, dict(enumerate(pids)), session))
     try:

@@ -134,15 +134,22 @@ def test_sigkill_of_prism_inject_leaves_nothing_behind(busy: int, kind: str) -> 
 @pytest.mark.parametrize(("args", "message"), [
     (["--pid", "999999999", "pause"], "no process with pid 999999999"),
     (["--match", "no-such-process-[x]yz", "pause"], "no process command line matches"),
-    (["--pid", "1", "gpu_melt"], "unknown fault kind 'gpu_melt'"),
-    (["--pid", "1", "gc_storm"], "acts inside the simulator"),
-    (["--pid", "1", "pause", "--intensity", "0"], "out of range for pause"),
-    (["--pid", "1", "cpu_throttle", "--intensity", "1.5"], "out of range for cpu_throttle"),
-    (["--pid", "1", "pause", "--intensity", "nan"], "out of range"),
-    (["--pid", "1", "pause", "--duration", "-1"], "must be a positive number"),
+    (["--pid", "PID", "gpu_melt"], "unknown fault kind 'gpu_melt'"),
+    (["--pid", "PID", "gc_storm"], "acts inside the simulator"),
+    (["--pid", "PID", "pause", "--intensity", "0"], "out of range for pause"),
+    (["--pid", "PID", "cpu_throttle", "--intensity", "1.5"], "out of range for cpu_throttle"),
+    (["--pid", "PID", "pause", "--intensity", "nan"], "out of range"),
+    (["--pid", "PID", "pause", "--duration", "-1"], "must be a positive number"),
+    (["--pid", "PID", "pause", "--labels", "/nonexistent/dir/l.jsonl"], "cannot write the labels"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(args: list[str], message: str) -> None:
-    run = prism("inject", *args)
+    sleeper = subprocess.Popen(["sleep", "30"])  # a harmless target should a check fail
+    try:
+        run = prism("inject", *[str(sleeper.pid) if a == "PID" else a for a in args])
+        assert state(sleeper.pid) in ("R", "S")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     assert run.returncode == 2, run
     assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
