@@ -211,7 +211,7 @@ FAULT_WINDOWS = [  # (type, rank, intensity or None for the default)
     ("device_preemption", 0, 0.8), ("cpu_squeeze", 0, None), ("cpu_throttle", 0, None),
     ("gc_storm", 0, None), ("gil_contention", 0, None), ("memory_pressure", 0, None),
 ]
-ON_S, GAP_S, FIRST_S = 3.0, 3.0, 4.0
+ON_S, GAP_S, FIRST_S = 3.0, 3.0, 6.0  # 6 s: under load the batch took 4 s to reach 8
 
 
 def test_every_fault_slows_iterations_while_on_and_labels_say_so(tmp_path: Path) -> None:
@@ -261,8 +261,9 @@ def test_every_fault_slows_iterations_while_on_and_labels_say_so(tmp_path: Path)
                                          fault.start_ns - (GAP_S - 0.7) * 1e9) <= r.start_ns
                   and r.end_ns <= fault.start_ns]
         # a host fault on a loaded host can stretch iterations 10-20x (12 in a window
-        # seen): a handful that long is decisive, the stretches around need more
-        assert len(during) >= 5 and len(after) >= 20 and len(before) >= 20, (
+        # seen), and the host's other load alone 10x at times (12 in a 2 s stretch with
+        # no fault): a handful that long is decisive, the stretches around need more
+        assert len(during) >= 5 and len(after) >= 10 and len(before) >= 10, (
             fault.type, len(during), len(after), len(before))
         assert all(r.fault_active and r.faults == (fault.type,) for r in during), fault.type
         assert not any(r.fault_active or r.faults or r.rank_faults for r in after + before)
