@@ -11,6 +11,7 @@ control block that the fake runtime and the rank loops read on every work item.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from prism_sim.control import ControlBlock
 from prism_sim.errors import SimError
@@ -37,6 +38,7 @@ __all__ = [
     "FaultContext",
     "Injector",
     "MemoryPressure",
+    "cgroup_homes",
     "cleanup_session",
     "control_value",
     "make_injector",
@@ -57,12 +59,29 @@ THROTTLE_MECHANISMS = ("cgroup2", "cgroup1", "signal")
 READY_TIMEOUT_S = 5.0
 """How long ``start()`` waits for a child process to say it is running."""
 
-_CHUNK = 64 << 20  # the churner releases and re-touches memory in chunks this big
+SQUEEZE_DUTY = 0.8
+"""Share of each targeted CPU a real-time cpu_squeeze or memory_pressure child takes at
+intensity 1 (measured in bench/fault_bite.py: every trial slowed the simulator's
+iterations; see docs/scenarios.md)."""
+
+MAX_DUTY = 0.9
+"""Largest share of a CPU a real-time child takes, whatever the intensity: the rest is
+left to everything else on that CPU (the kernel's own real-time limit is 95 %)."""
+
+HOG_PERIOD_S = 0.02
+"""Duty-cycle period of the real-time children."""
+
+PAUSE_PERIOD_US = 200_000
+"""Period of the ``pause`` fault's SIGSTOP/SIGCONT cycle (stopped ``intensity`` of it)."""
+
 
 # The program every injector child runs (``python -I -S -c``). argv: role, parent pid,
-# CPU list, role argument. It asks the kernel to SIGKILL it when its parent dies, checks
-# the parent is still there (it could have died before the prctl), pins itself, says
-# "ready" on stdout and works until killed; it also exits if it finds itself orphaned.
+# CPU list, role arguments (hog: duty, period; mem: bytes, duty, period). It asks the
+# kernel to SIGKILL it when its parent dies, checks the parent is still there (it could
+# have died before the prctl), pins itself, switches to SCHED_FIFO when its duty is above
+# 0 and that is allowed, says "ready rt" or "ready fair" on stdout and works until killed
+# (busy ``duty`` of every period under SCHED_FIFO, all the time otherwise); it also exits
+# if it finds itself orphaned.
 _CHILD = r"""
 import ctypes, mmap, os, sys
 role, parent, cpus = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -74,31 +93,61 @@ if os.getppid() != parent:
     os._exit(0)
 if cpus:
     os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
-if role == "hog":
-    os.write(1, b"ready\n")
-    x, y = 1.000001, 0.5
+def realtime(duty, period):  # SCHED_FIFO when allowed; "rt" or "fair" in the ready line
+    if duty <= 0:
+        return b"fair"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        return b"rt"
+    except (OSError, AttributeError):
+        return b"fair"
+def duty_cycle(mode, duty, period, work):  # busy `duty` of every period, or always
+    import time
+    if mode == b"fair":
+        while True:
+            work()
+            if os.getppid() != parent:
+                os._exit(0)
+    due = time.monotonic()
     while True:
-        for _ in range(200000):
+        end = due + duty * period
+        while time.monotonic() < end:
+            work()
+        due += period
+        now = time.monotonic()
+        if due < now:
+            due = now
+        time.sleep(due - now)
+        if os.getppid() != parent:
+            os._exit(0)
+if role == "hog":
+    duty, period = float(sys.argv[4]), float(sys.argv[5])
+    mode = realtime(duty, period)
+    os.write(1, b"ready " + mode + b"\n")
+    state = [1.000001, 0.5]
+    def work():
+        x, y = state
+        for _ in range(2000):
             y = y * 0.9999997 + x * 1.0000003  # dense floating-point multiply-add
             x = x * 0.9999999 + 1e-9
-        if os.getppid() != parent:
-            os._exit(0)
+        state[0], state[1] = x, y
+    duty_cycle(mode, duty, period, work)
 elif role == "mem":
-    size, chunk, page = int(sys.argv[4]), int(sys.argv[5]), mmap.PAGESIZE
+    size, duty, period = int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    spans = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
-    fill = {n: b"\x5a" * n for _, n in spans}
-    first = True
-    while True:  # release a chunk, then write all of it back: page faults and a full
-        for off, n in spans:  # memory-bandwidth stream, chunk after chunk
-            if not first:
-                buf.madvise(mmap.MADV_DONTNEED, off, n)
-            buf[off:off + n] = fill[n]
-            if first and off == 0:
-                os.write(1, b"ready\n")
-        first = False
-        if os.getppid() != parent:
-            os._exit(0)
+    piece = min(size, 1 << 20)
+    fill = memoryview(b"\x5a" * piece)
+    step = [0]
+    def work():  # release a 1 MiB piece, then write all of it back: page faults and a
+        off = step[0] * piece % size  # memory-bandwidth stream, piece after piece
+        n = min(piece, size - off)
+        buf.madvise(mmap.MADV_DONTNEED, off, n)
+        buf[off:off + n] = fill[:n]
+        step[0] += 1
+    work()
+    mode = realtime(duty, period)
+    os.write(1, b"ready " + mode + b"\n")
+    duty_cycle(mode, duty, period, work)
 """
 
 
@@ -107,19 +156,23 @@ class FaultContext:
     """What injectors need to reach a run: its control block, rank processes and names.
 
     Attributes:
-        control: the run's shared-memory control block.
+        control: the run's shared-memory control block (None outside the simulator:
+            the control-block faults then cannot start).
         rank_pids: rank -> pid of the rank process.
         session: unique prefix for names this run creates (cgroups).
         throttle: cpu_throttle mechanism: ``auto`` (first that works of
             :data:`THROTTLE_MECHANISMS`) or one of them.
         throttle_period_us: cgroup quota period and SIGSTOP duty-cycle period.
+        realtime: let cpu_squeeze and memory_pressure children run under SCHED_FIFO
+            where allowed (False: always the fair fallback).
     """
 
-    control: ControlBlock
+    control: ControlBlock | None
     rank_pids: dict[int, int]
     session: str
     throttle: str = "auto"
     throttle_period_us: int = 20_000
+    realtime: bool = True
 
 
 class Injector(Protocol):
@@ -133,6 +186,10 @@ class Injector(Protocol):
 
     def stop(self) -> None:
         """Switch it off: idempotent, kills every child, restores every setting."""
+        ...
+
+    def effect(self) -> dict[str, Any]:
+        """What it did in its last window (mode, CPU its children took, time stopped)."""
         ...
 
 
@@ -199,36 +256,101 @@ class ControlFault:
         """Set the field on every targeted rank, remembering the old values."""
         if self._saved:
             return
+        control = self.ctx.control
+        if control is None:
+            raise SimError(f"{self.spec.type} needs the simulator's control block: it "
+                           "acts inside the target")
         for rank in _targets(self.spec, self.ctx):
-            self._saved[rank] = getattr(self.ctx.control.get(rank), self.field)
-            self.ctx.control.set(rank, **{self.field: self.value})
+            self._saved[rank] = getattr(control.get(rank), self.field)
+            control.set(rank, **{self.field: self.value})
 
     def stop(self) -> None:
         """Put the old values back (idempotent; a closed block is left alone)."""
         saved, self._saved = self._saved, {}
         for rank, old in saved.items():
             with contextlib.suppress(Exception):
+                assert self.ctx.control is not None
                 self.ctx.control.set(rank, **{self.field: old})
+
+    def effect(self) -> dict[str, Any]:
+        """The field and value it set: the fake runtime obeys it exactly."""
+        return {"mode": "control", self.field: self.value}
 
 
 # --------------------------------------------------------------------------- child processes
 
 
+def _child_cpu_ns(pid: int) -> int:
+    """CPU time a child process has used so far, from its schedstat (0 if it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class _ChildFault:
-    """Base of faults carried out by child processes; tracks and kills them."""
+    """Base of faults carried out by child processes; tracks and kills them.
+
+    Where the kernel allows it (root, or CAP_SYS_NICE), there is one child per CPU (of
+    the targets and of this process), pinned to it and running under ``SCHED_FIFO`` for
+    :attr:`duty` of every
+    :data:`HOG_PERIOD_S`: it preempts every normal thread on that CPU at once, whatever
+    the scheduler's fairness would give them, so the fault bites every time. Elsewhere
+    the children are normal processes, :attr:`fair_per_cpu` per CPU at intensity 1,
+    busy all the time, and bite only as much as the scheduler lets them.
+    """
 
     role = ""
+    fair_per_cpu = 4.0
 
     def __init__(self, spec: FaultSpec, ctx: FaultContext) -> None:
         """Prepare; nothing runs until :meth:`start`."""
         self.spec = spec
         self.ctx = ctx
         self.children: list[subprocess.Popen[bytes]] = []
+        self.mode = ""
+        self._started_ns = 0
+        self._effect: dict[str, Any] = {}
+
+    @property
+    def duty(self) -> float:
+        """Share of each CPU a real-time child takes: ``SQUEEZE_DUTY × intensity``."""
+        return min(MAX_DUTY, max(0.05, SQUEEZE_DUTY * self.spec.intensity))
 
     @property
     def pids(self) -> list[int]:
         """Pids of the children this injector started (running or not)."""
         return [c.pid for c in self.children]
+
+    def _args(self, count: int, duty: float) -> list[str]:
+        """The role's arguments after the CPU list, for ``count`` children."""
+        return [str(duty), str(HOG_PERIOD_S)]
+
+    def start(self) -> None:
+        """Start the children on the targeted ranks' CPUs: real-time if allowed, else fair."""
+        if self.children:
+            return
+        what = self.spec.type
+        pids = [_pid_of(self.ctx, r, what) for r in _targets(self.spec, self.ctx)]
+        cpus = _cpus_of(pids, what)
+        self._started_ns = time.monotonic_ns()
+        self._effect = {}
+        if self.ctx.realtime:
+            # every CPU this process may use, not only the targets': a real-time child on
+            # the targets' CPUs alone makes the scheduler move other load off them, and a
+            # pinned target on a loaded host then ran faster under it (measured: -10 %)
+            every = sorted(set(cpus) | os.sched_getaffinity(0))
+            for cpu in every:
+                self._spawn([cpu], *self._args(len(every), self.duty))
+            if self._wait_ready() == {"rt"}:
+                self.mode = "rt"
+                return
+            self.stop()  # not allowed here: the fair fallback
+        count = max(1, round(self.fair_per_cpu * self.spec.intensity * len(cpus)))
+        for _ in range(count):
+            self._spawn(cpus, *self._args(count, 0.0))
+        self._wait_ready()
+        self.mode = "fair"
 
     def _spawn(self, cpus: list[int], *extra: str) -> subprocess.Popen[bytes]:
         """Start one child running :data:`_CHILD` with this injector's role."""
@@ -240,10 +362,11 @@ class _ChildFault:
         self.children.append(proc)
         return proc
 
-    def _wait_ready(self) -> None:
-        """Wait until every child printed ``ready`` (SimError after READY_TIMEOUT_S)."""
+    def _wait_ready(self) -> set[str]:
+        """Wait until every child printed ``ready MODE``; the modes (SimError on timeout)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         waiting = {c.stdout.fileno(): c for c in self.children if c.stdout is not None}
+        modes: set[str] = set()
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -253,18 +376,29 @@ class _ChildFault:
             ready, _, _ = select.select(list(waiting), [], [], left)
             for fd in ready:
                 child = waiting.pop(fd)
-                line = os.read(fd, 64)
-                if not line.startswith(b"ready"):
+                line = os.read(fd, 64).split()
+                if not line or line[0] != b"ready":
                     self.stop()
                     raise SimError(f"{self.spec.type}: child process {child.pid} exited "
                                    f"at start (rc={child.poll()})")
+                modes.add(line[1].decode() if len(line) > 1 else "fair")
         for c in self.children:
             if c.stdout is not None:
                 c.stdout.close()
+        return modes
+
+    def effect(self) -> dict[str, Any]:
+        """What the children did in the last window: mode and CPU time per second."""
+        return dict(self._effect)
 
     def stop(self) -> None:
-        """Kill and reap every child (idempotent)."""
+        """Kill and reap every child (idempotent), first noting the CPU they used."""
         children, self.children = self.children, []
+        if children and self._started_ns:
+            window_s = max(1e-9, (time.monotonic_ns() - self._started_ns) / 1e9)
+            used = sum(_child_cpu_ns(c.pid) for c in children)
+            self._effect = {"mode": self.mode, "children": len(children),
+                            "fault_cpu_ms_per_s": round(used / 1e6 / window_s, 1)}
         for c in children:
             with contextlib.suppress(OSError):
                 c.kill()
@@ -277,25 +411,16 @@ class _ChildFault:
 
 
 class CpuSqueeze(_ChildFault):
-    """Processes running dense floating-point loops on the targeted ranks' CPUs."""
+    """Processes running dense floating-point loops on the targeted ranks' CPUs.
+
+    Real-time (the default as root): one per CPU, busy ``SQUEEZE_DUTY × intensity`` of
+    every :data:`HOG_PERIOD_S`. Fair fallback: ``max(1, round(4 × intensity × CPUs))``
+    always-busy normal processes; on 6.x EEVDF a rank thread that mostly waits gets its
+    fair share at once against them, so they often barely delay it (measured: 0.97× to
+    2×), which is why the real-time hogs are preferred.
+    """
 
     role = "hog"
-
-    def start(self) -> None:
-        """Start ``max(1, round(4 × intensity × CPUs))`` hogs pinned to the ranks' CPUs.
-
-        Four per CPU at full intensity: with one, the scheduler lets a rank thread that
-        wakes from a device wait preempt the hog at once, and a host loop that mostly
-        waits hardly notices it (measured: 4 %; two per CPU: 20–25 %; three: 25–50 %).
-        """
-        if self.children:
-            return
-        pids = [_pid_of(self.ctx, r, "cpu_squeeze") for r in _targets(self.spec, self.ctx)]
-        cpus = _cpus_of(pids, "cpu_squeeze")
-        count = max(1, round(4 * self.spec.intensity * len(cpus)))
-        for _ in range(count):
-            self._spawn(cpus)
-        self._wait_ready()
 
 
 def memory_pressure_bytes(intensity: float) -> int:
@@ -321,24 +446,21 @@ def _mem_available() -> int | None:
 
 
 class MemoryPressure(_ChildFault):
-    """One process that keeps faulting in ``intensity × 2 GiB`` of anonymous memory."""
+    """Processes that keep faulting in ``intensity × 2 GiB`` of anonymous memory between them.
+
+    Each releases a 1 MiB piece and writes it back, piece after piece (page faults and a
+    memory-bandwidth stream), on the targeted ranks' CPUs, real-time with a duty cycle
+    as for cpu_squeeze where allowed, so its page faults and memory traffic happen while
+    the ranks wait for the CPU rather than only when the scheduler lets it run.
+    """
 
     role = "mem"
 
-    def start(self) -> None:
-        """Start the churner on the targeted ranks' CPUs; returns once it touched it all."""
-        if self.children:
-            return
-        pids = [_pid_of(self.ctx, r, "memory_pressure")
-                for r in _targets(self.spec, self.ctx)]
-        cpus = _cpus_of(pids, "memory_pressure")
-        # churners on every CPU of the ranks (four per CPU at full intensity, as for
-        # cpu_squeeze): page faults and memory traffic compete with the host loops
-        count = max(1, round(4 * self.spec.intensity * len(cpus)))
-        for _ in range(count):
-            self._spawn(cpus, str(memory_pressure_bytes(self.spec.intensity) // count),
-                        str(_CHUNK))
-        self._wait_ready()
+    def _args(self, count: int, duty: float) -> list[str]:
+        """Each child's share of the memory, then its duty cycle."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        share = max(page, memory_pressure_bytes(self.spec.intensity) // count // page * page)
+        return [str(share), str(duty), str(HOG_PERIOD_S)]
 
 
 # --------------------------------------------------------------------------- cpu_throttle
@@ -443,20 +565,40 @@ class _CgroupThrottle:
             self.undo()
             raise
 
+    def throttled_ns(self) -> int:
+        """Time the cgroup spent throttled so far (``cpu.stat``; 0 if unreadable)."""
+        try:
+            if self.v2:
+                for line in (self.path / "cpu.stat").read_text().splitlines():
+                    if line.startswith("throttled_usec "):
+                        return int(line.split()[1]) * 1000
+            else:
+                for line in (self.path / "cpu.stat").read_text().splitlines():
+                    if line.startswith("throttled_time "):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+        return 0
+
     def undo(self) -> None:
         """Move every process back to where the rank was, then remove the cgroup."""
         _empty_and_remove(self.path, self.original, self.root)
 
 
-def _empty_and_remove(path: Path, home: Path, root: Path) -> None:
-    """Move ``path``'s processes to ``home`` (else ``root``) and rmdir it; never raises."""
+def _empty_and_remove(path: Path, home: Path, root: Path,
+                      homes: dict[int, Path] | None = None) -> None:
+    """Move ``path``'s processes to ``homes[pid]``, else ``home``, else ``root``, and rmdir it.
+
+    Never raises.
+    """
     for _ in range(50):
         try:
             pids = (path / "cgroup.procs").read_text().split()
         except OSError:
             pids = []
         for pid in pids:
-            for dest in (home, root):
+            own = (homes or {}).get(int(pid))
+            for dest in (*((own,) if own is not None else ()), home, root):
                 try:
                     (dest / "cgroup.procs").write_text(pid)
                     break
@@ -469,6 +611,24 @@ def _empty_and_remove(path: Path, home: Path, root: Path) -> None:
             return
         except OSError:
             time.sleep(0.02)
+
+
+def cgroup_homes(pids: Iterable[int]) -> dict[int, Path]:
+    """Where each process lives now in the cgroup hierarchy a throttle would use.
+
+    Given to the guard of ``prism inject``, which moves them back there if it has to clean
+    up after a killed injector. Processes that are gone are left out.
+    """
+    v2, v1 = _cgroup_mounts()
+    mech = throttle_mechanism()
+    root = v2 if mech == "cgroup2" else v1 if mech == "cgroup1" else None
+    out: dict[int, Path] = {}
+    if root is None:
+        return out
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            out[pid] = root / _cgroup_of(pid, mech == "cgroup2").lstrip("/")
+    return out
 
 
 class CpuThrottle:
@@ -488,11 +648,17 @@ class CpuThrottle:
         self._pids: list[int] = []
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started_ns = 0
+        self._stopped_ns = 0
+        self._effect: dict[str, Any] = {}
 
     def start(self) -> None:
         """Throttle every targeted rank with the first mechanism that works."""
         if self.mechanism:
             return
+        self._started_ns = time.monotonic_ns()
+        self._stopped_ns = 0
+        self._effect = {}
         ranks = _targets(self.spec, self.ctx)
         pids = [_pid_of(self.ctx, r, "cpu_throttle") for r in ranks]
         for pid in pids:
@@ -566,8 +732,10 @@ class CpuThrottle:
         try:
             while not self._halt.is_set():
                 _signal_all(self._pids, signal.SIGSTOP)
+                stopped = time.monotonic_ns()
                 self._halt.wait(max(0.0, due + off - time.monotonic()))
                 _signal_all(self._pids, signal.SIGCONT)
+                self._stopped_ns += time.monotonic_ns() - stopped
                 due += period
                 now = time.monotonic()
                 if due < now - period:  # fell behind (a long pause here): start afresh
@@ -586,8 +754,30 @@ class CpuThrottle:
         if self._pids:
             _signal_all(self._pids, signal.SIGCONT)
             self._pids = []
+        if self.mechanism:
+            window_s = max(1e-9, (time.monotonic_ns() - self._started_ns) / 1e9)
+            held = self._stopped_ns + sum(g.throttled_ns() for g in self._groups)
+            key = "stopped_ms_per_s" if self.mechanism == "signal" else "throttled_ms_per_s"
+            self._effect = {"mode": self.mechanism, key: round(held / 1e6 / window_s, 1)}
         self._undo_groups()
         self.mechanism = ""
+
+    def effect(self) -> dict[str, Any]:
+        """Mechanism, and how long per second the ranks were stopped or throttled."""
+        return dict(self._effect)
+
+
+class Pause(CpuThrottle):
+    """The target stopped with SIGSTOP for ``intensity`` of every :data:`PAUSE_PERIOD_US`.
+
+    A whole-process stall (a stop-the-world pause, a debugger, a swap-in storm) rather
+    than a throttle: always by signal, with a period long enough to stall whole requests.
+    """
+
+    def __init__(self, spec: FaultSpec, ctx: FaultContext) -> None:
+        """Prepare; nothing changes until :meth:`start`."""
+        super().__init__(spec, dataclasses.replace(ctx, throttle="signal",
+                                                   throttle_period_us=PAUSE_PERIOD_US))
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
@@ -597,15 +787,18 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def cleanup_session(session: str) -> None:
-    """Remove cgroups ``<session>-r*`` a crashed run left behind; never raises."""
+def cleanup_session(session: str, homes: dict[int, Path] | None = None) -> None:
+    """Remove cgroups ``<session>-r*`` a crashed run left behind; never raises.
+
+    Their processes go back to ``homes[pid]`` where given, else to the hierarchy's root.
+    """
     with contextlib.suppress(Exception):
         for root in _cgroup_mounts():
             if root is None:
                 continue
             for path in root.glob(f"{session}-r*"):
                 if path.is_dir():
-                    _empty_and_remove(path, root, root)
+                    _empty_and_remove(path, root, root, homes)
 
 
 # --------------------------------------------------------------------------- factory
@@ -621,8 +814,15 @@ _FACTORIES: dict[str, Callable[[FaultSpec, FaultContext], Injector]] = {
     "device_preemption": ControlFault,
     "gc_storm": ControlFault,
     "gil_contention": ControlFault,
+    "pause": Pause,
 }
-assert set(_FACTORIES) == set(FAULT_INFO), "every fault type needs an injector"
+assert set(FAULT_INFO) <= set(_FACTORIES), "every fault type needs an injector"
+
+HOST_FAULTS = ("cpu_squeeze", "cpu_throttle", "memory_pressure", "pause")
+"""Faults that act on a process from outside, with no cooperation from it (``prism inject``)."""
+
+PAUSE_DEFAULT, PAUSE_MAX = 0.5, 0.95
+"""Default and largest intensity of ``pause`` (an inject-only kind)."""
 
 
 def make_injector(spec: FaultSpec, ctx: FaultContext) -> Injector:
@@ -642,3 +842,89 @@ def stop_all(injectors: Iterable[Injector]) -> None:
     for inj in items:
         with contextlib.suppress(Exception):
             inj.stop()
+
+
+# --------------------------------------------------------------------------- measured effect
+
+
+def _sched_of(pids: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """Thread id -> (CPU ns, run-queue delay ns) of every thread of ``pids`` (schedstat)."""
+    out: dict[int, tuple[int, int]] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+                out[int(tid)] = (int(fields[0]), int(fields[1]))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    at_ns: int
+    threads: dict[int, tuple[int, int]]
+
+
+def _rates(before: _Snapshot, after: _Snapshot) -> dict[str, Any]:
+    """The targets' CPU and run-queue delay per second between two snapshots.
+
+    Threads are matched by id; one that started in between counts from zero, one that
+    ended in between is lost (its last figures are gone with it).
+    """
+    window_s = max(1e-9, (after.at_ns - before.at_ns) / 1e9)
+    cpu = delay = 0
+    for tid, (c, d) in after.threads.items():
+        c0, d0 = before.threads.get(tid, (0, 0))
+        cpu += max(0, c - c0)
+        delay += max(0, d - d0)
+    return {"window_s": round(window_s, 3), "threads": len(after.threads),
+            "cpu_ms_per_s": round(cpu / 1e6 / window_s, 1),
+            "run_delay_ms_per_s": round(delay / 1e6 / window_s, 1)}
+
+
+class EffectMeter:
+    """Measures what faults did to the target processes, from their threads' schedstat.
+
+    For each fault window: the targets' CPU time and run-queue delay per second while it
+    was on, and the same over the last stretch with no fault on before it (the
+    baseline), so that a window where the fault did not bite shows as such in the labels.
+    """
+
+    def __init__(self, pids: Iterable[int]) -> None:
+        """Start the first quiet stretch now."""
+        self.pids = list(pids)
+        self._quiet = self._snapshot()
+        self._on = 0
+        self._lock = threading.Lock()
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(time.monotonic_ns(), _sched_of(self.pids))
+
+    def fault_on(self) -> tuple[_Snapshot, dict[str, Any] | None]:
+        """Call as a fault starts; the token for :meth:`fault_off`."""
+        now = self._snapshot()
+        with self._lock:
+            baseline = _rates(self._quiet, now) if self._on == 0 else None
+            self._on += 1
+        return now, baseline
+
+    def fault_off(self, token: tuple[_Snapshot, dict[str, Any] | None],
+                  injector: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Call as the fault ended: the label's ``effect`` (targets, baseline, injector)."""
+        start, baseline = token
+        now = self._snapshot()
+        with self._lock:
+            self._on = max(0, self._on - 1)
+            if self._on == 0:
+                self._quiet = now
+        effect: dict[str, Any] = {"target": _rates(start, now)}
+        if baseline is not None and baseline["window_s"] >= 0.2:
+            effect["baseline"] = baseline
+        if injector:
+            effect["injector"] = injector
+        return effect

@@ -10,7 +10,11 @@ line) and the run's cgroups (``<session>-r*``, which a ``cpu_throttle`` made).
 
 The processes need no guard: ranks and fault helpers ask the kernel to SIGKILL them when
 their parent dies (``PR_SET_PDEATHSIG``), which also ends a rank a SIGSTOP duty cycle
-left stopped. The guard ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C or a hang-up sent to
+left stopped. ``prism inject`` acts on processes it did not start: its guard also
+continues them (``--cont``: a SIGSTOP duty cycle may have left them stopped) and moves
+them back to their own cgroup (``--home``) before removing the throttle's.
+
+The guard ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C or a hang-up sent to
 the whole process group must not take it down before the orchestrator is gone.
 """
 
@@ -27,21 +31,32 @@ DONE = b"done"
 """What the orchestrator writes before closing the pipe when it cleaned up itself."""
 
 
-def cleanup(session: str, shm_paths: list[str]) -> None:
-    """Remove the run's shared memory and cgroups; never raises.
+def cleanup(session: str, shm_paths: list[str], cont: list[int] | None = None,
+            homes: dict[int, str] | None = None) -> None:
+    """Remove the run's shared memory and cgroups, continue stopped targets; never raises.
 
     Args:
         session: the run's name prefix (``SimServer.session``).
         shm_paths: further ``/dev/shm`` entries of the run (its communicator).
+        cont: processes to send SIGCONT (targets of a SIGSTOP duty cycle).
+        homes: pid -> the cgroup directory it goes back to.
     """
+    for pid in cont or []:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGCONT)
     for path in [*glob.glob(f"/dev/shm/{glob.escape(session)}*"), *shm_paths]:
         with contextlib.suppress(OSError):
             os.unlink(path)
     with contextlib.suppress(Exception):
         # imported here: a normal exit (the common case) needs none of it
+        from pathlib import Path
+
         from prism_sim.faults import cleanup_session
 
-        cleanup_session(session)
+        cleanup_session(session, {pid: Path(d) for pid, d in (homes or {}).items()})
+    for pid in cont or []:  # once more: a stop signal may have been on its way
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def wait_for_parent(fd: int = 0) -> bool:
@@ -65,11 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--session", required=True, help="the run's name prefix")
     p.add_argument("--shm", action="append", default=[],
                    help="a further /dev/shm path of the run (repeatable)")
+    p.add_argument("--cont", action="append", type=int, default=[],
+                   help="a process to continue with SIGCONT (repeatable)")
+    p.add_argument("--home", action="append", default=[], metavar="PID=DIR",
+                   help="the cgroup directory a process goes back to (repeatable)")
     args = p.parse_args(argv)
+    homes = {int(pid): d for pid, _, d in (h.partition("=") for h in args.home)}
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     if not wait_for_parent():
-        cleanup(args.session, args.shm)
+        cleanup(args.session, args.shm, args.cont, homes)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Ground-truth labels: which faults were on when, and every iteration, as JSON lines.
 
 The first line describes the run (``kind = "scenario"``); a ``fault`` line is written
-when a fault window ends (or when the file is closed); an ``iteration`` line per
+when a fault window ends (or when the file is closed), with its measured ``effect``
+where one was measured (files written before it have none); an ``iteration`` line per
 iteration per rank says whether a fault was active while it ran. Times are
 CLOCK_MONOTONIC nanoseconds (:func:`time.monotonic_ns`), the clock of the monitor's
 uprobe timestamps, so detections can be scored sample by sample as the paper does.
@@ -32,6 +33,7 @@ __all__ = [
     "LabelWriter",
     "Labels",
     "ScenarioRecord",
+    "fault_bit",
     "fault_effects",
     "read_labels",
     "strength_bucket",
@@ -136,15 +138,63 @@ class ScenarioRecord:
     source: str = ""
 
 
+def fault_bit(effect: dict[str, Any] | None) -> bool | None:
+    """Whether a fault window measurably took time from its targets (None: not measured).
+
+    Yes when the targets were stopped or cgroup-throttled for at least 10 % of the
+    window, or ran at least 20 % less CPU than in the quiet stretch before it, or waited
+    on the run queue at least 1.5 × as long plus 20 ms per second (100 ms per second
+    when there is no baseline). Device and in-process faults set the fake runtime's
+    field, which it obeys exactly: they count as biting.
+    """
+    if not effect:
+        return None
+    try:
+        return _bit(effect)
+    except (KeyError, TypeError, ValueError, AttributeError):  # a malformed effect
+        return None
+
+
+def _bit(effect: dict[str, Any]) -> bool | None:
+    injector = effect.get("injector") or {}
+    if injector.get("mode") == "control":
+        return True
+    held = max(float(injector.get("stopped_ms_per_s", 0.0)),
+               float(injector.get("throttled_ms_per_s", 0.0)))
+    if held >= 100.0:
+        return True
+    target = effect.get("target")
+    if not target:
+        return None
+    delay = float(target["run_delay_ms_per_s"])
+    base = effect.get("baseline")
+    if base is None:
+        return delay >= 100.0
+    base_cpu = float(base["cpu_ms_per_s"])
+    if base_cpu >= 10.0 and float(target["cpu_ms_per_s"]) <= 0.8 * base_cpu:
+        return True
+    return delay >= 1.5 * float(base["run_delay_ms_per_s"]) + 20.0
+
+
 @dataclass(frozen=True)
 class FaultRecord:
-    """One fault window; ``rank`` None means every rank."""
+    """One fault window; ``rank`` None means every rank.
+
+    ``effect`` is what was measured while it was on (see
+    :meth:`prism_sim.faults.EffectMeter.fault_off`); None in files written before it.
+    """
 
     type: str
     rank: int | None
     start_ns: int
     end_ns: int
     intensity: float
+    effect: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def bit(self) -> bool | None:
+        """Whether it measurably took time from its targets (:func:`fault_bit`)."""
+        return fault_bit(self.effect)
 
     def applies_to(self, rank: int | None) -> bool:
         """Whether it acts on ``rank`` (None: any rank)."""
@@ -317,13 +367,31 @@ class LabelWriter:
                      "started_ns": started_ns, "duration_s": scenario.duration_s,
                      "source": scenario.source, "clock": "CLOCK_MONOTONIC"})
 
-    def fault(self, spec: FaultSpec, start_ns: int, end_ns: int) -> None:
-        """Write one fault window (and end it in the timeline if it is still on)."""
+    def header(self, name: str, ranks: int, started_ns: int, duration_s: float | None,
+               source: str, pids: list[int]) -> None:
+        """Write the first line for a run that is not a scenario (``prism inject``).
+
+        The same ``scenario`` kind as :meth:`scenario` (readers need nothing new), seed 0,
+        and the target ``pids`` (rank i is ``pids[i]``).
+        """
+        self._write({"kind": "scenario", "schema": SCHEMA, "name": name, "seed": 0,
+                     "ranks": ranks, "started_ns": started_ns, "duration_s": duration_s,
+                     "source": source, "clock": "CLOCK_MONOTONIC", "pids": pids})
+
+    def fault(self, spec: FaultSpec, start_ns: int, end_ns: int,
+              effect: dict[str, Any] | None = None) -> None:
+        """Write one fault window (and end it in the timeline if it is still on).
+
+        ``effect`` is what was measured while it was on (written when given).
+        """
         if self.timeline.is_on(spec):
             self.timeline.ended(spec, end_ns)
-        self._write({"kind": "fault", "type": spec.type, "rank": spec.rank,
-                     "start_ns": start_ns, "end_ns": end_ns, "intensity": spec.intensity,
-                     "scheduled_s": spec.start_s})
+        line: dict[str, Any] = {
+            "kind": "fault", "type": spec.type, "rank": spec.rank, "start_ns": start_ns,
+            "end_ns": end_ns, "intensity": spec.intensity, "scheduled_s": spec.start_s}
+        if effect is not None:
+            line["effect"] = effect
+        self._write(line)
         self._written.add((spec, start_ns))
 
     def iteration(self, rank: int, index: int, start_ns: int, end_ns: int, phase: str,
@@ -416,10 +484,13 @@ def read_labels(path: str | os.PathLike[str]) -> Labels:
             rank = obj.get("rank")
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
                 raise SimError(f"{where}: 'rank' must be an integer or null")
+            effect = obj.get("effect")
+            if effect is not None and not isinstance(effect, dict):
+                raise SimError(f"{where}: 'effect' must be an object")
             labels.faults.append(FaultRecord(
                 _req(obj, "type", str, where), rank, _req(obj, "start_ns", int, where),
                 _req(obj, "end_ns", int, where),
-                float(_req(obj, "intensity", (int, float), where))))
+                float(_req(obj, "intensity", (int, float), where)), effect))
         elif kind == "iteration":
             faults = obj.get("faults", [])
             rank_faults = obj.get("rank_faults", [])

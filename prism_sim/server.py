@@ -35,7 +35,14 @@ from typing import Any
 
 from prism_sim.control import ControlBlock
 from prism_sim.errors import SimError
-from prism_sim.faults import FaultContext, Injector, cleanup_session, make_injector, stop_all
+from prism_sim.faults import (
+    EffectMeter,
+    FaultContext,
+    Injector,
+    cleanup_session,
+    make_injector,
+    stop_all,
+)
 from prism_sim.labels import FaultTimeline, LabelWriter
 from prism_sim.runtime import SimDevice
 from prism_sim.scenario import FaultSpec, Scenario
@@ -151,6 +158,8 @@ class SimServer:
         self._readers: list[threading.Thread] = []
         self._closed = False
         self._label_lock = threading.Lock()
+        self._meter: EffectMeter | None = None
+        self._meter_tokens: dict[int, Any] = {}
         self._ready: set[int] = set()
         self._comm_id: bytes | None = None
         self._guard: subprocess.Popen[bytes] | None = None
@@ -340,6 +349,8 @@ class SimServer:
         horizon = limit if limit else 24 * 3600.0
         timeline = sorted(self.scenario.fault_timeline(horizon), key=lambda f: f.start_s)
         ctx = FaultContext(self.control, self.rank_pids, self.session)
+        if self._meter is None:  # the measured effect of each fault window
+            self._meter = EffectMeter(self.rank_pids.values())
         pending = list(enumerate(timeline))
         while not stop.is_set():
             t = (time.monotonic_ns() - self.started_ns) / 1e9
@@ -359,6 +370,7 @@ class SimServer:
                 # on from the moment it starts switching on (iterations that end while
                 # it does are labelled with it): a CPU squeeze's hogs burn, and spawning
                 # them loads the CPUs, before the last one says ready
+                self._meter_tokens[key] = self._meter.fault_on()
                 self.timeline.started(spec, time.monotonic_ns())
                 inj.start()
                 self.injectors[key] = (spec, inj)
@@ -370,10 +382,13 @@ class SimServer:
         end = time.monotonic_ns()
         self.timeline.ended(spec, end)
         self.injectors.pop(key, None)
+        token = self._meter_tokens.pop(key, None)
+        effect = (self._meter.fault_off(token, inj.effect())
+                  if token is not None and self._meter is not None else None)
         if self.labels is not None:
             start = self.timeline.start_of(spec)
             with self._label_lock:
-                self.labels.fault(spec, start if start is not None else end, end)
+                self.labels.fault(spec, start if start is not None else end, end, effect)
         self.log(f"fault off: {spec.type} rank {spec.rank}")
 
     # ------------------------------------------------------------------ cleanup

@@ -130,6 +130,21 @@ def _parser() -> argparse.ArgumentParser:
                     "an embedded one); alert latency is measured at a real subscriber")
     ev.add_argument("--json", action="store_true", help="print one JSON document")
 
+    inj = sub.add_parser("inject", help="a host fault in any live process, from outside, "
+                         "with its measured effect")
+    target_args(inj)
+    inj.add_argument("kind", metavar="KIND",
+                     help="cpu_squeeze, cpu_throttle, memory_pressure or pause")
+    inj.add_argument("--intensity", type=float, default=None, metavar="X",
+                     help="how hard, in (0, max] (default: the kind's, as in scenarios; "
+                          "pause: 0.5, the share of each 200 ms the target is stopped)")
+    inj.add_argument("--duration", type=float, default=None, metavar="S",
+                     help="seconds the fault stays on (default: until Ctrl-C or the "
+                          "target exits)")
+    inj.add_argument("--labels", metavar="FILE",
+                     help="write the fault window and its measured effect here (the "
+                          "simulator's labels format)")
+
     h = sub.add_parser("history", help="quantiles over time and alerts from the SQLite history")
     h.add_argument("--db", default=None, metavar="PATH",
                    help=f"history file (default: $PRISM_DB, the settings' history.db or "
@@ -254,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_sim(args)
         if args.command == "history":
             return cmd_history(args)
+        if args.command == "inject":
+            from prism_tui.inject import run_inject
+
+            return run_inject(args.pid, args.match, args.kind, args.intensity,
+                              args.duration, args.labels)
         if args.command in ("watch", "eval", "demo"):
             _favour_the_loop()
         if args.command == "watch":
@@ -759,6 +779,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "max": latencies[-1] if latencies else None},
         "detect_latency_ms": _percentiles(detect),
         "delivery_latency_ms": _percentiles(deliver),
+        # every fault window: its measured slowdown and what the injector measurably did
+        # (a window where it did not bite is scored as abnormal all the same, and shows
+        # here), with the iterations judged under it
         "faults": _fault_scores(rows, read, started_ns),
         # every alert's own figures, to find what the slow ones had in common
         "alert_log": [
@@ -768,6 +791,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
              "delivery_ms": round((received[a.id] - a.detected_at_ns) / 1e6, 3)
              if a.id in received else None}
             for a in alerts],
+        "faults_not_biting": sum(1 for f in read.faults if f.bit is False),
     }
     if unwatched is not None:
         doc["overhead"] = {"without": unwatched, "with": watched}
@@ -785,12 +809,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{result['recall']}, F1 {result['f1']}, FPR {result['fpr']}; "
               f"{episodes['episodes_detected']} of {episodes['fault_episodes']} fault "
               f"episodes paged, {episodes['false_episodes']} false; "
-              f"{len(firing)} alerts, latency p50 {doc['alert_latency_ms']['p50']} ms")
+              f"{len(firing)} alerts, latency p50 {doc['alert_latency_ms']['p50']} ms; "
+              f"{doc['faults_not_biting']} of {len(read.faults)} fault windows did not "
+              "measurably bite")
     return 0
 
 
 def _fault_scores(rows: Sequence[Any], labels: Any, started_ns: int) -> list[dict[str, Any]]:
-    """Per fault window: its measured slowdown and strength bucket, the judged decode
+    """Per fault window: its measured slowdown and strength bucket, whether the injector
+    measurably bit and what it measured (``bit``, ``effect``), the judged decode
     iterations that ended inside it, the share of them that fired (recall) and whether
     any did (detected), so scores can be read by fault strength."""
     from prism_sim.labels import fault_effects, strength_bucket
@@ -805,7 +832,7 @@ def _fault_scores(rows: Sequence[Any], labels: Any, started_ns: int) -> list[dic
             "start_s": round((f.start_ns - started_ns) / 1e9, 3),
             "duration_s": round((f.end_ns - f.start_ns) / 1e9, 3),
             "slowdown": effect.slowdown, "strength": strength_bucket(effect.slowdown),
-            "judged": len(inside), "fired": fired,
+            "bit": f.bit, "effect": f.effect, "judged": len(inside), "fired": fired,
             "recall": round(fired / len(inside), 4) if inside else None,
             "detected": fired > 0})
     return out

@@ -154,13 +154,33 @@ def test_cpu_squeeze_slows_the_rank_and_its_children_die_on_stop(
 
     def check() -> None:
         pids = list(inj.pids)  # type: ignore[attr-defined]
-        assert len(pids) == 4  # 4 x intensity 1 x the child's one CPU
-        assert all(os.sched_getaffinity(pid) == {0} for pid in pids)
+        # root here: one real-time hog pinned to each CPU (else 4 x intensity 1 fair)
+        cpus = os.sched_getaffinity(0)
+        assert inj.mode == "rt" and len(pids) == len(cpus)  # type: ignore[attr-defined]
+        assert [os.sched_getaffinity(pid) for pid in pids] == [{c} for c in sorted(cpus)]
+        assert all(os.sched_getscheduler(pid) == os.SCHED_FIFO for pid in pids)
         hogs.extend(pids)
 
     _measure_slowdown(child, inj, "cpu_squeeze", during=check)
     assert hogs and all(_gone(pid) for pid in hogs)
+    effect = inj.effect()
+    assert effect["mode"] == "rt" and effect["fault_cpu_ms_per_s"] > 300, effect
     inj.stop()  # idempotent
+
+
+def test_cpu_squeeze_falls_back_to_fair_hogs_without_realtime(
+        child: SpeedChild, control: ControlBlock, session: str) -> None:
+    """``realtime=False`` (what a host without CAP_SYS_NICE gets): 4 normal hogs per CPU."""
+    ctx = FaultContext(control, {0: child.pid}, session, realtime=False)
+    inj = make_injector(FaultSpec("cpu_squeeze", 0, 10, 0, 1.0), ctx)
+    inj.start()
+    try:
+        pids = list(inj.pids)  # type: ignore[attr-defined]
+        assert inj.mode == "fair" and len(pids) == 4  # type: ignore[attr-defined]
+        assert all(os.sched_getscheduler(pid) == os.SCHED_OTHER for pid in pids)
+    finally:
+        inj.stop()
+    assert all(_gone(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("mechanism", ["auto", "signal"])
@@ -215,12 +235,12 @@ def test_memory_pressure_child_churns_memory_and_dies_on_stop(
     inj = make_injector(FaultSpec("memory_pressure", 0, 10, 0, 0.1),
                         FaultContext(control, {0: child.pid}, session))
     inj.start()
-    (pid,) = inj.pids  # type: ignore[attr-defined]
-    first = _rss_kib(pid)
-    wait_until(lambda: _rss_kib(pid) > first + 32 * 1024, timeout=10)
-    assert os.sched_getaffinity(pid) == {0}
+    pids = list(inj.pids)  # type: ignore[attr-defined]  # one per CPU (real-time here)
+    assert {frozenset(os.sched_getaffinity(p)) for p in pids} >= {frozenset({0})}
+    first = sum(_rss_kib(p) for p in pids)
+    wait_until(lambda: sum(_rss_kib(p) for p in pids) > first + 32 * 1024, timeout=10)
     inj.stop()
-    assert _gone(pid)
+    assert all(_gone(p) for p in pids)
 
 
 # --------------------------------------------------------------------------- control block

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prism_sim.errors import ScenarioError, SimError
-from prism_sim.labels import FaultTimeline, LabelWriter, read_labels
+from prism_sim.labels import FaultTimeline, LabelWriter, fault_bit, read_labels
 from prism_sim.scenario import (
     DIST_KINDS,
     FAULT_INFO,
@@ -518,3 +518,45 @@ def test_read_labels_skips_a_torn_last_line_and_rejects_garbage(tmp_path: Path) 
         read_labels(path)
     with pytest.raises(SimError, match="cannot read"):
         read_labels(tmp_path / "absent.jsonl")
+
+
+def test_fault_effect_round_trips_and_old_files_read_without_it(tmp_path: Path) -> None:
+    """A fault line's measured effect is written and read back; a line without one (files
+    written before it existed) reads with ``effect`` None and ``bit`` None."""
+    tl, path = FaultTimeline(), tmp_path / "labels.jsonl"
+    spec = _spec("cpu_squeeze", rank=0)
+    effect = {"target": {"window_s": 1.0, "threads": 3, "cpu_ms_per_s": 100.0,
+                         "run_delay_ms_per_s": 900.0},
+              "baseline": {"window_s": 1.0, "threads": 3, "cpu_ms_per_s": 400.0,
+                           "run_delay_ms_per_s": 200.0},
+              "injector": {"mode": "rt", "children": 1, "fault_cpu_ms_per_s": 790.0}}
+    with LabelWriter(path, tl) as w:
+        tl.started(spec, 100)
+        w.fault(spec, 100, 200, effect)
+    (fault,) = read_labels(path).faults
+    assert fault.effect == effect and fault.bit is True
+    path.write_text('{"kind":"fault","type":"cpu_squeeze","rank":0,"start_ns":1,'
+                    '"end_ns":2,"intensity":1.0}\n')
+    (old,) = read_labels(path).faults
+    assert old.effect is None and old.bit is None
+    path.write_text('{"kind":"fault","type":"cpu_squeeze","rank":0,"start_ns":1,'
+                    '"end_ns":2,"intensity":1.0,"effect":[1]}\n')
+    with pytest.raises(SimError, match="'effect' must be an object"):
+        read_labels(path)
+
+
+def test_fault_bit_says_when_a_fault_did_not_bite() -> None:
+    def rates(cpu: float, delay: float) -> dict[str, float]:
+        return {"window_s": 1.0, "threads": 2, "cpu_ms_per_s": cpu,
+                "run_delay_ms_per_s": delay}
+
+    same = {"target": rates(400, 200), "baseline": rates(410, 190),
+            "injector": {"mode": "fair", "fault_cpu_ms_per_s": 300.0}}
+    assert fault_bit(same) is False  # the 0.966x cpu_squeeze of issue 22
+    assert fault_bit({**same, "target": rates(300, 200)}) is True  # 27 % less CPU
+    assert fault_bit({**same, "target": rates(400, 320)}) is True  # delay 1.5x + 20 ms/s
+    assert fault_bit({**same, "injector": {"mode": "signal", "stopped_ms_per_s": 450.0}})
+    assert fault_bit({"target": rates(400, 50)}) is False  # no baseline: absolute 100 ms/s
+    assert fault_bit({"target": rates(400, 150)}) is True
+    assert fault_bit({"injector": {"mode": "control", "speed": 0.5}}) is True
+    assert fault_bit(None) is None and fault_bit({"target": {"x": 1}}) is None
