@@ -56,8 +56,10 @@ MEMORY_PRESSURE_MAX_BYTES = 4 << 30
 THROTTLE_MECHANISMS = ("cgroup2", "cgroup1", "signal")
 """cpu_throttle mechanisms, in the order ``auto`` tries them."""
 
-READY_TIMEOUT_S = 5.0
-"""How long ``start()`` waits for a child process to say it is running."""
+READY_TIMEOUT_S = 15.0
+"""How long ``start()`` waits for a child process to say it is running. Generous: on a
+2-vCPU host with a load average of 15-20 a memory churner took over 5 s to start its
+interpreter and touch its first chunk, and a timeout here ends the whole run."""
 
 SQUEEZE_DUTY = 0.8
 """Share of each targeted CPU a real-time cpu_squeeze or memory_pressure child takes at
