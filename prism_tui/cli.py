@@ -111,7 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--metrics-addr", default=None, metavar="ADDR",
                    help="address /metrics binds (default: settings metrics.addr, 127.0.0.1)")
 
-    ev = sub.add_parser("eval", help="simulator + headless monitor, scored against the labels")
+    ev = sub.add_parser("eval", help="simulator + headless monitor, scored against the labels; "
+                        "or a live target with injected faults")
+    live = ev.add_mutually_exclusive_group()
+    live.add_argument("--pid", type=int, help="a live target instead of the simulator "
+                      "(with --faults)")
+    live.add_argument("--match", metavar="REGEX", help="a live target by its command line "
+                      "(with --faults)")
+    ev.add_argument("--faults", metavar="FILE", help="with --pid/--match: a TOML timeline of "
+                    "[[fault]] tables (type, start_s, duration_s, intensity) injected into it")
+    ev.add_argument("--profile", metavar="NAME|FILE", help="with --pid/--match: the probe "
+                    "profile (default: chosen from the target's libraries, as prism watch)")
     ev.add_argument("--scenario", default="smoke", metavar="NAME|FILE",
                     help="built-in scenario name, a TOML file or random:SEED (default: smoke)")
     ev.add_argument("--duration", type=float, default=None, metavar="S")
@@ -664,7 +674,14 @@ def _run_and_receive(session: Any, duration: float, realtime: int = 0) -> dict[s
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``prism eval``: the simulator watched by the monitor, scored against its labels."""
+    """``prism eval``: the simulator watched by the monitor, scored against its labels
+    (or, with ``--pid``/``--match``, a live target against injected faults)."""
+    if args.pid is not None or args.match is not None:
+        from prism_tui.eval_target import cmd_eval_target
+
+        return cmd_eval_target(args)
+    if args.faults is not None or args.profile is not None:
+        raise UsageError("--faults and --profile go with a live target (--pid or --match)")
     from alerting.broker import EmbeddedBroker
     from alerting.config import BrokerConfig
     from prism_sim.errors import ScenarioError
