@@ -73,7 +73,7 @@ def child(pid: int, match: str | None) -> dict[str, Any]:
     from probes.uprobes import UprobeSession
 
     per_lib: dict[str, float] = defaultdict(float)
-    original = placement.resolve
+    original = getattr(placement, "resolve")  # noqa: B009 - wrapped below, as imported there
 
     def timed_resolve(path: str, symbol: str, **kw: Any) -> Any:
         t0 = time.perf_counter()
@@ -83,13 +83,15 @@ def child(pid: int, match: str | None) -> dict[str, Any]:
             per_lib[os.path.basename(kw.get("display_name") or path)] += \
                 time.perf_counter() - t0
 
-    placement.resolve = timed_resolve  # type: ignore[assignment]
+    setattr(placement, "resolve", timed_resolve)  # noqa: B010 - the name placement calls
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
 
     def timed(phase: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times[phase] = time.perf_counter() - t0
+        cpu[phase] = time.process_time() - c0
         return out
 
     targets = timed("target", lambda: resolve_target(None if match else pid, match,
@@ -110,7 +112,7 @@ def child(pid: int, match: str | None) -> dict[str, Any]:
     rings = len(session._rings) + len(session._watchers)
     session.close()
     timed("re-attach", place)
-    return {"times": times, "per_lib": dict(per_lib), "profile": profile.name,
+    return {"times": times, "cpu": cpu, "per_lib": dict(per_lib), "profile": profile.name,
             "extras": [p.name for p in extras], "sites": len(sites), "events": events,
             "rings": rings, "mode": session.mode}
 
@@ -160,17 +162,22 @@ def table(name: str, trees: dict[str, dict[str, Any]]) -> None:
     """Print the phase table of one target, one column per tree."""
     labels = list(trees)
     print(f"\n### {name}\n")
-    print("| phase | " + " | ".join(f"{k} (s)" for k in labels) + " | ratio |")
-    print("|---|" + "---:|" * (len(labels) + 1))
+    print("| phase | " + " | ".join(f"{k}: wall s | {k}: CPU s" for k in labels)
+          + " | CPU ratio |")
+    print("|---|" + "---:|" * (2 * len(labels) + 1))
     for phase in [*PHASES, "total"]:
-        vals = [sum(r["times"].values()) if phase == "total" else r["times"][phase]
-                for r in trees.values()]
-        ratio = f"{vals[0] / vals[-1]:.1f}x" if vals[-1] > 0 else "-"
-        print(f"| {phase} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {ratio} |")
+        cells, cpus = [], []
+        for r in trees.values():
+            wall = sum(r["times"].values()) if phase == "total" else r["times"][phase]
+            cpu = sum(r["cpu"].values()) if phase == "total" else r["cpu"][phase]
+            cells += [f"{wall:.3f}", f"{cpu:.3f}"]
+            cpus.append(cpu)
+        ratio = f"{cpus[0] / cpus[-1]:.1f}x" if cpus[-1] > 0 else "-"
+        print(f"| {phase} | " + " | ".join(cells) + f" | {ratio} |")
     libs = sorted({lib for r in trees.values() for lib in r["per_lib"]})
     for lib in libs:
-        vals = [r["per_lib"].get(lib, 0.0) for r in trees.values()]
-        print(f"| lookups in {lib} | " + " | ".join(f"{v:.3f}" for v in vals) + " | |")
+        cells = [c for r in trees.values() for c in (f"{r['per_lib'].get(lib, 0.0):.3f}", "")]
+        print(f"| lookups in {lib} (wall) | " + " | ".join(cells) + " | |")
     for k, r in trees.items():
         print(f"\n{k}: profile {r['profile']} + {r['extras']}, {r['sites']} sites, "
               f"{r['events']} perf events in {r['rings']} rings ({r['mode']} mode)")
