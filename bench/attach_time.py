@@ -26,6 +26,7 @@ Run: ``.venv/bin/python bench/attach_time.py [--baseline REF] [--skip-e2e]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -149,6 +150,14 @@ def first_snapshot_s(tree: Path, target_args: list[str], timeout_s: float = 600)
 
 
 # ------------------------------------------------------------------ parent
+def keep_busy(url: str) -> None:
+    """One client sending completions until the server is stopped (its iterations)."""
+    from tests.llama_fixtures import drive
+
+    with contextlib.suppress(OSError):  # URLError when the server stops under it
+        drive(url, clients=1, duration_s=1800)
+
+
 def baseline_tree(ref: str, where: Path) -> Path:
     """A detached worktree of ``ref`` (its C library copied from this tree)."""
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), ref],
@@ -197,7 +206,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from prism_sim.scenario import parse_scenario
     from prism_sim.server import SimServer
-    from tests.llama_fixtures import drive, running_server, write_tiny_llama
+    from tests.llama_fixtures import running_server, write_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         base = baseline_tree(args.baseline, Path(tmp) / "baseline")
@@ -206,9 +215,7 @@ def main() -> None:
         try:
             model = write_tiny_llama(Path(tmp) / "tiny.gguf")
             with running_server(model) as server:
-                driver = threading.Thread(
-                    target=lambda: drive(server.url, clients=1, duration_s=1800), daemon=True)
-                driver.start()
+                threading.Thread(target=keep_busy, args=(server.url,), daemon=True).start()
                 match = "llama_cpp.server"
                 llama = {k: run_child(t, server.pid, match) for k, t in trees.items()}
                 if not args.skip_e2e:
