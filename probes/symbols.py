@@ -1,9 +1,12 @@
 """ELF symbol → file offset, the address a uprobe is placed at.
 
-Lookups go ``.gnu.hash`` first (one hash and a short chain walk: 25–50× faster than
-building pyelftools' name table), then ``.dynsym``, then ``.symtab`` (local symbols of
-unstripped libraries, ``take_gil`` in libpython for example). Results are cached per file
-identity (device, inode, size, mtime), so a library mapped by many targets is parsed once.
+Lookups go ``.gnu.hash`` first (one hash and a short chain walk, one entry read), then
+``.dynsym``, then ``.symtab`` (local symbols of unstripped libraries, ``take_gil`` in
+libpython for example). Whole tables are unpacked with ``struct`` from one read of the
+section, not through pyelftools' per-entry parser (seconds for OpenBLAS on a loaded
+machine). Tables, glob matches and near names are kept on an object cached per file
+identity (device, inode, size, mtime): a library mapped by many targets, or by a target
+re-attached, is read once; a rebuilt file is read again.
 
 The probe site is moved past a leading ``endbr64``: that instruction does nothing, and the
 kernel has to single-step it (10.5 µs a hit measured here, bench/probe_cost.py) where it

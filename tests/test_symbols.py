@@ -426,9 +426,9 @@ def _pyelftools_rows(path: str, table: str) -> list[tuple[object, ...]]:
 
 
 def test_symbol_tables_agree_with_pyelftools(ctarget_exe: Path) -> None:
-    """The tables are unpacked with struct (20-100x faster than pyelftools' parser, see
-    bench/attach_time.py): every entry must decode as pyelftools decodes it, versions of
-    versioned libraries (libc, libcudart) and a .symtab included."""
+    """The tables are unpacked with struct, not pyelftools' per-entry parser (the attach
+    cost, docs/performance.md#attach-time): every entry must decode as pyelftools decodes
+    it, versions of versioned libraries (libc, libcudart) and a .symtab included."""
     cases = [(LIBC, ".dynsym"), (_libcudart(), ".dynsym"), (str(ctarget_exe), ".symtab"),
              (str(ctarget_exe), ".dynsym")]
     for path, table in cases:
