@@ -418,8 +418,10 @@ class ElfSymbols:
     def _compute_near(self, name: str, limit: int) -> tuple[str, ...]:
         names = self._names
         bare = name.strip("*?")
-        sub = sorted((n for n in names if bare and bare.lower() in n.lower()), key=len)
-        close = difflib.get_close_matches(bare, list(names), n=limit, cutoff=0.6)
+        # shortest first, ties by name: a set's order changes with the hash seed per run
+        sub = sorted((n for n in names if bare and bare.lower() in n.lower()),
+                     key=lambda n: (len(n), n))
+        close = difflib.get_close_matches(bare, sorted(names), n=limit, cutoff=0.6)
         out: list[str] = []
         for n in sub + close:
             if n not in out and n != name:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,18 @@ def test_typo_suggests_near_names() -> None:
     with pytest.raises(SymbolNotFoundError) as err:
         resolve(LIBC, "clock_nanoslep")
     assert err.value.near[0] == "clock_nanosleep" or "clock_nanosleep" in err.value.near
+
+
+def test_near_names_do_not_depend_on_the_hash_seed() -> None:
+    """Near names of equal length came out in set order, which changes with
+    PYTHONHASHSEED: `prism symbols` printed a different list on every run."""
+    code = ("from probes.symbols import ElfSymbols; import sys; "
+            "print(ElfSymbols(sys.argv[1]).near('pthread_mutex_'))")
+    runs = {subprocess.run([sys.executable, "-c", code, LIBC], check=True, text=True,
+                           capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed},
+                           ).stdout for seed in ("1", "2", "3", "4")}
+    assert len(runs) == 1, runs
+    assert "pthread_mutex_lock" in runs.pop()
 
 
 # ------------------------------------------------------------------ local, stripped, imported
