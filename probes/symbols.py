@@ -402,6 +402,10 @@ class ElfSymbols:
                     "(no .symtab): install its debug symbols or probe an exported function")
         return f"{name} is not in {os.path.basename(self.path)}"
 
+    @cached_property
+    def _sorted_names(self) -> list[str]:
+        return sorted(self._names)
+
     def near(self, name: str, limit: int = 5) -> tuple[str, ...]:
         """Names close to ``name``: substring matches first, then difflib's close ones.
 
@@ -421,7 +425,7 @@ class ElfSymbols:
         # shortest first, ties by name: a set's order changes with the hash seed per run
         sub = sorted((n for n in names if bare and bare.lower() in n.lower()),
                      key=lambda n: (len(n), n))
-        close = difflib.get_close_matches(bare, sorted(names), n=limit, cutoff=0.6)
+        close = difflib.get_close_matches(bare, self._sorted_names, n=limit, cutoff=0.6)
         out: list[str] = []
         for n in sub + close:
             if n not in out and n != name:
