@@ -1,9 +1,12 @@
 """ELF symbol → file offset, the address a uprobe is placed at.
 
-Lookups go ``.gnu.hash`` first (one hash and a short chain walk: 25–50× faster than
-building pyelftools' name table), then ``.dynsym``, then ``.symtab`` (local symbols of
-unstripped libraries, ``take_gil`` in libpython for example). Results are cached per file
-identity (device, inode, size, mtime), so a library mapped by many targets is parsed once.
+Lookups go ``.gnu.hash`` first (one hash and a short chain walk, one entry read), then
+``.dynsym``, then ``.symtab`` (local symbols of unstripped libraries, ``take_gil`` in
+libpython for example). Whole tables are unpacked with ``struct`` from one read of the
+section, not through pyelftools' per-entry parser (seconds for OpenBLAS on a loaded
+machine). Tables, glob matches and near names are kept on an object cached per file
+identity (device, inode, size, mtime): a library mapped by many targets, or by a target
+re-attached, is read once; a rebuilt file is read again.
 
 The probe site is moved past a leading ``endbr64``: that instruction does nothing, and the
 kernel has to single-step it (10.5 µs a hit measured here, bench/probe_cost.py) where it
@@ -15,11 +18,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+import re
 import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import IO, Any
+from functools import cached_property
+from typing import IO, Any, NamedTuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -98,8 +103,9 @@ class ResolvedSymbol:
         return self.probe_offset != self.file_offset
 
 
-@dataclass(frozen=True)
-class _Sym:
+class _Sym(NamedTuple):
+    """One symbol table entry, decoded (a tuple: tables of 10^4-10^5 are built at once)."""
+
     name: str
     value: int
     size: int
@@ -109,6 +115,16 @@ class _Sym:
     global_: bool
     hidden_version: bool
     version: str
+
+
+STT_FUNC = 2
+STT_GNU_IFUNC = 10
+STB_GLOBAL, STB_WEAK = 1, 2
+SHN_UNDEF = 0
+VER_NDX_GLOBAL = 1
+# Elf64_Sym and Elf32_Sym field order differs: (name, info, other, shndx, value, size)
+# vs (name, value, size, info, other, shndx); both are read into the 64-bit order
+_SYM_FORMATS = {64: ("IBBHQQ", (0, 1, 2, 3, 4, 5)), 32: ("IIIBBH", (0, 3, 4, 5, 1, 2))}
 
 
 class ElfSymbols:
@@ -140,6 +156,8 @@ class ElfSymbols:
             self._stream.close()
             raise ElfError(f"{path} is not a readable ELF file: {exc}") from exc
         self._tables: dict[str, list[_Sym]] = {}
+        self._near: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._matches: dict[str, tuple[ResolvedSymbol, ...]] = {}
 
     def close(self) -> None:
         """Close the file (idempotent)."""
@@ -161,46 +179,100 @@ class ElfSymbols:
                 names[verdef["vd_ndx"]] = first.name
         return names
 
-    def _version_of(self, index: int) -> tuple[str, bool]:
+    def _section_bytes(self, section: Any) -> bytes:
+        """The raw contents of ``section`` (one read, no per-entry parsing)."""
+        with self._lock:
+            self._stream.seek(section["sh_offset"])
+            return self._stream.read(section["sh_size"])
+
+    @cached_property
+    def _versyms(self) -> tuple[int, ...]:
+        """``.gnu.version``: the raw version index of every ``.dynsym`` entry."""
         if self._versym is None:
+            return ()
+        data = self._section_bytes(self._versym)
+        fmt = ("<" if self._elf.little_endian else ">") + "H"
+        return tuple(v for (v,) in struct.iter_unpack(fmt, data[:len(data) // 2 * 2]))
+
+    def _version_of(self, index: int) -> tuple[str, bool]:
+        versyms = self._versyms
+        if index >= len(versyms):
             return "", False
-        try:
-            raw = self._versym.get_symbol(index).entry["ndx"]
-        except (IndexError, KeyError):
-            return "", False
-        if isinstance(raw, str):  # VER_NDX_LOCAL / VER_NDX_GLOBAL
+        raw = versyms[index]
+        if raw <= VER_NDX_GLOBAL:  # VER_NDX_LOCAL / VER_NDX_GLOBAL: unversioned
             return "", False
         hidden = bool(raw & VERSYM_HIDDEN)
         return self._verdef_names.get(raw & ~VERSYM_HIDDEN, ""), hidden
 
-    def _make(self, sym: Any, index: int, dynamic: bool) -> _Sym:
+    def _unpacker(self) -> tuple[str, tuple[int, ...], int]:
+        """struct format of one symbol entry, its field order, and the table's stride."""
+        fmt, order = _SYM_FORMATS[self._elf.elfclass]
+        fmt = ("<" if self._elf.little_endian else ">") + fmt
+        return fmt, order, struct.calcsize(fmt)
+
+    def _entries(self, section: Any) -> tuple[list[tuple[int, ...]], bytes]:
+        """Every entry of a symbol table section as (name offset, info, other, shndx,
+        value, size), and its string table: a struct unpack, not pyelftools' parser
+        (which took seconds for OpenBLAS's .dynsym on a loaded machine)."""
+        fmt, order, width = self._unpacker()
+        stride = section["sh_entsize"] or width
+        data = self._section_bytes(section)
+        count = len(data) // stride
+        if stride == width:
+            raw = list(struct.iter_unpack(fmt, data[:count * width]))
+        else:
+            raw = [struct.unpack_from(fmt, data, i * stride) for i in range(count)]
+        if order != (0, 1, 2, 3, 4, 5):
+            raw = [tuple(r[j] for j in order) for r in raw]
+        strtab = self._section_bytes(self._elf.get_section(section["sh_link"]))
+        return raw, strtab
+
+    @staticmethod
+    def _name_at(strtab: bytes, offset: int) -> str:
+        end = strtab.find(b"\0", offset)
+        return strtab[offset:end if end >= 0 else len(strtab)].decode("latin-1")
+
+    def _decode(self, entry: tuple[int, ...], name: str, index: int, dynamic: bool) -> _Sym:
+        _, info, _, shndx, value, size = entry
+        kind, bind = info & 0xF, info >> 4
         version, hidden = self._version_of(index) if dynamic else ("", False)
-        return _Sym(
-            name=sym.name,
-            value=sym["st_value"],
-            size=sym["st_size"],
-            is_func=sym["st_info"]["type"] in STT_FUNC_TYPES,
-            is_ifunc=sym["st_info"]["type"] in STT_IFUNC_TYPES,
-            defined=sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"] != 0,
-            global_=sym["st_info"]["bind"] in ("STB_GLOBAL", "STB_WEAK"),
-            hidden_version=hidden,
-            version=version,
-        )
+        return _Sym(name, value, size, kind == STT_FUNC, kind == STT_GNU_IFUNC,
+                    shndx != SHN_UNDEF and value != 0, bind in (STB_GLOBAL, STB_WEAK),
+                    hidden, version)
+
+    @cached_property
+    def _dynstr(self) -> bytes:
+        """The string table of ``.dynsym``."""
+        return self._section_bytes(self._elf.get_section(self._dynsym["sh_link"]))
+
+    def _dynsym_entry(self, index: int) -> tuple[_Sym, str]:
+        """One ``.dynsym`` entry read alone (a ``.gnu.hash`` hit), and its name."""
+        fmt, order, width = self._unpacker()
+        stride = self._dynsym["sh_entsize"] or width
+        with self._lock:
+            self._stream.seek(self._dynsym["sh_offset"] + index * stride)
+            raw = struct.unpack(fmt, self._stream.read(width))
+        entry = tuple(raw[j] for j in order)
+        name = self._name_at(self._dynstr, entry[0])
+        return self._decode(entry, name, index, True), name
 
     def _table(self, name: str) -> list[_Sym]:
-        """Every symbol of ``.dynsym`` or ``.symtab``, read once and kept."""
-        cached = self._tables.get(name)
-        if cached is not None:
-            return cached
-        section: Any = self._dynsym if name == ".dynsym" else self._symtab
-        syms = []
-        if section is not None:
-            dynamic = name == ".dynsym"
-            for i, sym in enumerate(section.iter_symbols()):
-                if sym.name:
-                    syms.append(self._make(sym, i, dynamic))
-        self._tables[name] = syms
-        return syms
+        """Every named symbol of ``.dynsym`` or ``.symtab``, read once and kept."""
+        with self._lock:
+            cached = self._tables.get(name)
+            if cached is not None:
+                return cached
+            section: Any = self._dynsym if name == ".dynsym" else self._symtab
+            syms: list[_Sym] = []
+            if section is not None:
+                dynamic = name == ".dynsym"
+                entries, strtab = self._entries(section)
+                for i, entry in enumerate(entries):
+                    sym_name = self._name_at(strtab, entry[0]) if entry[0] else ""
+                    if sym_name:
+                        syms.append(self._decode(entry, sym_name, i, dynamic))
+            self._tables[name] = syms
+            return syms
 
     def vaddr_to_offset(self, vaddr: int) -> int | None:
         """File offset of a link-time virtual address (through its PT_LOAD segment)."""
@@ -247,7 +319,7 @@ class ElfSymbols:
         while True:
             stream.seek(table._chain_pos + (symidx - params["symoffset"]) * 4)
             chain_hash = struct.unpack(fmt, stream.read(4))[0]
-            if (chain_hash | 1) == (namehash | 1) and self._dynsym.get_symbol(symidx).name == name:
+            if (chain_hash | 1) == (namehash | 1) and self._dynsym_entry(symidx)[1] == name:
                 found.append(symidx)
             if chain_hash & 1:
                 return found
@@ -258,7 +330,7 @@ class ElfSymbols:
         with self._lock:
             indices = self._gnu_hash_indices(name)
             if indices:
-                syms = [self._make(self._dynsym.get_symbol(i), i, True) for i in indices]
+                syms = [self._dynsym_entry(i)[0] for i in indices]
                 syms = [s for s in syms if s.defined and (s.is_func or s.is_ifunc)]
                 syms.sort(key=lambda s: s.hidden_version)  # name@@VER before name@VER
                 if syms and syms[0].is_ifunc:
@@ -278,22 +350,38 @@ class ElfSymbols:
         return None
 
     def match(self, pattern: str) -> list[ResolvedSymbol]:
-        """Every defined function whose name matches the glob ``pattern``, one per name."""
+        """Every defined function whose name matches the glob ``pattern``, one per name.
+
+        Kept per pattern: a profile's globs are asked again at every placement of it
+        (companion detection, the attach, each re-attach of a ``--match`` target).
+        """
+        with self._lock:
+            hit = self._matches.get(pattern)
+            if hit is None:
+                hit = self._matches[pattern] = self._compute_match(pattern)
+            return list(hit)
+
+    def _compute_match(self, pattern: str) -> tuple[ResolvedSymbol, ...]:
+        matches = re.compile(fnmatch.translate(pattern)).match  # fnmatchcase, compiled once
         seen: dict[str, ResolvedSymbol] = {}
         for table in (".dynsym", ".symtab"):
             for sym in self._table(table):
                 if (sym.name in seen or not sym.defined or not sym.is_func
-                        or sym.hidden_version or not fnmatch.fnmatchcase(sym.name, pattern)):
+                        or sym.hidden_version or not matches(sym.name)):
                     continue
                 resolved = self._finish(sym, table)
                 if resolved is not None:
                     seen[sym.name] = resolved
-        return sorted(seen.values(), key=lambda r: r.name)
+        return tuple(sorted(seen.values(), key=lambda r: r.name))
 
     def names(self) -> set[str]:
         """Names of all defined functions in the file (for suggestions)."""
-        return {s.name for t in (".dynsym", ".symtab") for s in self._table(t)
-                if s.defined and s.is_func}
+        return set(self._names)
+
+    @cached_property
+    def _names(self) -> frozenset[str]:
+        return frozenset(s.name for t in (".dynsym", ".symtab") for s in self._table(t)
+                         if s.defined and s.is_func)
 
     def why_missing(self, name: str) -> str:
         """One sentence on why ``name`` does not resolve here."""
@@ -314,12 +402,30 @@ class ElfSymbols:
                     "(no .symtab): install its debug symbols or probe an exported function")
         return f"{name} is not in {os.path.basename(self.path)}"
 
+    @cached_property
+    def _sorted_names(self) -> list[str]:
+        return sorted(self._names)
+
     def near(self, name: str, limit: int = 5) -> tuple[str, ...]:
-        """Names close to ``name``: substring matches first, then difflib's close ones."""
-        names = self.names()
+        """Names close to ``name``: substring matches first, then difflib's close ones.
+
+        Kept per name: difflib over a library's thousands of names costs a good fraction
+        of a second, and every placement of a profile asks again for the probes it misses.
+        """
+        key = (name, limit)
+        with self._lock:
+            hit = self._near.get(key)
+        if hit is None:
+            hit = self._near[key] = self._compute_near(name, limit)
+        return hit
+
+    def _compute_near(self, name: str, limit: int) -> tuple[str, ...]:
+        names = self._names
         bare = name.strip("*?")
-        sub = sorted((n for n in names if bare and bare.lower() in n.lower()), key=len)
-        close = difflib.get_close_matches(bare, list(names), n=limit, cutoff=0.6)
+        # shortest first, ties by name: a set's order changes with the hash seed per run
+        sub = sorted((n for n in names if bare and bare.lower() in n.lower()),
+                     key=lambda n: (len(n), n))
+        close = difflib.get_close_matches(bare, self._sorted_names, n=limit, cutoff=0.6)
         out: list[str] = []
         for n in sub + close:
             if n not in out and n != name:

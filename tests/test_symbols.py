@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,18 @@ def test_typo_suggests_near_names() -> None:
     assert err.value.near[0] == "clock_nanosleep" or "clock_nanosleep" in err.value.near
 
 
+def test_near_names_do_not_depend_on_the_hash_seed() -> None:
+    """Near names of equal length came out in set order, which changes with
+    PYTHONHASHSEED: `prism symbols` printed a different list on every run."""
+    code = ("from probes.symbols import ElfSymbols; import sys; "
+            "print(ElfSymbols(sys.argv[1]).near('pthread_mutex_'))")
+    runs = {subprocess.run([sys.executable, "-c", code, LIBC], check=True, text=True,
+                           capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed},
+                           ).stdout for seed in ("1", "2", "3", "4")}
+    assert len(runs) == 1, runs
+    assert "pthread_mutex_lock" in runs.pop()
+
+
 # ------------------------------------------------------------------ local, stripped, imported
 
 
@@ -375,24 +388,107 @@ def test_exact_lookup_refuses_a_data_object() -> None:
 
 
 def test_gnu_hash_hit_does_not_scan_dynsym() -> None:
-    """One hash and a chain walk: a hit must not parse the whole .dynsym (tens of ms in
-    libc, 500x a cached scan)."""
+    """One hash and a chain walk: a hit must not read the whole .dynsym (a table of 3,000
+    entries in libc where the hit reads one)."""
     syms = ElfSymbols(LIBC)
     try:
         scans = []
-        dynsym = syms._dynsym
-        original = dynsym.iter_symbols
+        original = syms._entries
 
-        def counting_iter():  # type: ignore[no-untyped-def]
-            scans.append(1)
-            return original()
+        def counting_entries(section):  # type: ignore[no-untyped-def]
+            scans.append(section.name)
+            return original(section)
 
-        dynsym.iter_symbols = counting_iter
+        syms._entries = counting_entries  # type: ignore[method-assign]
         got = syms.lookup("malloc")
         assert got is not None and got.table == ".gnu.hash"
-        assert scans == [], "a .gnu.hash hit walked the whole .dynsym"
+        assert scans == [], "a .gnu.hash hit read a whole symbol table"
+        syms.names()  # the counter does count a full read
+        assert scans == [".dynsym"]
     finally:
         syms.close()
+
+
+def _pyelftools_rows(path: str, table: str) -> list[tuple[object, ...]]:
+    """Every named symbol of ``table`` as pyelftools' own parser decodes it."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        section = elf.get_section_by_name(table)
+        assert section is not None, (path, table)
+        versym = elf.get_section_by_name(".gnu.version") if table == ".dynsym" else None
+        verdef = elf.get_section_by_name(".gnu.version_d")
+        names = {v["vd_ndx"]: next(iter(aux)).name for v, aux in verdef.iter_versions()} \
+            if versym is not None and verdef is not None else {}
+        rows = []
+        for i, sym in enumerate(section.iter_symbols()):  # type: ignore[attr-defined]
+            if not sym.name:
+                continue
+            version, hidden = "", False
+            if versym is not None:
+                ndx = versym.get_symbol(i).entry["ndx"]
+                if not isinstance(ndx, str):
+                    version, hidden = names.get(ndx & ~0x8000, ""), bool(ndx & 0x8000)
+            kind, bind = sym["st_info"]["type"], sym["st_info"]["bind"]
+            rows.append((sym.name, sym["st_value"], sym["st_size"], kind == "STT_FUNC",
+                         kind in ("STT_GNU_IFUNC", "STT_LOOS"),
+                         sym["st_shndx"] != "SHN_UNDEF" and sym["st_value"] != 0,
+                         bind in ("STB_GLOBAL", "STB_WEAK"), hidden, version))
+        return rows
+
+
+def test_symbol_tables_agree_with_pyelftools(ctarget_exe: Path) -> None:
+    """The tables are unpacked with struct, not pyelftools' per-entry parser (the attach
+    cost, docs/performance.md#attach-time): every entry must decode as pyelftools decodes
+    it, versions of versioned libraries (libc, libcudart) and a .symtab included."""
+    cases = [(LIBC, ".dynsym"), (_libcudart(), ".dynsym"), (str(ctarget_exe), ".symtab"),
+             (str(ctarget_exe), ".dynsym")]
+    for path, table in cases:
+        syms = ElfSymbols(path)
+        try:
+            ours = [tuple(s) for s in syms._table(table)]
+        finally:
+            syms.close()
+        theirs = _pyelftools_rows(path, table)
+        assert len(ours) > 10, (path, table)
+        assert ours == theirs, (path, table)
+    assert any(row[8] for row in _pyelftools_rows(LIBC, ".dynsym"))  # versions were compared
+
+
+def test_cache_is_invalidated_when_the_c_target_is_rebuilt(tmp_path: Path) -> None:
+    """Lookups, glob matches and near names are kept per file identity: a target rebuilt in
+    place must be read again, not answered from the old build's tables."""
+    from tests.conftest import CFLAGS, CTARGET_SRC
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc is not None, "no C compiler: `make test` installs build-essential"
+    exe = tmp_path / "ctarget"
+    subprocess.run([cc, *CFLAGS, str(CTARGET_SRC), "-o", str(exe)], check=True)
+    first = elf_symbols(str(exe))
+    assert elf_symbols(str(exe)) is first
+    before = {r.name for r in first.match("pl_*")}
+    assert "pl_work" in before and "pl_rebuilt" not in before
+    assert first.lookup("pl_rebuilt") is None
+    near_before = first.near("pl_rebuilt")
+    assert "pl_rebuilt" not in near_before
+
+    source = tmp_path / "ctarget2.c"
+    source.write_text(CTARGET_SRC.read_text() + "\n__attribute__((noinline)) long "
+                      "pl_rebuilt(long x) { return x + 7; }\n")
+    subprocess.run([cc, *CFLAGS, str(source), "-o", str(exe)], check=True)
+    second = elf_symbols(str(exe))
+    assert second is not first
+    assert "pl_rebuilt" in {r.name for r in second.match("pl_*")}
+    rebuilt = second.lookup("pl_rebuilt")
+    assert rebuilt is not None
+    addr = next(int(line.split()[0], 16) for line in subprocess.run(
+        [_tool("nm"), str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+        if line.endswith(" pl_rebuilt"))
+    assert rebuilt.address == addr
+    assert "pl_rebuilt" in resolve(str(exe), "pl_re*")[0].name
+    # the old object still answers for the old build (a target still running it)
+    assert first.lookup("pl_rebuilt") is None and first.near("pl_rebuilt") == near_before
 
 
 def test_an_ifunc_is_refused_with_the_reason() -> None:
