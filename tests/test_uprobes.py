@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import select
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -366,6 +368,32 @@ async def test_async_batches_until_the_target_exits(ctarget: CTarget, profile: P
                 async for batch in session.batches():
                     got.extend(batch)
     assert [s.probe for s in got] == ["outer"] * 5
+
+
+def test_urgent_site_wakes_the_reader_with_its_return_not_its_entry(ctarget: CTarget) -> None:
+    """An urgent entry+return site's entry is in the ring without making it readable (no
+    wake-up: nothing to judge yet, and each costs the target 10-14 µs); its return wakes
+    the reader at once. The call sleeps 1.5 s, so "in the ring, not readable" is checked
+    while the call is surely still running."""
+    sites = place_symbol(Target(ctarget.pid), "ctarget", "pl_sleep_us", ret=True)
+    with UprobeSession([Target(ctarget.pid)], sites, urgent={sites[0].probe},
+                       mode="thread") as session:
+        [ring] = [r for (tid, _cpu), r in session._rings.items() if tid == ctarget.pid]
+        poller = select.poll()
+        poller.register(ring.owner_fd, select.POLLIN)
+        call = threading.Thread(target=ctarget.cmd, args=("sleep 1500000 1",))
+        call.start()
+        deadline = time.monotonic() + 1.0
+        while ring.pending_bytes() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        entered = ring.pending_bytes() > 0
+        readable_on_entry = poller.poll(0)
+        call.join(30)
+        readable_on_return = poller.poll(5000)
+        spans = session.read()
+    assert entered and not readable_on_entry
+    assert readable_on_return
+    assert [s.probe for s in spans] == [sites[0].probe]
 
 
 @pytest.mark.anyio
