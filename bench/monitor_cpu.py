@@ -5,8 +5,9 @@ the simulator's host stage alone is ~2 ms, which caps it at a few hundred iterat
 second) is watched in turn by ``prism watch --headless --no-history --json`` of each
 tree given (default: this one), interleaved over the rounds. For each watch:
 
-* CPU: utime + stime of the watch process from ``/proc/PID/stat`` over a window that
-  starts after attaching (``--warm`` seconds) and ends a second before ``--duration``;
+* CPU: utime + stime of the watch process from ``/proc/PID/stat`` over ``--window``
+  seconds that start 2 s after its first snapshot with data (so calibrating, attaching
+  and the first fit are left out; detaching too: the watch is then killed);
 * iterations: the simulator's own labels (one line per finished iteration, monotonic
   clock) that ended inside the window, so attach and detach are left out;
 * events: ring records per iteration, from a ``prism watch --record`` run before the
@@ -16,7 +17,7 @@ tree given (default: this one), interleaved over the rounds. For each watch:
   innermost frame that names a part of the pipeline (table ``PARTS``).
 
 Run: ``.venv/bin/python bench/monitor_cpu.py [--trees DIR ...] [--rounds N]
-[--duration S] [--profile]``. A tree is a checkout of this repository (e.g. the previous
+[--window S] [--profile]``. A tree is a checkout of this repository (e.g. the previous
 commit in a ``git worktree``); its code runs with ``PYTHONPATH`` set to it.
 """
 
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -157,30 +159,47 @@ def _categorise(raw: Path) -> collections.Counter[str]:
     return parts
 
 
-def one_watch(tree: Path, pid: int, labels: Path, duration: float, warm: float,
+def _wait_for_spans(watch: subprocess.Popen[str], timeout: float) -> None:
+    """Return once the watch printed a snapshot with data (it calibrated, attached and
+    saw iterations; under load attaching alone can take tens of seconds)."""
+    assert watch.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = watch.stdout.readline()
+        if not line:
+            raise RuntimeError("the watch ended before it saw any iteration")
+        if line.startswith('{"snapshot"') and json.loads(line)["snapshot"]["series"]:
+            return
+    raise RuntimeError(f"no snapshot with data within {timeout:.0f} s")
+
+
+def one_watch(tree: Path, pid: int, labels: Path, window: float,
               profile: Path | None) -> dict[str, float]:
     watch = subprocess.Popen(
-        [*PRISM, "watch", "--pid", str(pid), "--headless", "--no-history", "--json",
-         "--duration", str(duration)], env=_env(tree), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    reap.append(watch)
-    time.sleep(warm)
+        [*PRISM, "watch", "--pid", str(pid), "--headless", "--no-history"],
+        env=_env(tree), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    _wait_for_spans(watch, 180)
+    assert watch.stdout is not None
+    drain = threading.Thread(target=watch.stdout.read, daemon=True)  # keep the pipe empty
+    drain.start()
+    time.sleep(2)  # past the first fits
     spy = None
     if profile is not None:
         spy = subprocess.Popen(
             [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
              "record", "--pid", str(watch.pid), "--rate", "500", "--nonblocking",
-             "--format", "raw", "--duration", str(int(duration - warm - 1)),
+             "--format", "raw", "--duration", str(int(window)),
              "-o", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0, c0 = time.monotonic_ns(), _cpu_s(watch.pid)
-    time.sleep(duration - warm - 1)
+    time.sleep(window)
     t1, c1 = time.monotonic_ns(), _cpu_s(watch.pid)
-    # detaching takes ~80 ms per probe event, serialised machine-wide by the kernel
-    # (docs/performance.md): not what is measured here, so the kernel does it after
-    # SIGKILL while the next round runs
-    watch.kill()
     if spy is not None:
         spy.wait(30)
+    # detaching takes ~80 ms per probe event, serialised machine-wide by the kernel
+    # (docs/performance.md) and not measured here; SIGKILL lets the kernel do it, and
+    # waiting keeps it out of the next round's attach
+    watch.kill()
+    watch.wait()
     time.sleep(0.5)  # the last labels are flushed
     its = _iterations_between(labels, t0, t1)
     return {"cpu_s": c1 - c0, "window_s": (t1 - t0) / 1e9, "iterations": its}
@@ -190,8 +209,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trees", nargs="+", type=Path, default=[ROOT])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=32.0)
-    ap.add_argument("--warm", type=float, default=14.0)
+    ap.add_argument("--window", type=float, default=20.0,
+                    help="seconds measured per watch, once it shows data")
     ap.add_argument("--profile", action="store_true", help="py-spy breakdown (this tree)")
     ap.add_argument("--keep-profile", metavar="PATH", help="keep py-spy's raw stacks here")
     args = ap.parse_args()
@@ -214,7 +233,7 @@ def main() -> int:
             for r in range(args.rounds):
                 for tree in trees:
                     prof = tmp / f"spy{r}.txt" if args.profile and tree == trees[-1] else None
-                    res = one_watch(tree, pid, labels, args.duration, args.warm, prof)
+                    res = one_watch(tree, pid, labels, args.window, prof)
                     results[tree].append(res)
                     if prof is not None and prof.exists():
                         parts += _categorise(prof)
