@@ -289,6 +289,44 @@ def test_target_exit_ends_the_session(ctarget: CTarget, profile: Profile) -> Non
     assert len(spans) == 10
 
 
+def _text_at(pid: int, site: ProbeSite) -> int:
+    """The byte the target executes at ``site`` now (0xCC while a uprobe sits there)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        span, perms, offset, _dev, inode, *_ = line.split()
+        start, end = (int(x, 16) for x in span.split("-"))
+        file_start = int(offset, 16)
+        if (int(inode) == site.inode and "x" in perms
+                and file_start <= site.offset < file_start + end - start):
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(start + site.offset - file_start)
+                return mem.read(1)[0]
+    raise AssertionError(f"{site.symbol} is not mapped executable")
+
+
+def test_close_unregisters_every_uprobe_and_closes_every_fd(ctarget: CTarget) -> None:
+    """Many sites (every ``pl_*`` function, entry and return): while attached each one's
+    first instruction in the target is the kernel's breakpoint; after close() the target
+    runs its own bytes again at every site (no uprobe left registered) and no fd stays
+    open. Asserted, not timed: bench/detach_cost.py measures how long closing takes."""
+    sites = place_symbol(Target(ctarget.pid), "ctarget", "pl_*", ret=True)
+    assert len(sites) >= 8
+    own = {}
+    for site in sites:
+        with open(site.open_path, "rb") as f:
+            f.seek(site.offset)
+            own[site.offset] = f.read(1)[0]
+    assert all(byte != 0xCC for byte in own.values())
+    before = open_fds()
+    session = UprobeSession([Target(ctarget.pid)], sites, mode="thread").open()
+    try:
+        assert {_text_at(ctarget.pid, site) for site in sites} == {0xCC}
+    finally:
+        session.close()
+    assert {s.offset: _text_at(ctarget.pid, s) for s in sites} == own
+    assert open_fds() == before
+    assert ctarget.cmd("work 3") >= 0  # the target runs on
+
+
 def test_close_is_idempotent_and_releases_every_fd(ctarget: CTarget, profile: Profile) -> None:
     before = open_fds()
     session = UprobeSession([Target(ctarget.pid)], sites_for(ctarget, profile), mode="thread")
