@@ -62,7 +62,7 @@ def _noop_program() -> int:
     attr = ctypes.create_string_buffer(128)
     struct.pack_into("<IIQQ", attr, 0, BPF_PROG_TYPE_KPROBE, len(insns) // 8,
                      ctypes.addressof(code), ctypes.addressof(license_))
-    attr[48:48 + 6] = b"detach"
+    struct.pack_into("<16s", attr, 48, b"detach")
     struct.pack_into("<I", attr, 68, BPF_TRACE_UPROBE_MULTI)
     return _bpf(BPF_PROG_LOAD, attr)
 
