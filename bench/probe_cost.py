@@ -122,6 +122,7 @@ class Config:
     wakeup: int
     calls: int
     reader: bool = True  # a reader polls and drains the ring while the target runs
+    wake_on_return_only: bool = False  # an urgent entry+return site (UprobeSession)
 
     def estimate(self, costs: HitCosts) -> float:
         """The governor's estimate of what this configuration adds per call."""
@@ -155,7 +156,8 @@ def timed_with_probe(target: CTarget, exe: str, cfg: Config) -> tuple[int, int, 
         if cfg.probes != "entry":
             specs.append(EventSpec(exe, cfg.offset, is_return=True))
         for spec in specs:
-            ring.add(open_uprobe(spec, target.pid, -1, wakeup_events=cfg.wakeup), spec)
+            wakeup = 0 if cfg.wake_on_return_only and not spec.is_return else cfg.wakeup
+            ring.add(open_uprobe(spec, target.pid, -1, wakeup_events=wakeup), spec)
         poller = select.poll()
         poller.register(ring.owner_fd, select.POLLIN)
         samples = 0
@@ -183,6 +185,9 @@ def configs(work_entry: int, work_probe: int, plain_entry: int, calls: int) -> l
     out.append(Config(label, fn, offset, site, "return", 0, n))
     # a wake-up when no reader sleeps on the ring
     out.append(Config(label, fn, offset, site, "entry", 1, n, reader=False))
+    # an urgent entry+return site as UprobeSession opens it: only the return wakes
+    out.append(Config(label, fn, offset, site, "entry+return", 1, n,
+                      wake_on_return_only=True))
     return out
 
 
@@ -247,7 +252,8 @@ def report(results: list[tuple[Config, Result]], costs: HitCosts, cal_s: float,
         probed = statistics.median(res.probed)
         ratio = probed / base if base else float("inf")
         lines.append(
-            f"| {cfg.label}, {cfg.site} | {cfg.probes} | {cfg.wakeup} "
+            f"| {cfg.label}, {cfg.site} | {cfg.probes} "
+            f"| {cfg.wakeup}{' (return only)' if cfg.wake_on_return_only else ''} "
             f"| {'polling' if cfg.reader else 'idle'} | {cfg.calls} | {base:.2f} "
             f"| {probed:,.0f} | {probed - base:,.0f} | {ratio:,.0f}x "
             f"| {cfg.estimate(costs):,.0f} | {res.samples}/{res.expected} | {res.lost} |")

@@ -174,10 +174,11 @@ class UprobeSession:
             mode: ``thread``, ``cpu`` or ``auto`` (cpu when no other process maps the
                 probed files, else thread).
             ring_pages: data pages per ring (a power of two).
-            urgent: probe ids whose every hit wakes the reader at once (so the event
-                reaches the engine within a millisecond); each such wake-up costs the
-                target 10–14 µs, so name only per-iteration probes. Other records
-                wait for the next drain or for a ring half full.
+            urgent: probe ids whose spans wake the reader as they complete (the
+                return of an entry+return site, the entry of an entry-only one), so a
+                finished iteration reaches the engine within a millisecond; each such
+                wake-up costs the target 10–14 µs, so name only per-iteration probes.
+                Other records wait for the next drain or for a ring half full.
             drain_interval_s: how often rings are drained without a wake-up.
             rescan_interval_s: how often ``/proc`` is read for new or exited threads and
                 targets (thread mode learns of threads at once from FORK/EXIT records;
@@ -347,10 +348,12 @@ class UprobeSession:
             specs.append(EventSpec(
                 site.open_path, site.offset, True,
                 tuple(sorted({*registers_for((), site.wants_return_value), *sp}))))
+        # an urgent site wakes the reader with the record that completes its span (the
+        # return, when there is one): the entry's wake-up would find nothing to judge
+        last = specs[-1] if site.probe in self.urgent else None
         opened = []
         for spec in specs:
-            fd = open_uprobe(spec, tid, cpu,
-                             wakeup_events=1 if site.probe in self.urgent else 0)
+            fd = open_uprobe(spec, tid, cpu, wakeup_events=1 if spec is last else 0)
             opened.append((index, ring.add(fd, spec), fd, spec))
         return opened
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import select
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -287,6 +289,44 @@ def test_target_exit_ends_the_session(ctarget: CTarget, profile: Profile) -> Non
     assert len(spans) == 10
 
 
+def _text_at(pid: int, site: ProbeSite) -> int:
+    """The byte the target executes at ``site`` now (0xCC while a uprobe sits there)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        span, perms, offset, _dev, inode, *_ = line.split()
+        start, end = (int(x, 16) for x in span.split("-"))
+        file_start = int(offset, 16)
+        if (int(inode) == site.inode and "x" in perms
+                and file_start <= site.offset < file_start + end - start):
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(start + site.offset - file_start)
+                return mem.read(1)[0]
+    raise AssertionError(f"{site.symbol} is not mapped executable")
+
+
+def test_close_unregisters_every_uprobe_and_closes_every_fd(ctarget: CTarget) -> None:
+    """Many sites (every ``pl_*`` function, entry and return): while attached each one's
+    first instruction in the target is the kernel's breakpoint; after close() the target
+    runs its own bytes again at every site (no uprobe left registered) and no fd stays
+    open. Asserted, not timed: bench/detach_cost.py measures how long closing takes."""
+    sites = place_symbol(Target(ctarget.pid), "ctarget", "pl_*", ret=True)
+    assert len(sites) >= 8
+    own = {}
+    for site in sites:
+        with open(site.open_path, "rb") as f:
+            f.seek(site.offset)
+            own[site.offset] = f.read(1)[0]
+    assert all(byte != 0xCC for byte in own.values())
+    before = open_fds()
+    session = UprobeSession([Target(ctarget.pid)], sites, mode="thread").open()
+    try:
+        assert {_text_at(ctarget.pid, site) for site in sites} == {0xCC}
+    finally:
+        session.close()
+    assert {s.offset: _text_at(ctarget.pid, s) for s in sites} == own
+    assert open_fds() == before
+    assert ctarget.cmd("work 3") >= 0  # the target runs on
+
+
 def test_close_is_idempotent_and_releases_every_fd(ctarget: CTarget, profile: Profile) -> None:
     before = open_fds()
     session = UprobeSession([Target(ctarget.pid)], sites_for(ctarget, profile), mode="thread")
@@ -366,6 +406,32 @@ async def test_async_batches_until_the_target_exits(ctarget: CTarget, profile: P
                 async for batch in session.batches():
                     got.extend(batch)
     assert [s.probe for s in got] == ["outer"] * 5
+
+
+def test_urgent_site_wakes_the_reader_with_its_return_not_its_entry(ctarget: CTarget) -> None:
+    """An urgent entry+return site's entry is in the ring without making it readable (no
+    wake-up: nothing to judge yet, and each costs the target 10-14 µs); its return wakes
+    the reader at once. The call sleeps 1.5 s, so "in the ring, not readable" is checked
+    while the call is surely still running."""
+    sites = place_symbol(Target(ctarget.pid), "ctarget", "pl_sleep_us", ret=True)
+    with UprobeSession([Target(ctarget.pid)], sites, urgent={sites[0].probe},
+                       mode="thread") as session:
+        [ring] = [r for (tid, _cpu), r in session._rings.items() if tid == ctarget.pid]
+        poller = select.poll()
+        poller.register(ring.owner_fd, select.POLLIN)
+        call = threading.Thread(target=ctarget.cmd, args=("sleep 1500000 1",))
+        call.start()
+        deadline = time.monotonic() + 1.0
+        while ring.pending_bytes() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        entered = ring.pending_bytes() > 0
+        readable_on_entry = poller.poll(0)
+        call.join(30)
+        readable_on_return = poller.poll(5000)
+        spans = session.read()
+    assert entered and not readable_on_entry
+    assert readable_on_return
+    assert [s.probe for s in spans] == [sites[0].probe]
 
 
 @pytest.mark.anyio
