@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
-
-from alerting.config import BrokerConfig
 from fastdigest import TDigest, merge_all
 
+from alerting.config import BrokerConfig
 from alerting.digests import DigestEntry, decode, merge_entries
 from alerting.schema import Alert, AlertSchemaError
 
