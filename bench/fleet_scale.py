@@ -161,6 +161,50 @@ def run(hosts: int, seconds: int, edges: int, procs: int, values: int) -> dict[s
     }
 
 
+def merge_only(hosts: int, seconds: int, values: int) -> dict[str, object]:
+    """The fleet's state alone (no brokers): CPU seconds per second of ingesting
+    ``hosts`` digest messages (decode included) and of one snapshot, on a fixed clock
+    with a 60 s window (the default), over ``seconds`` simulated seconds."""
+    from fastdigest import TDigest
+
+    from alerting.fleet import FleetState
+
+    rng = np.random.default_rng(0)
+    pool = [[_window(rng, 10.0 * (1 + s / 4), values, TDigest) for _ in range(8)]
+            for s in range(SERIES)]
+    t0 = 1_780_000_000.0
+    clock = [t0]
+    state = FleetState(TOPIC_ROOT, window_s=60.0, clock=lambda: clock[0])
+    ingest_s = snapshot_s = 0.0
+    for second in range(seconds):
+        messages = []
+        for h in range(hosts):
+            series = [{"stage": f"stage{s:02d}", "phase": "decode", "device": "cuda:0",
+                       "start_ns": second * 10**9, "end_ns": (second + 1) * 10**9,
+                       "start": t0 + second, "count": values, "sum_ms": 1.0, "min_ms": 0.1,
+                       "max_ms": 9.0, "digest": pool[s][(h + second) % 8][1]}
+                      for s in range(SERIES)]
+            messages.append((f"{TOPIC_ROOT}/h{h:05d}/vllm-1/digest", json.dumps({
+                "schema": 1, "encoding": "fastdigest-bytes-base64", "host": f"h{h:05d}",
+                "target": {"pid": 1, "name": "vllm", "profile": "cuda"},
+                "published_at": t0, "series": series}).encode()))
+        clock[0] = t0 + second + 1.2
+        a = time.process_time()
+        for topic, payload in messages:
+            state.ingest(topic, payload)
+        b = time.process_time()
+        state.snapshot()
+        c = time.process_time()
+        if second >= seconds // 2:  # the second half: the window holds many buckets
+            ingest_s += b - a
+            snapshot_s += c - b
+    half = seconds - seconds // 2
+    return {"mode": "merge-only", "hosts": hosts, "series_per_host": SERIES,
+            "seconds": seconds, "ingest_cpu_per_s": round(ingest_s / half, 3),
+            "snapshot_cpu_per_s": round(snapshot_s / half, 3),
+            "cpu_per_s": round((ingest_s + snapshot_s) / half, 3)}
+
+
 def main() -> None:
     """Parse the arguments, run, print one JSON document."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -169,7 +213,12 @@ def main() -> None:
     ap.add_argument("--edges", type=int, default=2)
     ap.add_argument("--procs", type=int, default=2, help="publishing processes")
     ap.add_argument("--values", type=int, default=200, help="values per series per second")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="time the fleet's state alone (no brokers, no publishers)")
     args = ap.parse_args()
+    if args.merge_only:
+        print(json.dumps(merge_only(args.hosts, args.seconds, args.values), indent=2))
+        return
     print(json.dumps(run(args.hosts, args.seconds, args.edges, args.procs, args.values),
                      indent=2))
 
