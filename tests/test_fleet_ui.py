@@ -171,3 +171,40 @@ def test_fleet_session_view_names_the_broker() -> None:
     assert view.broker == "mqtt://core:1883" and len(view.hosts) == 3
     assert [r.stage for r in session.host_series("gpu-b")] == [
         "device_sync", "iteration", "scheduler"]
+
+
+@pytest.mark.anyio
+async def test_the_dashboard_follows_a_real_broker(broker: EmbeddedBroker) -> None:  # noqa: F811
+    """What ``prism fleet`` runs without --headless: the session as the app's feed."""
+    import aiomqtt
+
+    session = FleetSession(BrokerConfig(url=broker.url), FleetState(ROOT, window_s=3600),
+                           interval_s=0.2)
+
+    async def feed(show: Callable[[FleetView], None], stop: asyncio.Event) -> None:
+        await session.run(show, stop)
+
+    app = FleetApp(feed=feed, control=session)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await asyncio.sleep(1.0)  # subscribed
+        async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+            for topic, payload in host_messages("gpu-z", 10.0, 2, epoch=time.time() - 2):
+                await client.publish(topic, payload, qos=1)
+        for _ in range(100):
+            await pilot.pause(0.1)
+            if app.shown is not None and app.shown.fleet:
+                break
+        assert app.shown is not None and [h.host for h in app.shown.hosts] == ["gpu-z"]
+        assert sum(r.count for r in app.shown.fleet) == 3 * 2 * 200
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, HostScreen) and len(app.screen.rows) == 3
+        await pilot.press("escape", "q")
+    assert app.return_code == 0
+
+
+def test_fleet_headless_and_json_together_is_exit_2(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fleet", "--broker", "mqtt://127.0.0.1:1", "--headless", "--json"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "prism fleet: --headless and --json exclude each other")
