@@ -143,15 +143,23 @@ async def test_prism_fleet_headless_through_mosquitto_writes_its_history(
     import aiomqtt
 
     db = tmp_path / "fleet" / "fleet.sqlite"
+    (status, *digests) = host_messages("gpu-a", 10.0, 3, epoch=time.time() - 3)
+    async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.publish(*status, qos=1, retain=True)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "prism_tui.cli", "fleet", "--broker", broker.url,
-        "--duration", "4", "--headless", "--db", str(db), "--interval", "0.5", cwd=REPO,
+        "--duration", "6", "--headless", "--db", str(db), "--interval", "0.5", cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
-    await asyncio.sleep(1.5)  # it subscribes; the digests are not retained
+    assert proc.stdout is not None
+    while True:  # the retained status shows it subscribed; the digests are not retained
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line, "prism fleet ended before it saw the retained status"
+        if json.loads(line)["fleet"]["hosts"]:
+            break
     async with aiomqtt.Client("127.0.0.1", broker.port) as client:
-        for topic, payload in host_messages("gpu-a", 10.0, 3, epoch=time.time() - 3):
-            await client.publish(topic, payload, qos=1, retain=topic.endswith("status"))
+        for topic, payload in digests:
+            await client.publish(topic, payload, qos=1)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err
     last = json.loads(out.decode().splitlines()[-1])["fleet"]
@@ -185,12 +193,17 @@ async def test_the_dashboard_follows_a_real_broker(broker: EmbeddedBroker) -> No
         await session.run(show, stop)
 
     app = FleetApp(feed=feed, control=session)
+    (status, *digests) = host_messages("gpu-z", 10.0, 2, epoch=time.time() - 2)
     async with app.run_test(size=(120, 36)) as pilot:
-        await asyncio.sleep(1.0)  # subscribed
         async with aiomqtt.Client("127.0.0.1", broker.port) as client:
-            for topic, payload in host_messages("gpu-z", 10.0, 2, epoch=time.time() - 2):
+            await client.publish(*status, qos=1, retain=True)
+            for _ in range(300):  # the retained status shows the session subscribed
+                await pilot.pause(0.1)
+                if app.shown is not None and app.shown.hosts:
+                    break
+            for topic, payload in digests:
                 await client.publish(topic, payload, qos=1)
-        for _ in range(100):
+        for _ in range(300):
             await pilot.pause(0.1)
             if app.shown is not None and app.shown.fleet:
                 break

@@ -187,10 +187,6 @@ class HostScreen(Screen[None]):
         yield alerts
         yield Footer()
 
-    def action_dismiss(self) -> None:  # type: ignore[override]
-        """Back to the fleet."""
-        self.dismiss(None)
-
 
 class FleetApp(App[int]):
     """The fleet dashboard. Returns 0 on quit, 1 when the feed stopped with an error."""
