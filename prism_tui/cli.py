@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastdigest import TDigest
@@ -33,6 +33,8 @@ from probes.errors import EXIT_OTHER, EXIT_USAGE, ProbeError
 
 QUANTILES = (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("p999_ms", 0.999))
 DEFAULT_DB = "~/.local/state/latencyprism/history.sqlite"
+DEFAULT_FLEET_DB = "~/.local/state/latencyprism/fleet.sqlite"
+"""``prism fleet``'s history (prism_tui.fleet_session has the same default)."""
 
 
 class UsageError(ProbeError):
@@ -168,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--device", help="only this device")
     h.add_argument("--phase", help="only this phase (prefill, decode)")
     h.add_argument("--json", action="store_true", help="print one JSON document")
+    h.add_argument("--fleet", action="store_true", help="the history `prism fleet` keeps "
+                   f"(default file {DEFAULT_FLEET_DB}; devices are profile/kind)")
 
     sm = sub.add_parser("sim", help="run the simulated inference server")
     sm.add_argument("--scenario", default="smoke", metavar="NAME|FILE",
@@ -197,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
                         "that bridges a rack's monitors to core brokers")
     add_bridge_arguments(bc)
     fl = sub.add_parser("fleet", help="every monitor on a broker: hosts, fleet-wide "
-                        "quantiles merged from their digests, outliers, alerts (JSON)")
+                        "quantiles merged from their digests, outliers, alerts (dashboard)")
     fl.add_argument("--broker", metavar="URL", help="MQTT broker (default: settings "
                     "mqtt.broker)")
     fl.add_argument("--config", metavar="FILE", help="settings TOML, for [mqtt]")
@@ -205,11 +209,19 @@ def _parser() -> argparse.ArgumentParser:
                     help="merge the digests of windows that started in the last S seconds "
                     "(default 60)")
     fl.add_argument("--interval", type=float, default=1.0, metavar="S",
-                    help="seconds between the JSON lines (default 1)")
+                    help="seconds between views, JSON lines and history writes (default 1)")
     fl.add_argument("--duration", type=float, default=None, metavar="S",
                     help="stop after S seconds (default: run until interrupted)")
+    fl.add_argument("--headless", action="store_true",
+                    help="JSON lines on stdout instead of the dashboard")
     fl.add_argument("--json", action="store_true",
-                    help="print one JSON document when it stops instead of JSON lines")
+                    help="print one JSON document when it stops instead of the dashboard")
+    fl.add_argument("--db", metavar="PATH", help="the fleet's history of merged windows "
+                    f"(default {DEFAULT_FLEET_DB}; read it with prism history --fleet)")
+    fl.add_argument("--no-history", action="store_true", help="keep no SQLite history")
+    fl.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                    help="serve the fleet's quantiles as Prometheus metrics on "
+                    "127.0.0.1:PORT/metrics (0: any free port, printed on stderr)")
 
     d = sub.add_parser("demo", help="the main job on an embedded default: simulator, "
                        "broker, monitor, dashboard")
@@ -857,11 +869,14 @@ def _fault_scores(rows: Sequence[Any], labels: Any, started_ns: int) -> list[dic
 
 # ---------------------------------------------------------------------- history
 def cmd_fleet(args: argparse.Namespace) -> int:
-    """``prism fleet``: follow every monitor on the broker; JSON lines of the fleet's
-    state every ``--interval``, or one document at the end with ``--json``."""
+    """``prism fleet``: follow every monitor on the broker: the dashboard, JSON lines of
+    the fleet's state every ``--interval`` (``--headless``) or one document at the end
+    (``--json``); the merged windows go to the fleet's history."""
     import asyncio
 
-    from alerting.fleet import FleetState, follow_fleet
+    from alerting.fleet import FleetState
+    from prism_tui.fleet_session import FleetSession
+    from prism_tui.fleet_view import FleetView
     from prism_tui.settings import load_settings
 
     settings = load_settings(args.config, overrides={"mqtt.broker": args.broker})
@@ -872,7 +887,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name} must be > 0, not {value:g}")
-    state = FleetState(config.topic_root, window_s=args.window)
+    if args.headless and args.json:
+        raise UsageError("--headless and --json exclude each other")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port must be 0..65535, not {args.metrics_port}")
+    db = None if args.no_history else os.path.expanduser(args.db or DEFAULT_FLEET_DB)
     errors: list[str] = []
 
     def error(line: str) -> None:
@@ -880,28 +899,45 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             print(f"prism fleet: {line}", file=sys.stderr, flush=True)
         errors.append(line)
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        follower = asyncio.create_task(follow_fleet(config, state, stop, on_error=error))
-        deadline = None if args.duration is None else loop.time() + args.duration
-        while not stop.is_set():
-            wait = args.interval if deadline is None else min(args.interval,
-                                                              deadline - loop.time())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, wait))
-            if deadline is not None and loop.time() >= deadline:
-                stop.set()
-            if not args.json and not stop.is_set():
-                print(json.dumps({"fleet": state.snapshot()}), flush=True)
-        await follower
+    session = FleetSession(config, FleetState(config.topic_root, window_s=args.window),
+                           history_db=db, interval_s=args.interval, on_error=error)
+    metrics = None
+    if args.metrics_port is not None:
+        from prism_tui.metrics import serve_fleet_metrics
 
-    asyncio.run(run())
-    if args.json:
-        print(json.dumps(state.snapshot(), indent=2))
-    return 0
+        try:
+            metrics = serve_fleet_metrics(lambda: session.latest, args.metrics_port)
+        except OSError as exc:
+            raise UsageError(f"cannot serve metrics on port {args.metrics_port}: "
+                             f"{exc.strerror or exc}") from None
+        print(f"prism fleet: metrics on {metrics.url}", file=sys.stderr, flush=True)
+    try:
+        if args.headless or args.json:
+            def line(_: FleetView) -> None:
+                if args.headless and session.latest_snapshot is not None:
+                    print(json.dumps({"fleet": session.latest_snapshot}), flush=True)
+
+            async def run() -> None:
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, stop.set)
+                await session.run(line, stop, args.duration)
+
+            asyncio.run(run())
+            if args.json:
+                print(json.dumps(session.latest_snapshot, indent=2))
+            return 0
+        from prism_tui.ui.fleet import FleetApp
+
+        async def feed(show: Callable[[FleetView], None], stop: asyncio.Event) -> None:
+            await session.run(show, stop, args.duration)
+
+        code = FleetApp(feed=feed, control=session).run()
+        return 1 if code is None else code
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -909,8 +945,10 @@ def cmd_history(args: argparse.Namespace) -> int:
     from prism_tui.history.query import history_report
     from prism_tui.settings import load_settings
 
-    # the file `prism watch` writes: the same settings decide it
-    path = str(load_settings(args.config, overrides={"history.db": args.db}).history.path)
+    if args.fleet:  # the file `prism fleet` writes
+        path = os.path.expanduser(args.db or DEFAULT_FLEET_DB)
+    else:  # the file `prism watch` writes: the same settings decide it
+        path = str(load_settings(args.config, overrides={"history.db": args.db}).history.path)
     doc = history_report(path, args.since, args.until, args.stage, args.device,
                          phase=args.phase)  # a HistoryError carries its own exit code
     if args.json:

@@ -25,12 +25,14 @@ from prometheus_client.samples import Sample
 
 from prism_tui.engine.sketches import QUANTILES, SeriesKey, SeriesStats
 from prism_tui.engine.view import EngineView, TargetStatus
+from prism_tui.fleet_view import FleetView
 
 PREFIX = "latencyprism"
 QUANTILE_WINDOW_S = 10.0
 """The snapshot the summaries' quantiles come from: the dashboard's default window."""
 DEFAULT_ADDR = "127.0.0.1"
 SERIES_LABELS = ("target", "pid", "stage", "phase", "device")
+FLEET_LABELS = ("profile", "stage", "phase", "device_kind")
 TARGET_LABELS = ("target", "pid")
 
 
@@ -160,6 +162,63 @@ class EngineCollector:
         yield from (alerts, firing, pending)
 
 
+class FleetCollector:
+    """``prism fleet --metrics-port``: the fleet's merged quantiles and host states from
+    the latest :class:`FleetView` (the one the fleet screen draws).
+
+    Args:
+        latest_view: returns the view most recently published (None before the first).
+    """
+
+    def __init__(self, latest_view: Callable[[], FleetView | None]) -> None:
+        self._latest_view = latest_view
+
+    def describe(self) -> list[Metric]:
+        """No families up front: the registry then calls :meth:`collect` only on scrapes."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family, built from one view."""
+        view = self._latest_view()
+        if view is None:
+            return
+        name = f"{PREFIX}_fleet_stage_latency_seconds"
+        latency = SummaryMetricFamily(
+            name, f"Stage latency merged over every host's digests of the last "
+            f"{view.window_s:g} s (t-digest quantiles; count of values in that window)",
+            labels=FLEET_LABELS)
+        hosts = GaugeMetricFamily(f"{PREFIX}_fleet_series_hosts",
+                                  "Hosts whose digests the series merges",
+                                  labels=FLEET_LABELS)
+        for r in view.fleet:
+            base = {"profile": r.profile, "stage": r.stage, "phase": r.phase,
+                    "device_kind": r.device_kind}
+            for q, value in zip(QUANTILES, (r.p50, r.p90, r.p99, r.p999), strict=True):
+                latency.samples.append(Sample(name, {**base, "quantile": _quantile_label(q)},
+                                              value / 1000))
+            latency.samples.append(Sample(f"{name}_count", base, float(r.count)))
+            hosts.add_metric(list(base.values()), r.hosts)
+        up = GaugeMetricFamily(f"{PREFIX}_fleet_host_online",
+                               "1 while the host's status is online", labels=("host",))
+        seen = GaugeMetricFamily(f"{PREFIX}_fleet_host_last_seen_age_seconds",
+                                 "Seconds since the host was last heard from",
+                                 labels=("host",))
+        firing = GaugeMetricFamily(f"{PREFIX}_fleet_host_alerts_firing",
+                                   "Alerts firing on the host", labels=("host",))
+        for h in view.hosts:
+            up.add_metric([h.host], 1.0 if h.state == "online" else 0.0)
+            if h.last_seen_s_ago is not None:
+                seen.add_metric([h.host], h.last_seen_s_ago)
+            firing.add_metric([h.host], h.firing)
+        messages = CounterMetricFamily(f"{PREFIX}_fleet_messages",
+                                       "MQTT messages the fleet took since start")
+        messages.add_metric([], view.messages)
+        rejected = CounterMetricFamily(f"{PREFIX}_fleet_messages_rejected",
+                                       "Messages that did not decode")
+        rejected.add_metric([], view.rejected)
+        yield from (latency, hosts, up, seen, firing, messages, rejected)
+
+
 def _quantiles(row: SeriesStats) -> tuple[float, float, float, float]:
     """The row's p50, p90, p99, p99.9 (ms), in :data:`QUANTILES` order."""
     return row.p50, row.p90, row.p99, row.p999
@@ -221,5 +280,15 @@ def serve_metrics(latest_view: Callable[[], EngineView | None], port: int,
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(latest_view))
+    server, thread = start_http_server(port, addr, registry=registry)
+    return MetricsServer(server, thread, registry)
+
+
+def serve_fleet_metrics(latest_view: Callable[[], FleetView | None], port: int,
+                        addr: str = DEFAULT_ADDR) -> MetricsServer:
+    """Serve :class:`FleetCollector` on ``addr:port`` in a daemon thread (OSError when
+    the address cannot be bound)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(latest_view))
     server, thread = start_http_server(port, addr, registry=registry)
     return MetricsServer(server, thread, registry)

@@ -104,7 +104,7 @@ def test_a_live_target_is_scored_against_the_faults_injected_into_it(
     assert state_of(ctarget.pid) != "T"
     assert cgroup_of(ctarget.pid) == home
     assert ctarget.cmd("work 3") >= 0  # and still answers
-    leftovers = subprocess.run(["pgrep", "-f", f"prism-eval-"], capture_output=True,
+    leftovers = subprocess.run(["pgrep", "-f", "prism-eval-"], capture_output=True,
                                text=True).stdout.split()
     assert [p for p in leftovers if int(p) != os.getpid()] == []
 
