@@ -850,20 +850,18 @@ def _fault_scores(rows: Sequence[Any], labels: Any, started_ns: int) -> list[dic
     iterations that ended inside it, the share of them that fired (recall) and whether
     any did (detected), so scores can be read by fault strength."""
     from prism_sim.labels import fault_effects, strength_bucket
+    from prism_tui.engine.evaluate import window_recall
 
     out: list[dict[str, Any]] = []
     for effect in fault_effects(labels):
         f = effect.fault
-        inside = [r for r in rows if r.fault and f.start_ns <= r.end_ns <= f.end_ns]
-        fired = sum(r.firing for r in inside)
         out.append({
             "type": f.type, "rank": f.rank, "intensity": f.intensity,
             "start_s": round((f.start_ns - started_ns) / 1e9, 3),
             "duration_s": round((f.end_ns - f.start_ns) / 1e9, 3),
             "slowdown": effect.slowdown, "strength": strength_bucket(effect.slowdown),
-            "bit": f.bit, "effect": f.effect, "judged": len(inside), "fired": fired,
-            "recall": round(fired / len(inside), 4) if inside else None,
-            "detected": fired > 0})
+            "bit": f.bit, "effect": f.effect,
+            **window_recall(rows, f.start_ns, f.end_ns)})
     return out
 
 

@@ -248,6 +248,7 @@ def cmd_eval_target(args: Any) -> int:
         detection_lag,
         score,
         score_episodes,
+        window_recall,
     )
     from prism_tui.engine.runtime import Monitor, Observation
     from prism_tui.live import LiveSession
@@ -319,15 +320,11 @@ def cmd_eval_target(args: Any) -> int:
                        if a.id in received)
     faults = []
     for w in schedule.windows:
-        inside = [r for r in rows if r.fault and w.start_ns <= r.end_ns <= w.end_ns]
-        fired = sum(r.firing for r in inside)
         faults.append({"type": w.type, "intensity": w.intensity,
                        "start_s": round((w.start_ns - origin_ns) / 1e9, 3),
                        "duration_s": round((w.end_ns - w.start_ns) / 1e9, 3),
                        "bit": fault_bit(w.effect) if w.effect else None, "effect": w.effect,
-                       "judged": len(inside), "fired": fired,
-                       "recall": round(fired / len(inside), 4) if inside else None,
-                       "detected": fired > 0})
+                       **window_recall(rows, w.start_ns, w.end_ns)})
     doc = {
         "targets": [{"pid": t.pid, "name": t.name} for t in targets],
         "profile": profile.name, "faults_file": args.faults,

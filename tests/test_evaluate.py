@@ -103,3 +103,15 @@ def test_episode_figures_per_fault_and_rank() -> None:
     assert slowdown["top_suspect"] == "host" and slowdown["suspect_matches"] == 0
     # a fault nobody judged (warm-up) is no fault episode
     assert score_episodes(judged[500:1000], [], faults)["fault_episodes"] == 1
+
+
+def test_window_recall_counts_the_abnormal_iterations_ending_inside_the_window() -> None:
+    """Only abnormal iterations that ended within [start, end] count; none judged is None."""
+    from prism_tui.engine.evaluate import Scored, window_recall
+
+    rows = [Scored(0, 5, True, False), Scored(0, 10, True, True), Scored(0, 15, False, True),
+            Scored(0, 20, True, True), Scored(0, 25, True, True)]
+    assert window_recall(rows, 10, 20) == {"judged": 3, "fired": 2, "recall": 0.6667,
+                                           "detected": True}
+    assert window_recall(rows, 30, 40) == {"judged": 0, "fired": 0, "recall": None,
+                                           "detected": False}

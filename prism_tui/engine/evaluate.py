@@ -76,6 +76,17 @@ def score(rows: Sequence[Scored]) -> dict[str, Any]:
             "f1": round(f1, 4), "fpr": round(fp / (fp + tn), 4) if fp + tn else 0.0}
 
 
+def window_recall(rows: Sequence[Scored], start_ns: int, end_ns: int) -> dict[str, Any]:
+    """The abnormal iterations that ended inside one fault window: how many were judged,
+    how many fired, the share that fired (recall, None when none was judged) and whether
+    any did (detected)."""
+    inside = [r for r in rows if r.fault and start_ns <= r.end_ns <= end_ns]
+    fired = sum(r.firing for r in inside)
+    return {"judged": len(inside), "fired": fired,
+            "recall": round(fired / len(inside), 4) if inside else None,
+            "detected": fired > 0}
+
+
 def detection_lag(rows: Sequence[Scored]) -> list[int]:
     """Per fault episode, iterations from its first abnormal iteration to the first alarm."""
     lags: list[int] = []
