@@ -181,19 +181,18 @@ class BaselineModel:
         self.fitted = False
 
     def _make(self, n_rows: int) -> _Regressor:
-        if self.form == "robust":
-            from sklearn.ensemble import HistGradientBoostingRegressor
+        from sklearn.ensemble import GradientBoostingRegressor
 
-            robust: _Regressor = HistGradientBoostingRegressor(
+        if self.form == "robust":
+            robust: _Regressor = GradientBoostingRegressor(
                 loss="absolute_error",
-                max_iter=self._n_estimators,
+                n_estimators=self._n_estimators,
                 learning_rate=self._learning_rate,
                 max_depth=self._max_depth,
-                min_samples_leaf=max(1, min(50, n_rows // 40)),
+                min_samples_leaf=max(self._min_samples_leaf, min(50, n_rows // 40)),
                 random_state=self._random_state,
             )
             return robust
-        from sklearn.ensemble import GradientBoostingRegressor
 
         paper: _Regressor = GradientBoostingRegressor(
             n_estimators=self._n_estimators,
@@ -226,9 +225,12 @@ class BaselineModel:
 
     def predict_one(self, x: Sequence[float]) -> float:
         """Predicted latency of one row: the engine's per-iteration call, without arrays."""
-        if self._trees is None or self._shape is not None:
+        if self._trees is None:
             return float(self.predict(np.asarray([x], dtype=np.float64))[0])
         raw = self._trees.predict_row(np.asarray(x, dtype=np.float32).tolist())
+        if self._shape is not None:
+            base = self._shape.predict_one(x)
+            return base * math.exp(raw) if self.target == "log" else base + raw
         return math.exp(raw) if self.target == "log" else raw
 
     def predict(self, x: npt.ArrayLike) -> FloatArray:
@@ -418,6 +420,23 @@ class _PhysicalShape:
             columns = [c for c, k in zip(columns, coef.tolist(), strict=True) if k >= 0]
         return cls(float(np.median(y)), np.zeros(0), (), np.ones(0), floor)
 
+    def predict_one(self, x: Sequence[float]) -> float:
+        """The shape's latency for one row (the engine's per-iteration call)."""
+        base = self.intercept
+        for col, per_unit in self.per_unit:
+            base += x[col] * per_unit
+        return max(base, self.floor)
+
+    @property
+    def per_unit(self) -> tuple[tuple[int, float], ...]:
+        """(column, cost per unit of it): the coefficients with the scaling folded in."""
+        cached: tuple[tuple[int, float], ...] | None = self.__dict__.get("_per_unit")
+        if cached is None:
+            cached = tuple((c, k / s) for c, k, s in zip(
+                self.columns, self.coef.tolist(), self.scale.tolist(), strict=True))
+            object.__setattr__(self, "_per_unit", cached)
+        return cached
+
     def predict(self, x: FloatArray) -> FloatArray:
         """The shape's latency for each row, floored at a positive value."""
         base = np.full(len(x), self.intercept, dtype=np.float64)
@@ -589,6 +608,7 @@ class DetectorRule:
     clear_after: int = 1
     min_samples_leaf: int = 1
     smoothing: Literal["mean", "trimmed", "median"] = "mean"
+    form: Literal["gbdt", "robust"] = "gbdt"
     event_factor: float | None = None
     event_quantile: float = 0.9
     event_budget: float = 0.05
@@ -601,7 +621,7 @@ RULES: dict[str, DetectorRule] = {
         target="log",
         calibration="blocks",
         ucl_method="smoothed_quantile",
-        window=7,
+        window=9,
         quantile=0.999,
         ucl_scale=1.5,
         ucl_floor=0.1,
@@ -615,6 +635,7 @@ RULES: dict[str, DetectorRule] = {
         settle_keeps_limit=True,
         range_quantile=0.01,
         min_samples_leaf=20,
+        form="robust",
         smoothing="median",
         event_factor=5.0,
         resolve_clear=0.5,
@@ -741,7 +762,7 @@ def without_episodes(smoothed: FloatArray, rule: DetectorRule) -> FloatArray:
 def _model_of(r: DetectorRule, seed: int, n_estimators: int) -> BaselineModel:
     """An unfitted model of the rule's target and leaf size (the GBDT)."""
     return BaselineModel(r.target, n_estimators=n_estimators, random_state=seed,
-                         min_samples_leaf=r.min_samples_leaf)
+                         min_samples_leaf=r.min_samples_leaf, form=r.form)
 
 
 def fit_and_calibrate(
