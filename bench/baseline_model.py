@@ -119,8 +119,8 @@ def score(y: FloatArray, p: FloatArray, min_ms: float) -> dict[str, float]:
 # label -> (detector rule whose model it is, model form; None = that rule's default)
 MODELS: dict[str, tuple[str, Literal["gbdt", "robust"] | None]] = {
     "paper": ("paper", None),  # GBDT on latency
-    "prism": ("prism", None),  # the prism rule's model: GBDT on log-latency, its leaves
-    "robust": ("prism", "robust"),  # opt-in: physical shape + median HGB on log-latency
+    "prism": ("prism", None),  # the prism rule's: physical shape + median GBDT, log-latency
+    "gbdt-log": ("prism", "gbdt"),  # prism's before 2026-12-06: GBDT on log-latency
 }
 
 
@@ -131,7 +131,7 @@ def evaluate(
     rule, form = MODELS[name]
     tr, te = split(data, kind, seed)
     t0 = time.perf_counter()
-    model = BaselineModel(RULES[rule].target, random_state=seed, form=form,
+    model = BaselineModel(RULES[rule].target, random_state=seed, form=form or RULES[rule].form,
                           min_samples_leaf=RULES[rule].min_samples_leaf)
     model.fit(data.x[tr], data.y[tr])
     fit_s = time.perf_counter() - t0
@@ -174,8 +174,8 @@ def table(data: Data, kinds: list[str], seeds: list[int], min_ms: float) -> None
     for kind in kinds:
         for name, label in (
             ("paper", "paper: GBDT on latency"),
-            ("prism", "prism: GBDT on log-latency"),
-            ("robust", "robust: shape + median HGB (opt-in)"),
+            ("prism", "prism: physical shape + median GBDT on log-latency"),
+            ("gbdt-log", "GBDT on log-latency (prism before 2026-12-06)"),
         ):
             rs = [evaluate(data, kind, s, name, min_ms) for s in seeds]
 

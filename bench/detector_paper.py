@@ -17,7 +17,12 @@ Data: ``../shared/datasets/latencyprism/`` from the repository root (not in the 
    * ``x1.1``, ``x1.2``, ``x1.5``: 200 *other* held-out normal vLLM iterations with their
      latency scaled by that factor (same workload, slower): the harder, honest test.
 
-    .venv/bin/python bench/detector_paper.py [--explore] [--trials 20] [--no-curve]
+   Development (the ``prism`` rule's smoothing, event filter and window were chosen on
+   these): ``--seed 0`` and ``--seed 1``. Held out (never used to choose anything):
+   ``--seed 2`` and ``--seed 3``. The seed draws the 80/20 split and the trials
+   (trial ``k`` of seed ``s`` uses ``default_rng(1000 · (s + 1) + k)``).
+
+    .venv/bin/python bench/detector_paper.py [--seed 2] [--explore] [--trials 20] [--no-curve]
 """
 
 from __future__ import annotations
@@ -173,7 +178,14 @@ def main() -> None:
     )
 
     # ---- fits (cached by model form)
-    rules: dict[str, DetectorRule] = {"paper": RULES["paper"], "prism": RULES["prism"]}
+    rules: dict[str, DetectorRule] = {
+        "paper": RULES["paper"],
+        "prism": RULES["prism"],
+        "prism before 2026-12-06": replace(
+            RULES["prism"], name="prism before 2026-12-06", window=5, smoothing="mean",
+            event_factor=None, ucl_floor=0.22, fast_fire=2, fast_fire_level=1.3,
+            form="gbdt"),
+    }
     if args.explore:
         rules.update(
             {
@@ -195,9 +207,9 @@ def main() -> None:
                 ),
             }
         )
-    fits: dict[tuple[str, str], Fit] = {}
+    fits: dict[tuple[str, str, int, str], Fit] = {}
     for r in rules.values():
-        key = (r.target, r.calibration)
+        key = (r.target, r.calibration, r.window, r.form)
         if key not in fits:
             fits[key] = fit_model(x[tr], y[tr], r, seed=args.seed)
 
@@ -206,10 +218,10 @@ def main() -> None:
     print("| model | trained on | test MAPE | test within 10 % | fit s |")
     print("|---|---:|---:|---:|---:|")
     print("| paper's figure (vllm_curve.csv) | 29943 | 7.09 % | 95.7 % | |")
-    for (target, calib), f in fits.items():
+    for (target, calib, window, form), f in fits.items():
         mape, w10 = accuracy(y[te], f.model.predict(x[te]))
         print(
-            f"| GBDT {target} ({calib}) | {f.n_train} | {mape * 100:.2f} % | "
+            f"| {form} {target} ({calib}, W {window}) | {f.n_train} | {mape * 100:.2f} % | "
             f"{w10 * 100:.1f} % | {f.seconds:.1f} |"
         )
     if not args.no_curve:
@@ -221,7 +233,7 @@ def main() -> None:
             m = BaselineModel("linear", random_state=args.seed).fit(x[sub], y[sub])
             mape, w10 = accuracy(y[te], m.predict(x[te]))
             print(f"| {n} | {mape * 100:.2f} % | {w10 * 100:.1f} % |")
-        fpaper = fits[("linear", "train")]
+        fpaper = fits[("linear", "train", RULES["paper"].window, "gbdt")]
         mape, w10 = accuracy(y[te], fpaper.model.predict(x[te]))
         print(f"| {len(tr)} | {mape * 100:.2f} % | {w10 * 100:.1f} % |")
 
@@ -234,7 +246,7 @@ def main() -> None:
     preds_te: dict[str, np.ndarray] = {}
     preds_sg: dict[str, np.ndarray] = {}
     for name, r in rules.items():
-        f = fits[(r.target, r.calibration)]
+        f = fits[(r.target, r.calibration, r.window, r.form)]
         ucl, mean, std = compute_ucl(f.cal_errors, r)
         fbs[name] = FittedBaseline(f.model, ucl, mean, std, f.n_train, len(f.cal_errors), r)
         preds_te[name] = f.model.predict(x[te])
@@ -253,7 +265,7 @@ def main() -> None:
     results: dict[tuple[str, str, bool], Score] = {}
     yte = y[te]
     for trial in range(args.trials):
-        trng = np.random.default_rng(1000 + trial)
+        trng = np.random.default_rng(1000 * (args.seed + 1) + trial)
         pick = trng.permutation(len(te))
         normal = np.sort(pick[:N_NORMAL])
         other = np.sort(pick[N_NORMAL : N_NORMAL + N_ABNORMAL])

@@ -180,6 +180,9 @@ def false_alarm_context(steps: Sequence[DecodeStep], rule: DetectorRule, warmup:
 VARIANTS: dict[str, DetectorRule] = {
     "paper": RULES["paper"],
     "prism": RULES["prism"],
+    "prism before 2026-12-06": dataclasses.replace(
+        RULES["prism"], window=5, smoothing="mean", event_factor=None, ucl_floor=0.22,
+        fast_fire=2, fast_fire_level=1.3, form="gbdt"),
 }
 
 _PRISM = RULES["prism"]

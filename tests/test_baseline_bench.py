@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from prism_tui.engine.detector import BaselineModel, feature_matrix
+from prism_tui.engine.detector import RULES, BaselineModel, feature_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "baseline_model.py"
@@ -67,8 +67,9 @@ def test_compare_adds_the_papers_method_on_the_same_split() -> None:
 def test_table_mode_prints_both_models() -> None:
     res = run("--data", str(DATA), "--limit", "1500", "--split", "random")
     assert res.returncode == 0, res.stderr
-    assert "paper: GBDT on latency" in res.stdout and "prism: GBDT on log-latency" in res.stdout
-    assert "robust: shape + median HGB" in res.stdout
+    assert "paper: GBDT on latency" in res.stdout
+    assert "prism: physical shape + median GBDT on log-latency" in res.stdout
+    assert "GBDT on log-latency (prism before 2026-12-06)" in res.stdout
     assert "7.09 %" in res.stdout
 
 
@@ -93,7 +94,8 @@ def _law_data(
 
 
 def test_robust_form_extrapolates_and_ignores_stalls() -> None:
-    """The opt-in form's two claims, on a known law: unseen bigger batches, rare stalls."""
+    """The prism rule's form's two claims, on a known law: unseen bigger batches, rare
+    stalls; its per-iteration prediction gives the batch prediction's numbers."""
     rng = np.random.default_rng(3)
     x, y = _law_data(rng, 3000, 1, 32, stalls=0.03)
     xt, yt = _law_data(rng, 1000, 48, 64, stalls=0.0)
@@ -103,4 +105,8 @@ def test_robust_form_extrapolates_and_ignores_stalls() -> None:
         err[form] = float(np.mean(np.abs(m.predict(xt) - yt) / yt))
     assert err["robust"] < 0.05, err
     assert err["robust"] < err["gbdt"] / 2, err
-    assert BaselineModel("log").form == "gbdt"  # the prism rule's default is unchanged
+    assert BaselineModel("log").form == "gbdt"  # the model's own default is the paper's
+    assert RULES["prism"].form == "robust"
+    m = BaselineModel("log", form="robust").fit(x, y)
+    assert [m.predict_one(row) for row in xt[:50].tolist()] == pytest.approx(
+        m.predict(xt[:50]).tolist(), rel=1e-9)

@@ -107,7 +107,7 @@ def test_the_slowed_rank_fires_during_the_fault_and_resolves_after_it() -> None:
         assert a.source == "detector" and a.stage == ITERATION and a.phase == "decode"
         assert a.iteration_end_ns <= a.detected_at_ns and a.wall_time == WALL
         assert a.predicted_ms is not None and a.predicted_ms > 0
-        assert a.window == 5  # the prism rule's smoothing window, not the paper's 10
+        assert a.window == 9  # the prism rule's smoothing window, not the paper's 10
     # one series per target, device and phase: firing and resolved share a fingerprint
     assert len({a.fingerprint for a in sink.alerts}) == len(procs)
 
