@@ -137,9 +137,15 @@ def watched(llama_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory
 
     busy = threading.Thread(target=keep_busy, daemon=True)
     busy.start()
+    # every probe stays on for the correctness run: a loaded host's hit-cost calibration
+    # can put graph_compute over the default 0.5 % budget, and a detached probe's stage
+    # is then missing from the iterations this file checks
+    config = tmp_path_factory.mktemp("config") / "prism.toml"
+    config.write_text("[probe]\noverhead_budget = 0.9\n")
     watch = prism("watch", "--match", rf"llama_cpp\.server .*--port {port}\b",
                   "--profile", "llama_cpp", "--headless", "--duration", "300",
-                  "--db", str(db), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                  "--config", str(config), "--db", str(db), env=env,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert watch.stdout is not None and watch.stderr is not None
         out, err_lines = LineReader(watch.stdout), LineReader(watch.stderr)
@@ -168,6 +174,7 @@ def watched(llama_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory
         watch.send_signal(2)
         watch.wait(timeout=300)  # detaching: ~80 ms per perf event, more under load
         assert watch.returncode == 0, "".join(err_lines.lines)
+        assert not any('"governor"' in line for line in out.lines), "a probe was governed"
         yield WatchedRun(read_iterations(db), single, multi, single_started, multi_started)
     finally:
         stop_busy.set()

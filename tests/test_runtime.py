@@ -305,7 +305,10 @@ def test_a_busy_cpu_shows_as_the_runqueue_stage(ctarget: CTarget, tmp_path: Path
     assert sum(r[1] for r in busy) / len(busy) > 4.0  # 2 ms of work, 3x as long
 
     rec = load_recording(str(path))
-    assert len(rec.run_queue) >= len(busy)
+    # one reading per batch the anchor's return wakes the reader for: one per iteration,
+    # but two iterations share a batch when the loop was late (246 iterations gave 243
+    # readings in one loaded run); the replay below must give every iteration its stage
+    assert len(rec.run_queue) >= 0.9 * len(busy)
     clock = ReplayClock(rec.spans[0].start_ns)
     replayed: list[_Row] = []
     engine = Engine(warmup=100_000, clock=clock,
