@@ -404,6 +404,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from probes.target import resolve_target
 
     settings = _watch_settings(args)
+    duration = args.duration if args.duration is not None else settings.watch.duration_s
     check_permission()  # exit 3 with what to grant, before anything starts
     _go_realtime(settings.engine.realtime_priority)
     targets = resolve_target(args.pid, args.match, allow_many=True)
@@ -502,7 +503,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             try:
-                loop.run_until_complete(session.run(on_view, stop, args.duration))
+                loop.run_until_complete(session.run(on_view, stop, duration))
             finally:
                 loop.close()
             if args.json:
@@ -515,7 +516,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             from prism_tui.ui.app import PrismApp
 
             async def engine(show: Any, stop: asyncio.Event) -> None:
-                await session.run(show, stop, args.duration)
+                await session.run(show, stop, duration)
 
             app = PrismApp(engine=engine, control=monitor, history_db=history_db,
                            title=f"LatencyPrism — {profile.name}",

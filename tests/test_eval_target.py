@@ -138,3 +138,17 @@ def test_bad_fault_timelines_are_one_line_and_exit_2(
 def test_faults_without_a_live_target_is_a_usage_error() -> None:
     result = prism_eval("--faults", "x.toml", timeout=60)
     assert result.returncode == 2 and "live target" in result.stderr
+
+
+def test_watch_stops_after_the_settings_duration(ctarget: CTarget, tmp_path: Path) -> None:
+    """``[watch] duration_s`` ends ``prism watch`` like ``--duration`` does (it was parsed
+    and never read): without it this run would go on until the 60 s timeout."""
+    (tmp_path / "steps.toml").write_text(STEP_PROFILE)
+    (tmp_path / "prism.toml").write_text("[watch]\nduration_s = 3\n")
+    ctarget.cmd("serve_start 2000 50")
+    result = subprocess.run(
+        [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(ctarget.pid),
+         "--profile", str(tmp_path / "steps.toml"), "--config", str(tmp_path / "prism.toml"),
+         "--json", "--no-history"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["iterations"]["decode"] > 0
