@@ -25,6 +25,7 @@ import contextlib
 import glob
 import os
 import signal
+import subprocess
 import sys
 
 DONE = b"done"
@@ -57,6 +58,20 @@ def cleanup(session: str, shm_paths: list[str], cont: list[int] | None = None,
     for pid in cont or []:  # once more: a stop signal may have been on its way
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGCONT)
+
+
+def release(guard: subprocess.Popen[bytes]) -> None:
+    """Tell a guard its orchestrator cleaned up (``done`` on its stdin) and reap it; it
+    then exits without touching anything. Never raises."""
+    with contextlib.suppress(Exception):
+        assert guard.stdin is not None
+        guard.stdin.write(b"done\n")
+        guard.stdin.close()
+    try:
+        guard.wait(5)
+    except subprocess.TimeoutExpired:
+        guard.kill()
+        guard.wait()
 
 
 def wait_for_parent(fd: int = 0) -> bool:

@@ -43,6 +43,7 @@ from prism_sim.faults import (
     make_injector,
     stop_all,
 )
+from prism_sim.guard import release
 from prism_sim.labels import FaultTimeline, LabelWriter
 from prism_sim.runtime import SimDevice
 from prism_sim.scenario import FaultSpec, Scenario
@@ -252,17 +253,8 @@ class SimServer:
     def _release_guard(self) -> None:
         """Tell the guard everything is cleaned up and reap it (never raises)."""
         guard, self._guard = self._guard, None
-        if guard is None:
-            return
-        with contextlib.suppress(OSError):
-            assert guard.stdin is not None
-            guard.stdin.write(b"done\n")
-            guard.stdin.close()
-        try:
-            guard.wait(5)
-        except subprocess.TimeoutExpired:
-            guard.kill()
-            guard.wait()
+        if guard is not None:
+            release(guard)
 
     def _wait_ready(self, world: int, timeout_s: float = 60.0) -> None:
         """Block until every rank has opened its device (or fail if one exits)."""

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from prism_sim.faults import HOST_FAULTS, EffectMeter, FaultContext, make_injector
+from prism_sim.guard import release
 from prism_sim.labels import fault_bit
 from prism_sim.scenario import FaultSpec
 from prism_tui.inject import (
     InjectUsageError,
     check_kind,
     check_signal,
-    release_guard,
     start_guard,
 )
 
@@ -300,7 +300,7 @@ def cmd_eval_target(args: Any) -> int:
                            outbox_path=os.path.join(tmp, "outbox.sqlite"), freeze_gc=True)
         stack.callback(live.close)
         guard = start_guard(session_name, pids)
-        stack.callback(release_guard, guard)
+        stack.callback(release, guard)
         stack.callback(schedule.stop)
         started_ns = time.monotonic_ns()
         schedule.start()

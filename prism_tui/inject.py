@@ -13,7 +13,6 @@ anything changes, continues a stopped target and removes the throttle's cgroup.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -33,6 +32,7 @@ from prism_sim.faults import (
     cgroup_homes,
     make_injector,
 )
+from prism_sim.guard import release
 from prism_sim.labels import FaultTimeline, LabelWriter, fault_bit
 from prism_sim.scenario import FAULT_INFO, FaultSpec
 from probes.errors import EXIT_PERMISSION, EXIT_USAGE, ProbeError
@@ -104,19 +104,6 @@ def start_guard(session: str, pids: list[int]) -> subprocess.Popen[bytes]:
     # means this process is gone
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             close_fds=True)
-
-
-def release_guard(guard: subprocess.Popen[bytes]) -> None:
-    """Tell the guard everything is cleaned up and reap it (never raises)."""
-    with contextlib.suppress(Exception):
-        assert guard.stdin is not None
-        guard.stdin.write(b"done\n")
-        guard.stdin.close()
-    try:
-        guard.wait(5)
-    except subprocess.TimeoutExpired:
-        guard.kill()
-        guard.wait()
 
 
 def _alive(pid: int) -> bool:
@@ -196,6 +183,6 @@ def run_inject(pid: int | None, match: str | None, kind: str, intensity: float |
         injector.stop()
         if writer is not None:
             writer.close()
-        release_guard(guard)
+        release(guard)
     print(summary(kind, pids, value, effect))
     return 0

@@ -57,6 +57,12 @@ def prism_eval(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def pgrep(pattern: str) -> list[int]:
+    """Pids whose command line contains ``pattern`` (this process excluded)."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
 def cgroup_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cgroup").read_text()
 
@@ -76,6 +82,7 @@ def test_a_live_target_is_scored_against_the_faults_injected_into_it(
     (tmp_path / "faults.toml").write_text(FAULTS)
     ctarget.cmd("serve_start 2000 50")
     home = cgroup_of(ctarget.pid)
+    others = set(pgrep("prism-eval-"))  # another eval's guard, not this one's
     result = prism_eval("--pid", str(ctarget.pid), "--faults", str(tmp_path / "faults.toml"),
                         "--profile", str(tmp_path / "steps.toml"), "--warmup", "300",
                         "--warmup-s", "3", "--json")
@@ -104,9 +111,7 @@ def test_a_live_target_is_scored_against_the_faults_injected_into_it(
     assert state_of(ctarget.pid) != "T"
     assert cgroup_of(ctarget.pid) == home
     assert ctarget.cmd("work 3") >= 0  # and still answers
-    leftovers = subprocess.run(["pgrep", "-f", "prism-eval-"], capture_output=True,
-                               text=True).stdout.split()
-    assert [p for p in leftovers if int(p) != os.getpid()] == []
+    assert set(pgrep("prism-eval-")) - others == set()
 
 
 @pytest.mark.parametrize("faults, said", [
