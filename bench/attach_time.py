@@ -68,7 +68,7 @@ output = { dist = "uniform", min = 50, max = 150 }
 def child(pid: int, match: str | None) -> dict[str, Any]:
     """Time the attach steps of ``prism watch`` in this (fresh) interpreter."""
     import probes.placement as placement
-    from prism_tui.cli import _companion_profiles, _pick_profile
+    from prism_tui.cli.common import companion_profiles, pick_profile
     from probes.governor import calibrate
     from probes.target import resolve_target
     from probes.uprobes import UprobeSession
@@ -98,8 +98,8 @@ def child(pid: int, match: str | None) -> dict[str, Any]:
     targets = timed("target", lambda: resolve_target(None if match else pid, match,
                                                      allow_many=True))
     target = next(t for t in targets if t.pid == pid)
-    profile = timed("pick profile", lambda: _pick_profile(target, None))
-    extras = timed("companions", lambda: _companion_profiles(target, profile))
+    profile = timed("pick profile", lambda: pick_profile(target, None))
+    extras = timed("companions", lambda: companion_profiles(target, profile))
     timed("calibrate", calibrate)
 
     def place() -> list[Any]:

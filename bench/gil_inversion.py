@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--hogs", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
-    sys.setswitchinterval(0.0005)  # the monitor's (prism_tui.cli.LOOP_SWITCH_INTERVAL_S)
+    sys.setswitchinterval(0.0005)  # the monitor's (prism_tui.cli.common.LOOP_SWITCH_INTERVAL_S)
     why = go_realtime(1, "the loop")
     if why:
         print(why, file=sys.stderr)

@@ -208,7 +208,7 @@ def _run_until(session: Any, done: threading.Event, limit_s: float | None,
     timestamps each alert; alert id → CLOCK_MONOTONIC ns of receipt."""
     import asyncio
 
-    from prism_tui.cli import AlertReceiver
+    from prism_tui.evaluation import AlertReceiver
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -236,12 +236,7 @@ def cmd_eval_target(args: Any) -> int:
 
     from alerting.broker import EmbeddedBroker
     from alerting.config import BrokerConfig
-    from prism_tui.cli import (
-        UsageError,
-        _companion_profiles,
-        _percentiles,
-        _pick_profile,
-    )
+    from prism_tui.cli.common import UsageError, companion_profiles, pick_profile
     from prism_tui.engine.evaluate import (
         alert_episodes,
         detection_delay_s,
@@ -251,6 +246,7 @@ def cmd_eval_target(args: Any) -> int:
         window_recall,
     )
     from prism_tui.engine.runtime import Monitor, Observation
+    from prism_tui.evaluation import percentiles
     from prism_tui.live import LiveSession
     from prism_tui.settings import load_settings
     from probes.perf import check_permission
@@ -273,7 +269,7 @@ def cmd_eval_target(args: Any) -> int:
     if args.duration is not None and args.duration < last_end:
         raise UsageError(f"--duration {args.duration:g} s ends before the last fault "
                          f"({last_end:g} s)")
-    profile = _pick_profile(targets[0], args.profile)
+    profile = pick_profile(targets[0], args.profile)
     rank_of = {pid: i for i, pid in enumerate(pids)}
     judged: dict[int, list[tuple[int, int, bool]]] = {}
 
@@ -287,7 +283,7 @@ def cmd_eval_target(args: Any) -> int:
             schedule.ready.set()  # the timeline starts with the baseline
 
     engine = settings.engine
-    monitor = Monitor(targets, profile, extra_profiles=_companion_profiles(targets[0], profile),
+    monitor = Monitor(targets, profile, extra_profiles=companion_profiles(targets[0], profile),
                       rule=engine.detector_rule, warmup=engine.warmup_iterations,
                       warmup_s=engine.warmup_s, holds=engine.episode_holds(),
                       on_observation=on_observation, telemetry=True)
@@ -337,7 +333,7 @@ def cmd_eval_target(args: Any) -> int:
         "alerts": len(alerts),
         "alerts_firing": sum(a.status == "firing" for a in alerts),
         "alerts_received": len(received),
-        "alert_latency_ms": _percentiles(latencies),
+        "alert_latency_ms": percentiles(latencies),
         "faults": faults,
         "faults_not_biting": sum(1 for f in faults if f["bit"] is False),
         "fault_error": schedule.error,

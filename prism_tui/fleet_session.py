@@ -23,8 +23,6 @@ from prism_tui.engine.sketches import SeriesKey, Window
 from prism_tui.fleet_view import FleetView, HostSeries, fleet_view, host_series
 from prism_tui.history.store import HistoryStore
 
-DEFAULT_FLEET_DB = "~/.local/state/latencyprism/fleet.sqlite"
-
 
 def fleet_device(profile: str, kind: str) -> str:
     """The history ``device`` of a fleet group: ``profile/kind`` (``kind`` alone)."""

@@ -46,6 +46,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_CONFIG = "~/.config/latencyprism/config.toml"
 DEFAULT_DB = "~/.local/state/latencyprism/history.sqlite"
+DEFAULT_FLEET_DB = "~/.local/state/latencyprism/fleet.sqlite"
+"""``prism fleet``'s history of merged windows (read by ``prism history --fleet``)."""
 ENV_PREFIX = "PRISM_"
 ENV_ALIASES = {"PRISM_DB": "history.db"}
 _TRUE = {"1", "true", "yes", "on"}

@@ -308,10 +308,10 @@ def test_trace_of_a_thread_already_running_in_the_c_target(ctarget: CTarget) -> 
 
 def test_headless_watch_prints_each_new_notice_once() -> None:
     """The engine keeps its last five notices; the headless printer shows only new ones."""
-    from prism_tui.cli import _new_notices
+    from prism_tui.cli.watch import new_notices
 
-    assert _new_notices((), ("a",)) == ("a",)
-    assert _new_notices(("a",), ("a",)) == ()
-    assert _new_notices(("a", "b"), ("a", "b", "c")) == ("c",)
-    assert _new_notices(("a", "b", "c", "d", "e"), ("b", "c", "d", "e", "f")) == ("f",)
-    assert _new_notices(("a", "b"), ("x", "y")) == ("x", "y")  # more than five came
+    assert new_notices((), ("a",)) == ("a",)
+    assert new_notices(("a",), ("a",)) == ()
+    assert new_notices(("a", "b"), ("a", "b", "c")) == ("c",)
+    assert new_notices(("a", "b", "c", "d", "e"), ("b", "c", "d", "e", "f")) == ("f",)
+    assert new_notices(("a", "b"), ("x", "y")) == ("x", "y")  # more than five came

@@ -24,7 +24,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from prism_tui.cli import UsageError, _serve_metrics
+from prism_tui.cli.common import UsageError
+from prism_tui.cli.watch import serve_session_metrics
 from prism_tui.engine.core import AlertEvent, Engine
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
 from prism_tui.engine.sketches import ITERATION, SeriesKey, WindowedSketches
@@ -142,7 +143,7 @@ def test_metrics_settings_are_checked_and_a_taken_port_is_a_usage_error() -> Non
     first = serve_metrics(lambda: None, 0)
     try:
         with pytest.raises(UsageError, match=r"cannot serve metrics on 127\.0\.0\.1"):
-            _serve_metrics(Session(), MetricsSettings(port=first.port))
+            serve_session_metrics(Session(), MetricsSettings(port=first.port))
     finally:
         first.close()
 
