@@ -68,7 +68,7 @@ output = { dist = "uniform", min = 50, max = 150 }
 def child(pid: int, match: str | None) -> dict[str, Any]:
     """Time the attach steps of ``prism watch`` in this (fresh) interpreter."""
     import probes.placement as placement
-    from prism_tui.cli.common import companion_profiles, pick_profile
+    from prism_tui.session import companion_profiles, pick_profile
     from probes.governor import calibrate
     from probes.target import resolve_target
     from probes.uprobes import UprobeSession

@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prism_sim.labels import IterationRecord, read_labels
-from prism_tui.engine.core import Engine, Observation, workload_of
+from prism_tui.engine.core import DetectionConfig, Engine, Observation, workload_of
 from prism_tui.engine.detector import RULES, Detector, DetectorRule, Verdict, Workload
 from prism_tui.engine.episodes import EpisodeGate, EpisodeHolds
 from prism_tui.engine.evaluate import (
@@ -72,7 +72,8 @@ def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[
         if it.phase == "decode":
             seen.setdefault(it.pid, []).append((it.end_ns, it.latency_ms, workload_of(it)))
 
-    engine = Engine(rule="paper", warmup=10**12, clock=clock, on_observation=on_observation)
+    engine = Engine(DetectionConfig(rule="paper", warmup=10**12), clock=clock,
+                    on_observation=on_observation)
     replay(engine, clock, procs, spans)
     labels = read_labels(labels_path)
     by_rank: dict[int, list[IterationRecord]] = {}

@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prism_tui.engine.core import Engine  # noqa: E402
+from prism_tui.engine.core import DetectionConfig, Engine  # noqa: E402
 from prism_tui.engine.recording import ReplayClock, load_spans, replay  # noqa: E402
 
 DEFAULT_SPANS = ROOT / "tests" / "data" / "sim_spans.jsonl.gz"
@@ -45,7 +45,7 @@ GOAL = 500_000
 def one_round(procs: list[Any], spans: list[Any], judged: bool) -> dict[str, float]:
     """Replay every span once through a new engine; seconds spent, fits excluded."""
     clock = ReplayClock(spans[0].start_ns)
-    engine = Engine(rule="prism", warmup=150 if judged else 10**12, clock=clock,
+    engine = Engine(DetectionConfig(rule="prism", warmup=150 if judged else 10**12), clock=clock,
                     wall_clock=lambda: 0.0, host="bench")
     fit_s = [0.0]
     fit = engine._fit

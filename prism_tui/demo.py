@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import tempfile
 from typing import Any
@@ -22,12 +21,13 @@ from alerting.broker import EmbeddedBroker
 from alerting.config import BrokerConfig
 from prism_sim.errors import ScenarioError, SimError
 from prism_sim.scenario import load_scenario
-from prism_tui.engine.runtime import Monitor
+from prism_tui.engine.runtime import MonitorConfig
 from prism_tui.engine.sinks import JsonLinesSink
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
 from prism_tui.scheduling import go_realtime, request_short_slice
-from prism_tui.settings import EngineSettings
+from prism_tui.session import SessionSpec, build_session, run_headless
+from prism_tui.settings import EngineSettings, HistorySettings
 from prism_tui.sim_child import SimChild
 from probes.catalog import load_profile
 from probes.governor import calibrate
@@ -61,7 +61,8 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
         print(f"prism demo: {exc}", file=sys.stderr)
         return 2
     costs = calibrate()
-    defaults = EngineSettings()  # the rule and alert holds prism watch uses by default
+    # the rule and alert holds prism watch uses by default, the warm-up asked for
+    engine = EngineSettings(warmup_iterations=warmup, warmup_s=warmup_s)
     notices: list[str] = []
     tmp = tempfile.TemporaryDirectory(prefix="prism-demo-")
     broker: EmbeddedBroker | None = None
@@ -82,16 +83,14 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
         # the server in its own process, as a real one is (see prism_tui.sim_child)
         with SimChild(scenario, duration_s, on_log=notices.append) as server:
             targets = [Target(pid) for pid in server.rank_pids.values()]
-            monitor = Monitor(targets, load_profile("cuda"),
-                              extra_profiles=[load_profile("nccl")],
-                              rule=defaults.detector_rule, holds=defaults.episode_holds(),
-                              warmup=warmup, warmup_s=warmup_s, costs=costs, settle_s=SETTLE_S)
             history_db = history_db or os.path.join(tmp.name, "history.sqlite")
-            session = LiveSession(
-                monitor, broker=BrokerConfig(url=broker_url),
-                outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
-                history_db=history_db, freeze_gc=True)
-            monitor.engine.notice(f"simulator: {len(targets)} ranks, scenario "
+            session_spec = SessionSpec(
+                targets, load_profile("cuda"), [load_profile("nccl")],
+                engine=engine, monitor=MonitorConfig(), costs=costs, settle_s=SETTLE_S,
+                history=HistorySettings(db=history_db), broker=BrokerConfig(url=broker_url),
+                outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
+            session = build_session(session_spec, alert_sinks=[JsonLinesSink()] if headless else [])
+            session.engine.notice(f"simulator: {len(targets)} ranks, scenario "
                                   f"{spec.name!r}; broker {broker_url}")
             try:
                 _run(session, notices, duration_s, headless, history_db)
@@ -118,19 +117,10 @@ def _run(session: LiveSession, notices: list[str], duration_s: float | None,
             engine.notice(notices.pop(0))
 
     if headless:
-        session.monitor.sinks.append(JsonLinesSink())
-
         def on_view(view: EngineView) -> None:
             forward_notices()
 
-        stop = asyncio.Event()
-        loop = asyncio.new_event_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            loop.run_until_complete(session.run(on_view, stop, duration_s))
-        finally:
-            loop.close()
+        run_headless(session, on_view, duration_s)
         return
     from prism_tui.ui.app import PrismApp
 

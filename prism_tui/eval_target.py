@@ -16,6 +16,7 @@ target and removes a throttle's cgroup.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -202,41 +203,13 @@ def score_rows(judged: dict[int, list[tuple[int, int, bool]]], rank_of: dict[int
     return sorted(rows, key=lambda r: (r.rank, r.end_ns))
 
 
-def _run_until(session: Any, done: threading.Event, limit_s: float | None,
-               realtime: int) -> dict[str, int]:
-    """Run the live session until ``done`` (or ``limit_s``) while a real MQTT subscriber
-    timestamps each alert; alert id → CLOCK_MONOTONIC ns of receipt."""
-    import asyncio
-
-    from prism_tui.evaluation import AlertReceiver
-
-    async def main() -> None:
-        stop = asyncio.Event()
-
-        async def watch() -> None:
-            while not done.is_set():
-                await asyncio.sleep(0.1)
-            stop.set()
-
-        task = asyncio.create_task(watch())
-        try:
-            await session.run(None, stop, limit_s)
-        finally:
-            task.cancel()
-
-    with AlertReceiver(session.publisher.config, realtime) as receiver:
-        asyncio.run(main())
-        time.sleep(0.5)  # the last deliveries
-    return dict(receiver.received)
-
-
 def cmd_eval_target(args: Any) -> int:
     """``prism eval --pid/--match ... --faults FILE``; prints the scores (one JSON with --json)."""
     import json
 
     from alerting.broker import EmbeddedBroker
     from alerting.config import BrokerConfig
-    from prism_tui.cli.common import UsageError, companion_profiles, pick_profile
+    from prism_tui.cli.common import UsageError
     from prism_tui.engine.evaluate import (
         alert_episodes,
         detection_delay_s,
@@ -245,9 +218,9 @@ def cmd_eval_target(args: Any) -> int:
         score_episodes,
         window_recall,
     )
-    from prism_tui.engine.runtime import Monitor, Observation
-    from prism_tui.evaluation import percentiles
-    from prism_tui.live import LiveSession
+    from prism_tui.engine.runtime import MonitorConfig, Observation
+    from prism_tui.evaluation import percentiles, run_and_receive
+    from prism_tui.session import SessionSpec, build_session, companion_profiles, pick_profile
     from prism_tui.settings import load_settings
     from probes.perf import check_permission
     from probes.target import resolve_target
@@ -282,25 +255,26 @@ def cmd_eval_target(args: Any) -> int:
             judged.setdefault(it.pid, []).append((it.start_ns, it.end_ns, obs.verdict.firing))
             schedule.ready.set()  # the timeline starts with the baseline
 
-    engine = settings.engine
-    monitor = Monitor(targets, profile, extra_profiles=companion_profiles(targets[0], profile),
-                      rule=engine.detector_rule, warmup=engine.warmup_iterations,
-                      warmup_s=engine.warmup_s, holds=engine.episode_holds(),
-                      on_observation=on_observation, telemetry=True)
+    engine = dataclasses.replace(settings.engine, slo=())  # scored on the detector alone
     with tempfile.TemporaryDirectory(prefix="prism-eval-") as tmp, \
             contextlib.ExitStack() as stack:
         broker_url = args.broker
         if broker_url is None:
             broker_url = stack.enter_context(EmbeddedBroker().start()).url
-        live = LiveSession(monitor, broker=BrokerConfig(url=broker_url),
-                           outbox_path=os.path.join(tmp, "outbox.sqlite"), freeze_gc=True)
+        spec = SessionSpec(targets, profile, companion_profiles(targets[0], profile),
+                           engine=engine, monitor=MonitorConfig(),
+                           broker=BrokerConfig(url=broker_url),
+                           outbox_path=os.path.join(tmp, "outbox.sqlite"))
+        live = build_session(spec, observer=on_observation)
+        monitor = live.monitor
         stack.callback(live.close)
         guard = start_guard(session_name, pids)
         stack.callback(release, guard)
         stack.callback(schedule.stop)
         started_ns = time.monotonic_ns()
         schedule.start()
-        received = _run_until(live, schedule.done, args.duration, args.realtime or 0)
+        received = run_and_receive(live, args.duration, args.realtime or 0,
+                                   until=schedule.done)
         schedule.stop()
         duration = (time.monotonic_ns() - started_ns) / 1e9
         alerts = list(monitor.alerts)

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -65,8 +66,6 @@ class AlertReceiver:
         self._reader: Any = None
 
     def __enter__(self) -> AlertReceiver:
-        import threading
-
         from prism_tui.scheduling import realtime_priority
 
         env = dict(os.environ, PRISM_RECEIVER_USERNAME=self.config.username or "",
@@ -112,12 +111,14 @@ class AlertReceiver:
             self._reader.join(5)
 
 
-def run_and_receive(session: Any, duration: float, realtime: int = 0) -> dict[str, int]:
-    """Run the session while a real MQTT subscriber records when each alert arrives."""
-    import asyncio
+def run_and_receive(session: Any, duration: float | None, realtime: int = 0, *,
+                    until: threading.Event | None = None) -> dict[str, int]:
+    """Run the session for ``duration`` seconds (or until ``until``) while a real MQTT
+    subscriber timestamps each alert; alert id → CLOCK_MONOTONIC ns of receipt."""
+    from prism_tui.session import run_headless
 
     with AlertReceiver(session.publisher.config, realtime) as receiver:
-        asyncio.run(session.run(None, None, duration))
+        run_headless(session, None, duration, until=until, signals=False)
         time.sleep(0.5)  # the last deliveries
     return dict(receiver.received)
 

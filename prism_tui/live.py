@@ -23,7 +23,7 @@ from alerting.config import BrokerConfig
 from alerting.outbox import Outbox
 from alerting.publisher import AlertPublisher
 from prism_tui.digest_feed import DigestFeed
-from prism_tui.engine.core import AlertEvent, Engine
+from prism_tui.engine.core import AlertEvent, AlertSink, Engine
 from prism_tui.engine.runtime import Monitor
 from prism_tui.engine.sinks import to_wire
 from prism_tui.engine.view import DeliveryStatus, EngineView, TargetStatus
@@ -104,8 +104,11 @@ class LiveSession:
     def __init__(self, monitor: Monitor, *, broker: BrokerConfig | None = None,
                  outbox_path: str | None = None, history_db: str | None = None,
                  retention_days: float = 7.0, max_iterations: int = 1_000_000,
-                 freeze_gc: bool = False) -> None:
+                 alert_sinks: Sequence[AlertSink] = (), freeze_gc: bool = False) -> None:
         """Wire the alert path and history into ``monitor``'s engine (opens the outbox).
+
+        The engine's alert sinks run in this order: DeepDive's escalation (the monitor's),
+        the MQTT sink, ``alert_sinks`` (the headless printer), the history writer.
 
         ``freeze_gc``: freeze the heap before the loop runs and again once the first
         model is in (see :mod:`prism_tui.gc_pauses`); for the ``prism`` commands, which
@@ -145,6 +148,7 @@ class LiveSession:
             self.sink = MqttSink(self.publisher, self.engine)
             self.engine.sinks.append(self.sink)
             self.digests = DigestFeed(self.engine, self.publisher.publish_digest)
+        self.engine.sinks.extend(alert_sinks)
         monitor.on_view = self._view
 
     @property

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prism_tui.engine.runtime import Monitor, Observation
+from prism_tui.engine.core import DetectionConfig
+from prism_tui.engine.runtime import Monitor, MonitorConfig, Observation, Subscribers
 from probes.catalog import BUILTIN_DIR, Profile, load_profile
 from probes.target import Target
 from tests.sim_scenarios import scenario_file, scenario_text, sim_server
@@ -61,8 +62,9 @@ def test_an_anchor_is_chosen_from_the_spans_and_cuts_the_same_iterations(
         pid = server.rank_pids[0]
         # idle ranks: nothing recurs, the monitor says so once and keeps looking; no
         # iteration is made up
-        with Monitor([Target(pid)], anchorless, warmup=100_000, escalation_s=0,
-                     telemetry=False, anchor_discovery_s=1.0) as idle:
+        with Monitor([Target(pid)], anchorless, detection=DetectionConfig(warmup=100_000),
+                     config=MonitorConfig(escalation_s=0, telemetry=False,
+                                           anchor_discovery_s=1.0)) as idle:
             asyncio.run(idle.run(2.0))
             notices = idle.engine.view().notices
         assert idle.anchor is None and idle.anchor_choice is None
@@ -73,11 +75,13 @@ def test_an_anchor_is_chosen_from_the_spans_and_cuts_the_same_iterations(
         # on their own; server.run only drives faults)
         found: list[Observation] = []
         named: list[Observation] = []
-        with Monitor([Target(pid)], anchorless, warmup=100_000, escalation_s=0,
-                     telemetry=False, on_observation=found.append) as discovering, \
-                Monitor([Target(pid)], load_profile("cuda"), warmup=100_000,
-                        escalation_s=0, telemetry=False,
-                        on_observation=named.append) as reference:
+        with Monitor([Target(pid)], anchorless, detection=DetectionConfig(warmup=100_000),
+                     config=MonitorConfig(escalation_s=0, telemetry=False),
+                     subscribers=Subscribers(observation=found.append)) as discovering, \
+                Monitor([Target(pid)], load_profile("cuda"),
+                        detection=DetectionConfig(warmup=100_000),
+                        config=MonitorConfig(escalation_s=0, telemetry=False),
+                        subscribers=Subscribers(observation=named.append)) as reference:
             _run_both(discovering, reference, seconds=IDLE_S + 4.0)
             notices = discovering.engine.view().notices
 

@@ -23,8 +23,8 @@ from alerting.digests import DigestMessage, decode, encode, merge_entries
 from alerting.publisher import AlertPublisher
 from alerting.schema import AlertSchemaError
 from prism_tui.digest_feed import DigestFeed
-from prism_tui.engine.core import Engine
-from prism_tui.engine.runtime import Monitor
+from prism_tui.engine.core import DetectionConfig, Engine
+from prism_tui.engine.runtime import Monitor, MonitorConfig
 from prism_tui.engine.sketches import ITERATION, SeriesKey
 from prism_tui.live import LiveSession
 from probes.catalog import load_profile
@@ -122,8 +122,9 @@ async def test_a_live_session_publishes_every_window_its_engine_closed(
         stop_sim = threading.Event()
         runner = threading.Thread(target=server.run, args=(30, stop_sim), daemon=True)
         runner.start()
-        monitor = Monitor([Target(server.rank_pids[0])], load_profile("cuda"), warmup=100,
-                          telemetry=False, snapshot_interval_s=0.2)
+        monitor = Monitor([Target(server.rank_pids[0])], load_profile("cuda"),
+                          detection=DetectionConfig(warmup=100),
+                          config=MonitorConfig(telemetry=False, snapshot_interval_s=0.2))
         session = LiveSession(monitor, broker=BrokerConfig(url=broker.url),
                               outbox_path=str(tmp_path / "outbox.sqlite"))
         try:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from prism_tui.engine.core import SloSpec
-from prism_tui.engine.runtime import Monitor, Observation
+from prism_tui.engine.core import DetectionConfig, SloSpec
+from prism_tui.engine.runtime import Monitor, MonitorConfig, Observation, Subscribers
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
 from probes.catalog import parse_profile
@@ -96,9 +96,10 @@ async def test_a_full_disk_is_said_once_monitoring_goes_on_and_writing_resumes(
         observed[0] += 1
 
     monitor = Monitor([Target(ctarget.pid)], parse_profile(CTARGET_PROFILE, "ctarget"),
-                      warmup=100_000, escalation_s=0, telemetry=False,
-                      snapshot_interval_s=0.1, slos=[SloSpec.parse(SLO)],
-                      on_observation=count)
+                      detection=DetectionConfig(warmup=100_000, slos=[SloSpec.parse(SLO)]),
+                      config=MonitorConfig(escalation_s=0, telemetry=False,
+                                           snapshot_interval_s=0.1),
+                      subscribers=Subscribers(observation=count))
     session = LiveSession(monitor, history_db=str(db))
     stop = asyncio.Event()
     running = asyncio.create_task(session.run(views.append, stop, 60.0))

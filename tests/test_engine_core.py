@@ -23,6 +23,7 @@ import pytest
 
 from prism_tui.engine.core import (
     AlertEvent,
+    DetectionConfig,
     Engine,
     SloSpec,
     fit_executor,
@@ -76,8 +77,8 @@ def run(slos: tuple[SloSpec, ...] = (), views_every: int = 0,
     t0 = spans[0].start_ns
     clock = ReplayClock(t0)
     sink = ListSink()
-    engine = Engine(rule="prism", warmup=150, sinks=[sink], slos=slos, clock=clock,
-                    wall_clock=lambda: WALL, host="replay", holds=holds)
+    engine = Engine(DetectionConfig(rule="prism", warmup=150, slos=slos, holds=holds),
+                    sinks=[sink], clock=clock, wall_clock=lambda: WALL, host="replay")
     views: list[object] = []
     calls = [0]
 
@@ -122,7 +123,7 @@ def test_alert_episodes_page_once_per_target_with_the_default_holds() -> None:
     clock = ReplayClock(t0)
     sink = ListSink()
     transitions: list[tuple[int, str]] = []
-    engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
+    engine = Engine(DetectionConfig(rule="prism", warmup=150), sinks=[sink], clock=clock,
                     wall_clock=lambda: WALL, host="replay",
                     on_observation=lambda o: transitions.append(
                         (o.iteration.pid, o.verdict.transition))
@@ -208,7 +209,7 @@ def test_an_slo_on_one_stage_judges_that_stages_time() -> None:
 
 def test_a_bad_slo_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match="cannot parse SLO"):
-        Engine(slos=[SloSpec("p99 under 60")])
+        Engine(DetectionConfig(slos=[SloSpec("p99 under 60")]))
 
 
 def test_chrome_trace_of_recent_spans(tmp_path: Path) -> None:
@@ -399,8 +400,8 @@ def test_alerts_raised_while_held_reach_the_sinks_when_the_block_ends() -> None:
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
     sink = ListSink()
-    engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
-                    wall_clock=lambda: WALL, host="replay", holds=EVERY_TRANSITION)
+    engine = Engine(DetectionConfig(rule="prism", warmup=150, holds=EVERY_TRANSITION),
+                    sinks=[sink], clock=clock, wall_clock=lambda: WALL, host="replay")
     held_alerts: list[AlertEvent] = []
     original = engine.add_spans
 
@@ -429,8 +430,8 @@ def test_mixed_steps_are_sketched_apart_and_not_judged_as_decode() -> None:
     """With the llama_cpp profile's phase rule, a prompt chunk beside decoding slots is a
     ``mixed`` iteration: its own series, and the decode detector never sees it."""
     profile = load_profile("llama_cpp")
-    engine = Engine(rule="prism", warmup=10**6, clock=lambda: 0, wall_clock=lambda: WALL,
-                    host="t")
+    engine = Engine(DetectionConfig(rule="prism", warmup=10**6), clock=lambda: 0,
+                    wall_clock=lambda: WALL, host="t")
     engine.watch(7, "llama-server", profile.anchor or "decode",
                  {p.id: p.stage for p in profile.probes}, profile="llama_cpp",
                  derived=profile.derived, phase_rule=profile.phase_rule)
@@ -458,8 +459,8 @@ def test_mixed_steps_are_sketched_apart_and_not_judged_as_decode() -> None:
 def test_run_queue_readings_between_iterations_wait_for_the_next_one() -> None:
     """A reading that completes no iteration keeps the previous one: the wait since then
     belongs to the iteration still open. Another thread's reading starts afresh."""
-    engine = Engine(rule="prism", warmup=10**6, clock=lambda: 0, wall_clock=lambda: WALL,
-                    host="t")
+    engine = Engine(DetectionConfig(rule="prism", warmup=10**6), clock=lambda: 0,
+                    wall_clock=lambda: WALL, host="t")
     engine.watch(7, "x", "sync", {"sync": "device_sync", "copy": "memcpy"})
 
     def sp(probe: str, start: int, end: int) -> Span:
@@ -483,8 +484,8 @@ def test_the_resolved_alert_names_the_metric_that_moved_during_the_episode() -> 
     t0 = spans[0].start_ns
     clock = ReplayClock(t0)
     sink = ListSink()
-    engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
-                    wall_clock=lambda: WALL, host="replay", holds=EVERY_TRANSITION)
+    engine = Engine(DetectionConfig(rule="prism", warmup=150, holds=EVERY_TRANSITION),
+                    sinks=[sink], clock=clock, wall_clock=lambda: WALL, host="replay")
     slow, calm = procs[1].pid, procs[0].pid
     next_sample = [t0]
 

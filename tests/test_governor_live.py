@@ -10,7 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prism_tui.engine.runtime import Monitor, detector_probes
+from prism_tui.engine.core import DetectionConfig
+from prism_tui.engine.runtime import (
+    Monitor,
+    MonitorConfig,
+    ProbingConfig,
+    Subscribers,
+    detector_probes,
+)
 from prism_tui.engine.view import (
     EngineView,
     GovernorAction,
@@ -127,12 +134,14 @@ def test_monitor_duty_cycles_the_hot_probe_and_shows_it(ctarget: CTarget) -> Non
         await monitor.run(20.0, stop)
 
     stop: asyncio.Event
-    with Monitor([Target(ctarget.pid)], profile, warmup=100_000, escalation_s=0,
-                 telemetry=False, costs=HitCosts(1000.0, 10_500.0, 900.0, 13_500.0),
-                 overhead_budget=BUDGET, governor_action="duty-cycle",
-                 on_view=on_view, snapshot_interval_s=0.25, ring_pages=128,
-                 drain_interval_s=0.05,
-                 on_observation=lambda obs: ends.append(obs.iteration.end_ns)) as monitor:
+    with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
+                 probing=ProbingConfig(costs=HitCosts(1000.0, 10_500.0, 900.0, 13_500.0),
+                                       overhead_budget=BUDGET, governor_action="duty-cycle",
+                                       ring_pages=128, drain_interval_s=0.05),
+                 config=MonitorConfig(escalation_s=0, telemetry=False, snapshot_interval_s=0.25),
+                 subscribers=Subscribers(
+                     view=on_view,
+                     observation=lambda obs: ends.append(obs.iteration.end_ns))) as monitor:
         session = monitor._attached[ctarget.pid].session  # probe.ring_pages, drain_interval_s
         assert session.drain_interval_s == 0.05
         assert {ring.data_pages for ring in session._rings.values()} == {128}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_tui.engine.core import Engine, Observation, SloSpec
+from prism_tui.engine.core import DetectionConfig, Engine, Observation, SloSpec
 from prism_tui.engine.detector import Verdict
 from prism_tui.engine.iterations import HOST, Iteration
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
@@ -24,8 +24,9 @@ RECORDING = Path(__file__).resolve().parent / "data" / "sim_spans.jsonl.gz"
 async def test_replayed_iterations_windows_and_alerts_reach_the_history(tmp_path: Path) -> None:
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
-    engine = Engine(rule="prism", warmup=150, clock=clock,
-                    slos=[SloSpec("decode p99 <= 15ms over 1s")])
+    engine = Engine(DetectionConfig(rule="prism", warmup=150,
+                                    slos=[SloSpec("decode p99 <= 15ms over 1s")]),
+                    clock=clock)
     db = tmp_path / "history.sqlite"
     async with HistoryStore(db, mono_clock=clock) as store:
         writer = HistoryWriter(store, engine.sketches)
@@ -55,7 +56,7 @@ async def test_replayed_iterations_windows_and_alerts_reach_the_history(tmp_path
 async def test_a_broken_database_is_a_value_and_nothing_is_dropped(tmp_path: Path) -> None:
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
-    engine = Engine(rule="prism", warmup=150, clock=clock)
+    engine = Engine(DetectionConfig(rule="prism", warmup=150), clock=clock)
     db = tmp_path / "history.sqlite"
     store = await HistoryStore(db, mono_clock=clock).open()
     writer = HistoryWriter(store, engine.sketches)

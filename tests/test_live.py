@@ -20,8 +20,8 @@ import pytest
 from alerting.broker import EmbeddedBroker
 from alerting.config import BrokerConfig
 from prism_sim.server import SimServer
-from prism_tui.engine.core import SloSpec
-from prism_tui.engine.runtime import Monitor
+from prism_tui.engine.core import DetectionConfig, SloSpec
+from prism_tui.engine.runtime import Monitor, MonitorConfig
 from prism_tui.engine.view import EngineView
 from prism_tui.history.store import HistoryStore
 from prism_tui.live import LiveSession
@@ -66,9 +66,11 @@ async def test_alerts_reach_a_subscriber_and_history_while_the_picker_attaches(
         first, second = server.rank_pids[0], server.rank_pids[1]
         # an SLO no decode iteration meets: it fires within a second, deterministically
         monitor = Monitor([Target(first)], load_profile("cuda"),
-                          extra_profiles=[load_profile("nccl")], rule="prism", warmup=100,
-                          slos=[SloSpec("decode p99 <= 1ms over 1s", name="impossible")],
-                          telemetry=False, snapshot_interval_s=0.2)
+                          extra_profiles=[load_profile("nccl")],
+                          detection=DetectionConfig(
+                              rule="prism", warmup=100,
+                              slos=[SloSpec("decode p99 <= 1ms over 1s", name="impossible")]),
+                          config=MonitorConfig(telemetry=False, snapshot_interval_s=0.2))
         session = LiveSession(monitor, broker=BrokerConfig(url=broker.url),
                               outbox_path=str(tmp_path / "outbox.sqlite"), history_db=str(db))
         views: list[EngineView] = []

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prism_tui.cli.common import UsageError
 from prism_tui.cli.watch import serve_session_metrics
-from prism_tui.engine.core import AlertEvent, Engine
+from prism_tui.engine.core import AlertEvent, DetectionConfig, Engine
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
 from prism_tui.engine.sketches import ITERATION, SeriesKey, WindowedSketches
 from prism_tui.engine.view import EngineView
@@ -51,7 +51,7 @@ def _replayed() -> tuple[Engine, _Alerts]:
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
     sink = _Alerts()
-    engine = Engine(rule="prism", warmup=150, sinks=[sink], clock=clock,
+    engine = Engine(DetectionConfig(rule="prism", warmup=150), sinks=[sink], clock=clock,
                     wall_clock=lambda: 1_790_000_000.0, host="replay")
     replay(engine, clock, procs, spans)
     return engine, sink

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from prism_tui.engine.runtime import RESCAN_S, Monitor, Observation
+from prism_tui.engine.core import DetectionConfig
+from prism_tui.engine.runtime import RESCAN_S, Monitor, MonitorConfig, Observation, Subscribers
 from prism_tui.engine.view import EngineView
 from prism_tui.history.store import HistoryStore
 from prism_tui.live import LiveSession
@@ -82,9 +83,9 @@ def _spinning(exe: Path) -> CTarget:
 def _monitor(exe: Path, first: CTarget, watch: Watch) -> Monitor:
     """A monitor of ``first`` with ``--match`` on the C target's path (no fitting, no DeepDive)."""
     return Monitor([Target(first.pid)], parse_profile(CTARGET_PROFILE, "ctarget"),
-                   match=re.escape(str(exe)), warmup=100_000, escalation_s=0,
-                   telemetry=False, snapshot_interval_s=0.1, on_view=watch.on_view,
-                   on_observation=watch.on_observation)
+                   match=re.escape(str(exe)), detection=DetectionConfig(warmup=100_000),
+                   config=MonitorConfig(escalation_s=0, telemetry=False, snapshot_interval_s=0.1),
+                   subscribers=Subscribers(view=watch.on_view, observation=watch.on_observation))
 
 
 async def _exit_and_reattach(exe: Path, first: CTarget, watch: Watch,
@@ -253,9 +254,10 @@ async def test_twenty_restarts_are_reattached_within_a_second_and_leak_nothing(
         first_seen.setdefault(obs.iteration.pid, time.monotonic())
 
     monitor = Monitor([Target(first.pid)], parse_profile(ANCHOR_ONLY_PROFILE, "ctarget"),
-                      match=re.escape(str(ctarget_exe)), warmup=100_000, escalation_s=0,
-                      telemetry=False, snapshot_interval_s=0.1, on_view=watch.on_view,
-                      on_observation=on_observation)
+                      match=re.escape(str(ctarget_exe)), detection=DetectionConfig(warmup=100_000),
+                      config=MonitorConfig(escalation_s=0, telemetry=False,
+                                           snapshot_interval_s=0.1),
+                      subscribers=Subscribers(view=watch.on_view, observation=on_observation))
     stop = asyncio.Event()
     running = asyncio.create_task(monitor.run(120.0, stop))
     current = first

@@ -15,11 +15,11 @@ from pathlib import Path
 from prism_sim.labels import read_labels
 from prism_sim.scenario import load_scenario, parse_scenario
 from prism_sim.server import SimServer
-from prism_tui.engine.core import Engine
+from prism_tui.engine.core import DetectionConfig, Engine
 from prism_tui.engine.evaluate import match, score
 from prism_tui.engine.iterations import Iteration
 from prism_tui.engine.recording import ReplayClock, SpanRecorder, load_recording, replay
-from prism_tui.engine.runtime import AlertEvent, Monitor, Observation
+from prism_tui.engine.runtime import AlertEvent, Monitor, MonitorConfig, Observation, Subscribers
 from probes.catalog import load_profile, parse_profile
 from probes.target import Target
 from tests.conftest import CTARGET_PROFILE, CTarget
@@ -57,8 +57,9 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
         runner.start()
         targets = [Target(pid) for pid in server.rank_pids.values()]
         with Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
-                     rule="paper", warmup=500, sinks=[sink],
-                     on_observation=on_observation, escalation_s=3) as monitor:
+                     detection=DetectionConfig(rule="paper", warmup=500),
+                     config=MonitorConfig(escalation_s=3),
+                     subscribers=Subscribers(alerts=[sink], observation=on_observation)) as monitor:
             asyncio.run(monitor.run(32))
             series = monitor.engine.sketches.keys()  # a tuple, not a dict view
             deep_series = [k for k in series if k.phase == "deepdive"]
@@ -248,9 +249,10 @@ def test_the_profiles_phase_rule_reaches_the_live_iterations(ctarget: CTarget) -
         'anchor = "work"', 'anchor = "work"\nphase_rule = "calls.work / 2"'), "ctarget")
     phases: list[str] = []
     ctarget.cmd("spin_start 2000")
-    with Monitor([Target(ctarget.pid)], profile, warmup=100_000, escalation_s=0,
-                 telemetry=False,
-                 on_observation=lambda obs: phases.append(obs.iteration.phase)) as monitor:
+    with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
+                 config=MonitorConfig(escalation_s=0, telemetry=False),
+                 subscribers=Subscribers(
+                     observation=lambda obs: phases.append(obs.iteration.phase))) as monitor:
         asyncio.run(monitor.run(1.0))
     assert len(phases) > 50
     assert set(phases) == {"mixed"}
@@ -277,10 +279,12 @@ def test_a_busy_cpu_shows_as_the_runqueue_stage(ctarget: CTarget, tmp_path: Path
 
     def watch(recorder: SpanRecorder | None = None) -> list[_Row]:
         rows: list[_Row] = []
-        with Monitor([Target(ctarget.pid)], profile, warmup=100_000, escalation_s=0,
-                     telemetry=False, on_observation=lambda obs: rows.append(row(obs.iteration)),
-                     on_spans=recorder.add if recorder else None,
-                     on_run_queue=recorder.add_run_queue if recorder else None) as monitor:
+        with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
+                     config=MonitorConfig(escalation_s=0, telemetry=False),
+                     subscribers=Subscribers(
+                         observation=lambda obs: rows.append(row(obs.iteration)),
+                         spans=recorder.add if recorder else None,
+                         run_queue=recorder.add_run_queue if recorder else None)) as monitor:
             asyncio.run(monitor.run(1.5))
             if recorder is not None:
                 recorder.close(monitor.recorded_processes())
@@ -311,14 +315,14 @@ def test_a_busy_cpu_shows_as_the_runqueue_stage(ctarget: CTarget, tmp_path: Path
     assert len(rec.run_queue) >= 0.9 * len(busy)
     clock = ReplayClock(rec.spans[0].start_ns)
     replayed: list[_Row] = []
-    engine = Engine(warmup=100_000, clock=clock,
+    engine = Engine(DetectionConfig(warmup=100_000), clock=clock,
                     on_observation=lambda obs: replayed.append(row(obs.iteration)))
     replay(engine, clock, rec.processes, rec.spans, run_queue=rec.run_queue)
     assert replayed == busy
     # without the readings the replay has no runqueue stage at all
     plain: list[_Row] = []
     clock = ReplayClock(rec.spans[0].start_ns)
-    engine = Engine(warmup=100_000, clock=clock,
+    engine = Engine(DetectionConfig(warmup=100_000), clock=clock,
                     on_observation=lambda obs: plain.append(row(obs.iteration)))
     replay(engine, clock, rec.processes, rec.spans)
     assert [r[:2] for r in plain] == [r[:2] for r in busy] and share(plain) == 0

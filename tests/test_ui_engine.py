@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_tui.engine.core import Engine, SloSpec
+from prism_tui.engine.core import DetectionConfig, Engine, SloSpec
 from prism_tui.engine.episodes import EpisodeHolds
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
 from prism_tui.engine.sketches import ITERATION
@@ -33,9 +33,11 @@ def replayed() -> tuple[list[EngineView], list[str]]:
     """Views taken every ~0.25 s of replayed time, and the devices of the two ranks."""
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
-    engine = Engine(rule="prism", warmup=150, clock=clock, wall_clock=lambda: WALL,
-                    host="replay-host", slos=(SloSpec("decode p99 <= 15ms over 1s"),),
-                    holds=EpisodeHolds(1, 0.0, 1, 0.0))  # the 14 s replay resolves in it
+    engine = Engine(DetectionConfig(rule="prism", warmup=150,
+                                    slos=(SloSpec("decode p99 <= 15ms over 1s"),),
+                                    holds=EpisodeHolds(1, 0.0, 1, 0.0)),
+                    # the 14 s replay resolves in it
+                    clock=clock, wall_clock=lambda: WALL, host="replay-host")
     views: list[EngineView] = []
     last = [0]
 

@@ -1,5 +1,5 @@
 """What the ``prism`` commands share: the usage error, the target and realtime flags, the
-loop's scheduling, the ``[mqtt]`` broker config, the span recorder and profile choice."""
+loop's scheduling, the ``[mqtt]`` broker config and the span recorder."""
 
 from __future__ import annotations
 
@@ -68,41 +68,6 @@ def span_recorder(path: str | None) -> Any:
         return SpanRecorder(path)
     except OSError as exc:
         raise UsageError(f"cannot record to {path}: {exc.strerror or exc}") from None
-
-
-def pick_profile(target: Any, name: str | None) -> Any:
-    from probes.catalog import available_profiles, load_profile
-    from probes.placement import place_profile
-
-    if name is not None:
-        return load_profile(name)
-    # only a profile that names its anchor is picked unasked: one without (cpython,
-    # blas) would have the monitor cut "iterations" at whatever recurs (GIL waits...)
-    for candidate in sorted(available_profiles()):
-        profile = load_profile(candidate)
-        if profile.anchor is None:
-            continue
-        placement = place_profile(target, profile, "sentinel")
-        if any(s.probe == profile.anchor for s in placement.sites):
-            return profile
-    raise UsageError(f"no profile's iteration anchor resolves in pid {target.pid}; "
-                     "name one with --profile (prism symbols --pid PID lists them; a "
-                     "profile without an anchor has one chosen from its spans)")
-
-
-def companion_profiles(target: Any, main: Any) -> list[Any]:
-    """Other profiles with a sentinel probe that resolves here (nccl beside cuda...)."""
-    from probes.catalog import available_profiles, load_profile
-    from probes.placement import place_profile
-
-    out = []
-    for name in sorted(available_profiles()):
-        if name == main.name:
-            continue
-        profile = load_profile(name)
-        if place_profile(target, profile, "sentinel").sites:
-            out.append(profile)
-    return out
 
 
 def target_args(sp: argparse.ArgumentParser) -> None:

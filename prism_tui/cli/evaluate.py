@@ -80,18 +80,18 @@ def run(args: argparse.Namespace) -> int:
         score,
         score_episodes,
     )
-    from prism_tui.engine.runtime import Monitor, Observation
-    from prism_tui.live import LiveSession
+    from prism_tui.engine.runtime import MonitorConfig, Observation
     from prism_tui.scheduling import request_short_slice
+    from prism_tui.session import SessionSpec, build_session
     from prism_tui.settings import load_settings
     from prism_tui.sim_child import SimChild
     from probes.catalog import load_profile
     from probes.perf import check_permission
     from probes.target import Target
 
-    engine_settings = load_settings(None, overrides={
+    engine_settings = dataclasses.replace(load_settings(None, overrides={
         "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
-        "engine.warmup_s": args.warmup_s}).engine
+        "engine.warmup_s": args.warmup_s}).engine, slo=())  # scored on the detector alone
     check_permission()
     try_realtime(args.realtime)
     try:
@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
         bare_labels = os.path.join(tmp.name, "bare.jsonl")
         with SimChild(args.scenario, duration, bare_labels) as bare:
             time.sleep(duration)
-            unwatched = throughput(bare.finish(duration + 30), bare_labels,
-                                    duration)
+            unwatched = throughput(bare.finish(duration + 30), bare_labels, duration)
     with SimChild(args.scenario, duration, labels_path) as sim:
         rank_of = {pid: rank for rank, pid in sim.rank_pids.items()}
 
@@ -121,15 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
         started_ns = sim.started_ns
         targets = [Target(pid) for pid in sim.rank_pids.values()]
-        recorder = span_recorder(args.record)
-        monitor = Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
-                          rule=engine_settings.detector_rule,
-                          warmup=engine_settings.warmup_iterations,
-                          warmup_s=engine_settings.warmup_s,
-                          holds=engine_settings.episode_holds(), on_observation=on_observation,
-                          telemetry=False, on_spans=recorder.add if recorder else None,
-                          on_run_queue=recorder.add_run_queue if recorder else None)
         with contextlib.ExitStack() as stack:
+            recorder = span_recorder(args.record)
             if recorder is not None:
                 stack.callback(recorder.discard)  # a run that fails leaves no temp file
             broker_url = args.broker
@@ -139,9 +131,12 @@ def run(args: argparse.Namespace) -> int:
                 if broker.pid is not None:  # the alert's next hop
                     request_short_slice(broker.pid)
                     try_realtime(args.realtime, "the embedded broker", broker.pid)
-            session = LiveSession(monitor, broker=BrokerConfig(url=broker_url),
-                                  outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
-                                  freeze_gc=True)
+            spec = SessionSpec(targets, load_profile("cuda"), [load_profile("nccl")],
+                               engine=engine_settings, monitor=MonitorConfig(telemetry=False),
+                               broker=BrokerConfig(url=broker_url),
+                               outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
+            session = build_session(spec, observer=on_observation, recorder=recorder)
+            monitor = session.monitor
             stack.callback(session.close)
             left = duration - (time.monotonic_ns() - started_ns) / 1e9
             received = run_and_receive(session, max(left, 0.0), args.realtime)

@@ -7,16 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from typing import Any
 
 from prism_tui.cli.common import (
     UsageError,
     broker_config,
-    companion_profiles,
     favour_the_loop,
-    pick_profile,
     realtime_arg,
     span_recorder,
     target_args,
@@ -70,11 +67,15 @@ def run(args: argparse.Namespace) -> int:
     favour_the_loop()
     import asyncio
 
-    from prism_tui.engine.core import SloSpec
-    from prism_tui.engine.runtime import Monitor
     from prism_tui.engine.sinks import JsonLinesSink, event_doc
     from prism_tui.engine.view import EngineView
-    from prism_tui.live import LiveSession
+    from prism_tui.session import (
+        SessionSpec,
+        build_session,
+        companion_profiles,
+        pick_profile,
+        run_headless,
+    )
     from probes.governor import calibrate
     from probes.perf import check_permission
     from probes.target import resolve_target
@@ -89,31 +90,11 @@ def run(args: argparse.Namespace) -> int:
     profile = pick_profile(targets[0], args.profile or settings.watch.profile)
     extras = companion_profiles(targets[0], profile)
     headless = args.headless or args.json or settings.watch.headless
-    recorder = None
     costs = calibrate()
     if not costs.measured:  # the overhead estimate and the governor use the defaults
         print(f"prism watch: hit costs {costs.note}", file=sys.stderr)
-    try:
-        slos = [SloSpec.parse(rule) for rule in settings.engine.slo]
-        recorder = span_recorder(args.record)
-        monitor = Monitor(
-            targets, profile, extra_profiles=extras, rule=settings.engine.detector_rule,
-            warmup=settings.engine.warmup_iterations, warmup_s=settings.engine.warmup_s,
-            holds=settings.engine.episode_holds(), slos=slos, match=args.match,
-            mode=settings.probe.mode, costs=costs,
-            overhead_budget=settings.probe.overhead_budget,
-            governor_action=settings.probe.governor_action,
-            ring_pages=settings.probe.ring_pages,
-            drain_interval_s=settings.probe.drain_interval_s,
-            escalation_s=settings.engine.escalation_s,
-            snapshot_interval_s=1 / settings.engine.snapshot_hz,
-            on_spans=recorder.add if recorder else None,
-            on_run_queue=recorder.add_run_queue if recorder else None)
-    except ValueError as exc:
-        if recorder is not None:
-            recorder.discard()
-        raise UsageError(str(exc)) from exc
-    history_db = None if args.no_history else str(settings.history.path)
+    history = None if args.no_history else settings.history
+    history_db = None if history is None else str(history.path)
     if history_db is not None:
         try:
             os.makedirs(os.path.dirname(history_db) or ".", mode=0o700, exist_ok=True)
@@ -124,9 +105,28 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot create the directory of {history_db}: "
                              f"{exc.strerror}") from exc
-    session = LiveSession(monitor, broker=broker_config(settings.mqtt), history_db=history_db,
-                          retention_days=settings.history.retention_days,
-                          max_iterations=settings.history.max_iterations, freeze_gc=True)
+    counts: dict[str, int] = {}
+
+    def count(obs: Any) -> None:
+        counts[obs.iteration.phase] = counts.get(obs.iteration.phase, 0) + 1
+
+    spec = SessionSpec(targets, profile, extras, engine=settings.engine,
+                       probe=settings.probe, history=history,
+                       broker=broker_config(settings.mqtt), match=args.match, costs=costs)
+    recorder = span_recorder(args.record)
+    try:
+        session = build_session(
+            spec, alert_sinks=[JsonLinesSink()] if headless and not args.json else [],
+            observer=count if headless else None, recorder=recorder)
+    except ValueError as exc:
+        if recorder is not None:
+            recorder.discard()
+        raise UsageError(str(exc)) from exc
+    except BaseException:
+        if recorder is not None:
+            recorder.discard()
+        raise
+    monitor = session.monitor
     try:
         metrics = serve_session_metrics(session, settings.metrics)
     except UsageError:
@@ -134,19 +134,8 @@ def run(args: argparse.Namespace) -> int:
         if recorder is not None:
             recorder.discard()
         raise
-    counts: dict[str, int] = {}
     try:
         if headless:
-            if not args.json:
-                monitor.sinks.append(JsonLinesSink())
-            previous = monitor.engine.on_observation
-
-            def on_observation(obs: Any) -> None:
-                counts[obs.iteration.phase] = counts.get(obs.iteration.phase, 0) + 1
-                if previous is not None:
-                    previous(obs)
-
-            monitor.engine.on_observation = on_observation
             said: list[tuple[str, ...]] = [()]  # the notices printed so far
             decided = [0]  # the governor decisions printed so far
 
@@ -174,14 +163,7 @@ def run(args: argparse.Namespace) -> int:
                                                "series": rows, "targets": watched}}),
                       flush=True)
 
-            stop = asyncio.Event()
-            loop = asyncio.new_event_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            try:
-                loop.run_until_complete(session.run(on_view, stop, duration))
-            finally:
-                loop.close()
+            run_headless(session, on_view, duration)
             if args.json:
                 print(json.dumps({"profile": profile.name,
                                   "targets": [{"pid": t.pid, "name": t.name} for t in targets],

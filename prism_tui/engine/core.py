@@ -168,6 +168,36 @@ class SloSpec:
 _SLO_STAGE = re.compile(r"^\s*(?P<stage>[a-z_][a-z0-9_]*)\s*:\s*(?P<rule>.+)$", re.IGNORECASE)
 
 
+@dataclass(frozen=True)
+class DetectionConfig:
+    """How the engine judges iterations (docs/detection.md) and when a verdict becomes an
+    alert episode; the session builder makes it from the ``[engine]`` settings.
+
+    ``rule``: ``prism`` or ``paper``. ``warmup``, ``warmup_s``: the baseline is fitted
+    after that many decode iterations or seconds, whichever first (0 s: iterations only).
+    ``holds``: when the per-iteration state opens or closes an episode. ``slos``: the
+    objectives checked on every iteration. ``settle_s``: seconds of a process's first
+    decode iterations its detector does not train on (a target started with the monitor).
+    """
+
+    rule: str = "prism"
+    warmup: int = 1000
+    warmup_s: float = 0.0
+    holds: EpisodeHolds = field(default_factory=EpisodeHolds)
+    slos: Sequence[SloSpec] = ()
+    settle_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ViewRetention:
+    """How much of the recent past the engine keeps for its views and trace export."""
+
+    iterations: int = 240
+    points: int = 600
+    alerts: int = 200
+    spans: int = 200_000
+
+
 DETECTOR_FEATURES = frozenset({"sequences", "kv_tokens", "d2h_bytes", "h2d_bytes",
                                "h2d_first_bytes"})
 """Features the detector's workload (:func:`workload_of`) and the built-in phase rule read."""
@@ -270,39 +300,35 @@ def shutdown_fit_executor() -> None:
 class Engine:
     """Turns spans of watched processes into iterations, sketches, alerts and views."""
 
-    def __init__(self, *, rule: str = "prism", warmup: int = 1000, warmup_s: float = 0.0,
-                 holds: EpisodeHolds | None = None,
+    def __init__(self, detection: DetectionConfig | None = None, *,
                  sinks: Sequence[AlertSink] = (),
                  on_observation: Callable[[Observation], None] | None = None,
                  on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
                  on_run_queue: Callable[[int, int, int], None] | None = None,
-                 slos: Sequence[SloSpec] = (), host: str | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns,
+                 host: str | None = None, clock: Callable[[], int] = time.monotonic_ns,
                  wall_clock: Callable[[], float] = time.time,
-                 keep_iterations: int = 240, keep_points: int = 600,
-                 keep_alerts: int = 200, keep_spans: int = 200_000,
-                 settle_s: float = 0.0) -> None:
-        """``clock`` is CLOCK_MONOTONIC in ns (span timestamps use it); ``wall_clock`` epoch s.
-        ``settle_s``: seconds of a process's first decode iterations its detector does
-        not train on (for a target started with the monitor: its start-up is not normal).
-        ``warmup_s``: the baseline is also fitted once its training iterations span this
-        long (see :class:`Detector`). ``holds``: when the detector's per-iteration state
-        becomes an alert episode (:class:`EpisodeHolds`; default: its defaults).
-        ``on_spans`` sees every batch of spans fed, ``on_run_queue`` every run-queue
-        reading that came with one (``pid, tid, ns``), after the batch: a recorder.
+                 keep: ViewRetention | None = None) -> None:
+        """``detection``: the rule, warm-up, alert holds, SLOs and settling time
+        (:class:`DetectionConfig`; default: its defaults). ``clock`` is CLOCK_MONOTONIC in
+        ns (span timestamps use it); ``wall_clock`` epoch s. ``sinks`` take every alert,
+        ``on_observation`` every judged iteration; ``on_spans`` sees every batch of spans
+        fed, ``on_run_queue`` every run-queue reading that came with one (``pid, tid,
+        ns``), after the batch: a recorder. ``keep``: how much the views look back.
 
         Raises ValueError when an SLO rule does not parse.
         """
-        self.rule = rule
-        self.warmup = warmup
-        self.warmup_s = warmup_s
-        self.holds = holds or EpisodeHolds()
-        self.settle_ns = int(settle_s * 1e9)
+        self.detection = detection = detection or DetectionConfig()
+        keep = keep or ViewRetention()
+        self.rule = detection.rule
+        self.warmup = detection.warmup
+        self.warmup_s = detection.warmup_s
+        self.holds = detection.holds
+        self.settle_ns = int(detection.settle_s * 1e9)
         self.sinks = list(sinks)
         self.on_observation = on_observation
         self.on_spans = on_spans
         self.on_run_queue = on_run_queue
-        self.slo_specs = tuple(slos)
+        self.slo_specs = tuple(detection.slos)
         for spec in self.slo_specs:
             SloRule.parse(spec.rule)  # fail at start, not on the first iteration
         self.host = host or socket.gethostname()
@@ -312,13 +338,13 @@ class Engine:
         self.alerts: list[AlertEvent] = []
         self.iterations_seen = 0
         self._watched: dict[int, _Watched] = {}
-        self._bars: deque[IterationBar] = deque(maxlen=keep_iterations)
-        self._points: deque[DetectorPoint] = deque(maxlen=keep_points)
-        self._records: deque[AlertRecord] = deque(maxlen=keep_alerts)
+        self._bars: deque[IterationBar] = deque(maxlen=keep.iterations)
+        self._points: deque[DetectorPoint] = deque(maxlen=keep.points)
+        self._records: deque[AlertRecord] = deque(maxlen=keep.alerts)
         self._delivery_of: dict[str, str] = {}
         # plain tuples of numbers and strings, which the cyclic GC stops tracking: 200k
         # span objects (with their args mappings) made each full collection ~160 ms
-        self._spans: deque[_KeptSpanRow] = deque(maxlen=keep_spans)
+        self._spans: deque[_KeptSpanRow] = deque(maxlen=keep.spans)
         self._metric_log: deque[tuple[int, dict[str, float]]] = deque(maxlen=METRIC_SAMPLES)
         self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
         self._telemetry: tuple[TelemetryValue, ...] = ()

@@ -29,6 +29,7 @@ from prism_tui.engine.core import (
     DETECTOR_FEATURES,
     AlertEvent,
     AlertSink,
+    DetectionConfig,
     Engine,
     Observation,
     SloSpec,
@@ -36,7 +37,6 @@ from prism_tui.engine.core import (
     workload_of,
 )
 from prism_tui.engine.devices import NvmlDevices
-from prism_tui.engine.episodes import EpisodeHolds
 from prism_tui.engine.iterations import MEMCPY_KINDS, SpanLike
 from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.sketches import Snapshot
@@ -56,7 +56,8 @@ from probes.target import Target, find_targets
 from probes.telemetry import HostSampler, ProcSampler, Reading, thread_runqueue_ns
 from probes.uprobes import Span, UprobeSession
 
-__all__ = ["AlertEvent", "AlertSink", "Monitor", "Observation", "SloSpec", "workload_of"]
+__all__ = ["AlertEvent", "AlertSink", "DetectionConfig", "Monitor", "MonitorConfig", "Observation",
+           "ProbingConfig", "SloSpec", "Subscribers", "workload_of"]
 
 INFERENCE_PATTERN = (r"vllm|sglang|llama[-_.]?(server|cpp|cli)|text-generation|tgi|"
                      r"tritonserver|lmdeploy|trtllm|tensorrt|ollama|torchrun|prism_sim|"
@@ -81,6 +82,55 @@ RECENT_DECISIONS = 8
 """Governor decisions per target kept for the view."""
 
 _T = TypeVar("_T")
+
+@dataclass(frozen=True)
+class ProbingConfig:
+    """How the sentinel probes are opened and governed (the ``[probe]`` settings).
+
+    ``mode``: per-thread or per-CPU perf events (``auto`` chooses). ``ring_pages``,
+    ``drain_interval_s``: each ring's size and how often an unhurried ring is read.
+    ``overhead_budget``: the governor's share of the target's CPU (None: not governed),
+    ``governor_action`` what it does over budget. ``costs``: measured hit costs.
+    """
+
+    mode: str = "auto"
+    ring_pages: int = 64
+    drain_interval_s: float = 0.02
+    overhead_budget: float | None = None
+    governor_action: str = "detach"
+    costs: HitCosts | None = None
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """How the monitor's loop runs around the engine.
+
+    ``escalation_s``: how long DeepDive probes stay after an alert fires (0: never).
+    ``snapshot_interval_s``: seconds between views. ``telemetry``: sample host, /proc and
+    NVML once a second. ``anchor_discovery_s``: see :class:`Monitor`.
+    ``run_queue_stage``: read the anchor thread's run-queue wait as a stage.
+    """
+
+    escalation_s: float = 30.0
+    snapshot_interval_s: float = 0.5
+    telemetry: bool = True
+    anchor_discovery_s: float = 5.0
+    run_queue_stage: bool = True
+
+
+@dataclass(frozen=True)
+class Subscribers:
+    """Who hears from the monitor, each given once at construction: alert sinks, every
+    judged iteration, every batch of spans and run-queue reading (a recorder), every
+    view and snapshot."""
+
+    alerts: Sequence[AlertSink] = ()
+    observation: Callable[[Observation], None] | None = None
+    spans: Callable[[Sequence[SpanLike]], None] | None = None
+    run_queue: Callable[[int, int, int], None] | None = None
+    view: Callable[[EngineView], None] | None = None
+    snapshot: Callable[[Snapshot], None] | None = None
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -130,22 +180,12 @@ class Monitor:
     """Watches targets with a profile; one owner of their sessions (``close()`` idempotent)."""
 
     def __init__(self, targets: Sequence[Target], profile: Profile, *,
-                 extra_profiles: Sequence[Profile] = (), rule: str = "prism",
-                 warmup: int = 1000, warmup_s: float = 0.0,
-                 holds: EpisodeHolds | None = None, sinks: Sequence[AlertSink] = (),
-                 on_observation: Callable[[Observation], None] | None = None,
-                 on_snapshot: Callable[[Snapshot], None] | None = None,
-                 on_view: Callable[[EngineView], None] | None = None,
-                 on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
-                 on_run_queue: Callable[[int, int, int], None] | None = None,
-                 snapshot_interval_s: float = 0.5, device_of: Callable[[int], str] | None = None,
-                 mode: str = "auto", clock: Callable[[], int] = time.monotonic_ns,
-                 slos: Sequence[SloSpec] = (), match: str | None = None,
-                 costs: HitCosts | None = None, telemetry: bool = True,
-                 escalation_s: float = 30.0, settle_s: float = 0.0,
-                 anchor_discovery_s: float = 5.0, run_queue_stage: bool = True,
-                 overhead_budget: float | None = None, governor_action: str = "detach",
-                 ring_pages: int = 64, drain_interval_s: float = 0.02) -> None:
+                 extra_profiles: Sequence[Profile] = (),
+                 detection: DetectionConfig | None = None,
+                 probing: ProbingConfig | None = None, config: MonitorConfig | None = None,
+                 subscribers: Subscribers | None = None, match: str | None = None,
+                 device_of: Callable[[int], str] | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         """Attach the sentinel probes of ``profile`` (its iteration anchor and derived
         features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to every
         target; raises a ProbeError subclass when a probe cannot be opened.
@@ -153,27 +193,39 @@ class Monitor:
         When ``profile`` names no anchor, :meth:`run` holds the spans (no iterations, no
         verdicts) until :func:`~prism_tui.engine.anchors.choose_anchor` accepts a probe
         of them, then feeds them to the engine cut at that anchor; after
-        ``anchor_discovery_s`` without one it says so in a notice and keeps looking at
-        the last ``anchor_discovery_s`` of spans. The choice is :attr:`anchor_choice`.
-        A discovered anchor is not urgent: its spans reach the engine at the sessions'
-        next drain (20 ms at most), not within a millisecond.
+        ``config.anchor_discovery_s`` without one it says so in a notice and keeps
+        looking at the last ``anchor_discovery_s`` of spans. The choice is
+        :attr:`anchor_choice`. A discovered anchor is not urgent: its spans reach the
+        engine at the sessions' next drain (20 ms at most), not within a millisecond.
 
-        With ``run_queue_stage``, the anchor thread's run-queue wait (``schedstat``) is
-        read as each iteration arrives and becomes its ``runqueue`` stage; the readings
-        go to ``on_run_queue`` as the spans go to ``on_spans`` (a
-        :class:`~prism_tui.engine.recording.SpanRecorder` takes both).
+        With ``config.run_queue_stage``, the anchor thread's run-queue wait
+        (``schedstat``) is read as each iteration arrives and becomes its ``runqueue``
+        stage; the readings go to ``subscribers.run_queue`` as the spans go to
+        ``subscribers.spans`` (a :class:`~prism_tui.engine.recording.SpanRecorder` takes
+        both).
 
-        ``rule``, ``warmup``, ``warmup_s`` and ``holds`` go to the
-        :class:`~prism_tui.engine.core.Engine` (the detector and its alert episodes).
-        With ``overhead_budget`` (a fraction: 0.005 is 0.5 %), each target's sentinel
-        probes are governed once its anchor is known: every ``GOVERN_S`` an
-        :class:`~probes.governor.OverheadGovernor` estimates their cost from the kernel's
-        hit counts and ``costs`` (:data:`~probes.governor.DEFAULT_COSTS` when None) and
-        detaches or duty-cycles (``governor_action``) the costliest probes but the
-        anchor while over budget; its decisions go to :attr:`governor_decisions`, the
-        view and the notices. ``ring_pages`` and ``drain_interval_s`` size and drain the
-        sentinel sessions' rings (a DeepDive drains every ``DEEPDIVE_DRAIN_S`` at least).
+        ``detection`` goes to the :class:`~prism_tui.engine.core.Engine` (the detector and
+        its alert episodes). With ``probing.overhead_budget`` (a fraction: 0.005 is
+        0.5 %), each target's sentinel probes are governed once its anchor is known:
+        every ``GOVERN_S`` an :class:`~probes.governor.OverheadGovernor` estimates their
+        cost from the kernel's hit counts and ``probing.costs``
+        (:data:`~probes.governor.DEFAULT_COSTS` when None) and detaches or duty-cycles
+        (``governor_action``) the costliest probes but the anchor while over budget; its
+        decisions go to :attr:`governor_decisions`, the view and the notices.
+        ``ring_pages`` and ``drain_interval_s`` size and drain the sentinel sessions'
+        rings (a DeepDive drains every ``DEEPDIVE_DRAIN_S`` at least).
         """
+        probing = probing or ProbingConfig()
+        config = config or MonitorConfig()
+        subscribers = subscribers or Subscribers()
+        run_queue_stage = config.run_queue_stage
+        anchor_discovery_s = config.anchor_discovery_s
+        mode, costs = probing.mode, probing.costs
+        overhead_budget, governor_action = probing.overhead_budget, probing.governor_action
+        ring_pages, drain_interval_s = probing.ring_pages, probing.drain_interval_s
+        telemetry, escalation_s = config.telemetry, config.escalation_s
+        snapshot_interval_s = config.snapshot_interval_s
+        on_snapshot, on_view = subscribers.snapshot, subscribers.view
         self.run_queue_stage = run_queue_stage
         self.profile = profile
         self.extra_profiles = list(extra_profiles)
@@ -200,11 +252,10 @@ class Monitor:
         self.on_snapshot = on_snapshot
         self.on_view = on_view
         self.snapshot_interval_s = snapshot_interval_s
-        self.engine = Engine(rule=rule, warmup=warmup, warmup_s=warmup_s, holds=holds,
-                             sinks=sinks,
-                             on_observation=on_observation, on_spans=on_spans,
-                             on_run_queue=on_run_queue, slos=slos, clock=clock,
-                             settle_s=settle_s)
+        self.engine = Engine(detection, sinks=subscribers.alerts,
+                             on_observation=subscribers.observation,
+                             on_spans=subscribers.spans, on_run_queue=subscribers.run_queue,
+                             clock=clock)
         self.placements: list[Placement] = []
         self.escalation_s = escalation_s
         self.escalations: list[tuple[str, int, int]] = []

@@ -19,8 +19,13 @@ sys.path.insert(0, str(ROOT))
 
 from prism_sim.scenario import parse_scenario  # noqa: E402
 from prism_sim.server import SimServer  # noqa: E402
+from prism_tui.engine.core import DetectionConfig  # noqa: E402
 from prism_tui.engine.recording import save_spans  # noqa: E402
-from prism_tui.engine.runtime import Monitor  # noqa: E402
+from prism_tui.engine.runtime import (  # noqa: E402
+    Monitor,
+    MonitorConfig,
+    Subscribers,
+)
 from probes.catalog import load_profile  # noqa: E402
 from probes.target import Target  # noqa: E402
 
@@ -63,7 +68,9 @@ def main() -> None:
         runner.start()
         targets = [Target(pid) for pid in server.rank_pids.values()]
         with Monitor(targets, load_profile("cuda"), extra_profiles=[load_profile("nccl")],
-                     warmup=100_000, on_spans=spans.extend, telemetry=False) as monitor:
+                     detection=DetectionConfig(warmup=100_000),
+                     config=MonitorConfig(telemetry=False),
+                     subscribers=Subscribers(spans=spans.extend)) as monitor:
             asyncio.run(monitor.run(14))
             procs = monitor.recorded_processes()
         stop.set()
