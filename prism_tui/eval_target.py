@@ -209,7 +209,6 @@ def cmd_eval_target(args: Any) -> int:
 
     from alerting.broker import EmbeddedBroker
     from alerting.config import BrokerConfig
-    from prism_tui.cli.common import UsageError
     from prism_tui.engine.evaluate import (
         alert_episodes,
         detection_delay_s,
@@ -219,6 +218,7 @@ def cmd_eval_target(args: Any) -> int:
         window_recall,
     )
     from prism_tui.engine.runtime import MonitorConfig, Observation
+    from prism_tui.errors import UsageError
     from prism_tui.evaluation import percentiles, run_and_receive
     from prism_tui.session import SessionSpec, build_session, companion_profiles, pick_profile
     from prism_tui.settings import load_settings

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 from alerting.config import BrokerConfig
 from alerting.outbox import Outbox
 from alerting.publisher import AlertPublisher
+from prism_tui.alert_wire import to_wire
 from prism_tui.digest_feed import DigestFeed
 from prism_tui.engine.core import AlertEvent, AlertSink, Engine
 from prism_tui.engine.runtime import Monitor
-from prism_tui.engine.sinks import to_wire
 from prism_tui.engine.view import DeliveryStatus, EngineView, TargetStatus
 from prism_tui.gc_pauses import freeze_heap
 from prism_tui.history.store import HistoryError, HistoryStore

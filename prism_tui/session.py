@@ -21,19 +21,13 @@ from prism_tui.engine.core import AlertSink, DetectionConfig, Observation, SloSp
 from prism_tui.engine.recording import SpanRecorder
 from prism_tui.engine.runtime import Monitor, MonitorConfig, ProbingConfig, Subscribers
 from prism_tui.engine.view import EngineView
+from prism_tui.errors import UsageError
 from prism_tui.live import LiveSession
 from prism_tui.settings import EngineSettings, HistorySettings, ProbeSettings
 from probes.catalog import Profile, available_profiles, load_profile
-from probes.errors import EXIT_USAGE, ProbeError
 from probes.governor import HitCosts
 from probes.placement import place_profile
 from probes.target import Target
-
-
-class SessionError(ProbeError):
-    """A session that cannot be put together as asked (exit 2): no profile fits."""
-
-    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -164,9 +158,9 @@ def pick_profile(target: Target, name: str | None) -> Profile:
         placement = place_profile(target, profile, "sentinel")
         if any(s.probe == profile.anchor for s in placement.sites):
             return profile
-    raise SessionError(f"no profile's iteration anchor resolves in pid {target.pid}; "
-                       "name one with --profile (prism symbols --pid PID lists them; a "
-                       "profile without an anchor has one chosen from its spans)")
+    raise UsageError(f"no profile's iteration anchor resolves in pid {target.pid}; "
+                     "name one with --profile (prism symbols --pid PID lists them; a "
+                     "profile without an anchor has one chosen from its spans)")
 
 
 def companion_profiles(target: Target, main: Profile) -> list[Profile]:

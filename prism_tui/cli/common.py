@@ -7,16 +7,12 @@ import argparse
 import sys
 from typing import Any
 
-from probes.errors import EXIT_USAGE, ProbeError
+from prism_tui.errors import UsageError
+
+__all__ = ["UsageError"]  # the commands raise it; defined in prism_tui.errors
 
 LOOP_SWITCH_INTERVAL_S = 0.0005
 """The GIL switch interval of a monitoring process (Python's default is 5 ms)."""
-
-
-class UsageError(ProbeError):
-    """A command-line mistake argparse cannot see (exit 2)."""
-
-    exit_code = EXIT_USAGE
 
 
 def favour_the_loop() -> None:

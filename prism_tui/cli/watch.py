@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     favour_the_loop()
     import asyncio
 
-    from prism_tui.engine.sinks import JsonLinesSink, event_doc
+    from prism_tui.alert_wire import JsonLinesSink, event_doc
     from prism_tui.engine.view import EngineView
     from prism_tui.session import (
         SessionSpec,

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from prism_tui.alert_wire import to_wire
 from prism_tui.engine.core import AlertEvent, Observation
-from prism_tui.engine.sinks import to_wire
 from prism_tui.engine.sketches import WindowedSketches
 from prism_tui.history.store import HistoryError, HistoryStore, IterationRecord
 

@@ -1,9 +1,10 @@
-"""Alert sinks of the engine and the conversion of its events to the wire schema.
+"""The engine's alerts in the wire form: the MQTT schema, and JSON lines on stdout.
 
 The engine emits :class:`~prism_tui.engine.core.AlertEvent` (monotonic clocks, plain
-dicts); :func:`to_wire` turns one into the alerting package's validated schema-1
-:class:`~alerting.schema.Alert` — the one place the two meet, so neither package depends
-on the other's internals.
+dicts) and never imports the alerting package; :func:`to_wire` turns one into the
+alerting package's validated schema-1 :class:`~alerting.schema.Alert` — the one place the
+two meet, used by the live session's MQTT sink, the history writer and the headless
+printer.
 """
 
 from __future__ import annotations
