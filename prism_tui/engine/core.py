@@ -305,6 +305,7 @@ class Engine:
                  on_observation: Callable[[Observation], None] | None = None,
                  on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
                  on_run_queue: Callable[[int, int, int], None] | None = None,
+                 escalate: Callable[[AlertEvent], None] | None = None,
                  host: str | None = None, clock: Callable[[], int] = time.monotonic_ns,
                  wall_clock: Callable[[], float] = time.time,
                  keep: ViewRetention | None = None) -> None:
@@ -325,6 +326,7 @@ class Engine:
         self.holds = detection.holds
         self.settle_ns = int(detection.settle_s * 1e9)
         self.sinks = list(sinks)
+        self.escalate = escalate
         self.on_observation = on_observation
         self.on_spans = on_spans
         self.on_run_queue = on_run_queue
@@ -627,6 +629,8 @@ class Engine:
             int(alert.target.get("pid", 0)), alert.device, alert.stage, alert.phase,
             alert.observed_ms, alert.predicted_ms, alert.error, alert.ucl,
             alert.detected_at_ns, alert.wall_time, alert.summary, alert.suspects))
+        if self.escalate is not None:
+            self.escalate(alert)
         for sink in self.sinks:
             sink.emit(alert)
 

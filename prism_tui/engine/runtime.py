@@ -37,6 +37,7 @@ from prism_tui.engine.core import (
     workload_of,
 )
 from prism_tui.engine.devices import NvmlDevices
+from prism_tui.engine.escalation import DeepDive
 from prism_tui.engine.iterations import MEMCPY_KINDS, SpanLike
 from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.sketches import Snapshot
@@ -70,14 +71,10 @@ RESCAN_AFTER_EXIT_S = 0.2
 watched process exited: a restarted server is re-attached well within a second."""
 FAST_RESCAN_FOR_S = 10.0
 TELEMETRY_S = 1.0
-DEEPDIVE_DELAY_S = 0.05
-"""How long a DeepDive waits after its alert before it opens probes (see _open_deepdive)."""
 DISCOVERY_CHECK_S = 0.5
 """How often the spans held while no anchor is known are ranked (see _discover)."""
 GOVERN_S = 1.0
 """How often each target's overhead governor closes a window and decides."""
-DEEPDIVE_DRAIN_S = 0.05
-"""Least drain interval of a DeepDive's probes (they carry no anchor: nothing is urgent)."""
 RECENT_DECISIONS = 8
 """Governor decisions per target kept for the view."""
 
@@ -143,25 +140,6 @@ class Candidate:
 
 
 @dataclass
-class _DeepDive:
-    session: UprobeSession
-    stage_of: dict[str, str]
-    until: float
-    task: asyncio.Task[None] | None = None
-
-
-class _EscalationSink:
-    """Turns a firing detector alert into a DeepDive request (see :meth:`Monitor.escalate`)."""
-
-    def __init__(self, monitor: Monitor) -> None:
-        self.monitor = monitor
-
-    def emit(self, alert: AlertEvent) -> None:
-        if alert.status == "firing":
-            self.monitor.request_escalation(int(alert.target.get("pid", 0)))
-
-
-@dataclass
 class _Attached:
     target: Target
     session: UprobeSession
@@ -213,7 +191,7 @@ class Monitor:
         (``governor_action``) the costliest probes but the anchor while over budget; its
         decisions go to :attr:`governor_decisions`, the view and the notices.
         ``ring_pages`` and ``drain_interval_s`` size and drain the sentinel sessions'
-        rings (a DeepDive drains every ``DEEPDIVE_DRAIN_S`` at least).
+        rings (a DeepDive drains every ``escalation.DEEPDIVE_DRAIN_S`` at least).
         """
         probing = probing or ProbingConfig()
         config = config or MonitorConfig()
@@ -255,15 +233,14 @@ class Monitor:
         self.engine = Engine(detection, sinks=subscribers.alerts,
                              on_observation=subscribers.observation,
                              on_spans=subscribers.spans, on_run_queue=subscribers.run_queue,
-                             clock=clock)
+                             escalate=lambda alert: self.deepdive.on_alert(alert), clock=clock)
         self.placements: list[Placement] = []
         self.escalation_s = escalation_s
-        self.escalations: list[tuple[str, int, int]] = []
-        """(``attached``/``detached``/``failed``, pid, probes) in order, for reports."""
-        self._deepdives: dict[int, _DeepDive] = {}
-        self._escalate: set[int] = set()
-        if escalation_s > 0:
-            self.engine.sinks.append(_EscalationSink(self))
+        self.deepdive = DeepDive(self.engine, [profile, *self.extra_profiles],
+                                 escalation_s=escalation_s, mode=mode, ring_pages=ring_pages,
+                                 drain_interval_s=drain_interval_s,
+                                 in_background=self._in_background)
+        """The escalation: deeper probes on a target while its alert fires."""
         self._attached: dict[int, _Attached] = {}
         self._ever_attached: dict[int, RecordedProcess] = {}  # a recording's header
         self._new: asyncio.Queue[_Attached] | None = None
@@ -275,7 +252,6 @@ class Monitor:
         self._retiring: set[asyncio.Task[None]] = set()
         self._fast_rescan_until = 0.0
         """Until when (monotonic s) ``--match`` rescans every RESCAN_AFTER_EXIT_S."""
-        self._deepdive_opening: set[int] = set()
         self._attaching: set[int] = set()
         """Matching pids whose probes a thread is opening (see :meth:`_reattach`)."""
         self._unattachable: dict[int, str] = {}
@@ -427,11 +403,7 @@ class Monitor:
         att = self._attached.pop(pid, None)
         if att is not None:
             att.session.close()
-        dd = self._deepdives.pop(pid, None)
-        if dd is not None:
-            if dd.task is not None:
-                dd.task.cancel()
-            dd.session.close()
+        self.deepdive.detach(pid)
         self.engine.forget(pid)
         self._proc_samplers.pop(pid, None)
 
@@ -492,88 +464,10 @@ class Monitor:
         return None if ns is None else (tid, ns)
 
     # ------------------------------------------------------------------ DeepDive
-    def request_escalation(self, pid: int) -> None:
-        """Ask for the deeper probes on ``pid`` (done on the loop's next turn)."""
-        self._escalate.add(pid)
-
-    def _start_deepdive(self, pid: int) -> None:
-        """Attach the profiles' deepdive-level probes to ``pid`` for ``escalation_s``.
-
-        Opening probes parses ELF files and opens perf events (tens of milliseconds):
-        it runs in a thread, ``DEEPDIVE_DELAY_S`` after the alert that asked for it.
-        """
-        now = time.monotonic()
-        dd = self._deepdives.get(pid)
-        if dd is not None:
-            dd.until = now + self.escalation_s  # a new alert extends the DeepDive
-            return
-        att = self._attached.get(pid)
-        if att is None or pid in self._deepdive_opening:
-            return
-        self._deepdive_opening.add(pid)
-        self._in_background(self._open_deepdive(pid, att))
-
-    def _deepdive_session(self, att: _Attached) -> tuple[UprobeSession | None, dict[str, str]]:
-        """The blocking half of a DeepDive: resolve the deeper probes and open them."""
-        sentinel = {s.probe for p in att.placements for s in p.sites}
-        sites = [s for prof in [self.profile, *self.extra_profiles]
-                 for s in place_profile(att.target, prof, "deepdive").sites
-                 if s.probe not in sentinel]
-        if not sites:
-            return None, {}
-        session = UprobeSession([att.target], sites, mode=self.mode, ring_pages=self.ring_pages,
-                                drain_interval_s=max(DEEPDIVE_DRAIN_S,
-                                                     self.drain_interval_s)).open()
-        return session, {s.probe: s.stage for s in sites}
-
-    async def _open_deepdive(self, pid: int, att: _Attached) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            # the alert first: registering uprobes is kernel work on the CPUs that the
-            # broker and the subscribers need to deliver it (measured: firing alerts
-            # were delivered ~2x slower than resolutions while their DeepDive opened)
-            await asyncio.sleep(DEEPDIVE_DELAY_S)
-            session, stage_of = await loop.run_in_executor(None, self._deepdive_session, att)
-        except (ProbeError, OSError, ValueError) as exc:
-            self.escalations.append(("failed", pid, 0))
-            self.engine.notice(f"DeepDive on pid {pid} failed: {exc}")
-            return
-        finally:
-            self._deepdive_opening.discard(pid)
-        if session is None:
-            self.escalations.append(("failed", pid, 0))
-            return
-        if self._loop is None or self._attached.get(pid) is not att:
-            await loop.run_in_executor(None, session.close)  # stopped or detached meanwhile
-            return
-        dd = self._deepdives[pid] = _DeepDive(session, stage_of,
-                                              time.monotonic() + self.escalation_s)
-
-        async def pump() -> None:
-            async for batch in session.batches():
-                self.engine.add_deepdive_spans(pid, batch, dd.stage_of)
-
-        dd.task = loop.create_task(pump())
-        self.escalations.append(("attached", pid, len(stage_of)))
-        self.engine.notice(f"DeepDive: {len(stage_of)} deeper probes on pid {pid} for "
-                           f"{self.escalation_s:g} s")
-
-    def _expire_deepdives(self, force: bool = False) -> None:
-        now = time.monotonic()
-        for pid, dd in list(self._deepdives.items()):
-            if force or now >= dd.until:
-                del self._deepdives[pid]
-                self._in_background(self._retire(dd))
-                self.escalations.append(("detached", pid, len(dd.stage_of)))
-                self.engine.notice(f"DeepDive on pid {pid} ended")
-
-    async def _retire(self, dd: _DeepDive) -> None:
-        """Stop a DeepDive's pump, then close its probes in a thread (slow kernel work)."""
-        if dd.task is not None:
-            dd.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await dd.task
-        await asyncio.get_running_loop().run_in_executor(None, dd.session.close)
+    @property
+    def escalations(self) -> list[tuple[str, int, int]]:
+        """(``attached``/``detached``/``failed``, pid, probes) of every DeepDive, in order."""
+        return self.deepdive.log
 
     def export_trace(self, seconds: float, path: str) -> str:
         """Write the last ``seconds`` of spans as a Chrome/Perfetto trace; returns the path."""
@@ -586,8 +480,8 @@ class Monitor:
     def events_open(self) -> int:
         """Perf events still open (each costs ~80 ms of kernel time to close on this VM)."""
         sessions = [a.session for a in self._attached.values()]
-        sessions += [d.session for d in self._deepdives.values()]
-        return sum(s.stats.events_open for s in sessions if not s.closed)
+        return (sum(s.stats.events_open for s in sessions if not s.closed)
+                + self.deepdive.events_open)
 
     def close(self) -> None:
         """Detach every probe (idempotent; a second caller waits for the first to finish).
@@ -598,9 +492,7 @@ class Monitor:
         with self._close_lock:
             if self._closed:
                 return
-            for dd in self._deepdives.values():
-                dd.session.close()
-            self._deepdives.clear()
+            self.deepdive.close()
             for att in self._attached.values():
                 att.session.close()
             if self._nvml_devices is not None:
@@ -642,7 +534,7 @@ class Monitor:
                 failures.append(exc)
                 queue.put_nowait((0, []))
                 raise
-            if self._escalate:
+            if self.deepdive.requested:
                 queue.put_nowait((0, []))  # DeepDive attaches from the loop below
 
         async def pump(att: _Attached) -> None:
@@ -686,10 +578,13 @@ class Monitor:
                     raise failures[0]
                 if spans is None:
                     self._lost_target(pid)
-                while self._escalate:
-                    self._start_deepdive(self._escalate.pop())
-                if self._deepdives:
-                    self._expire_deepdives()
+                if self.deepdive.requested:
+                    self.deepdive.start_requested(
+                        self._attached.get,
+                        lambda pid, att: self._loop is not None
+                        and self._attached.get(pid) is att)
+                if self.deepdive.active:
+                    self.deepdive.expire()
                 now = time.monotonic()
                 if self._held is not None and now >= self._next_discovery:
                     self._next_discovery = now + DISCOVERY_CHECK_S
@@ -716,7 +611,7 @@ class Monitor:
                     last_view = now
                     view_task = loop.create_task(self._next_view())
         finally:
-            self._expire_deepdives(force=True)
+            self.deepdive.expire(force=True)
             self._loop = None
             for retiring in list(self._retiring):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -799,9 +694,7 @@ class Monitor:
         att = self._attached.get(pid)
         if att is None or att.target.alive():
             return  # detached by the user, or a session that ended for another reason
-        dd = self._deepdives.pop(pid, None)
-        if dd is not None:
-            self._in_background(self._retire(dd))
+        self.deepdive.target_gone(pid)
         # closing a dead target's probes is seconds of kernel work: off the loop
         self._in_background(asyncio.get_running_loop().run_in_executor(None, att.session.close))
         del self._attached[pid]
