@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from prism_tui.engine.view import EngineView  # noqa: E402
 from prism_tui.ui.app import PrismApp  # noqa: E402
-from prism_tui.ui.replay import replay_views  # noqa: E402
+from tests.scripted_views import replay_views  # noqa: E402
 
 DEVICES = tuple(f"cuda:{i}" for i in range(8))
 RATES = (2, 5, 10, 20, 50, 100)

@@ -1,8 +1,8 @@
 """The dashboard driven by Textual's pilot, fed with the recorded replay (fixed clock).
 
 Every screen and key binding is exercised against the real app; the engine side is the
-recorded :func:`~prism_tui.ui.replay.replay_views` sequence and
-:class:`~prism_tui.ui.replay.RecordedControl` (real attach/detach state, real trace files),
+recorded :func:`~tests.scripted_views.replay_views` sequence and
+:class:`~tests.scripted_views.RecordedControl` (real attach/detach state, real trace files),
 and the history screen reads a real SQLite file written by ``HistoryStore``.
 """
 
@@ -28,7 +28,6 @@ from prism_tui.history.store import HistoryStore
 from prism_tui.ui.app import DARK, LIGHT, PrismApp
 from prism_tui.ui.control import EngineControl
 from prism_tui.ui.render import fmt_ms, sparkline, stacked_bar
-from prism_tui.ui.replay import RecordedControl, replay_views
 from prism_tui.ui.screens import (
     AlertDetailScreen,
     HelpScreen,
@@ -37,6 +36,7 @@ from prism_tui.ui.screens import (
     SeriesDetailScreen,
 )
 from prism_tui.ui.widgets import AlertsFeed, PrismTable
+from tests.scripted_views import RecordedControl, replay_views
 
 pytestmark = pytest.mark.anyio
 

@@ -15,8 +15,8 @@ from textual.pilot import Pilot
 
 from prism_tui.engine.view import EngineView
 from prism_tui.ui.app import PrismApp
-from prism_tui.ui.replay import RecordedControl, replay_views
 from prism_tui.ui.widgets import AlertsFeed
+from tests.scripted_views import RecordedControl, replay_views
 
 SIZES = [(80, 24), (160, 48)]
 FIRING_VIEW = 35

@@ -43,6 +43,7 @@ from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.sketches import Snapshot
 from prism_tui.engine.trace_export import write_chrome_trace
 from prism_tui.engine.view import (
+    Candidate,
     EngineView,
     GovernorAction,
     GovernorStatus,
@@ -127,16 +128,6 @@ class Subscribers:
     run_queue: Callable[[int, int, int], None] | None = None
     view: Callable[[EngineView], None] | None = None
     snapshot: Callable[[Snapshot], None] | None = None
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A process the user may attach to."""
-
-    pid: int
-    name: str
-    cmdline: str
-    watched: bool
 
 
 @dataclass

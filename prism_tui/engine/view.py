@@ -20,6 +20,17 @@ WINDOWS_S = (10.0, 60.0, 300.0)
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A process the user may attach to (the dashboard's picker): an inference-like
+    command line, and whether it is watched."""
+
+    pid: int
+    name: str
+    cmdline: str
+    watched: bool
+
+
+@dataclass(frozen=True)
 class ProbeStatus:
     """One probe of one target: attached, or why not."""
 

@@ -9,38 +9,18 @@ the work over with ``asyncio.run_coroutine_threadsafe(coro, loop).result()``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from prism_tui.engine.view import Candidate
 
-class CandidateLike(Protocol):
-    """What the picker reads of a candidate (the engine may use its own dataclass)."""
-
-    @property
-    def pid(self) -> int: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def cmdline(self) -> str: ...
-    @property
-    def watched(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A process the picker offers: an inference-like command line, and whether it is watched."""
-
-    pid: int
-    name: str
-    cmdline: str
-    watched: bool
+__all__ = ["Candidate", "EngineControl"]
 
 
 @runtime_checkable
 class EngineControl(Protocol):
     """Actions on the running engine (called from a worker thread; may block)."""
 
-    def candidates(self) -> Sequence[CandidateLike]:
+    def candidates(self) -> Sequence[Candidate]:
         """Inference-like processes found by command line, watched ones included."""
         ...
 

@@ -16,10 +16,10 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from prism_tui.engine.sketches import SeriesKey
-from prism_tui.engine.view import WINDOWS_S, AlertRecord, EngineView
+from prism_tui.engine.view import WINDOWS_S, AlertRecord, Candidate, EngineView
 from prism_tui.history.query import history_report_async
 from prism_tui.history.store import HistoryError
-from prism_tui.ui.control import CandidateLike, EngineControl
+from prism_tui.ui.control import EngineControl
 from prism_tui.ui.render import fmt_clock, fmt_ms, fmt_rate, fmt_share, sparkline
 
 HELP_KEYS: tuple[tuple[str, str], ...] = (
@@ -159,7 +159,7 @@ class PickerScreen(Screen[None]):
     def __init__(self, control: EngineControl) -> None:
         super().__init__()
         self.control = control
-        self.candidates: list[CandidateLike] = []
+        self.candidates: list[Candidate] = []
 
     def compose(self) -> ComposeResult:
         """Title, table, result line, footer."""
@@ -195,7 +195,7 @@ class PickerScreen(Screen[None]):
             return
         self.app.call_from_thread(self._fill, cands)
 
-    def _fill(self, cands: list[CandidateLike]) -> None:
+    def _fill(self, cands: list[Candidate]) -> None:
         table = self.query_one("#picker", DataTable)
         row = table.cursor_row
         table.clear()
@@ -206,7 +206,7 @@ class PickerScreen(Screen[None]):
         if cands:
             table.move_cursor(row=min(max(row, 0), len(cands) - 1), animate=False)
 
-    def selected(self) -> CandidateLike | None:
+    def selected(self) -> Candidate | None:
         """The candidate under the cursor."""
         row = self.query_one("#picker", DataTable).cursor_row
         return self.candidates[row] if 0 <= row < len(self.candidates) else None
@@ -228,7 +228,7 @@ class PickerScreen(Screen[None]):
             self._act("detach", c)
 
     @work(thread=True, group="picker-act")
-    def _act(self, what: str, c: CandidateLike) -> None:
+    def _act(self, what: str, c: Candidate) -> None:
         try:
             if what == "attach":
                 err = self.control.attach(c.pid)

@@ -27,6 +27,7 @@ from prism_tui.engine.trace_export import write_chrome_trace
 from prism_tui.engine.view import (
     WINDOWS_S,
     AlertRecord,
+    Candidate,
     DeliveryStatus,
     DetectorPoint,
     DetectorState,
@@ -40,7 +41,6 @@ from prism_tui.engine.view import (
     TelemetryValue,
     frozen_snapshots,
 )
-from prism_tui.ui.control import Candidate
 
 DEVICES = ("cuda:0", "cuda:1")
 STAGES = ("host", "launch", "sync", "memcpy", "collective")
