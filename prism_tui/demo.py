@@ -90,7 +90,7 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
                 history=HistorySettings(db=history_db), broker=BrokerConfig(url=broker_url),
                 outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
             session = build_session(session_spec, alert_sinks=[JsonLinesSink()] if headless else [])
-            session.engine.notice(f"simulator: {len(targets)} ranks, scenario "
+            session.notice(f"simulator: {len(targets)} ranks, scenario "
                                   f"{spec.name!r}; broker {broker_url}")
             try:
                 _run(session, notices, duration_s, headless, history_db)
@@ -110,11 +110,9 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
 
 def _run(session: LiveSession, notices: list[str], duration_s: float | None,
          headless: bool, history_db: str) -> None:
-    engine = session.engine
-
     def forward_notices() -> None:
         while notices:
-            engine.notice(notices.pop(0))
+            session.notice(notices.pop(0))
 
     if headless:
         def on_view(view: EngineView) -> None:

@@ -13,9 +13,12 @@ import asyncio
 import base64
 import contextlib
 import os
+import socket
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +27,8 @@ from alerting.outbox import Outbox
 from alerting.publisher import AlertPublisher
 from prism_tui.alert_wire import to_wire
 from prism_tui.digest_feed import DigestFeed
-from prism_tui.engine.core import AlertEvent, AlertSink, Engine
-from prism_tui.engine.runtime import Monitor
+from prism_tui.engine.core import AlertEvent, AlertSink, Engine, Observation
+from prism_tui.engine.runtime import Monitor, Subscribers
 from prism_tui.engine.view import DeliveryStatus, EngineView, TargetStatus
 from prism_tui.gc_pauses import freeze_heap
 from prism_tui.history.store import HistoryError, HistoryStore
@@ -39,20 +42,32 @@ SUMMARY_EVERY_S = 5.0
 
 
 class MqttSink:
-    """Engine alerts → the publisher (non-blocking); delivery states back to the engine."""
+    """Engine alerts → the publisher (non-blocking); each alert's delivery state → ``mark``."""
 
-    def __init__(self, publisher: AlertPublisher, engine: Engine) -> None:
+    def __init__(self, publisher: AlertPublisher, mark: Callable[[str, str], None]) -> None:
         self.publisher = publisher
-        self.engine = engine
+        self.mark = mark
 
     def emit(self, alert: AlertEvent) -> None:
         """Hand one alert to the publisher; it is in the outbox before it is sent."""
-        self.engine.mark_delivery(alert.id, "queued")
+        self.mark(alert.id, "queued")
         self.publisher.publish(to_wire(alert))
 
     def delivered(self, alert_id: str) -> None:
         """The broker acknowledged the alert."""
-        self.engine.mark_delivery(alert_id, "sent")
+        self.mark(alert_id, "sent")
+
+
+class _HistorySink:
+    """The history writer as an alert sink from the start (it opens when the run does)."""
+
+    def __init__(self, session: LiveSession) -> None:
+        self.session = session
+
+    def emit(self, alert: AlertEvent) -> None:
+        """Hand one alert to the history writer, once it is open."""
+        if self.session.history is not None:
+            self.session.history.emit(alert)
 
 
 HELPER_THREADS = 4
@@ -101,23 +116,25 @@ def digests_b64(engine: Engine, device: str, span_s: float = 10.0) -> dict[str, 
 class LiveSession:
     """Owns a monitor, its publisher and its history writer for one run."""
 
-    def __init__(self, monitor: Monitor, *, broker: BrokerConfig | None = None,
-                 outbox_path: str | None = None, history_db: str | None = None,
-                 retention_days: float = 7.0, max_iterations: int = 1_000_000,
-                 alert_sinks: Sequence[AlertSink] = (), freeze_gc: bool = False) -> None:
-        """Wire the alert path and history into ``monitor``'s engine (opens the outbox).
-
-        The engine's alert sinks run in this order: DeepDive's escalation (the monitor's),
-        the MQTT sink, ``alert_sinks`` (the headless printer), the history writer.
+    def __init__(self, monitor: Callable[[Subscribers], Monitor], *,
+                 broker: BrokerConfig | None = None, outbox_path: str | None = None,
+                 history_db: str | None = None, retention_days: float = 7.0,
+                 max_iterations: int = 1_000_000, alert_sinks: Sequence[AlertSink] = (),
+                 observer: Callable[[Observation], None] | None = None,
+                 freeze_gc: bool = False) -> None:
+        """Open the alert path (the outbox), then build the monitor with ``monitor``,
+        handing it every subscriber once: the alert sinks in order — the MQTT sink,
+        ``alert_sinks`` (the headless printer), the history writer — after the engine's
+        own DeepDive hook; every judged iteration to the history and ``observer``; the
+        views and notices to this session, which composes the dashboard's view from the
+        engine's, the alert path's delivery, the history file and the notices.
 
         ``freeze_gc``: freeze the heap before the loop runs and again once the first
         model is in (see :mod:`prism_tui.gc_pauses`); for the ``prism`` commands, which
         own their process.
         """
-        self.monitor = monitor
         self._freeze_gc = freeze_gc
         self._frozen_after_fit = False
-        self.engine = monitor.engine
         self.publisher: AlertPublisher | None = None
         self.outbox: Outbox | None = None
         self.sink: MqttSink | None = None
@@ -125,10 +142,15 @@ class LiveSession:
         self.history: HistoryWriter | None = None
         self._store: HistoryStore | None = None
         self._history_db = history_db
+        self.history_path = "" if history_db is None else str(history_db)
+        """The history file the dashboard shows ("" without one)."""
         self._retention = (retention_days, max_iterations)
+        self._observer = observer
         self._on_view: Callable[[EngineView], None] | None = None
         self._last_summary = 0.0
         self._closed = False
+        self._notices: deque[str] = deque(maxlen=5)
+        self._delivery_of: dict[str, str] = {}
         self._targets_recorded: set[tuple[int, str]] = set()
         self._placements_recorded = 0
         """How many of ``monitor.placements`` (append-only) the history has."""
@@ -137,19 +159,58 @@ class LiveSession:
         self._latest_view: EngineView | None = None
         """The targets to touch in the history (see :meth:`_touch_targets`)."""
         self._recording: asyncio.Task[None] | None = None
+        sinks: list[AlertSink] = []
         if broker is not None:
             path = outbox_path or default_outbox_path()
             Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.outbox = Outbox(path)
             if self.outbox.notice:
-                self.engine.notice(self.outbox.notice)
-            self.publisher = AlertPublisher(broker, host=self.engine.host, outbox=self.outbox,
-                                            on_delivered=self._delivered)
-            self.sink = MqttSink(self.publisher, self.engine)
-            self.engine.sinks.append(self.sink)
+                self.notice(self.outbox.notice)
+            self.publisher = AlertPublisher(broker, host=socket.gethostname(),
+                                            outbox=self.outbox, on_delivered=self._delivered)
+            self.sink = MqttSink(self.publisher, self._mark_delivery)
+            sinks.append(self.sink)
+        sinks += alert_sinks
+        if history_db is not None:
+            sinks.append(_HistorySink(self))
+        try:
+            self.monitor = monitor(Subscribers(alerts=tuple(sinks), observation=self._observe,
+                                               view=self._view, notice=self.notice))
+        except BaseException:
+            if self.outbox is not None:
+                self.outbox.close()
+            raise
+        self.engine = self.monitor.engine
+        if self.publisher is not None:
             self.digests = DigestFeed(self.engine, self.publisher.publish_digest)
-        self.engine.sinks.extend(alert_sinks)
-        monitor.on_view = self._view
+
+    def notice(self, line: str) -> None:
+        """A short line for the dashboard's status bar (the engine's come here too)."""
+        self._notices.append(line)
+
+    def _mark_delivery(self, alert_id: str, state: str) -> None:
+        self._delivery_of[alert_id] = state
+
+    def _observe(self, obs: Observation) -> None:
+        if self.history is not None:
+            self.history.observe(obs)
+        if self._observer is not None:
+            self._observer(obs)
+
+    def compose(self, view: EngineView) -> EngineView:
+        """The dashboard's view: the engine's, with each alert's delivery state, the
+        alert path's status, the history file and the latest notices."""
+        delivery = DeliveryStatus()
+        if self.publisher is not None:
+            st = self.publisher.status
+            delivery = DeliveryStatus(self.publisher.config.url, st.state, st.pending,
+                                      st.published, st.last_error)
+        alerts = view.alerts
+        if self._delivery_of:
+            alerts = tuple(replace(r, delivery=self._delivery_of[r.id])
+                           if r.id in self._delivery_of else r for r in alerts)
+        return replace(view, alerts=alerts, delivery=delivery,
+                       history_path=self.history_path, notices=tuple(self._notices))
 
     @property
     def latest_view(self) -> EngineView | None:
@@ -160,16 +221,14 @@ class LiveSession:
         if self.sink is not None:
             self.sink.delivered(alert_id)
 
-    def _view(self, view: EngineView) -> None:
+    def _view(self, engine_view: EngineView) -> None:
+        view = self.compose(engine_view)
         self._latest_view = view
         if self._freeze_gc and not self._frozen_after_fit and any(
                 d.state == "live" for d in view.detectors):
             self._frozen_after_fit = True
             freeze_heap()  # no alert before the first model: a quiet moment
         if self.publisher is not None:
-            st = self.publisher.status
-            self.engine.set_delivery(DeliveryStatus(self.publisher.config.url, st.state,
-                                                    st.pending, st.published, st.last_error))
             if self.digests is not None:
                 self.digests.poll(view.targets)
             now = time.monotonic()
@@ -181,7 +240,7 @@ class LiveSession:
         if self.history is not None:
             line = self.history.notice()
             if line is not None:  # failing or writing again: said once each
-                self.engine.notice(line)
+                self.notice(line)
         if self._store is not None and (self._recording is None or self._recording.done()):
             targets, placements = self._unrecorded(view)
             governed = len(self.monitor.governor_decisions) > self._governed_recorded
@@ -207,17 +266,6 @@ class LiveSession:
                 self.history = HistoryWriter(self._store, self.engine.sketches,
                                              retention_days=self._retention[0],
                                              max_iterations=self._retention[1])
-                self.engine.sinks.append(self.history)
-                previous = self.engine.on_observation
-                writer = self.history
-
-                def observe(obs: Any) -> None:
-                    writer.observe(obs)
-                    if previous is not None:
-                        previous(obs)
-
-                self.engine.on_observation = observe
-                self.engine.history_path = str(self._history_db)
                 await self._record_targets(self._store, *self._unrecorded(self.engine.view()))
                 tasks.append(asyncio.create_task(self.history.run(history_stop)))
                 tasks.append(asyncio.create_task(self._touch_targets(
@@ -274,7 +322,7 @@ class LiveSession:
                 await store.write_target(t.pid, t.name, t.profile, t.device)
                 self._targets_recorded.add((t.pid, t.name))
         except (HistoryError, sqlite3.Error, OSError) as exc:
-            self.engine.notice(f"history: {exc}")
+            self.notice(f"history: {exc}")
 
     async def _touch_targets(self, store: HistoryStore, every_s: float,
                              stop: asyncio.Event) -> None:
@@ -298,9 +346,9 @@ class LiveSession:
         """Close the probes in a thread (seconds of kernel work), saying so on screen."""
         n = self.monitor.events_open
         if n:
-            self.engine.notice(f"stopping: detaching {n} probe events…")
+            self.notice(f"stopping: detaching {n} probe events…")
             if self._on_view is not None:
-                self._on_view(self.engine.view())
+                self._on_view(self.compose(self.engine.view()))
         await asyncio.get_running_loop().run_in_executor(None, self.monitor.close)
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import asyncio
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from alerting.config import BrokerConfig
 from prism_tui.engine.core import AlertSink, DetectionConfig, Observation, SloSpec
@@ -91,25 +91,22 @@ def build_session(spec: SessionSpec, *, alert_sinks: Sequence[AlertSink] = (),
     Raises ValueError for a setting the engine refuses, a ProbeError subclass when a
     probe cannot be opened.
     """
-    monitor = Monitor(
-        spec.targets, spec.profile, extra_profiles=spec.extra_profiles, match=spec.match,
-        detection=detection_config(spec.engine, spec.settle_s),
-        probing=probing_config(spec.probe, spec.costs),
-        config=spec.monitor or monitor_config(spec.engine),
-        subscribers=Subscribers(
-            observation=observer,
-            spans=recorder.add if recorder else None,
-            run_queue=recorder.add_run_queue if recorder else None))
-    history = spec.history
-    try:
-        return LiveSession(monitor, broker=spec.broker, outbox_path=spec.outbox_path,
-                           history_db=None if history is None else str(history.path),
-                           retention_days=(history or HistorySettings()).retention_days,
-                           max_iterations=(history or HistorySettings()).max_iterations,
-                           alert_sinks=alert_sinks, freeze_gc=freeze_gc)
-    except BaseException:
-        monitor.close()
-        raise
+    def monitor(subscribers: Subscribers) -> Monitor:
+        return Monitor(
+            spec.targets, spec.profile, extra_profiles=spec.extra_profiles,
+            match=spec.match, detection=detection_config(spec.engine, spec.settle_s),
+            probing=probing_config(spec.probe, spec.costs),
+            config=spec.monitor or monitor_config(spec.engine),
+            subscribers=replace(subscribers,
+                                spans=recorder.add if recorder else None,
+                                run_queue=recorder.add_run_queue if recorder else None))
+
+    history = spec.history or HistorySettings()
+    return LiveSession(monitor, broker=spec.broker, outbox_path=spec.outbox_path,
+                       history_db=None if spec.history is None else str(history.path),
+                       retention_days=history.retention_days,
+                       max_iterations=history.max_iterations, alert_sinks=alert_sinks,
+                       observer=observer, freeze_gc=freeze_gc)
 
 
 def run_headless(session: LiveSession, on_view: Callable[[EngineView], None] | None = None,

@@ -122,11 +122,13 @@ async def test_a_live_session_publishes_every_window_its_engine_closed(
         stop_sim = threading.Event()
         runner = threading.Thread(target=server.run, args=(30, stop_sim), daemon=True)
         runner.start()
-        monitor = Monitor([Target(server.rank_pids[0])], load_profile("cuda"),
-                          detection=DetectionConfig(warmup=100),
-                          config=MonitorConfig(telemetry=False, snapshot_interval_s=0.2))
-        session = LiveSession(monitor, broker=BrokerConfig(url=broker.url),
-                              outbox_path=str(tmp_path / "outbox.sqlite"))
+        session = LiveSession(
+            lambda subscribers: Monitor(
+                [Target(server.rank_pids[0])], load_profile("cuda"),
+                detection=DetectionConfig(warmup=100),
+                config=MonitorConfig(telemetry=False, snapshot_interval_s=0.2),
+                subscribers=subscribers),
+            broker=BrokerConfig(url=broker.url), outbox_path=str(tmp_path / "outbox.sqlite"))
         try:
             async with Subscriber(broker.url, "latencyprism/v1/+/+/digest") as sub:
                 await session.run(None, None, 6.0)

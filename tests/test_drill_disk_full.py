@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from prism_tui.engine.core import DetectionConfig, SloSpec
-from prism_tui.engine.runtime import Monitor, MonitorConfig, Observation, Subscribers
+from prism_tui.engine.runtime import Monitor, MonitorConfig, Observation
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
 from probes.catalog import parse_profile
@@ -95,12 +95,14 @@ async def test_a_full_disk_is_said_once_monitoring_goes_on_and_writing_resumes(
     def count(_obs: Observation) -> None:
         observed[0] += 1
 
-    monitor = Monitor([Target(ctarget.pid)], parse_profile(CTARGET_PROFILE, "ctarget"),
-                      detection=DetectionConfig(warmup=100_000, slos=[SloSpec.parse(SLO)]),
-                      config=MonitorConfig(escalation_s=0, telemetry=False,
-                                           snapshot_interval_s=0.1),
-                      subscribers=Subscribers(observation=count))
-    session = LiveSession(monitor, history_db=str(db))
+    session = LiveSession(
+        lambda subscribers: Monitor(
+            [Target(ctarget.pid)], parse_profile(CTARGET_PROFILE, "ctarget"),
+            detection=DetectionConfig(warmup=100_000, slos=[SloSpec.parse(SLO)]),
+            config=MonitorConfig(escalation_s=0, telemetry=False, snapshot_interval_s=0.1),
+            subscribers=subscribers),
+        history_db=str(db), observer=count)
+    monitor = session.monitor
     stop = asyncio.Event()
     running = asyncio.create_task(session.run(views.append, stop, 60.0))
     filler = small_disk / "filler"

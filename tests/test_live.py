@@ -65,14 +65,17 @@ async def test_alerts_reach_a_subscriber_and_history_while_the_picker_attaches(
         runner.start()
         first, second = server.rank_pids[0], server.rank_pids[1]
         # an SLO no decode iteration meets: it fires within a second, deterministically
-        monitor = Monitor([Target(first)], load_profile("cuda"),
-                          extra_profiles=[load_profile("nccl")],
-                          detection=DetectionConfig(
-                              rule="prism", warmup=100,
-                              slos=[SloSpec("decode p99 <= 1ms over 1s", name="impossible")]),
-                          config=MonitorConfig(telemetry=False, snapshot_interval_s=0.2))
-        session = LiveSession(monitor, broker=BrokerConfig(url=broker.url),
-                              outbox_path=str(tmp_path / "outbox.sqlite"), history_db=str(db))
+        session = LiveSession(
+            lambda subscribers: Monitor(
+                [Target(first)], load_profile("cuda"), extra_profiles=[load_profile("nccl")],
+                detection=DetectionConfig(
+                    rule="prism", warmup=100,
+                    slos=[SloSpec("decode p99 <= 1ms over 1s", name="impossible")]),
+                config=MonitorConfig(telemetry=False, snapshot_interval_s=0.2),
+                subscribers=subscribers),
+            broker=BrokerConfig(url=broker.url), outbox_path=str(tmp_path / "outbox.sqlite"),
+            history_db=str(db))
+        monitor = session.monitor
         views: list[EngineView] = []
         control: dict[str, Any] = {}
 

@@ -80,12 +80,12 @@ def _spinning(exe: Path) -> CTarget:
     return target
 
 
-def _monitor(exe: Path, first: CTarget, watch: Watch) -> Monitor:
+def _monitor(exe: Path, first: CTarget, subscribers: Subscribers) -> Monitor:
     """A monitor of ``first`` with ``--match`` on the C target's path (no fitting, no DeepDive)."""
     return Monitor([Target(first.pid)], parse_profile(CTARGET_PROFILE, "ctarget"),
                    match=re.escape(str(exe)), detection=DetectionConfig(warmup=100_000),
                    config=MonitorConfig(escalation_s=0, telemetry=False, snapshot_interval_s=0.1),
-                   subscribers=Subscribers(view=watch.on_view, observation=watch.on_observation))
+                   subscribers=subscribers)
 
 
 async def _exit_and_reattach(exe: Path, first: CTarget, watch: Watch,
@@ -133,7 +133,8 @@ async def test_a_match_exits_is_shown_gone_and_the_next_match_is_attached(
         ctarget_exe: Path) -> None:
     first = _spinning(ctarget_exe)
     watch = Watch()
-    monitor = _monitor(ctarget_exe, first, watch)
+    monitor = _monitor(ctarget_exe, first,
+                       Subscribers(view=watch.on_view, observation=watch.on_observation))
     second: CTarget | None = None
     try:
         second = await _exit_and_reattach(
@@ -152,8 +153,8 @@ async def test_a_target_attached_by_match_is_written_to_the_history(
     db = tmp_path / "history.sqlite"
     first = _spinning(ctarget_exe)
     watch = Watch()
-    monitor = _monitor(ctarget_exe, first, watch)
-    session = LiveSession(monitor, history_db=str(db))
+    session = LiveSession(lambda subscribers: _monitor(ctarget_exe, first, subscribers),
+                          history_db=str(db), observer=watch.on_observation)
     second: CTarget | None = None
     try:
         second = await _exit_and_reattach(

@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import chain
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -49,7 +49,6 @@ from prism_tui.engine.view import (
     WINDOWS_S,
     AlertCount,
     AlertRecord,
-    DeliveryStatus,
     DetectorPoint,
     DetectorState,
     EngineView,
@@ -306,6 +305,7 @@ class Engine:
                  on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
                  on_run_queue: Callable[[int, int, int], None] | None = None,
                  escalate: Callable[[AlertEvent], None] | None = None,
+                 on_notice: Callable[[str], None] | None = None,
                  host: str | None = None, clock: Callable[[], int] = time.monotonic_ns,
                  wall_clock: Callable[[], float] = time.time,
                  keep: ViewRetention | None = None) -> None:
@@ -327,6 +327,7 @@ class Engine:
         self.settle_ns = int(detection.settle_s * 1e9)
         self.sinks = list(sinks)
         self.escalate = escalate
+        self.on_notice = on_notice
         self.on_observation = on_observation
         self.on_spans = on_spans
         self.on_run_queue = on_run_queue
@@ -343,19 +344,16 @@ class Engine:
         self._bars: deque[IterationBar] = deque(maxlen=keep.iterations)
         self._points: deque[DetectorPoint] = deque(maxlen=keep.points)
         self._records: deque[AlertRecord] = deque(maxlen=keep.alerts)
-        self._delivery_of: dict[str, str] = {}
         # plain tuples of numbers and strings, which the cyclic GC stops tracking: 200k
         # span objects (with their args mappings) made each full collection ~160 ms
         self._spans: deque[_KeptSpanRow] = deque(maxlen=keep.spans)
         self._metric_log: deque[tuple[int, dict[str, float]]] = deque(maxlen=METRIC_SAMPLES)
         self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
         self._telemetry: tuple[TelemetryValue, ...] = ()
-        self._delivery = DeliveryStatus()
         self._notices: deque[str] = deque(maxlen=5)
         self._held: list[AlertEvent] | None = None
         self._alert_counts: dict[tuple[int, str, str, str], int] = {}
         self._governor_counts: dict[tuple[int, str], int] = {}
-        self.history_path = ""
 
     # ------------------------------------------------------------------ targets
     def watch(self, pid: int, name: str, anchor: str, stage_of: Mapping[str, str], *,
@@ -405,14 +403,6 @@ class Engine:
         if metrics:
             self._metric_log.append((self.clock(), metrics))
 
-    def set_delivery(self, status: DeliveryStatus) -> None:
-        """Replace the alert path status (broker and outbox)."""
-        self._delivery = status
-
-    def mark_delivery(self, alert_id: str, state: str) -> None:
-        """Record what became of one alert (``queued`` → ``sent``)."""
-        self._delivery_of[alert_id] = state
-
     def count_governor_decision(self, pid: int, action: str) -> None:
         """Count one overhead-governor decision on ``pid`` (``detach``, ``duty-cycle``...)
         for the view's :attr:`~EngineView.governor_counts`; the monitor calls it for each
@@ -421,8 +411,10 @@ class Engine:
         self._governor_counts[key] = self._governor_counts.get(key, 0) + 1
 
     def notice(self, line: str) -> None:
-        """A short line for the dashboard's status bar."""
+        """A short line for the dashboard's status bar (also to ``on_notice``)."""
         self._notices.append(line)
+        if self.on_notice is not None:
+            self.on_notice(line)
 
     # ------------------------------------------------------------------ spans
     def add_spans(self, pid: int, spans: Sequence[SpanLike],
@@ -749,16 +741,12 @@ class Engine:
                     slos.append(SloStatus(f"{spec.label} ({device})", spec.stage,
                                           _quantile_of(rule.stat), rule.threshold_ms,
                                           rule.window_s, rule.value(), rule.violated))
-        records = tuple(
-            r if r.id not in self._delivery_of else
-            replace(r, delivery=self._delivery_of[r.id])
-            for r in self._records)
         return EngineView(
             now_ns=now, host=self.host, targets=targets,
             snapshots=frozen_snapshots(snaps), iterations=tuple(self._bars),
-            detector=tuple(self._points), detectors=tuple(detectors), alerts=records,
-            telemetry=self._telemetry, delivery=self._delivery, slos=tuple(slos),
-            history_path=self.history_path, notices=tuple(self._notices),
+            detector=tuple(self._points), detectors=tuple(detectors),
+            alerts=tuple(self._records), telemetry=self._telemetry, slos=tuple(slos),
+            notices=tuple(self._notices),
             series_totals=self.sketches.totals(),
             alert_counts=tuple(AlertCount(pid, status, severity, source, n) for
                                (pid, status, severity, source), n in

@@ -120,7 +120,7 @@ class MonitorConfig:
 class Subscribers:
     """Who hears from the monitor, each given once at construction: alert sinks, every
     judged iteration, every batch of spans and run-queue reading (a recorder), every
-    view and snapshot."""
+    view and snapshot, every status-bar notice."""
 
     alerts: Sequence[AlertSink] = ()
     observation: Callable[[Observation], None] | None = None
@@ -128,6 +128,7 @@ class Subscribers:
     run_queue: Callable[[int, int, int], None] | None = None
     view: Callable[[EngineView], None] | None = None
     snapshot: Callable[[Snapshot], None] | None = None
+    notice: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -224,7 +225,8 @@ class Monitor:
         self.engine = Engine(detection, sinks=subscribers.alerts,
                              on_observation=subscribers.observation,
                              on_spans=subscribers.spans, on_run_queue=subscribers.run_queue,
-                             escalate=lambda alert: self.deepdive.on_alert(alert), clock=clock)
+                             escalate=lambda alert: self.deepdive.on_alert(alert),
+                             on_notice=subscribers.notice, clock=clock)
         self.placements: list[Placement] = []
         self.escalation_s = escalation_s
         self.deepdive = DeepDive(self.engine, [profile, *self.extra_profiles],
@@ -266,11 +268,6 @@ class Monitor:
     def alerts(self) -> list[AlertEvent]:
         """Every alert state change so far."""
         return self.engine.alerts
-
-    @property
-    def sinks(self) -> list[AlertSink]:
-        """The engine's sinks (add one before :meth:`run`)."""
-        return self.engine.sinks
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self, target: Target) -> _Attached:

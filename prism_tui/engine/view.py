@@ -250,10 +250,13 @@ class EngineView:
     """Recent alert state changes, oldest first."""
     telemetry: tuple[TelemetryValue, ...] = ()
     delivery: DeliveryStatus = field(default_factory=DeliveryStatus)
+    """The alert path's state: left empty by the engine, filled by the live session
+    (``LiveSession.compose``), as are the alerts' ``delivery`` and :attr:`history_path`."""
     slos: tuple[SloStatus, ...] = ()
     history_path: str = ""
     notices: tuple[str, ...] = ()
-    """Short lines for the status bar (simulator events, re-attachments...)."""
+    """Short lines for the status bar (simulator events, re-attachments...): the engine's
+    own, or in the dashboard's view the live session's, which include them."""
     series_totals: Mapping[SeriesKey, SeriesTotal] = field(
         default_factory=lambda: MappingProxyType({}))
     """Cumulative count and sum of every series over its closed windows since start."""
