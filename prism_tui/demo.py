@@ -22,7 +22,7 @@ from alerting.config import BrokerConfig
 from prism_sim.errors import ScenarioError, SimError
 from prism_sim.scenario import load_scenario
 from prism_tui.alert_wire import JsonLinesSink
-from prism_tui.engine.runtime import MonitorConfig
+from prism_tui.engine.monitor import MonitorConfig
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
 from prism_tui.scheduling import go_realtime, request_short_slice

@@ -217,7 +217,7 @@ def cmd_eval_target(args: Any) -> int:
         score_episodes,
         window_recall,
     )
-    from prism_tui.engine.runtime import MonitorConfig, Observation
+    from prism_tui.engine.monitor import MonitorConfig, Observation
     from prism_tui.errors import UsageError
     from prism_tui.evaluation import percentiles, run_and_receive
     from prism_tui.session import SessionSpec, build_session, companion_profiles, pick_profile

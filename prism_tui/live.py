@@ -1,7 +1,7 @@
 """A live monitoring session: the monitor plus its alert path and history, in one loop.
 
 ``prism watch`` and ``prism demo`` both run one :class:`LiveSession`: the
-:class:`~prism_tui.engine.runtime.Monitor` (probes → engine), an MQTT publisher with its
+:class:`~prism_tui.engine.monitor.Monitor` (probes → engine), an MQTT publisher with its
 durable outbox when a broker is configured, and the SQLite history writer. The session
 owns all of them (``close()`` idempotent) and hands immutable views to whoever draws
 them — the Textual dashboard or the headless JSON-lines printer.
@@ -28,7 +28,7 @@ from alerting.publisher import AlertPublisher
 from prism_tui.alert_wire import to_wire
 from prism_tui.digest_feed import DigestFeed
 from prism_tui.engine.core import AlertEvent, AlertSink, Engine, Observation
-from prism_tui.engine.runtime import Monitor, Subscribers
+from prism_tui.engine.monitor import Monitor, Subscribers
 from prism_tui.engine.view import DeliveryStatus, EngineView, TargetStatus
 from prism_tui.gc_pauses import freeze_heap
 from prism_tui.history.store import HistoryError, HistoryStore

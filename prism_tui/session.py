@@ -1,7 +1,7 @@
 """One place that puts a live session together, and one headless runner.
 
 ``prism watch``, ``prism eval`` (the simulator and a live target) and ``prism demo`` all
-run the same thing: a :class:`~prism_tui.engine.runtime.Monitor` whose subscribers are
+run the same thing: a :class:`~prism_tui.engine.monitor.Monitor` whose subscribers are
 given when it is built, inside a :class:`~prism_tui.live.LiveSession` with its alert
 path and history. :class:`SessionSpec` says what is watched and which settings'
 sections apply; :func:`build_session` builds it; :func:`run_headless` runs it without
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 
 from alerting.config import BrokerConfig
 from prism_tui.engine.core import AlertSink, DetectionConfig, Observation, SloSpec
+from prism_tui.engine.monitor import Monitor, MonitorConfig, ProbingConfig, Subscribers
 from prism_tui.engine.recording import SpanRecorder
-from prism_tui.engine.runtime import Monitor, MonitorConfig, ProbingConfig, Subscribers
 from prism_tui.engine.view import EngineView
 from prism_tui.errors import UsageError
 from prism_tui.live import LiveSession

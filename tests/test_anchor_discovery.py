@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from prism_tui.engine.core import DetectionConfig
-from prism_tui.engine.runtime import Monitor, MonitorConfig, Observation, Subscribers
+from prism_tui.engine.monitor import Monitor, MonitorConfig, Observation, Subscribers
 from probes.catalog import BUILTIN_DIR, Profile, load_profile
 from probes.target import Target
 from tests.sim_scenarios import scenario_file, scenario_text, sim_server

@@ -19,7 +19,7 @@ from prism_tui.engine import devices
 from prism_tui.engine.anchors import choose_anchor, dominant_period_ms, rank_anchors
 from prism_tui.engine.core import DetectionConfig
 from prism_tui.engine.devices import VISIBLE_DEVICE_VARS, NvmlDevices, device_of, read_environ
-from prism_tui.engine.runtime import Monitor, MonitorConfig
+from prism_tui.engine.monitor import Monitor, MonitorConfig
 from probes.catalog import parse_profile
 from probes.target import Target
 from probes.uprobes import Span

@@ -24,7 +24,7 @@ from alerting.publisher import AlertPublisher
 from alerting.schema import AlertSchemaError
 from prism_tui.digest_feed import DigestFeed
 from prism_tui.engine.core import DetectionConfig, Engine
-from prism_tui.engine.runtime import Monitor, MonitorConfig
+from prism_tui.engine.monitor import Monitor, MonitorConfig
 from prism_tui.engine.sketches import ITERATION, SeriesKey
 from prism_tui.live import LiveSession
 from probes.catalog import load_profile

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from prism_tui.engine.core import DetectionConfig, SloSpec
-from prism_tui.engine.runtime import Monitor, MonitorConfig, Observation
+from prism_tui.engine.monitor import Monitor, MonitorConfig, Observation
 from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
 from probes.catalog import parse_profile

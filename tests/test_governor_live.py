@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from prism_tui.engine.core import DetectionConfig
-from prism_tui.engine.runtime import (
+from prism_tui.engine.monitor import (
     Monitor,
     MonitorConfig,
     ProbingConfig,

@@ -21,7 +21,7 @@ from alerting.broker import EmbeddedBroker
 from alerting.config import BrokerConfig
 from prism_sim.server import SimServer
 from prism_tui.engine.core import DetectionConfig, SloSpec
-from prism_tui.engine.runtime import Monitor, MonitorConfig
+from prism_tui.engine.monitor import Monitor, MonitorConfig
 from prism_tui.engine.view import EngineView
 from prism_tui.history.store import HistoryStore
 from prism_tui.live import LiveSession

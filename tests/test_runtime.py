@@ -18,8 +18,8 @@ from prism_sim.server import SimServer
 from prism_tui.engine.core import DetectionConfig, Engine
 from prism_tui.engine.evaluate import match, score
 from prism_tui.engine.iterations import Iteration
+from prism_tui.engine.monitor import AlertEvent, Monitor, MonitorConfig, Observation, Subscribers
 from prism_tui.engine.recording import ReplayClock, SpanRecorder, load_recording, replay
-from prism_tui.engine.runtime import AlertEvent, Monitor, MonitorConfig, Observation, Subscribers
 from probes.catalog import load_profile, parse_profile
 from probes.target import Target
 from tests.conftest import CTARGET_PROFILE, CTarget

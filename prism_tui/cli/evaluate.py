@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         score,
         score_episodes,
     )
-    from prism_tui.engine.runtime import MonitorConfig, Observation
+    from prism_tui.engine.monitor import MonitorConfig, Observation
     from prism_tui.scheduling import request_short_slice
     from prism_tui.session import SessionSpec, build_session
     from prism_tui.settings import load_settings

@@ -18,7 +18,7 @@ lower-precision method, the iteration period from the autocorrelation of the bin
 event-count series of the whole probe stream (:func:`dominant_period_ms`), serves here
 only to score how well a candidate's cycle fits that period: iterations are cut at the
 end of an anchor's span, so when no single probe qualifies there is no anchor, and the
-monitor (:mod:`prism_tui.engine.runtime`) keeps looking rather than cutting at a period.
+monitor (:mod:`prism_tui.engine.monitor`) keeps looking rather than cutting at a period.
 """
 
 from __future__ import annotations

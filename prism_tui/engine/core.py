@@ -1,6 +1,6 @@
 """The engine proper: spans → iterations → sketches, detection, SLOs, alerts and views.
 
-It does no I/O of its own: :class:`~prism_tui.engine.runtime.Monitor` feeds it spans from
+It does no I/O of its own: :class:`~prism_tui.engine.monitor.Monitor` feeds it spans from
 live uprobe sessions, and tests (or a replay) feed it recorded spans with a fixed clock.
 Baseline models are fitted in the running loop's executor (inline when there is no loop,
 so a replay is deterministic). Every detector or SLO transition becomes an

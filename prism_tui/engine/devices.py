@@ -63,7 +63,7 @@ def device_of(pid: int, *, nvml_processes: Mapping[int, list[int]] | None = None
 class NvmlDevices:
     """Device labels from NVML's process list, else from the process environment.
 
-    A callable ``pid → label`` for :class:`~prism_tui.engine.runtime.Monitor`. The NVML
+    A callable ``pid → label`` for :class:`~prism_tui.engine.monitor.Monitor`. The NVML
     session is opened at the first label (nvmlInit takes a while on some hosts) and kept
     until :meth:`close`; each label asks NVML for its process list once. Nothing raises:
     when NVML cannot start, or a query fails, the label comes from the environment and

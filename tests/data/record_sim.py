@@ -20,12 +20,12 @@ sys.path.insert(0, str(ROOT))
 from prism_sim.scenario import parse_scenario  # noqa: E402
 from prism_sim.server import SimServer  # noqa: E402
 from prism_tui.engine.core import DetectionConfig  # noqa: E402
-from prism_tui.engine.recording import save_spans  # noqa: E402
-from prism_tui.engine.runtime import (  # noqa: E402
+from prism_tui.engine.monitor import (  # noqa: E402
     Monitor,
     MonitorConfig,
     Subscribers,
 )
+from prism_tui.engine.recording import save_spans  # noqa: E402
 from probes.catalog import load_profile  # noqa: E402
 from probes.target import Target  # noqa: E402
 

@@ -1,14 +1,19 @@
-"""The monitor's loop: live uprobe sessions feeding the :class:`~prism_tui.engine.core.Engine`.
+"""The monitor, the engine's I/O side: live uprobe sessions feeding the pure
+:class:`~prism_tui.engine.core.Engine` (which reads no clock, file or socket itself).
 
-One asyncio loop moves data only: per target a uprobe session (its anchor probe urgent,
-so an iteration's end reaches the loop within a millisecond) whose spans go to the engine.
+Its parts: attachment (attach, detach, ``--match`` rescans, anchor discovery) and the
+loop are here; DeepDive's escalation is :mod:`prism_tui.engine.escalation`, telemetry
+polling :mod:`prism_tui.engine.telemetry_poll`. One asyncio loop moves data only: per
+target a uprobe session (its anchor probe urgent, so an iteration's end reaches the loop
+within a millisecond) whose spans go to the engine.
 A profile that names no anchor gets one from its own spans: they are held for a discovery
 phase until :func:`~prism_tui.engine.anchors.choose_anchor` accepts a probe, then fed to
 the engine with that anchor, so no span is lost.
 Telemetry is sampled once a second in an executor; views and snapshots are built a few
 times per second. With ``match`` the monitor re-attaches when a matching process appears
-after the watched one exited. Sinks are a protocol: the alerting package plugs in without
-the engine importing it.
+after the watched one exited. Its subscribers (:class:`Subscribers`: alert sinks,
+observers, views, notices) are given once, at construction; sinks are a protocol, so the
+alert path plugs in without the engine importing it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from prism_tui.engine.escalation import DeepDive
 from prism_tui.engine.iterations import MEMCPY_KINDS, SpanLike
 from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.sketches import Snapshot
+from prism_tui.engine.telemetry_poll import TELEMETRY_S, TelemetryPoller
 from prism_tui.engine.trace_export import write_chrome_trace
 from prism_tui.engine.view import (
     Candidate,
@@ -55,7 +61,7 @@ from probes.errors import ProbeError
 from probes.governor import DEFAULT_COSTS, GovernorDecision, HitCosts, OverheadGovernor
 from probes.placement import Placement, ProbeSite, place_profile
 from probes.target import Target, find_targets
-from probes.telemetry import HostSampler, ProcSampler, Reading, thread_runqueue_ns
+from probes.telemetry import thread_runqueue_ns
 from probes.uprobes import Span, UprobeSession
 
 __all__ = ["AlertEvent", "AlertSink", "DetectionConfig", "Monitor", "MonitorConfig", "Observation",
@@ -71,7 +77,6 @@ RESCAN_AFTER_EXIT_S = 0.2
 """The rescan period while nothing is attached, and for FAST_RESCAN_FOR_S after a
 watched process exited: a restarted server is re-attached well within a second."""
 FAST_RESCAN_FOR_S = 10.0
-TELEMETRY_S = 1.0
 DISCOVERY_CHECK_S = 0.5
 """How often the spans held while no anchor is known are ranked (see _discover)."""
 GOVERN_S = 1.0
@@ -238,8 +243,6 @@ class Monitor:
         self._ever_attached: dict[int, RecordedProcess] = {}  # a recording's header
         self._new: asyncio.Queue[_Attached] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._host_sampler = HostSampler()
-        self._proc_samplers: dict[int, ProcSampler] = {}
         self._closed = False
         self._close_lock = threading.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -254,6 +257,7 @@ class Monitor:
         self._nvml_noticed = False
         if device_of is None:
             device_of = self._nvml_devices = NvmlDevices()
+        self._poller = TelemetryPoller(self._nvml_devices)
         self.device_of: Callable[[int], str] = device_of
         """pid → device label (``cuda:0``, ``cpu``...), called once per attach."""
         try:
@@ -393,7 +397,7 @@ class Monitor:
             att.session.close()
         self.deepdive.detach(pid)
         self.engine.forget(pid)
-        self._proc_samplers.pop(pid, None)
+        self._poller.forget(pid)
 
     def recorded_processes(self) -> list[RecordedProcess]:
         """The header of a span recording: every process attached during the run.
@@ -592,7 +596,8 @@ class Monitor:
                         telemetry_task = None
                     if telemetry_task is None and now - last_telemetry >= TELEMETRY_S:
                         last_telemetry = now
-                        telemetry_task = loop.run_in_executor(None, self._sample_telemetry)
+                        telemetry_task = loop.run_in_executor(
+                            None, self._poller.sample, list(self._attached))
                 if now - last_view >= self.snapshot_interval_s and (
                         self.on_view is not None or self.on_snapshot is not None) and (
                         view_task is None or view_task.done()):
@@ -687,7 +692,7 @@ class Monitor:
         self._in_background(asyncio.get_running_loop().run_in_executor(None, att.session.close))
         del self._attached[pid]
         self._fast_rescan_until = time.monotonic() + FAST_RESCAN_FOR_S  # a restart?
-        self._proc_samplers.pop(pid, None)  # it would read a reused pid as exited
+        self._poller.forget(pid)  # it would read a reused pid as exited
         self.engine.gone(pid)
         self.engine.notice(f"pid {pid} exited" + (
             f"; waiting for a process matching {self.match!r}" if self.match else ""))
@@ -821,25 +826,6 @@ class Monitor:
                                                       site.probe in att.urgent)
         return 100.0 * ns / (dt * 1e9)
 
-    def _sample_telemetry(self) -> list[TelemetryValue]:
-        """Host and per-process figures (runs in an executor; failures are values)."""
-        out: list[TelemetryValue] = []
-        host = self._host_sampler.sample()
-        for metric, reading in host.readings().items():
-            out.append(_value("host", metric, reading))
-        if self._nvml_devices is not None:  # GPUs, when NVML has any (labels as devices')
-            for gpu in self._nvml_devices.samples():
-                for metric, reading in gpu.readings().items():
-                    out.append(_value(f"cuda:{gpu.index}", metric, reading))
-        for pid in list(self._attached):
-            sampler = self._proc_samplers.get(pid)
-            if sampler is None:
-                sampler = self._proc_samplers[pid] = ProcSampler(pid)
-            sample = sampler.sample()
-            for metric, reading in sample.readings().items():
-                out.append(_value(f"pid {pid}", metric, reading))
-        return out
-
 
 def detector_probes(profile: Profile, sites: Sequence[ProbeSite]) -> frozenset[str]:
     """Probes the detector's inputs come from: never governed.
@@ -868,10 +854,6 @@ def detector_probes(profile: Profile, sites: Sequence[ProbeSite]) -> frozenset[s
         if names & needed:
             out.add(site.probe)
     return frozenset(out)
-
-
-def _value(device: str, metric: str, reading: Reading) -> TelemetryValue:
-    return TelemetryValue(device, metric, reading.value, reading.unit, reading.reason)
 
 
 def _probe_statuses(placements: Sequence[Placement], hits: dict[str, int],
