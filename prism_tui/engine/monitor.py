@@ -24,14 +24,18 @@ import contextlib
 import functools
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from prism_tui.engine.anchors import AnchorChoice, choose_anchor
+from prism_tui.engine.attachment import (
+    Attached,
+    detector_probes,
+    open_sentinels,
+    probe_statuses,
+)
+from prism_tui.engine.config import MonitorConfig, ProbingConfig, Subscribers
 from prism_tui.engine.core import (
-    DETECTOR_FEATURES,
     AlertEvent,
     AlertSink,
     DetectionConfig,
@@ -43,29 +47,25 @@ from prism_tui.engine.core import (
 )
 from prism_tui.engine.devices import NvmlDevices
 from prism_tui.engine.escalation import DeepDive
-from prism_tui.engine.iterations import MEMCPY_KINDS, SpanLike
 from prism_tui.engine.recording import RecordedProcess
-from prism_tui.engine.sketches import Snapshot
 from prism_tui.engine.telemetry_poll import TELEMETRY_S, TelemetryPoller
 from prism_tui.engine.trace_export import write_chrome_trace
 from prism_tui.engine.view import (
     Candidate,
-    EngineView,
     GovernorAction,
     GovernorStatus,
-    ProbeStatus,
     TelemetryValue,
 )
-from probes.catalog import Profile, feature_names
+from probes.catalog import Profile
 from probes.errors import ProbeError
-from probes.governor import DEFAULT_COSTS, GovernorDecision, HitCosts, OverheadGovernor
-from probes.placement import Placement, ProbeSite, place_profile
+from probes.governor import DEFAULT_COSTS, GovernorDecision, OverheadGovernor
+from probes.placement import Placement
 from probes.target import Target, find_targets
 from probes.telemetry import thread_runqueue_ns
 from probes.uprobes import Span, UprobeSession
 
 __all__ = ["AlertEvent", "AlertSink", "DetectionConfig", "Monitor", "MonitorConfig", "Observation",
-           "ProbingConfig", "SloSpec", "Subscribers", "workload_of"]
+           "ProbingConfig", "SloSpec", "Subscribers", "detector_probes", "workload_of"]
 
 INFERENCE_PATTERN = (r"vllm|sglang|llama[-_.]?(server|cpp|cli)|text-generation|tgi|"
                      r"tritonserver|lmdeploy|trtllm|tensorrt|ollama|torchrun|prism_sim|"
@@ -81,75 +81,8 @@ DISCOVERY_CHECK_S = 0.5
 """How often the spans held while no anchor is known are ranked (see _discover)."""
 GOVERN_S = 1.0
 """How often each target's overhead governor closes a window and decides."""
-RECENT_DECISIONS = 8
-"""Governor decisions per target kept for the view."""
 
 _T = TypeVar("_T")
-
-@dataclass(frozen=True)
-class ProbingConfig:
-    """How the sentinel probes are opened and governed (the ``[probe]`` settings).
-
-    ``mode``: per-thread or per-CPU perf events (``auto`` chooses). ``ring_pages``,
-    ``drain_interval_s``: each ring's size and how often an unhurried ring is read.
-    ``overhead_budget``: the governor's share of the target's CPU (None: not governed),
-    ``governor_action`` what it does over budget. ``costs``: measured hit costs.
-    """
-
-    mode: str = "auto"
-    ring_pages: int = 64
-    drain_interval_s: float = 0.02
-    overhead_budget: float | None = None
-    governor_action: str = "detach"
-    costs: HitCosts | None = None
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """How the monitor's loop runs around the engine.
-
-    ``escalation_s``: how long DeepDive probes stay after an alert fires (0: never).
-    ``snapshot_interval_s``: seconds between views. ``telemetry``: sample host, /proc and
-    NVML once a second. ``anchor_discovery_s``: see :class:`Monitor`.
-    ``run_queue_stage``: read the anchor thread's run-queue wait as a stage.
-    """
-
-    escalation_s: float = 30.0
-    snapshot_interval_s: float = 0.5
-    telemetry: bool = True
-    anchor_discovery_s: float = 5.0
-    run_queue_stage: bool = True
-
-
-@dataclass(frozen=True)
-class Subscribers:
-    """Who hears from the monitor, each given once at construction: alert sinks, every
-    judged iteration, every batch of spans and run-queue reading (a recorder), every
-    view and snapshot, every status-bar notice."""
-
-    alerts: Sequence[AlertSink] = ()
-    observation: Callable[[Observation], None] | None = None
-    spans: Callable[[Sequence[SpanLike]], None] | None = None
-    run_queue: Callable[[int, int, int], None] | None = None
-    view: Callable[[EngineView], None] | None = None
-    snapshot: Callable[[Snapshot], None] | None = None
-    notice: Callable[[str], None] | None = None
-
-
-@dataclass
-class _Attached:
-    target: Target
-    session: UprobeSession
-    placements: list[Placement]
-    device: str = "cpu"
-    """Its device label, found once at the attach (see :attr:`Monitor.device_of`)."""
-    urgent: frozenset[str] = frozenset()
-    """Probes whose every record wakes the reader (the named anchor)."""
-    prev_hits: dict[str, int] = field(default_factory=dict)
-    prev_t: float = field(default_factory=time.monotonic)
-    governor: OverheadGovernor | None = None
-    recent: deque[GovernorAction] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
-
 
 class Monitor:
     """Watches targets with a profile; one owner of their sessions (``close()`` idempotent)."""
@@ -190,7 +123,7 @@ class Monitor:
         ``ring_pages`` and ``drain_interval_s`` size and drain the sentinel sessions'
         rings (a DeepDive drains every ``escalation.DEEPDIVE_DRAIN_S`` at least).
         """
-        probing = probing or ProbingConfig()
+        self.probing = probing = probing or ProbingConfig()
         config = config or MonitorConfig()
         subscribers = subscribers or Subscribers()
         run_queue_stage = config.run_queue_stage
@@ -239,9 +172,9 @@ class Monitor:
                                  drain_interval_s=drain_interval_s,
                                  in_background=self._in_background)
         """The escalation: deeper probes on a target while its alert fires."""
-        self._attached: dict[int, _Attached] = {}
+        self._attached: dict[int, Attached] = {}
         self._ever_attached: dict[int, RecordedProcess] = {}  # a recording's header
-        self._new: asyncio.Queue[_Attached] | None = None
+        self._new: asyncio.Queue[Attached] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._close_lock = threading.Lock()
@@ -274,7 +207,7 @@ class Monitor:
         return self.engine.alerts
 
     # ------------------------------------------------------------------ attach / detach
-    def _attach(self, target: Target) -> _Attached:
+    def _attach(self, target: Target) -> Attached:
         session, placements, device = self._open(target)
         try:
             return self._on_loop(self._register, target, session, placements, device)
@@ -285,38 +218,17 @@ class Monitor:
     def _open(self, target: Target) -> tuple[UprobeSession, list[Placement], str]:
         """The blocking half of an attach (ELF lookups, perf events, the device label from
         NVML's process list): any thread."""
-        placement = place_profile(target, self.profile, "sentinel")
-        placements = [placement]
-        sites = placement.sites
-        for extra in self.extra_profiles:
-            more = place_profile(target, extra, "sentinel")
-            placements.append(more)
-            sites += more.sites
-        if self.anchor is not None and not any(s.probe == self.anchor for s in sites):
-            raise ValueError(f"the anchor {self.anchor!r} of profile "
-                             f"{self.profile.name!r} does not resolve in pid {target.pid}")
-        if self.anchor is None and not sites:
-            raise ValueError(f"no sentinel probe of profile {self.profile.name!r} resolves "
-                             f"in pid {target.pid}: nothing to choose an anchor from")
-        urgent: set[str] = set() if self.anchor is None else {self.anchor}
-        session = UprobeSession([target], sites, mode=self.mode, urgent=urgent,
-                                ring_pages=self.ring_pages,
-                                drain_interval_s=self.drain_interval_s).open()
-        try:
-            device = self.device_of(target.pid)
-        except BaseException:
-            session.close()
-            raise
-        return session, placements, device
+        return open_sentinels(target, [self.profile, *self.extra_profiles], self.anchor,
+                              self.probing, self.device_of)
 
     def _register(self, target: Target, session: UprobeSession,
-                  placements: list[Placement], device: str) -> _Attached:
+                  placements: list[Placement], device: str) -> Attached:
         """The state half of an attach: on the loop's thread once the loop runs."""
         if target.pid in self._attached:
             raise ValueError(f"pid {target.pid} is already watched")
         self._notice_nvml()
         self.placements.extend(placements)
-        att = self._attached[target.pid] = _Attached(target, session, placements, device,
+        att = self._attached[target.pid] = Attached(target, session, placements, device,
                                                      frozenset(session.urgent))
         if self.anchor is not None:  # else once one is chosen (see _discover)
             self._watch(att)
@@ -324,7 +236,7 @@ class Monitor:
             self._new.put_nowait(att)
         return att
 
-    def _watch(self, att: _Attached) -> None:
+    def _watch(self, att: Attached) -> None:
         """Have the engine cut ``att``'s spans into iterations at :attr:`anchor`."""
         assert self.anchor is not None
         pid = att.target.pid
@@ -333,7 +245,7 @@ class Monitor:
                           {s.probe: s.stage for s in sites}, profile=self.profile.name,
                           device=att.device, derived=self.profile.derived,
                           phase_rule=self.profile.phase_rule,
-                          probes=_probe_statuses(att.placements, {}))
+                          probes=probe_statuses(att.placements, {}))
         self._ever_attached[pid] = self._recorded_process(pid, att)
         if self.overhead_budget is not None and att.governor is None:
             att.governor = OverheadGovernor(
@@ -408,7 +320,7 @@ class Monitor:
         """
         return list(self._ever_attached.values())
 
-    def _recorded_process(self, pid: int, att: _Attached) -> RecordedProcess:
+    def _recorded_process(self, pid: int, att: Attached) -> RecordedProcess:
         assert self.anchor is not None
         stage_of = {s.probe: s.stage for p in att.placements for s in p.sites}
         return RecordedProcess(pid, att.target.name, self.profile.name, self.anchor,
@@ -529,7 +441,7 @@ class Monitor:
             if self.deepdive.requested:
                 queue.put_nowait((0, []))  # DeepDive attaches from the loop below
 
-        async def pump(att: _Attached) -> None:
+        async def pump(att: Attached) -> None:
             pid = att.target.pid
             try:
                 await att.session.deliver(functools.partial(on_spans, pid))
@@ -779,7 +691,7 @@ class Monitor:
             gov = att.governor
             costs = self.costs or DEFAULT_COSTS
             self.engine.set_probe_status(
-                pid, _probe_statuses(att.placements, delta, dt, hits,
+                pid, probe_statuses(att.placements, delta, dt, hits,
                                      self._governed_reasons(att)),
                 hits_per_s=sum(delta.values()) / dt, lost=att.session.dropped(),
                 overhead_pct=self._overhead_pct(att, delta, dt),
@@ -799,7 +711,7 @@ class Monitor:
             self.on_snapshot(self.engine.sketches.snapshot(now_ns, span_s=10))
 
     @staticmethod
-    def _governed_reasons(att: _Attached) -> dict[str, tuple[str, str]]:
+    def _governed_reasons(att: Attached) -> dict[str, tuple[str, str]]:
         """Probe → (status, reason) of the probes the governor holds now."""
         gov = att.governor
         if gov is None:
@@ -808,7 +720,7 @@ class Monitor:
         return {p: ("detached" if how == "detach" else "duty-cycled", last.get(p, ""))
                 for p, how in gov.governed().items()}
 
-    def _overhead_pct(self, att: _Attached, delta: dict[str, int], dt: float) -> float | None:
+    def _overhead_pct(self, att: Attached, delta: dict[str, int], dt: float) -> float | None:
         """CPU share the probes cost the target over the last view: Σ hits/s × cost per
         hit, the reader's wake-ups for urgent probes included (one per record)."""
         if self.costs is None:
@@ -825,58 +737,3 @@ class Monitor:
                 ns += calls * self.costs.site_cost_ns(site.site, site.ret,
                                                       site.probe in att.urgent)
         return 100.0 * ns / (dt * 1e9)
-
-
-def detector_probes(profile: Profile, sites: Sequence[ProbeSite]) -> frozenset[str]:
-    """Probes the detector's inputs come from: never governed.
-
-    Detaching one mid-run would change the workload the baseline was fitted on (or the
-    phase) and read as an anomaly. The inputs are :data:`DETECTOR_FEATURES` and the
-    profile's phase rule, through its derived features; a feature comes from probe ``p``
-    when it is ``calls.p``, ``p.arg``, an argument ``p`` captures (per-call derived
-    expressions read those), or a copy's bytes by kind from a probe capturing ``kind``
-    and ``bytes``.
-    """
-    needed = set(DETECTOR_FEATURES)
-    if profile.phase_rule:
-        needed |= feature_names(profile.phase_rule)
-    grown = True
-    while grown:  # derived features read other features, derived ones included
-        more = {n for d in profile.derived if d.name in needed for n in d.names}
-        grown = not more <= needed
-        needed |= more
-    out = set()
-    for site in sites:
-        args = {c.name for c in site.captures}
-        names = {f"calls.{site.probe}"} | {f"{site.probe}.{a}" for a in args} | args
-        if {"kind", "bytes"} <= args:
-            names |= set(MEMCPY_KINDS.values()) | {"h2d_first_bytes"}
-        if names & needed:
-            out.add(site.probe)
-    return frozenset(out)
-
-
-def _probe_statuses(placements: Sequence[Placement], hits: dict[str, int],
-                    dt: float = 1.0, total: dict[str, int] | None = None,
-                    governed: dict[str, tuple[str, str]] | None = None,
-                    ) -> tuple[ProbeStatus, ...]:
-    """One status per probe decision: attached with its hit rate (``hits`` in ``dt``)
-    and its hits since attached (``total``), governed, or why not."""
-    out = []
-    governed = governed or {}
-    for placement in placements:
-        for d in placement.decisions:
-            if d.status == "resolved" and d.probe in governed:
-                status, reason = governed[d.probe]
-                out.append(ProbeStatus(d.probe, d.stage, status,
-                                       d.sites[0].library if d.sites else "", reason,
-                                       hits_per_s=hits.get(d.probe, 0) / dt if dt else 0.0,
-                                       hits=(total or {}).get(d.probe, 0)))
-            elif d.status == "resolved":
-                out.append(ProbeStatus(d.probe, d.stage, "attached",
-                                       d.sites[0].library if d.sites else "",
-                                       hits_per_s=hits.get(d.probe, 0) / dt if dt else 0.0,
-                                       hits=(total or {}).get(d.probe, 0)))
-            else:
-                out.append(ProbeStatus(d.probe, d.stage, d.status, reason=d.reason))
-    return tuple(out)
