@@ -59,6 +59,10 @@ class Watch:
             return None
         return next((t.state for t in self.view.targets if t.pid == pid), None)
 
+    def subscribers(self) -> Subscribers:
+        """Its views and iterations, as a monitor's subscribers."""
+        return Subscribers(view=self.on_view, observation=self.on_observation)
+
     def notices(self) -> tuple[str, ...]:
         """The status-bar lines of the latest view."""
         return () if self.view is None else self.view.notices
@@ -133,8 +137,7 @@ async def test_a_match_exits_is_shown_gone_and_the_next_match_is_attached(
         ctarget_exe: Path) -> None:
     first = _spinning(ctarget_exe)
     watch = Watch()
-    monitor = _monitor(ctarget_exe, first,
-                       Subscribers(view=watch.on_view, observation=watch.on_observation))
+    monitor = _monitor(ctarget_exe, first, watch.subscribers())
     second: CTarget | None = None
     try:
         second = await _exit_and_reattach(
@@ -184,7 +187,7 @@ async def test_a_match_that_cannot_be_watched_is_said_once(ctarget_exe: Path) ->
     says why, the monitor keeps running and retries without repeating itself."""
     first = _spinning(ctarget_exe)
     watch = Watch()
-    monitor = _monitor(ctarget_exe, first, watch)
+    monitor = _monitor(ctarget_exe, first, watch.subscribers())
     imposter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                                  str(ctarget_exe)])
     stop = asyncio.Event()
