@@ -25,6 +25,7 @@ plus the 8-byte return address).
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,10 @@ class EventLayout:
     """(arg name, offset, size, decoder) for captures from the record's stack bytes."""
     sp_slot: int | None = None
     """Index of the stack pointer in the register tuple (entry+return sites)."""
+
+
+def _start_of(entry: _Pending) -> int:
+    return entry[0]
 
 
 class PairedSite(Protocol):
@@ -158,18 +163,21 @@ class SpanPairer:
 
         A return with no pending entry may have been read before its entry (from
         another CPU's ring): it is held until the next call, then dropped and counted.
+        An entry read after later entries of its thread is stacked beneath them, and a
+        return passes over entries from after it.
         """
         spans = [] if out is None else out
         batch = list(records)
-        if self._orphans:
-            batch.extend(self._orphans)
+        retried = self._orphans
+        if retried:
+            batch.extend(retried)
             self._orphans = []
         batch.sort(key=lambda r: r[3])
-        self._pair(batch, spans, hold_orphans=True)
+        self._pair(batch, spans, hold_orphans=True, retried=retried)
         return spans
 
     def _pair(self, records: Iterable[Record], spans: list[Span], *,
-              hold_orphans: bool) -> None:
+              hold_orphans: bool, retried: Collection[Record] = ()) -> None:
         events = self.events
         pending = self._pending
         pids = self.pid_filter
@@ -203,7 +211,11 @@ class SpanPairer:
                     if len(stack_list) >= self.max_depth:
                         stack_list.pop(0)
                         stats.unfinished += 1
-                    stack_list.append((t, sp, args))
+                    if stack_list and stack_list[-1][0] > t:
+                        # read late (another CPU's ring): below the calls it came before
+                        bisect.insort(stack_list, (t, sp, args), key=_start_of)
+                    else:
+                        stack_list.append((t, sp, args))
                 else:
                     spans.append(Span(site.probe, pid, tid, t, t, MappingProxyType(args)))
                 continue
@@ -216,47 +228,55 @@ class SpanPairer:
                     for name, i in info.reg_slots:
                         args[name] = regs[i]
                 spans.append(Span(site.probe, pid, tid, start, t, MappingProxyType(args)))
-            elif hold_orphans and record not in self._orphans:
+            elif hold_orphans and record not in retried and record not in self._orphans:
                 self._orphans.append(record)
                 hits[site.probe] -= 1  # counted again when retried
             else:
                 stats.orphan_returns += 1
 
     def _drop_abandoned(self, waiting: list[_Pending], t: int, sp: int) -> None:
-        """Drop (and count) entries a new entry at ``sp`` shows were abandoned.
+        """Drop (and count) entries a new entry at ``sp`` (time ``t``) shows were abandoned.
 
         A call still running is higher up the stack than any call made after it, so a
-        pending entry at or below ``sp`` was left by a longjmp: its return never comes.
-        Entries from after ``t`` (read out of order across CPU rings) are kept.
+        pending entry from before ``t`` at or below ``sp`` was left by a longjmp: its
+        return never comes. Entries from after ``t`` (read earlier, from another CPU's
+        ring) are kept, and the ones beneath them judged.
         """
-        while waiting:
-            start, entry_sp, _args = waiting[-1]
-            if entry_sp is None or entry_sp > sp or start > t:
+        top = len(waiting)
+        while top and waiting[top - 1][0] > t:
+            top -= 1
+        while top:
+            entry_sp = waiting[top - 1][1]
+            if entry_sp is None or entry_sp > sp:
                 return
-            waiting.pop()
+            top -= 1
+            del waiting[top]
             self.stats.unfinished += 1
 
     def _entry_of_return(self, waiting: list[_Pending], t: int,
                          sp: int | None) -> _Pending | None:
         """Take the pending entry a return at ``sp`` (time ``t``) closes, if it is there.
 
-        Entries below the returning frame were abandoned (a longjmp out of them into
-        this call): dropped and counted. ``None`` when the top entry is an outer call or
-        came after ``t``: this return's own entry was not seen (lost, or not read yet).
-        Without stack pointers, the last entry is taken.
+        Entries from after ``t`` (read earlier, from another CPU's ring) are passed over.
+        Entries below the returning frame were abandoned (a longjmp out of them into this
+        call): dropped and counted. ``None`` when the entry is an outer call: this
+        return's own entry was not seen (lost, or not read yet). Without stack pointers,
+        the last entry from before ``t`` is taken.
         """
-        while waiting:
-            start, entry_sp, _args = waiting[-1]
+        top = len(waiting)
+        while top and waiting[top - 1][0] > t:
+            top -= 1
+        while top:
+            entry_sp = waiting[top - 1][1]
             if sp is None or entry_sp is None:
-                return waiting.pop()
-            if start > t:
-                return None
+                return waiting.pop(top - 1)
             frame = entry_sp + RETURN_ADDRESS_BYTES
             if frame == sp:
-                return waiting.pop()
+                return waiting.pop(top - 1)
             if frame > sp:
                 return None
-            waiting.pop()  # below the returning frame: abandoned
+            top -= 1
+            del waiting[top]  # below the returning frame: abandoned
             self.stats.unfinished += 1
         return None
 

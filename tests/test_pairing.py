@@ -128,6 +128,10 @@ def test_merged_reads_hold_a_return_one_read_for_its_entry() -> None:
     assert pairer.held_returns() == 1 and pairer.stats.hits["outer"] == 0
     spans = pairer.feed_merged([entry(0, 1, 10, 0, 4)])
     assert [(s.start_ns, s.end_ns) for s in spans] == [(10, 20)]
+    # a return whose entry never comes is dropped after one more read
+    pairer.feed_merged([ret(1, 1, 30, 1, 0)])
+    pairer.feed_merged([])
+    assert pairer.stats.orphan_returns == 1 and pairer.held_returns() == 0
 
 
 def test_max_depth_drops_the_oldest_entry() -> None:
@@ -318,6 +322,37 @@ def test_a_ring_loss_never_pairs_across_it(actions: list[list[int]], order: list
 
     kept = [c for t in threads for c in t.calls if c.return_at is not None and outside(c)]
     assert sorted(key(s) for s in spans) == sorted(expected_key(c, times) for c in kept)
+
+
+@settings(max_examples=200, deadline=None)
+@given(THREADS, ORDER, st.data())
+def test_merged_reads_pair_entries_read_one_read_late(actions: list[list[int]],
+                                                      order: list[int],
+                                                      data: st.DataObject) -> None:
+    """Per-CPU rings: records cut into reads, some entries read one read late.
+
+    Without longjmps: a return read before the entry of its own call, when an abandoned
+    call of the same frame is still pending, is indistinguishable from that call's."""
+    threads = [simulate(tid, a, allow_longjmp=False) for tid, a in enumerate(actions, 1)]
+    records, times = to_records(interleave(threads, order))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(records) - 1)), max_size=6)))
+    reads = [records[a:b] for a, b in zip([0, *cuts], [*cuts, len(records)], strict=True)]
+    late_reads: list[list[Record]] = [[] for _ in reads]
+    for i in range(len(reads) - 1):  # each entry at most one read late
+        late = data.draw(st.sets(st.integers(0, max(0, len(reads[i]) - 1)), max_size=3))
+        late_reads[i + 1] = [r for j, r in enumerate(reads[i])
+                             if j in late and r[0] in ENTRY_EIDS]
+        reads[i] = [r for r in reads[i] if r not in late_reads[i + 1]]
+    reads = [late + batch for late, batch in zip(late_reads, reads, strict=True)]
+    pairer = new_pairer()
+    spans: list[Span] = []
+    for batch in reads:
+        pairer.feed_merged(batch, spans)
+    pairer.feed_merged([], spans)
+
+    returned = [c for t in threads for c in t.calls if c.return_at is not None]
+    assert sorted(key(s) for s in spans) == sorted(expected_key(c, times) for c in returned)
+    assert pairer.stats.orphan_returns == 0 and pairer.held_returns() == 0
 
 
 @pytest.mark.parametrize("depth", [1, 64])
