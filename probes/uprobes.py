@@ -15,12 +15,13 @@ own thread (``docs/performance.md`` has the measurement that chose between them)
     that maps the probed file, so it is only chosen automatically (``auto``) when no
     other process maps it.
 
-The pieces, so that another probe backend can reuse the last two: this module reads the
-rings and follows threads; :mod:`probes.pairing` (pure) pairs the decoded records into
-spans, counting what cannot pair (a return read before its entry from another CPU's ring
-waits one read for it; entries of a thread that exits, or that sit before a loss in the
-same ring, are dropped, as are calls a ``longjmp`` abandoned); :meth:`UprobeSession.deliver`
-and :meth:`UprobeSession.batches` hand the spans to an asyncio loop.
+Three pieces, so that another probe backend can reuse the last two: this module reads
+the rings and follows threads; :mod:`probes.pairing` (pure) pairs the decoded records
+into spans, counting what cannot pair (a return read before its entry from another
+CPU's ring waits one read for it; entries of a thread that exits, or that sit before a
+loss in the same ring, are dropped, as are calls a ``longjmp`` abandoned);
+:mod:`probes.delivery` hands the spans to an asyncio loop (:meth:`UprobeSession.deliver`,
+:meth:`UprobeSession.batches`) or a synchronous caller (:meth:`UprobeSession.poll`).
 """
 
 from __future__ import annotations
