@@ -67,7 +67,7 @@ output = { dist = "uniform", min = 200, max = 400 }
 PARTS: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(pat)) for name, pat in [
     ("ring read", r"(read_raw|pending_bytes|_lost_in|_split_at_losses) \(.*perf\.py"),
     ("decoding", r"decode \(.*perf\.py"),
-    ("pairing", r"(_pair|_entry_of_return|_drop_abandoned) \(.*uprobes\.py"),
+    ("pairing", r"(_pair|_entry_of_return|_drop_abandoned) \(.*pairing\.py"),
     ("thread watchers", r"(_read_watchers|rescan|_install_opened) \(.*uprobes\.py"),
     ("sketches", r"sketches\.py"),
     ("prediction", r"(predict|_predict\w*|TreeEnsemble|BaselineModel)\b.*detector\.py"),

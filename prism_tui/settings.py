@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from probes.catalog import toml_error_position
+from prism_common.toml_lines import toml_error_position
 
 if TYPE_CHECKING:
     from prism_tui.engine.episodes import EpisodeHolds

@@ -15,20 +15,13 @@ own thread (``docs/performance.md`` has the measurement that chose between them)
     that maps the probed file, so it is only chosen automatically (``auto``) when no
     other process maps it.
 
-Entries and returns are paired per (thread, probe) with a stack, so nested and recursive
-calls pair correctly. A return with no entry (lost, or read from another CPU's ring
-first) waits one read for its entry, then is dropped and counted; entries of a thread
-that exits, or that sit before a loss in the same ring, are dropped and counted too.
-
-Returns that never come (a ``longjmp`` or an exception unwinding out of a probed call):
-the kernel drops such a call's uretprobe without firing it. Every event of an
-entry+return site records the stack pointer, and an entry is judged abandoned by the
-kernel's own rule (``arch_uretprobe_is_alive``): a call still running sits higher up the
-stack than any later call or return of the thread. So an entry whose stack pointer is at
-or below a new entry's, or below the frame of a return, is dropped and counted as
-unfinished, and a return pairs only with the entry of its own frame (x86-64: the probe
-fires before the callee touches the stack, so the return's stack pointer is the entry's
-plus the 8-byte return address).
+Three pieces, so that another probe backend can reuse the last two: this module reads
+the rings and follows threads; :mod:`probes.pairing` (pure) pairs the decoded records
+into spans, counting what cannot pair (a return read before its entry from another
+CPU's ring waits one read for it; entries of a thread that exits, or that sit before a
+loss in the same ring, are dropped, as are calls a ``longjmp`` abandoned);
+:mod:`probes.delivery` hands the spans to an asyncio loop (:meth:`UprobeSession.deliver`,
+:meth:`UprobeSession.batches`) or a synchronous caller (:meth:`UprobeSession.poll`).
 """
 
 from __future__ import annotations
@@ -38,17 +31,17 @@ import contextlib
 import functools
 import os
 import queue
-import select
 import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
+from probes.delivery import LoopDelivery, poll
 from probes.errors import PerfOpenError, ProbeError, TargetExitedError
+from probes.pairing import ArgValue, EventLayout, Span, SpanPairer
 from probes.perf import (
     ARG_REGISTERS,
     PERF_RECORD_EXIT,
@@ -68,31 +61,8 @@ from probes.perf import (
 from probes.placement import ProbeSite
 from probes.target import Target
 
-ArgValue = int | float
-RETURN_ADDRESS_BYTES = 8
-"""x86-64 ``call`` pushes the return address: a return's stack pointer is its entry's + 8."""
-
-
-@dataclass(frozen=True)
-class Span:
-    """One call of a probed function: who, when, and the arguments captured.
-
-    Entry-only probes give instant spans (``end_ns == start_ns``). Times are
-    CLOCK_MONOTONIC nanoseconds, comparable with ``time.monotonic_ns()``.
-    """
-
-    probe: str
-    pid: int
-    tid: int
-    start_ns: int
-    end_ns: int
-    args: Mapping[str, ArgValue] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def duration_ns(self) -> int:
-        """``end_ns - start_ns``."""
-        return self.end_ns - self.start_ns
-
+__all__ = ["ArgValue", "SessionStats", "Span", "UprobeSession", "attach", "processes_mapping"]
+"""The session's public names; ``Span`` and ``ArgValue`` live in :mod:`probes.pairing`."""
 
 WATCHER_PAGES = 16  # room for ~1,100 fork/exit records between two reads
 
@@ -115,18 +85,6 @@ class SessionStats:
     """Rings and fds handed to the background closer (written by the reader only)."""
     closes_done: int = 0
     """Those the closer has closed (written by the closer only)."""
-
-
-@dataclass(frozen=True)
-class _EventInfo:
-    site: int
-    is_return: bool
-    # (arg name, index into the sample's register tuple) for register captures
-    reg_slots: tuple[tuple[str, int], ...]
-    # (arg name, stack offset, size, decoder) for stack captures
-    stack_slots: tuple[tuple[str, int, int, Callable[[bytes], ArgValue]], ...]
-    # index of the stack pointer in the sample's register tuple (entry+return sites)
-    sp_slot: int | None = None
 
 
 def _read_count(fd: int) -> int:
@@ -201,23 +159,18 @@ class UprobeSession:
         self.stats = SessionStats()
         self.detached_sites: set[int] = set()
         self.exited_pids: set[int] = set()
-        self._events: dict[int, _EventInfo] = {}
         self._event_fds: dict[int, list[tuple[PerfRing, int]]] = {}  # site → (ring, fd)
         self._rings: dict[tuple[int, int], PerfRing] = {}  # (tid or -1, cpu or -1) → ring
         self._ring_pid: dict[int, int] = {}  # id(ring) → target pid (thread mode)
         self._watchers: dict[int, PerfRing] = {}  # tid → ring of its FORK/EXIT records
         self._closed_counts: Counter[str] = Counter()  # kernel hit counts of closed fds
-        # (tid, site) -> entries waiting for their return: (time, stack pointer, args)
-        self._pending: dict[tuple[int, int],
-                            list[tuple[int, int | None, dict[str, ArgValue]]]] = {}
-        self._orphans: list[Sample] = []
+        # pairs the decoded records into spans; counts into this session's stats
+        self.pairer = SpanPairer(self.sites, max_depth=max_depth, stats=self.stats)
         self._last_rescan = 0.0
         self._opened = False
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: asyncio.Event | None = None
-        self._on_spans: Callable[[list[Span]], None] | None = None
-        self._finished: asyncio.Future[None] | None = None
+        # watches the rings on an asyncio loop and hands the spans over
+        self._delivery = LoopDelivery(self)
         self._closer: _Closer | None = None
         self._opener: _Opener | None = None
         self._opening: set[int] = set()  # tids whose rings the opener is building
@@ -234,6 +187,7 @@ class UprobeSession:
                 others = processes_mapping(inodes, self.pids | {os.getpid()})
                 self.mode = "thread" if others else "cpu"
             if self.mode == "cpu":
+                self.pairer.pid_filter = self.pids  # per-CPU rings see every process
                 for cpu in online_cpus():
                     self._open_ring(-1, cpu, pid=-1)
             else:
@@ -264,16 +218,14 @@ class UprobeSession:
         if self._closed:
             return
         self._closed = True
-        loop = self._loop
         for ring in [*self._rings.values(), *self._watchers.values()]:
-            if loop is not None and ring.fds:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(ring.owner_fd)
+            if ring.fds:
+                self._delivery.unwatch(ring.owner_fd)
             ring.close()
         self._rings.clear()
         self._watchers.clear()
         self._event_fds.clear()
-        self._events.clear()
+        self.pairer.events.clear()
         self.stats.events_open = 0
         if self._opener is not None:
             self._opener.finish()
@@ -327,10 +279,9 @@ class UprobeSession:
         self._ring_pid[id(ring)] = pid
         if watcher is not None:
             self._watchers[tid] = watcher
-        if self._loop is not None:
-            self._loop.add_reader(ring.owner_fd, self._on_readable)
-            if watcher is not None:
-                self._loop.add_reader(watcher.owner_fd, self._on_readable)
+        self._delivery.watch(ring.owner_fd)
+        if watcher is not None:
+            self._delivery.watch(watcher.owner_fd)
         return ring
 
     def _open_site_events(self, ring: PerfRing, index: int, site: ProbeSite, tid: int,
@@ -361,7 +312,7 @@ class UprobeSession:
                          opened: Iterable[tuple[int, int, int, EventSpec]]) -> None:
         """Make events opened into ``ring`` known to the reader (decoding, counts)."""
         for index, eid, fd, spec in opened:
-            self._events[eid] = self._event_info(index, self.sites[index], spec)
+            self.pairer.events[eid] = self._event_layout(index, self.sites[index], spec)
             self._event_fds.setdefault(index, []).append((ring, fd))
             self.stats.events_open += 1
 
@@ -373,7 +324,8 @@ class UprobeSession:
             self._close_later(functools.partial(os.close, fd))
 
     @staticmethod
-    def _event_info(index: int, site: ProbeSite, spec: EventSpec) -> _EventInfo:
+    def _event_layout(index: int, site: ProbeSite, spec: EventSpec) -> EventLayout:
+        """Where an event's records carry each captured value (its registers' order)."""
         order = {reg: i for i, reg in enumerate(spec.registers)}
         regs: list[tuple[str, int]] = []
         stack: list[tuple[str, int, int, Callable[[bytes], ArgValue]]] = []
@@ -385,7 +337,7 @@ class UprobeSession:
                 regs.append((cap.name, order[ARG_REGISTERS[cap.register]]))
             elif cap.source == "stack" and cap.stack_offset is not None:
                 stack.append((cap.name, cap.stack_offset, cap.size, cap.decode))
-        return _EventInfo(index, spec.is_return, tuple(regs), tuple(stack), order.get(REG_SP))
+        return EventLayout(index, spec.is_return, tuple(regs), tuple(stack), order.get(REG_SP))
 
     def _attach_thread(self, pid: int, tid: int) -> None:
         """Attach a thread's events: at once before the loop runs, else on the opener.
@@ -398,7 +350,8 @@ class UprobeSession:
         """
         if (tid, -1) in self._rings or tid in self._opening:
             return
-        if self._loop is None:
+        loop = self._delivery.loop
+        if loop is None:
             try:
                 built = self._build_ring(tid, -1)
             except PerfOpenError as exc:
@@ -408,7 +361,7 @@ class UprobeSession:
             self.stats.threads_attached += 1
             return
         if self._opener is None:
-            self._opener = _Opener(self._loop, self._on_readable)
+            self._opener = _Opener(loop, self._delivery.on_readable)
         self._opening.add(tid)
         self._opener.build(pid, tid, functools.partial(self._build_ring, tid, -1))
 
@@ -456,23 +409,15 @@ class UprobeSession:
                 if r is ring:
                     self._closed_counts[self.sites[index].probe] += _read_count(fd)
         watcher = self._watchers.pop(tid, None)
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(ring.owner_fd)
-                if watcher is not None:
-                    self._loop.remove_reader(watcher.owner_fd)
+        self._delivery.unwatch(ring.owner_fd, *([watcher.owner_fd] if watcher else []))
         if watcher is not None:
             self._close_later(watcher.close)
         for index, pairs in self._event_fds.items():
             self._event_fds[index] = [(r, fd) for r, fd in pairs if r is not ring]
         self.stats.events_open -= len(ring.fds) - 1
         self._close_later(ring.close)
-        self._drop_pending(lambda key: key[0] == tid)
+        self.pairer.drop_thread(tid)
         self.stats.threads_exited += 1
-
-    def _drop_pending(self, which: Callable[[tuple[int, int]], bool]) -> None:
-        for key in [k for k in self._pending if which(k)]:
-            self.stats.unfinished += len(self._pending.pop(key))
 
     def detach_site(self, index: int) -> None:
         """Remove one probe site from every thread/CPU (the governor's lever)."""
@@ -483,7 +428,7 @@ class UprobeSession:
             self._closed_counts[self.sites[index].probe] += _read_count(fd)
             self._retire_fd(ring, fd)
             self.stats.events_open -= 1
-        self._drop_pending(lambda key: key[1] == index)
+        self.pairer.drop_site(index)
 
     def reattach_site(self, index: int) -> None:
         """Put a detached site back on every thread/CPU (for duty cycling)."""
@@ -551,7 +496,9 @@ class UprobeSession:
                 if self._ring_pid.get(id(ring)) == target.pid and tid not in live:
                     self._detach_thread(tid, spans)
         if self.mode == "cpu":
-            self._drop_pending(lambda key: not os.path.exists(f"/proc/{key[0]}"))
+            gone = {tid for tid in self.pairer.pending_threads()
+                    if not os.path.exists(f"/proc/{tid}")}
+            self.pairer.drop(lambda tid, _site: tid in gone)
         return spans
 
     @property
@@ -569,11 +516,7 @@ class UprobeSession:
             batch: list[Sample] = []
             for ring in list(self._rings.values()):
                 batch.extend(ring.read(self._on_lost_cpu))
-            if self._orphans:
-                batch.extend(self._orphans)
-                self._orphans = []
-            batch.sort(key=lambda s: s[3])
-            self._pair(batch, spans, retry_orphans=True)
+            self.pairer.feed_merged(batch, spans)
         else:
             self._install_opened()
             self._follow_threads(spans)
@@ -588,7 +531,7 @@ class UprobeSession:
     def _on_lost_cpu(self, lost: int) -> None:
         self.stats.lost += lost
         # which threads lost what is unknown: every pending entry is suspect
-        self._drop_pending(lambda key: True)
+        self.pairer.drop_all()
 
     def _read_thread_ring(self, tid: int, ring: PerfRing, spans: list[Span]) -> None:
         """Read a thread's ring: pair its samples, follow the threads it created.
@@ -605,7 +548,7 @@ class UprobeSession:
         data = ring.read_raw()
         samples = ring.decode(data, on_lost)
         if len(segments) == 1:
-            self._pair(samples, spans, retry_orphans=False)
+            self.pairer.feed(samples, spans)
         else:
             # decode again, split at each loss, so pending entries die at the loss
             segments = [[]]
@@ -613,8 +556,8 @@ class UprobeSession:
             ring.stats.samples -= len(samples)
             for i, part in enumerate(self._split_at_losses(ring, data)):
                 if i:
-                    self._drop_pending(lambda key: key[0] == tid)
-                self._pair(part, spans, retry_orphans=False)
+                    self.pairer.drop_thread(tid)
+                self.pairer.feed(part, spans)
 
     def _follow_threads(self, spans: list[Span]) -> None:
         """Attach threads the watchers saw created; release those they saw exit."""
@@ -671,100 +614,6 @@ class UprobeSession:
         parts.append(ring.decode(data[start:]))
         return parts
 
-    def _pair(self, samples: Iterable[Sample], spans: list[Span], *,
-              retry_orphans: bool) -> None:
-        events = self._events
-        pending = self._pending
-        pids = self.pids
-        hits = self.stats.hits
-        sites = self.sites
-        cpu_mode = self.mode == "cpu"
-        for sample in samples:
-            eid, pid, tid, t, regs, stack = sample
-            if cpu_mode and pid not in pids:
-                continue
-            info = events.get(eid)
-            if info is None:
-                continue
-            site = sites[info.site]
-            hits[site.probe] += 1
-            sp = regs[info.sp_slot] if info.sp_slot is not None and regs else None
-            if not info.is_return:
-                args: dict[str, ArgValue] = {}
-                if regs:
-                    for name, i in info.reg_slots:
-                        args[name] = regs[i]
-                if stack is not None:
-                    for name, off, size, decode in info.stack_slots:
-                        chunk = stack[off:off + size]
-                        if len(chunk) == size:
-                            args[name] = decode(chunk)
-                if site.ret:
-                    stack_list = pending.setdefault((tid, info.site), [])
-                    if sp is not None:
-                        self._drop_abandoned(stack_list, t, sp)
-                    if len(stack_list) >= self.max_depth:
-                        stack_list.pop(0)
-                        self.stats.unfinished += 1
-                    stack_list.append((t, sp, args))
-                else:
-                    spans.append(Span(site.probe, pid, tid, t, t, MappingProxyType(args)))
-                continue
-            waiting = pending.get((tid, info.site))
-            entry = self._entry_of_return(waiting, t, sp) if waiting else None
-            if entry is not None:
-                start, _sp, args = entry
-                if info.reg_slots and regs:
-                    args = dict(args)
-                    for name, i in info.reg_slots:
-                        args[name] = regs[i]
-                spans.append(Span(site.probe, pid, tid, start, t, MappingProxyType(args)))
-            elif retry_orphans and sample not in self._orphans:
-                self._orphans.append(sample)
-                hits[site.probe] -= 1  # counted again when retried
-            else:
-                self.stats.orphan_returns += 1
-
-    def _drop_abandoned(self, waiting: list[tuple[int, int | None, dict[str, ArgValue]]],
-                        t: int, sp: int) -> None:
-        """Drop (and count) entries a new entry at ``sp`` shows were abandoned.
-
-        A call still running is higher up the stack than any call made after it, so a
-        pending entry at or below ``sp`` was left by a longjmp: its return never comes.
-        Entries from after ``t`` (read out of order across CPU rings) are kept.
-        """
-        while waiting:
-            start, entry_sp, _args = waiting[-1]
-            if entry_sp is None or entry_sp > sp or start > t:
-                return
-            waiting.pop()
-            self.stats.unfinished += 1
-
-    def _entry_of_return(self, waiting: list[tuple[int, int | None, dict[str, ArgValue]]],
-                         t: int, sp: int | None
-                         ) -> tuple[int, int | None, dict[str, ArgValue]] | None:
-        """Take the pending entry a return at ``sp`` (time ``t``) closes, if it is there.
-
-        Entries below the returning frame were abandoned (a longjmp out of them into
-        this call): dropped and counted. ``None`` when the top entry is an outer call or
-        came after ``t``: this return's own entry was not seen (lost, or not read yet).
-        Without stack pointers, the last entry is taken.
-        """
-        while waiting:
-            start, entry_sp, _args = waiting[-1]
-            if sp is None or entry_sp is None:
-                return waiting.pop()
-            if start > t:
-                return None
-            frame = entry_sp + RETURN_ADDRESS_BYTES
-            if frame == sp:
-                return waiting.pop()
-            if frame > sp:
-                return None
-            waiting.pop()  # below the returning frame: abandoned
-            self.stats.unfinished += 1
-        return None
-
     # ------------------------------------------------------------------ waiting
     def fds(self) -> list[int]:
         """The fds to poll: one per ring."""
@@ -772,75 +621,20 @@ class UprobeSession:
 
     def poll(self, timeout_s: float) -> list[Span]:
         """Wait up to ``timeout_s`` for data, then drain (synchronous callers)."""
-        fds = self.fds()
-        if fds:
-            poller = select.poll()
-            for fd in fds:
-                poller.register(fd, select.POLLIN)
-            with contextlib.suppress(InterruptedError):
-                poller.poll(max(0, int(timeout_s * 1000)))
-        elif timeout_s > 0:
-            time.sleep(min(timeout_s, self.drain_interval_s))
-        return self.read()
-
-    def _on_readable(self) -> None:
-        if self._on_spans is not None:
-            self._deliver_now()
-        elif self._ready is not None:
-            self._ready.set()
-
-    def _deliver_now(self) -> None:
-        """Read every ring and hand the spans over, inside the loop's reader callback."""
-        finished, on_spans = self._finished, self._on_spans
-        if finished is None or finished.done() or on_spans is None:
-            return
-        try:
-            spans = self.read()
-            if spans:
-                on_spans(spans)
-        except BaseException as exc:  # handed to deliver()'s caller
-            finished.set_exception(exc)
-            return
-        if self.all_exited or self._closed:
-            finished.set_result(None)
+        return poll(self, timeout_s)
 
     async def deliver(self, on_spans: Callable[[list[Span]], None]) -> None:
         """Call ``on_spans`` with new spans from the loop's reader callbacks.
 
         The alternative to :meth:`batches` for a latency-critical consumer: the wake-up
-        of an urgent probe reads the rings and runs ``on_spans`` in the same callback,
-        with no hop through a task and a queue (each hop waits behind every other ready
-        callback of the loop). Rings are also drained every ``drain_interval_s``.
-        Returns when every target has exited or the session is closed; an exception of
-        ``on_spans`` or of reading ends it and is raised here.
+        of an urgent probe reads the rings and runs ``on_spans`` in the same callback
+        (:meth:`probes.delivery.LoopDelivery.deliver`). Returns when every target has
+        exited or the session is closed; an exception of ``on_spans`` or of reading ends
+        it and is raised here.
         """
         if not self._opened:
             self.open()
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._on_spans = on_spans
-        self._finished = finished = loop.create_future()
-        for fd in self.fds():
-            loop.add_reader(fd, self._on_readable)
-        timer: asyncio.TimerHandle | None = None
-
-        def tick() -> None:
-            nonlocal timer
-            self._deliver_now()
-            if not finished.done():
-                timer = loop.call_later(self.drain_interval_s, tick)
-
-        timer = loop.call_later(self.drain_interval_s, tick)
-        try:
-            await finished
-        finally:
-            timer.cancel()
-            for fd in self.fds():
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(fd)
-            self._loop = None
-            self._on_spans = None
-            self._finished = None
+        await self._delivery.deliver(on_spans)
 
     async def batches(self) -> AsyncIterator[list[Span]]:
         """Yield lists of spans as rings fill (wake-ups through ``loop.add_reader``).
@@ -850,30 +644,8 @@ class UprobeSession:
         """
         if not self._opened:
             self.open()
-        self._loop = asyncio.get_running_loop()
-        self._ready = asyncio.Event()
-        for fd in self.fds():
-            self._loop.add_reader(fd, self._on_readable)
-        try:
-            while not self._closed:
-                # a timer, not asyncio.wait_for: on Python 3.11 wait_for can swallow a
-                # cancellation that races with the event, and the pump never ends
-                drain = self._loop.call_later(self.drain_interval_s, self._ready.set)
-                try:
-                    await self._ready.wait()
-                finally:
-                    drain.cancel()
-                self._ready.clear()
-                spans = self.read()
-                if spans:
-                    yield spans
-                if self.all_exited:
-                    return
-        finally:
-            for fd in self.fds():
-                with contextlib.suppress(Exception):
-                    self._loop.remove_reader(fd)
-            self._loop = None
+        async for spans in self._delivery.batches():
+            yield spans
 
 
 @dataclass

@@ -25,10 +25,18 @@ def _modules_loaded_by(statement: str) -> set[str]:
 
 def test_probe_layer_loads_no_ui_engine_or_mqtt() -> None:
     loaded = _modules_loaded_by(
-        "import probes.target, probes.symbols, probes.perf, probes.uprobes, "
-        "probes.placement, probes.catalog, probes.governor, probes.telemetry")
+        "import probes.target, probes.symbols, probes.perf, probes.uprobes, probes.pairing, "
+        "probes.delivery, probes.placement, probes.catalog, probes.governor, probes.telemetry")
     forbidden = {"textual", "aiomqtt", "paho", "prism_tui", "alerting"}
     assert not {m.split(".")[0] for m in loaded} & forbidden
+
+
+def test_the_shared_package_loads_only_the_standard_library() -> None:
+    """prism_common is imported by every layer: it must not drag any package in."""
+    before = _modules_loaded_by("pass")
+    loaded = _modules_loaded_by("import prism_common, prism_common.toml_lines")
+    outside = {m.split(".")[0] for m in loaded - before} - set(sys.stdlib_module_names)
+    assert outside == {"prism_common"}
 
 
 def test_the_cli_does_not_load_textual_for_probe_commands() -> None:

@@ -142,6 +142,48 @@ def test_nvml_with_driver_samples_every_gpu() -> None:
     sampler.close()
 
 
+def test_nvml_without_its_binding_is_a_value_not_an_error() -> None:
+    """A CPU-only install (no nvidia-ml-py): a real interpreter where pynvml cannot be
+    imported still loads the probe layer, and every NVML query is empty with the reason."""
+    code = (
+        "import sys; sys.modules['pynvml'] = None\n"  # import pynvml raises ImportError
+        "from probes.telemetry import NvmlSampler\n"
+        "from prism_tui.engine.devices import NvmlDevices\n"
+        "s = NvmlSampler().open()\n"
+        "assert (s.available, s.sample(), s.processes(), s.devices()) == (False, [], {}, [])\n"
+        "d = NvmlDevices()\n"
+        "assert d.processes() == {} and d.samples() == [] and d(2**22 + 12345) == 'cpu'\n"
+        "print(s.unavailable_reason); print(d.unavailable_reason)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    sampler_reason, labeller_reason = out.stdout.splitlines()
+    assert sampler_reason.startswith("NVML binding not importable"), sampler_reason
+    assert labeller_reason == sampler_reason
+
+
+def test_a_binding_that_fails_unexpectedly_is_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver or binding that raises something other than NVMLError (not reproducible
+    on a real host at will, so pynvml's entry point is made to fail): every query of the
+    one NVML entry point is empty with the reason, never an exception."""
+    from probes.telemetry import nvml
+
+    if nvml.pynvml is None:
+        pytest.skip("nvidia-ml-py is not installed")
+
+    def broken(*_args: object) -> None:
+        raise OSError("driver went away")
+
+    monkeypatch.setattr(nvml.pynvml, "nvmlInit", broken)
+    sampler = NvmlSampler().open()
+    assert not sampler.available
+    assert sampler.unavailable_reason == "NVML query failed: OSError: driver went away"
+    assert (sampler.sample(), sampler.processes(), sampler.devices()) == ([], {}, [])
+    sampler.close()
+    assert sampler.unavailable_reason == "NVML closed"
+
+
 # -- /proc ------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from alerting.gateway.errors import GatewayConfigError
 from alerting.gateway.matchers import Matcher, check_name, parse_matcher
+from prism_common.toml_lines import toml_error_position
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -286,10 +287,8 @@ def parse_gateway_config(text: str, file: str = "<config>") -> GatewayConfig:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        found = re.search(r"\s*\(at line (\d+), column \d+\)\s*$", message)
-        line = found.group(1) if found else str(max(1, len(text.splitlines())))
-        reason = message[:found.start()] if found else re.sub(r"\s*\(at .*\)$", "", message)
+        line, reason = toml_error_position(exc)
+        line = line or max(1, len(text.splitlines()))  # "at end of document"
         raise GatewayConfigError(f"{file}:{line}: invalid TOML: {reason}") from None
     return _Loader(text, file).load(doc)
 

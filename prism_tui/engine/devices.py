@@ -8,10 +8,11 @@ its runtime was told to use (``CUDA_VISIBLE_DEVICES``, ``HIP_VISIBLE_DEVICES``,
 is labelled ``cpu``. Nothing here raises for an unreadable ``/proc/PID/environ``
 (another user's process, or one that exited): the next source is tried.
 
-:class:`NvmlDevices` is the monitor's default: one NVML session, asked for its process
-list once per attached target, and the reason NVML is unavailable when it is. The module
-imports the standard library only (NVML's binding is loaded by the first label), so it
-also runs as a standalone copy (see the tests).
+:class:`NvmlDevices` is the monitor's default: the probe layer's NVML session
+(:class:`probes.telemetry.NvmlSampler`, the one way into NVML), asked for its process list
+once per attached target, and the reason NVML is unavailable when it is. The module
+imports the standard library only (the probe layer's NVML module is loaded by the first
+label), so it also runs as a standalone copy (see the tests).
 
 Profiles name no device (``probes/catalog/*.toml`` has no such field), so they are not a
 source here.
@@ -63,11 +64,12 @@ def device_of(pid: int, *, nvml_processes: Mapping[int, list[int]] | None = None
 class NvmlDevices:
     """Device labels from NVML's process list, else from the process environment.
 
-    A callable ``pid → label`` for :class:`~prism_tui.engine.monitor.Monitor`. The NVML
-    session is opened at the first label (nvmlInit takes a while on some hosts) and kept
-    until :meth:`close`; each label asks NVML for its process list once. Nothing raises:
-    when NVML cannot start, or a query fails, the label comes from the environment and
-    :attr:`unavailable_reason` says why NVML was not used.
+    A callable ``pid → label`` for :class:`~prism_tui.engine.monitor.Monitor`. NVML is
+    reached only through :class:`probes.telemetry.NvmlSampler`, the one way into it, whose
+    failures are values: this class holds one, opened at the first label (nvmlInit takes
+    a while on some hosts) and kept until :meth:`close`; each label asks it for its
+    process list once. Nothing raises: when NVML cannot start, or a query fails, the label
+    comes from the environment and :attr:`unavailable_reason` says why NVML was not used.
 
     A process is listed by NVML only once it has a CUDA context: one attached before it
     creates it (a server still loading) is labelled from its environment.
@@ -76,7 +78,7 @@ class NvmlDevices:
     def __init__(self) -> None:
         """A closed session; nothing is loaded until the first label."""
         self._lock = threading.Lock()
-        self._sampler: Any = None  # probes.telemetry.NvmlSampler, imported when needed
+        self._nvml: Any = None  # a probes.telemetry.NvmlSampler, made at the first label
         self._closed = False
         self.unavailable_reason: str | None = None
         """Why the latest label could not use NVML (None: it could)."""
@@ -85,51 +87,48 @@ class NvmlDevices:
         """Label of ``pid``: NVML's GPUs for it, else its environment's, else ``cpu``."""
         return device_of(pid, nvml_processes=self.processes())
 
+    def _session(self) -> Any:
+        """The NVML sampler, opened on first use; None once closed."""
+        with self._lock:
+            if self._closed:
+                self.unavailable_reason = "NVML closed"
+                return None
+            if self._nvml is None:
+                # imported here, so this module stays standard-library only (its tests
+                # run a copy of it alone) and a CPU-only import loads no NVML binding
+                from probes.telemetry import NvmlSampler
+
+                self._nvml = NvmlSampler().open()
+            return self._nvml
+
     def processes(self) -> dict[int, list[int]]:
         """NVML's PID → GPU indices now; ``{}`` (reason in :attr:`unavailable_reason`)
         when NVML is unavailable or the query failed."""
-        try:
-            with self._lock:
-                if self._closed:
-                    self.unavailable_reason = "NVML closed"
-                    return {}
-                if self._sampler is None:
-                    from probes.telemetry import NvmlSampler
-
-                    self._sampler = NvmlSampler().open()
-                found = self._sampler.processes()
-                self.unavailable_reason = self._sampler.unavailable_reason
-                return dict(found)
-        except ImportError as exc:  # nvidia-ml-py missing: a CPU-only install
-            self.unavailable_reason = f"NVML binding not importable ({exc})"
+        nvml = self._session()
+        if nvml is None:
             return {}
-        except Exception as exc:  # a broken binding or driver must not fail an attach
-            self.unavailable_reason = f"NVML query failed: {type(exc).__name__}: {exc}"
-            return {}
+        found: dict[int, list[int]] = nvml.processes()
+        self.unavailable_reason = nvml.unavailable_reason
+        return dict(found)
 
     def samples(self) -> list[Any]:
         """One ``probes.telemetry.GpuSample`` per GPU from the same session (utilisation,
         clocks, power, PCIe...); ``[]`` when NVML is unavailable, closed or failing."""
-        try:
-            with self._lock:
-                if self._closed:
-                    return []
-                if self._sampler is None:
-                    from probes.telemetry import NvmlSampler
-
-                    self._sampler = NvmlSampler().open()
-                return list(self._sampler.sample())
-        except Exception as exc:  # a broken binding or driver must not stop telemetry
-            self.unavailable_reason = f"NVML query failed: {type(exc).__name__}: {exc}"
+        nvml = self._session()
+        if nvml is None:
             return []
+        found: list[Any] = nvml.sample()
+        if nvml.unavailable_reason is not None:
+            self.unavailable_reason = nvml.unavailable_reason
+        return list(found)
 
     def close(self) -> None:
         """End the NVML session (idempotent); later labels come from the environment."""
         with self._lock:
             self._closed = True
-            sampler, self._sampler = self._sampler, None
-        if sampler is not None:
-            sampler.close()
+            nvml, self._nvml = self._nvml, None
+        if nvml is not None:
+            nvml.close()
 
 
 def read_environ(pid: int) -> dict[str, str]:

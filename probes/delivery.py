@@ -1,0 +1,174 @@
+"""Hand a probe session's spans to an asyncio loop, or to a synchronous caller.
+
+A session reads its rings in :meth:`SpanSource.read` and knows nothing of loops; this
+module watches the session's fds (``loop.add_reader``), drains it every
+``drain_interval_s`` and passes the spans on: inside the reader callback
+(:meth:`LoopDelivery.deliver`, the latency-critical path) or through an async iterator
+(:meth:`LoopDelivery.batches`). Any backend with the :class:`SpanSource` shape can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from probes.pairing import Span
+
+
+class SpanSource(Protocol):
+    """What delivery needs of a probe session (:class:`probes.uprobes.UprobeSession`)."""
+
+    drain_interval_s: float
+
+    def fds(self) -> list[int]:
+        """The fds that become readable when records wait."""
+
+    def read(self) -> list[Span]:
+        """Drain every ring now and return the spans completed (never blocks)."""
+
+    @property
+    def all_exited(self) -> bool:
+        """True once every target process has exited."""
+
+    @property
+    def closed(self) -> bool:
+        """True once the session is closed."""
+
+
+class LoopDelivery:
+    """Watches a source's fds on the running loop and hands its spans over.
+
+    The source registers fds it opens later with :meth:`watch` (and drops them with
+    :meth:`unwatch`); both do nothing while no loop is attached.
+    """
+
+    def __init__(self, source: SpanSource) -> None:
+        """Deliver ``source``'s spans; nothing is watched until a loop attaches."""
+        self.source = source
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The loop delivering now, or None."""
+        self._ready: asyncio.Event | None = None
+        self._on_spans: Callable[[list[Span]], None] | None = None
+        self._finished: asyncio.Future[None] | None = None
+
+    def watch(self, fd: int) -> None:
+        """Wake on ``fd`` too (a ring opened while delivering)."""
+        if self.loop is not None:
+            self.loop.add_reader(fd, self.on_readable)
+
+    def unwatch(self, *fds: int) -> None:
+        """Stop watching ``fds`` (a ring being closed); unknown fds are ignored."""
+        if self.loop is None:
+            return
+        with contextlib.suppress(Exception):
+            for fd in fds:
+                self.loop.remove_reader(fd)
+
+    def on_readable(self) -> None:
+        """A watched fd has records (or a worker finished): read now, or wake the iterator."""
+        if self._on_spans is not None:
+            self._deliver_now()
+        elif self._ready is not None:
+            self._ready.set()
+
+    def _deliver_now(self) -> None:
+        """Read every ring and hand the spans over, inside the loop's reader callback."""
+        finished, on_spans = self._finished, self._on_spans
+        if finished is None or finished.done() or on_spans is None:
+            return
+        try:
+            spans = self.source.read()
+            if spans:
+                on_spans(spans)
+        except BaseException as exc:  # handed to deliver()'s caller
+            finished.set_exception(exc)
+            return
+        if self.source.all_exited or self.source.closed:
+            finished.set_result(None)
+
+    async def deliver(self, on_spans: Callable[[list[Span]], None]) -> None:
+        """Call ``on_spans`` with new spans from the loop's reader callbacks.
+
+        The alternative to :meth:`batches` for a latency-critical consumer: the wake-up
+        of an urgent probe reads the rings and runs ``on_spans`` in the same callback,
+        with no hop through a task and a queue (each hop waits behind every other ready
+        callback of the loop). Rings are also drained every ``drain_interval_s``.
+        Returns when every target has exited or the session is closed; an exception of
+        ``on_spans`` or of reading ends it and is raised here.
+        """
+        source = self.source
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self._on_spans = on_spans
+        self._finished = finished = loop.create_future()
+        for fd in source.fds():
+            loop.add_reader(fd, self.on_readable)
+        timer: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal timer
+            self._deliver_now()
+            if not finished.done():
+                timer = loop.call_later(source.drain_interval_s, tick)
+
+        timer = loop.call_later(source.drain_interval_s, tick)
+        try:
+            await finished
+        finally:
+            timer.cancel()
+            for fd in source.fds():
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(fd)
+            self.loop = None
+            self._on_spans = None
+            self._finished = None
+
+    async def batches(self) -> AsyncIterator[list[Span]]:
+        """Yield lists of spans as rings fill (wake-ups through ``loop.add_reader``).
+
+        Ends when every target has exited. Rings are also drained every
+        ``drain_interval_s``, so nothing waits longer than that.
+        """
+        source = self.source
+        loop = self.loop = asyncio.get_running_loop()
+        ready = self._ready = asyncio.Event()
+        for fd in source.fds():
+            loop.add_reader(fd, self.on_readable)
+        try:
+            while not source.closed:
+                # a timer, not asyncio.wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that races with the event, and the pump never ends
+                drain = loop.call_later(source.drain_interval_s, ready.set)
+                try:
+                    await ready.wait()
+                finally:
+                    drain.cancel()
+                ready.clear()
+                spans = source.read()
+                if spans:
+                    yield spans
+                if source.all_exited:
+                    return
+        finally:
+            for fd in source.fds():
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(fd)
+            self.loop = None
+
+
+def poll(source: SpanSource, timeout_s: float) -> list[Span]:
+    """Wait up to ``timeout_s`` for data, then drain (synchronous callers)."""
+    fds = source.fds()
+    if fds:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        with contextlib.suppress(InterruptedError):
+            poller.poll(max(0, int(timeout_s * 1000)))
+    elif timeout_s > 0:
+        time.sleep(min(timeout_s, source.drain_interval_s))
+    return source.read()
