@@ -103,8 +103,8 @@ async def test_two_hosts_digests_merge_to_the_raw_samples_quantiles(
 def test_a_bad_digest_message_is_one_clear_error() -> None:
     with pytest.raises(AlertSchemaError, match="not JSON"):
         decode(b"{")
-    with pytest.raises(AlertSchemaError, match="unknown digest schema 2"):
-        decode(encode({"schema": 2}))
+    with pytest.raises(AlertSchemaError, match="unknown digest schema 3"):
+        decode(encode({"schema": 3}))
     good = {"schema": 1, "encoding": "fastdigest-bytes-base64", "host": "h",
             "target": {"pid": 1, "name": "x", "profile": "cuda"}, "published_at": 1.0,
             "series": [{"stage": "iteration", "phase": "decode", "device": "cpu",
@@ -113,6 +113,26 @@ def test_a_bad_digest_message_is_one_clear_error() -> None:
                         "digest": "bm90IGEgZGlnZXN0"}]}
     with pytest.raises(AlertSchemaError, match=r"series\[0\].digest is not a serialized"):
         decode(encode(good))
+    # schema 2 (binary): the header and table must match the centroids that follow
+    entry = {**good["series"][0], "count": 3, "means": [1.0, 2.0],  # type: ignore[index]
+             "weights": [1, 2]}
+    del entry["digest"]
+    v2 = {**{k: v for k, v in good.items() if k != "encoding"}, "schema": 2,
+          "series": [entry]}
+    payload = encode(v2)
+    (decoded,) = decode(payload).entries
+    assert (decoded.count, decoded.max_ms, decoded.digest.n_values) == (3, 1.0, 3)
+    for bad, said in (
+            (payload[:-1], "bytes of centroids, the table says 2"),
+            (payload[:7], "truncated"),
+            (payload[:9] + b"x" + payload[10:], "header is not JSON"),
+            (encode({**v2, "series": [{**entry, "count": 4}]}), "adding up to each series"),
+            (encode({**v2, "series": [{**entry, "end_ns": 0}]}), "end_ns > start_ns"),
+            (payload.replace(b'"stage":["iteration"]', b'"stage":[12345678901]'),
+             "lists of strings"),
+            (payload[:4] + b"\x03" + payload[5:], "unknown digest schema 3")):
+        with pytest.raises(AlertSchemaError, match=said):
+            decode(bad)
 
 
 @pytest.mark.anyio
