@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import math
 import time
@@ -339,7 +340,9 @@ class FleetState:
         for host in self.hosts.values():
             while host.digests and host.digests[0][2].start < horizon:
                 host.digests.popleft()
-            for group in [g for g, s in host.series.items() if _prune_series(s, horizon)]:
+            aged = [g for g, s in host.series.items()
+                    if s.entries[0].start < horizon and _prune_series(s, horizon)]
+            for group in aged:
                 del host.series[group]
         for group, totals in list(self._groups.items()):
             for second in [s for s in totals.buckets if s + 1 <= horizon]:
@@ -360,6 +363,7 @@ class FleetState:
                 members.setdefault(group, []).append((name, series))
         fleet = []
         candidates: list[tuple[float, str, _Series, dict[str, Any]]] = []
+        best = 2 * self.top
         for group in sorted(self._groups):
             totals = self._groups[group]
             bins = totals.bins()
@@ -372,15 +376,16 @@ class FleetState:
             row.update(zip((n for n, _ in QUANTILES),
                            bins.quantiles(tuple(q for _, q in QUANTILES)), strict=True))
             fleet.append(row)
-            if row["p99"] > 0:
-                candidates.extend((series.p99_sum / len(series.p99s) / row["p99"], name,
-                                   series, row) for name, series in members.get(group, [])
-                                  if series.p99s)
+            if row["p99"] > 0:  # this group's best (host, series) by mean window p99
+                ranked = heapq.nlargest(best, ((s.p99_sum / len(s.p99s), name, s)
+                                               for name, s in members.get(group, [])
+                                               if s.p99s), key=lambda c: c[0])
+                candidates.extend((p99 / row["p99"], name, s, row) for p99, name, s in ranked)
         # the best candidates by their windows' mean p99, then each one's exact p99 over
         # its entries (ties at the cut are cut: the ranking is the estimate's)
         candidates.sort(key=lambda c: -c[0])
         outliers = []
-        for _, name, series, row in candidates[:2 * self.top]:
+        for _, name, series, row in candidates[:best]:
             mine = merge_bins(list(series.entries))
             if mine is not None:
                 p99 = mine.quantiles((0.99,))[0]
@@ -457,6 +462,8 @@ def _prune_series(series: _Series, horizon: float) -> bool:
         series.entries.popleft()
     while series.p99s and series.p99s[0][0] < horizon:
         series.p99_sum -= series.p99s.popleft()[1]
+    if not series.p99s:
+        series.p99_sum = 0.0  # no rounding residue left behind
     return not series.entries
 
 

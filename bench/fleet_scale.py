@@ -286,7 +286,8 @@ def merge_only(hosts: int, seconds: int, values: int, wire: int) -> dict[str, ob
             "history_drain_cpu_per_s": round(history_s / half, 3),
             "cpu_per_s": round((ingest_s + snapshot_s + history_s) / half, 3),
             "fleet_p99": round(row0["p99"], 4), "raw_p99": round(truth, 4),
-            "p99_error_pct": round(100 * abs(row0["p99"] - truth) / truth, 3)}
+            "p99_error_pct": round(100 * abs(row0["p99"] - truth) / truth, 3),
+            "peak_rss_mb_with_the_messages": _peak_rss_mb(os.getpid())}
 
 
 def main() -> None:
