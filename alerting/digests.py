@@ -48,6 +48,10 @@ V2_SERIES = np.dtype([("start_ns", "<i8"), ("end_ns", "<i8"), ("start", "<f8"),
                       ("count", "<i8"), ("sum_ms", "<f8"), ("min_ms", "<f8"),
                       ("max_ms", "<f8"), ("centroids", "<i8")])
 """Schema 2's per-series table: one 64-byte record a series, after the header."""
+_V2_FLOAT_COLUMNS = [i for i, k in enumerate(V2_SERIES.names or ())
+                     if V2_SERIES[k] == np.dtype("<f8")]
+"""The table's float64 columns (start, sum_ms, min_ms, max_ms): every field is 8 bytes,
+so a record is also 8 float64s, checked for finiteness in one call."""
 _V2_STRINGS = ("stage", "phase", "device")
 """Schema 2's per-series strings, one list each in the header."""
 MAX_MESSAGE_BYTES = MAX_PAYLOAD_BYTES * 16
@@ -214,22 +218,22 @@ def _decode_v2(payload: bytes) -> DigestMessage:
     if len(payload) < at + n * V2_SERIES.itemsize:
         raise AlertSchemaError(f"schema-2 digest: the table of {n} series is truncated")
     table = np.frombuffer(payload, dtype=V2_SERIES, count=n, offset=at)
+    floats = np.frombuffer(payload, dtype="<f8", count=8 * n, offset=at).reshape(n, 8)
     at += n * V2_SERIES.itemsize
     sizes = table["centroids"]
     total = int(sizes.sum()) if n else 0
-    if np.any(sizes < 1) or len(payload) - at != 8 * total:
+    if (sizes < 1).any() or len(payload) - at != 8 * total:
         raise AlertSchemaError(f"schema-2 digest: {len(payload) - at} bytes of centroids, "
                                f"the table says {total} (8 bytes each, >= 1 a series)")
     means = np.frombuffer(payload, dtype="<f4", count=total, offset=at)
     weights = np.frombuffer(payload, dtype="<u4", count=total, offset=at + 4 * total)
     starts = np.cumsum(sizes) - sizes
-    if n and not (np.all(table["end_ns"] > table["start_ns"]) and np.all(table["count"] >= 1)
-                  and all(np.all(np.isfinite(table[k]))
-                          for k in ("start", "sum_ms", "min_ms", "max_ms"))):
+    if n and not ((table["end_ns"] > table["start_ns"]).all() and (table["count"] >= 1).all()
+                  and np.isfinite(floats[:, _V2_FLOAT_COLUMNS]).all()):
         raise AlertSchemaError("schema-2 digest: every series needs end_ns > start_ns, "
                                "count >= 1 and finite start/sum/min/max")
-    if n and not (np.all(np.isfinite(means)) and np.all(weights > 0) and np.array_equal(
-            np.add.reduceat(weights.astype(np.int64), starts), table["count"])):
+    if n and not (np.isfinite(means).all() and (weights > 0).all() and np.array_equal(
+            np.add.reduceat(weights, starts, dtype=np.int64), table["count"])):
         raise AlertSchemaError("schema-2 digest: centroids need finite means, weights "
                                ">= 1 adding up to each series' count")
     ends = (starts + sizes).tolist()
