@@ -78,8 +78,8 @@ class Bins:
 def bin_centroids(means: np.ndarray, weights: np.ndarray) -> Bins:
     """Sum centroids into the fleet's bins (vectorised: no sort, one pass)."""
     values = np.asarray(means)
-    # float32 logs (as sent; 2x faster): an index off by a hair moves a value to the
-    # next bin, whose mean stays exact
+    # float32 logs (schema 2 sends float32 means): an index off by a hair moves a value
+    # to the next bin, whose mean stays exact
     index = (np.log(np.maximum(values.astype(np.float32, copy=False), _LOW32))
              * _INDEX_SCALE - _INDEX_OFFSET).astype(np.intp)
     np.clip(index, 0, N_BINS - 1, out=index)
@@ -144,6 +144,9 @@ class _Totals:
 
 @dataclass(frozen=True)
 class _Unsaved:
+    """One fold's bins of one (group, second), with their entries' totals: a history
+    row not yet written."""
+
     group: Group
     second: int
     bins: Bins
