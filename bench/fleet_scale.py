@@ -168,7 +168,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def run(hosts: int, seconds: int, edges: int, procs: int, values: int, wire: int,
-        profile: str | None) -> dict[str, object]:
+        profile: str | None, cpus: str = "0") -> dict[str, object]:
     """One run; returns the figures."""
     tmp = Path(tempfile.mkdtemp(prefix="fleet-scale-"))
     with EmbeddedBroker() as core:
@@ -178,7 +178,7 @@ def run(hosts: int, seconds: int, edges: int, procs: int, values: int, wire: int
             time.sleep(2.0)  # bridges connect
             python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
             fleet = subprocess.Popen(
-                ["taskset", "-c", "0", *python, "-m", "prism_tui.cli", "fleet",
+                ["taskset", "-c", cpus, *python, "-m", "prism_tui.cli", "fleet",
                  "--broker", core.url, "--headless", "--no-history",
                  "--window", str(seconds + 60)],
                 cwd=ROOT, stdout=(tmp / "fleet.jsonl").open("w"),
@@ -221,7 +221,8 @@ def run(hosts: int, seconds: int, edges: int, procs: int, values: int, wire: int
     snapshots = sorted(x["snapshot_s"] for x in lines)
     return {
         "hosts": hosts, "series_per_host": SERIES, "seconds": seconds, "edges": edges,
-        "wire_schema": wire, "publisher_procs": procs, "load_average": round(load, 1),
+        "wire_schema": wire, "publisher_procs": procs, "fleet_cpus": cpus,
+        "load_average": round(load, 1),
         "hosts_seen": len(last["hosts"]), "fleet_peak_rss_mb": rss,
         "fleet_cpu_per_s": round((cpu1 - cpu0) / (t1 - t0), 3),
         "messages_per_s": round(last["messages"] / (t1 - t0), 1),
@@ -302,6 +303,8 @@ def main() -> None:
                     help="digest wire schema the hosts send (2: binary, what monitors send)")
     ap.add_argument("--profile", metavar="PATH",
                     help="run the fleet under cProfile, its stats written to PATH")
+    ap.add_argument("--cpus", default="0",
+                    help="CPUs the fleet may run on (taskset -c); default one, CPU 0")
     ap.add_argument("--merge-only", action="store_true",
                     help="time the fleet's state alone (no brokers, no publishers)")
     args = ap.parse_args()
@@ -310,7 +313,7 @@ def main() -> None:
                          indent=2))
         return
     print(json.dumps(run(args.hosts, args.seconds, args.edges, args.procs, args.values,
-                         args.wire, args.profile), indent=2))
+                         args.wire, args.profile, args.cpus), indent=2))
 
 
 if __name__ == "__main__":
