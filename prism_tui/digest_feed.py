@@ -5,7 +5,9 @@ pattern (``closed_windows_since`` then ``closed_until_ns``): every closed window
 once. At most once a second (on the engine's clock) it builds one plain dict per target
 with one entry per series: the windows that series closed since the last message,
 merged when there are several (after a stall), so a series is on the wire at most once
-a second. The alerting package publishes the dicts; it never sees the engine.
+a second. The dicts are schema 2 (each entry's centroids as ``means``/``weights``
+arrays, packed by :func:`alerting.digests.encode`); the alerting package publishes
+them and never sees the engine.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from alerting.digests import DIGEST_SCHEMA_VERSION, ENCODING, digest_text
+from alerting.digests import DIGEST_SCHEMA_VERSION, series_centroids
 from prism_tui.engine.core import Engine
-from prism_tui.engine.sketches import SeriesKey, Window, digest_to_bytes, merge_digests
+from prism_tui.engine.sketches import SeriesKey, Window, merge_digests
 from prism_tui.engine.view import TargetStatus
 
 PUBLISH_EVERY_S = 1.0
@@ -70,8 +72,7 @@ class DigestFeed:
             series = by_target.get(t.pid)
             if not series:
                 continue
-            doc = {"schema": DIGEST_SCHEMA_VERSION, "encoding": ENCODING,
-                   "host": self.engine.host,
+            doc = {"schema": DIGEST_SCHEMA_VERSION, "host": self.engine.host,
                    "target": {"pid": t.pid, "name": t.name, "profile": t.profile},
                    "published_at": round(published_at, 6),
                    "series": [entry for key, ws in sorted(series.items())
@@ -104,4 +105,4 @@ def _entry(key: SeriesKey, windows: list[Window],
             "start_ns": start, "end_ns": end, "start": round(start / 1e9 + wall_offset, 6),
             "count": sum(w.count for w in windows), "sum_ms": sum(w.sum for w in windows),
             "min_ms": min(w.min for w in windows), "max_ms": max(w.max for w in windows),
-            "digest": digest_text(digest_to_bytes(digest))}
+            **series_centroids(digest)}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alerting.broker import EmbeddedBroker
 from alerting.config import BrokerConfig
@@ -103,8 +105,8 @@ async def test_two_hosts_digests_merge_to_the_raw_samples_quantiles(
 def test_a_bad_digest_message_is_one_clear_error() -> None:
     with pytest.raises(AlertSchemaError, match="not JSON"):
         decode(b"{")
-    with pytest.raises(AlertSchemaError, match="unknown digest schema 2"):
-        decode(encode({"schema": 2}))
+    with pytest.raises(AlertSchemaError, match="unknown digest schema 3"):
+        decode(encode({"schema": 3}))
     good = {"schema": 1, "encoding": "fastdigest-bytes-base64", "host": "h",
             "target": {"pid": 1, "name": "x", "profile": "cuda"}, "published_at": 1.0,
             "series": [{"stage": "iteration", "phase": "decode", "device": "cpu",
@@ -113,6 +115,26 @@ def test_a_bad_digest_message_is_one_clear_error() -> None:
                         "digest": "bm90IGEgZGlnZXN0"}]}
     with pytest.raises(AlertSchemaError, match=r"series\[0\].digest is not a serialized"):
         decode(encode(good))
+    # schema 2 (binary): the header and table must match the centroids that follow
+    entry = {**good["series"][0], "count": 3, "means": [1.0, 2.0],  # type: ignore[index]
+             "weights": [1, 2]}
+    del entry["digest"]
+    v2 = {**{k: v for k, v in good.items() if k != "encoding"}, "schema": 2,
+          "series": [entry]}
+    payload = encode(v2)
+    (decoded,) = decode(payload).entries
+    assert (decoded.count, decoded.max_ms, decoded.digest.n_values) == (3, 1.0, 3)
+    for bad, said in (
+            (payload[:-1], "bytes of centroids, the table says 2"),
+            (payload[:7], "truncated"),
+            (payload[:9] + b"x" + payload[10:], "header is not JSON"),
+            (encode({**v2, "series": [{**entry, "count": 4}]}), "adding up to each series"),
+            (encode({**v2, "series": [{**entry, "end_ns": 0}]}), "end_ns > start_ns"),
+            (payload.replace(b'"stage":["iteration"]', b'"stage":[12345678901]'),
+             "lists of strings"),
+            (payload[:4] + b"\x03" + payload[5:], "unknown digest schema 3")):
+        with pytest.raises(AlertSchemaError, match=said):
+            decode(bad)
 
 
 @pytest.mark.anyio
@@ -181,3 +203,38 @@ def test_windows_closed_since_the_last_message_go_out_merged_once_per_series() -
         s * 10 + i for s in range(3) for i in range(10))))
     assert entry.digest.n_values == 30 and entry.digest.max() == 29.0
     assert feed.poll(engine.view(6 * 10**9).targets, 6 * 10**9) == 0  # nothing new closed
+
+
+def _real_v2_payload() -> bytes:
+    """A schema-2 message of a real engine's windows (two series)."""
+    now = [0]
+    engine = Engine(host="h", clock=lambda: now[0])
+    engine.watch(7, "rank0", "anchor", {}, profile="cuda", device="cuda:0")
+    sent: list[bytes] = []
+    feed = DigestFeed(engine, lambda _, doc: sent.append(encode(doc)))
+    for i in range(40):
+        engine.sketches.add(SeriesKey(ITERATION, "cuda:0", "decode"), i * 10**7, 10.0 + i)
+        engine.sketches.add(SeriesKey("h2d", "cuda:0", "decode"), i * 10**7, 1.0 + i / 10)
+    feed.poll(engine.view(2 * 10**9).targets, 2 * 10**9)
+    (payload,) = sent
+    return payload
+
+
+V2_PAYLOAD = _real_v2_payload()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(V2_PAYLOAD) - 1), st.integers(0, 255)),
+                min_size=1, max_size=4), st.integers(0, len(V2_PAYLOAD)))
+def test_a_damaged_schema_2_message_is_decoded_or_one_schema_error(
+        edits: list[tuple[int, int]], keep: int) -> None:
+    damaged = bytearray(V2_PAYLOAD)
+    for at, byte in edits:
+        damaged[at] = byte
+    try:
+        message = decode(bytes(damaged[:keep]))
+    except AlertSchemaError as exc:
+        assert "\n" not in str(exc)
+        return
+    for e in message.entries:  # what decodes is consistent
+        assert e.count == int(e.weights.sum()) >= 1 and e.end_ns > e.start_ns

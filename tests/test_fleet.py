@@ -20,12 +20,15 @@ import pytest
 
 from alerting.broker import EmbeddedBroker
 from alerting.config import BrokerConfig
+from alerting.digests import decode, digest_text, encode
 from alerting.fleet import FleetState, follow_fleet
 from alerting.publisher import AlertPublisher
 from prism_tui.cli import main
 from prism_tui.digest_feed import DigestFeed
 from prism_tui.engine.core import Engine
 from prism_tui.engine.sketches import ITERATION, SeriesKey
+from tests.fleet_payloads import EPOCH, host_messages
+from tests.fleet_payloads import ROOT as FLEET_ROOT
 from tests.mqtt_fixtures import broker, sample_alert  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,3 +146,50 @@ async def test_prism_fleet_json_reports_a_monitor_online(
     doc = json.loads(out)
     assert [(h["host"], h["state"]) for h in doc["hosts"]] == [("gpu-node-7", "online")]
     assert doc["fleet"] == [] and doc["alerts"] == []
+
+
+def _as_schema_1(topic: str, payload: bytes) -> bytes:
+    """A digest message as an earlier monitor sent it (JSON, fastdigest bytes)."""
+    if not topic.endswith("/digest"):
+        return payload
+    message = decode(payload)
+    return encode({
+        "schema": 1, "encoding": "fastdigest-bytes-base64", "host": message.host,
+        "target": {"pid": message.pid, "name": message.name, "profile": message.profile},
+        "published_at": message.published_at,
+        "series": [{"stage": e.stage, "phase": e.phase, "device": e.device,
+                    "start_ns": e.start_ns, "end_ns": e.end_ns, "start": e.start,
+                    "count": e.count, "sum_ms": e.sum_ms, "min_ms": e.min_ms,
+                    "max_ms": e.max_ms, "digest": digest_text(e.digest.to_bytes())}
+                   for e in message.entries]})
+
+
+def test_the_fold_reads_both_schemas_alike_counts_late_windows_and_empties_when_they_age(
+        ) -> None:
+    clock = [EPOCH + 12.0]
+    states = [FleetState(FLEET_ROOT, window_s=30, clock=lambda: clock[0]) for _ in range(2)]
+    messages = list(host_messages("gpu-a", 10.0, 10))
+    late = list(host_messages("gpu-b", 20.0, 10, seed=1))
+    for topic, payload in messages:
+        for state, wire in zip(states, (payload, _as_schema_1(topic, payload)), strict=True):
+            state.ingest(topic, wire)
+    first = [state.snapshot() for state in states]
+    for topic, payload in late:  # after the fold of their seconds: a second part each
+        for state, wire in zip(states, (payload, _as_schema_1(topic, payload)), strict=True):
+            state.ingest(topic, wire)
+    v2, v1 = (state.snapshot() for state in states)
+    assert v2["rejected"] == v1["rejected"] == 0
+    assert [r["count"] for r in first[0]["fleet"]] == [2000] * 3
+    assert [r["count"] for r in v2["fleet"]] == [4000] * 3  # both hosts, every value
+    for a, b in zip(v2["fleet"], v1["fleet"], strict=True):  # float32 vs float64 means
+        for q in ("p50", "p90", "p99", "p999"):
+            assert a[q] == pytest.approx(b[q], rel=1e-5), (a, b)
+    rows = states[0].drain_windows()
+    assert {(w.group[1], w.start) for w in rows} == {
+        (stage, int(EPOCH) + s) for stage in (ITERATION, "device_sync", "scheduler")
+        for s in range(10)}
+    assert sum(w.count for w in rows) == 3 * 4000
+    clock[0] += 60  # every window has left the window: nothing stays behind
+    for state in states:
+        assert state.snapshot()["fleet"] == []
+        assert state._groups == {}  # the totals went with their seconds
