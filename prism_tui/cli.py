@@ -424,7 +424,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             targets, profile, extra_profiles=extras, rule=settings.engine.detector_rule,
             warmup=settings.engine.warmup_iterations, warmup_s=settings.engine.warmup_s,
             holds=settings.engine.episode_holds(), slos=slos, match=args.match,
-            mode=settings.probe.mode, costs=costs,
+            mode=settings.probe.mode, backend=settings.probe.backend, costs=costs,
             overhead_budget=settings.probe.overhead_budget,
             governor_action=settings.probe.governor_action,
             ring_pages=settings.probe.ring_pages,

@@ -85,7 +85,8 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
             monitor = Monitor(targets, load_profile("cuda"),
                               extra_profiles=[load_profile("nccl")],
                               rule=defaults.detector_rule, holds=defaults.episode_holds(),
-                              warmup=warmup, warmup_s=warmup_s, costs=costs, settle_s=SETTLE_S)
+                              warmup=warmup, warmup_s=warmup_s, costs=costs, settle_s=SETTLE_S,
+                              backend="auto")
             history_db = history_db or os.path.join(tmp.name, "history.sqlite")
             session = LiveSession(
                 monitor, broker=BrokerConfig(url=broker_url),

@@ -48,13 +48,14 @@ from prism_tui.engine.view import (
     ProbeStatus,
     TelemetryValue,
 )
+from probes.backend import ProbeSession, open_session
 from probes.catalog import Profile, feature_names
 from probes.errors import ProbeError
 from probes.governor import DEFAULT_COSTS, GovernorDecision, HitCosts, OverheadGovernor
 from probes.placement import Placement, ProbeSite, place_profile
 from probes.target import Target, find_targets
 from probes.telemetry import HostSampler, ProcSampler, Reading, thread_runqueue_ns
-from probes.uprobes import Span, UprobeSession
+from probes.uprobes import Span
 
 __all__ = ["AlertEvent", "AlertSink", "Monitor", "Observation", "SloSpec", "workload_of"]
 
@@ -94,7 +95,7 @@ class Candidate:
 
 @dataclass
 class _DeepDive:
-    session: UprobeSession
+    session: ProbeSession
     stage_of: dict[str, str]
     until: float
     task: asyncio.Task[None] | None = None
@@ -114,7 +115,7 @@ class _EscalationSink:
 @dataclass
 class _Attached:
     target: Target
-    session: UprobeSession
+    session: ProbeSession
     placements: list[Placement]
     device: str = "cpu"
     """Its device label, found once at the attach (see :attr:`Monitor.device_of`)."""
@@ -145,7 +146,8 @@ class Monitor:
                  escalation_s: float = 30.0, settle_s: float = 0.0,
                  anchor_discovery_s: float = 5.0, run_queue_stage: bool = True,
                  overhead_budget: float | None = None, governor_action: str = "detach",
-                 ring_pages: int = 64, drain_interval_s: float = 0.02) -> None:
+                 ring_pages: int = 64, drain_interval_s: float = 0.02,
+                 backend: str = "perf") -> None:
         """Attach the sentinel probes of ``profile`` (its iteration anchor and derived
         features) and of ``extra_profiles`` (``nccl`` beside ``cuda``, say) to every
         target; raises a ProbeError subclass when a probe cannot be opened.
@@ -173,6 +175,8 @@ class Monitor:
         anchor while over budget; its decisions go to :attr:`governor_decisions`, the
         view and the notices. ``ring_pages`` and ``drain_interval_s`` size and drain the
         sentinel sessions' rings (a DeepDive drains every ``DEEPDIVE_DRAIN_S`` at least).
+        ``backend`` (``perf``, ``bpf`` or ``auto``, :func:`probes.backend.open_session`)
+        opens every session; ``auto`` falling back to perf says why once, in a notice.
         """
         self.run_queue_stage = run_queue_stage
         self.profile = profile
@@ -193,6 +197,8 @@ class Monitor:
             OverheadGovernor([], costs or DEFAULT_COSTS, lambda i: None, lambda i: None,
                              budget=overhead_budget, action=governor_action)
         self.ring_pages = ring_pages
+        self.backend = backend
+        self._backend_noticed = False
         self.drain_interval_s = drain_interval_s
         self.governor_decisions: list[tuple[int, GovernorDecision, float]] = []
         """(pid, decision, epoch seconds) of every governor decision, in order."""
@@ -263,7 +269,7 @@ class Monitor:
             session.close()
             raise
 
-    def _open(self, target: Target) -> tuple[UprobeSession, list[Placement], str]:
+    def _open(self, target: Target) -> tuple[ProbeSession, list[Placement], str]:
         """The blocking half of an attach (ELF lookups, perf events, the device label from
         NVML's process list): any thread."""
         placement = place_profile(target, self.profile, "sentinel")
@@ -280,9 +286,7 @@ class Monitor:
             raise ValueError(f"no sentinel probe of profile {self.profile.name!r} resolves "
                              f"in pid {target.pid}: nothing to choose an anchor from")
         urgent: set[str] = set() if self.anchor is None else {self.anchor}
-        session = UprobeSession([target], sites, mode=self.mode, urgent=urgent,
-                                ring_pages=self.ring_pages,
-                                drain_interval_s=self.drain_interval_s).open()
+        session = self._open_session([target], sites, urgent, self.drain_interval_s)
         try:
             device = self.device_of(target.pid)
         except BaseException:
@@ -290,7 +294,18 @@ class Monitor:
             raise
         return session, placements, device
 
-    def _register(self, target: Target, session: UprobeSession,
+    def _open_session(self, targets: list[Target], sites: list[ProbeSite], urgent: set[str],
+                      drain_interval_s: float) -> ProbeSession:
+        """A session with :attr:`backend`; a fallback to perf is said once (any thread)."""
+        session, fell_back = open_session(targets, sites, backend=self.backend,
+                                          mode=self.mode, ring_pages=self.ring_pages,
+                                          urgent=urgent, drain_interval_s=drain_interval_s)
+        if fell_back is not None and not self._backend_noticed:
+            self._backend_noticed = True
+            self.engine.notice(fell_back)
+        return session
+
+    def _register(self, target: Target, session: ProbeSession,
                   placements: list[Placement], device: str) -> _Attached:
         """The state half of an attach: on the loop's thread once the loop runs."""
         if target.pid in self._attached:
@@ -462,7 +477,7 @@ class Monitor:
         self._deepdive_opening.add(pid)
         self._in_background(self._open_deepdive(pid, att))
 
-    def _deepdive_session(self, att: _Attached) -> tuple[UprobeSession | None, dict[str, str]]:
+    def _deepdive_session(self, att: _Attached) -> tuple[ProbeSession | None, dict[str, str]]:
         """The blocking half of a DeepDive: resolve the deeper probes and open them."""
         sentinel = {s.probe for p in att.placements for s in p.sites}
         sites = [s for prof in [self.profile, *self.extra_profiles]
@@ -470,9 +485,8 @@ class Monitor:
                  if s.probe not in sentinel]
         if not sites:
             return None, {}
-        session = UprobeSession([att.target], sites, mode=self.mode, ring_pages=self.ring_pages,
-                                drain_interval_s=max(DEEPDIVE_DRAIN_S,
-                                                     self.drain_interval_s)).open()
+        session = self._open_session([att.target], sites, set(),
+                                     max(DEEPDIVE_DRAIN_S, self.drain_interval_s))
         return session, {s.probe: s.stage for s in sites}
 
     async def _open_deepdive(self, pid: int, att: _Attached) -> None:
