@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -222,6 +223,30 @@ def test_auto_falls_back_to_perf_with_one_line(ctarget: CTarget, tmp_path: Path)
     assert out["why"].startswith("probe backend: perf, as eBPF is unavailable: ")
     assert "make bpf" in out["why"] and "\n" not in out["why"]
     assert "make bpf" in out["bpf"]
+
+
+def test_watch_says_the_fallback_in_one_line(ctarget: CTarget, tmp_path: Path) -> None:
+    """``prism watch`` from that checkout (``probe.backend`` at its default, ``auto``):
+    it monitors with perf and says once, in one line on stderr, why not eBPF."""
+    for package in ("probes", "prism_tui", "alerting", "prism_sim"):
+        shutil.copytree(ROOT / package, tmp_path / package,
+                        ignore=shutil.ignore_patterns("*.o", "__pycache__"))
+    profile = tmp_path / "ctarget.toml"
+    profile.write_text(CTARGET_PROFILE)
+    ctarget.cmd("spin_start 2000")
+    proc = subprocess.run(
+        [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(ctarget.pid),
+         "--profile", str(profile), "--headless", "--no-history", "--duration", "3"],
+        cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if not k.startswith("PRISM_")},
+                           "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "backend" in line]
+    assert len(said) == 1, proc.stderr
+    assert said[0].startswith("prism watch: probe backend: perf, as eBPF is unavailable: "
+                              "no compiled BPF program"), said
+    assert "Traceback" not in proc.stderr
+    assert '"snapshot"' in proc.stdout
 
 
 def test_an_unknown_backend_is_refused(ctarget: CTarget) -> None:
