@@ -9,17 +9,20 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from prism_sim.scenario import parse_scenario
+from prism_sim.server import SimServer
 from prism_tui.engine.runtime import Monitor
 from probes.backend import open_session
 from probes.bpf.loader import OBJECT_PATH, BpfUnavailableError
 from probes.bpf.session import BpfSession
-from probes.catalog import Profile, parse_profile
+from probes.catalog import Profile, load_profile, parse_profile
 from probes.placement import ProbeSite, place_profile
 from probes.target import Target
 from probes.uprobes import Span, UprobeSession
@@ -114,6 +117,67 @@ def test_bpf_gives_the_perf_backends_spans(ctarget: CTarget, profile: Profile) -
         assert bpf.dropped() == 0
     assert hits["args6"] == 2 and hits["struct"] == 1
     assert hits["work"] == 5 + 4 * 10 + 3
+
+
+SIM_SCENARIO = """
+[scenario]
+name = "bpf-vs-perf"
+seed = 1
+duration_s = 60
+
+[topology]
+ranks = 2
+layers = 8
+hidden = 4096
+
+[[phase]]
+start_s = 0
+arrival_rate = 20.0
+max_batch = 8
+prompt = { dist = "uniform", min = 16, max = 64 }
+output = { dist = "uniform", min = 50, max = 150 }
+"""
+
+
+def test_bpf_sees_every_span_perf_sees_on_the_simulator(tmp_path: Path) -> None:
+    """The ``cuda`` and ``nccl`` sentinel probes on a simulator rank, both backends at
+    once for 3 s: every span perf reads (probe, thread, captured arguments), bpf reads
+    too; bpf may read more (perf's rings drop records when the reader is late)."""
+    path = tmp_path / "s.toml"
+    path.write_text(SIM_SCENARIO)
+    by_perf: list[Span] = []
+    by_bpf: list[Span] = []
+    with SimServer(parse_scenario(SIM_SCENARIO, str(path)), metrics_port=None) as server:
+        stop = threading.Event()
+        runner = threading.Thread(target=server.run, args=(60, stop), daemon=True)
+        runner.start()
+        try:
+            target = Target(server.rank_pids[0])
+            sites = [s for name in ("cuda", "nccl")
+                     for s in place_profile(target, load_profile(name), "sentinel").sites]
+            with UprobeSession([target], sites, mode="cpu") as perf, \
+                    BpfSession([target], sites, urgent={"stream_sync"}) as bpf:
+                time.sleep(1)
+                until = time.monotonic() + 3
+                while time.monotonic() < until:
+                    by_perf += perf.read()
+                    by_bpf += bpf.read()
+                    time.sleep(0.02)
+        finally:
+            stop.set()
+            runner.join(10)
+    # spans wholly inside the time both read (away from either's attach and detach)
+    lo = max(min(s.start_ns for s in spans) for spans in (by_perf, by_bpf)) + 50_000_000
+    hi = min(max(s.end_ns for s in spans) for spans in (by_perf, by_bpf)) - 50_000_000
+
+    def inside(spans: list[Span]) -> Counter[tuple[object, ...]]:
+        return Counter((s.probe, s.tid, tuple(sorted(s.args.items()))) for s in spans
+                       if lo <= s.start_ns and s.end_ns <= hi)
+
+    perf_seen, bpf_seen = inside(by_perf), inside(by_bpf)
+    assert {k[0] for k in perf_seen} == {"all_reduce", "memcpy_async", "stream_sync"}
+    assert perf_seen - bpf_seen == Counter()
+    assert sum(bpf_seen.values()) >= sum(perf_seen.values()) > 500
 
 
 def test_returns_that_never_come_do_not_pair(ctarget: CTarget, profile: Profile) -> None:
