@@ -211,6 +211,42 @@ def test_close_leaves_no_uprobe_and_no_fd(ctarget: CTarget, profile: Profile) ->
     assert ctarget.cmd("work 2") == 1 + 2
 
 
+def test_a_full_ring_drops_and_counts(ctarget: CTarget, profile: Profile) -> None:
+    """A one-page ring (32 records) and 1,000 calls before the first read: the spans
+    that did not fit are counted as dropped, the kernel's hit count has every call, and
+    the ring works again once read."""
+    sites = [s for s in sites_of(ctarget, profile) if s.probe == "work"]
+    with BpfSession([Target(ctarget.pid)], sites, ring_pages=1) as bpf:
+        ctarget.cmd("work 1000")
+        time.sleep(0.05)
+        spans = bpf.read()
+        assert 0 < len(spans) <= 4096 // 128
+        assert bpf.dropped() == 1000 - len(spans)
+        assert bpf.kernel_hits()["work"] == 1000
+        ctarget.cmd("work 3")
+        time.sleep(0.05)
+        assert len(bpf.read()) == 3
+
+
+def test_the_session_ends_when_its_target_exits(ctarget: CTarget, profile: Profile) -> None:
+    """``deliver`` returns once the target has exited (noticed within a rescan), with
+    every span it made before; closing afterwards is clean."""
+    sites = sites_of(ctarget, profile)
+    got: list[Span] = []
+
+    async def watch(bpf: BpfSession) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, ctarget.cmd, "work 5")
+        loop.call_later(0.4, ctarget.proc.stdin.write, "exit\n")  # type: ignore[union-attr]
+        loop.call_later(0.4, ctarget.proc.stdin.flush)  # type: ignore[union-attr]
+        await asyncio.wait_for(bpf.deliver(got.extend), 10)
+
+    with BpfSession([Target(ctarget.pid)], sites) as bpf:
+        asyncio.run(watch(bpf))
+        assert bpf.all_exited
+    assert Counter(s.probe for s in got) == {"work": 5}
+
+
 def test_detach_and_reattach_one_site(ctarget: CTarget, profile: Profile) -> None:
     """The governor's lever: a detached site records nothing and is no longer a
     breakpoint once its links close; reattached, it records again. Other sites go on."""

@@ -7,8 +7,8 @@ grace period (~80 ms). Here one program (``spans.bpf.c``) is attached with one
 ``uprobe_multi`` link per (target, file, entry or return), filtered to the target's pid
 so every thread, old or new, is covered; the kernel pairs each return with its entry
 and writes one record per span into a single BPF ring buffer, waking the reader only
-for the urgent (anchor) probe or a ring over half full. Closing the links detaches
-every uprobe in one grace period per link.
+for the urgent (anchor) probe or the record that fills the ring past half. Closing the
+links detaches every uprobe in one grace period per link.
 
 The session offers what the monitor uses of :class:`~probes.uprobes.UprobeSession`
 (:meth:`read`, :meth:`poll`, :meth:`deliver`, :meth:`batches`, :meth:`detach_site`,

@@ -9,8 +9,8 @@
  * address popped), so nested and recursive calls pair exactly, and writes one span
  * record into the ring buffer. Entry-only sites write an instant span at entry.
  *
- * User space is woken only when useful: on the urgent (anchor) probe's span, or once
- * the ring is over half full; every other record waits for the reader's next drain.
+ * User space is woken only when useful: on the urgent (anchor) probe's span, or by the
+ * record that fills the ring past half; every other record waits for the next drain.
  * Layouts here must match probes/bpf/session.py (RECORD, COOKIE_*, STAT_*).
  */
 #include <linux/types.h>
@@ -60,6 +60,9 @@ struct span_record {
 	__u8 stack[STACK_BYTES];
 };
 
+/* a record in the ring: an 8-byte header, then the span */
+#define RECORD_BYTES (8 + sizeof(struct span_record))
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);  /* set by the loader from probe.ring_pages */
@@ -95,12 +98,18 @@ static __always_inline void count(void *map, __u32 key)
 		__sync_fetch_and_add(value, 1);
 }
 
+/* Wake the reader for an urgent span, or for the record that takes the unread data
+ * past half the ring: once, not with every record after it (a reader that is late
+ * would otherwise cost the target a wake-up per hit until it catches up). */
 static __always_inline __u64 wake_flags(__u64 cookie)
 {
+	__u64 unread, half;
+
 	if (cookie & COOKIE_URGENT)
 		return BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_query(&spans, BPF_RB_AVAIL_DATA) >
-	    bpf_ringbuf_query(&spans, BPF_RB_RING_SIZE) / 2)
+	unread = bpf_ringbuf_query(&spans, BPF_RB_AVAIL_DATA);
+	half = bpf_ringbuf_query(&spans, BPF_RB_RING_SIZE) / 2;
+	if (unread >= half && unread < half + RECORD_BYTES)
 		return BPF_RB_FORCE_WAKEUP;
 	return BPF_RB_NO_WAKEUP;
 }
