@@ -327,19 +327,20 @@ def test_auto_falls_back_to_perf_with_one_line(ctarget: CTarget, tmp_path: Path)
 
 def test_watch_says_the_fallback_in_one_line(ctarget: CTarget, tmp_path: Path) -> None:
     """``prism watch`` from that checkout (``probe.backend`` at its default, ``auto``):
-    it monitors with perf and says once, in one line on stderr, why not eBPF."""
+    it monitors with perf and says once, in one line on stderr, why not eBPF; with
+    ``bpf`` asked for, it stops with that line."""
     for package in ("probes", "prism_tui", "alerting", "prism_sim"):
         shutil.copytree(ROOT / package, tmp_path / package,
                         ignore=shutil.ignore_patterns("*.o", "__pycache__"))
     profile = tmp_path / "ctarget.toml"
     profile.write_text(CTARGET_PROFILE)
     ctarget.cmd("spin_start 2000")
-    proc = subprocess.run(
-        [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(ctarget.pid),
-         "--profile", str(profile), "--headless", "--no-history", "--duration", "3"],
-        cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if not k.startswith("PRISM_")},
-                           "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path)},
-        capture_output=True, text=True, timeout=240)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PRISM_")},
+           "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path)}
+    watch = [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(ctarget.pid),
+             "--profile", str(profile), "--headless", "--no-history", "--duration", "3"]
+    proc = subprocess.run(watch, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stderr
     said = [line for line in proc.stderr.splitlines() if "backend" in line]
     assert len(said) == 1, proc.stderr
@@ -347,6 +348,12 @@ def test_watch_says_the_fallback_in_one_line(ctarget: CTarget, tmp_path: Path) -
                               "no compiled BPF program"), said
     assert "Traceback" not in proc.stderr
     assert '"snapshot"' in proc.stdout
+    # asked for by name, bpf is not replaced: one line, and no monitoring
+    forced = subprocess.run(watch, cwd=tmp_path, env={**env, "PRISM_PROBE_BACKEND": "bpf"},
+                            capture_output=True, text=True, timeout=240)
+    lines = [line for line in forced.stderr.splitlines() if "hit costs" not in line]
+    assert forced.returncode != 0 and len(lines) == 1, forced.stderr
+    assert lines[0].startswith("prism watch: no compiled BPF program"), lines
 
 
 def test_an_unknown_backend_is_refused(ctarget: CTarget) -> None:
