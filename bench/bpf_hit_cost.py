@@ -6,7 +6,9 @@ backend, interleaved over the rounds (medians). Neither wakes the reader (the ri
 every record; it is drained after each timing). The perf backend writes two records a
 call (entry, return) into a per-thread ring; the eBPF program stores the entry in a hash
 map and writes one span record at the return. The added nanoseconds per call are the
-probe's cost on the server's thread; the ratio is bpf over perf.
+probe's cost on the server's thread; the ratio is bpf over perf. The monitor's side:
+CPU time of the ``read()`` that turns the round's records into spans (ring read,
+decoding, pairing), per span.
 
     .venv/bin/python bench/bpf_hit_cost.py [--rounds N] [--calls N]   # needs `make bpf`
 """
@@ -74,6 +76,7 @@ def main() -> int:
         sites = place_profile(target, parse_profile(PROFILE, "hit.toml"), "sentinel").sites
         ns: dict[str, list[float]] = {"none": [], "perf": [], "bpf": []}
         spans: dict[str, int] = {"perf": 0, "bpf": 0}
+        read_s: dict[str, float] = {"perf": 0.0, "bpf": 0.0}
         try:
             timed(100_000)  # warm
             for _ in range(args.rounds):
@@ -89,7 +92,9 @@ def main() -> int:
                         time.sleep(0.05)
                         ns[name].append(timed(args.calls))
                         time.sleep(0.05)
+                        c0 = time.process_time()
                         spans[name] += len(session.read())
+                        read_s[name] += time.process_time() - c0
         finally:
             proc.kill()
             proc.wait()
@@ -98,10 +103,16 @@ def main() -> int:
     print(f"pl_work entry+return, {args.rounds} rounds of {args.calls} calls (medians); "
           f"spans read: perf {spans['perf']}, bpf {spans['bpf']} of "
           f"{args.rounds * args.calls} each")
-    print("\n| probe | ns per call | added ns per call | ratio to perf |\n|---|---:|---:|---:|")
+    print("\n| probe | ns per call | added ns per call | ratio to perf "
+          "| reader µs per span | ratio to perf |\n|---|---:|---:|---:|---:|---:|")
     for name in ("none", "perf", "bpf"):
-        ratio = f"{added[name] / added['perf']:.2f}" if name != "none" else "-"
-        print(f"| {name} | {statistics.median(ns[name]):,.0f} | {added[name]:,.0f} | {ratio} |")
+        if name == "none":
+            print(f"| none | {statistics.median(ns[name]):,.0f} | 0 | - | - | - |")
+            continue
+        per_span = 1e6 * read_s[name] / max(1, spans[name])
+        print(f"| {name} | {statistics.median(ns[name]):,.0f} | {added[name]:,.0f} "
+              f"| {added[name] / added['perf']:.2f} | {per_span:.2f} "
+              f"| {per_span / (1e6 * read_s['perf'] / max(1, spans['perf'])):.2f} |")
     return 0
 
 
