@@ -69,8 +69,10 @@ struct {
 } spans SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);  /* abandoned entries (longjmp) age out */
-	__uint(max_entries, 65536);
+	/* calls in flight, every thread; abandoned entries (longjmp) age out. An LRU map
+	 * is preallocated: 8192 entries is ~1.5 MB of kernel memory per session */
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
 	__type(key, struct pending_key);
 	__type(value, struct pending);
 } entries SEC(".maps");
