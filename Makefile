@@ -14,7 +14,7 @@ LLAMA_CMAKE_ARGS := -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_BL
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
-.PHONY: demo test lint system-deps venv clean bench
+.PHONY: demo test lint system-deps venv clean bench bpf
 
 venv: $(STAMP) $(LLAMA_STAMP)
 
@@ -31,9 +31,16 @@ $(LLAMA_STAMP): $(STAMP) | system-deps
 	  '$(LLAMA_CPP_PYTHON)' 'gguf>=0.17'
 	touch $(LLAMA_STAMP)
 
+# The eBPF probe backend's program (probe.backend = "auto" falls back to perf without it)
+BPF_OBJ := probes/bpf/spans.bpf.o
+bpf: $(BPF_OBJ)
+$(BPF_OBJ): probes/bpf/spans.bpf.c | system-deps
+	clang -O2 -g -target bpf -I/usr/include/$$(uname -m)-linux-gnu -c $< -o $@
+
 # Mosquitto (the broker the alerting tests start), C and C++ compilers (the test targets,
 # llama.cpp's build), tmux (the end-to-end test of `prism demo` in a real terminal) and
-# Prometheus (the server that scrapes `prism watch --metrics-port` in tests/test_metrics.py).
+# Prometheus (the server that scrapes `prism watch --metrics-port` in tests/test_metrics.py),
+# clang and libbpf-dev (the eBPF backend's program and its loader, libbpf.so.1).
 # Installed with apt-get when missing and we are root; otherwise say what to install.
 system-deps:
 	@missing=""; \
@@ -44,6 +51,8 @@ system-deps:
 	command -v unshare >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	command -v tmux >/dev/null 2>&1 || missing="$$missing tmux"; \
 	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v clang >/dev/null 2>&1 || missing="$$missing clang"; \
+	[ -e /usr/include/bpf/bpf_helpers.h ] || missing="$$missing libbpf-dev"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
@@ -59,13 +68,13 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: $(STAMP) system-deps $(LLAMA_STAMP) lint
+test: $(STAMP) system-deps $(BPF_OBJ) $(LLAMA_STAMP) lint
 	$(BIN)/pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) $(BPF_OBJ)
 	$(BIN)/prism demo
 
-bench: $(STAMP) $(LLAMA_STAMP)
+bench: $(STAMP) $(BPF_OBJ) $(LLAMA_STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

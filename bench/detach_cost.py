@@ -9,18 +9,25 @@ matters is milliseconds per event and whether anything makes it parallel.
 The fourth row is the alternative: the same sites (entries and returns, every thread of
 both ranks) as BPF ``uprobe_multi`` links, one per (rank, library, entry or return),
 running a program that does nothing; closing a link unregisters all its uprobes and
-waits for one grace period. It measures the kernel mechanism, not a probe backend: the
-monitor does not use it yet (it would need a BPF program writing samples into a ring).
+waits for one grace period. The fifth is the monitor's eBPF backend itself
+(``BpfSession``: its span program, one link per site entry and per site return, closed
+from one thread per link), checked afterwards for a breakpoint left at any site.
 
-    .venv/bin/python bench/detach_cost.py
+The second table is what a user waits for: ``prism watch --pid RANK --headless`` of each
+probe backend (``PRISM_PROBE_BACKEND``), interrupted once it shows data, timed from the
+signal to the process's exit (it exits only once every probe is detached).
+
+    .venv/bin/python bench/detach_cost.py   # needs `make bpf` for the bpf rows
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,10 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 from prism_sim.scenario import parse_scenario  # noqa: E402
 from prism_sim.server import SimServer  # noqa: E402
+from probes.bpf.session import BpfSession  # noqa: E402
 from probes.catalog import load_profile  # noqa: E402
-from probes.placement import place_profile  # noqa: E402
+from probes.placement import ProbeSite, place_profile  # noqa: E402
 from probes.target import Target  # noqa: E402
 from probes.uprobes import UprobeSession  # noqa: E402
+
+PRISM = [sys.executable, "-m", "prism_tui.cli"]
 
 BPF_PROG_LOAD, BPF_LINK_CREATE = 5, 28
 BPF_PROG_TYPE_KPROBE, BPF_TRACE_UPROBE_MULTI = 2, 48
@@ -154,6 +164,71 @@ def _run_multi(pids: list[int]) -> None:
           f"| {dt:.2f} | {dt / sites_n * 1e3:.1f} |", flush=True)
 
 
+def _sites(pid: int) -> list[ProbeSite]:
+    target = Target(pid)
+    return (place_profile(target, load_profile("cuda"), "sentinel").sites
+            + place_profile(target, load_profile("nccl"), "sentinel").sites)
+
+
+def _breakpoints_left(pid: int, sites: list[ProbeSite]) -> int:
+    """Sites whose first byte in ``pid``'s memory is still an int3 (a uprobe)."""
+    left = 0
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for site in sites:
+            for line in maps:
+                f = line.split()
+                if len(f) >= 6 and int(f[4]) == site.inode:
+                    lo, hi = (int(x, 16) for x in f[0].split("-"))
+                    off = int(f[2], 16)
+                    if off <= site.offset < off + hi - lo:
+                        mem.seek(lo + site.offset - off)
+                        left += mem.read(1) == b"\xcc"
+                        break
+    return left
+
+
+def _run_bpf(pids: list[int]) -> None:
+    """The eBPF backend's sessions on every rank, closed one after the other."""
+    sites = {pid: _sites(pid) for pid in pids}
+    sessions = [BpfSession([Target(pid)], sites[pid]).open() for pid in pids]
+    time.sleep(1.0)
+    uprobes = sum(s.stats.events_open for s in sessions)
+    spans = sum(len(s.read()) for s in sessions)
+    t0 = time.perf_counter()
+    for s in sessions:
+        s.close()
+    dt = time.perf_counter() - t0
+    left = sum(_breakpoints_left(pid, sites[pid]) for pid in pids)
+    print(f"| BpfSession.close ({uprobes} links, {spans} spans read, {left} breakpoints "
+          f"left) | {uprobes} | {dt:.2f} | {dt / uprobes * 1e3:.1f} |", flush=True)
+
+
+def _quit_watch(pid: int, backend: str) -> tuple[float, str]:
+    """Seconds from SIGINT to the exit of a ``prism watch`` that shows data."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRISM_PROBE_BACKEND": backend}
+    watch = subprocess.Popen([*PRISM, "watch", "--pid", str(pid), "--headless",
+                              "--no-history"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert watch.stdout is not None and watch.stderr is not None
+    said: list[str] = []  # its notices: one says when auto fell back to perf
+    threading.Thread(target=lambda: said.extend(watch.stderr or []), daemon=True).start()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = watch.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {backend} watch ended before it showed data")
+        if line.startswith('{"snapshot"') and json.loads(line)["snapshot"]["series"]:
+            break
+    threading.Thread(target=watch.stdout.read, daemon=True).start()
+    time.sleep(2)
+    t0 = time.perf_counter()
+    watch.send_signal(signal.SIGINT)
+    watch.wait(300)
+    secs = time.perf_counter() - t0
+    return secs, "; ".join(x.strip() for x in said if "probe backend" in x)
+
+
 def _run(label: str, pids: list[int], close: Callable[[list[UprobeSession]], None],
          before: Callable[[], None] = lambda: None) -> None:
     sessions = _attach(pids)
@@ -179,6 +254,13 @@ def main() -> None:
             _run("one after the other", pids, _close_serial)
             _run("all at once, one thread per fd", pids, _close_parallel)
             _run_multi(pids)
+            _run_bpf(pids)
+            print("\n| prism watch, one rank, backend | SIGINT → exit, s | notice |"
+                  "\n|---|---:|---|", flush=True)
+            for backend in ("perf", "bpf", "perf", "bpf"):
+                secs, notice = _quit_watch(pids[0], backend)
+                print(f"| {backend} | {secs:.2f} | {notice or '-'} |", flush=True)
+            print(flush=True)
 
             def kill() -> None:
                 stop.set()

@@ -3,7 +3,8 @@
 One ``prism sim`` run (a one-rank scenario with a small model, so iterations are short:
 the simulator's host stage alone is ~2 ms, which caps it at a few hundred iterations a
 second) is watched in turn by ``prism watch --headless --no-history --json`` of each
-tree given (default: this one), interleaved over the rounds. For each watch:
+tree given (default: this one) and each probe backend given (``PRISM_PROBE_BACKEND``;
+default: ``perf`` then ``bpf``), interleaved over the rounds. For each watch:
 
 * CPU: utime + stime of the watch process from ``/proc/PID/stat`` over ``--window``
   seconds that start 2 s after its first snapshot with data (so calibrating, attaching
@@ -16,8 +17,8 @@ tree given (default: this one), interleaved over the rounds. For each watch:
   reads the process from outside, ``--nonblocking``), each sample charged to the
   innermost frame that names a part of the pipeline (table ``PARTS``).
 
-Run: ``.venv/bin/python bench/monitor_cpu.py [--trees DIR ...] [--rounds N]
-[--window S] [--profile]``. A tree is a checkout of this repository (e.g. the previous
+Run: ``.venv/bin/python bench/monitor_cpu.py [--trees DIR ...] [--backends B ...]
+[--rounds N] [--window S] [--profile]``. A tree is a checkout of this repository (e.g. the previous
 commit in a ``git worktree``); its code runs with ``PYTHONPATH`` set to it.
 """
 
@@ -66,6 +67,7 @@ output = { dist = "uniform", min = 200, max = 400 }
 # scanning from the innermost frame outwards, takes the sample
 PARTS: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(pat)) for name, pat in [
     ("ring read", r"(read_raw|pending_bytes|_lost_in|_split_at_losses) \(.*perf\.py"),
+    ("bpf ring read and spans", r"read \(.*bpf/session\.py"),
     ("decoding", r"decode \(.*perf\.py"),
     ("pairing", r"(_pair|_entry_of_return|_drop_abandoned) \(.*pairing\.py"),
     ("thread watchers", r"(_read_watchers|rescan|_install_opened) \(.*uprobes\.py"),
@@ -76,10 +78,10 @@ PARTS: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(pat)) for name, pa
     ("stage attribution", r"iterations\.py"),
     ("snapshots / view", r"(view\.py|snapshots|prepare_view|_publish_views|_next_view|"
                          r"summary_docs|on_view)"),
-    ("alerts / sinks", r"(sinks\.py|_emit|_detector_alert|_check_slos|publisher)"),
+    ("alerts / sinks", r"(alert_wire\.py|_emit|_detector_alert|_check_slos|publisher)"),
     ("engine other", r"core\.py"),
     ("reader other", r"uprobes\.py"),
-    ("monitor loop", r"runtime\.py"),
+    ("monitor loop", r"(engine/monitor|attachment|escalation|telemetry_poll)\.py"),
     ("event loop / wake-up", r"(base_events\.py|selector_events\.py|selectors\.py|"
                              r"events\.py|queues\.py|tasks\.py)"),
 ]]
@@ -90,8 +92,11 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def _env(tree: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
+def _env(tree: Path, backend: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
+    if backend is not None:
+        env["PRISM_PROBE_BACKEND"] = backend
+    return env
 
 
 def _iterations_between(labels: Path, t0: int, t1: int) -> int:
@@ -117,7 +122,8 @@ def _events_per_iteration(tree: Path, pid: int, labels: Path, tmp: Path) -> tupl
     """
     out = tmp / "spans.jsonl.gz"
     watch = subprocess.Popen([*PRISM, "watch", "--pid", str(pid), "--headless",
-                              "--no-history", "--json", "--record", str(out)], env=_env(tree),
+                              "--no-history", "--json", "--record", str(out)],
+                             env=_env(tree, "perf"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     reap.append(watch)
     deadline = time.monotonic() + 90  # calibrating and attaching take a while
@@ -173,11 +179,12 @@ def _wait_for_spans(watch: subprocess.Popen[str], timeout: float) -> None:
     raise RuntimeError(f"no snapshot with data within {timeout:.0f} s")
 
 
-def one_watch(tree: Path, pid: int, labels: Path, window: float,
+def one_watch(tree: Path, backend: str | None, pid: int, labels: Path, window: float,
               profile: Path | None) -> dict[str, float]:
     watch = subprocess.Popen(
         [*PRISM, "watch", "--pid", str(pid), "--headless", "--no-history"],
-        env=_env(tree), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        env=_env(tree, backend), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
     _wait_for_spans(watch, 180)
     assert watch.stdout is not None
     drain = threading.Thread(target=watch.stdout.read, daemon=True)  # keep the pipe empty
@@ -208,6 +215,8 @@ def one_watch(tree: Path, pid: int, labels: Path, window: float,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trees", nargs="+", type=Path, default=[ROOT])
+    ap.add_argument("--backends", nargs="+", default=["perf", "bpf"],
+                    help="probe backends (perf, bpf, auto); 'default': the tree's own")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--window", type=float, default=20.0,
                     help="seconds measured per watch, once it shows data")
@@ -215,6 +224,7 @@ def main() -> int:
     ap.add_argument("--keep-profile", metavar="PATH", help="keep py-spy's raw stacks here")
     args = ap.parse_args()
     trees = [t.resolve() for t in args.trees]
+    runs = [(t, None if b == "default" else b) for t in trees for b in args.backends]
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         scen, labels = tmp / "scenario.toml", tmp / "labels.jsonl"
@@ -228,40 +238,49 @@ def main() -> int:
             [pid] = [int(p) for p in started["ranks"].values()]
             time.sleep(3)
             events_per_it, spans_per_it = _events_per_iteration(trees[-1], pid, labels, tmp)
-            results: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
-            parts: collections.Counter[str] = collections.Counter()
+            results: dict[tuple[Path, str | None], list[dict[str, float]]] = {
+                run: [] for run in runs}
+            parts: dict[tuple[Path, str | None], collections.Counter[str]] = {
+                run: collections.Counter() for run in runs}
             for r in range(args.rounds):
-                for tree in trees:
+                for tree, backend in runs:
                     prof = tmp / f"spy{r}.txt" if args.profile and tree == trees[-1] else None
-                    res = one_watch(tree, pid, labels, args.window, prof)
-                    results[tree].append(res)
+                    res = one_watch(tree, backend, pid, labels, args.window, prof)
+                    results[(tree, backend)].append(res)
                     if prof is not None and prof.exists():
-                        parts += _categorise(prof)
+                        parts[(tree, backend)] += _categorise(prof)
                         if args.keep_profile:
-                            shutil.copy(prof, f"{args.keep_profile}.{r}")
-                    print(f"round {r} {tree}: {res}", file=sys.stderr, flush=True)
+                            shutil.copy(prof, f"{args.keep_profile}.{backend}.{r}")
+                        prof.unlink()
+                    print(f"round {r} {tree} {backend}: {res}", file=sys.stderr, flush=True)
         finally:
             sim.send_signal(signal.SIGTERM)
             sim.wait(60)
             for proc in reap:
                 proc.wait()
         print(f"ring records per iteration: {events_per_it:.1f} ({spans_per_it:.1f} spans)")
-        print("\n| tree | iterations/s | monitor CPU % of a core | µs per iteration "
-              "| µs per event |\n|---|---:|---:|---:|---:|")
-        for tree in trees:
-            rs = results[tree]
+        print("\n| tree | backend | iterations/s | monitor CPU % of a core "
+              "| µs per iteration | µs per event | ratio to the first row |"
+              "\n|---|---|---:|---:|---:|---:|---:|")
+        first = None
+        per_its: dict[tuple[Path, str | None], float] = {}
+        for tree, backend in runs:
+            rs = results[(tree, backend)]
             rate = statistics.median(r["iterations"] / r["window_s"] for r in rs)
             pct = statistics.median(100 * r["cpu_s"] / r["window_s"] for r in rs)
             per_it = statistics.median(1e6 * r["cpu_s"] / max(1, r["iterations"]) for r in rs)
-            print(f"| {tree.name} | {rate:.0f} | {pct:.1f} | {per_it:.0f} "
-                  f"| {per_it / events_per_it:.2f} |")
-        if parts:
-            total = sum(parts.values())
-            rs = results[trees[-1]]
-            per_it = statistics.median(1e6 * r["cpu_s"] / max(1, r["iterations"]) for r in rs)
-            print(f"\n| part ({trees[-1].name}) | share of samples | µs per iteration |"
-                  "\n|---|---:|---:|")
-            for name, n in parts.most_common():
+            per_its[(tree, backend)] = per_it
+            first = first or per_it
+            print(f"| {tree.name} | {backend or 'default'} | {rate:.0f} | {pct:.1f} "
+                  f"| {per_it:.0f} | {per_it / events_per_it:.2f} | {per_it / first:.2f} |")
+        for (tree, backend), counted in parts.items():
+            if not counted:
+                continue
+            total = sum(counted.values())
+            per_it = per_its[(tree, backend)]
+            print(f"\n| part ({tree.name}, {backend or 'default'}) | share of samples "
+                  "| µs per iteration |\n|---|---:|---:|")
+            for name, n in counted.most_common():
                 print(f"| {name} | {100 * n / total:.1f} % | {per_it * n / total:.1f} |")
     return 0
 

@@ -36,8 +36,8 @@ class SessionSpec:
 
     ``engine``: the ``[engine]`` section; its detector keys always apply, its loop keys
     (``escalation_s``, ``snapshot_hz``) only when ``monitor`` is None. ``probe``: the
-    ``[probe]`` section (None: the default rings and no overhead governor, as the
-    simulator runs have). ``history``: where and how long to keep it (None: none).
+    ``[probe]`` section (None: the default rings and backend and no overhead governor,
+    as the simulator runs have). ``history``: where and how long to keep it (None: none).
     ``broker``: where alerts go (None: no MQTT); ``outbox_path`` its durable outbox.
     ``settle_s``: seconds of each target's first iterations the detector skips.
     """
@@ -67,11 +67,12 @@ def detection_config(engine: EngineSettings, settle_s: float = 0.0) -> Detection
 def probing_config(probe: ProbeSettings | None, costs: HitCosts | None) -> ProbingConfig:
     """The monitor's probing from the ``[probe]`` settings (None: the defaults, ungoverned)."""
     if probe is None:
-        return ProbingConfig(costs=costs)
+        return ProbingConfig(costs=costs, backend=ProbeSettings().backend)
     return ProbingConfig(mode=probe.mode, ring_pages=probe.ring_pages,
                          drain_interval_s=probe.drain_interval_s,
                          overhead_budget=probe.overhead_budget,
-                         governor_action=probe.governor_action, costs=costs)
+                         governor_action=probe.governor_action, costs=costs,
+                         backend=probe.backend)
 
 
 def monitor_config(engine: EngineSettings) -> MonitorConfig:

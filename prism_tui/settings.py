@@ -66,8 +66,13 @@ class ProbeSettings:
     """How probes are attached and drained.
 
     Attributes:
-        mode: ``auto``, ``thread`` (one ring per target thread) or ``cpu`` (per CPU).
-        ring_pages: data pages per perf ring buffer (a power of two).
+        backend: ``bpf`` (spans paired in the kernel by an eBPF program, one ring buffer,
+            ``uprobe_multi`` links), ``perf`` (perf uprobe events read into rings, paired
+            here) or ``auto`` (bpf when it loads, else perf with a notice saying why).
+        mode: the perf backend's rings: ``auto``, ``thread`` (one ring per target
+            thread) or ``cpu`` (per CPU).
+        ring_pages: data pages per perf ring buffer, or of the bpf backend's one ring
+            (a power of two).
         drain_interval_s: how often rings are drained without a wake-up, in seconds
             (the anchor's records wake the reader at once; DeepDive probes drain every
             50 ms at least).
@@ -78,6 +83,7 @@ class ProbeSettings:
             probes, or ``duty-cycle`` them; either way it restores them once they fit.
     """
 
+    backend: Literal["auto", "perf", "bpf"] = "auto"
     mode: Literal["auto", "thread", "cpu"] = "auto"
     ring_pages: int = 64
     drain_interval_s: float = 0.02

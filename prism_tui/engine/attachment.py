@@ -16,11 +16,11 @@ from prism_tui.engine.config import ProbingConfig
 from prism_tui.engine.core import DETECTOR_FEATURES
 from prism_tui.engine.iterations import MEMCPY_KINDS
 from prism_tui.engine.view import GovernorAction, ProbeStatus
+from probes.backend import ProbeSession, open_session
 from probes.catalog import Profile, feature_names
 from probes.governor import OverheadGovernor
 from probes.placement import Placement, ProbeSite, place_profile
 from probes.target import Target
-from probes.uprobes import UprobeSession
 
 RECENT_DECISIONS = 8
 """Governor decisions per target kept for the view."""
@@ -31,7 +31,7 @@ class Attached:
     """One watched process: its sentinel session, placements, device and governor."""
 
     target: Target
-    session: UprobeSession
+    session: ProbeSession
     placements: list[Placement]
     device: str = "cpu"
     """Its device label, found once at the attach (see :attr:`Monitor.device_of`)."""
@@ -45,10 +45,12 @@ class Attached:
 
 def open_sentinels(target: Target, profiles: Sequence[Profile], anchor: str | None,
                    probing: ProbingConfig, device_of: Callable[[int], str],
-                   ) -> tuple[UprobeSession, list[Placement], str]:
+                   on_fallback: Callable[[str], None] | None = None,
+                   ) -> tuple[ProbeSession, list[Placement], str]:
     """Place the sentinel probes of ``profiles`` (the main one first) in ``target``, open
     them (``anchor`` urgent) and find its device label; blocking, any thread. Raises
-    ValueError when the anchor does not resolve, or nothing does without one."""
+    ValueError when the anchor does not resolve, or nothing does without one.
+    ``on_fallback`` is told why when ``probing.backend`` is ``auto`` and eBPF is not usable."""
     main = profiles[0]
     placements = []
     sites: list[ProbeSite] = []
@@ -63,9 +65,12 @@ def open_sentinels(target: Target, profiles: Sequence[Profile], anchor: str | No
         raise ValueError(f"no sentinel probe of profile {main.name!r} resolves "
                          f"in pid {target.pid}: nothing to choose an anchor from")
     urgent: set[str] = set() if anchor is None else {anchor}
-    session = UprobeSession([target], sites, mode=probing.mode, urgent=urgent,
-                            ring_pages=probing.ring_pages,
-                            drain_interval_s=probing.drain_interval_s).open()
+    session, fell_back = open_session([target], sites, backend=probing.backend,
+                                      mode=probing.mode, urgent=urgent,
+                                      ring_pages=probing.ring_pages,
+                                      drain_interval_s=probing.drain_interval_s)
+    if fell_back is not None and on_fallback is not None:
+        on_fallback(fell_back)
     try:
         device = device_of(target.pid)
     except BaseException:

@@ -26,6 +26,8 @@ class ProbingConfig:
     ``drain_interval_s``: each ring's size and how often an unhurried ring is read.
     ``overhead_budget``: the governor's share of the target's CPU (None: not governed),
     ``governor_action`` what it does over budget. ``costs``: measured hit costs.
+    ``backend``: ``perf``, ``bpf`` or ``auto`` (:func:`probes.backend.open_session`);
+    ``auto`` falling back to perf says why once, in a notice.
     """
 
     mode: str = "auto"
@@ -34,6 +36,7 @@ class ProbingConfig:
     overhead_budget: float | None = None
     governor_action: str = "detach"
     costs: HitCosts | None = None
+    backend: str = "perf"
 
 
 @dataclass(frozen=True)

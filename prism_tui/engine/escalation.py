@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prism_tui.engine.core import AlertEvent, Engine
+from probes.backend import ProbeSession, open_session
 from probes.catalog import Profile
 from probes.errors import ProbeError
 from probes.placement import Placement, place_profile
 from probes.target import Target
-from probes.uprobes import UprobeSession
 
 DEEPDIVE_DELAY_S = 0.05
 """How long a DeepDive waits after its alert before it opens probes (see _open)."""
@@ -39,7 +39,7 @@ class Watched(Protocol):
 
 @dataclass
 class _Open:
-    session: UprobeSession
+    session: ProbeSession
     stage_of: dict[str, str]
     until: float
     task: asyncio.Task[None] | None = None
@@ -49,15 +49,16 @@ class DeepDive:
     """The deeper probes opened on a target while its alert fires; one owner of them."""
 
     def __init__(self, engine: Engine, profiles: Sequence[Profile], *, escalation_s: float,
-                 mode: str, ring_pages: int, drain_interval_s: float,
+                 mode: str, ring_pages: int, drain_interval_s: float, backend: str = "perf",
                  in_background: Callable[[Awaitable[Any]], None]) -> None:
         """``profiles``: whose ``deepdive`` probes to open; ``escalation_s``: for how long
-        (0: never); ``mode``, ``ring_pages``, ``drain_interval_s``: as the sentinel
-        sessions'; ``in_background``: the monitor's runner of work it awaits at the end."""
+        (0: never); ``mode``, ``ring_pages``, ``drain_interval_s``, ``backend``: as the
+        sentinel sessions'; ``in_background``: the monitor's runner of work it awaits at the end."""
         self.engine = engine
         self.profiles = list(profiles)
         self.escalation_s = escalation_s
         self.mode = mode
+        self.backend = backend
         self.ring_pages = ring_pages
         self.drain_interval_s = drain_interval_s
         self._in_background = in_background
@@ -98,7 +99,7 @@ class DeepDive:
             self._opening.add(pid)
             self._in_background(self._start(pid, att, current))
 
-    def _session(self, att: Watched) -> tuple[UprobeSession | None, dict[str, str]]:
+    def _session(self, att: Watched) -> tuple[ProbeSession | None, dict[str, str]]:
         """The blocking half of a DeepDive: resolve the deeper probes and open them."""
         sentinel = {s.probe for p in att.placements for s in p.sites}
         sites = [s for prof in self.profiles
@@ -106,9 +107,9 @@ class DeepDive:
                  if s.probe not in sentinel]
         if not sites:
             return None, {}
-        session = UprobeSession([att.target], sites, mode=self.mode, ring_pages=self.ring_pages,
-                                drain_interval_s=max(DEEPDIVE_DRAIN_S,
-                                                     self.drain_interval_s)).open()
+        session, _ = open_session([att.target], sites, backend=self.backend, mode=self.mode,
+                                  ring_pages=self.ring_pages,
+                                  drain_interval_s=max(DEEPDIVE_DRAIN_S, self.drain_interval_s))
         return session, {s.probe: s.stage for s in sites}
 
     async def _start(self, pid: int, att: Watched,

@@ -56,13 +56,14 @@ from prism_tui.engine.view import (
     GovernorStatus,
     TelemetryValue,
 )
+from probes.backend import ProbeSession
 from probes.catalog import Profile
 from probes.errors import ProbeError
 from probes.governor import DEFAULT_COSTS, GovernorDecision, OverheadGovernor
 from probes.placement import Placement
 from probes.target import Target, find_targets
 from probes.telemetry import thread_runqueue_ns
-from probes.uprobes import Span, UprobeSession
+from probes.uprobes import Span
 
 __all__ = ["AlertEvent", "AlertSink", "DetectionConfig", "Monitor", "MonitorConfig", "Observation",
            "ProbingConfig", "SloSpec", "Subscribers", "detector_probes", "workload_of"]
@@ -121,7 +122,8 @@ class Monitor:
         (``governor_action``) the costliest probes but the anchor while over budget; its
         decisions go to :attr:`governor_decisions`, the view and the notices.
         ``ring_pages`` and ``drain_interval_s`` size and drain the sentinel sessions'
-        rings (a DeepDive drains every ``escalation.DEEPDIVE_DRAIN_S`` at least).
+        rings (a DeepDive drains every ``escalation.DEEPDIVE_DRAIN_S`` at least);
+        ``probing.backend`` opens every session (perf rings or the eBPF program).
         """
         self.probing = probing = probing or ProbingConfig()
         config = config or MonitorConfig()
@@ -154,6 +156,7 @@ class Monitor:
                              budget=overhead_budget, action=governor_action)
         self.ring_pages = ring_pages
         self.drain_interval_s = drain_interval_s
+        self._backend_noticed = False
         self.governor_decisions: list[tuple[int, GovernorDecision, float]] = []
         """(pid, decision, epoch seconds) of every governor decision, in order."""
         self.telemetry = telemetry
@@ -169,7 +172,7 @@ class Monitor:
         self.escalation_s = escalation_s
         self.deepdive = DeepDive(self.engine, [profile, *self.extra_profiles],
                                  escalation_s=escalation_s, mode=mode, ring_pages=ring_pages,
-                                 drain_interval_s=drain_interval_s,
+                                 drain_interval_s=drain_interval_s, backend=probing.backend,
                                  in_background=self._in_background)
         """The escalation: deeper probes on a target while its alert fires."""
         self._attached: dict[int, Attached] = {}
@@ -215,13 +218,19 @@ class Monitor:
             session.close()
             raise
 
-    def _open(self, target: Target) -> tuple[UprobeSession, list[Placement], str]:
+    def _open(self, target: Target) -> tuple[ProbeSession, list[Placement], str]:
         """The blocking half of an attach (ELF lookups, perf events, the device label from
         NVML's process list): any thread."""
         return open_sentinels(target, [self.profile, *self.extra_profiles], self.anchor,
-                              self.probing, self.device_of)
+                              self.probing, self.device_of, on_fallback=self._notice_backend)
 
-    def _register(self, target: Target, session: UprobeSession,
+    def _notice_backend(self, why: str) -> None:
+        """Say once that ``auto`` fell back to the perf backend, and why (any thread)."""
+        if not self._backend_noticed:
+            self._backend_noticed = True
+            self.engine.notice(why)
+
+    def _register(self, target: Target, session: ProbeSession,
                   placements: list[Placement], device: str) -> Attached:
         """The state half of an attach: on the loop's thread once the loop runs."""
         if target.pid in self._attached:
