@@ -188,6 +188,19 @@ class FaultSchedule:
         self._stop.wait(SETTLE_S)
 
 
+def write_fault_windows(path: str, windows: Sequence[FaultWindow],
+                       rank_of: dict[int, int]) -> None:
+    """The injected fault windows (CLOCK_MONOTONIC ns) as JSON, for an offline replay of
+    a ``--record`` recording (``bench/detector_sim.py --faults``)."""
+    import json
+
+    doc = {"ranks": {str(pid): rank for pid, rank in rank_of.items()},
+           "faults": [{"type": w.type, "intensity": w.intensity, "start_ns": w.start_ns,
+                       "end_ns": w.end_ns, "effect": w.effect} for w in windows]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
 def score_rows(judged: dict[int, list[tuple[int, int, bool]]], rank_of: dict[int, int],
                windows: Sequence[FaultWindow]) -> list[Any]:
     """Each judged iteration scored as abnormal when it overlaps a fault window."""
@@ -241,6 +254,7 @@ def cmd_eval_target(args: Any) -> int:
         _companion_profiles,
         _percentiles,
         _pick_profile,
+        _span_recorder,
     )
     from prism_tui.engine.evaluate import (
         alert_episodes,
@@ -258,9 +272,8 @@ def cmd_eval_target(args: Any) -> int:
 
     if args.faults is None:
         raise UsageError("a live target needs --faults FILE (a timeline of [[fault]] tables)")
-    if args.overhead or args.record or args.labels:
-        raise UsageError("--overhead, --record and --labels go with --scenario, not a live "
-                         "target")
+    if args.overhead:
+        raise UsageError("--overhead goes with --scenario, not a live target")
     specs = load_fault_timeline(args.faults)
     settings = load_settings(None, overrides={
         "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
@@ -287,12 +300,17 @@ def cmd_eval_target(args: Any) -> int:
             schedule.ready.set()  # the timeline starts with the baseline
 
     engine = settings.engine
+    recorder = _span_recorder(args.record)
     monitor = Monitor(targets, profile, extra_profiles=_companion_profiles(targets[0], profile),
                       rule=engine.detector_rule, warmup=engine.warmup_iterations,
                       warmup_s=engine.warmup_s, holds=engine.episode_holds(),
-                      on_observation=on_observation, telemetry=True)
+                      on_observation=on_observation, telemetry=True,
+                      on_spans=recorder.add if recorder else None,
+                      on_run_queue=recorder.add_run_queue if recorder else None)
     with tempfile.TemporaryDirectory(prefix="prism-eval-") as tmp, \
             contextlib.ExitStack() as stack:
+        if recorder is not None:
+            stack.callback(recorder.discard)  # a run that fails leaves no temp file
         broker_url = args.broker
         if broker_url is None:
             broker_url = stack.enter_context(EmbeddedBroker().start()).url
@@ -308,6 +326,11 @@ def cmd_eval_target(args: Any) -> int:
         schedule.stop()
         duration = (time.monotonic_ns() - started_ns) / 1e9
         alerts = list(monitor.alerts)
+        if recorder is not None:
+            n = recorder.close(monitor.recorded_processes())
+            print(f"prism eval: {n} spans saved to {recorder.path}", file=sys.stderr)
+    if args.labels:
+        write_fault_windows(args.labels, schedule.windows, rank_of)
     if schedule.error is not None and not schedule.windows:
         raise UsageError(f"no fault could be injected: {schedule.error}")
     origin_ns = schedule.origin_ns or started_ns
