@@ -13,6 +13,10 @@ the run-to-run noise of a 2-vCPU VM.
     .venv/bin/python bench/detector_sim.py --spans /tmp/paper.spans.gz \\
         --labels /tmp/paper.labels.jsonl [--warmup 1000] [--json]
 
+A live target's run (``prism eval --pid P --faults F --record SPANS --labels WINDOWS``,
+or ``bench/eval_llama.py --record PREFIX``) replays with ``--faults WINDOWS`` instead of
+``--labels``: an iteration is abnormal when it overlaps an injected fault window.
+
 Fits run inline at the iteration that completes the warm-up (live, they run in an
 executor and a few iterations pass before the model is installed), so absolute figures
 differ slightly from the live run's.
