@@ -31,6 +31,7 @@ import argparse
 import csv
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,11 +40,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from detector_variants import PRISM_BEFORE_1206, PRISM_BEFORE_1206_FIRE  # noqa: E402
+
 from prism_tui.engine.detector import (  # noqa: E402
     RULES,
     BaselineModel,
     Detector,
     DetectorRule,
+    FirePolicy,
     FittedBaseline,
     compute_ucl,
     feature_matrix,
@@ -125,13 +129,15 @@ class Score:
 
 
 def run_stream(
-    fb: FittedBaseline, obs: np.ndarray, pred: np.ndarray, hysteresis: bool, score: Score
+    fb: FittedBaseline, obs: np.ndarray, pred: np.ndarray, hysteresis: bool, score: Score,
+    fire: Callable[[DetectorRule], FirePolicy] = FirePolicy,
 ) -> None:
     det = Detector(
         rule=fb.rule,
         warmup=2,
         hysteresis=0.8 if hysteresis else 1.0,
         resolve_after=10 if hysteresis else 1,
+        fire_policy=fire,
     )
     det.install(fb)
     first: int | None = None
@@ -181,18 +187,13 @@ def main() -> None:
     rules: dict[str, DetectorRule] = {
         "paper": RULES["paper"],
         "prism": RULES["prism"],
-        "prism before 2026-12-06": replace(
-            RULES["prism"], name="prism before 2026-12-06", window=5, smoothing="mean",
-            event_factor=None, ucl_floor=0.22, fast_fire=2, fast_fire_level=1.3,
-            form="gbdt"),
+        "prism before 2026-12-06": PRISM_BEFORE_1206,
     }
+    fires = {"prism before 2026-12-06": PRISM_BEFORE_1206_FIRE}
     if args.explore:
         rules.update(
             {
                 "paper+log": replace(RULES["paper"], name="paper+log", target="log"),
-                "paper+holdout": replace(
-                    RULES["paper"], name="paper+holdout", calibration="holdout"
-                ),
                 "log+holdout 3σ": replace(
                     RULES["prism"], name="log+holdout 3σ", ucl_method="sigma"
                 ),
@@ -283,7 +284,8 @@ def main() -> None:
                     pred = np.concatenate([pt[normal], pt[other]])
                 for hyst in (False, True):
                     s = results.setdefault((name, sc, hyst), Score(lags=[]))
-                    run_stream(fbs[name], obs, pred, hyst, s)
+                    run_stream(fbs[name], obs, pred, hyst, s,
+                               fires.get(name, FirePolicy))
 
     print(
         "| rule | alerting | scenario | precision | recall | F1 | FPR | lag (iter) | "

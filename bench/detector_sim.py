@@ -13,6 +13,10 @@ the run-to-run noise of a 2-vCPU VM.
     .venv/bin/python bench/detector_sim.py --spans /tmp/paper.spans.gz \\
         --labels /tmp/paper.labels.jsonl [--warmup 1000] [--json]
 
+A live target's run (``prism eval --pid P --faults F --record SPANS --labels WINDOWS``,
+or ``bench/eval_llama.py --record PREFIX``) replays with ``--faults WINDOWS`` instead of
+``--labels``: an iteration is abnormal when it overlaps an injected fault window.
+
 Fits run inline at the iteration that completes the warm-up (live, they run in an
 executor and a few iterations pass before the model is installed), so absolute figures
 differ slightly from the live run's.
@@ -25,16 +29,25 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from detector_variants import PRISM_BEFORE_1206, PRISM_BEFORE_1206_FIRE, fast_fire
+
 from prism_sim.labels import IterationRecord, read_labels
 from prism_tui.engine.core import DetectionConfig, Engine, Observation, workload_of
-from prism_tui.engine.detector import RULES, Detector, DetectorRule, Verdict, Workload
+from prism_tui.engine.detector import (
+    RULES,
+    Detector,
+    DetectorRule,
+    FirePolicy,
+    Verdict,
+    Workload,
+)
 from prism_tui.engine.episodes import EpisodeGate, EpisodeHolds
 from prism_tui.engine.evaluate import (
     AlertEpisode,
@@ -46,6 +59,7 @@ from prism_tui.engine.evaluate import (
     score_episodes,
 )
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
+from prism_tui.eval_target import FaultWindow
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,39 @@ def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[
     return steps, info
 
 
+def _rebuild_live(spans_path: str, faults_path: str
+                  ) -> tuple[list[DecodeStep], dict[str, Any]]:
+    """Replay a live target's recording; decode iterations marked abnormal when they
+    overlap an injected fault window (as ``prism eval --pid`` scores them)."""
+    procs, spans = load_spans(spans_path)
+    clock = ReplayClock(spans[0].start_ns if spans else 0)
+    seen: dict[int, list[tuple[int, float, Workload]]] = {}
+
+    def on_observation(obs: Observation) -> None:
+        it = obs.iteration
+        if it.phase == "decode":
+            seen.setdefault(it.pid, []).append((it.end_ns, it.latency_ms, workload_of(it)))
+
+    engine = Engine(rule="paper", warmup=10**12, clock=clock, on_observation=on_observation)
+    replay(engine, clock, procs, spans)
+    with open(faults_path) as f:
+        doc = json.load(f)
+    rank_of = {int(pid): rank for pid, rank in doc["ranks"].items()}
+    windows = [FaultWindow(w["type"], w["intensity"], w["start_ns"], w["end_ns"],
+                           w.get("effect")) for w in doc["faults"]]
+    steps: list[DecodeStep] = []
+    for pid, items in sorted(seen.items()):
+        for t, lat, w in items:
+            start = t - int(lat * 1e6)
+            fault = any(fw.start_ns < t and start < fw.end_ns for fw in windows)
+            steps.append(DecodeStep(rank_of.get(pid, 0), t, lat, w, fault,
+                                    round(w.batch_size), round(w.kv_len)))
+    info: dict[str, Any] = {"spans": len(spans), "iterations": len(steps),
+                            "fault_iterations": sum(s.fault for s in steps),
+                            "faults": windows}
+    return steps, info
+
+
 def observe(det: Detector, s: DecodeStep) -> Verdict | None:
     """One iteration, then the refit the engine would start (inline here)."""
     v = det.observe(s.end_ns, s.latency_ms, s.workload)
@@ -112,7 +159,8 @@ def observe(det: Detector, s: DecodeStep) -> Verdict | None:
 
 def run_rule(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int,
              warmup_s: float = 0.0, faults: Sequence[FaultLike] = (),
-             holds: EpisodeHolds | None = None) -> dict[str, Any]:
+             holds: EpisodeHolds | None = None,
+             fire: Callable[[DetectorRule], FirePolicy] = FirePolicy) -> dict[str, Any]:
     """One rule over every rank's iterations (a detector per rank), scored per iteration
     and, with the engine's alert episodes (``holds``), per episode."""
     rows: list[Scored] = []
@@ -123,7 +171,7 @@ def run_rule(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int,
     ucls = []
     t0 = time.perf_counter()
     for rank in sorted({s.rank for s in steps}):
-        det = Detector(rule=rule, warmup=warmup, warmup_s=warmup_s)
+        det = Detector(rule=rule, warmup=warmup, warmup_s=warmup_s, fire_policy=fire)
         gate = EpisodeGate(holds)
         fault_end: int | None = None
         prev_fault = False
@@ -181,20 +229,16 @@ def false_alarm_context(steps: Sequence[DecodeStep], rule: DetectorRule, warmup:
 VARIANTS: dict[str, DetectorRule] = {
     "paper": RULES["paper"],
     "prism": RULES["prism"],
-    "prism before 2026-12-06": dataclasses.replace(
-        RULES["prism"], window=5, smoothing="mean", event_factor=None, ucl_floor=0.22,
-        fast_fire=2, fast_fire_level=1.3, form="gbdt"),
+    "prism before 2026-12-06": PRISM_BEFORE_1206,
 }
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
     "prism before 2026-12-04 evening (leaves of 1 row, no fast firing)":
-        dataclasses.replace(_PRISM, min_samples_leaf=1, fast_fire=0),
+        dataclasses.replace(_PRISM, min_samples_leaf=1),
     "prism, leaves of 1 row": dataclasses.replace(_PRISM, min_samples_leaf=1),
     "prism, leaves of 50 rows": dataclasses.replace(_PRISM, min_samples_leaf=50),
-    "prism, no fast firing": dataclasses.replace(_PRISM, fast_fire=0),
-    "prism, 2 raw errors above 1.2 x UCL fire": dataclasses.replace(
-        _PRISM, fast_fire=2, fast_fire_level=1.2),
+    "prism, 2 raw errors above 1.2 x UCL fire": _PRISM,
     "prism, 2 raw errors below 0.1 x UCL resolve": dataclasses.replace(
         _PRISM, resolve_clear=0.1, clear_after=2),
     "prism, trained range from min to max (before 2026-12-04)": dataclasses.replace(
@@ -230,10 +274,6 @@ EXPLORE: dict[str, DetectorRule] = {
         _PRISM, refit_ucl_growth=None),
     "prism, refits narrow the limit to 0.9 x the warm-up's": dataclasses.replace(
         _PRISM, refit_ucl_growth=0.9),
-    "prism before (random 20 % hold-out, q99.5, W10, resolve 10)": dataclasses.replace(
-        _PRISM, calibration="holdout", quantile=0.995, ucl_scale=1.0, window=10,
-        resolve_after=10),
-    "prism, random 20 % hold-out": dataclasses.replace(_PRISM, calibration="holdout"),
     "prism, W10": dataclasses.replace(_PRISM, window=10),
     "prism, q99.5": dataclasses.replace(_PRISM, quantile=0.995),
     "prism, ×1.0": dataclasses.replace(_PRISM, ucl_scale=1.0),
@@ -245,11 +285,20 @@ EXPLORE: dict[str, DetectorRule] = {
     "prism, resolve 5": dataclasses.replace(_PRISM, resolve_after=5),
 }
 
+FIRE_POLICIES: dict[str, Callable[[DetectorRule], FirePolicy]] = {
+    "prism before 2026-12-06": PRISM_BEFORE_1206_FIRE,
+    "prism, 2 raw errors above 1.2 x UCL fire": fast_fire(2, 1.2),
+}
+"""Variants whose firing policy is not the rule's own (detector_variants.py)."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spans", required=True, help="recording from prism eval --record")
-    ap.add_argument("--labels", required=True, help="labels from prism eval --labels")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", help="labels from prism eval --scenario ... --labels")
+    src.add_argument("--faults", help="fault windows from prism eval --pid ... --labels "
+                     "(a live target)")
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--warmup-s", type=float, default=0.0,
                     help="... or seconds, whichever first (prism watch: 10; default 0 here, "
@@ -260,14 +309,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    steps, info = _rebuild(args.spans, args.labels)
+    steps, info = (_rebuild(args.spans, args.labels) if args.labels
+                   else _rebuild_live(args.spans, args.faults))
     info["rebuild_s"] = round(time.perf_counter() - t0, 1)
     rules = {name: VARIANTS[name] for name in args.rules}
     if args.explore:
         rules |= EXPLORE
     faults = info.pop("faults")
     results = [run_rule(steps, dataclasses.replace(rule, name=name), args.warmup,
-                        args.warmup_s, faults)
+                        args.warmup_s, faults, fire=FIRE_POLICIES.get(name, FirePolicy))
                for name, rule in rules.items()]
     if args.json:
         print(json.dumps({"input": info, "results": results}, indent=2))

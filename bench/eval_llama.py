@@ -81,11 +81,18 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--record", metavar="PREFIX", help="keep the spans (PREFIX.spans.gz) and "
+                    "the fault windows (PREFIX.faults.json) for an offline replay: "
+                    "bench/detector_sim.py --spans ... --faults ...")
+    ap.add_argument("--eval-args", default="", help="more arguments for prism eval "
+                    "(e.g. '--rule paper')")
     args = ap.parse_args()
     if not llama_cpp_importable():
         print("eval_llama: llama-cpp-python is not installed (`make venv` builds it)",
               file=sys.stderr)
         return 2
+    record = ([] if args.record is None else
+              ["--record", f"{args.record}.spans.gz", "--labels", f"{args.record}.faults.json"])
     total_s = 600.0 + len(FAULTS) * (args.on_s + args.gap_s)
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_llama(Path(tmp) / "tiny-llama.gguf")
@@ -101,7 +108,8 @@ def main() -> int:
             load.start()
             result = subprocess.run(
                 [sys.executable, "-m", "prism_tui.cli", "eval", "--pid", str(server.pid),
-                 "--faults", str(faults), "--profile", "llama_cpp", "--json"],
+                 "--faults", str(faults), "--profile", "llama_cpp", "--json", *record,
+                 *args.eval_args.split()],
                 capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         print(f"eval_llama: prism eval failed: {result.stderr.strip()}", file=sys.stderr)

@@ -189,6 +189,19 @@ class FaultSchedule:
         self._stop.wait(SETTLE_S)
 
 
+def write_fault_windows(path: str, windows: Sequence[FaultWindow],
+                       rank_of: dict[int, int]) -> None:
+    """The injected fault windows (CLOCK_MONOTONIC ns) as JSON, for an offline replay of
+    a ``--record`` recording (``bench/detector_sim.py --faults``)."""
+    import json
+
+    doc = {"ranks": {str(pid): rank for pid, rank in rank_of.items()},
+           "faults": [{"type": w.type, "intensity": w.intensity, "start_ns": w.start_ns,
+                       "end_ns": w.end_ns, "effect": w.effect} for w in windows]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
 def score_rows(judged: dict[int, list[tuple[int, int, bool]]], rank_of: dict[int, int],
                windows: Sequence[FaultWindow]) -> list[Any]:
     """Each judged iteration scored as abnormal when it overlaps a fault window."""
@@ -220,16 +233,21 @@ def cmd_eval_target(args: Any) -> int:
     from prism_tui.engine.monitor import MonitorConfig, Observation
     from prism_tui.errors import UsageError
     from prism_tui.evaluation import percentiles, run_and_receive
-    from prism_tui.session import SessionSpec, build_session, companion_profiles, pick_profile
+    from prism_tui.session import (
+        SessionSpec,
+        build_session,
+        companion_profiles,
+        pick_profile,
+        span_recorder,
+    )
     from prism_tui.settings import load_settings
     from probes.perf import check_permission
     from probes.target import resolve_target
 
     if args.faults is None:
         raise UsageError("a live target needs --faults FILE (a timeline of [[fault]] tables)")
-    if args.overhead or args.record or args.labels:
-        raise UsageError("--overhead, --record and --labels go with --scenario, not a live "
-                         "target")
+    if args.overhead:
+        raise UsageError("--overhead goes with --scenario, not a live target")
     specs = load_fault_timeline(args.faults)
     settings = load_settings(None, overrides={
         "engine.detector_rule": args.rule, "engine.warmup_iterations": args.warmup,
@@ -256,8 +274,11 @@ def cmd_eval_target(args: Any) -> int:
             schedule.ready.set()  # the timeline starts with the baseline
 
     engine = dataclasses.replace(settings.engine, slo=())  # scored on the detector alone
+    recorder = span_recorder(args.record)
     with tempfile.TemporaryDirectory(prefix="prism-eval-") as tmp, \
             contextlib.ExitStack() as stack:
+        if recorder is not None:
+            stack.callback(recorder.discard)  # a run that fails leaves no temp file
         broker_url = args.broker
         if broker_url is None:
             broker_url = stack.enter_context(EmbeddedBroker().start()).url
@@ -265,7 +286,7 @@ def cmd_eval_target(args: Any) -> int:
                            engine=engine, monitor=MonitorConfig(),
                            broker=BrokerConfig(url=broker_url),
                            outbox_path=os.path.join(tmp, "outbox.sqlite"))
-        live = build_session(spec, observer=on_observation)
+        live = build_session(spec, observer=on_observation, recorder=recorder)
         monitor = live.monitor
         stack.callback(live.close)
         guard = start_guard(session_name, pids)
@@ -278,6 +299,11 @@ def cmd_eval_target(args: Any) -> int:
         schedule.stop()
         duration = (time.monotonic_ns() - started_ns) / 1e9
         alerts = list(monitor.alerts)
+        if recorder is not None:
+            n = recorder.close(monitor.recorded_processes())
+            print(f"prism eval: {n} spans saved to {recorder.path}", file=sys.stderr)
+    if args.labels:
+        write_fault_windows(args.labels, schedule.windows, rank_of)
     if schedule.error is not None and not schedule.windows:
         raise UsageError(f"no fault could be injected: {schedule.error}")
     origin_ns = schedule.origin_ns or started_ns

@@ -171,3 +171,13 @@ def companion_profiles(target: Target, main: Profile) -> list[Profile]:
         if place_profile(target, profile, "sentinel").sites:
             out.append(profile)
     return out
+
+
+def span_recorder(path: str | None) -> SpanRecorder | None:
+    """A streaming span recorder for ``--record`` (None without it); bad paths are usage errors."""
+    if path is None:
+        return None
+    try:
+        return SpanRecorder(path)
+    except OSError as exc:
+        raise UsageError(f"cannot record to {path}: {exc.strerror or exc}") from None

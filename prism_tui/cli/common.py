@@ -54,18 +54,6 @@ def broker_config(mqtt: Any) -> Any:
                         client_id=mqtt.client_id, topic_root=mqtt.topic_root)
 
 
-def span_recorder(path: str | None) -> Any:
-    """A streaming span recorder for ``--record`` (None without it); bad paths are usage errors."""
-    if path is None:
-        return None
-    from prism_tui.engine.recording import SpanRecorder
-
-    try:
-        return SpanRecorder(path)
-    except OSError as exc:
-        raise UsageError(f"cannot record to {path}: {exc.strerror or exc}") from None
-
-
 def target_args(sp: argparse.ArgumentParser) -> None:
     """``--pid PID`` or ``--match REGEX``, one of them required."""
     g = sp.add_mutually_exclusive_group(required=True)

@@ -17,7 +17,6 @@ from prism_tui.cli.common import (
     UsageError,
     favour_the_loop,
     realtime_arg,
-    span_recorder,
     try_realtime,
 )
 from prism_tui.evaluation import fault_scores, percentiles, run_and_receive, throughput
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from prism_tui.engine.monitor import MonitorConfig, Observation
     from prism_tui.scheduling import request_short_slice
-    from prism_tui.session import SessionSpec, build_session
+    from prism_tui.session import SessionSpec, build_session, span_recorder
     from prism_tui.settings import load_settings
     from prism_tui.sim_child import SimChild
     from probes.catalog import load_profile

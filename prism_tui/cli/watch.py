@@ -15,7 +15,6 @@ from prism_tui.cli.common import (
     broker_config,
     favour_the_loop,
     realtime_arg,
-    span_recorder,
     target_args,
     try_realtime,
 )
@@ -75,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         companion_profiles,
         pick_profile,
         run_headless,
+        span_recorder,
     )
     from probes.governor import calibrate
     from probes.perf import check_permission
