@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from prism_tui.engine.core import DetectionConfig
-from prism_tui.engine.monitor import RESCAN_S, Monitor, MonitorConfig, Observation, Subscribers
+from prism_tui.engine.monitor import Monitor, MonitorConfig, Observation, Subscribers
+from prism_tui.engine.rescan import RESCAN_S
 from prism_tui.engine.view import EngineView
 from prism_tui.history.store import HistoryStore
 from prism_tui.live import LiveSession

@@ -1,17 +1,16 @@
 """The monitor, the engine's I/O side: live uprobe sessions feeding the pure
 :class:`~prism_tui.engine.core.Engine` (which reads no clock, file or socket itself).
 
-Its parts: attachment (attach, detach, ``--match`` rescans, anchor discovery) and the
-loop are here; DeepDive's escalation is :mod:`prism_tui.engine.escalation`, telemetry
-polling :mod:`prism_tui.engine.telemetry_poll`. One asyncio loop moves data only: per
-target a uprobe session (its anchor probe urgent, so an iteration's end reaches the loop
-within a millisecond) whose spans go to the engine.
-A profile that names no anchor gets one from its own spans: they are held for a discovery
-phase until :func:`~prism_tui.engine.anchors.choose_anchor` accepts a probe, then fed to
-the engine with that anchor, so no span is lost.
-Telemetry is sampled once a second in an executor; views and snapshots are built a few
-times per second. With ``match`` the monitor re-attaches when a matching process appears
-after the watched one exited. Its subscribers (:class:`Subscribers`: alert sinks,
+The monitor is the loop that composes its parts, each a module: attachment
+(:mod:`~prism_tui.engine.attachment`: a target's probes opened), ``--match`` rescans
+(:mod:`~prism_tui.engine.rescan`), anchor discovery
+(:mod:`~prism_tui.engine.anchor_discovery`), the overhead governor
+(:mod:`~prism_tui.engine.governing`), DeepDive's escalation
+(:mod:`~prism_tui.engine.escalation`) and telemetry polling
+(:mod:`~prism_tui.engine.telemetry_poll`). One asyncio loop moves data only: per target a
+uprobe session (its anchor probe urgent, so an iteration's end reaches the loop within a
+millisecond) whose spans go to the engine. Views and snapshots are built a few times per
+second. Its subscribers (:class:`Subscribers`: alert sinks,
 observers, views, notices) are given once, at construction; sinks are a protocol, so the
 alert path plugs in without the engine importing it.
 """
@@ -27,7 +26,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from prism_tui.engine.anchors import AnchorChoice, choose_anchor
+from prism_tui.engine.anchor_discovery import AnchorDiscovery
+from prism_tui.engine.anchors import AnchorChoice
 from prism_tui.engine.attachment import (
     Attached,
     detector_probes,
@@ -47,19 +47,16 @@ from prism_tui.engine.core import (
 )
 from prism_tui.engine.devices import NvmlDevices
 from prism_tui.engine.escalation import DeepDive
+from prism_tui.engine.governing import GOVERN_S, Governing
 from prism_tui.engine.recording import RecordedProcess
+from prism_tui.engine.rescan import Opened, Rescanner
 from prism_tui.engine.telemetry_poll import TELEMETRY_S, TelemetryPoller
 from prism_tui.engine.trace_export import write_chrome_trace
-from prism_tui.engine.view import (
-    Candidate,
-    GovernorAction,
-    GovernorStatus,
-    TelemetryValue,
-)
+from prism_tui.engine.view import Candidate, TelemetryValue
 from probes.backend import ProbeSession
 from probes.catalog import Profile
 from probes.errors import ProbeError
-from probes.governor import DEFAULT_COSTS, GovernorDecision, OverheadGovernor
+from probes.governor import GovernorDecision
 from probes.placement import Placement
 from probes.target import Target, find_targets
 from probes.telemetry import thread_runqueue_ns
@@ -72,16 +69,6 @@ INFERENCE_PATTERN = (r"vllm|sglang|llama[-_.]?(server|cpp|cli)|text-generation|t
                      r"tritonserver|lmdeploy|trtllm|tensorrt|ollama|torchrun|prism_sim|"
                      r"python[\d.]* .*(serve|infer|generate)")
 """Command lines that look like inference servers (the process picker's list)."""
-RESCAN_S = 1.0
-"""How often ``--match`` looks for new processes (a ``/proc`` scan: ~6 ms on the loop)."""
-RESCAN_AFTER_EXIT_S = 0.2
-"""The rescan period while nothing is attached, and for FAST_RESCAN_FOR_S after a
-watched process exited: a restarted server is re-attached well within a second."""
-FAST_RESCAN_FOR_S = 10.0
-DISCOVERY_CHECK_S = 0.5
-"""How often the spans held while no anchor is known are ranked (see _discover)."""
-GOVERN_S = 1.0
-"""How often each target's overhead governor closes a window and decides."""
 
 _T = TypeVar("_T")
 
@@ -128,52 +115,38 @@ class Monitor:
         self.probing = probing = probing or ProbingConfig()
         config = config or MonitorConfig()
         subscribers = subscribers or Subscribers()
-        run_queue_stage = config.run_queue_stage
-        anchor_discovery_s = config.anchor_discovery_s
-        mode, costs = probing.mode, probing.costs
-        overhead_budget, governor_action = probing.overhead_budget, probing.governor_action
-        ring_pages, drain_interval_s = probing.ring_pages, probing.drain_interval_s
-        telemetry, escalation_s = config.telemetry, config.escalation_s
-        snapshot_interval_s = config.snapshot_interval_s
-        on_snapshot, on_view = subscribers.snapshot, subscribers.view
-        self.run_queue_stage = run_queue_stage
+        self.run_queue_stage = config.run_queue_stage
         self.profile = profile
         self.extra_profiles = list(extra_profiles)
         self.anchor: str | None = profile.anchor
-        self.anchor_choice: AnchorChoice | None = None
-        """The discovered anchor with its cycle and reason (None: named, or not yet)."""
-        self.anchor_discovery_s = anchor_discovery_s
-        self._held: list[Span] | None = None if profile.anchor is not None else []
-        self._discovery_deadline: float | None = None
-        self._next_discovery = 0.0
-        self.mode = mode
         self.match = match
-        self.costs = costs
-        self.overhead_budget = overhead_budget
-        self.governor_action = governor_action
-        if overhead_budget is not None:  # a bad value fails here, not at the first window
-            OverheadGovernor([], costs or DEFAULT_COSTS, lambda i: None, lambda i: None,
-                             budget=overhead_budget, action=governor_action)
-        self.ring_pages = ring_pages
-        self.drain_interval_s = drain_interval_s
+        self.telemetry = config.telemetry
+        self.on_snapshot, self.on_view = subscribers.snapshot, subscribers.view
+        self.snapshot_interval_s = config.snapshot_interval_s
         self._backend_noticed = False
-        self.governor_decisions: list[tuple[int, GovernorDecision, float]] = []
-        """(pid, decision, epoch seconds) of every governor decision, in order."""
-        self.telemetry = telemetry
-        self.on_snapshot = on_snapshot
-        self.on_view = on_view
-        self.snapshot_interval_s = snapshot_interval_s
         self.engine = Engine(detection, sinks=subscribers.alerts,
                              on_observation=subscribers.observation,
                              on_spans=subscribers.spans, on_run_queue=subscribers.run_queue,
                              escalate=lambda alert: self.deepdive.on_alert(alert),
                              on_notice=subscribers.notice, clock=clock)
+        self._notice = self.engine.notice
+        self.governing = Governing(probing, count=self.engine.count_governor_decision,
+                                   notice=self._notice)
+        """The overhead governor of every target (:mod:`~prism_tui.engine.governing`)."""
+        self._discovery = None if profile.anchor is not None else AnchorDiscovery(
+            profile.name, config.anchor_discovery_s, notice=self._notice)
+        """The spans held until an anchor is chosen (None: the profile names one)."""
+        self._rescanner = None if match is None else Rescanner(
+            match, open_target=self._open, adopt=self._adopt,
+            in_background=self._in_background, notice=self._notice)
+        """``--match``'s rescans (None without a pattern)."""
         self.placements: list[Placement] = []
-        self.escalation_s = escalation_s
+        self.escalation_s = config.escalation_s
         self.deepdive = DeepDive(self.engine, [profile, *self.extra_profiles],
-                                 escalation_s=escalation_s, mode=mode, ring_pages=ring_pages,
-                                 drain_interval_s=drain_interval_s, backend=probing.backend,
-                                 in_background=self._in_background)
+                                 escalation_s=config.escalation_s, mode=probing.mode,
+                                 ring_pages=probing.ring_pages,
+                                 drain_interval_s=probing.drain_interval_s,
+                                 backend=probing.backend, in_background=self._in_background)
         """The escalation: deeper probes on a target while its alert fires."""
         self._attached: dict[int, Attached] = {}
         self._ever_attached: dict[int, RecordedProcess] = {}  # a recording's header
@@ -182,12 +155,6 @@ class Monitor:
         self._closed = False
         self._close_lock = threading.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
-        self._fast_rescan_until = 0.0
-        """Until when (monotonic s) ``--match`` rescans every RESCAN_AFTER_EXIT_S."""
-        self._attaching: set[int] = set()
-        """Matching pids whose probes a thread is opening (see :meth:`_reattach`)."""
-        self._unattachable: dict[int, str] = {}
-        """Matching pids that failed to attach, with the reason last said in a notice."""
         self._nvml_devices: NvmlDevices | None = None
         """The default :attr:`device_of`: NVML's process list, else the environment."""
         self._nvml_noticed = False
@@ -203,11 +170,30 @@ class Monitor:
             self.close()
             raise
 
-    # ------------------------------------------------------------------ compatibility
     @property
     def alerts(self) -> list[AlertEvent]:
         """Every alert state change so far."""
         return self.engine.alerts
+
+    @property
+    def anchor_choice(self) -> AnchorChoice | None:
+        """The discovered anchor with its cycle and reason (None: named, or not yet)."""
+        return None if self._discovery is None else self._discovery.choice
+
+    @property
+    def governor_decisions(self) -> list[tuple[int, GovernorDecision, float]]:
+        """(pid, decision, epoch seconds) of every governor decision, in order."""
+        return self.governing.decisions
+
+    @property
+    def overhead_budget(self) -> float | None:
+        """The governor's share of each target's CPU (None: not governed)."""
+        return self.governing.budget
+
+    @property
+    def governor_action(self) -> str:
+        """What the governor does over budget (``detach`` or ``duty-cycle``)."""
+        return self.governing.action
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self, target: Target) -> Attached:
@@ -218,7 +204,7 @@ class Monitor:
             session.close()
             raise
 
-    def _open(self, target: Target) -> tuple[ProbeSession, list[Placement], str]:
+    def _open(self, target: Target) -> Opened:
         """The blocking half of an attach (ELF lookups, perf events, the device label from
         NVML's process list): any thread."""
         return open_sentinels(target, [self.profile, *self.extra_profiles], self.anchor,
@@ -228,7 +214,7 @@ class Monitor:
         """Say once that ``auto`` fell back to the perf backend, and why (any thread)."""
         if not self._backend_noticed:
             self._backend_noticed = True
-            self.engine.notice(why)
+            self._notice(why)
 
     def _register(self, target: Target, session: ProbeSession,
                   placements: list[Placement], device: str) -> Attached:
@@ -239,7 +225,7 @@ class Monitor:
         self.placements.extend(placements)
         att = self._attached[target.pid] = Attached(target, session, placements, device,
                                                      frozenset(session.urgent))
-        if self.anchor is not None:  # else once one is chosen (see _discover)
+        if self.anchor is not None:  # else once one is chosen (see _discovered)
             self._watch(att)
         if self._new is not None:
             self._new.put_nowait(att)
@@ -256,12 +242,15 @@ class Monitor:
                           phase_rule=self.profile.phase_rule,
                           probes=probe_statuses(att.placements, {}))
         self._ever_attached[pid] = self._recorded_process(pid, att)
-        if self.overhead_budget is not None and att.governor is None:
-            att.governor = OverheadGovernor(
-                att.session.sites, self.costs or DEFAULT_COSTS, att.session.detach_site,
-                att.session.reattach_site, budget=self.overhead_budget,
-                action=self.governor_action, anchor=self.anchor, urgent=att.urgent,
-                protected=detector_probes(self.profile, att.session.sites))
+        self.governing.equip(att, self.anchor, self.profile)
+
+    def _adopt(self, target: Target, opened: Opened) -> bool:
+        """Watch a target a rescan opened (on the loop); False when the loop stopped or
+        it was picked meanwhile (the caller closes its session)."""
+        if self._loop is None or target.pid in self._attached:
+            return False
+        self._register(target, *opened)
+        return True
 
     def _notice_nvml(self) -> None:
         """Say once why device labels come from process environments, not NVML."""
@@ -269,7 +258,7 @@ class Monitor:
         if nvml is None or self._nvml_noticed or nvml.unavailable_reason is None:
             return
         self._nvml_noticed = True
-        self.engine.notice("device labels from process environments: NVML unavailable "
+        self._notice("device labels from process environments: NVML unavailable "
                            f"({nvml.unavailable_reason})")
 
     def _on_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -305,7 +294,7 @@ class Monitor:
             self._attach(Target(pid))
         except (ProbeError, ValueError, OSError) as exc:
             return str(exc)
-        self.engine.notice(f"attached to pid {pid}")
+        self._notice(f"attached to pid {pid}")
         return None
 
     def detach(self, pid: int) -> None:
@@ -433,8 +422,8 @@ class Monitor:
         failures: list[BaseException] = []
 
         def on_spans(pid: int, spans: list[Span]) -> None:
-            if self._held is not None:  # no anchor yet: _discover feeds them later
-                self._held.extend(spans)
+            if self.anchor is None and self._discovery is not None:  # fed once chosen
+                self._discovery.hold(spans)
                 return
             # in the rings' reader callback: an alert leaves before the callback returns,
             # after the other targets' finished iterations are judged (see alerts_held)
@@ -460,12 +449,11 @@ class Monitor:
         for att in self._attached.values():
             self._new.put_nowait(att)
         deadline = None if duration_s is None else time.monotonic() + duration_s
-        if self._held is not None:
-            self._discovery_deadline = time.monotonic() + self.anchor_discovery_s
-            self._next_discovery = time.monotonic() + DISCOVERY_CHECK_S
-            self.engine.notice(f"profile {self.profile.name!r} names no iteration anchor: "
-                               "choosing one from its spans")
-        last_view = last_rescan = last_telemetry = last_govern = time.monotonic()
+        last_view = last_telemetry = last_govern = time.monotonic()
+        if self.anchor is None and self._discovery is not None:
+            self._discovery.start(last_view)
+        if self._rescanner is not None:
+            self._rescanner.start(last_view)
         telemetry_task: asyncio.Future[list[TelemetryValue]] | None = None
         view_task: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
@@ -499,17 +487,16 @@ class Monitor:
                 if self.deepdive.active:
                     self.deepdive.expire()
                 now = time.monotonic()
-                if self._held is not None and now >= self._next_discovery:
-                    self._next_discovery = now + DISCOVERY_CHECK_S
-                    self._discover(now)
+                if self.anchor is None and self._discovery is not None:
+                    held = self._discovery.check(now)
+                    if held is not None:
+                        self._discovered(held)
                 if now - last_govern >= GOVERN_S:
                     last_govern = now
-                    self._govern()
-                if self.match is not None and now - last_rescan >= (
-                        RESCAN_AFTER_EXIT_S if not self._attached
-                        or now < self._fast_rescan_until else RESCAN_S):
-                    last_rescan = now
-                    self._rescan()
+                    self.governing.tick(self._attached.items())
+                if self._rescanner is not None and self._rescanner.due(
+                        now, bool(self._attached)):
+                    self._rescanner.scan(self._attached.__contains__)
                 if self.telemetry:  # for the view, and the root-cause hints' metrics
                     if telemetry_task is not None and telemetry_task.done():
                         if telemetry_task.exception() is None:
@@ -544,59 +531,10 @@ class Monitor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await view_task
 
-    def _govern(self) -> None:
-        """Close a window of every target's governor; record and announce its decisions.
-
-        Detaching hands the events to the session's closer thread; restoring (and a
-        duty cycle's on-period) opens them again on this thread.
-        """
-        for pid, att in list(self._attached.items()):
-            gov = att.governor
-            if gov is None or att.session.closed:
-                continue
-            try:
-                made = gov.update(dict(att.session.kernel_hits()))
-            except (ProbeError, OSError) as exc:  # a reattach the kernel refused
-                self.engine.notice(f"governor on pid {pid}: {exc}")
-                continue
-            for d in made:
-                wall = time.time()
-                self.governor_decisions.append((pid, d, wall))
-                self.engine.count_governor_decision(pid, d.status)
-                att.recent.append(GovernorAction(d.probe, d.status, 100 * d.overhead,
-                                                 d.hits_per_s, d.cost_ns / 1000, d.reason,
-                                                 wall))
-                self.engine.notice(f"governor: {d.probe} {d.status} on pid {pid}: "
-                                   f"{d.reason}")
-
-    def _discover(self, now: float) -> None:
-        """Choose the anchor from the spans held so far, then feed them to the engine.
-
-        Until a probe qualifies (it recurs at least 20 times in a process, every 1 ms or
-        more, regularly: :func:`~prism_tui.engine.anchors.rank_anchors`) the spans stay
-        held; past ``anchor_discovery_s`` one notice says why none does, and only the
-        last ``anchor_discovery_s`` of spans are kept, so a server that was idle at
-        attach time gets its anchor once it serves.
-        """
-        held = self._held
-        assert held is not None
-        choice = choose_anchor(held)
-        if choice is None:
-            if self._discovery_deadline is not None and now >= self._discovery_deadline:
-                self._discovery_deadline = None  # say it once
-                self.engine.notice(
-                    f"no iteration anchor after {self.anchor_discovery_s:g} s: no probe of "
-                    f"{self.profile.name!r} recurred regularly every >= 1 ms in "
-                    f"{len(held)} spans; still looking (or name one with the profile's "
-                    "anchor)")
-            if self._discovery_deadline is None and held:
-                horizon = max(s.end_ns for s in held) - int(self.anchor_discovery_s * 1e9)
-                held[:] = [s for s in held if s.end_ns >= horizon]
-            return
-        self._held = None
-        self.anchor, self.anchor_choice = choice.probe, choice
-        self.engine.notice(f"iteration anchor: {choice.probe}, chosen from {len(held)} "
-                           f"spans: {choice.reason}")
+    def _discovered(self, held: list[Span]) -> None:
+        """An anchor was chosen: watch every target with it, then feed its held spans."""
+        assert self._discovery is not None and self._discovery.choice is not None
+        self.anchor = self._discovery.choice.probe
         for pid, att in self._attached.items():
             self._watch(att)
             mine = [s for s in held if s.pid == pid]
@@ -612,10 +550,11 @@ class Monitor:
         # closing a dead target's probes is seconds of kernel work: off the loop
         self._in_background(asyncio.get_running_loop().run_in_executor(None, att.session.close))
         del self._attached[pid]
-        self._fast_rescan_until = time.monotonic() + FAST_RESCAN_FOR_S  # a restart?
+        if self._rescanner is not None:
+            self._rescanner.target_exited(time.monotonic())  # a restart?
         self._poller.forget(pid)  # it would read a reused pid as exited
         self.engine.gone(pid)
-        self.engine.notice(f"pid {pid} exited" + (
+        self._notice(f"pid {pid} exited" + (
             f"; waiting for a process matching {self.match!r}" if self.match else ""))
 
     def _in_background(self, work: Awaitable[Any]) -> None:
@@ -626,51 +565,6 @@ class Monitor:
         task = asyncio.get_running_loop().create_task(wait())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-
-    def _rescan(self) -> None:
-        """Attach, in the background, every process matching ``match`` not watched yet."""
-        assert self.match is not None
-        try:
-            candidates = find_targets(self.match)
-        except (ProbeError, OSError):
-            return
-        present = {t.pid for t in candidates}
-        for pid in [p for p in self._unattachable if p not in present]:
-            del self._unattachable[pid]  # exited: a reused pid gets its notice again
-        for target in candidates:
-            if target.pid in self._attached or target.pid in self._attaching:
-                continue
-            self._attaching.add(target.pid)
-            self._in_background(self._reattach(target))
-
-    async def _reattach(self, target: Target) -> None:
-        """Open ``target``'s probes in a thread, then watch it from the loop.
-
-        Opening is ELF lookups and perf events (6-30 ms for a simulator rank with the
-        ``cuda`` and ``nccl`` profiles): on the loop it delayed every verdict. A process
-        that fails (its libraries not loaded yet, say) is tried again at the next rescan;
-        a notice says why, once per pid and reason.
-        """
-        loop = asyncio.get_running_loop()
-        try:
-            session, placements, device = await loop.run_in_executor(
-                None, self._open, target)
-        except (ProbeError, ValueError, OSError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if self._unattachable.get(target.pid) != reason:  # once per pid and reason
-                self._unattachable[target.pid] = reason
-                self.engine.notice(f"pid {target.pid} ({target.name}) matches "
-                                   f"{self.match!r} but cannot be watched: {reason}; "
-                                   "trying again every rescan")
-            return
-        finally:
-            self._attaching.discard(target.pid)
-        self._unattachable.pop(target.pid, None)
-        if self._loop is None or target.pid in self._attached:  # stopped, or picked meanwhile
-            await loop.run_in_executor(None, session.close)
-            return
-        self._register(target, session, placements, device)
-        self.engine.notice(f"re-attached to pid {target.pid} ({target.name})")
 
     async def _next_view(self) -> None:
         """Compute the view's snapshots a series at a time, then publish the view.
@@ -697,17 +591,15 @@ class Monitor:
             delta = {p: n - att.prev_hits.get(p, 0) for p, n in hits.items()}
             dt = max(1e-3, now_t - att.prev_t)
             att.prev_hits, att.prev_t = hits, now_t
-            gov = att.governor
-            costs = self.costs or DEFAULT_COSTS
+            costs = self.governing.costs
             self.engine.set_probe_status(
                 pid, probe_statuses(att.placements, delta, dt, hits,
-                                     self._governed_reasons(att)),
+                                     self.governing.governed_reasons(att)),
                 hits_per_s=sum(delta.values()) / dt, lost=att.session.dropped(),
-                overhead_pct=self._overhead_pct(att, delta, dt),
-                costs_measured=self.costs is not None and self.costs.measured,
-                costs_note=costs.note if self.costs is not None else "no hit costs given",
-                governor=None if gov is None else GovernorStatus(
-                    100 * gov.budget, gov.action, tuple(att.recent)))
+                overhead_pct=self.governing.overhead_pct(att, delta, dt),
+                costs_measured=costs is not None and costs.measured,
+                costs_note=costs.note if costs is not None else "no hit costs given",
+                governor=self.governing.status(att))
         if self.on_view is not None:
             view = self.engine.view(now_ns)
             self.on_view(view)
@@ -718,31 +610,3 @@ class Monitor:
         elif self.on_snapshot is not None:
             self.engine.sketches.tick(now_ns)
             self.on_snapshot(self.engine.sketches.snapshot(now_ns, span_s=10))
-
-    @staticmethod
-    def _governed_reasons(att: Attached) -> dict[str, tuple[str, str]]:
-        """Probe → (status, reason) of the probes the governor holds now."""
-        gov = att.governor
-        if gov is None:
-            return {}
-        last = {a.probe: a.reason for a in att.recent}
-        return {p: ("detached" if how == "detach" else "duty-cycled", last.get(p, ""))
-                for p, how in gov.governed().items()}
-
-    def _overhead_pct(self, att: Attached, delta: dict[str, int], dt: float) -> float | None:
-        """CPU share the probes cost the target over the last view: Σ hits/s × cost per
-        hit, the reader's wake-ups for urgent probes included (one per record)."""
-        if self.costs is None:
-            return None
-        ns = 0.0
-        seen: set[str] = set()
-        for placement in att.placements:
-            for site in placement.sites:
-                if site.probe in seen:  # kernel counts are per probe, all sites together
-                    continue
-                seen.add(site.probe)
-                n = delta.get(site.probe, 0)
-                calls = n / 2 if site.ret else n
-                ns += calls * self.costs.site_cost_ns(site.site, site.ret,
-                                                      site.probe in att.urgent)
-        return 100.0 * ns / (dt * 1e9)

@@ -1,0 +1,72 @@
+"""Anchor discovery: the spans of a profile that names no anchor, held until one is chosen.
+
+The monitor holds every span here (no iterations, no verdicts) and, every
+``DISCOVERY_CHECK_S``, asks :func:`~prism_tui.engine.anchors.choose_anchor` (the pure
+choice) for a probe; once one qualifies the held spans go to the engine cut at it, so
+none is lost. Past ``discovery_s`` without one, one notice says why, and only the last
+``discovery_s`` of spans are kept: a server idle at attach time gets its anchor once it
+serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prism_tui.engine.anchors import AnchorChoice, choose_anchor
+from probes.uprobes import Span
+
+DISCOVERY_CHECK_S = 0.5
+"""How often the spans held while no anchor is known are ranked."""
+
+
+class AnchorDiscovery:
+    """Spans held while no anchor is known, and the choice once made."""
+
+    def __init__(self, profile_name: str, discovery_s: float, *,
+                 notice: Callable[[str], None]) -> None:
+        """``discovery_s``: how long before the notice that none qualifies yet, and how
+        much of the spans is kept after it."""
+        self.profile_name = profile_name
+        self.discovery_s = discovery_s
+        self._notice = notice
+        self.held: list[Span] = []
+        self.choice: AnchorChoice | None = None
+        """The discovered anchor with its cycle and reason (None: not yet)."""
+        self._deadline: float | None = None
+        self._next_check = 0.0
+
+    def start(self, now: float) -> None:
+        """Begin the discovery phase (the loop starts at monotonic ``now``)."""
+        self._deadline = now + self.discovery_s
+        self._next_check = now + DISCOVERY_CHECK_S
+        self._notice(f"profile {self.profile_name!r} names no iteration anchor: "
+                     "choosing one from its spans")
+
+    def hold(self, spans: Sequence[Span]) -> None:
+        """Keep ``spans`` until an anchor is chosen."""
+        self.held.extend(spans)
+
+    def check(self, now: float) -> list[Span] | None:
+        """Rank the held spans when a check is due; the spans to feed (and
+        :attr:`choice` set) once an anchor qualifies, else None."""
+        if now < self._next_check:
+            return None
+        self._next_check = now + DISCOVERY_CHECK_S
+        held = self.held
+        choice = choose_anchor(held)
+        if choice is None:
+            if self._deadline is not None and now >= self._deadline:
+                self._deadline = None  # say it once
+                self._notice(
+                    f"no iteration anchor after {self.discovery_s:g} s: no probe of "
+                    f"{self.profile_name!r} recurred regularly every >= 1 ms in "
+                    f"{len(held)} spans; still looking (or name one with the profile's "
+                    "anchor)")
+            if self._deadline is None and held:
+                horizon = max(s.end_ns for s in held) - int(self.discovery_s * 1e9)
+                held[:] = [s for s in held if s.end_ns >= horizon]
+            return None
+        self.choice, self.held = choice, []
+        self._notice(f"iteration anchor: {choice.probe}, chosen from {len(held)} "
+                     f"spans: {choice.reason}")
+        return held
