@@ -62,11 +62,14 @@ def test_an_anchor_is_chosen_from_the_spans_and_cuts_the_same_iterations(
         pid = server.rank_pids[0]
         # idle ranks: nothing recurs, the monitor says so once and keeps looking; no
         # iteration is made up
+        notices: list[str] = []  # the monitor's own, told to its subscriber
         with Monitor([Target(pid)], anchorless, detection=DetectionConfig(warmup=100_000),
                      config=MonitorConfig(escalation_s=0, telemetry=False,
-                                           anchor_discovery_s=1.0)) as idle:
+                                           anchor_discovery_s=1.0),
+                     subscribers=Subscribers(notice=notices.append)) as idle:
             asyncio.run(idle.run(2.0))
-            notices = idle.engine.view().notices
+            engine_notices = idle.engine.view().notices
+        assert not any("anchor" in n for n in engine_notices), engine_notices  # not the engine's
         assert idle.anchor is None and idle.anchor_choice is None
         assert idle.engine.iterations_seen == 0
         assert sum("no iteration anchor after 1 s" in n for n in notices) == 1, notices
@@ -75,15 +78,16 @@ def test_an_anchor_is_chosen_from_the_spans_and_cuts_the_same_iterations(
         # on their own; server.run only drives faults)
         found: list[Observation] = []
         named: list[Observation] = []
+        notices.clear()
         with Monitor([Target(pid)], anchorless, detection=DetectionConfig(warmup=100_000),
                      config=MonitorConfig(escalation_s=0, telemetry=False),
-                     subscribers=Subscribers(observation=found.append)) as discovering, \
+                     subscribers=Subscribers(observation=found.append,
+                                             notice=notices.append)) as discovering, \
                 Monitor([Target(pid)], load_profile("cuda"),
                         detection=DetectionConfig(warmup=100_000),
                         config=MonitorConfig(escalation_s=0, telemetry=False),
                         subscribers=Subscribers(observation=named.append)) as reference:
             _run_both(discovering, reference, seconds=IDLE_S + 4.0)
-            notices = discovering.engine.view().notices
 
     choice = discovering.anchor_choice
     assert choice is not None and choice.accepted

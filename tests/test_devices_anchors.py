@@ -19,7 +19,7 @@ from prism_tui.engine import devices
 from prism_tui.engine.anchors import choose_anchor, dominant_period_ms, rank_anchors
 from prism_tui.engine.core import DetectionConfig
 from prism_tui.engine.devices import VISIBLE_DEVICE_VARS, NvmlDevices, device_of, read_environ
-from prism_tui.engine.monitor import Monitor, MonitorConfig
+from prism_tui.engine.monitor import Monitor, MonitorConfig, Subscribers
 from probes.catalog import parse_profile
 from probes.target import Target
 from probes.uprobes import Span
@@ -113,11 +113,12 @@ def test_the_monitor_labels_its_targets_by_default(
     target = CTarget(ctarget_exe)
     try:
         target.cmd("spin_start 2000")  # the anchor every 2 ms
+        notices: list[str] = []
         monitor = Monitor([Target(target.pid)], parse_profile(CTARGET_PROFILE, "ctarget"),
                           detection=DetectionConfig(warmup=100_000),
-                          config=MonitorConfig(escalation_s=0, telemetry=False))
+                          config=MonitorConfig(escalation_s=0, telemetry=False),
+                          subscribers=Subscribers(notice=notices.append))
         try:
-            notices = monitor.engine.view().notices
             asyncio.run(monitor.run(0.5))
         finally:
             monitor.close()

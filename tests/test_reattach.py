@@ -45,6 +45,7 @@ class Watch:
         self.view: EngineView | None = None
         self.views = 0
         self.per_pid: collections.Counter[int] = collections.Counter()
+        self.said: list[str] = []
 
     def on_view(self, view: EngineView) -> None:
         """Keep the latest view (the monitor publishes one every 0.1 s here)."""
@@ -61,12 +62,14 @@ class Watch:
         return next((t.state for t in self.view.targets if t.pid == pid), None)
 
     def subscribers(self) -> Subscribers:
-        """Its views and iterations, as a monitor's subscribers."""
-        return Subscribers(view=self.on_view, observation=self.on_observation)
+        """Its views, iterations and notices, as a monitor's subscribers."""
+        return Subscribers(view=self.on_view, observation=self.on_observation,
+                           notice=self.said.append)
 
     def notices(self) -> tuple[str, ...]:
-        """The status-bar lines of the latest view."""
-        return () if self.view is None else self.view.notices
+        """The notices told to it (a bare monitor's), then the latest view's (a live
+        session's dashboard view carries the monitor's notices)."""
+        return tuple(self.said) + (() if self.view is None else self.view.notices)
 
 
 async def _until(what: str, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:

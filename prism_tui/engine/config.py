@@ -60,7 +60,8 @@ class MonitorConfig:
 class Subscribers:
     """Who hears from the monitor, each given once at construction: alert sinks, every
     judged iteration, every batch of spans and run-queue reading (a recorder), every
-    view and snapshot, every status-bar notice."""
+    view and snapshot, every status-bar notice: the engine's (also kept in its view) and
+    the monitor's parts' (attach, rescan, anchor, governor, DeepDive: told only here)."""
 
     alerts: Sequence[AlertSink] = ()
     observation: Callable[[Observation], None] | None = None

@@ -50,11 +50,14 @@ class DeepDive:
 
     def __init__(self, engine: Engine, profiles: Sequence[Profile], *, escalation_s: float,
                  mode: str, ring_pages: int, drain_interval_s: float, backend: str = "perf",
-                 in_background: Callable[[Awaitable[Any]], None]) -> None:
+                 in_background: Callable[[Awaitable[Any]], None],
+                 notice: Callable[[str], None]) -> None:
         """``profiles``: whose ``deepdive`` probes to open; ``escalation_s``: for how long
         (0: never); ``mode``, ``ring_pages``, ``drain_interval_s``, ``backend``: as the
-        sentinel sessions'; ``in_background``: the monitor's runner of work it awaits at the end."""
+        sentinel sessions'; ``in_background``: the monitor's runner of work it awaits at the end;
+        ``notice``: the monitor's notice subscriber (a line per DeepDive opened, ended, failed)."""
         self.engine = engine
+        self._notice = notice
         self.profiles = list(profiles)
         self.escalation_s = escalation_s
         self.mode = mode
@@ -123,7 +126,7 @@ class DeepDive:
             session, stage_of = await loop.run_in_executor(None, self._session, att)
         except (ProbeError, OSError, ValueError) as exc:
             self.log.append(("failed", pid, 0))
-            self.engine.notice(f"DeepDive on pid {pid} failed: {exc}")
+            self._notice(f"DeepDive on pid {pid} failed: {exc}")
             return
         finally:
             self._opening.discard(pid)
@@ -141,7 +144,7 @@ class DeepDive:
 
         dd.task = loop.create_task(pump())
         self.log.append(("attached", pid, len(stage_of)))
-        self.engine.notice(f"DeepDive: {len(stage_of)} deeper probes on pid {pid} for "
+        self._notice(f"DeepDive: {len(stage_of)} deeper probes on pid {pid} for "
                            f"{self.escalation_s:g} s")
 
     def expire(self, force: bool = False) -> None:
@@ -152,7 +155,7 @@ class DeepDive:
                 del self._open[pid]
                 self._in_background(self._retire(dd))
                 self.log.append(("detached", pid, len(dd.stage_of)))
-                self.engine.notice(f"DeepDive on pid {pid} ended")
+                self._notice(f"DeepDive on pid {pid} ended")
 
     @property
     def active(self) -> bool:

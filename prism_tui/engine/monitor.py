@@ -72,6 +72,11 @@ INFERENCE_PATTERN = (r"vllm|sglang|llama[-_.]?(server|cpp|cli)|text-generation|t
 
 _T = TypeVar("_T")
 
+
+def _unheard(line: str) -> None:
+    """The notice subscriber of a monitor built without one: the line is dropped."""
+
+
 class Monitor:
     """Watches targets with a profile; one owner of their sessions (``close()`` idempotent)."""
 
@@ -129,7 +134,9 @@ class Monitor:
                              on_spans=subscribers.spans, on_run_queue=subscribers.run_queue,
                              escalate=lambda alert: self.deepdive.on_alert(alert),
                              on_notice=subscribers.notice, clock=clock)
-        self._notice = self.engine.notice
+        self._notice: Callable[[str], None] = subscribers.notice or _unheard
+        """The monitor's own notices (attach, rescan, anchor, governor, DeepDive) go to
+        the subscriber directly; the engine's view keeps only the engine's."""
         self.governing = Governing(probing, count=self.engine.count_governor_decision,
                                    notice=self._notice)
         """The overhead governor of every target (:mod:`~prism_tui.engine.governing`)."""
@@ -146,7 +153,8 @@ class Monitor:
                                  escalation_s=config.escalation_s, mode=probing.mode,
                                  ring_pages=probing.ring_pages,
                                  drain_interval_s=probing.drain_interval_s,
-                                 backend=probing.backend, in_background=self._in_background)
+                                 backend=probing.backend, in_background=self._in_background,
+                                 notice=self._notice)
         """The escalation: deeper probes on a target while its alert fires."""
         self._attached: dict[int, Attached] = {}
         self._ever_attached: dict[int, RecordedProcess] = {}  # a recording's header
