@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_tui.engine.core import DetectionConfig, Engine, Observation, SloSpec
+from prism_tui.engine.core import AlertEvent, DetectionConfig, Engine, Observation, SloSpec
 from prism_tui.engine.detector import Verdict
 from prism_tui.engine.iterations import HOST, Iteration
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
@@ -21,17 +21,35 @@ pytestmark = pytest.mark.anyio
 RECORDING = Path(__file__).resolve().parent / "data" / "sim_spans.jsonl.gz"
 
 
+class WriterSubscriber:
+    """The history writer as an engine's alert sink and observer, given at the engine's
+    construction (as the live session's): the writer reads the engine's sketches, so it
+    is made after the engine and handed in here."""
+
+    def __init__(self) -> None:
+        self.writer: HistoryWriter | None = None
+
+    def emit(self, alert: AlertEvent) -> None:
+        """Hand one alert to the writer."""
+        assert self.writer is not None
+        self.writer.emit(alert)
+
+    def observe(self, obs: Observation) -> None:
+        """Hand one judged iteration to the writer."""
+        assert self.writer is not None
+        self.writer.observe(obs)
+
+
 async def test_replayed_iterations_windows_and_alerts_reach_the_history(tmp_path: Path) -> None:
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
+    to_history = WriterSubscriber()
     engine = Engine(DetectionConfig(rule="prism", warmup=150,
                                     slos=[SloSpec("decode p99 <= 15ms over 1s")]),
-                    clock=clock)
+                    sinks=[to_history], on_observation=to_history.observe, clock=clock)
     db = tmp_path / "history.sqlite"
     async with HistoryStore(db, mono_clock=clock) as store:
-        writer = HistoryWriter(store, engine.sketches)
-        engine.sinks.append(writer)
-        engine.on_observation = writer.observe
+        writer = to_history.writer = HistoryWriter(store, engine.sketches)
         replay(engine, clock, procs, spans)
         engine.sketches.flush()
         await writer.flush()
@@ -56,11 +74,12 @@ async def test_replayed_iterations_windows_and_alerts_reach_the_history(tmp_path
 async def test_a_broken_database_is_a_value_and_nothing_is_dropped(tmp_path: Path) -> None:
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
-    engine = Engine(DetectionConfig(rule="prism", warmup=150), clock=clock)
+    to_history = WriterSubscriber()
+    engine = Engine(DetectionConfig(rule="prism", warmup=150),
+                    on_observation=to_history.observe, clock=clock)
     db = tmp_path / "history.sqlite"
     store = await HistoryStore(db, mono_clock=clock).open()
-    writer = HistoryWriter(store, engine.sketches)
-    engine.on_observation = writer.observe
+    writer = to_history.writer = HistoryWriter(store, engine.sketches)
     replay(engine, clock, procs, spans[: len(spans) // 2])
     await store.close()  # the connection is gone: writes fail
     await writer.flush()
