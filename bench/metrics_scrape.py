@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from prism_tui.dashboard_view import DashboardView  # noqa: E402
 from prism_tui.engine.core import Engine  # noqa: E402
 from prism_tui.engine.sketches import ITERATION, SeriesKey  # noqa: E402
-from prism_tui.engine.view import EngineView  # noqa: E402
 from prism_tui.metrics import serve_metrics  # noqa: E402
 
 GOAL_MS = 10.0
@@ -104,7 +104,7 @@ def scrape(url: str, accept: str | None) -> tuple[float, str]:
     return (time.perf_counter() - t0) * 1000, body.decode()
 
 
-def check_equal(view: EngineView, text: str) -> int:
+def check_equal(view: DashboardView, text: str) -> int:
     """Every series' quantiles/count/sum in ``text`` equal ``view``'s; returns series seen."""
     snap = view.snapshot(10.0)
     assert snap is not None
@@ -140,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     engine = build_engine(args.series_per_device // len(PHASES))
-    view = engine.view()
+    view = DashboardView.of(engine.view())  # as a session without a broker
     build_s = time.perf_counter() - t0
     server = serve_metrics(lambda: view, 0)
     try:

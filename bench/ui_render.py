@@ -39,7 +39,7 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prism_tui.engine.view import EngineView  # noqa: E402
+from prism_tui.dashboard_view import DashboardView  # noqa: E402
 from prism_tui.ui.app import PrismApp  # noqa: E402
 from tests.scripted_views import replay_views  # noqa: E402
 
@@ -68,13 +68,13 @@ class _TimedApp(PrismApp):
         super().__init__()
         self.handler_ms: list[float] = []
 
-    def _draw(self, view: EngineView, seq: int) -> None:
+    def _draw(self, view: DashboardView, seq: int) -> None:
         t0 = time.perf_counter()
         super()._draw(view, seq)
         self.handler_ms.append((time.perf_counter() - t0) * 1e3)
 
 
-async def measure_updates(views: Sequence[EngineView], size: tuple[int, int],
+async def measure_updates(views: Sequence[DashboardView], size: tuple[int, int],
                           pane: str) -> dict[str, list[float]]:
     """Per view: handler ms, CPU ms from show to idle, the idle baseline, full-frame ms."""
     app = _TimedApp()
@@ -102,7 +102,7 @@ async def measure_updates(views: Sequence[EngineView], size: tuple[int, int],
             "idle": idle, "frame": frames}
 
 
-async def measure_rate(views: Sequence[EngineView], size: tuple[int, int], rate: float,
+async def measure_rate(views: Sequence[DashboardView], size: tuple[int, int], rate: float,
                        seconds: float) -> tuple[float, float, float]:
     """(posted/s, drawn/s, process CPU %) when an engine worker aims at ``rate`` views/s.
 
@@ -113,7 +113,7 @@ async def measure_rate(views: Sequence[EngineView], size: tuple[int, int], rate:
     elapsed = 0.0
     cpu = 0.0
 
-    async def engine(show: Callable[[EngineView], None], stop: asyncio.Event) -> None:
+    async def engine(show: Callable[[DashboardView], None], stop: asyncio.Event) -> None:
         nonlocal posted, elapsed, cpu
         period = 1.0 / rate
         start = time.perf_counter()

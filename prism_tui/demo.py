@@ -22,8 +22,8 @@ from alerting.config import BrokerConfig
 from prism_sim.errors import ScenarioError, SimError
 from prism_sim.scenario import load_scenario
 from prism_tui.alert_wire import JsonLinesSink
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.monitor import MonitorConfig
-from prism_tui.engine.view import EngineView
 from prism_tui.live import LiveSession
 from prism_tui.scheduling import go_realtime, request_short_slice
 from prism_tui.session import SessionSpec, build_session, run_headless
@@ -115,7 +115,7 @@ def _run(session: LiveSession, notices: list[str], duration_s: float | None,
             session.notice(notices.pop(0))
 
     if headless:
-        def on_view(view: EngineView) -> None:
+        def on_view(view: DashboardView) -> None:
             forward_notices()
 
         run_headless(session, on_view, duration_s)
@@ -123,7 +123,7 @@ def _run(session: LiveSession, notices: list[str], duration_s: float | None,
     from prism_tui.ui.app import PrismApp
 
     async def run_engine(show: Any, stop: asyncio.Event) -> None:
-        def on_view(view: EngineView) -> None:
+        def on_view(view: DashboardView) -> None:
             forward_notices()
             show(view)
 

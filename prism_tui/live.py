@@ -18,7 +18,6 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +25,11 @@ from alerting.config import BrokerConfig
 from alerting.outbox import Outbox
 from alerting.publisher import AlertPublisher
 from prism_tui.alert_wire import to_wire
+from prism_tui.dashboard_view import DashboardView, DeliveryStatus
 from prism_tui.digest_feed import DigestFeed
 from prism_tui.engine.core import AlertEvent, AlertSink, Engine, Observation
 from prism_tui.engine.monitor import Monitor, Subscribers
-from prism_tui.engine.view import DeliveryStatus, EngineView, TargetStatus
+from prism_tui.engine.view import EngineView, TargetStatus
 from prism_tui.gc_pauses import freeze_heap
 from prism_tui.history.store import HistoryError, HistoryStore
 from prism_tui.history.writer import HistoryWriter
@@ -146,7 +146,7 @@ class LiveSession:
         """The history file the dashboard shows ("" without one)."""
         self._retention = (retention_days, max_iterations)
         self._observer = observer
-        self._on_view: Callable[[EngineView], None] | None = None
+        self._on_view: Callable[[DashboardView], None] | None = None
         self._last_summary = 0.0
         self._closed = False
         self._notices: deque[str] = deque(maxlen=5)
@@ -156,7 +156,7 @@ class LiveSession:
         """How many of ``monitor.placements`` (append-only) the history has."""
         self._governed_recorded = 0
         """How many of ``monitor.governor_decisions`` (append-only) the history has."""
-        self._latest_view: EngineView | None = None
+        self._latest_view: DashboardView | None = None
         """The targets to touch in the history (see :meth:`_touch_targets`)."""
         self._recording: asyncio.Task[None] | None = None
         sinks: list[AlertSink] = []
@@ -197,7 +197,7 @@ class LiveSession:
         if self._observer is not None:
             self._observer(obs)
 
-    def compose(self, view: EngineView) -> EngineView:
+    def compose(self, view: EngineView) -> DashboardView:
         """The dashboard's view: the engine's, with each alert's delivery state, the
         alert path's status, the history file and the latest notices."""
         delivery = DeliveryStatus()
@@ -205,15 +205,12 @@ class LiveSession:
             st = self.publisher.status
             delivery = DeliveryStatus(self.publisher.config.url, st.state, st.pending,
                                       st.published, st.last_error)
-        alerts = view.alerts
-        if self._delivery_of:
-            alerts = tuple(replace(r, delivery=self._delivery_of[r.id])
-                           if r.id in self._delivery_of else r for r in alerts)
-        return replace(view, alerts=alerts, delivery=delivery,
-                       history_path=self.history_path, notices=tuple(self._notices))
+        return DashboardView.of(view, delivery=delivery, history_path=self.history_path,
+                                notices=tuple(self._notices),
+                                alert_delivery=self._delivery_of)
 
     @property
-    def latest_view(self) -> EngineView | None:
+    def latest_view(self) -> DashboardView | None:
         """The view most recently published to the dashboard (None before the first)."""
         return self._latest_view
 
@@ -250,7 +247,7 @@ class LiveSession:
         if self._on_view is not None:
             self._on_view(view)
 
-    async def run(self, on_view: Callable[[EngineView], None] | None = None,
+    async def run(self, on_view: Callable[[DashboardView], None] | None = None,
                   stop: asyncio.Event | None = None, duration_s: float | None = None) -> None:
         """Run everything until ``stop``, ``duration_s`` or the targets' end."""
         stop = stop or asyncio.Event()

@@ -1,6 +1,6 @@
 """Prometheus/OpenMetrics exposition of a live monitor: ``prism watch --metrics-port``.
 
-A custom ``prometheus_client`` collector reads the latest :class:`EngineView` the engine
+A custom ``prometheus_client`` collector reads the latest :class:`DashboardView` the session
 published (the object the dashboard draws, so a scrape shows the dashboard's numbers)
 and turns it into metric families at scrape time; it never writes into the engine.
 ``prometheus_client`` writes the text format and negotiates OpenMetrics from the
@@ -23,8 +23,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.samples import Sample
 
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.sketches import QUANTILES, SeriesKey, SeriesStats
-from prism_tui.engine.view import EngineView, TargetStatus
+from prism_tui.engine.view import TargetStatus
 from prism_tui.fleet_view import FleetView
 
 PREFIX = "latencyprism"
@@ -37,14 +38,14 @@ TARGET_LABELS = ("target", "pid")
 
 
 class EngineCollector:
-    """Metric families from the latest published :class:`EngineView` (see module doc).
+    """Metric families from the latest published :class:`DashboardView` (see module doc).
 
     Args:
         latest_view: returns the view most recently published (None before the first).
         window_s: which of the view's snapshots the quantiles come from.
     """
 
-    def __init__(self, latest_view: Callable[[], EngineView | None],
+    def __init__(self, latest_view: Callable[[], DashboardView | None],
                  window_s: float = QUANTILE_WINDOW_S) -> None:
         self._latest_view = latest_view
         self.window_s = window_s
@@ -67,7 +68,7 @@ class EngineCollector:
 
     # -- stage latency ----------------------------------------------------------------
 
-    def _series_families(self, view: EngineView) -> Iterator[Metric]:
+    def _series_families(self, view: DashboardView) -> Iterator[Metric]:
         """The latency summary (window quantiles, cumulative sum/count), the window's
         max and each stage's share of the iteration."""
         name = f"{PREFIX}_stage_latency_seconds"
@@ -104,7 +105,7 @@ class EngineCollector:
 
     # -- targets and probes -----------------------------------------------------------
 
-    def _target_families(self, view: EngineView) -> Iterator[Metric]:
+    def _target_families(self, view: DashboardView) -> Iterator[Metric]:
         up = GaugeMetricFamily(f"{PREFIX}_target_attached",
                                "1 while the target is attached, 0 once it exited",
                                labels=(*TARGET_LABELS, "profile", "device"))
@@ -142,7 +143,7 @@ class EngineCollector:
 
     # -- alerts and detectors ---------------------------------------------------------
 
-    def _alert_families(self, view: EngineView) -> Iterator[Metric]:
+    def _alert_families(self, view: DashboardView) -> Iterator[Metric]:
         names = {t.pid: t.name for t in view.targets}
         alerts = CounterMetricFamily(f"{PREFIX}_alerts",
                                      "Alert state changes emitted since start",
@@ -272,7 +273,7 @@ class MetricsServer:
         self.thread.join(5)
 
 
-def serve_metrics(latest_view: Callable[[], EngineView | None], port: int,
+def serve_metrics(latest_view: Callable[[], DashboardView | None], port: int,
                   addr: str = DEFAULT_ADDR) -> MetricsServer:
     """Serve :class:`EngineCollector` on ``addr:port`` in a daemon thread.
 

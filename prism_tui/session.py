@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from alerting.config import BrokerConfig
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.core import AlertSink, DetectionConfig, Observation, SloSpec
 from prism_tui.engine.monitor import Monitor, MonitorConfig, ProbingConfig, Subscribers
 from prism_tui.engine.recording import SpanRecorder
-from prism_tui.engine.view import EngineView
 from prism_tui.errors import UsageError
 from prism_tui.live import LiveSession
 from prism_tui.settings import EngineSettings, HistorySettings, ProbeSettings
@@ -110,7 +110,7 @@ def build_session(spec: SessionSpec, *, alert_sinks: Sequence[AlertSink] = (),
                        observer=observer, freeze_gc=freeze_gc)
 
 
-def run_headless(session: LiveSession, on_view: Callable[[EngineView], None] | None = None,
+def run_headless(session: LiveSession, on_view: Callable[[DashboardView], None] | None = None,
                  duration_s: float | None = None, *, until: threading.Event | None = None,
                  signals: bool = True) -> None:
     """Run ``session`` on a new loop without the dashboard until ``duration_s``, the

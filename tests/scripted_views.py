@@ -1,4 +1,4 @@
-"""Scripted dashboard input: a deterministic sequence of :class:`EngineView` and a control.
+"""Scripted dashboard input: a deterministic sequence of :class:`DashboardView` and a control.
 
 :func:`replay_views` plays a short, scripted workload with a fixed clock and a seeded
 generator through the engine's real :class:`~prism_tui.engine.sketches.WindowedSketches`,
@@ -22,16 +22,15 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from prism_tui.dashboard_view import DashboardView, DeliveryStatus
 from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
 from prism_tui.engine.trace_export import write_chrome_trace
 from prism_tui.engine.view import (
     WINDOWS_S,
     AlertRecord,
     Candidate,
-    DeliveryStatus,
     DetectorPoint,
     DetectorState,
-    EngineView,
     GovernorAction,
     GovernorStatus,
     IterationBar,
@@ -110,7 +109,7 @@ def _suspects(dev: _Dev, device: str) -> tuple[dict[str, float | str], ...]:
 
 def replay_views(n: int = 60, *, devices: Sequence[str] = DEVICES, stages: int = 5,
                  iterations_per_s: int = 20, fault: tuple[float, float] | None = (30.0, 42.0),
-                 seed: int = 7) -> list[EngineView]:
+                 seed: int = 7) -> list[DashboardView]:
     """``n`` views, one per simulated second, of a workload on ``devices``.
 
     Args:
@@ -133,7 +132,7 @@ def replay_views(n: int = 60, *, devices: Sequence[str] = DEVICES, stages: int =
     points: deque[DetectorPoint] = deque(maxlen=120 * len(devices))
     alerts: deque[AlertRecord] = deque(maxlen=50)
     queued: set[str] = set()
-    views: list[EngineView] = []
+    views: list[DashboardView] = []
     step = 1_000_000_000 // iterations_per_s
     for sec in range(n):
         t0 = MONO0 + sec * 1_000_000_000
@@ -209,7 +208,7 @@ def replay_views(n: int = 60, *, devices: Sequence[str] = DEVICES, stages: int =
         shown = tuple(replace(a, delivery="sent") if a.id not in queued else a for a in alerts)
         pending = len(queued)
         queued.clear()
-        views.append(EngineView(
+        views.append(DashboardView(
             now_ns=now, host=HOST,
             targets=tuple(_target(d, dev, names, iterations_per_s, sec)
                           for d, dev in devs.items()),

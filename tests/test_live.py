@@ -20,9 +20,9 @@ import pytest
 from alerting.broker import EmbeddedBroker
 from alerting.config import BrokerConfig
 from prism_sim.server import SimServer
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.core import DetectionConfig, SloSpec
 from prism_tui.engine.monitor import Monitor, MonitorConfig
-from prism_tui.engine.view import EngineView
 from prism_tui.history.store import HistoryStore
 from prism_tui.live import LiveSession
 from probes.catalog import load_profile
@@ -76,7 +76,7 @@ async def test_alerts_reach_a_subscriber_and_history_while_the_picker_attaches(
             broker=BrokerConfig(url=broker.url), outbox_path=str(tmp_path / "outbox.sqlite"),
             history_db=str(db))
         monitor = session.monitor
-        views: list[EngineView] = []
+        views: list[DashboardView] = []
         control: dict[str, Any] = {}
 
         def picker() -> None:  # the dashboard calls the control from a worker thread

@@ -26,10 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prism_tui.cli.common import UsageError
 from prism_tui.cli.watch import serve_session_metrics
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.core import AlertEvent, DetectionConfig, Engine
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
 from prism_tui.engine.sketches import ITERATION, SeriesKey, WindowedSketches
-from prism_tui.engine.view import EngineView
 from prism_tui.metrics import EngineCollector, serve_metrics
 from prism_tui.settings import MetricsSettings, SettingsError, load_settings
 from tests.sim_scenarios import scenario_file, sim_server
@@ -68,7 +68,7 @@ def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 def test_the_collector_shows_the_dashboards_numbers_from_a_replayed_engine() -> None:
     engine, sink = _replayed()
     engine.count_governor_decision(engine.pids[0], "detach")  # the governor's hook
-    view = engine.view()
+    view = DashboardView.of(engine.view())  # as a session without a broker
     collector = EngineCollector(lambda: view)
     from prometheus_client import CollectorRegistry
 
@@ -138,7 +138,7 @@ def test_metrics_settings_are_checked_and_a_taken_port_is_a_usage_error() -> Non
     assert settings.metrics == MetricsSettings(port=0, addr="127.0.0.1")
 
     class Session:
-        latest_view: EngineView | None = None
+        latest_view: DashboardView | None = None
 
     first = serve_metrics(lambda: None, 0)
     try:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.core import DetectionConfig, Engine, SloSpec
 from prism_tui.engine.episodes import EpisodeHolds
 from prism_tui.engine.recording import ReplayClock, load_spans, replay
 from prism_tui.engine.sketches import ITERATION
-from prism_tui.engine.view import EngineView
 from prism_tui.ui.app import PrismApp
 from prism_tui.ui.render import fmt_ms
 from prism_tui.ui.screens import AlertDetailScreen
@@ -29,7 +29,7 @@ WALL = 1_790_000_000.0
 
 
 @pytest.fixture(scope="module")
-def replayed() -> tuple[list[EngineView], list[str]]:
+def replayed() -> tuple[list[DashboardView], list[str]]:
     """Views taken every ~0.25 s of replayed time, and the devices of the two ranks."""
     procs, spans = load_spans(str(RECORDING))
     clock = ReplayClock(spans[0].start_ns)
@@ -38,26 +38,26 @@ def replayed() -> tuple[list[EngineView], list[str]]:
                                     holds=EpisodeHolds(1, 0.0, 1, 0.0)),
                     # the 14 s replay resolves in it
                     clock=clock, wall_clock=lambda: WALL, host="replay-host")
-    views: list[EngineView] = []
+    views: list[DashboardView] = []
     last = [0]
 
     def every(now_ns: int) -> None:
         if now_ns - last[0] >= 250_000_000:
             last[0] = now_ns
-            views.append(engine.view(now_ns))
+            views.append(DashboardView.of(engine.view(now_ns)))  # as a session without a broker
 
     replay(engine, clock, procs, spans, every=every)
-    views.append(engine.view())
+    views.append(DashboardView.of(engine.view()))
     return views, [p.device for p in procs]
 
 
-def _first_firing(views: list[EngineView]) -> int:
+def _first_firing(views: list[DashboardView]) -> int:
     return next(i for i, v in enumerate(views)
                 if any(a.status == "firing" and a.source == "detector" for a in v.alerts))
 
 
 async def test_stage_rows_carry_the_engines_quantiles(
-        replayed: tuple[list[EngineView], list[str]]) -> None:
+        replayed: tuple[list[DashboardView], list[str]]) -> None:
     views, devices = replayed
     app = PrismApp()
     async with app.run_test(size=(120, 40)) as pilot:
@@ -79,7 +79,7 @@ async def test_stage_rows_carry_the_engines_quantiles(
 
 
 async def test_the_fault_alert_reaches_the_feed_and_its_detail(
-        replayed: tuple[list[EngineView], list[str]]) -> None:
+        replayed: tuple[list[DashboardView], list[str]]) -> None:
     views, devices = replayed
     i = _first_firing(views)
     app = PrismApp()
@@ -103,7 +103,7 @@ async def test_the_fault_alert_reaches_the_feed_and_its_detail(
 
 
 async def test_the_slo_breach_and_the_resolution_are_shown(
-        replayed: tuple[list[EngineView], list[str]]) -> None:
+        replayed: tuple[list[DashboardView], list[str]]) -> None:
     views, _ = replayed
     app = PrismApp()
     async with app.run_test(size=(120, 40)) as pilot:

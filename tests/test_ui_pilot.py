@@ -22,8 +22,8 @@ from textual.command import CommandList, CommandPalette
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input
 
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.sketches import ITERATION, SeriesKey, WindowedSketches
-from prism_tui.engine.view import EngineView
 from prism_tui.history.store import HistoryStore
 from prism_tui.ui.app import DARK, LIGHT, PrismApp
 from prism_tui.ui.control import EngineControl
@@ -45,12 +45,12 @@ FIRING_VIEW = 35
 
 
 @pytest.fixture(scope="module")
-def views() -> list[EngineView]:
+def views() -> list[DashboardView]:
     """The recorded sequence (60 views, fault from 30 s to 42 s on cuda:1)."""
     return replay_views()
 
 
-async def _feed(app: PrismApp, pilot: Pilot[int], views: Sequence[EngineView]) -> None:
+async def _feed(app: PrismApp, pilot: Pilot[int], views: Sequence[DashboardView]) -> None:
     for v in views:
         app.show_view(v)
         await pilot.pause()
@@ -107,7 +107,7 @@ def test_recorded_control_is_an_engine_control() -> None:
 # -- the main screen -------------------------------------------------------------------------
 
 
-async def test_rows_show_the_snapshot_numbers(views: list[EngineView]) -> None:
+async def test_rows_show_the_snapshot_numbers(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[: FIRING_VIEW + 1])
@@ -134,7 +134,7 @@ async def test_rows_show_the_snapshot_numbers(views: list[EngineView]) -> None:
         assert "10 s · decode · sort stage" in app.status_text
 
 
-async def test_older_queued_views_are_replaced(views: list[EngineView]) -> None:
+async def test_older_queued_views_are_replaced(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         for v in views[:30]:  # posted back to back: the app has not run in between
@@ -144,7 +144,7 @@ async def test_older_queued_views_are_replaced(views: list[EngineView]) -> None:
         assert app.rendered < 30
 
 
-async def test_a_view_from_another_thread_is_drawn(views: list[EngineView]) -> None:
+async def test_a_view_from_another_thread_is_drawn(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         thread = threading.Thread(target=app.show_view, args=(views[10],))
@@ -157,7 +157,7 @@ async def test_a_view_from_another_thread_is_drawn(views: list[EngineView]) -> N
         assert app.shown is views[10]
 
 
-async def test_updates_change_cells_in_place(views: list[EngineView]) -> None:
+async def test_updates_change_cells_in_place(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[20:21])
@@ -176,7 +176,7 @@ async def test_updates_change_cells_in_place(views: list[EngineView]) -> None:
 # -- keys ------------------------------------------------------------------------------------
 
 
-async def test_pause_freezes_and_counts_updates_behind(views: list[EngineView]) -> None:
+async def test_pause_freezes_and_counts_updates_behind(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[:20])
@@ -194,7 +194,7 @@ async def test_pause_freezes_and_counts_updates_behind(views: list[EngineView]) 
         assert "PAUSED" not in app.status_text
 
 
-async def test_sort_cycles_orders(views: list[EngineView]) -> None:
+async def test_sort_cycles_orders(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[FIRING_VIEW: FIRING_VIEW + 1])
@@ -215,7 +215,7 @@ async def test_sort_cycles_orders(views: list[EngineView]) -> None:
         assert app.state.sort == "stage"
 
 
-async def test_window_cycles_snapshots(views: list[EngineView]) -> None:
+async def test_window_cycles_snapshots(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         view = views[-1]
@@ -233,7 +233,7 @@ async def test_window_cycles_snapshots(views: list[EngineView]) -> None:
         assert "1 min" in app.status_text
 
 
-async def test_phase_toggle_shows_prefill_rows(views: list[EngineView]) -> None:
+async def test_phase_toggle_shows_prefill_rows(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[-1:])
@@ -251,7 +251,7 @@ async def test_phase_toggle_shows_prefill_rows(views: list[EngineView]) -> None:
         assert app.state.phase == "decode"
 
 
-async def test_filter_keeps_matching_rows_and_escape_clears(views: list[EngineView]) -> None:
+async def test_filter_keeps_matching_rows_and_escape_clears(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[-1:])
@@ -271,7 +271,7 @@ async def test_filter_keeps_matching_rows_and_escape_clears(views: list[EngineVi
         assert {d for _, d in table.rows_shown} == {"cuda:1"}
 
 
-async def test_help_screen_opens_and_closes(views: list[EngineView]) -> None:
+async def test_help_screen_opens_and_closes(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[:1])
@@ -281,7 +281,7 @@ async def test_help_screen_opens_and_closes(views: list[EngineView]) -> None:
         assert not isinstance(app.screen, HelpScreen)
 
 
-async def test_tab_moves_focus_and_enter_opens_alert_detail(views: list[EngineView]) -> None:
+async def test_tab_moves_focus_and_enter_opens_alert_detail(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[: FIRING_VIEW + 1])
@@ -304,7 +304,7 @@ async def test_tab_moves_focus_and_enter_opens_alert_detail(views: list[EngineVi
         assert app.screen is not screen and _focused(app) is feed
 
 
-async def test_enter_on_a_row_opens_its_detail(views: list[EngineView]) -> None:
+async def test_enter_on_a_row_opens_its_detail(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[-1:])
@@ -316,7 +316,7 @@ async def test_enter_on_a_row_opens_its_detail(views: list[EngineView]) -> None:
         assert not isinstance(app.screen, SeriesDetailScreen)
 
 
-async def test_number_keys_switch_bottom_panes(views: list[EngineView]) -> None:
+async def test_number_keys_switch_bottom_panes(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[: FIRING_VIEW + 1])
@@ -336,7 +336,7 @@ async def test_number_keys_switch_bottom_panes(views: list[EngineView]) -> None:
         assert "cuda:0" in _screen_text(app) and "ms ▓" in _screen_text(app)
 
 
-async def test_theme_toggles_light_and_dark(views: list[EngineView]) -> None:
+async def test_theme_toggles_light_and_dark(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[:1])
@@ -347,7 +347,7 @@ async def test_theme_toggles_light_and_dark(views: list[EngineView]) -> None:
         assert app.theme == DARK
 
 
-async def test_screenshot_key_writes_svg(views: list[EngineView], tmp_path: Path) -> None:
+async def test_screenshot_key_writes_svg(views: list[DashboardView], tmp_path: Path) -> None:
     app = PrismApp()
     app.export_dir = str(tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -358,7 +358,7 @@ async def test_screenshot_key_writes_svg(views: list[EngineView], tmp_path: Path
         assert text.lstrip().startswith("<svg") and "gpu-node-7" in text
 
 
-async def test_export_writes_a_chrome_trace(views: list[EngineView], tmp_path: Path) -> None:
+async def test_export_writes_a_chrome_trace(views: list[DashboardView], tmp_path: Path) -> None:
     app = PrismApp(control=RecordedControl())
     app.export_dir = str(tmp_path)
     app.export_seconds = 1.0
@@ -376,7 +376,7 @@ async def test_export_writes_a_chrome_trace(views: list[EngineView], tmp_path: P
         assert "trace written" in _toasts(app)
 
 
-async def test_without_control_and_history_the_ui_says_so(views: list[EngineView]) -> None:
+async def test_without_control_and_history_the_ui_says_so(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("e", "a")
@@ -390,7 +390,7 @@ async def test_without_control_and_history_the_ui_says_so(views: list[EngineView
         assert not isinstance(app.screen, (PickerScreen, HistoryScreen))
 
 
-async def test_picker_attaches_and_detaches(views: list[EngineView]) -> None:
+async def test_picker_attaches_and_detaches(views: list[DashboardView]) -> None:
     control = RecordedControl()
     app = PrismApp(control=control)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -491,7 +491,7 @@ async def test_history_screen_reports_a_missing_database(tmp_path: Path) -> None
         assert not (tmp_path / "none.db").exists()
 
 
-async def test_command_palette_runs_dashboard_actions(views: list[EngineView]) -> None:
+async def test_command_palette_runs_dashboard_actions(views: list[DashboardView]) -> None:
     app = PrismApp()
     async with app.run_test(size=(80, 24)) as pilot:
         await _feed(app, pilot, views[:1])
@@ -510,7 +510,7 @@ async def test_command_palette_runs_dashboard_actions(views: list[EngineView]) -
 # -- the engine worker -----------------------------------------------------------------------
 
 
-async def test_q_stops_the_engine_before_exit(views: list[EngineView]) -> None:
+async def test_q_stops_the_engine_before_exit(views: list[DashboardView]) -> None:
     events: list[str] = []
 
     async def engine(show: object, stop: asyncio.Event) -> None:
@@ -539,7 +539,7 @@ async def test_q_stops_the_engine_before_exit(views: list[EngineView]) -> None:
     assert app.return_value == 0 and app.return_code == 0
 
 
-async def test_engine_error_is_shown_and_app_stays(views: list[EngineView]) -> None:
+async def test_engine_error_is_shown_and_app_stays(views: list[DashboardView]) -> None:
     async def engine(show: object, stop: asyncio.Event) -> None:
         assert callable(show)
         show(views[0])
@@ -559,7 +559,7 @@ async def test_engine_error_is_shown_and_app_stays(views: list[EngineView]) -> N
     assert app.return_value == 1 and app.return_code == 1
 
 
-async def test_app_exits_when_the_engine_finishes(views: list[EngineView]) -> None:
+async def test_app_exits_when_the_engine_finishes(views: list[DashboardView]) -> None:
     async def engine(show: object, stop: asyncio.Event) -> None:
         assert callable(show)
         show(views[0])

@@ -13,7 +13,7 @@ from functools import lru_cache
 import pytest
 from textual.pilot import Pilot
 
-from prism_tui.engine.view import EngineView
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.ui.app import PrismApp
 from prism_tui.ui.widgets import AlertsFeed
 from tests.scripted_views import RecordedControl, replay_views
@@ -25,7 +25,7 @@ SnapCompare = Callable[..., bool]
 
 
 @lru_cache(maxsize=1)
-def _views() -> tuple[EngineView, ...]:
+def _views() -> tuple[DashboardView, ...]:
     return tuple(replay_views())
 
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from prism_tui.alert_wire import JsonLinesSink, event_doc
-    from prism_tui.engine.view import EngineView
+    from prism_tui.dashboard_view import DashboardView
     from prism_tui.session import (
         SessionSpec,
         build_session,
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             said: list[tuple[str, ...]] = [()]  # the notices printed so far
             decided = [0]  # the governor decisions printed so far
 
-            def on_view(view: EngineView) -> None:
+            def on_view(view: DashboardView) -> None:
                 for line in new_notices(said[0], view.notices):  # the status bar's lines
                     print(f"prism watch: {line}", file=sys.stderr, flush=True)
                 said[0] = view.notices

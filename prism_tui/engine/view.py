@@ -159,20 +159,6 @@ class TelemetryValue:
 
 
 @dataclass(frozen=True)
-class DeliveryStatus:
-    """The alert path: broker connection and the durable outbox."""
-
-    broker: str = ""
-    """Broker URL, or empty when alerts are not published."""
-    state: str = "off"
-    """``off`` | ``connecting`` | ``connected`` | ``down``."""
-    pending: int = 0
-    """Alerts in the outbox not yet acknowledged by the broker."""
-    published: int = 0
-    last_error: str = ""
-
-
-@dataclass(frozen=True)
 class SloStatus:
     """One configured latency objective and whether it holds now."""
 
@@ -208,7 +194,8 @@ class AlertRecord:
     summary: str
     suspects: tuple[Mapping[str, Any], ...] = ()
     delivery: str = "local"
-    """``local`` (no broker) | ``queued`` | ``sent`` (acknowledged)."""
+    """``local`` (no broker) | ``queued`` | ``sent`` (acknowledged): ``local`` from the
+    engine, the alert path's state in the dashboard's view (``LiveSession.compose``)."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +221,9 @@ class GovernorCount:
 
 @dataclass(frozen=True)
 class EngineView:
-    """Everything the dashboard draws, at one moment. Immutable."""
+    """The engine's facts at one moment, as it publishes them. Immutable. The alert
+    path, the history file and the other parts' notices are added by the live session
+    (:class:`~prism_tui.dashboard_view.DashboardView`)."""
 
     now_ns: int
     host: str
@@ -249,14 +238,10 @@ class EngineView:
     alerts: tuple[AlertRecord, ...] = ()
     """Recent alert state changes, oldest first."""
     telemetry: tuple[TelemetryValue, ...] = ()
-    delivery: DeliveryStatus = field(default_factory=DeliveryStatus)
-    """The alert path's state: left empty by the engine, filled by the live session
-    (``LiveSession.compose``), as are the alerts' ``delivery`` and :attr:`history_path`."""
     slos: tuple[SloStatus, ...] = ()
-    history_path: str = ""
     notices: tuple[str, ...] = ()
-    """Short lines for the status bar (simulator events, re-attachments...): the engine's
-    own, or in the dashboard's view the live session's, which include them."""
+    """The engine's own status-bar lines (a workload new to the baseline, a refit); the
+    dashboard's view (``prism_tui/dashboard_view.py``) carries every part's."""
     series_totals: Mapping[SeriesKey, SeriesTotal] = field(
         default_factory=lambda: MappingProxyType({}))
     """Cumulative count and sum of every series over its closed windows since start."""

@@ -1,4 +1,4 @@
-"""The LatencyPrism dashboard: a Textual app fed with immutable :class:`EngineView` messages.
+"""The LatencyPrism dashboard: a Textual app fed with immutable :class:`DashboardView` messages.
 
 The engine (when given) runs in a worker on the app's own loop and calls
 :meth:`PrismApp.show_view`; each view becomes a :class:`ViewUpdated` message that
@@ -28,7 +28,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker
 
-from prism_tui.engine.view import WINDOWS_S, EngineView
+from prism_tui.dashboard_view import DashboardView
+from prism_tui.engine.view import WINDOWS_S
 from prism_tui.ui.control import EngineControl
 from prism_tui.ui.screens import (
     AlertDetailScreen,
@@ -49,7 +50,7 @@ from prism_tui.ui.widgets import (
     mode_line,
 )
 
-Engine = Callable[[Callable[[EngineView], None], asyncio.Event], Awaitable[None]]
+Engine = Callable[[Callable[[DashboardView], None], asyncio.Event], Awaitable[None]]
 """``await engine(show_view, stop_event)``: runs until ``stop_event`` is set."""
 
 PHASES = ("decode", "prefill", "mixed")
@@ -63,7 +64,7 @@ DARK, LIGHT = "textual-dark", "textual-light"
 class ViewUpdated(Message):
     """A new engine view; a newer one queued behind it replaces it (no backlog)."""
 
-    def __init__(self, view: EngineView, seq: int = 0) -> None:
+    def __init__(self, view: DashboardView, seq: int = 0) -> None:
         super().__init__()
         self.view = view
         self.seq = seq
@@ -127,9 +128,9 @@ class PrismApp(App[int]):
         """View messages handled (fewer than posted when newer ones replaced queued ones)."""
         self.rendered = 0
         """Views drawn (fewer than received when paused or when newer ones replaced them)."""
-        self.shown: EngineView | None = None
+        self.shown: DashboardView | None = None
         """The view on screen."""
-        self.latest: EngineView | None = None
+        self.latest: DashboardView | None = None
         """The newest view received (differs from ``shown`` while paused)."""
         self.engine_error: str | None = None
         self._shown_seq = 0
@@ -199,7 +200,7 @@ class PrismApp(App[int]):
 
     # -- views ------------------------------------------------------------------------------
 
-    def show_view(self, view: EngineView) -> None:
+    def show_view(self, view: DashboardView) -> None:
         """Hand a new view to the UI (safe from the app's loop or any thread)."""
         self.posted += 1
         self.post_message(ViewUpdated(view, self.posted))
@@ -218,7 +219,7 @@ class PrismApp(App[int]):
         """Views received after the one on screen (while paused; replaced ones count)."""
         return max(0, self._latest_seq - self._shown_seq)
 
-    def _draw(self, view: EngineView, seq: int) -> None:
+    def _draw(self, view: DashboardView, seq: int) -> None:
         self.shown, self._shown_seq = view, seq
         if view.notices:
             self._notice = view.notices[-1]
@@ -425,7 +426,7 @@ class PrismApp(App[int]):
             yield SystemCommand(title, help_text, action)
 
 
-def _firing(view: EngineView) -> set[tuple[str, str]]:
+def _firing(view: DashboardView) -> set[tuple[str, str]]:
     """(stage, device) pairs whose latest alert state is ``firing``."""
     state: dict[str, tuple[str, str, str]] = {}
     for a in view.alerts:

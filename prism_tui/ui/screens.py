@@ -15,8 +15,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Label, Static
 
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.sketches import SeriesKey
-from prism_tui.engine.view import WINDOWS_S, AlertRecord, Candidate, EngineView
+from prism_tui.engine.view import WINDOWS_S, AlertRecord, Candidate
 from prism_tui.history.query import history_report_async
 from prism_tui.history.store import HistoryError
 from prism_tui.ui.control import EngineControl
@@ -118,7 +119,7 @@ class SeriesDetailScreen(ModalScreen[None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q", "dismiss", "Back")]
 
-    def __init__(self, view: EngineView, stage: str, device: str, phase: str) -> None:
+    def __init__(self, view: DashboardView, stage: str, device: str, phase: str) -> None:
         super().__init__()
         self.view, self.stage, self.device, self.phase = view, stage, device, phase
 

@@ -17,6 +17,7 @@ from rich.text import Text
 from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
+from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.sketches import ITERATION, SeriesStats, Snapshot
 from prism_tui.engine.view import (
     AlertRecord,
@@ -60,7 +61,7 @@ class HeaderBar(Static):
     """Host, targets, probe health and the overhead governor, alert delivery and history
     path (three lines)."""
 
-    def show(self, view: EngineView) -> None:
+    def show(self, view: DashboardView) -> None:
         """Redraw for ``view`` (only when the text changed)."""
         lines = [self._targets(view), self._probes(view), self._delivery(view)]
         text = Text("\n").join(lines)
@@ -131,7 +132,7 @@ class HeaderBar(Static):
             t.append(f" (+{len(others)} governed)", style="yellow")
 
     @staticmethod
-    def _delivery(view: EngineView) -> Text:
+    def _delivery(view: DashboardView) -> Text:
         t = Text(no_wrap=True, overflow="ellipsis")
         d = view.delivery
         colour = {"connected": "green", "connecting": "yellow", "down": "bold red"}.get(
@@ -181,7 +182,7 @@ class PrismTable(DataTable[RenderableType]):
         self._sigs: dict[str, str] = {}
         self._order: tuple[str, ...] = ()
         self._spark_w = SPARK_MIN
-        self._last: tuple[EngineView, TableState, set[tuple[str, str]]] | None = None
+        self._last: tuple[DashboardView, TableState, set[tuple[str, str]]] | None = None
         self.rows_shown: tuple[tuple[str, str], ...] = ()
         """The (stage, device) rows in display order (for tests and Enter)."""
         self.cells: dict[tuple[str, str], dict[str, str]] = {}
@@ -213,7 +214,7 @@ class PrismTable(DataTable[RenderableType]):
         if self._last is not None:
             self.show(*self._last)
 
-    def show(self, view: EngineView, state: TableState, firing: set[tuple[str, str]]) -> int:
+    def show(self, view: DashboardView, state: TableState, firing: set[tuple[str, str]]) -> int:
         """Show the snapshot of ``state.window_s``; returns the number of rows redrawn."""
         self._last = (view, state, firing)
         snap = view.snapshot(state.window_s)
@@ -344,11 +345,11 @@ class IterationBreakdown(Widget):
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self._view: EngineView | None = None
+        self._view: DashboardView | None = None
         self._phase = "decode"
         self._sig: tuple[object, ...] = ()
 
-    def show(self, view: EngineView, phase: str) -> None:
+    def show(self, view: DashboardView, phase: str) -> None:
         """Draw the iterations of ``view`` (refreshes only when they changed)."""
         sig = (len(view.iterations), view.iterations[-1] if view.iterations else None, phase)
         if sig == self._sig:
@@ -391,10 +392,10 @@ class DetectorPanel(Widget):
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self._view: EngineView | None = None
+        self._view: DashboardView | None = None
         self._sig: tuple[object, ...] = ()
 
-    def show(self, view: EngineView) -> None:
+    def show(self, view: DashboardView) -> None:
         """Draw ``view``'s detector points (refreshes only when they changed)."""
         sig = (len(view.detector), view.detector[-1] if view.detector else None,
                view.detectors)
@@ -481,7 +482,7 @@ class AlertsFeed(DataTable[RenderableType]):
         for key, label, width in _ALERT_COLUMNS:
             self.add_column(" " + label, key=key, width=width)
 
-    def show(self, view: EngineView) -> None:
+    def show(self, view: DashboardView) -> None:
         """Rebuild only when an alert arrived or its delivery state changed."""
         sig = tuple((a.id, a.delivery) for a in view.alerts)
         if sig == self._sig:
@@ -517,14 +518,14 @@ class TelemetryPanel(Static):
 
     _last: tuple[object, ...] | None = None
 
-    def show(self, view: EngineView) -> None:
+    def show(self, view: DashboardView) -> None:
         """Redraw when the telemetry changed."""
         if view.telemetry != self._last:
             self._last = view.telemetry
             self.update(telemetry_table(view))
 
 
-def telemetry_table(view: EngineView) -> RenderableType:
+def telemetry_table(view: DashboardView) -> RenderableType:
     """A Rich table: one row per device, one column per metric, reasons below."""
     if not view.telemetry:
         return Text("no telemetry", style="dim")
