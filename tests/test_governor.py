@@ -75,17 +75,16 @@ def governor(sites: list[ProbeSite], levers: Levers, clock: FakeClock,
 
 
 def test_calibrate_measures_the_cost_classes() -> None:
-    """The four classes are measured here, not defaulted. Their sizes are not compared
-    but the one with a margin the spread supports (single-stepping a probed instruction
-    costs 7-20x emulating one on this VM): the wake-up is a difference of two timed loops
-    with no reader asleep, 0.5-14 µs from run to run, and was seen below an emulated hit
-    on a quiet host; its size is measured in ``bench/probe_cost.py``."""
+    """The classes are measured here, not defaulted. Their sizes are not compared but
+    the one with a margin the spread supports (single-stepping a probed instruction costs
+    5-20x emulating one on this VM). The wake-up is not asserted: it is a difference of two
+    timed loops with no reader asleep, and quiet runs of the suite measured anything from
+    nothing (clamped to 1 ns) to 14 µs; its size is measured in ``bench/probe_cost.py``."""
     costs = calibrate(calls=2000, rounds=3)
     assert costs.measured, costs.note
     assert costs.note == ""
     assert 0 < costs.emulated_ns < costs.single_step_ns
     assert costs.return_ns > 0
-    assert costs.wakeup_ns > 1.0  # measured, not clamped to 1 ns by a run in the noise
     assert costs.site_cost_ns("emulated", ret=True) == costs.emulated_ns + costs.return_ns
     assert costs.site_cost_ns("single-step", ret=False) == costs.single_step_ns
 
