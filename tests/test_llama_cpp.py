@@ -263,7 +263,9 @@ def test_prompt_chunks_are_prefill_and_the_first_after_a_request_is_mixed(
 def test_the_ggml_worker_threads_are_covered(llama_server: LlamaServer) -> None:
     """A per-operation probe of a user profile fires on every compute thread of the
     server (``--n_threads 2``: the thread in ``llama_decode`` and a ggml worker), as the
-    monitor attaches it: per-thread rings, new threads attached as they appear. Run
+    monitor attaches it: per-thread rings, new threads attached as they appear. The
+    server runs each request on a thread of its pool, so two requests may decode on two
+    threads: every decode thread computes, and a worker that never decodes does too. Run
     through the probe layer directly: at tens of thousands of hits a second this probe
     is the governor's business, not the correctness run's."""
     profile = parse_profile(MATMUL_PROFILE, "llama_ops.toml")
@@ -280,8 +282,7 @@ def test_the_ggml_worker_threads_are_covered(llama_server: LlamaServer) -> None:
         spans += session.read()
     decode_tids = {s.tid for s in spans if s.probe == "decode"}
     matmul_tids = {s.tid for s in spans if s.probe == "mul_mat"}
-    assert len(decode_tids) == 1
-    assert len(matmul_tids) >= 2 and decode_tids < matmul_tids
+    assert decode_tids and decode_tids < matmul_tids  # strictly: a ggml worker too
     assert all(Path(f"/proc/{llama_server.pid}/task/{t}").exists() for t in matmul_tids)
 
 
