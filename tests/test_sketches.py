@@ -289,3 +289,24 @@ def test_any_sequence_of_adds_keeps_invariants(
             m = sk.merged_range(key, ws[0].start_ns, ws[-1].end_ns)
             assert m is not None and m.n_values == sum(w.count for w in ws)
             assert m.min() <= m.quantile(0.5) <= m.max()
+
+
+def test_rate_counts_only_the_time_since_the_first_value() -> None:
+    """A monitor that has watched for 3 s shows the rate of those 3 s, not 3/10 of it."""
+    clock = FakeClock()
+    sk = WindowedSketches(clock=clock)
+    for sec in range(17, 20):
+        for j in range(4):
+            sk.add(IT, sec * S + j * 250_000_000, 10.0)
+    sk.flush()
+    clock.ns = 20 * S
+    st_ = sk.snapshot(span_s=10).get("iteration", "cuda:0", "decode")
+    assert st_ is not None and st_.count == 12
+    assert st_.rate == pytest.approx(4.0)
+    # once the span is covered, the rate is over the whole span again
+    for sec in range(20, 30):
+        sk.add(IT, sec * S, 10.0)
+    sk.flush()
+    clock.ns = 30 * S
+    st_ = sk.snapshot(span_s=10).get("iteration", "cuda:0", "decode")
+    assert st_ is not None and st_.rate == pytest.approx(1.0)

@@ -245,6 +245,7 @@ class WindowedSketches:
         self._open: dict[tuple[SeriesKey, int], list[float]] = {}
         self._closed_until: int | None = None  # all windows starting before it are closed
         self._watermark: int | None = None
+        self._first_ns: int | None = None  # the first value's time: rates start there
         self._next_close: int | None = None
         self._feed: list[Window] = []  # closed windows in closing order (starts ascending)
         self._cache: dict[tuple[float, int, int], Mapping[SeriesKey, SeriesStats]] = {}
@@ -276,6 +277,8 @@ class WindowedSketches:
         if self._closed_until is not None and start < self._closed_until:
             self.late += 1
             return
+        if self._first_ns is None or t_ns < self._first_ns:
+            self._first_ns = t_ns
         buf = self._open.get((key, start))
         if buf is None:
             buf = self._open[(key, start)] = []
@@ -466,6 +469,16 @@ class WindowedSketches:
                 parts[key] = partial
         return _finish(parts, span_s)
 
+    def _covered_s(self, start: int, end: int) -> float:
+        """Seconds of ``[start, end)`` since the first value: the divisor of a rate.
+
+        A monitor watching for 4 s shows the rate of those 4 s, not a tenth of it
+        diluted over a 10 s span it has not seen yet (at least one window, so that a
+        first value at the end of the range does not make the rate explode).
+        """
+        first = start if self._first_ns is None else max(start, self._first_ns)
+        return max(end - first, self._w) / 1e9
+
     def _partial(self, key: SeriesKey, start: int, end: int, span_s: float) -> _Partial | None:
         """One series' stats over ``[start, end)`` except its share of the iteration."""
         s = self._series.get(key)
@@ -482,7 +495,7 @@ class WindowedSketches:
         total = math.fsum(w.sum for w in ws)
         p50, p90, p99, p999 = (digest.quantile(q) for q in QUANTILES)
         stats = SeriesStats(
-            key=key, count=count, rate=count / span_s if span_s > 0 else 0.0,
+            key=key, count=count, rate=count / self._covered_s(start, end),
             p50=p50, p90=p90, p99=p99, p999=p999, max=max(w.max for w in ws),
             min=min(w.min for w in ws), mean=total / count, share=None,
             sparkline=self._sparkline(s, end - self._spark * self._w, end))
