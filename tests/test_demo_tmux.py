@@ -24,7 +24,10 @@ from tests.sim_scenarios import scenario_text, slowdown
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_START_S = 30
-SCENARIO = scenario_text(600, slowdown(FAULT_START_S, 20, intensity=0.5), seed=11,
+# the slowed device runs at a quarter of its speed (iterations ~2x as long): at half speed
+# (+40 %) runs on a loaded host missed it, the detector's limit at its cap (a log error of
+# 0.5, x1.65) after a noisy warm-up; this test is about the terminal, not sensitivity
+SCENARIO = scenario_text(600, slowdown(FAULT_START_S, 20, intensity=0.75), seed=11,
                          name="tmux-demo")
 STAGE_ROW = re.compile(r"^\s*\S?(iteration|device_sync|host)\s+cuda:[01]\s+\d+\s+\d[\d.]*\s+\d")
 ALERT_ROW = re.compile(r"(\d\d:\d\d:\d\d) (?:err|crit|warn)\w*\s+firing\s+iteration\s+(cuda:\d)")
