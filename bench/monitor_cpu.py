@@ -72,9 +72,9 @@ PARTS: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(pat)) for name, pa
     ("pairing", r"(_pair|_entry_of_return|_drop_abandoned) \(.*pairing\.py"),
     ("thread watchers", r"(_read_watchers|rescan|_install_opened) \(.*uprobes\.py"),
     ("sketches", r"sketches\.py"),
-    ("prediction", r"(predict|_predict\w*|TreeEnsemble|BaselineModel)\b.*detector\.py"),
+    ("prediction", r"(predict|_predict\w*|TreeEnsemble|BaselineModel)\b.*detector/"),
     ("features", r"(workload_features|workload_of|features|feature_matrix) \("),
-    ("judgement", r"detector\.py"),
+    ("judgement", r"engine/detector/"),
     ("stage attribution", r"iterations\.py"),
     ("snapshots / view", r"(view\.py|snapshots|prepare_view|_publish_views|_next_view|"
                          r"summary_docs|on_view)"),
@@ -148,13 +148,24 @@ def _events_per_iteration(tree: Path, pid: int, labels: Path, tmp: Path) -> tupl
     return events / its, spans / its
 
 
+IDLE = re.compile(r"^(\w+Selector\.select \(selectors\.py|Condition\.wait \(threading\.py|"
+                  r"_worker \(concurrent/futures/thread\.py|Event\.wait \(threading\.py|"
+                  r"sleep \(|select \(|poll \()")
+"""Innermost frames of a thread that waits: py-spy's ``--nonblocking`` mode cannot tell
+an idle thread, and the event loop's epoll wait was half of all samples, charged as if
+it were CPU."""
+
+
 def _categorise(raw: Path) -> collections.Counter[str]:
+    """Samples per part of the pipeline, idle (waiting) samples left out."""
     parts: collections.Counter[str] = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
         frames = stack.split(";")
+        if IDLE.match(frames[-1]):
+            continue
         for frame in reversed(frames):
             name = next((p for p, pat in PARTS if pat.search(frame)), None)
             if name is not None:
@@ -278,7 +289,7 @@ def main() -> int:
                 continue
             total = sum(counted.values())
             per_it = per_its[(tree, backend)]
-            print(f"\n| part ({tree.name}, {backend or 'default'}) | share of samples "
+            print(f"\n| part ({tree.name}, {backend or 'default'}) | share of busy samples "
                   "| µs per iteration |\n|---|---:|---:|")
             for name, n in counted.most_common():
                 print(f"| {name} | {100 * n / total:.1f} % | {per_it * n / total:.1f} |")

@@ -452,7 +452,7 @@ def test_mixed_steps_are_sketched_apart_and_not_judged_as_decode() -> None:
     assert {"mixed", "decode"} <= phases
     det = engine._watched[7].detectors["decode"]
     assert set(engine._watched[7].detectors) == {"decode"}
-    assert len(det.training_data()[1]) == 50  # the decode steps only, B = 4 each
+    assert len(det.training_data()[1]) == det.training_rows == 50  # decode steps only, B = 4 each
     assert set(det.training_data()[0][:, 0]) == {4.0}
 
 

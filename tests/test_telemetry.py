@@ -22,6 +22,7 @@ from probes.telemetry import (
     ProcSample,
     ProcSampler,
     Reading,
+    RunQueueReader,
     decode_clock_event_reasons,
     thread_runqueue_ns,
 )
@@ -311,6 +312,47 @@ def test_thread_runqueue_ns_of_this_thread() -> None:
     rq = thread_runqueue_ns(os.getpid(), threading.get_native_id())
     assert rq is None or rq >= 0  # None only where the kernel lacks CONFIG_SCHED_INFO
     assert thread_runqueue_ns(os.getpid(), 2**22 + 1) is None
+
+
+def test_run_queue_reader_keeps_files_open_and_lets_exited_threads_go() -> None:
+    reader = RunQueueReader(max_open=2)
+    pid = os.getpid()
+    me = threading.get_native_id()
+    first = reader.read(pid, me)
+    if first is None:
+        pytest.skip("this kernel keeps no schedstat (CONFIG_SCHED_INFO)")
+    burn = time.perf_counter() + 0.05
+    while time.perf_counter() < burn:
+        pass
+    # the same value thread_runqueue_ns reads, from the file kept open: it only grows
+    again = reader.read(pid, me)
+    assert again is not None and first <= again <= (thread_runqueue_ns(pid, me) or 0)
+    started = threading.Event()
+    finish = threading.Event()
+    tids: list[int] = []
+
+    def short_lived() -> None:
+        tids.append(threading.get_native_id())
+        started.set()
+        finish.wait(5)
+
+    worker = threading.Thread(target=short_lived)
+    worker.start()
+    started.wait(5)
+    assert reader.read(pid, tids[0]) is not None
+    fds_open = len(os.listdir("/proc/self/fd"))
+    finish.set()
+    worker.join()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/self/task/{tids[0]}") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # the exited thread reads as None and its file is closed
+    assert reader.read(pid, tids[0]) is None
+    assert len(os.listdir("/proc/self/fd")) == fds_open - 1
+    assert reader.read(pid, 2**22 + 1) is None  # no such thread: nothing opened
+    assert len(os.listdir("/proc/self/fd")) == fds_open - 1
+    reader.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_open - 2
 
 
 # -- host -------------------------------------------------------------------------------------

@@ -731,7 +731,7 @@ class Engine:
         for w in self._watched.values():
             for phase, det in w.detectors.items():
                 state = "live" if det.fitted else ("fitting" if det.needs_fit else "warming")
-                progress = det.warmup if det.fitted else len(det.training_data()[1])
+                progress = det.warmup if det.fitted else det.training_rows
                 detectors.append(DetectorState(w.pid, w.device, phase, state, progress,
                                                det.warmup, det.firing))
             for (device, phase), rules in sorted(w.slos.items()):

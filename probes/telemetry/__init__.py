@@ -29,7 +29,13 @@ from probes.telemetry.nvml import (
     decode_clock_event_reasons,
     nvml_reason,
 )
-from probes.telemetry.procfs import ProcSample, ProcSampler, ThreadSample, thread_runqueue_ns
+from probes.telemetry.procfs import (
+    ProcSample,
+    ProcSampler,
+    RunQueueReader,
+    ThreadSample,
+    thread_runqueue_ns,
+)
 from probes.telemetry.readings import (
     FIRST_SAMPLE,
     NO_NVML,
@@ -58,6 +64,7 @@ __all__ = [
     "ProcSample",
     "ProcSampler",
     "Reading",
+    "RunQueueReader",
     "ThreadSample",
     "cpu_frequencies_mhz",
     "decode_clock_event_reasons",

