@@ -249,6 +249,33 @@ def test_the_session_ends_when_its_target_exits(ctarget: CTarget, profile: Profi
     assert Counter(s.probe for s in got) == {"work": 5}
 
 
+def test_batches_yield_every_span_and_end_when_the_target_exits(
+        ctarget: CTarget, profile: Profile) -> None:
+    """``batches`` (the escalation's path, the perf session's delivery code) yields the
+    spans as the ring is drained, and ends by itself once the target has exited."""
+    sites = sites_of(ctarget, profile)
+    got: list[Span] = []
+
+    async def watch(bpf: BpfSession) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, ctarget.cmd, "work 5")
+        loop.call_later(0.3, ctarget.cmd, "work 3")
+        loop.call_later(0.5, ctarget.proc.stdin.write, "exit\n")  # type: ignore[union-attr]
+        loop.call_later(0.5, ctarget.proc.stdin.flush)  # type: ignore[union-attr]
+
+        async def drain() -> None:
+            async for batch in bpf.batches():
+                assert batch  # an empty drain yields nothing
+                got.extend(batch)
+
+        await asyncio.wait_for(drain(), 10)
+
+    with BpfSession([Target(ctarget.pid)], sites) as bpf:
+        asyncio.run(watch(bpf))
+        assert bpf.all_exited
+    assert Counter(s.probe for s in got) == {"work": 8}
+
+
 def test_detach_and_reattach_one_site(ctarget: CTarget, profile: Profile) -> None:
     """The governor's lever: a detached site records nothing and is no longer a
     breakpoint once its links close; reattached, it records again. Other sites go on."""
