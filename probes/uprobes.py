@@ -100,6 +100,9 @@ class UprobeSession(DeliveredSession):
     from :class:`~probes.delivery.DeliveredSession`).
     """
 
+    backend = "perf"
+    """Which backend this is (the governor costs its hits with ``HitCosts.for_backend``)."""
+
     def __init__(self, targets: Sequence[Target], sites: Sequence[ProbeSite], *,
                  mode: str = "auto", ring_pages: int = 64, urgent: Collection[str] = (),
                  drain_interval_s: float = 0.02, rescan_interval_s: float = 0.25,

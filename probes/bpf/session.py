@@ -121,6 +121,8 @@ class BpfSession(DeliveredSession):
     """
 
     mode = "bpf"
+    backend = "bpf"
+    """Which backend this is (the governor costs its hits with ``HitCosts.for_backend``)."""
 
     def __init__(self, targets: Sequence[Target], sites: Sequence[ProbeSite], *,
                  ring_pages: int = 64, urgent: Collection[str] = (),
