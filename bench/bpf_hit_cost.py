@@ -8,7 +8,10 @@ call (entry, return) into a per-thread ring; the eBPF program stores the entry i
 map and writes one span record at the return. The added nanoseconds per call are the
 probe's cost on the server's thread; the ratio is bpf over perf. The monitor's side:
 CPU time of the ``read()`` that turns the round's records into spans (ring read,
-decoding, pairing), per span.
+decoding, pairing), per span. Last, the governor's self-calibration of both backends
+(``calibrate(bpf=True)``) in the same run: what each costs a session with, per hit class
+and per call of an urgent entry+return anchor (the governor counts a wake-up per perf
+record, one per bpf span).
 
     .venv/bin/python bench/bpf_hit_cost.py [--rounds N] [--calls N]   # needs `make bpf`
 """
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from probes.bpf.session import BpfSession  # noqa: E402
 from probes.catalog import parse_profile  # noqa: E402
+from probes.governor import calibrate  # noqa: E402
 from probes.placement import place_profile  # noqa: E402
 from probes.target import Target  # noqa: E402
 from probes.uprobes import UprobeSession  # noqa: E402
@@ -113,6 +117,15 @@ def main() -> int:
         print(f"| {name} | {statistics.median(ns[name]):,.0f} | {added[name]:,.0f} "
               f"| {added[name] / added['perf']:.2f} | {per_span:.2f} "
               f"| {per_span / (1e6 * read_s['perf'] / max(1, spans['perf'])):.2f} |")
+    costs = calibrate(bpf=True)
+    print("\n| calibration | emulated ns | single-step ns | return ns | wake-up ns "
+          "| urgent emulated entry+return ns per call |\n|---|---:|---:|---:|---:|---:|")
+    for name in ("perf", "bpf"):
+        c = costs.for_backend(name)
+        note = "" if c.measured else f" ({c.note})"
+        print(f"| {name}{note} | {c.emulated_ns:,.0f} | {c.single_step_ns:,.0f} "
+              f"| {c.return_ns:,.0f} | {c.wakeup_ns:,.0f} "
+              f"| {c.site_cost_ns('emulated', True, urgent=True):,.0f} |")
     return 0
 
 

@@ -60,7 +60,7 @@ def run_demo(duration_s: float | None = None, *, scenario: str = "demo",
     except ScenarioError as exc:
         print(f"prism demo: {exc}", file=sys.stderr)
         return 2
-    costs = calibrate()
+    costs = calibrate(bpf=True)  # the demo's backend is auto: bpf where it loads
     # the rule and alert holds prism watch uses by default, the warm-up asked for
     engine = EngineSettings(warmup_iterations=warmup, warmup_s=warmup_s)
     notices: list[str] = []

@@ -4,7 +4,8 @@ A session reads its rings in :meth:`SpanSource.read` and knows nothing of loops;
 module watches the session's fds (``loop.add_reader``), drains it every
 ``drain_interval_s`` and passes the spans on: inside the reader callback
 (:meth:`LoopDelivery.deliver`, the latency-critical path) or through an async iterator
-(:meth:`LoopDelivery.batches`). Any backend with the :class:`SpanSource` shape can use it.
+(:meth:`LoopDelivery.batches`). Both backends derive from :class:`DeliveredSession`, so
+batching, wake-ups, the drain timer and the end of delivery are this module's code alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import select
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -20,7 +22,7 @@ from probes.pairing import Span
 
 
 class SpanSource(Protocol):
-    """What delivery needs of a probe session (:class:`probes.uprobes.UprobeSession`)."""
+    """What delivery needs of a probe session (either backend's, or a test's)."""
 
     drain_interval_s: float
 
@@ -172,3 +174,66 @@ def poll(source: SpanSource, timeout_s: float) -> list[Span]:
     elif timeout_s > 0:
         time.sleep(min(timeout_s, source.drain_interval_s))
     return source.read()
+
+
+class DeliveredSession(ABC):
+    """A probe session whose spans go out through one :class:`LoopDelivery`.
+
+    A backend implements opening, reading and closing; :meth:`poll`, :meth:`deliver`
+    and :meth:`batches` are the same for every backend. It registers the fds it opens
+    later with ``self._delivery.watch`` and drops them with ``self._delivery.unwatch``.
+    """
+
+    drain_interval_s: float
+
+    def __init__(self) -> None:
+        """Give the session its delivery (nothing is watched until a loop attaches)."""
+        self._delivery = LoopDelivery(self)
+
+    @abstractmethod
+    def open(self) -> DeliveredSession:
+        """Attach the probes (idempotent); raises a :class:`~probes.errors.ProbeError`."""
+
+    @abstractmethod
+    def fds(self) -> list[int]:
+        """The fds that become readable when records wait."""
+
+    @abstractmethod
+    def read(self) -> list[Span]:
+        """Drain every ring now and return the spans completed (never blocks)."""
+
+    @property
+    @abstractmethod
+    def all_exited(self) -> bool:
+        """True once every target process has exited."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """True once the session is closed."""
+
+    def poll(self, timeout_s: float) -> list[Span]:
+        """Wait up to ``timeout_s`` for data, then drain (synchronous callers)."""
+        return poll(self, timeout_s)
+
+    async def deliver(self, on_spans: Callable[[list[Span]], None]) -> None:
+        """Call ``on_spans`` with new spans from the loop's reader callbacks.
+
+        The alternative to :meth:`batches` for a latency-critical consumer: the wake-up
+        of an urgent probe reads the rings and runs ``on_spans`` in the same callback
+        (:meth:`LoopDelivery.deliver`). Returns when every target has exited or the
+        session is closed; an exception of ``on_spans`` or of reading ends it and is
+        raised here.
+        """
+        self.open()
+        await self._delivery.deliver(on_spans)
+
+    async def batches(self) -> AsyncIterator[list[Span]]:
+        """Yield lists of spans as rings fill (wake-ups through ``loop.add_reader``).
+
+        Ends when every target has exited. Rings are also drained every
+        ``drain_interval_s``, so nothing waits longer than that.
+        """
+        self.open()
+        async for spans in self._delivery.batches():
+            yield spans

@@ -6,7 +6,9 @@ maps it executable, and times ctypes calls with and without a uprobe on each. On
 function starts with ``push %rbp`` (emulated by the kernel), the other with ``mov``
 (single-stepped), which are the two cost classes of :func:`probes.symbols.classify_site`;
 a third run opens the probe with ``wakeup_events=1`` to time the wake-up each record of
-an urgent probe (the iteration anchor) adds.
+an urgent probe (the iteration anchor) adds. ``calibrate(bpf=True)`` times the same hits
+through the eBPF backend's program too (``HitCosts.bpf``), so a bpf session is costed
+with its own hits (:meth:`HitCosts.for_backend`).
 
 :class:`OverheadGovernor` then counts hits per probe, estimates the time they add to the
 target (hits/s × cost per hit, wake-ups included), detaches or duty-cycles the costliest
@@ -22,9 +24,12 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
+from probes.bpf.loader import SpanProgram
+from probes.bpf.session import COOKIE_PAIRED, COOKIE_RETURN, COOKIE_URGENT, BpfRing
 from probes.errors import ProbeError
 from probes.perf import EventSpec, PerfRing, open_uprobe
 from probes.placement import ProbeSite
@@ -47,13 +52,32 @@ class HitCosts:
     """What one record of an urgent probe adds by waking the reader (``wakeup_events=1``)."""
     measured: bool = True
     note: str = ""
+    backend: str = "perf"
+    """The probe backend whose hits these are (``perf`` or ``bpf``)."""
+    bpf: HitCosts | None = None
+    """The same hits through the eBPF backend (``calibrate(bpf=True)``; None: not timed)."""
 
     def site_cost_ns(self, site: str, ret: bool, urgent: bool = False) -> float:
         """Cost of one call of a function probed at a site of class ``site``; an urgent
-        probe's records (entry, and return with ``ret``) each add a wake-up."""
+        probe's records each add a wake-up: perf costs the entry's and the return's, bpf
+        writes one record per span (the kernel pairs them), so one."""
         entry = self.emulated_ns if site == "emulated" else self.single_step_ns
-        wakeups = (2 if ret else 1) * self.wakeup_ns if urgent else 0.0
+        records = 2 if ret and self.backend == "perf" else 1
+        wakeups = records * self.wakeup_ns if urgent else 0.0
         return entry + (self.return_ns if ret else 0.0) + wakeups
+
+    def for_backend(self, backend: str) -> HitCosts:
+        """The costs a session of ``backend`` (``perf`` or ``bpf``) adds per hit.
+
+        For bpf: :attr:`bpf` when it was timed, else these hits with bpf's one wake-up
+        per span, marked not measured (the traps are the same uprobes either way).
+        """
+        if backend != "bpf" or self.backend == "bpf":
+            return self
+        if self.bpf is not None:
+            return self.bpf
+        return replace(self, backend="bpf", measured=False,
+                       note="bpf hits not timed: perf's hit costs, one wake-up per span")
 
 
 #: Used when calibration cannot run; the figures measured on the development VM
@@ -77,12 +101,60 @@ def _time_calls(fn: Callable[[int], int], n: int) -> float:
     return (time.perf_counter_ns() - t0) / n
 
 
-def calibrate(calls: int = 3000, rounds: int = 3) -> HitCosts:
+def calibrate(calls: int = 3000, rounds: int = 3, *, bpf: bool = False) -> HitCosts:
     """Measure the cost of a uprobe hit (emulated, single-stepped, a return, a wake-up) here.
 
     Takes some tens of milliseconds. Falls back to :data:`DEFAULT_COSTS` (with a note
     saying why) when the code cannot be mapped executable or perf refuses the probe.
+    With ``bpf``, the same hits are timed through the eBPF program as well, into
+    :attr:`HitCosts.bpf` (its own defaults and note when the program cannot load).
     """
+    perf = _calibrate("perf", calls, rounds)
+    return replace(perf, bpf=_calibrate("bpf", calls, rounds)) if bpf else perf
+
+
+@contextmanager
+def _perf_probe(path: str, offset: int, with_return: bool, wakeup: bool) -> Iterator[
+        Callable[[], object]]:
+    """Perf uprobes on the calling thread at ``offset`` of ``path``; yields the drain."""
+    tid = threading.get_native_id()
+    with PerfRing(64) as ring:
+        for is_return in (False, True) if with_return else (False,):
+            spec = EventSpec(path, offset, is_return)
+            ring.add(open_uprobe(spec, tid, -1, wakeup_events=int(wakeup)), spec)
+        yield ring.read_raw
+
+
+@contextmanager
+def _bpf_probe(path: str, offset: int, with_return: bool, wakeup: bool) -> Iterator[
+        Callable[[], object]]:
+    """The eBPF span program on this process at ``offset`` of ``path``, as
+    :class:`~probes.bpf.session.BpfSession` links a site; yields the drain."""
+    ring_bytes = 64 * mmap.PAGESIZE
+    program = SpanProgram(ring_bytes)
+    links: list[int] = []
+    try:
+        ring = BpfRing(program.ring_fd, ring_bytes)
+        try:
+            for is_return in (False, True) if with_return else (False,):
+                cookie = (COOKIE_PAIRED if with_return else 0) | (
+                    COOKIE_RETURN if is_return else 0)
+                if wakeup and (is_return or not with_return):
+                    cookie |= COOKIE_URGENT
+                links.append(program.link(path, [offset], [cookie], os.getpid(), is_return))
+            yield ring.read
+        finally:
+            ring.close()
+    finally:
+        for fd in links:
+            os.close(fd)
+        program.close()
+
+
+def _calibrate(backend: str, calls: int, rounds: int) -> HitCosts:
+    """:func:`calibrate` for one backend (``perf`` or ``bpf``)."""
+    defaults = replace(DEFAULT_COSTS, backend=backend)
+    attach = _bpf_probe if backend == "bpf" else _perf_probe
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -93,7 +165,7 @@ def calibrate(calls: int = 3000, rounds: int = 3) -> HitCosts:
     try:
         fd, path = tempfile.mkstemp(prefix="prism-calibrate-", dir=_exec_dir())
     except (OSError, ProbeError) as exc:
-        return HitCosts(**{**DEFAULT_COSTS.__dict__, "note": f"calibration skipped: {exc}"})
+        return replace(defaults, note=f"calibration skipped: {exc}")
     addr = None
     try:
         os.write(fd, code.ljust(size, b"\xcc"))
@@ -103,18 +175,14 @@ def calibrate(calls: int = 3000, rounds: int = 3) -> HitCosts:
         proto = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)
         emulated = proto(addr)
         single = proto(addr + _SECOND_OFFSET)
-        tid = threading.get_native_id()
 
         def probed(offset: int, with_return: bool, fn: Callable[[int], int], n: int,
                    wakeup: bool = False) -> float:
-            with PerfRing(64) as ring:
-                for is_return in (False, True) if with_return else (False,):
-                    spec = EventSpec(path, offset, is_return)
-                    ring.add(open_uprobe(spec, tid, -1, wakeup_events=int(wakeup)), spec)
+            with attach(path, offset, with_return, wakeup) as drain:
                 best = float("inf")
                 for _ in range(rounds):
                     best = min(best, _time_calls(fn, n))
-                    ring.read_raw()
+                    drain()
                 return best
 
         def bare(fn: Callable[[int], int], n: int) -> float:
@@ -129,9 +197,11 @@ def calibrate(calls: int = 3000, rounds: int = 3) -> HitCosts:
         # no reader sleeps on this ring: the wake-up's lower bound (a reader asleep on
         # another CPU adds ~3 us more on the development VM, docs/performance.md)
         wake = probed(0, False, emulated, calls // 10, wakeup=True) - base_e - hit_e
-        return HitCosts(max(hit_e, 1.0), max(hit_s, 1.0), max(hit_r, 1.0), max(wake, 1.0))
+        return HitCosts(max(hit_e, 1.0), max(hit_s, 1.0), max(hit_r, 1.0), max(wake, 1.0),
+                        backend=backend)
     except (OSError, ProbeError) as exc:
-        return HitCosts(**{**DEFAULT_COSTS.__dict__, "note": f"calibration failed: {exc}"})
+        what = "calibration" if backend == "perf" else f"{backend} calibration"
+        return replace(defaults, note=f"{what} failed: {exc}")
     finally:
         if addr not in (None, ctypes.c_void_p(-1).value):
             libc.munmap(addr, size)

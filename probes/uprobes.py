@@ -15,31 +15,29 @@ own thread (``docs/performance.md`` has the measurement that chose between them)
     that maps the probed file, so it is only chosen automatically (``auto``) when no
     other process maps it.
 
-Three pieces, so that another probe backend can reuse the last two: this module reads
-the rings and follows threads; :mod:`probes.pairing` (pure) pairs the decoded records
+Four pieces, the last two shared with the eBPF backend (:mod:`probes.bpf.session`): this
+module reads the rings and follows threads; :mod:`probes.pairing` (pure) pairs the decoded records
 into spans, counting what cannot pair (a return read before its entry from another
 CPU's ring waits one read for it; entries of a thread that exits, or that sit before a
 loss in the same ring, are dropped, as are calls a ``longjmp`` abandoned);
 :mod:`probes.delivery` hands the spans to an asyncio loop (:meth:`UprobeSession.deliver`,
-:meth:`UprobeSession.batches`) or a synchronous caller (:meth:`UprobeSession.poll`).
+:meth:`UprobeSession.batches`) or a synchronous caller (:meth:`UprobeSession.poll`);
+:mod:`probes.workers` opens new threads' rings and closes retired ones off the loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import os
-import queue
 import struct
-import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from probes.delivery import LoopDelivery, poll
+from probes.delivery import DeliveredSession
 from probes.errors import PerfOpenError, ProbeError, TargetExitedError
 from probes.pairing import ArgValue, EventLayout, Span, SpanPairer
 from probes.perf import (
@@ -60,31 +58,12 @@ from probes.perf import (
 )
 from probes.placement import ProbeSite
 from probes.target import Target
+from probes.workers import Closer, Opener, SessionStats
 
 __all__ = ["ArgValue", "SessionStats", "Span", "UprobeSession", "attach", "processes_mapping"]
 """The session's public names; ``Span`` and ``ArgValue`` live in :mod:`probes.pairing`."""
 
 WATCHER_PAGES = 16  # room for ~1,100 fork/exit records between two reads
-
-
-@dataclass
-class SessionStats:
-    """Counters of a session, for the governor and the dashboard."""
-
-    hits: Counter[str] = field(default_factory=Counter)
-    spans: int = 0
-    lost: int = 0
-    unfinished: int = 0
-    orphan_returns: int = 0
-    thread_records_lost: int = 0
-    threads_attached: int = 0
-    threads_exited: int = 0
-    thread_attach_failures: int = 0
-    events_open: int = 0
-    closes_queued: int = 0
-    """Rings and fds handed to the background closer (written by the reader only)."""
-    closes_done: int = 0
-    """Those the closer has closed (written by the closer only)."""
 
 
 def _read_count(fd: int) -> int:
@@ -113,12 +92,16 @@ def processes_mapping(inodes: set[int], exclude: set[int]) -> set[int]:
     return found
 
 
-class UprobeSession:
+class UprobeSession(DeliveredSession):
     """Uprobes on one or more targets, read as spans. One owner of every fd and mmap.
 
     Use as a context manager or call :meth:`close` (idempotent). Synchronous callers use
-    :meth:`poll`; asyncio callers iterate :meth:`batches`.
+    :meth:`poll`; asyncio callers use :meth:`deliver` or iterate :meth:`batches` (both
+    from :class:`~probes.delivery.DeliveredSession`).
     """
+
+    backend = "perf"
+    """Which backend this is (the governor costs its hits with ``HitCosts.for_backend``)."""
 
     def __init__(self, targets: Sequence[Target], sites: Sequence[ProbeSite], *,
                  mode: str = "auto", ring_pages: int = 64, urgent: Collection[str] = (),
@@ -169,10 +152,9 @@ class UprobeSession:
         self._last_rescan = 0.0
         self._opened = False
         self._closed = False
-        # watches the rings on an asyncio loop and hands the spans over
-        self._delivery = LoopDelivery(self)
-        self._closer: _Closer | None = None
-        self._opener: _Opener | None = None
+        super().__init__()  # watches the rings on an asyncio loop, hands the spans over
+        self._closer: Closer | None = None
+        self._opener: Opener[_BuiltRing] | None = None
         self._opening: set[int] = set()  # tids whose rings the opener is building
 
     # ------------------------------------------------------------------ lifecycle
@@ -361,7 +343,7 @@ class UprobeSession:
             self.stats.threads_attached += 1
             return
         if self._opener is None:
-            self._opener = _Opener(loop, self._delivery.on_readable)
+            self._opener = Opener("uprobe-opener", loop, self._delivery.on_readable)
         self._opening.add(tid)
         self._opener.build(pid, tid, functools.partial(self._build_ring, tid, -1))
 
@@ -396,7 +378,7 @@ class UprobeSession:
         the reader's loop, and with it every alert, for over a second.
         """
         if self._closer is None:
-            self._closer = _Closer(self.stats)
+            self._closer = Closer("uprobe-closer", self.stats)
         self._closer.close(what)
 
     def _detach_thread(self, tid: int, spans: list[Span]) -> None:
@@ -619,34 +601,6 @@ class UprobeSession:
         """The fds to poll: one per ring."""
         return [r.owner_fd for r in [*self._rings.values(), *self._watchers.values()] if r.fds]
 
-    def poll(self, timeout_s: float) -> list[Span]:
-        """Wait up to ``timeout_s`` for data, then drain (synchronous callers)."""
-        return poll(self, timeout_s)
-
-    async def deliver(self, on_spans: Callable[[list[Span]], None]) -> None:
-        """Call ``on_spans`` with new spans from the loop's reader callbacks.
-
-        The alternative to :meth:`batches` for a latency-critical consumer: the wake-up
-        of an urgent probe reads the rings and runs ``on_spans`` in the same callback
-        (:meth:`probes.delivery.LoopDelivery.deliver`). Returns when every target has
-        exited or the session is closed; an exception of ``on_spans`` or of reading ends
-        it and is raised here.
-        """
-        if not self._opened:
-            self.open()
-        await self._delivery.deliver(on_spans)
-
-    async def batches(self) -> AsyncIterator[list[Span]]:
-        """Yield lists of spans as rings fill (wake-ups through ``loop.add_reader``).
-
-        Ends when every target has exited. Rings are also drained every
-        ``drain_interval_s``, so nothing waits longer than that.
-        """
-        if not self._opened:
-            self.open()
-        async for spans in self._delivery.batches():
-            yield spans
-
 
 @dataclass
 class _BuiltRing:
@@ -660,95 +614,6 @@ class _BuiltRing:
         self.ring.close()
         if self.watcher is not None:
             self.watcher.close()
-
-
-def _fifo_priority() -> int:
-    """The calling thread's ``SCHED_FIFO`` priority, 0 when it runs normally."""
-    try:
-        policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
-        return os.sched_getparam(0).sched_priority if policy == os.SCHED_FIFO else 0
-    except OSError:
-        return 0
-
-
-class _Worker:
-    """One daemon thread that runs the callables handed to it, in order.
-
-    It runs at the real-time priority of the thread that starts it (a monitor's loop
-    under ``--realtime``): its jobs are short system calls, and a normal-priority thread
-    holding the GIL while CPU hogs preempt it would keep that loop waiting.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._priority = _fifo_priority()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def put(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        if self._priority:
-            with contextlib.suppress(OSError):  # refused: it runs normally
-                os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
-                                      os.sched_param(self._priority))
-        while (job := self._jobs.get()) is not None:
-            job()
-
-    def finish(self) -> None:
-        """Wait until every job handed over has run."""
-        self._jobs.put(None)
-        self._thread.join()
-
-
-class _Opener(_Worker):
-    """Builds new threads' rings and wakes the reader when one is done."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
-        super().__init__("uprobe-opener")
-        self._loop = loop
-        self._wake = wake
-        self._done: queue.SimpleQueue[tuple[int, int, _BuiltRing | BaseException]] = \
-            queue.SimpleQueue()
-
-    def build(self, pid: int, tid: int, build: Callable[[], _BuiltRing]) -> None:
-        """Queue one ring to build; :meth:`finished` hands it (or its error) back."""
-        def job() -> None:
-            try:
-                result: _BuiltRing | BaseException = build()
-            except Exception as exc:  # handed to the reader, which decides
-                result = exc
-            self._done.put((pid, tid, result))
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                self._loop.call_soon_threadsafe(self._wake)
-
-        self.put(job)
-
-    def finished(self) -> list[tuple[int, int, _BuiltRing | BaseException]]:
-        out = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                out.append(self._done.get_nowait())
-        return out
-
-
-class _Closer(_Worker):
-    """Closes what a session hands it, in order, counting in the session's stats."""
-
-    def __init__(self, stats: SessionStats) -> None:
-        super().__init__("uprobe-closer")
-        self._stats = stats
-
-    def close(self, what: Callable[[], None]) -> None:
-        self._stats.closes_queued += 1
-
-        def job() -> None:
-            with contextlib.suppress(OSError, ValueError):
-                what()
-            self._stats.closes_done += 1
-
-        self.put(job)
 
 
 def attach(targets: Sequence[Target], sites: Sequence[ProbeSite], **options: Any) -> UprobeSession:

@@ -25,6 +25,7 @@ from probes.backend import open_session
 from probes.bpf.loader import OBJECT_PATH, BpfUnavailableError
 from probes.bpf.session import BpfSession
 from probes.catalog import Profile, load_profile, parse_profile
+from probes.governor import HitCosts
 from probes.placement import ProbeSite, place_profile
 from probes.target import Target
 from probes.uprobes import Span, UprobeSession
@@ -249,6 +250,33 @@ def test_the_session_ends_when_its_target_exits(ctarget: CTarget, profile: Profi
     assert Counter(s.probe for s in got) == {"work": 5}
 
 
+def test_batches_yield_every_span_and_end_when_the_target_exits(
+        ctarget: CTarget, profile: Profile) -> None:
+    """``batches`` (the escalation's path, the perf session's delivery code) yields the
+    spans as the ring is drained, and ends by itself once the target has exited."""
+    sites = sites_of(ctarget, profile)
+    got: list[Span] = []
+
+    async def watch(bpf: BpfSession) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, ctarget.cmd, "work 5")
+        loop.call_later(0.3, ctarget.cmd, "work 3")
+        loop.call_later(0.5, ctarget.proc.stdin.write, "exit\n")  # type: ignore[union-attr]
+        loop.call_later(0.5, ctarget.proc.stdin.flush)  # type: ignore[union-attr]
+
+        async def drain() -> None:
+            async for batch in bpf.batches():
+                assert batch  # an empty drain yields nothing
+                got.extend(batch)
+
+        await asyncio.wait_for(drain(), 10)
+
+    with BpfSession([Target(ctarget.pid)], sites) as bpf:
+        asyncio.run(watch(bpf))
+        assert bpf.all_exited
+    assert Counter(s.probe for s in got) == {"work": 8}
+
+
 def test_detach_and_reattach_one_site(ctarget: CTarget, profile: Profile) -> None:
     """The governor's lever: a detached site records nothing and is no longer a
     breakpoint once its links close; reattached, it records again. Other sites go on."""
@@ -288,6 +316,37 @@ def test_the_monitor_cuts_iterations_from_bpf_spans(ctarget: CTarget) -> None:
     assert sessions == [BpfSession]
     assert len(ends) > 50 and ends == sorted(ends)
     assert not any("probe backend" in n for n in notices)
+
+
+@pytest.mark.parametrize("backend", ["bpf", "perf"])
+def test_the_governor_costs_a_session_with_its_backends_hits(ctarget: CTarget,
+                                                             backend: str) -> None:
+    """The governor and the view's probe cost use the hit costs of the session's own
+    backend: a bpf session gets the bpf calibration (one wake-up per urgent span), a
+    perf session the perf one; neither is costed as the other."""
+    bpf_costs = HitCosts(700.0, 9000.0, 600.0, 5000.0, backend="bpf")
+    costs = HitCosts(1000.0, 20000.0, 1000.0, 12000.0, bpf=bpf_costs)
+    own = bpf_costs if backend == "bpf" else costs
+    # the anchor with its return: perf's two records a call against bpf's one span
+    profile = parse_profile(CTARGET_PROFILE.replace('symbol = "pl_work"\n',
+                                                    'symbol = "pl_work"\nret = true\n'),
+                            "ctarget")
+    ctarget.cmd("spin_start 2000")
+    with Monitor([Target(ctarget.pid)], profile,
+                 detection=DetectionConfig(warmup=100_000),
+                 probing=ProbingConfig(backend=backend, overhead_budget=0.5, costs=costs),
+                 config=MonitorConfig(escalation_s=0, telemetry=False)) as monitor:
+        asyncio.run(monitor.run(1.0))
+        (att,) = monitor._attached.values()
+        assert att.session.backend == backend
+        assert att.governor is not None and att.governor.costs is own
+        anchor = next(i for i, s in enumerate(att.session.sites) if s.probe == "work")
+        assert att.governor.site_cost_ns(anchor) == own.site_cost_ns(
+            att.session.sites[anchor].site, True, urgent=True)
+        hits = {"work": 2000}  # 1,000 calls of the anchor in one second
+        pct = monitor.governing.overhead_pct(att, hits, 1.0)
+        assert pct == pytest.approx(100 * 1000 * own.site_cost_ns(
+            att.session.sites[anchor].site, True, urgent=True) / 1e9)
 
 
 FALLBACK = """

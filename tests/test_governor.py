@@ -87,6 +87,19 @@ def test_calibrate_measures_the_cost_classes() -> None:
     assert costs.return_ns > 0
     assert costs.site_cost_ns("emulated", ret=True) == costs.emulated_ns + costs.return_ns
     assert costs.site_cost_ns("single-step", ret=False) == costs.single_step_ns
+    assert costs.bpf is None and costs.backend == "perf"
+
+
+def test_calibrate_times_the_bpf_programs_hits_too() -> None:
+    """With ``bpf``, the same classes are timed through the eBPF span program (needs
+    ``make bpf``, as tests/test_bpf.py): measured, and what a bpf session is costed with."""
+    costs = calibrate(calls=2000, rounds=3, bpf=True)
+    assert costs.measured and costs.backend == "perf", costs.note
+    bpf = costs.bpf
+    assert bpf is not None and bpf.measured and bpf.backend == "bpf", bpf
+    assert 0 < bpf.emulated_ns < bpf.single_step_ns
+    assert bpf.return_ns > 0
+    assert costs.for_backend("bpf") is bpf
 
 
 # ------------------------------------------------------------------ decisions (fake clock)
@@ -318,6 +331,22 @@ def test_the_anchors_wakeups_are_in_the_estimate() -> None:
     # counted is it more than the 0.5 % restore level
     assert gov.update({"step": 400}) == []
     assert gov.last_overhead == pytest.approx(200 * 29_000 / 1e9)
+
+
+def test_a_bpf_session_is_costed_with_its_own_hits_and_one_wakeup_per_span() -> None:
+    """The eBPF program writes one record per span, so an urgent entry+return probe
+    wakes the reader once a call, not twice; its hits are the bpf calibration's, and
+    without one, perf's hits with bpf's wake-ups, marked not measured."""
+    bpf = HitCosts(700.0, 9000.0, 600.0, 12000.0, backend="bpf")
+    costs = HitCosts(1000.0, 20000.0, 1000.0, 12000.0, bpf=bpf)
+    assert costs.for_backend("perf") is costs
+    assert costs.for_backend("bpf") is bpf
+    assert bpf.site_cost_ns("emulated", ret=True, urgent=True) == 1300 + 12000
+    assert bpf.site_cost_ns("single_step", ret=False, urgent=True) == 9000 + 12000
+    assert costs.site_cost_ns("emulated", ret=True, urgent=True) == 2000 + 2 * 12000
+    guessed = HitCosts(1000.0, 20000.0, 1000.0, 12000.0).for_backend("bpf")
+    assert (guessed.backend, guessed.measured) == ("bpf", False)
+    assert guessed.site_cost_ns("emulated", ret=True, urgent=True) == 2000 + 12000
 
 
 def test_the_anchor_is_never_governed_even_alone_over_budget() -> None:

@@ -88,6 +88,8 @@ def test_prism_watch_detaches_the_hot_probe(ctarget: CTarget, tmp_path: Path) ->
     assert governor["budget_pct"] == 1.0 and governor["action"] == "detach"
     assert governor["hit_cost_us"]["measured"], governor["hit_cost_us"]
     assert governor["hit_cost_us"]["wakeup"] > 0
+    # the backend is auto (bpf on this host): its own hits are timed, and govern it
+    assert governor["hit_cost_us"]["bpf"]["measured"], governor["hit_cost_us"]
     [decision] = governor["decisions"]  # the op probe, once; never the anchor
     assert (decision["probe"], decision["status"]) == ("op", "detached"), summary
     assert decision["pid"] == ctarget.pid

@@ -175,11 +175,11 @@ def test_a_real_time_history_writes_at_its_priority_and_queries_at_normal(
 
 
 def test_the_probe_layers_workers_run_at_their_starters_priority() -> None:
-    from probes.uprobes import _Worker
+    from probes.workers import Worker
 
     def policy_of_a_worker() -> tuple[int, int]:
         seen: list[tuple[int, int]] = []
-        worker = _Worker("t-opener")
+        worker = Worker("t-opener")
         worker.put(lambda: seen.append(_policy()))
         worker.finish()
         return seen[0]

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     profile = pick_profile(targets[0], args.profile or settings.watch.profile)
     extras = companion_profiles(targets[0], profile)
     headless = args.headless or args.json or settings.watch.headless
-    costs = calibrate()
+    costs = calibrate(bpf=settings.probe.backend != "perf")  # each backend's own hit costs
     if not costs.measured:  # the overhead estimate and the governor use the defaults
         print(f"prism watch: hit costs {costs.note}", file=sys.stderr)
     history = None if args.no_history else settings.history
@@ -239,10 +239,19 @@ def governor_summary(monitor: Any, costs: Any) -> dict[str, Any]:
     return {"budget_pct": None if monitor.overhead_budget is None
             else round(100 * monitor.overhead_budget, 4),
             "action": monitor.governor_action,
-            "hit_cost_us": {"emulated": round(costs.emulated_ns / 1000, 3),
-                            "single_step": round(costs.single_step_ns / 1000, 3),
-                            "return": round(costs.return_ns / 1000, 3),
-                            "wakeup": round(costs.wakeup_ns / 1000, 3),
-                            "measured": costs.measured, "note": costs.note},
+            "hit_cost_us": hit_cost_doc(costs),
             "decisions": [governor_doc(pid, d, wall)
                           for pid, d, wall in monitor.governor_decisions]}
+
+
+def hit_cost_doc(costs: Any) -> dict[str, Any]:
+    """Calibrated hit costs in µs for ``--json``; the bpf backend's under ``bpf`` when
+    they were timed (a bpf session is governed with those)."""
+    doc = {"emulated": round(costs.emulated_ns / 1000, 3),
+           "single_step": round(costs.single_step_ns / 1000, 3),
+           "return": round(costs.return_ns / 1000, 3),
+           "wakeup": round(costs.wakeup_ns / 1000, 3),
+           "measured": costs.measured, "note": costs.note}
+    if costs.bpf is not None:
+        doc["bpf"] = hit_cost_doc(costs.bpf)
+    return doc

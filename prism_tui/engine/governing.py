@@ -3,8 +3,9 @@
 The monitor's loop calls :meth:`Governing.tick` every ``GOVERN_S``; each target's
 :class:`~probes.governor.OverheadGovernor` (made by :meth:`Governing.equip` once the
 target's anchor is known) estimates its probes' cost from the kernel's hit counts and the
-hit costs, and detaches or duty-cycles the costliest ones but the anchor and the
-detector's inputs. Decisions go to :attr:`Governing.decisions`, the engine's counters
+hit costs of the session's backend (``HitCosts.for_backend``: a bpf session's hits and
+wake-ups are not perf's), and detaches or duty-cycles the costliest ones but the anchor
+and the detector's inputs. Decisions go to :attr:`Governing.decisions`, the engine's counters
 (metrics), the target's recent list (the view) and a notice. The view's probe cost
 (:meth:`Governing.overhead_pct`) is computed from the same hit costs.
 """
@@ -50,10 +51,15 @@ class Governing:
         if self.budget is None or att.governor is not None:
             return
         session = att.session
+        costs = (self.costs or DEFAULT_COSTS).for_backend(session.backend)
         att.governor = OverheadGovernor(
-            session.sites, self.costs or DEFAULT_COSTS, session.detach_site,
+            session.sites, costs, session.detach_site,
             session.reattach_site, budget=self.budget, action=self.action, anchor=anchor,
             urgent=att.urgent, protected=detector_probes(profile, session.sites))
+
+    def costs_for(self, att: Attached) -> HitCosts | None:
+        """The hit costs of ``att``'s session backend (None: no costs were given)."""
+        return None if self.costs is None else self.costs.for_backend(att.session.backend)
 
     def tick(self, attached: Iterable[tuple[int, Attached]]) -> None:
         """Close a window of every target's governor; record and announce its decisions.
@@ -98,8 +104,10 @@ class Governing:
 
     def overhead_pct(self, att: Attached, delta: dict[str, int], dt: float) -> float | None:
         """CPU share the probes cost the target over the last view: Σ hits/s × cost per
-        hit, the reader's wake-ups for urgent probes included (one per record)."""
-        if self.costs is None:
+        hit, the reader's wake-ups for urgent probes included, at the session's backend's
+        costs."""
+        costs = self.costs_for(att)
+        if costs is None:
             return None
         ns = 0.0
         seen: set[str] = set()
@@ -110,6 +118,5 @@ class Governing:
                 seen.add(site.probe)
                 n = delta.get(site.probe, 0)
                 calls = n / 2 if site.ret else n
-                ns += calls * self.costs.site_cost_ns(site.site, site.ret,
-                                                      site.probe in att.urgent)
+                ns += calls * costs.site_cost_ns(site.site, site.ret, site.probe in att.urgent)
         return 100.0 * ns / (dt * 1e9)

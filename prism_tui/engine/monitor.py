@@ -601,7 +601,7 @@ class Monitor:
             delta = {p: n - att.prev_hits.get(p, 0) for p, n in hits.items()}
             dt = max(1e-3, now_t - att.prev_t)
             att.prev_hits, att.prev_t = hits, now_t
-            costs = self.governing.costs
+            costs = self.governing.costs_for(att)
             self.engine.set_probe_status(
                 pid, probe_statuses(att.placements, delta, dt, hits,
                                      self.governing.governed_reasons(att)),

@@ -11,32 +11,35 @@ for the urgent (anchor) probe or the record that fills the ring past half. Closi
 links detaches every uprobe in one grace period per link.
 
 The session offers what the monitor uses of :class:`~probes.uprobes.UprobeSession`
-(:meth:`read`, :meth:`poll`, :meth:`deliver`, :meth:`batches`, :meth:`detach_site`,
-:meth:`reattach_site`, :meth:`kernel_hits`, :meth:`dropped`, ``stats``) and gives the
-same :class:`~probes.uprobes.Span` objects.
+(:meth:`read`, :meth:`detach_site`, :meth:`reattach_site`, :meth:`kernel_hits`,
+:meth:`dropped`, ``stats``) and gives the same :class:`~probes.uprobes.Span` objects;
+:meth:`poll`, :meth:`deliver` and :meth:`batches` are the perf session's own code
+(:class:`~probes.delivery.DeliveredSession`), and a detached site's links close on the
+same kind of closer thread (:class:`~probes.workers.Closer`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import mmap
 import os
-import select
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from probes.bpf.loader import BpfUnavailableError, SpanProgram
+from probes.delivery import DeliveredSession
 from probes.errors import ProbeError
+from probes.pairing import ArgValue, Span
 from probes.placement import ProbeSite
 from probes.target import Target
-from probes.uprobes import ArgValue, SessionStats, Span
+from probes.workers import Closer, SessionStats
 
 # must match spans.bpf.c
 STACK_BYTES = 32
@@ -110,7 +113,7 @@ class BpfRing:
         self._producer.close()
 
 
-class BpfSession:
+class BpfSession(DeliveredSession):
     """eBPF uprobes on one or more targets, read as spans; one owner of links and maps.
 
     Use as a context manager or call :meth:`close` (idempotent; every uprobe is
@@ -118,6 +121,8 @@ class BpfSession:
     """
 
     mode = "bpf"
+    backend = "bpf"
+    """Which backend this is (the governor costs its hits with ``HitCosts.for_backend``)."""
 
     def __init__(self, targets: Sequence[Target], sites: Sequence[ProbeSite], *,
                  ring_pages: int = 64, urgent: Collection[str] = (),
@@ -153,14 +158,11 @@ class BpfSession:
         self._program: SpanProgram | None = None
         self._ring: BpfRing | None = None
         self._links: dict[tuple[int, int, bool], int] = {}  # (pid, site, return) → fd
-        self._closer: ThreadPoolExecutor | None = None
+        self._closer: Closer | None = None
         self._last_rescan = 0.0
         self._opened = False
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: asyncio.Event | None = None
-        self._on_spans: Callable[[list[Span]], None] | None = None
-        self._finished: asyncio.Future[None] | None = None
+        super().__init__()  # watches the ring on an asyncio loop, hands the spans over
 
     @staticmethod
     def _decoder(site: ProbeSite) -> _Decode:
@@ -224,13 +226,12 @@ class BpfSession:
         if self._closed:
             return
         self._closed = True
-        if self._loop is not None and self._ring is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._ring.fd)
+        if self._ring is not None:
+            self._delivery.unwatch(self._ring.fd)
         links = list(self._links.values())
         self._links.clear()
         if self._closer is not None:
-            self._closer.shutdown(wait=True)
+            self._closer.finish()
         if len(links) > 1:  # each close waits for a grace period: wait for them together
             with ThreadPoolExecutor(min(len(links), CLOSE_THREADS),
                                     thread_name_prefix="bpf-closer") as pool:
@@ -258,10 +259,9 @@ class BpfSession:
             return
         self.detached_sites.add(index)
         if self._closer is None:
-            self._closer = ThreadPoolExecutor(1, thread_name_prefix="bpf-closer")
+            self._closer = Closer("bpf-closer", self.stats)
         for key in [k for k in self._links if k[1] == index]:
-            self.stats.closes_queued += 1
-            self._closer.submit(self._close_counted, self._links.pop(key))
+            self._closer.close(functools.partial(os.close, self._links.pop(key)))
         self.stats.events_open = len(self._links)
 
     def reattach_site(self, index: int) -> None:
@@ -274,10 +274,6 @@ class BpfSession:
                 with contextlib.suppress(ProbeError):
                     self._attach_site(target.pid, index)
         self.stats.events_open = len(self._links)
-
-    def _close_counted(self, fd: int) -> None:
-        _close_quietly(fd)
-        self.stats.closes_done += 1
 
     def kernel_hits(self) -> Counter[str]:
         """Hits per probe as the BPF program counted them (entries plus returns)."""
@@ -343,97 +339,6 @@ class BpfSession:
     def fds(self) -> list[int]:
         """The fd to poll: the ring buffer map."""
         return [self._ring.fd] if self._ring is not None and not self._closed else []
-
-    def poll(self, timeout_s: float) -> list[Span]:
-        """Wait up to ``timeout_s`` for a wake-up, then drain (synchronous callers)."""
-        fds = self.fds()
-        if fds:
-            poller = select.poll()
-            poller.register(fds[0], select.POLLIN)
-            with contextlib.suppress(InterruptedError):
-                poller.poll(max(0, int(timeout_s * 1000)))
-        elif timeout_s > 0:
-            time.sleep(min(timeout_s, self.drain_interval_s))
-        return self.read()
-
-    def _on_readable(self) -> None:
-        if self._on_spans is not None:
-            self._deliver_now()
-        elif self._ready is not None:
-            self._ready.set()
-
-    def _deliver_now(self) -> None:
-        finished, on_spans = self._finished, self._on_spans
-        if finished is None or finished.done() or on_spans is None:
-            return
-        try:
-            spans = self.read()
-            if spans:
-                on_spans(spans)
-        except BaseException as exc:  # handed to deliver()'s caller
-            finished.set_exception(exc)
-            return
-        if self.all_exited or self._closed:
-            finished.set_result(None)
-
-    async def deliver(self, on_spans: Callable[[list[Span]], None]) -> None:
-        """Call ``on_spans`` with new spans from the loop's reader callback (see
-        :meth:`probes.uprobes.UprobeSession.deliver`); returns when every target has
-        exited or the session is closed."""
-        if not self._opened:
-            self.open()
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._on_spans = on_spans
-        self._finished = finished = loop.create_future()
-        for fd in self.fds():
-            loop.add_reader(fd, self._on_readable)
-        timer: asyncio.TimerHandle | None = None
-
-        def tick() -> None:
-            nonlocal timer
-            self._deliver_now()
-            if not finished.done():
-                timer = loop.call_later(self.drain_interval_s, tick)
-
-        timer = loop.call_later(self.drain_interval_s, tick)
-        try:
-            await finished
-        finally:
-            timer.cancel()
-            for fd in self.fds():
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(fd)
-            self._loop = None
-            self._on_spans = None
-            self._finished = None
-
-    async def batches(self) -> AsyncIterator[list[Span]]:
-        """Yield lists of spans as they come; ends when every target has exited."""
-        if not self._opened:
-            self.open()
-        self._loop = asyncio.get_running_loop()
-        self._ready = asyncio.Event()
-        for fd in self.fds():
-            self._loop.add_reader(fd, self._on_readable)
-        try:
-            while not self._closed:
-                drain = self._loop.call_later(self.drain_interval_s, self._ready.set)
-                try:
-                    await self._ready.wait()
-                finally:
-                    drain.cancel()
-                self._ready.clear()
-                spans = self.read()
-                if spans:
-                    yield spans
-                if self.all_exited:
-                    return
-        finally:
-            for fd in self.fds():
-                with contextlib.suppress(Exception):
-                    self._loop.remove_reader(fd)
-            self._loop = None
 
 
 def _close_quietly(fd: int) -> None:
