@@ -59,12 +59,12 @@ class HitCosts:
 
     def site_cost_ns(self, site: str, ret: bool, urgent: bool = False) -> float:
         """Cost of one call of a function probed at a site of class ``site``; an urgent
-        probe's records each add a wake-up: perf costs the entry's and the return's, bpf
-        writes one record per span (the kernel pairs them), so one."""
+        probe's call adds one wake-up of the reader on either backend: perf wakes it with
+        the record that completes the span (the return, when there is one), bpf writes one
+        record per span."""
         entry = self.emulated_ns if site == "emulated" else self.single_step_ns
-        records = 2 if ret and self.backend == "perf" else 1
-        wakeups = records * self.wakeup_ns if urgent else 0.0
-        return entry + (self.return_ns if ret else 0.0) + wakeups
+        return (entry + (self.return_ns if ret else 0.0)
+                + (self.wakeup_ns if urgent else 0.0))
 
     def for_backend(self, backend: str) -> HitCosts:
         """The costs a session of ``backend`` (``perf`` or ``bpf``) adds per hit.
@@ -268,8 +268,8 @@ class OverheadGovernor:
     measured) × the anchor's rate now, else its last rate. The estimate is ``Σ calls/s ×
     cost per call``, as a share of wall time, as if all hits fell on one thread (an
     upper bound on any one thread's slow-down, which is what iteration latency feels);
-    the cost of a call is its entry hit, its return hit, and for an urgent probe a
-    reader wake-up per record.
+    the cost of a call is its entry hit, its return hit, and for an urgent probe one
+    reader wake-up (with the record that completes its span).
 
     Over budget, the costliest probes not in ``protected`` (nor the ``anchor``) are
     detached, or duty-cycled (attached for the share of each ``period_s`` that fits the

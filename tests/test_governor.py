@@ -317,33 +317,33 @@ def server_governor(clock: FakeClock, levers: Levers, **options: object) -> Over
 
 
 def test_the_anchors_wakeups_are_in_the_estimate() -> None:
-    """Each of an urgent probe's records wakes the reader: an entry+return anchor costs
-    its two hits plus two wake-ups a call."""
+    """An urgent probe wakes the reader with the record that completes its span (the
+    return: tests/test_uprobes.py checks the entry does not wake it): an entry+return
+    anchor costs its two hits plus one wake-up a call."""
     costs = HitCosts(1000.0, 20000.0, 1000.0, 12000.0)
-    assert costs.site_cost_ns("emulated", ret=True, urgent=True) == 2000 + 2 * 12000
+    assert costs.site_cost_ns("emulated", ret=True, urgent=True) == 2000 + 12000
     assert costs.site_cost_ns("emulated", ret=False, urgent=True) == 1000 + 12000
     assert costs.site_cost_ns("emulated", ret=True) == 2000
     clock, levers = FakeClock(), Levers()
     gov = server_governor(clock, levers)
-    assert gov.site_cost_ns(0) == 2000 + 2 * 13500  # COSTS' default wake-up
+    assert gov.site_cost_ns(0) == 2000 + 13500  # COSTS' default wake-up
     clock.advance(1.0)
-    # 200 steps/s x 29 us = 0.58 %: under the 1 % budget, but only with the wake-ups
+    # 400 steps/s x 15.5 us = 0.62 %: under the 1 % budget, but only with the wake-up
     # counted is it more than the 0.5 % restore level
-    assert gov.update({"step": 400}) == []
-    assert gov.last_overhead == pytest.approx(200 * 29_000 / 1e9)
+    assert gov.update({"step": 800}) == []
+    assert gov.last_overhead == pytest.approx(400 * 15_500 / 1e9)
 
 
 def test_a_bpf_session_is_costed_with_its_own_hits_and_one_wakeup_per_span() -> None:
-    """The eBPF program writes one record per span, so an urgent entry+return probe
-    wakes the reader once a call, not twice; its hits are the bpf calibration's, and
-    without one, perf's hits with bpf's wake-ups, marked not measured."""
+    """A bpf session's hits are the bpf calibration's (one record, one wake-up per
+    span of an urgent probe), and without one, perf's hits, marked not measured."""
     bpf = HitCosts(700.0, 9000.0, 600.0, 12000.0, backend="bpf")
     costs = HitCosts(1000.0, 20000.0, 1000.0, 12000.0, bpf=bpf)
     assert costs.for_backend("perf") is costs
     assert costs.for_backend("bpf") is bpf
     assert bpf.site_cost_ns("emulated", ret=True, urgent=True) == 1300 + 12000
     assert bpf.site_cost_ns("single_step", ret=False, urgent=True) == 9000 + 12000
-    assert costs.site_cost_ns("emulated", ret=True, urgent=True) == 2000 + 2 * 12000
+    assert costs.site_cost_ns("emulated", ret=True, urgent=True) == 2000 + 12000
     guessed = HitCosts(1000.0, 20000.0, 1000.0, 12000.0).for_backend("bpf")
     assert (guessed.backend, guessed.measured) == ("bpf", False)
     assert guessed.site_cost_ns("emulated", ret=True, urgent=True) == 2000 + 12000
@@ -353,7 +353,7 @@ def test_the_anchor_is_never_governed_even_alone_over_budget() -> None:
     clock, levers = FakeClock(), Levers()
     gov = server_governor(clock, levers)
     clock.advance(1.0)
-    # 1000 steps/s x 29 us = 2.9 %, the anchor alone; op 0.5 %: op goes, step stays
+    # 1000 steps/s x 15.5 us = 1.55 %, the anchor alone; op 0.5 %: op goes, step stays
     made = gov.update({"step": 2000, "op": 5000})
     assert [(d.probe, d.action) for d in made] == [("op", "detach")]
     assert levers.calls == [("detach", 1)]
@@ -385,7 +385,7 @@ def test_a_detached_probe_is_restored_when_the_anchor_slows_down() -> None:
     assert [(d.probe, d.action) for d in made] == [("op", "detach")]
     assert made[0].hits_per_s == pytest.approx(20_000)
     assert made[0].cost_ns == 1000 and made[0].status == "detached"
-    # the server slows to 10 steps/s: op would cost 1,000 x 1 us = 0.1 %, anchor 0.03 %
+    # the server slows to 10 steps/s: op would cost 1,000 x 1 us = 0.1 %, anchor 0.016 %
     made = hot_then_idle(gov, clock, 10, 29, counts)
     assert made == []  # held: 29 s since the decision
     made = hot_then_idle(gov, clock, 10, 1, counts)
@@ -403,7 +403,7 @@ def test_restore_waits_below_half_the_budget() -> None:
     gov = server_governor(clock, levers, hold_s=0.0)
     counts = {"step": 0, "op": 0, "io": 0}
     hot_then_idle(gov, clock, 200, 1, counts)
-    # 50 steps/s: op 5,000 x 1 us = 0.5 %, anchor 50 x 29 us = 0.145 %: 0.645 % > 0.5 %
+    # 50 steps/s: op 5,000 x 1 us = 0.5 %, anchor 50 x 15.5 us = 0.08 %: 0.58 % > 0.5 %
     assert hot_then_idle(gov, clock, 50, 20, counts) == []
     assert levers.calls == [("detach", 1)]
 
@@ -430,14 +430,14 @@ def test_a_cycling_probe_gets_a_lower_duty_when_it_grows() -> None:
     clock, levers = FakeClock(), Levers()
     gov = server_governor(clock, levers, action="duty-cycle", period_s=10.0)
     counts = {"step": 0, "op": 0, "io": 0}
-    # 100 steps/s: anchor 0.29 %, op 1 %: duty (1 - 0.29) / 1 = 71 %
+    # 100 steps/s: anchor 0.155 %, op 1 %: duty (1 - 0.155) / 1 = 85 %
     [first] = hot_then_idle(gov, clock, 100, 1, counts)
-    assert first.action == "duty-cycle" and "on 71% of every 10 s" in first.reason
-    # the off period (2.9 s) ends; on for 7.1 s, the server at 300 steps/s: op 3 %,
-    # anchor 0.87 %; the duty falls to (1 - 0.87) / 3 = 4 % < 5 %: detached
-    made = hot_then_idle(gov, clock, 100, 3, counts)
+    assert first.action == "duty-cycle" and "on 85% of every 10 s" in first.reason
+    # the off period (1.5 s) ends; on for 8.5 s, the server at 600 steps/s: op 6 %,
+    # anchor 0.93 %; the duty falls to (1 - 0.93) / 6 = 1.2 % < 5 %: detached
+    made = hot_then_idle(gov, clock, 100, 2, counts)
     assert made == [] and levers.calls[-1] == ("reattach", 1)
-    made = hot_then_idle(gov, clock, 300, 1, counts)
+    made = hot_then_idle(gov, clock, 600, 1, counts)
     assert [(d.probe, d.action) for d in made] == [("op", "detach")]
     assert gov.governed() == {"op": "detach"}
 
