@@ -120,7 +120,7 @@ def score(y: FloatArray, p: FloatArray, min_ms: float) -> dict[str, float]:
 MODELS: dict[str, tuple[str, Literal["gbdt", "robust"] | None]] = {
     "paper": ("paper", None),  # GBDT on latency
     "prism": ("prism", None),  # the prism rule's: physical shape + median GBDT, log-latency
-    "gbdt-log": ("prism", "gbdt"),  # prism's before 2026-12-06: GBDT on log-latency
+    "gbdt-log": ("prism", "gbdt"),  # GBDT on log-latency (prism-gbdt-fast-fire's model)
 }
 
 
@@ -175,7 +175,7 @@ def table(data: Data, kinds: list[str], seeds: list[int], min_ms: float) -> None
         for name, label in (
             ("paper", "paper: GBDT on latency"),
             ("prism", "prism: physical shape + median GBDT on log-latency"),
-            ("gbdt-log", "GBDT on log-latency (prism before 2026-12-06)"),
+            ("gbdt-log", "gbdt-log: GBDT on log-latency"),
         ):
             rs = [evaluate(data, kind, s, name, min_ms) for s in seeds]
 

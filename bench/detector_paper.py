@@ -40,7 +40,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from detector_variants import PRISM_BEFORE_1206, PRISM_BEFORE_1206_FIRE  # noqa: E402
+from detector_variants import (  # noqa: E402
+    PRISM_GBDT_FAST_FIRE,
+    PRISM_GBDT_FAST_FIRE_POLICY,
+)
 
 from prism_tui.engine.detector import (  # noqa: E402
     RULES,
@@ -187,9 +190,9 @@ def main() -> None:
     rules: dict[str, DetectorRule] = {
         "paper": RULES["paper"],
         "prism": RULES["prism"],
-        "prism before 2026-12-06": PRISM_BEFORE_1206,
+        "prism-gbdt-fast-fire": PRISM_GBDT_FAST_FIRE,
     }
-    fires = {"prism before 2026-12-06": PRISM_BEFORE_1206_FIRE}
+    fires = {"prism-gbdt-fast-fire": PRISM_GBDT_FAST_FIRE_POLICY}
     if args.explore:
         rules.update(
             {

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detector_variants import PRISM_BEFORE_1206, PRISM_BEFORE_1206_FIRE, fast_fire
+from detector_variants import PRISM_GBDT_FAST_FIRE, PRISM_GBDT_FAST_FIRE_POLICY, fast_fire
 
 from prism_sim.labels import IterationRecord, read_labels
 from prism_tui.engine.core import DetectionConfig, Engine, Observation, workload_of
@@ -229,19 +229,17 @@ def false_alarm_context(steps: Sequence[DecodeStep], rule: DetectorRule, warmup:
 VARIANTS: dict[str, DetectorRule] = {
     "paper": RULES["paper"],
     "prism": RULES["prism"],
-    "prism before 2026-12-06": PRISM_BEFORE_1206,
+    "prism-gbdt-fast-fire": PRISM_GBDT_FAST_FIRE,
 }
 
 _PRISM = RULES["prism"]
 EXPLORE: dict[str, DetectorRule] = {
-    "prism before 2026-12-04 evening (leaves of 1 row, no fast firing)":
-        dataclasses.replace(_PRISM, min_samples_leaf=1),
     "prism, leaves of 1 row": dataclasses.replace(_PRISM, min_samples_leaf=1),
     "prism, leaves of 50 rows": dataclasses.replace(_PRISM, min_samples_leaf=50),
     "prism, 2 raw errors above 1.2 x UCL fire": _PRISM,
     "prism, 2 raw errors below 0.1 x UCL resolve": dataclasses.replace(
         _PRISM, resolve_clear=0.1, clear_after=2),
-    "prism, trained range from min to max (before 2026-12-04)": dataclasses.replace(
+    "prism, trained range from min to max": dataclasses.replace(
         _PRISM, range_quantile=0.0),
     "prism, trained range from the 2nd to the 98th percentile": dataclasses.replace(
         _PRISM, range_quantile=0.02),
@@ -249,19 +247,19 @@ EXPLORE: dict[str, DetectorRule] = {
         _PRISM, resolve_clear=0.2, clear_after=1),
     "prism, one iteration within 0.3 x UCL resolves": dataclasses.replace(
         _PRISM, resolve_clear=0.3, clear_after=1),
-    "prism, limit floored at 0.05 (before 2026-12-03 late)": dataclasses.replace(
+    "prism, limit floored at 0.05": dataclasses.replace(
         _PRISM, ucl_floor=0.05),
     "prism, floor 0.2": dataclasses.replace(_PRISM, ucl_floor=0.2),
     "prism, floor 0.25": dataclasses.replace(_PRISM, ucl_floor=0.25),
     "prism, floor 0.3": dataclasses.replace(_PRISM, ucl_floor=0.3),
     "prism, a new regime judged by its refit alone, its settling refit may widen the "
-    "limit (before 2026-12-03 late)": dataclasses.replace(
+    "limit": dataclasses.replace(
         _PRISM, bound_by_previous=False, settle_keeps_limit=False),
     "prism, without the previous model's bound": dataclasses.replace(
         _PRISM, bound_by_previous=False),
     "prism, the settling refit may widen the limit": dataclasses.replace(
         _PRISM, settle_keeps_limit=False),
-    "prism, every warm-up episode sets the limit (before 2026-12-03 night)":
+    "prism, every warm-up episode sets the limit":
         dataclasses.replace(_PRISM, ucl_skip_episodes=0),
     "prism, the worst episode never sets the limit": dataclasses.replace(
         _PRISM, episode_outlier=1.0),
@@ -270,7 +268,7 @@ EXPLORE: dict[str, DetectorRule] = {
     "prism, q99 × 2": dataclasses.replace(_PRISM, quantile=0.99, ucl_scale=2.0),
     "prism, q99 × 1.75": dataclasses.replace(_PRISM, quantile=0.99, ucl_scale=1.75),
     "prism, q99.5 × 1.75": dataclasses.replace(_PRISM, quantile=0.995, ucl_scale=1.75),
-    "prism, refits may widen the limit (before 2026-12-03 evening)": dataclasses.replace(
+    "prism, refits may widen the limit": dataclasses.replace(
         _PRISM, refit_ucl_growth=None),
     "prism, refits narrow the limit to 0.9 x the warm-up's": dataclasses.replace(
         _PRISM, refit_ucl_growth=0.9),
@@ -286,7 +284,7 @@ EXPLORE: dict[str, DetectorRule] = {
 }
 
 FIRE_POLICIES: dict[str, Callable[[DetectorRule], FirePolicy]] = {
-    "prism before 2026-12-06": PRISM_BEFORE_1206_FIRE,
+    "prism-gbdt-fast-fire": PRISM_GBDT_FAST_FIRE_POLICY,
     "prism, 2 raw errors above 1.2 x UCL fire": fast_fire(2, 1.2),
 }
 """Variants whose firing policy is not the rule's own (detector_variants.py)."""

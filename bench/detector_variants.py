@@ -1,9 +1,10 @@
 """Detector variants explored and not adopted, kept for the benches' comparisons.
 
 The product's rules (``prism_tui.engine.detector.RULES``) hold only what ``paper`` and
-``prism`` use; what the benches compare them with is built here: the ``prism`` rule as it
-was before 2026-12-06 (a mean of 5 and *fast firing*: two raw errors in a row above
-1.3 × UCL fire before the smoothed error does), as a firing policy of its own.
+``prism`` use; what the benches compare them with is built here: ``prism-gbdt-fast-fire``,
+the ``prism`` rule with a plain GBDT on log-latency, a mean of 5, no event filter (every
+warm-up row calibrates), a 0.22 floor and *fast firing* (two raw errors in a row above
+1.3 × UCL fire before the smoothed error does), the last as a firing policy of its own.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def fast_fire(count: int, level: float) -> Callable[[DetectorRule], FirePolicy]:
     return lambda rule: FastFire(rule, count, level)
 
 
-PRISM_BEFORE_1206 = dataclasses.replace(
-    RULES["prism"], name="prism before 2026-12-06", window=5, smoothing="mean",
+PRISM_GBDT_FAST_FIRE = dataclasses.replace(
+    RULES["prism"], name="prism-gbdt-fast-fire", window=5, smoothing="mean",
     event_factor=None, ucl_floor=0.22, form="gbdt")
-"""The ``prism`` rule before 2026-12-06, with :data:`PRISM_BEFORE_1206_FIRE`."""
+"""``prism-gbdt-fast-fire``: GBDT, mean of 5; fires with :data:`PRISM_GBDT_FAST_FIRE_POLICY`."""
 
-PRISM_BEFORE_1206_FIRE = fast_fire(2, 1.3)
+PRISM_GBDT_FAST_FIRE_POLICY = fast_fire(2, 1.3)
+"""Its firing: two raw errors in a row above 1.3 × UCL, besides the smoothed error."""

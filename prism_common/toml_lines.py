@@ -8,6 +8,7 @@ any layer may import it (an import-linter contract keeps it so).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -106,21 +107,36 @@ class TomlLocator:
             return owned[0].start
         return self._key_in(self.root, name) or 1
 
+    def find_key(self, name: str, index: int | None, key: str) -> int | None:
+        """Line where ``key`` of table ``name`` is written, or None when it is nowhere.
+
+        Looks in the table's own body, then for a subtable header ``[name.key]``; with no
+        ``[name]`` header, for a dotted top-level ``name.key =``. Callers that print no
+        line rather than a wrong one (the settings) use this; :meth:`key` falls back.
+        """
+        owned = self._owned(name, index)
+        if not owned:
+            return None if index is not None else self._key_in(
+                self.root, key, prefix=f"{name}.")
+        line = self._key_in(owned[0], key)
+        if line is not None:
+            return line
+        for section in owned[1:]:  # a subtable header such as [probe.argz]
+            if section.name == f"{name}.{key}" or section.name.startswith(f"{name}.{key}."):
+                return section.start
+        return None
+
     def key(self, name: str, index: int | None, key: str, sub: str | None = None) -> int:
         """Line of ``key`` in table ``name`` (optionally in its subtable ``sub``)."""
         owned = self._owned(name, index)
+        if sub is None:
+            found = self.find_key(name, index, key)
+            if found is not None:
+                return found
+            return owned[0].start if owned else self.table(name, index)
         if not owned:
             return self.table(name, index)
         main = owned[0]
-        if sub is None:
-            line = self._key_in(main, key)
-            if line is not None:
-                return line
-            for section in owned[1:]:  # a subtable header such as [probe.argz]
-                if section.name == f"{name}.{key}" or section.name.startswith(
-                        f"{name}.{key}."):
-                    return section.start
-            return main.start
         for section in owned[1:]:
             if section.name == f"{name}.{sub}":
                 return self._key_in(section, key) or section.start
@@ -136,12 +152,63 @@ class TomlLocator:
             return inline
         return main.start
 
-    def root_key(self, key: str) -> int:
-        """Line of a top-level key or table header named ``key``."""
-        line = self._key_in(self.root, key)
-        if line is not None:
-            return line
+    def find_root(self, key: str) -> int | None:
+        """Line of a top-level key ``key`` (bare, quoted or dotted ``key.x =``) or of the
+        first header of table ``key`` or one of its subtables; None when it is nowhere."""
+        pattern = re.compile(r"\s*[\"']?" + re.escape(key) + r"[\"']?\s*[=.]")
+        for number in range(self.root.start, self.root.end + 1):
+            if pattern.match(self.lines[number - 1]):
+                return number
         for section in self.sections:
             if section.name == key or section.name.startswith(key + "."):
                 return section.start
-        return 1
+        return None
+
+    def root_key(self, key: str) -> int:
+        """Line of a top-level key or table header named ``key`` (line 1 when absent)."""
+        return self.find_root(key) or 1
+
+    def key_path(self, path: Sequence[str | int]) -> int:
+        """Line of a key path such as ``("receiver", 1, "sink", 0, "url")``, best effort.
+
+        That path is the key ``url`` of the first ``[[receiver.sink]]`` of the second
+        ``[[receiver]]``: each table is looked for inside the one before it, so nested
+        arrays of tables are counted per parent. Returns the nearest line found (the
+        deepest table's header when the key itself is not found; line 1 when nothing is).
+        """
+        lo, hi, best = 1, len(self.lines), 1
+        name = ""
+        i = 0
+        while i < len(path):
+            seg = path[i]
+            if isinstance(seg, int):
+                i += 1
+                continue
+            full = f"{name}.{seg}" if name else seg
+            index = path[i + 1] if i + 1 < len(path) and isinstance(path[i + 1], int) else 0
+            heads = [s.start for s in self.sections if s.name == full and lo <= s.start <= hi]
+            if heads:
+                start = heads[min(int(index), len(heads) - 1)]
+                lo, hi, best, name = start, self._block_end(start, full), start, full
+                i += 1
+                continue
+            key = re.compile(rf'^\s*"?{re.escape(seg)}"?\s*=')
+            inline = re.compile(rf'[{{,]\s*"?{re.escape(seg)}"?\s*=')
+            for number in range(lo, hi + 1):
+                text = self.lines[number - 1]
+                if key.match(text) or (number >= best and inline.search(text)):
+                    best = number
+                    lo = number
+                    break
+            else:
+                return best
+            name = full
+            i += 1
+        return best
+
+    def _block_end(self, start: int, name: str) -> int:
+        """Last line of the table whose header is at ``start`` (its subtables included)."""
+        for section in self.sections:
+            if section.start > start and not section.name.startswith(name + "."):
+                return section.start - 1
+        return len(self.lines)

@@ -26,7 +26,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
 import sys
 import types
 from collections.abc import Mapping
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from prism_common.toml_lines import toml_error_position
+from prism_common.toml_lines import TomlLocator, toml_error_position
 
 if TYPE_CHECKING:
     from prism_tui.engine.episodes import EpisodeHolds
@@ -299,18 +298,18 @@ def _load_file(file: str, values: dict[str, dict[str, Any]]) -> None:
     except tomllib.TOMLDecodeError as exc:
         line, reason = _toml_position(exc)
         raise SettingsError(f"{file}:{line}: invalid TOML: {reason}") from None
-    lines = text.splitlines()
+    locator = TomlLocator(text)
     for section, table in doc.items():
         if section not in SECTIONS:
-            where = _where(file, _line_of(lines, None, section))
+            where = _where(file, locator.find_root(section))
             kind = "section" if isinstance(table, dict) else "top-level key"
             raise SettingsError(
                 f"{where}unknown {kind} {section!r}{_suggest(section, SECTIONS)}")
         if not isinstance(table, dict):
-            where = _where(file, _line_of(lines, None, section))
+            where = _where(file, locator.find_root(section))
             raise SettingsError(f"{where}{section!r} must be a table like [{section}]")
         for key, raw in table.items():
-            where = _where(file, _line_of(lines, section, key))
+            where = _where(file, locator.find_key(section, None, key))
             _set(values, section, key, raw, f"{where}[{section}] {key}", parse=False)
 
 
@@ -531,33 +530,6 @@ def _suggest(word: str, candidates: Mapping[str, object] | list[str]) -> str:
 
 def _where(file: str, line: int | None) -> str:
     return f"{file}:{line}: " if line is not None else f"{file}: "
-
-
-_HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]")
-_KEY = re.compile(r"^\s*[\"']?([A-Za-z0-9_.\-]+)[\"']?\s*=")
-
-
-def _line_of(lines: list[str], section: str | None, key: str) -> int | None:
-    """1-based line of ``key`` in ``[section]`` (or of the table ``[key]`` itself)."""
-    current: str | None = None
-    for i, line in enumerate(lines, 1):
-        header = _HEADER.match(line)
-        if header is not None and not line.lstrip().startswith("[["):
-            current = header.group(1).strip("\"' ")
-            if section is None and current.split(".")[0] == key:
-                return i
-            continue
-        match = _KEY.match(line)
-        if match is None:
-            continue
-        name = match.group(1)
-        if section is None and current is None and name.split(".")[0] == key:
-            return i
-        if section is not None and current == section and name == key:
-            return i
-        if section is not None and current is None and name == f"{section}.{key}":
-            return i
-    return None
 
 
 def _toml_position(exc: Exception) -> tuple[int, str]:

@@ -69,7 +69,7 @@ def test_table_mode_prints_both_models() -> None:
     assert res.returncode == 0, res.stderr
     assert "paper: GBDT on latency" in res.stdout
     assert "prism: physical shape + median GBDT on log-latency" in res.stdout
-    assert "GBDT on log-latency (prism before 2026-12-06)" in res.stdout
+    assert "gbdt-log: GBDT on log-latency" in res.stdout
     assert "7.09 %" in res.stdout
 
 

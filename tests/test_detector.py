@@ -37,8 +37,8 @@ WARMUP = 600
 PRISM_MEAN5 = dataclasses.replace(
     RULES["prism"], window=5, smoothing="mean", form="gbdt", event_factor=None,
     ucl_floor=0.22)
-"""The ``prism`` rule before 2026-12-06 (mean of 5, every warm-up row calibrates; its
-fast firing is gone from the product, see bench/detector_variants.py): the
+"""The ``prism`` rule with a GBDT and a mean of 5, every warm-up row calibrating (the
+benches' ``prism-gbdt-fast-fire`` without its fast firing, bench/detector_variants.py): the
 resolve and re-fire mechanisms' iteration counts below were worked out on it; they act
 on the raw errors, whatever the smoothing."""
 

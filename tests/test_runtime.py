@@ -76,8 +76,8 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
     # from run to run (FPR from 1.5 % to most of a run seen; docs/detection.md)
     # The reference rule (prism watch's default): this device slowdown (~1.6x) sits at
     # the prism rule's limit, which a noisy warm-up on this 2-vCPU VM puts at 0.3-0.46,
-    # so with it the test measured the VM's noise (recall 0-0.5 in about half the runs,
-    # the code before 2026-12-03 included); docs/detection.md compares the two rules.
+    # so with it the test measured the VM's noise (recall 0-0.5 in about half the runs);
+    # docs/detection.md compares the two rules.
     # When it is missed, say with which limits.
     ucls = [round(d.ucl or 0.0, 3) for pid in monitor.engine.pids
             for d in monitor.engine._watched[pid].detectors.values()]

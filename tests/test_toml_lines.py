@@ -64,3 +64,48 @@ def test_error_positions_from_tomllib(text: str, line: int | None, message: str)
     found_line, found_message = toml_error_position(caught.value)
     assert found_line == line
     assert found_message.startswith(message) and "(at " not in found_message
+
+
+def test_find_key_and_find_root_say_none_when_absent() -> None:
+    loc = TomlLocator(TEXT)
+    assert loc.find_key("profile", None, "name") == 3
+    assert loc.find_key("probe", 0, "args") == 7  # the subtable's header
+    assert loc.find_key("profile", None, "missing") is None
+    assert loc.find_key("nowhere", None, "name") is None
+    assert loc.find_root("top") == 1
+    assert loc.find_root("probe") == 5
+    assert loc.find_root("nowhere") is None
+    dotted = TomlLocator('title = "t"\nengine.warmup_s = 5\n[history]\npath = "x"\n')
+    assert dotted.find_root("engine") == 2  # a dotted top-level key
+    assert dotted.find_key("engine", None, "warmup_s") == 2
+    assert dotted.key("engine", None, "warmup_s") == 2
+
+
+NESTED = """\
+[broker]
+host = "h"
+
+[[receiver]]
+name = "a"
+[[receiver.sink]]
+url = "u1"
+
+[[receiver]]
+name = "b"
+[[receiver.sink]]
+kind = "log"
+[[receiver.sink]]
+url = "u2"
+match = { severity = "page" }
+"""
+
+
+def test_key_paths_count_nested_arrays_per_parent() -> None:
+    loc = TomlLocator(NESTED)
+    assert loc.key_path(("broker", "host")) == 2
+    assert loc.key_path(("receiver", 1, "name")) == 10
+    assert loc.key_path(("receiver", 1, "sink", 1, "url")) == 14  # not line 7
+    assert loc.key_path(("receiver", 0, "sink", 0, "url")) == 7
+    assert loc.key_path(("receiver", 1, "sink", 1, "match", "severity")) == 15
+    assert loc.key_path(("receiver", 1, "sink", 0, "missing")) == 11  # the entry's header
+    assert loc.key_path(("nowhere", "x")) == 1

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from alerting.gateway.errors import GatewayConfigError
 from alerting.gateway.matchers import Matcher, check_name, parse_matcher
-from prism_common.toml_lines import toml_error_position
+from prism_common.toml_lines import TomlLocator, toml_error_position
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -302,12 +302,12 @@ class _Loader:
 
     def __init__(self, text: str, file: str) -> None:
         self.file = file
-        self.lines = TomlLines(text)
+        self.locator = TomlLocator(text)
 
     # ---------------------------------------------------------------- errors
     def fail(self, path: _Path, reason: str) -> GatewayConfigError:
         where = ".".join(f"[{p}]" if isinstance(p, int) else p for p in path).replace(".[", "[")
-        line = self.lines.line_of(path)
+        line = self.locator.key_path(path)
         return GatewayConfigError(f"{self.file}:{line}: {where}: {reason}")
 
     def table(self, value: Any, path: _Path, keys: Sequence[str]) -> dict[str, Any]:
@@ -623,62 +623,3 @@ class _Loader:
                     raise self.fail((*path, "equal"), problem)
             rules.append(InhibitRule(sides[0], sides[1], equal))
         return tuple(rules)
-
-
-class TomlLines:
-    """Finds the line of a key path in TOML text by scanning headers (a heuristic).
-
-    Paths are like ``("receiver", 1, "sink", 0, "url")``: the key ``url`` of the first
-    ``[[receiver.sink]]`` of the second ``[[receiver]]``. The nearest line found is
-    returned (the table's header when the key itself is not found, else line 1).
-    """
-
-    _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-
-    def __init__(self, text: str) -> None:
-        self.lines = text.split("\n")
-        self.headers: list[tuple[int, str]] = []
-        for number, line in enumerate(self.lines, start=1):
-            found = self._HEADER.match(line)
-            if found:
-                name = ".".join(p.strip().strip('"') for p in found.group(2).split("."))
-                self.headers.append((number, name))
-
-    def _block_end(self, start: int, name: str) -> int:
-        """Last line of the table opened at ``start`` (its sub-tables included)."""
-        for number, header in self.headers:
-            if number > start and not header.startswith(name + "."):
-                return number - 1
-        return len(self.lines)
-
-    def line_of(self, path: Sequence[str | int]) -> int:
-        """1-based line of ``path`` (best effort)."""
-        lo, hi, best = 1, len(self.lines), 1
-        name = ""
-        i = 0
-        while i < len(path):
-            seg = path[i]
-            if isinstance(seg, int):
-                i += 1
-                continue
-            full = f"{name}.{seg}" if name else seg
-            index = path[i + 1] if i + 1 < len(path) and isinstance(path[i + 1], int) else 0
-            heads = [n for n, h in self.headers if h == full and lo <= n <= hi]
-            if heads:
-                start = heads[min(int(index), len(heads) - 1)]
-                lo, hi, best, name = start, self._block_end(start, full), start, full
-                i += 1
-                continue
-            key = re.compile(rf'^\s*"?{re.escape(str(seg))}"?\s*=')
-            inline = re.compile(rf'[{{,]\s*"?{re.escape(str(seg))}"?\s*=')
-            for number in range(lo, hi + 1):
-                text = self.lines[number - 1]
-                if key.match(text) or (number >= best and inline.search(text)):
-                    best = number
-                    lo = number
-                    break
-            else:
-                return best
-            name = full
-            i += 1
-        return best
