@@ -202,19 +202,20 @@ def test_threads_that_exit_inside_a_call_leave_unfinished_entries(
 def test_threads_are_followed(ctarget: CTarget, profile: Profile, mode: str) -> None:
     with UprobeSession([Target(ctarget.pid)], sites_for(ctarget, profile, "work"),
                        mode=mode, ring_pages=1024) as session:
-        spans = run_polling(session, ctarget, "threads 4 300 1000")
+        spans = run_polling(session, ctarget, "threads 4 1000 1000")
         stats = session.stats
     tids = Counter(s.tid for s in spans)
     assert ctarget.pid not in tids  # the main thread made no call
     assert stats.lost == 0
     if mode == "cpu":
-        assert len(spans) == 1200 and len(tids) == 4  # per-CPU events miss nothing
+        assert len(spans) == 4000 and len(tids) == 4  # per-CPU events miss nothing
     else:
         # thread creation is reported at once, but a thread runs a little before it is
         # attached: its first calls can be missed (bench/thread_modes.py measures it).
-        # Quiet host: 2-6 of each thread's 300 (one a ms); a loaded one missed over 25
-        # a thread. Followed = attached within the first half of its life
-        assert len(tids) == 4 and min(tids.values()) >= 150, sorted(tids.values())
+        # The four threads are attached one after the other: on a quiet host each
+        # missed 2-6 of its calls (one a ms), on a loaded one 78, 145, 204 and 257 of
+        # 300. Followed = attached in the first half of its ~1 s life
+        assert len(tids) == 4 and min(tids.values()) >= 500, sorted(tids.values())
         assert stats.threads_attached >= 1 + len(tids)
         assert stats.threads_exited >= len(tids)
 
