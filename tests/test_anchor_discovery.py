@@ -1,4 +1,5 @@
-"""A profile that names no anchor: the monitor chooses one from a simulator rank's spans.
+"""A profile that names no anchor, or one that never fires: the monitor chooses one from
+the spans (a simulator rank's; the C target's serve loop).
 
 Real parts only: the simulator's ranks, real uprobes on its fake CUDA runtime, and the
 ``cuda`` profile copied without its ``anchor`` key. The same rank is watched at the same
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from prism_tui.engine.core import DetectionConfig
 from prism_tui.engine.monitor import Monitor, MonitorConfig, Observation, Subscribers
-from probes.catalog import BUILTIN_DIR, Profile, load_profile
+from probes.catalog import BUILTIN_DIR, Profile, load_profile, parse_profile
 from probes.target import Target
+from tests.conftest import CTarget
 from tests.sim_scenarios import scenario_file, scenario_text, sim_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,3 +140,75 @@ def test_prism_watch_takes_a_profile_without_an_anchor(tmp_path: Path) -> None:
     decode = [row for row in snaps[-1]["series"]
               if row["stage"] == "iteration" and row["phase"] == "decode"]
     assert decode and decode[0]["rate"] > 10, snaps[-1]
+
+
+SILENT_ANCHOR_PROFILE = """
+[profile]
+name = "ctarget-silent"
+description = "the C target's serve loop, with an anchor the loop never calls"
+anchor = "work"
+
+[[library]]
+id = "exe"
+soname = ["ctarget*"]
+
+[[probe]]
+id = "work"
+library = "exe"
+symbol = "pl_work"
+stage = "host"
+
+[[probe]]
+id = "step"
+library = "exe"
+symbol = "pl_step"
+stage = "host"
+
+[[probe]]
+id = "op"
+library = "exe"
+symbol = "pl_op"
+stage = "host"
+"""
+
+
+def test_a_named_anchor_that_never_fires_is_replaced_by_one_chosen_from_the_spans(
+        ctarget: CTarget) -> None:
+    """The profile's anchor (``pl_work``) is never called by the serve loop, whose step
+    (``pl_step``, every ~5 ms, 20 ``pl_op`` calls each) is what iterates: after the
+    silence the monitor says so once, chooses ``step`` from the spans, and cuts
+    iterations at it."""
+    ctarget.cmd("serve_start 5000 20")
+    profile = parse_profile(SILENT_ANCHOR_PROFILE, "ctarget-silent")
+    notices: list[str] = []
+    observed: list[Observation] = []
+    with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
+                 config=MonitorConfig(escalation_s=0, telemetry=False, anchor_silence_s=1.5),
+                 subscribers=Subscribers(notice=notices.append,
+                                         observation=observed.append)) as monitor:
+        asyncio.run(monitor.run(6.0))
+    silent = [n for n in notices if "has not fired" in n]
+    assert len(silent) == 1 and "'work'" in silent[0], notices
+    assert "choosing one from the spans" in silent[0]
+    assert monitor.anchor == "step", notices
+    choice = monitor.anchor_choice
+    assert choice is not None and choice.probe == "step"
+    # its cycle is a step's (~5 ms sleep + 20 ops), not an op's
+    assert 3.0 <= choice.median_cycle_ms <= 50.0, choice
+    ends = [o.iteration.end_ns for o in observed]
+    assert len(ends) > 100, (len(ends), notices)
+    assert {o.iteration.pid for o in observed} == {ctarget.pid}
+
+
+def test_a_named_anchor_that_fires_is_kept(ctarget: CTarget) -> None:
+    """The same profile with the loop calling its anchor: no silence notice, no change."""
+    ctarget.cmd("spin_start 2000")
+    ctarget.cmd("serve_start 5000 20")
+    profile = parse_profile(SILENT_ANCHOR_PROFILE, "ctarget-silent")
+    notices: list[str] = []
+    with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
+                 config=MonitorConfig(escalation_s=0, telemetry=False, anchor_silence_s=1.5),
+                 subscribers=Subscribers(notice=notices.append)) as monitor:
+        asyncio.run(monitor.run(3.0))
+    assert monitor.anchor == "work" and monitor.anchor_choice is None
+    assert not [n for n in notices if "has not fired" in n], notices

@@ -1,5 +1,10 @@
 """Anchor discovery: the spans of a profile that names no anchor, held until one is chosen.
 
+A named anchor that never fires is treated the same way (:class:`AnchorSilence`): an
+engine of another version may step through another function (llama.cpp's server
+decodes through ``llama_process``, never ``llama_decode``), and the monitor would
+otherwise show nothing and say nothing.
+
 The monitor holds every span here (no iterations, no verdicts) and, every
 ``DISCOVERY_CHECK_S``, asks :func:`~prism_tui.engine.anchors.choose_anchor` (the pure
 choice) for a probe; once one qualifies the held spans go to the engine cut at it, so
@@ -35,11 +40,12 @@ class AnchorDiscovery:
         self._deadline: float | None = None
         self._next_check = 0.0
 
-    def start(self, now: float) -> None:
-        """Begin the discovery phase (the loop starts at monotonic ``now``)."""
+    def start(self, now: float, why: str | None = None) -> None:
+        """Begin the discovery phase (the loop starts at monotonic ``now``); ``why`` is
+        the notice (default: the profile names no anchor)."""
         self._deadline = now + self.discovery_s
         self._next_check = now + DISCOVERY_CHECK_S
-        self._notice(f"profile {self.profile_name!r} names no iteration anchor: "
+        self._notice(why or f"profile {self.profile_name!r} names no iteration anchor: "
                      "choosing one from its spans")
 
     def hold(self, spans: Sequence[Span]) -> None:
@@ -70,3 +76,42 @@ class AnchorDiscovery:
         self._notice(f"iteration anchor: {choice.probe}, chosen from {len(held)} "
                      f"spans: {choice.reason}")
         return held
+
+
+class AnchorSilence:
+    """Whether a named anchor stays silent while the profile's other probes fire.
+
+    :meth:`saw` is called with each batch of spans until the anchor fires once (then it
+    is one attribute test); :meth:`silent` says, once, when ``after_s`` went by from
+    :meth:`start` with at least ``min_spans`` other spans and no anchor.
+    """
+
+    def __init__(self, anchor: str, after_s: float, min_spans: int = 100) -> None:
+        self.anchor = anchor
+        self.after_s = after_s
+        self.min_spans = min_spans
+        self.fired = False
+        """The anchor fired at least once (or silence was already reported)."""
+        self.others = 0
+        """Spans of other probes seen while the anchor had not fired."""
+        self._since: float | None = None
+
+    def start(self, now: float) -> None:
+        """Begin timing the silence at monotonic ``now`` (the loop's start)."""
+        self._since = now
+
+    def saw(self, spans: Sequence[Span]) -> None:
+        """Count a batch of spans; one of the anchor ends the watch for silence."""
+        anchor = self.anchor
+        if any(s.probe == anchor for s in spans):
+            self.fired = True
+        else:
+            self.others += len(spans)
+
+    def silent(self, now: float) -> bool:
+        """True once: the anchor never fired over ``after_s`` s of ``min_spans`` others."""
+        if (self.fired or self._since is None or now - self._since < self.after_s
+                or self.others < self.min_spans):
+            return False
+        self.fired = True  # say it once
+        return True

@@ -46,6 +46,8 @@ class MonitorConfig:
     ``escalation_s``: how long DeepDive probes stay after an alert fires (0: never).
     ``snapshot_interval_s``: seconds between views. ``telemetry``: sample host, /proc and
     NVML once a second. ``anchor_discovery_s``: see :class:`Monitor`.
+    ``anchor_silence_s``: a named anchor that has not fired this long while the other
+    probes did is given up for one chosen from the spans (see :class:`Monitor`).
     ``run_queue_stage``: read the anchor thread's run-queue wait as a stage.
     """
 
@@ -53,6 +55,7 @@ class MonitorConfig:
     snapshot_interval_s: float = 0.5
     telemetry: bool = True
     anchor_discovery_s: float = 5.0
+    anchor_silence_s: float = 10.0
     run_queue_stage: bool = True
 
 

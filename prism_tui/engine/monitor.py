@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from prism_tui.engine.anchor_discovery import AnchorDiscovery
+from prism_tui.engine.anchor_discovery import AnchorDiscovery, AnchorSilence
 from prism_tui.engine.anchors import AnchorChoice
 from prism_tui.engine.attachment import (
     Attached,
@@ -98,6 +98,10 @@ class Monitor:
         looking at the last ``anchor_discovery_s`` of spans. The choice is
         :attr:`anchor_choice`. A discovered anchor is not urgent: its spans reach the
         engine at the sessions' next drain (20 ms at most), not within a millisecond.
+        A named anchor that has not fired ``config.anchor_silence_s`` after the loop
+        started, while 100 spans of the other probes did, is given up the same way (one
+        notice says so), unless the governor already holds a probe, which could be the
+        one to choose; then the notice only says it.
 
         With ``config.run_queue_stage``, the anchor thread's run-queue wait
         (``schedstat``) is read as each iteration arrives and becomes its ``runqueue``
@@ -144,6 +148,10 @@ class Monitor:
         self._discovery = None if profile.anchor is not None else AnchorDiscovery(
             profile.name, config.anchor_discovery_s, notice=self._notice)
         """The spans held until an anchor is chosen (None: the profile names one)."""
+        self._anchor_discovery_s = config.anchor_discovery_s
+        self._silence = None if profile.anchor is None else AnchorSilence(
+            profile.anchor, config.anchor_silence_s)
+        """Watches a named anchor for never firing (None: discovery from the start)."""
         self._rescanner = None if match is None else Rescanner(
             match, open_target=self._open, adopt=self._adopt,
             in_background=self._in_background, notice=self._notice)
@@ -435,6 +443,8 @@ class Monitor:
             if self.anchor is None and self._discovery is not None:  # fed once chosen
                 self._discovery.hold(spans)
                 return
+            if self._silence is not None and not self._silence.fired:
+                self._silence.saw(spans)
             # in the rings' reader callback: an alert leaves before the callback returns,
             # after the other targets' finished iterations are judged (see alerts_held)
             try:
@@ -462,6 +472,8 @@ class Monitor:
         last_view = last_telemetry = last_govern = time.monotonic()
         if self.anchor is None and self._discovery is not None:
             self._discovery.start(last_view)
+        if self._silence is not None:
+            self._silence.start(last_view)
         if self._rescanner is not None:
             self._rescanner.start(last_view)
         telemetry_task: asyncio.Future[list[TelemetryValue]] | None = None
@@ -497,6 +509,8 @@ class Monitor:
                 if self.deepdive.active:
                     self.deepdive.expire()
                 now = time.monotonic()
+                if self._silence is not None and self._silence.silent(now):
+                    self._anchor_silent(now)
                 if self.anchor is None and self._discovery is not None:
                     held = self._discovery.check(now)
                     if held is not None:
@@ -540,6 +554,27 @@ class Monitor:
                 view_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await view_task
+
+    def _anchor_silent(self, now: float) -> None:
+        """The named anchor never fired while the other probes did: choose one from the
+        spans (every target is watched again once chosen), unless the governor holds a
+        probe already."""
+        assert self._silence is not None and self.anchor is not None
+        said = (f"iteration anchor {self.anchor!r} of profile {self.profile.name!r} has not "
+                f"fired in {self._silence.after_s:g} s while {self._silence.others} spans "
+                "of its other probes arrived (this engine steps through another function)")
+        if any(att.governor is not None and att.governor.governed()
+               for att in self._attached.values()):
+            self._notice(f"{said}; the governor holds probes, so no other is chosen: name "
+                         "the anchor in a profile")
+            return
+        for pid, att in self._attached.items():
+            self.engine.forget(pid)
+            att.governor = None  # equipped again for the chosen anchor
+        self.anchor = None
+        self._discovery = AnchorDiscovery(self.profile.name, self._anchor_discovery_s,
+                                          notice=self._notice)
+        self._discovery.start(now, f"{said}: choosing one from the spans")
 
     def _discovered(self, held: list[Span]) -> None:
         """An anchor was chosen: watch every target with it, then feed its held spans."""
