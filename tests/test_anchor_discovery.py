@@ -13,6 +13,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from prism_tui.engine.core import DetectionConfig
@@ -44,9 +45,22 @@ def _decode_ends(observations: list[Observation]) -> list[int]:
     return sorted(o.iteration.end_ns for o in observations if o.iteration.phase == "decode")
 
 
-def _run_both(*monitors: Monitor, seconds: float) -> None:
+def _run_both(*monitors: Monitor, seconds: float, until: Callable[[], bool]) -> None:
+    """Run the monitors side by side until ``until()`` holds (checked every 0.1 s) or
+    ``seconds`` passed."""
     async def both() -> None:
-        await asyncio.gather(*(m.run(seconds) for m in monitors))
+        stop = asyncio.Event()
+
+        async def stop_once_done() -> None:
+            while not stop.is_set():
+                if until():
+                    stop.set()
+                await asyncio.sleep(0.1)
+
+        checker = asyncio.create_task(stop_once_done())
+        await asyncio.gather(*(m.run(seconds, stop) for m in monitors))
+        stop.set()
+        await checker
 
     asyncio.run(both())
 
@@ -89,7 +103,14 @@ def test_an_anchor_is_chosen_from_the_spans_and_cuts_the_same_iterations(
                         detection=DetectionConfig(warmup=100_000),
                         config=MonitorConfig(escalation_s=0, telemetry=False),
                         subscribers=Subscribers(observation=named.append)) as reference:
-            _run_both(discovering, reference, seconds=IDLE_S + 4.0)
+            def both_saw_4_s_of_load() -> bool:
+                mine, theirs = _decode_ends(found), _decode_ends(named)
+                return bool(mine and theirs) and (
+                    min(mine[-1], theirs[-1]) - max(mine[0], theirs[0]) >= 4e9)
+
+            # until both saw 4 s of the load (at most IDLE_S + 4 s: as long as before)
+            _run_both(discovering, reference, seconds=IDLE_S + 4.0,
+                      until=both_saw_4_s_of_load)
 
     choice = discovering.anchor_choice
     assert choice is not None and choice.accepted

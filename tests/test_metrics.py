@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -184,7 +185,10 @@ def _query(api: str, promql: str) -> list[dict[str, Any]]:
 def test_a_real_prometheus_scrapes_prism_watch_and_sees_the_dashboards_values(
         tmp_path: Path) -> None:
     """Prometheus scrapes ``prism watch --metrics-port`` on the simulator every second;
-    its stored p99 and iteration counts must be values the headless view printed."""
+    its stored p99 and iteration counts must be values the headless view printed.
+
+    The watch is stopped (SIGINT) once the dashboard's queries ran, or by its 14 s
+    ``--duration`` if that comes first."""
     if PROMETHEUS is None:
         pytest.fail("prometheus is not installed (make system-deps, or apt-get install "
                     "prometheus)")
@@ -206,13 +210,17 @@ def test_a_real_prometheus_scrapes_prism_watch_and_sees_the_dashboards_values(
             stop_sim = threading.Event()
             runner = threading.Thread(target=server.run, args=(40, stop_sim), daemon=True)
             runner.start()
-            watch = subprocess.Popen(
-                [sys.executable, "-m", "prism_tui.cli", "watch", "--pid",
-                 str(server.rank_pids[0]), "--headless", "--duration", "14", "--no-history",
-                 "--metrics-port", str(metrics_port)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                     "PYTHONPATH": str(ROOT), "XDG_STATE_HOME": str(tmp_path / "state")})
+            # its output goes to files: a pipe nobody reads fills up with snapshots and
+            # blocks the watch, which then ran out this loop's 40 s instead of its 14 s
+            out_path, err_path = tmp_path / "watch.out", tmp_path / "watch.err"
+            with out_path.open("w") as out_file, err_path.open("w") as err_file:
+                watch = subprocess.Popen(
+                    [sys.executable, "-m", "prism_tui.cli", "watch", "--pid",
+                     str(server.rank_pids[0]), "--headless", "--duration", "14",
+                     "--no-history", "--metrics-port", str(metrics_port)],
+                    stdout=out_file, stderr=err_file, text=True, cwd=ROOT,
+                    env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                         "PYTHONPATH": str(ROOT), "XDG_STATE_HOME": str(tmp_path / "state")})
             try:
                 deadline = time.monotonic() + 40
                 while watch.poll() is None and time.monotonic() < deadline:
@@ -231,7 +239,11 @@ def test_a_real_prometheus_scrapes_prism_watch_and_sees_the_dashboards_values(
                     if scraped and not panels and time.monotonic() - first_seen > 4:
                         panels = {title: _query(api, expr)  # a rate needs two scrapes
                                   for title, expr in _dashboard_queries().items()}
-                out, err = watch.communicate(timeout=60)
+                        # all that is checked is in hand: stop the watch as Ctrl-C does
+                        # (its --duration bounds the run if Prometheus is slow to come)
+                        watch.send_signal(signal.SIGINT)
+                watch.wait(timeout=60)
+                out, err = out_path.read_text(), err_path.read_text()
             finally:
                 if watch.poll() is None:
                     watch.kill()
@@ -258,7 +270,7 @@ def test_a_real_prometheus_scrapes_prism_watch_and_sees_the_dashboards_values(
     assert float(stored_p99["value"][1]) in shown
     assert float(stored_its["value"][1]) >= float(stored_count["value"][1]) > 0
     # every panel of the example Grafana dashboard is valid PromQL over these series, and
-    # all but the alert panel (no alert in 14 s of a healthy run) show data
+    # all but the alert panel (no alert in these <= 14 s of a healthy run) show data
     assert panels, "the dashboard's queries never ran"
     empty = [title for title, result in panels.items() if not result]
     assert empty == ["Alerts fired A"], empty

@@ -27,7 +27,7 @@ from alerting.config import (
     summary_topic,
 )
 from alerting.outbox import Outbox
-from alerting.publisher import AlertPublisher
+from alerting.publisher import BACKOFF_MAX_S, BACKOFF_START_S, AlertPublisher
 from alerting.schema import Alert, parse_rfc3339
 from tests.mqtt_fixtures import Subscriber, TlsFiles, broker, make_tls_files, sample_alert
 
@@ -342,9 +342,19 @@ async def test_last_will_marks_a_killed_publisher_offline(broker: EmbeddedBroker
 # ---------------------------------------------------------------------- outage
 @pytest.mark.anyio
 @pytest.mark.slow
-async def test_broker_outage_of_30s_loses_nothing(broker: EmbeddedBroker,
-                                                  tmp_path: Path) -> None:
-    """1,000 alerts produced around a 30 s broker outage: all arrive, in order per series."""
+async def test_broker_outage_past_the_backoff_cap_loses_nothing(broker: EmbeddedBroker,
+                                                                tmp_path: Path) -> None:
+    """1,000 alerts produced around a broker outage: all arrive, in order per series.
+
+    The outage (2 x the backoff cap, 10 s) outlasts the backoff's climb to its cap
+    (0.1 s doubling to 5 s: 6.3 s of waits), so the reconnect follows a capped wait, as
+    after any longer outage; a longer one only adds more capped retries.
+    """
+    outage_s = 2 * BACKOFF_MAX_S
+    climb, wait = 0.0, BACKOFF_START_S
+    while wait < BACKOFF_MAX_S:
+        climb, wait = climb + wait, wait * 2
+    assert climb < outage_s - 1.0, "the outage must outlast the backoff's climb to its cap"
     box = Outbox(tmp_path / "outbox.sqlite")
     fingerprints = [f"fp-{k}" for k in range(4)]
     alerts = [sample_alert(fingerprints[i % 4], seq=i) for i in range(1000)]
@@ -363,7 +373,7 @@ async def test_broker_outage_of_30s_loses_nothing(broker: EmbeddedBroker,
         await until(lambda: pub.status.state == "down", what="down")
         assert pub.status.pending > 0 and "refused" in pub.status.last_error
         await until(lambda: len(box) + pub.status.published >= 1000, what="outbox writes")
-        await asyncio.sleep(max(0.0, 30.0 - (time.monotonic() - stopped)))
+        await asyncio.sleep(max(0.0, outage_s - (time.monotonic() - stopped)))
         await asyncio.to_thread(broker.start)
         await until(lambda: len({a.id for a in alerts_of(sub)}) == 1000, timeout=40,
                     what="all 1000 alerts after the restart")
