@@ -351,6 +351,11 @@ def test_run_queue_reader_keeps_files_open_and_lets_exited_threads_go() -> None:
     assert len(os.listdir("/proc/self/fd")) == fds_open - 1
     assert reader.read(pid, 2**22 + 1) is None  # no such thread: nothing opened
     assert len(os.listdir("/proc/self/fd")) == fds_open - 1
+    reader.forget(pid + 1)  # another process's: none of ours
+    assert len(os.listdir("/proc/self/fd")) == fds_open - 1
+    reader.forget(pid)  # a target no longer watched: its files close
+    assert len(os.listdir("/proc/self/fd")) == fds_open - 2
+    assert reader.read(pid, me) is not None  # and open again when read again
     reader.close()
     assert len(os.listdir("/proc/self/fd")) == fds_open - 2
 

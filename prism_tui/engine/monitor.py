@@ -324,6 +324,7 @@ class Monitor:
             att.session.close()
         self.deepdive.detach(pid)
         self.engine.forget(pid)
+        self._run_queue.forget(pid)
         self._poller.forget(pid)
 
     def recorded_processes(self) -> list[RecordedProcess]:
@@ -598,6 +599,7 @@ class Monitor:
         if self._rescanner is not None:
             self._rescanner.target_exited(time.monotonic())  # a restart?
         self._poller.forget(pid)  # it would read a reused pid as exited
+        self._run_queue.forget(pid)  # its schedstat files
         self.engine.gone(pid)
         self._notice(f"pid {pid} exited" + (
             f"; waiting for a process matching {self.match!r}" if self.match else ""))

@@ -107,6 +107,11 @@ class RunQueueReader:
                 os.close(self._fds.pop(key))
             return None
 
+    def forget(self, pid: int) -> None:
+        """Close the files of ``pid``'s threads (it exited or is no longer watched)."""
+        for key in [k for k in self._fds if k[0] == pid]:
+            os.close(self._fds.pop(key))
+
     def close(self) -> None:
         """Close every open file."""
         for fd in self._fds.values():
