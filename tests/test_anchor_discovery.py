@@ -13,11 +13,18 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from prism_tui.engine.core import DetectionConfig
-from prism_tui.engine.monitor import Monitor, MonitorConfig, Observation, Subscribers
+from prism_tui.engine.monitor import (
+    Monitor,
+    MonitorConfig,
+    Observation,
+    ProbingConfig,
+    Subscribers,
+)
 from probes.catalog import BUILTIN_DIR, Profile, load_profile, parse_profile
 from probes.target import Target
 from tests.conftest import CTarget
@@ -202,12 +209,27 @@ def test_a_named_anchor_that_never_fires_is_replaced_by_one_chosen_from_the_span
     ctarget.cmd("serve_start 5000 20")
     profile = parse_profile(SILENT_ANCHOR_PROFILE, "ctarget-silent")
     notices: list[str] = []
+    said_at: list[float] = []
     observed: list[Observation] = []
+
+    def notice(line: str) -> None:
+        notices.append(line)
+        if "has not fired" in line:
+            said_at.append(time.time())
+
+    # a governor budget the op probe exceeds (~3,800 calls/s): it must not act before
+    # the anchor is known (4 s: it would have detached op by then), and never on the
+    # chosen one
     with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
-                 config=MonitorConfig(escalation_s=0, telemetry=False, anchor_silence_s=1.5),
-                 subscribers=Subscribers(notice=notices.append,
+                 probing=ProbingConfig(overhead_budget=0.0005),
+                 config=MonitorConfig(escalation_s=0, telemetry=False, anchor_silence_s=4.0),
+                 subscribers=Subscribers(notice=notice,
                                          observation=observed.append)) as monitor:
-        asyncio.run(monitor.run(6.0))
+        asyncio.run(monitor.run(9.0))
+    decisions = monitor.governor_decisions
+    assert decisions and said_at, (decisions, notices)
+    assert all(wall >= said_at[0] for _, _, wall in decisions), (decisions, notices)
+    assert all(d.probe != "step" for _, d, _ in decisions), decisions
     silent = [n for n in notices if "has not fired" in n]
     assert len(silent) == 1 and "'work'" in silent[0], notices
     assert "choosing one from the spans" in silent[0]

@@ -516,7 +516,11 @@ class Monitor:
                     held = self._discovery.check(now)
                     if held is not None:
                         self._discovered(held)
-                if now - last_govern >= GOVERN_S:
+                if now - last_govern >= GOVERN_S and (
+                        self._silence is None or self._silence.fired):
+                    # not before the named anchor fired: the estimate scales detached
+                    # probes by its rate, and a silent one is given up for a probe the
+                    # governor must not have detached meanwhile
                     last_govern = now
                     self.governing.tick(self._attached.items())
                 if self._rescanner is not None and self._rescanner.due(
