@@ -665,6 +665,23 @@ def test_dotted_names_are_features_of_a_probe() -> None:
     assert DerivedFeature("y", "decode + decode.n").names == {"decode", "decode.n"}
 
 
+def test_first_takes_the_first_argument_whose_names_are_present() -> None:
+    """``first(a, b)``: an engine that passes the same quantity through one function or
+    another (llama_decode's n_tokens, or llama-server's llama_batch_ext_add_token calls)."""
+    tokens = DerivedFeature("t", "first(decode.n_tokens, calls.add_token)")
+    assert tokens.names == {"decode.n_tokens", "calls.add_token"}
+    assert tokens.evaluate({"decode.n_tokens": 12.0, "calls.add_token": 3.0}) == 12.0
+    assert tokens.evaluate({"calls.add_token": 3.0}) == 3.0
+    assert tokens.evaluate({}) is None  # none present: missing, as any name
+    # only a missing name moves on: failing math in the first is the answer (None)
+    ratio = DerivedFeature("r", "first(a / b, c)")
+    assert ratio.evaluate({"a": 1.0, "b": 0.0, "c": 5.0}) is None
+    assert ratio.evaluate({"c": 5.0}) == 5.0
+    assert DerivedFeature("n", "first(x, y, 7)").evaluate({}) == 7.0
+    with pytest.raises(ValueError, match="at least two"):
+        DerivedFeature("x", "first(a)").evaluate({"a": 1.0})
+
+
 def test_derived_missing_and_failing_math_give_none() -> None:
     assert DerivedFeature("x", "a / b").evaluate({"a": 1}) is None
     assert DerivedFeature("x", "a / b").evaluate({"a": 1, "b": 0}) is None

@@ -2,7 +2,9 @@
 
 An expression (``d2h_bytes / 8``, ``min(a, b) * 2``) is parsed with :mod:`ast`, checked
 against a whitelist (numbers, feature names, ``+ - * / // % **``, unary minus, ``min``,
-``max``, ``abs``) and turned into nested closures once; it is never passed to ``eval``.
+``max``, ``abs``, ``first``: the first argument whose names are all present, for an
+engine that passes the same quantity through one function or another) and turned into
+nested closures once; it is never passed to ``eval``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from typing import Any
 MAX_EXPR_CHARS = 512
 """Longest derived-feature expression accepted (keeps evaluation trivially bounded)."""
 
-_FUNCS: dict[str, Callable[..., Any]] = {"min": min, "max": max, "abs": abs}
+
+def _first(*values: Any) -> Any:
+    """Stands in for ``first()`` in the whitelist; :func:`_closure` evaluates it lazily."""
+    return values[0]
+
+
+_FUNCS: dict[str, Callable[..., Any]] = {"min": min, "max": max, "abs": abs, "first": _first}
 _BINOPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: lambda a, b: a + b,
     ast.Sub: lambda a, b: a - b,
@@ -73,7 +81,7 @@ def _check_node(node: ast.expr) -> None:
         func = node.func
         if not isinstance(func, ast.Name) or func.id not in _FUNCS:
             raise ValueError(f"call of {ast.unparse(func)}() is not allowed "
-                             "(only min(), max(), abs())")
+                             "(only min(), max(), abs(), first())")
         if node.keywords or any(isinstance(a, ast.Starred) for a in node.args):
             raise ValueError(f"{func.id}() takes plain positional arguments only")
         if func.id == "abs" and len(node.args) != 1:
@@ -141,6 +149,18 @@ def _closure(node: ast.expr) -> _Closure:
     if isinstance(node, ast.BinOp):
         op, left, right = _BINOPS[type(node.op)], _closure(node.left), _closure(node.right)
         return lambda values: op(left(values), right(values))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+            and node.func.id == "first":
+        options = [_closure(a) for a in node.args]
+
+        def first(values: Mapping[str, float]) -> Any:
+            for option in options[:-1]:
+                try:
+                    return option(values)
+                except KeyError:  # a name it reads is missing: the next one
+                    continue
+            return options[-1](values)
+        return first
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         func, args = _FUNCS[node.func.id], [_closure(a) for a in node.args]
         return lambda values: func(*(a(values) for a in args))
