@@ -231,8 +231,10 @@ def test_the_probes_the_detector_reads_are_never_governed() -> None:
 
     cuda, cuda_sites = sites("cuda")  # d2h/h2d bytes by kind: the copies
     assert detector_probes(cuda, cuda_sites) == {"memcpy", "memcpy_async"}
-    # its phase rule reads calls.sample, calls.common_sample (llama-server's), decode
+    # its phase rule reads calls.sample, calls.common_sample (llama-server's), decode,
+    # and llama-server's token count, calls.add_token
     llama, llama_sites = sites("llama_cpp")
-    assert detector_probes(llama, llama_sites) == {"decode", "sample", "common_sample"}
+    assert detector_probes(llama, llama_sites) == {"decode", "sample", "common_sample",
+                                                   "add_token"}
     server = parse_profile(SERVER_PROFILE, "ctarget-server")
     assert detector_probes(server, []) == set()
