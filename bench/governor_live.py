@@ -30,29 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prism_tui.history.store import HistoryStore  # noqa: E402
-
-PROFILE = """
-[profile]
-name = "ctarget-server"
-description = "the C target's serve loop: one step per iteration, 500 ops per step"
-anchor = "step"
-
-[[library]]
-id = "exe"
-soname = ["ctarget*"]
-
-[[probe]]
-id = "step"
-library = "exe"
-symbol = "pl_step"
-stage = "host"
-
-[[probe]]
-id = "op"
-library = "exe"
-symbol = "pl_op"
-stage = "host"
-"""
+from tests.conftest import SERVER_PROFILE as PROFILE  # noqa: E402
 
 SETTINGS = {"off (budget 90 %)": (0.9, "detach"), "1 %, detach": (0.01, "detach"),
             "1 %, duty-cycle": (0.01, "duty-cycle")}

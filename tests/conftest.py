@@ -194,3 +194,29 @@ symbol = "pl_does_not_exist"
 stage = "host"
 optional = true
 """
+
+
+SERVER_PROFILE = """
+[profile]
+name = "ctarget-server"
+description = "the C target's serve loop: one step per iteration, many ops per step"
+anchor = "step"
+
+[[library]]
+id = "exe"
+soname = ["ctarget*"]
+
+[[probe]]
+id = "step"
+library = "exe"
+symbol = "pl_step"
+stage = "host"
+
+[[probe]]
+id = "op"
+library = "exe"
+symbol = "pl_op"
+stage = "host"
+"""
+"""The C target's ``serve_start`` loop (``pl_step`` every iteration, ``pl_op`` many
+times a step): the governor's tests and bench, and anchor discovery's."""

@@ -27,7 +27,7 @@ from prism_tui.engine.monitor import (
 )
 from probes.catalog import BUILTIN_DIR, Profile, load_profile, parse_profile
 from probes.target import Target
-from tests.conftest import CTarget
+from tests.conftest import SERVER_PROFILE, CTarget
 from tests.sim_scenarios import scenario_file, scenario_text, sim_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,34 +170,14 @@ def test_prism_watch_takes_a_profile_without_an_anchor(tmp_path: Path) -> None:
     assert decode and decode[0]["rate"] > 10, snaps[-1]
 
 
-SILENT_ANCHOR_PROFILE = """
-[profile]
-name = "ctarget-silent"
-description = "the C target's serve loop, with an anchor the loop never calls"
-anchor = "work"
-
-[[library]]
-id = "exe"
-soname = ["ctarget*"]
-
+SILENT_ANCHOR_PROFILE = SERVER_PROFILE.replace('anchor = "step"', 'anchor = "work"') + """
 [[probe]]
 id = "work"
 library = "exe"
 symbol = "pl_work"
 stage = "host"
-
-[[probe]]
-id = "step"
-library = "exe"
-symbol = "pl_step"
-stage = "host"
-
-[[probe]]
-id = "op"
-library = "exe"
-symbol = "pl_op"
-stage = "host"
 """
+"""The serve loop's profile with an anchor (``pl_work``) the loop never calls."""
 
 
 def test_a_named_anchor_that_never_fires_is_replaced_by_one_chosen_from_the_spans(

@@ -31,32 +31,9 @@ from probes.catalog import Profile, load_profile, parse_profile
 from probes.governor import HitCosts
 from probes.placement import ProbeSite
 from probes.target import Target
-from tests.conftest import CTarget
+from tests.conftest import SERVER_PROFILE, CTarget
 
 ROOT = Path(__file__).resolve().parent.parent
-
-SERVER_PROFILE = """
-[profile]
-name = "ctarget-server"
-description = "the C target's serve loop: one step per iteration, many ops per step"
-anchor = "step"
-
-[[library]]
-id = "exe"
-soname = ["ctarget*"]
-
-[[probe]]
-id = "step"
-library = "exe"
-symbol = "pl_step"
-stage = "host"
-
-[[probe]]
-id = "op"
-library = "exe"
-symbol = "pl_op"
-stage = "host"
-"""
 
 SERVE = "serve_start 5000 500"
 """A step of 500 ops every ~5 ms: ~190 steps/s and ~95,000 op calls/s when idle. At

@@ -100,8 +100,8 @@ class Monitor:
         engine at the sessions' next drain (20 ms at most), not within a millisecond.
         A named anchor that has not fired ``config.anchor_silence_s`` after the loop
         started, while 100 spans of the other probes did, is given up the same way (one
-        notice says so), unless the governor already holds a probe, which could be the
-        one to choose; then the notice only says it.
+        notice says so); the governor acts only once the anchor has fired, so it has
+        detached nothing that could be the one to choose.
 
         With ``config.run_queue_stage``, the anchor thread's run-queue wait
         (``schedstat``) is read as each iteration arrives and becomes its ``runqueue``
@@ -562,17 +562,12 @@ class Monitor:
 
     def _anchor_silent(self, now: float) -> None:
         """The named anchor never fired while the other probes did: choose one from the
-        spans (every target is watched again once chosen), unless the governor holds a
-        probe already."""
+        spans; every target is watched again once chosen. (The governor has not acted:
+        it waits for the anchor's first call.)"""
         assert self._silence is not None and self.anchor is not None
         said = (f"iteration anchor {self.anchor!r} of profile {self.profile.name!r} has not "
                 f"fired in {self._silence.after_s:g} s while {self._silence.others} spans "
                 "of its other probes arrived (this engine steps through another function)")
-        if any(att.governor is not None and att.governor.governed()
-               for att in self._attached.values()):
-            self._notice(f"{said}; the governor holds probes, so no other is chosen: name "
-                         "the anchor in a profile")
-            return
         for pid, att in self._attached.items():
             self.engine.forget(pid)
             att.governor = None  # equipped again for the chosen anchor

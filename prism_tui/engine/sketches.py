@@ -277,7 +277,7 @@ class WindowedSketches:
         if self._closed_until is not None and start < self._closed_until:
             self.late += 1
             return
-        if self._first_ns is None or t_ns < self._first_ns:
+        if self._first_ns is None:
             self._first_ns = t_ns
         buf = self._open.get((key, start))
         if buf is None:
@@ -435,7 +435,7 @@ class WindowedSketches:
         ck = (span_s, start, end)
         series = self._cache.get(ck)
         if series is None:
-            series = MappingProxyType(self._compute(start, end, span_s))
+            series = MappingProxyType(self._compute(start, end))
             self._cache[ck] = series
         return Snapshot(now, span_s, start, end, series)
 
@@ -455,19 +455,19 @@ class WindowedSketches:
             return
         parts: dict[SeriesKey, _Partial] = {}
         for key in list(self._series):
-            partial = self._partial(key, start, end, span_s)
+            partial = self._partial(key, start, end)
             if partial is not None:
                 parts[key] = partial
             yield
-        self._cache[ck] = MappingProxyType(_finish(parts, span_s))
+        self._cache[ck] = MappingProxyType(_finish(parts))
 
-    def _compute(self, start: int, end: int, span_s: float) -> dict[SeriesKey, SeriesStats]:
+    def _compute(self, start: int, end: int) -> dict[SeriesKey, SeriesStats]:
         parts = {}
         for key in self._series:
-            partial = self._partial(key, start, end, span_s)
+            partial = self._partial(key, start, end)
             if partial is not None:
                 parts[key] = partial
-        return _finish(parts, span_s)
+        return _finish(parts)
 
     def _covered_s(self, start: int, end: int) -> float:
         """Seconds of ``[start, end)`` since the first value: the divisor of a rate.
@@ -479,7 +479,7 @@ class WindowedSketches:
         first = start if self._first_ns is None else max(start, self._first_ns)
         return max(end - first, self._w) / 1e9
 
-    def _partial(self, key: SeriesKey, start: int, end: int, span_s: float) -> _Partial | None:
+    def _partial(self, key: SeriesKey, start: int, end: int) -> _Partial | None:
         """One series' stats over ``[start, end)`` except its share of the iteration."""
         s = self._series.get(key)
         if s is None:
@@ -520,7 +520,7 @@ class _Partial:
     total: float
 
 
-def _finish(parts: Mapping[SeriesKey, _Partial], span_s: float) -> dict[SeriesKey, SeriesStats]:
+def _finish(parts: Mapping[SeriesKey, _Partial]) -> dict[SeriesKey, SeriesStats]:
     """Add each series' share of its device's and phase's iteration time."""
     out: dict[SeriesKey, SeriesStats] = {}
     for key, part in parts.items():

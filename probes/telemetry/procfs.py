@@ -101,7 +101,7 @@ class RunQueueReader:
                 os.close(self._fds.pop(oldest))
             self._fds[key] = fd
         try:
-            return int(os.pread(fd, 128, 0).split(None, 2)[1])
+            return _parse_schedstat(os.pread(fd, 128, 0).decode("ascii"))
         except (OSError, ValueError, IndexError):  # the thread exited (ESRCH, or empty)
             if self._fds.get(key) == fd:
                 os.close(self._fds.pop(key))
