@@ -152,6 +152,7 @@ class UprobeSession(DeliveredSession):
         self._last_rescan = 0.0
         self._opened = False
         self._closed = False
+        self._held: list[Span] = []  # spans that ended while the last read was draining
         super().__init__()  # watches the rings on an asyncio loop, hands the spans over
         self._closer: Closer | None = None
         self._opener: Opener[_BuiltRing] | None = None
@@ -490,10 +491,21 @@ class UprobeSession(DeliveredSession):
 
     # ------------------------------------------------------------------ reading
     def read(self) -> list[Span]:
-        """Drain every ring now and return the spans completed (never blocks)."""
+        """Drain every ring now and return the spans completed (never blocks).
+
+        The rings are read one after the other, so a call that ends while they are read
+        may be seen in a ring read late while an earlier call of another thread (the
+        same request's previous step on another worker thread) sits in a ring read
+        early, unseen. Only spans that ended before the first ring was read are
+        complete in every ring: the others are held for the next read (the wake-up
+        their records caused), so an iteration never closes without a span of another
+        thread that ended inside it.
+        """
         if self._closed:
             return []
-        spans: list[Span] = []
+        complete_before = time.monotonic_ns()  # the records' clock (CLOCK_MONOTONIC)
+        spans: list[Span] = self._held
+        self._held = []
         if self.mode == "cpu":
             batch: list[Sample] = []
             for ring in list(self._rings.values()):
@@ -507,8 +519,18 @@ class UprobeSession(DeliveredSession):
                     self._read_thread_ring(tid, ring, spans)
         if time.monotonic() - self._last_rescan >= self.rescan_interval_s:
             spans.extend(self.rescan())
+        if not self.all_exited:  # once every target exited, nothing more can come
+            spans = self._hold_late(spans, complete_before)
         self.stats.spans += len(spans)
         return spans
+
+    def _hold_late(self, spans: list[Span], complete_before: int) -> list[Span]:
+        """Return the spans that ended before ``complete_before``; hold the others."""
+        if not spans or max(s.end_ns for s in spans) < complete_before:
+            return spans
+        ready = [s for s in spans if s.end_ns < complete_before]
+        self._held = [s for s in spans if s.end_ns >= complete_before]
+        return ready
 
     def _on_lost_cpu(self, lost: int) -> None:
         self.stats.lost += lost

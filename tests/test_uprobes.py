@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from prism_tui.engine.iterations import IterationBuilder
 from probes.catalog import Profile, parse_profile
 from probes.errors import SymbolNotFoundError
 from probes.placement import ProbeSite, place_profile, place_symbol
@@ -218,6 +219,36 @@ def test_threads_are_followed(ctarget: CTarget, profile: Profile, mode: str) -> 
         assert len(tids) == 4 and min(tids.values()) >= 500, sorted(tids.values())
         assert stats.threads_attached >= 1 + len(tids)
         assert stats.threads_exited >= len(tids)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_read_never_delivers_a_call_before_an_earlier_one_of_another_thread(
+        ctarget: CTarget, profile: Profile, mode: str) -> None:
+    """Two threads take turns (``pl_inner`` on one, then the anchor ``pl_work`` on the
+    other), as a request's steps hop between an engine's worker threads. The rings are
+    read one after the other, so without holding back what ended during a read, an
+    anchor read from a ring drained late closed its iteration while the other thread's
+    earlier call sat unread in a ring drained early (a late span: an iteration without
+    its sampling call, the flake of tests/test_llama_cpp.py). Every batch must hold
+    everything that ended before its last span, so each iteration has its one call."""
+    rounds = 3000
+    sites = sites_for(ctarget, profile, "work", "inner")
+    builder = IterationBuilder(ctarget.pid, "work", {"work": "host", "inner": "inner"})
+    iterations = []
+    with UprobeSession([Target(ctarget.pid)], sites, mode=mode, ring_pages=1024) as session:
+        worker = threading.Thread(target=ctarget.cmd, args=(f"relay {rounds}",))
+        worker.start()
+        while worker.is_alive():
+            iterations += builder.add(session.read())
+        time.sleep(0.1)
+        iterations += builder.add(session.read())
+        lost = session.stats.lost
+    assert lost == 0
+    assert builder.late_spans == 0
+    # the threads are attached during their 50-ms wait; the first anchor opens the first
+    assert len(iterations) == rounds - 1
+    assert Counter(it.features.get("calls.inner", 0) for it in iterations) == \
+        {1: rounds - 1}
 
 
 def test_exited_threads_are_closed_off_the_reader_and_nothing_leaks(

@@ -30,10 +30,14 @@
  *   quit T            T new threads, each sleeping 50 ms (time to be attached), then
  *                     calling pl_quit, which ends the thread with pthread_exit: the call
  *                     never returns (answers T once every thread is joined)
+ *   relay N           two new threads take turns N times (each waits 50 ms first, time
+ *                     to be attached): one calls pl_inner(i), then the other pl_work(i),
+ *                     as an engine's step hops between worker threads
  *   time FN N         N calls of FN (work, plain, endbr) timed: answers ns per call
  *   exit              exit(0)
  */
 #include <pthread.h>
+#include <semaphore.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -196,6 +200,33 @@ static void *serve_main(void *arg) {
     return NULL;
 }
 
+struct relay {
+    long n;
+    sem_t inner_turn, work_turn;
+};
+
+static void *relay_inner_main(void *arg) {
+    struct relay *r = arg;
+    pl_sleep_us(50000);
+    for (long i = 0; i < r->n; i++) {
+        sem_wait(&r->inner_turn);
+        pl_inner(i);
+        sem_post(&r->work_turn);
+    }
+    return NULL;
+}
+
+static void *relay_work_main(void *arg) {
+    struct relay *r = arg;
+    pl_sleep_us(50000);
+    for (long i = 0; i < r->n; i++) {
+        sem_wait(&r->work_turn);
+        pl_work(i);
+        sem_post(&r->inner_turn);
+    }
+    return NULL;
+}
+
 static void *burn_main(void *arg) {
     long us = (long)arg;
     for (;;) {
@@ -246,6 +277,17 @@ int main(void) {
             for (long i = 0; i < a; i++)
                 pthread_join(tids[i], NULL);
             result = a * b;
+        } else if (!strcmp(cmd, "relay")) {
+            sscanf(line, "%*s %ld", &a);
+            struct relay r = {.n = a};
+            pthread_t inner, work;
+            sem_init(&r.inner_turn, 0, 1);
+            sem_init(&r.work_turn, 0, 0);
+            pthread_create(&inner, NULL, relay_inner_main, &r);
+            pthread_create(&work, NULL, relay_work_main, &r);
+            pthread_join(inner, NULL);
+            pthread_join(work, NULL);
+            result = a;
         } else if (!strcmp(cmd, "sleep")) {
             sscanf(line, "%*s %ld %ld", &a, &b);
             for (long i = 0; i < b; i++)
