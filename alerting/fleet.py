@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,17 @@ HISTORY_CENTROIDS = 1000
 
 Group = tuple[str, str, str, str]
 """(profile, stage, phase, device kind): what fleet quantiles are merged over."""
+Kept = tuple[float, np.ndarray, np.ndarray]
+"""A window kept for the window's span: (wall-clock start, centroid means, weights).
+
+What the fleet keeps of a message is plain tuples of strings, numbers and arrays:
+CPython stops tracking such a tuple in its cycle collector, while a window kept as a
+:class:`DigestEntry` (a class instance, always tracked) made ~1M tracked objects at
+1,000 hosts, and each full collection walked them all in ~0.8 s, stalling the ingest
+loop (measured by ``bench/fleet_scale.py``'s lag)."""
+HostWindow = tuple[float, str, str, str, str, str, int, np.ndarray, np.ndarray]
+"""One host's window for its drill-down: (start, profile, target, stage, phase, device,
+count, means, weights)."""
 
 
 @dataclass(frozen=True)
@@ -90,12 +101,13 @@ def bin_centroids(means: np.ndarray, weights: np.ndarray) -> Bins:
     return Bins(nz, weight[nz], weighted[nz])
 
 
-def merge_bins(entries: list[DigestEntry]) -> Bins | None:
-    """Every value of ``entries`` in bins; None when there is none."""
-    if not entries:
+def merge_bins(windows: list[Kept]) -> Bins | None:
+    """Every value of ``windows`` (``(start, means, weights)``) in bins; None when
+    there is none."""
+    if not windows:
         return None
-    return bin_centroids(np.concatenate([e.means for e in entries]),
-                         np.concatenate([e.weights for e in entries]))
+    return bin_centroids(np.concatenate([w[1] for w in windows]),
+                         np.concatenate([w[2] for w in windows]))
 
 
 @dataclass
@@ -106,7 +118,7 @@ class _Series:
     p99s: deque[tuple[float, float]] = field(default_factory=deque)
     """(window start, that window's p99)."""
     p99_sum: float = 0.0
-    entries: deque[DigestEntry] = field(default_factory=deque)
+    entries: deque[Kept] = field(default_factory=deque)
 
 
 @dataclass
@@ -164,8 +176,8 @@ class _Host:
     status_at: str = ""
     last_seen: float = 0.0
     targets: set[str] = field(default_factory=set)
-    digests: deque[tuple[str, str, DigestEntry]] = field(default_factory=deque)
-    """(profile, target, entry) received, oldest first (for one host's drill-down)."""
+    digests: deque[HostWindow] = field(default_factory=deque)
+    """Windows received, oldest first (for one host's drill-down)."""
     series: dict[Group, _Series] = field(default_factory=dict)
     firing: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Alerts firing now, by fingerprint."""
@@ -270,7 +282,8 @@ class FleetState:
         horizon = now - self.window_s
         profile = message.profile
         self.lags.extend(now - e.start - (e.end_ns - e.start_ns) / 1e9 for e in message.entries)
-        host.digests.extend((profile, target, e) for e in message.entries)
+        host.digests.extend((e.start, profile, target, e.stage, e.phase, e.device, e.count,
+                             e.means, e.weights) for e in message.entries)
         for entry in message.entries:
             if entry.start < horizon:
                 continue
@@ -278,7 +291,7 @@ class FleetState:
             series = host.series.get(group)
             if series is None:
                 series = host.series[group] = _Series()
-            series.entries.append(entry)
+            series.entries.append((entry.start, entry.means, entry.weights))
             totals = self._groups.get(group)
             if totals is None:
                 totals = self._groups[group] = _Totals()
@@ -307,11 +320,24 @@ class FleetState:
         else:
             host.firing.pop(alert.fingerprint, None)
 
+    def fold_steps(self, buckets_per_step: int = 2) -> Iterator[None]:
+        """:meth:`fold` ``buckets_per_step`` (group, second) buckets at a time, yielding
+        between them, so a caller on an event loop can take messages meanwhile. Only
+        the buckets waiting when it starts are folded (entries arriving meanwhile wait
+        for the next fold: folding them piecemeal costs a pass per piece)."""
+        dirty, self._dirty = list(self._dirty), set()
+        for first in range(0, len(dirty), buckets_per_step):
+            self._fold(dirty[first:first + buckets_per_step])
+            yield
+
     def fold(self) -> None:
         """Bin every entry received since the last fold into its group's window totals
         (one vectorised pass per (group, second)), noting each entry's p99 for the
         outlier ranking and the bins for the history."""
         dirty, self._dirty = self._dirty, set()
+        self._fold(dirty)
+
+    def _fold(self, dirty: Iterable[tuple[Group, int]]) -> None:
         for group, second in dirty:
             totals = self._groups.get(group)
             bucket = totals.buckets.get(second) if totals is not None else None
@@ -338,15 +364,23 @@ class FleetState:
                 sum(e.sum_ms for e in entries), min(e.min_ms for e in entries),
                 max(e.max_ms for e in entries)))
 
+    def prune_steps(self, now: float, hosts_per_step: int = 100) -> Iterator[None]:
+        """Drop what left the window, ``hosts_per_step`` hosts at a time (yielding
+        between them, so a caller on an event loop can take messages meanwhile); a
+        snapshot then finds little left to drop."""
+        horizon = now - self.window_s
+        names = list(self.hosts)
+        for first in range(0, len(names), hosts_per_step):
+            for name in names[first:first + hosts_per_step]:
+                host = self.hosts.get(name)
+                if host is not None:
+                    _prune_host(host, horizon)
+            yield
+
     def _prune(self, now: float) -> None:
         horizon = now - self.window_s
         for host in self.hosts.values():
-            while host.digests and host.digests[0][2].start < horizon:
-                host.digests.popleft()
-            aged = [g for g, s in host.series.items()
-                    if s.entries[0].start < horizon and _prune_series(s, horizon)]
-            for group in aged:
-                del host.series[group]
+            _prune_host(host, horizon)
         for group, totals in list(self._groups.items()):
             for second in [s for s in totals.buckets if s + 1 <= horizon]:
                 for part in totals.buckets.pop(second).parts:
@@ -416,16 +450,16 @@ class FleetState:
         if host is None:
             return []
         self._prune(self.clock())
-        by_key: dict[tuple[str, str, str, str], list[DigestEntry]] = {}
-        for _, target, e in host.digests:
-            by_key.setdefault((target, e.stage, e.phase, e.device), []).append(e)
+        by_key: dict[tuple[str, str, str, str], list[HostWindow]] = {}
+        for w in host.digests:
+            by_key.setdefault((w[2], w[3], w[4], w[5]), []).append(w)
         rows = []
-        for (target, stage, phase, device), entries in sorted(by_key.items()):
-            merged = merge_bins(entries)
+        for (target, stage, phase, device), windows in sorted(by_key.items()):
+            merged = merge_bins([(w[0], w[7], w[8]) for w in windows])
             if merged is None:
                 continue
             row: dict[str, Any] = {"target": target, "stage": stage, "phase": phase,
-                                   "device": device, "count": sum(e.count for e in entries)}
+                                   "device": device, "count": sum(w[6] for w in windows)}
             row.update(zip((n for n, _ in QUANTILES),
                            merged.quantiles(tuple(q for _, q in QUANTILES)), strict=True))
             rows.append(row)
@@ -458,10 +492,20 @@ def _sum_bins(parts: list[Bins]) -> Bins:
     return Bins(nz, weight[nz], weighted[nz])
 
 
+def _prune_host(host: _Host, horizon: float) -> None:
+    """Drop one host's windows that started before ``horizon``."""
+    while host.digests and host.digests[0][0] < horizon:
+        host.digests.popleft()
+    aged = [g for g, s in host.series.items()
+            if s.entries[0][0] < horizon and _prune_series(s, horizon)]
+    for group in aged:
+        del host.series[group]
+
+
 def _prune_series(series: _Series, horizon: float) -> bool:
     """Drop entries and p99s of windows that started before ``horizon``; True when
     none is left."""
-    while series.entries and series.entries[0].start < horizon:
+    while series.entries and series.entries[0][0] < horizon:
         series.entries.popleft()
     while series.p99s and series.p99s[0][0] < horizon:
         series.p99_sum -= series.p99s.popleft()[1]

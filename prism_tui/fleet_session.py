@@ -37,6 +37,10 @@ def fleet_window(merged: MergedWindow) -> Window:
                   merged.min_ms, merged.max_ms)
 
 
+FOLD_SLICE = 2
+"""(group, second) buckets folded between two looks at the broker's messages."""
+
+
 class FleetSession:
     """Follows one broker and publishes a view every ``interval_s``.
 
@@ -59,6 +63,16 @@ class FleetSession:
         self.latest: FleetView | None = None
         self.latest_snapshot: dict[str, Any] | None = None
         self.windows_written = 0
+
+    async def prepare(self) -> None:
+        """Do a snapshot's heavy part (folding the entries received, dropping what left
+        the window) in slices, taking messages in between: at 1,000 hosts it is ~0.3 s
+        of CPU a second, and done at once it held back every message that arrived
+        meanwhile (the fleet's lag)."""
+        for _ in self.state.fold_steps(FOLD_SLICE):
+            await asyncio.sleep(0)
+        for _ in self.state.prune_steps(self.state.clock()):
+            await asyncio.sleep(0)
 
     def view(self) -> FleetView:
         """Snapshot the state now into a view (kept as :attr:`latest`)."""
@@ -93,6 +107,7 @@ class FleetSession:
                     await asyncio.wait_for(stop.wait(), max(0.0, wait))
                 if deadline is not None and loop.time() >= deadline:
                     stop.set()
+                await self.prepare()
                 show(self.view())
                 if store is not None:
                     await self._save(store)

@@ -193,3 +193,35 @@ def test_the_fold_reads_both_schemas_alike_counts_late_windows_and_empties_when_
     for state in states:
         assert state.snapshot()["fleet"] == []
         assert state._groups == {}  # the totals went with their seconds
+
+
+def test_folding_and_pruning_in_steps_equals_doing_it_at_once() -> None:
+    """``prism fleet`` folds and prunes in slices between messages: messages that
+    arrive while a fold is in steps wait for the next fold, and the result is the
+    snapshot of folding everything at once."""
+    clock = [EPOCH + 12.0]
+    stepped, at_once = (FleetState(FLEET_ROOT, window_s=8, clock=lambda: clock[0])
+                        for _ in range(2))
+    first = list(host_messages("gpu-a", 10.0, 10))
+    second = list(host_messages("gpu-b", 20.0, 10, seed=1))
+    for topic, payload in first:
+        stepped.ingest(topic, payload)
+        at_once.ingest(topic, payload)
+    steps = stepped.fold_steps(buckets_per_step=1)
+    next(steps)
+    for topic, payload in second:  # arrive between two slices of the fold
+        stepped.ingest(topic, payload)
+        at_once.ingest(topic, payload)
+    assert sum(1 for _ in steps) > 1
+    assert stepped._dirty  # the late arrivals wait for the next fold
+    for _ in stepped.fold_steps(buckets_per_step=3):
+        pass
+    assert not stepped._dirty
+    assert sum(1 for _ in stepped.prune_steps(clock[0], hosts_per_step=1)) == 2
+    a, b = stepped.snapshot(), at_once.snapshot()
+    assert [r["count"] for r in a["fleet"]] == [r["count"] for r in b["fleet"]] == [2400] * 3
+    for x, y in zip(a["fleet"], b["fleet"], strict=True):
+        for q in ("p50", "p90", "p99", "p999"):
+            assert x[q] == pytest.approx(y[q], rel=1e-9), (x, y)
+    assert [(o["host"], o["p99"]) for o in a["outliers"]] == \
+        [(o["host"], o["p99"]) for o in b["outliers"]]

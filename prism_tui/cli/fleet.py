@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from prism_tui.cli.common import UsageError, broker_config
+from prism_tui.gc_pauses import collect_rarely, freeze_heap
 from prism_tui.settings import DEFAULT_FLEET_DB
 
 
@@ -85,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot serve metrics on port {args.metrics_port}: "
                              f"{exc.strerror or exc}") from None
         print(f"prism fleet: metrics on {metrics.url}", file=sys.stderr, flush=True)
+    # start-up's objects out of every collection, and full collections rare: the ingest
+    # loop must not stall behind a walk of the kept windows (prism_tui/gc_pauses.py)
+    freeze_heap()
+    collect_rarely()
     try:
         if args.headless or args.json:
             def line(_: FleetView) -> None:
