@@ -10,10 +10,11 @@ view is served by :func:`prism_tui.metrics.serve_metrics` on loopback, as ``pris
 connection per scrape), in the text and the OpenMetrics format.
 
 Printed: the median and p99 wall time of a scrape (request to last byte, measured by the
-client), the CPU time the monitor's process spends per scrape (``generate_latest`` alone,
-``time.process_time``: what a scrape takes from the monitor whatever else runs on the
-host) and the part of it the collector takes (building the families, before
-``prometheus_client`` writes them), the goal (≤ 10 ms), the load average while
+client), the CPU time the monitor's process spends per scrape (rendering alone, per
+format, ``time.process_time``: what a scrape takes from the monitor whatever else runs
+on the host), the same with ``prometheus_client``'s own ``generate_latest`` (whose bytes
+are checked equal), the part of it the collector takes (building the families, before
+they are written), the goal (≤ 10 ms), the load average while
 measuring, and the check that every quantile, count and sum in the scrape equals the
 dashboard's 10-s snapshot of the same view (exact float equality after ms → s).
 """
@@ -42,6 +43,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from prism_tui.dashboard_view import DashboardView  # noqa: E402
 from prism_tui.engine.core import Engine  # noqa: E402
 from prism_tui.engine.sketches import ITERATION, SeriesKey  # noqa: E402
+from prism_tui.exposition import MetricsApp  # noqa: E402
+from prism_tui.gc_pauses import freeze_heap  # noqa: E402
 from prism_tui.metrics import serve_metrics  # noqa: E402
 
 GOAL_MS = 10.0
@@ -142,6 +145,7 @@ def main() -> None:
     engine = build_engine(args.series_per_device // len(PHASES))
     view = DashboardView.of(engine.view())  # as a session without a broker
     build_s = time.perf_counter() - t0
+    freeze_heap()  # as prism watch does once started: collections skip the engine's heap
     server = serve_metrics(lambda: view, 0)
     try:
         rows = []
@@ -150,12 +154,29 @@ def main() -> None:
             times = client_scrapes(server.url, accept, args.scrapes)
             rows.append((f"HTTP scrape (wall, client process), {label}", times,
                          len(scrape(server.url, accept)[1])))
-        collect = []
+        empty = serve_metrics(lambda: None, 0)  # no view yet: an empty body
+        try:
+            rows.append(("HTTP scrape of an empty endpoint (the client's and HTTP's own "
+                         "cost)", client_scrapes(empty.url, None, args.scrapes), 0))
+        finally:
+            empty.close()
+        app = MetricsApp(server.registry)
+        for label, accept in (("text 0.0.4", None), ("OpenMetrics 1.0", OPENMETRICS)):
+            cpu = []
+            for _ in range(args.scrapes):
+                c0 = time.process_time()
+                body, _ = app.render(accept)
+                cpu.append((time.process_time() - c0) * 1000)
+            rows.append((f"monitor CPU per scrape, {label}", cpu, len(body)))
+        text = app.render(None)[0].decode()
+        reference = []
         for _ in range(args.scrapes):
             c0 = time.process_time()
-            text = generate_latest(server.registry).decode()
-            collect.append((time.process_time() - c0) * 1000)
-        rows.append(("monitor CPU per scrape (generate_latest)", collect, len(text)))
+            slow = generate_latest(server.registry)
+            reference.append((time.process_time() - c0) * 1000)
+        rows.append(("monitor CPU per scrape, text 0.0.4 by prometheus_client's "
+                     "generate_latest (for comparison)", reference, len(slow)))
+        assert slow == app.render(None)[0], "the writers disagree"
         families = []
         for _ in range(args.scrapes):
             c0 = time.process_time()

@@ -3,8 +3,9 @@
 A custom ``prometheus_client`` collector reads the latest :class:`DashboardView` the session
 published (the object the dashboard draws, so a scrape shows the dashboard's numbers)
 and turns it into metric families at scrape time; it never writes into the engine.
-``prometheus_client`` writes the text format and negotiates OpenMetrics from the
-scraper's ``Accept`` header. Latencies are in seconds (the engine's milliseconds / 1000),
+``prometheus_client`` negotiates OpenMetrics from the scraper's ``Accept`` header and
+defines the formats, which :mod:`prism_tui.exposition` writes with each label set
+escaped once. Latencies are in seconds (the engine's milliseconds / 1000),
 counters end in ``_total``; docs/metrics.md lists every metric and label.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,6 +27,7 @@ from prometheus_client.samples import Sample
 from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.sketches import QUANTILES, SeriesKey, SeriesStats
 from prism_tui.engine.view import TargetStatus
+from prism_tui.exposition import start_server
 from prism_tui.fleet_view import FleetView
 
 PREFIX = "latencyprism"
@@ -281,7 +283,7 @@ def serve_metrics(latest_view: Callable[[], DashboardView | None], port: int,
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(latest_view))
-    server, thread = start_http_server(port, addr, registry=registry)
+    server, thread = start_server(registry, port, addr)
     return MetricsServer(server, thread, registry)
 
 
@@ -291,5 +293,5 @@ def serve_fleet_metrics(latest_view: Callable[[], FleetView | None], port: int,
     the address cannot be bound)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(latest_view))
-    server, thread = start_http_server(port, addr, registry=registry)
+    server, thread = start_server(registry, port, addr)
     return MetricsServer(server, thread, registry)
