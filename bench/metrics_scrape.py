@@ -22,14 +22,19 @@ dashboard's 10-s snapshot of the same view (exact float equality after ms → s)
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
 import random
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,6 +112,37 @@ def scrape(url: str, accept: str | None) -> tuple[float, str]:
     return (time.perf_counter() - t0) * 1000, body.decode()
 
 
+def prometheus_scrapes(port: int, seconds: float) -> list[float]:
+    """Run Debian's ``prometheus`` scraping ``127.0.0.1:port`` every second for
+    ``seconds``; its ``scrape_duration_seconds`` samples, in ms."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise SystemExit("prometheus is not installed (make system-deps)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        web = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "prometheus.yml"
+        config.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n"
+                          "scrape_configs:\n  - job_name: prism\n    static_configs:\n"
+                          f"      - targets: ['127.0.0.1:{port}']\n")
+        prom = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp}/tsdb",
+             f"--web.listen-address=127.0.0.1:{web}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(seconds)
+            query = urllib.parse.quote(f"scrape_duration_seconds[{int(seconds) + 60}s]")
+            with urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/query?query={query}",
+                                        timeout=10) as reply:
+                doc = json.loads(reply.read())
+        finally:
+            prom.terminate()
+            prom.wait(10)
+    (series,) = doc["data"]["result"]
+    return [float(v) * 1000 for _, v in series["values"]]
+
+
 def check_equal(view: DashboardView, text: str) -> int:
     """Every series' quantiles/count/sum in ``text`` equal ``view``'s; returns series seen."""
     snap = view.snapshot(10.0)
@@ -140,6 +176,9 @@ def main() -> None:
     ap.add_argument("--series-per-device", type=int, default=20,
                     help="series per device (2 phases × stages); 20 gives 100 in all")
     ap.add_argument("--scrapes", type=int, default=300)
+    ap.add_argument("--prometheus", type=float, default=0.0, metavar="S",
+                    help="also let Debian's prometheus scrape it every second for S "
+                         "seconds and read back its own scrape_duration_seconds")
     args = ap.parse_args()
     t0 = time.perf_counter()
     engine = build_engine(args.series_per_device // len(PHASES))
@@ -160,6 +199,10 @@ def main() -> None:
                          "cost)", client_scrapes(empty.url, None, args.scrapes), 0))
         finally:
             empty.close()
+        if args.prometheus > 0:
+            durations = prometheus_scrapes(server.port, args.prometheus)
+            rows.append(("Prometheus's own scrape_duration_seconds (OpenMetrics, "
+                         "keep-alive, every 1 s)", durations, 0))
         app = MetricsApp(server.registry)
         for label, accept in (("text 0.0.4", None), ("OpenMetrics 1.0", OPENMETRICS)):
             cpu = []

@@ -9,7 +9,7 @@ against ``prometheus_client.generate_latest`` and its OpenMetrics twin on real a
 generated families. Families it does not handle plainly (exemplars, timestamps, units,
 native histograms, names outside the legacy character set, the ``_created``/``_gsum``
 samples) go to ``prometheus_client``'s writers unchanged. Content negotiation
-(``choose_encoder``), the ``name[]`` filter and gzip are ``prometheus_client``'s.
+(``choose_encoder``) and the ``name[]`` filter are ``prometheus_client``'s; gzip is at level 1.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ _OM_SUFFIXES = ("_created", "_gsum", "_gcount")
 IDENTITY_ESCAPINGS = frozenset({UNDERSCORES, ALLOWUTF8})
 """Name escapings that leave a legacy name as it is (``dots`` doubles underscores,
 ``values`` prefixes sample names)."""
+GZIP_LEVEL = 1
+"""Compression for scrapers that accept gzip (Prometheus does): level 1 takes 0.9 ms for
+a 100-series exposition on the dev VM where ``prometheus_client``'s level 9 takes 3.3 ms,
+for 13 KB instead of 9.6 KB."""
 LABEL_CACHE_LIMIT = 50_000
 """Label sets kept; the cache starts over past this (targets come and go)."""
 
@@ -206,7 +210,7 @@ class MetricsApp:
                 output, content_type = self.render(environ.get("HTTP_ACCEPT"))
             status, headers = "200 OK", [("Content-Type", content_type)]
             if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
-                output = gzip.compress(output)
+                output = gzip.compress(output, compresslevel=GZIP_LEVEL)
                 headers.append(("Content-Encoding", "gzip"))
         start_response(status, headers)
         return [output]
