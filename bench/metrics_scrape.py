@@ -202,7 +202,7 @@ def main() -> None:
         if args.prometheus > 0:
             durations = prometheus_scrapes(server.port, args.prometheus)
             rows.append(("Prometheus's own scrape_duration_seconds (OpenMetrics, "
-                         "keep-alive, every 1 s)", durations, 0))
+                         "gzip, every 1 s)", durations, 0))
         app = MetricsApp(server.registry)
         for label, accept in (("text 0.0.4", None), ("OpenMetrics 1.0", OPENMETRICS)):
             cpu = []
