@@ -14,9 +14,9 @@ interleaved over the rounds (median kept):
   iterations per rank, so every later decode iteration is also predicted and judged.
   The fits themselves (in the runtime, a separate process) are timed and left out.
 
-The goal (the performance issue) is ≥ 1M events/s on one core, judged. An event is a ring record: a span of an
-entry+return site is two (its entry and its return), of an entry-only site one; both are
-printed, and the goal is judged on events.
+The goal (the performance issue) is ≥ 1M events/s on one core, judged. An event is a
+ring record: a span of an entry+return site is two (its entry and its return), of an
+entry-only site one; both are printed, and the goal is judged on events.
 
 Run: ``.venv/bin/python bench/engine_ingest.py [--spans FILE] [--rounds N] [--cpu N]``.
 """
