@@ -124,10 +124,9 @@ def watched(llama_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory
     env.pop("PRISM_PROFILE_PATH", None)
     port = llama_server.url.rsplit(":", 1)[1]
     # llama_cpp.server runs each request on one of anyio's worker threads, which start
-    # on demand and end after 10 s idle; a thread that starts under watch is seen only
-    # once the monitor has attached it (its first calls are missed). Keep the server
-    # busy from before the monitor attaches until the counted phases begin, so the
-    # threads they run on exist, and are attached, by then.
+    # on demand and end after 10 s idle. Keep the server busy from before the monitor
+    # attaches until the counted phases begin, so the first counted request's prompt
+    # chunk closes an iteration the busy requests opened.
     stop_busy = threading.Event()
 
     def keep_busy() -> None:
@@ -139,9 +138,13 @@ def watched(llama_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory
     busy.start()
     # every probe stays on for the correctness run: a loaded host's hit-cost calibration
     # can put graph_compute over the default 0.5 % budget, and a detached probe's stage
-    # is then missing from the iterations this file checks
+    # is then missing from the iterations this file checks. Per-CPU rings (mode "cpu"):
+    # this test process maps libllama too (it imported llama_cpp), so "auto" would pick
+    # per-thread rings, and a worker thread the server starts during the counted phases
+    # (three clients waiting on its lock can need one more) would lose its first calls
+    # before it is attached: 64 decode steps counted for 66 in one full-suite run
     config = tmp_path_factory.mktemp("config") / "prism.toml"
-    config.write_text("[probe]\noverhead_budget = 0.9\n")
+    config.write_text('[probe]\noverhead_budget = 0.9\nmode = "cpu"\n')
     watch = prism("watch", "--match", rf"llama_cpp\.server .*--port {port}\b",
                   "--profile", "llama_cpp", "--headless", "--duration", "300",
                   "--config", str(config), "--db", str(db), env=env,
