@@ -37,6 +37,7 @@ from probes.bpf.loader import BpfUnavailableError, SpanProgram
 from probes.delivery import DeliveredSession
 from probes.errors import ProbeError
 from probes.pairing import ArgValue, Span
+from probes.perf import ring_positions
 from probes.placement import ProbeSite
 from probes.target import Target
 from probes.workers import Closer, SessionStats
@@ -84,11 +85,14 @@ class BpfRing:
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer = mmap.mmap(fd, PAGE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
                                    offset=PAGE)
+        # single 8-byte accesses: a position the kernel reads half written loses records
+        self._consumer_pos = ring_positions(self._consumer, 0, 1)
+        self._producer_pos = ring_positions(self._producer, 0, 1)
 
     def read(self) -> list[tuple[Any, ...]]:
         """Every committed record since the last read, decoded as :data:`RECORD` tuples."""
-        cons = struct.unpack_from("<Q", self._consumer, 0)[0]
-        prod = struct.unpack_from("<Q", self._producer, 0)[0]
+        cons = self._consumer_pos[0]
+        prod = self._producer_pos[0]
         if cons >= prod:
             return []
         start = PAGE + (cons & self.mask)
@@ -105,10 +109,12 @@ class BpfRing:
             pos += size
             if not header & RINGBUF_DISCARD:
                 out.append(rec)
-        struct.pack_into("<Q", self._consumer, 0, cons + pos)
+        self._consumer_pos[0] = cons + pos
         return out
 
     def close(self) -> None:
+        self._consumer_pos.release()
+        self._producer_pos.release()
         self._consumer.close()
         self._producer.close()
 
