@@ -74,7 +74,13 @@ test: $(STAMP) system-deps $(BPF_OBJ) $(LLAMA_STAMP) lint
 demo: $(STAMP) $(BPF_OBJ)
 	$(BIN)/prism demo
 
-bench: $(STAMP) $(BPF_OBJ) $(LLAMA_STAMP)
+# The benches' own extra (matplotlib, for bench/soak.py's plot)
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP) $(BPF_OBJ) $(LLAMA_STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -213,6 +213,7 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
             clock.close()
         latencies = clock.snapshot()
     meta = {"duration_s": duration_s, "every_s": every_s, "exit": watch.returncode,
+            "backend": _backend_used(work / "watch.err"),
             "alerts": len(latencies), "alert_p50_ms": _percentile(latencies, 0.5),
             "alert_p99_ms": _percentile(latencies, 0.99),
             "outbox_left": _outbox_depth(outbox),
@@ -220,6 +221,15 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
             "machine": f"{platform.node()} {os.cpu_count()} CPUs, load "
                        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end"}
     return samples, meta
+
+
+def _backend_used(stderr: Path) -> str:
+    """The probe backend the monitor ran with: ``auto`` (the default) takes bpf, and
+    says so in a notice when it fell back to perf."""
+    for line in stderr.read_text(errors="replace").splitlines():
+        if "probe backend: perf" in line:
+            return "perf (" + line.split("probe backend: perf", 1)[1].strip(" ,") + ")"
+    return "bpf"
 
 
 def verdict(samples: list[Sample], meta: dict[str, Any]) -> dict[str, Any]:
@@ -254,15 +264,22 @@ def plot(samples: list[Sample], path: Path) -> bool:
     except ImportError:
         return False
     t = [s.t_s / 60 for s in samples]
-    fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
+    fig, axes = plt.subplots(6, 1, figsize=(8, 12), sharex=True)
     for ax, values, label in (
             (axes[0], [s.rss_mib for s in samples], "RSS (MiB)"),
             (axes[1], [s.fds for s in samples], "open fds"),
             (axes[2], [s.history_mib for s in samples], "history (MiB)"),
-            (axes[3], [s.outbox_depth for s in samples], "outbox depth")):
+            (axes[3], [s.outbox_depth for s in samples], "outbox depth"),
+            (axes[4], [s.lost for s in samples], "events lost")):
         ax.plot(t, values)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
+    for values, label in (([s.alert_p50_ms for s in samples], "p50 so far"),
+                          ([s.alert_max_ms for s in samples], "max so far")):
+        axes[5].plot(t, [float("nan") if v is None else v for v in values], label=label)
+    axes[5].set_ylabel("alert latency (ms)")
+    axes[5].legend(loc="upper left")
+    axes[5].grid(True, alpha=0.3)
     axes[-1].set_xlabel("minutes")
     fig.suptitle("prism watch on the soak scenario")
     fig.tight_layout()
@@ -297,7 +314,8 @@ def main() -> int:
     smoke = ("A smoke of the bench, not a soak: too short for the goals (they need the "
              "hour), run on the shared, loaded development machine.\n\n"
              if duration < QUICK_S else "")
-    text = (f"# Soak: `{command}`\n\n{smoke}{meta['machine']}\n\n"
+    text = (f"# Soak: `{command}`\n\n{smoke}{meta['machine']}; probe backend "
+            f"{meta['backend']}\n\n"
             f"Verdict: `{json.dumps(result['verdict'])}`; alerts received {meta['alerts']}, "
             f"latency p50 {meta['alert_p50_ms']} ms, p99 {meta['alert_p99_ms']} ms.\n\n"
             f"{table(samples)}\n\n"
