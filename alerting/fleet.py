@@ -44,6 +44,9 @@ _INDEX_SCALE = np.float32(1 / _LOG_RATIO)
 _INDEX_OFFSET = np.float32(math.log(BIN_LOW_MS) / _LOG_RATIO)
 HISTORY_CENTROIDS = 1000
 """Centroids of a history row's digest (fastdigest's default compression)."""
+FOLD_BUCKETS_PER_STEP = 2
+"""(group, second) buckets :meth:`FleetState.fold_steps` folds between two yields: a
+consumer on an event loop looks at the broker's messages that often."""
 
 
 Group = tuple[str, str, str, str]
@@ -320,7 +323,7 @@ class FleetState:
         else:
             host.firing.pop(alert.fingerprint, None)
 
-    def fold_steps(self, buckets_per_step: int = 2) -> Iterator[None]:
+    def fold_steps(self, buckets_per_step: int = FOLD_BUCKETS_PER_STEP) -> Iterator[None]:
         """:meth:`fold` ``buckets_per_step`` (group, second) buckets at a time, yielding
         between them, so a caller on an event loop can take messages meanwhile. Only
         the buckets waiting when it starts are folded (entries arriving meanwhile wait

@@ -37,10 +37,6 @@ def fleet_window(merged: MergedWindow) -> Window:
                   merged.min_ms, merged.max_ms)
 
 
-FOLD_SLICE = 2
-"""(group, second) buckets folded between two looks at the broker's messages."""
-
-
 class FleetSession:
     """Follows one broker and publishes a view every ``interval_s``.
 
@@ -69,7 +65,7 @@ class FleetSession:
         the window) in slices, taking messages in between: at 1,000 hosts it is ~0.3 s
         of CPU a second, and done at once it held back every message that arrived
         meanwhile (the fleet's lag)."""
-        for _ in self.state.fold_steps(FOLD_SLICE):
+        for _ in self.state.fold_steps():
             await asyncio.sleep(0)
         for _ in self.state.prune_steps(self.state.clock()):
             await asyncio.sleep(0)
