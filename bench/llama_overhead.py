@@ -21,11 +21,17 @@ responses report, the ratio to the same round's ``bare``, the server's and the m
 the median ratio and its spread (min-max) over the rounds.
 
     python bench/llama_overhead.py --rounds 3 --round-s 15 --settle-s 10
+    python bench/llama_overhead.py --pin ...   # server alone on a CPU, monitor on another
+
+``--pin`` measures what the monitor costs when it does not share the server's CPU: the
+server, with one compute thread, alone on the first CPU; the monitor (its threads and
+children) and the clients on the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -70,6 +76,8 @@ stage = "mul_mat"
 ret = true
 """
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PINNED_SERVER_ARGS = ("--n_threads", "1", "--n_threads_batch", "1")
+"""With ``--pin`` the server has one CPU: two compute threads would spin against each other."""
 
 
 def cpu_s(pid: int) -> float:
@@ -79,9 +87,17 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float
-                ) -> tuple[subprocess.Popen[str], LineReader]:
-    """`prism watch` on the server, returned once its first snapshot says it is attached."""
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` to ``cpus`` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # exited meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float,
+                cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], LineReader]:
+    """`prism watch` on the server, returned once its first snapshot says it is attached;
+    on ``cpus`` (it, its threads and its children) when given."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PRISM_PROFILE_PATH", None)
     if profile_dir is not None:
@@ -90,7 +106,8 @@ def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float
         [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(server_pid),
          "--profile", "llama_cpp", "--headless", "--no-history", "--duration",
          str(duration_s)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+        stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     assert proc.stdout is not None
     out = LineReader(proc.stdout)  # drained all along: a full pipe would stall the monitor
     if out.wait_for('{"snapshot"', timeout_s=600) is None:
@@ -106,15 +123,15 @@ def tokens_per_s(done: list[Completion]) -> float:
 
 
 def one_round(url: str, server_pid: int, config: str, profile_dir: Path, round_s: float,
-              settle_s: float, clients: int, max_tokens: int, first_index: int
-              ) -> dict[str, Any]:
+              settle_s: float, clients: int, max_tokens: int, first_index: int,
+              monitor_cpus: set[int] | None = None) -> dict[str, Any]:
     """Drive the server for ``settle_s`` then ``round_s`` under ``config``; tokens/s of
     both windows, CPU figures of the second (the monitor's attach transient is left out
     of it: it is reported on its own as ``settle_tokens_per_s``)."""
     watch = None
     if config != "bare":
         watch, _ = start_watch(server_pid, profile_dir if config == "mul_mat" else None,
-                            settle_s + round_s + 60)
+                            settle_s + round_s + 60, monitor_cpus)
     try:
         settle = drive(url, clients=clients, duration_s=settle_s, max_tokens=max_tokens,
                        first_index=first_index + 5000)
@@ -148,8 +165,19 @@ def main() -> int:
                     help="driven seconds before each measurement (the monitor's attach)")
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--pin", action="store_true",
+                    help="the server (one compute thread) alone on CPU 0; the monitor and "
+                         "the clients on the other CPUs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        print("llama_overhead: --pin needs two CPUs", file=sys.stderr)
+        return 2
+    server_cpus = {cpus[0]} if args.pin else None
+    monitor_cpus = set(cpus[1:]) if args.pin else None
+    if monitor_cpus is not None:
+        os.sched_setaffinity(0, monitor_cpus)  # the clients
     # SIGTERM unwinds like Ctrl-C: the server and any monitor are stopped on the way out
     # (once: a second SIGTERM, from `timeout` passing it on, must not cut the cleanup short)
     def on_term(_sig: int, _frame: object) -> None:
@@ -167,14 +195,18 @@ def main() -> int:
         profile_dir = Path(tmp) / "profiles"
         profile_dir.mkdir()
         (profile_dir / "llama_ops.toml").write_text(MATMUL_PROFILE)
-        with running_server(model) as server:
+        with running_server(model, extra_args=PINNED_SERVER_ARGS if args.pin else ()
+                            ) as server:
+            if server_cpus is not None:
+                pin_process(server.pid, server_cpus)
             drive(server.url, clients=args.clients, duration_s=3, max_tokens=args.max_tokens)
             for r in range(args.rounds):
                 order = CONFIGS[r % 3:] + CONFIGS[:r % 3]
                 for config in order:
                     row = one_round(server.url, server.pid, config, profile_dir,
                                     args.round_s, args.settle_s, args.clients, args.max_tokens,
-                                    first_index=len(rows) * 10_000)
+                                    first_index=len(rows) * 10_000,
+                                    monitor_cpus=monitor_cpus)
                     row["round"] = r
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -193,14 +225,16 @@ def main() -> int:
                 x["monitor_us_per_step"] for x in mine)}
     doc = {"host": f"{platform.node()} {os.cpu_count()} CPUs", "rounds": args.rounds,
            "round_s": args.round_s, "settle_s": args.settle_s, "clients": args.clients,
-           "max_tokens": args.max_tokens,
+           "max_tokens": args.max_tokens, "pinned": args.pin,
            "rows": rows, "summary": summary}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"llama_cpp.server, tiny model, {args.clients} clients, {args.rounds} rounds of "
           f"{args.settle_s:g} s settling + {args.round_s:g} s measured per configuration, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs"
+          + (f"; server (1 compute thread) pinned to CPU {cpus[0]}, monitor and clients to "
+             f"{','.join(map(str, cpus[1:]))}" if args.pin else ", nothing pinned"))
     print("| round | config | tokens/s in the settle window | tokens/s | ratio to bare | "
           "steps/s | server CPU | monitor CPU | monitor µs/step |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")

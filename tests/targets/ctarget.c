@@ -205,24 +205,20 @@ struct relay {
     sem_t inner_turn, work_turn;
 };
 
-static void *relay_inner_main(void *arg) {
-    struct relay *r = arg;
-    pl_sleep_us(50000);
-    for (long i = 0; i < r->n; i++) {
-        sem_wait(&r->inner_turn);
-        pl_inner(i);
-        sem_post(&r->work_turn);
-    }
-    return NULL;
-}
+/* One side of a relay: waits for its turn, calls its function, hands the turn over. */
+struct relay_side {
+    struct relay *relay;
+    sem_t *mine, *theirs;
+    long (*call)(long);
+};
 
-static void *relay_work_main(void *arg) {
-    struct relay *r = arg;
+static void *relay_main(void *arg) {
+    struct relay_side *side = arg;
     pl_sleep_us(50000);
-    for (long i = 0; i < r->n; i++) {
-        sem_wait(&r->work_turn);
-        pl_work(i);
-        sem_post(&r->inner_turn);
+    for (long i = 0; i < side->relay->n; i++) {
+        sem_wait(side->mine);
+        side->call(i);
+        sem_post(side->theirs);
     }
     return NULL;
 }
@@ -283,8 +279,10 @@ int main(void) {
             pthread_t inner, work;
             sem_init(&r.inner_turn, 0, 1);
             sem_init(&r.work_turn, 0, 0);
-            pthread_create(&inner, NULL, relay_inner_main, &r);
-            pthread_create(&work, NULL, relay_work_main, &r);
+            struct relay_side inner_side = {&r, &r.inner_turn, &r.work_turn, pl_inner};
+            struct relay_side work_side = {&r, &r.work_turn, &r.inner_turn, pl_work};
+            pthread_create(&inner, NULL, relay_main, &inner_side);
+            pthread_create(&work, NULL, relay_main, &work_side);
             pthread_join(inner, NULL);
             pthread_join(work, NULL);
             result = a;
