@@ -26,6 +26,7 @@ matplotlib is installed, to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -83,16 +84,27 @@ class AlertClock:
     """
 
     def __init__(self, url: str) -> None:
-        _, host, port = parse_broker_url(url)
+        self.url = url
         self.ends: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.receiver = AlertReceiver(BrokerConfig(url)).__enter__()
+        self.receiver = AlertReceiver(BrokerConfig(url))
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
                                   client_id=f"soak-{os.getpid()}")
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(ALERT_SUBSCRIPTION, qos=1)
-        self.client.connect(host, port)
-        self.client.loop_start()
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> AlertClock:
+        """Start both subscribers (the receiver first: it says when it is subscribed)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.receiver)
+            _, host, port = parse_broker_url(self.url)
+            self.client.connect(host, port)
+            self.client.loop_start()
+            stack.callback(self.client.disconnect)
+            stack.callback(self.client.loop_stop)
+            self._stack = stack.pop_all()
+        return self
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         try:
@@ -110,11 +122,9 @@ class AlertClock:
             return [(received[i] - end) / 1e6 for i, end in self.ends.items()
                     if i in received]
 
-    def close(self) -> None:
-        """Stop both subscribers."""
-        self.client.loop_stop()
-        self.client.disconnect()
-        self.receiver.__exit__(None, None, None)
+    def __exit__(self, *exc: object) -> None:
+        """Stop both subscribers (what they received stays readable)."""
+        self._stack.close()
 
 
 class LostCounter:
@@ -182,12 +192,12 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
     outbox = work / "state" / "latencyprism" / "outbox.sqlite"
     samples: list[Sample] = []
     with EmbeddedBroker(prefer="mosquitto") as broker, \
-            SimServer(scenario, labels=work / "labels.jsonl", metrics_port=None) as server:
+            SimServer(scenario, labels=work / "labels.jsonl", metrics_port=None) as server, \
+            AlertClock(broker.url) as clock:
         stop_sim = threading.Event()
         runner = threading.Thread(target=server.run, args=(duration_s + 30, stop_sim),
                                   daemon=True)
         runner.start()
-        clock = AlertClock(broker.url)
         watch = subprocess.Popen(
             [sys.executable, "-m", "prism_tui.cli", "watch", "--match",
              rf"prism_sim\.engine .*--comm-id {server.comm_id}", "--headless",
@@ -222,7 +232,6 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
                 watch.wait()
             stop_sim.set()
             runner.join(30)
-            clock.close()
         latencies = clock.snapshot()
     meta = {"duration_s": duration_s, "every_s": every_s, "exit": watch.returncode,
             "backend": _backend_used(work / "watch.err"),
@@ -286,9 +295,9 @@ def plot(samples: list[Sample], path: Path) -> bool:
         ax.plot(t, values)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    for values, label in (([s.alert_p50_ms for s in samples], "p50 so far"),
-                          ([s.alert_max_ms for s in samples], "max so far")):
-        axes[5].plot(t, [float("nan") if v is None else v for v in values], label=label)
+    for latencies, label in (([s.alert_p50_ms for s in samples], "p50 so far"),
+                             ([s.alert_max_ms for s in samples], "max so far")):
+        axes[5].plot(t, [float("nan") if v is None else v for v in latencies], label=label)
     axes[5].set_ylabel("alert latency (ms)")
     axes[5].legend(loc="upper left")
     axes[5].grid(True, alpha=0.3)
