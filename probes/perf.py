@@ -309,8 +309,8 @@ def ring_positions(buffer: mmap.mmap, offset: int, count: int) -> memoryview:
     Each item is read and written with a single aligned 8-byte access (the view's
     native ``Q``), so the kernel never sees a position half written. ``struct``'s
     little-endian codes go byte by byte: a consumer position caught mid-write reads as
-    far behind, and the kernel dropped records for a ring it took for full (the hour
-    soak lost ~3 a minute so). Release the view before closing the mapping.
+    far behind, and the kernel drops records for a ring it takes for full. Release the
+    view before closing the mapping.
     """
     return memoryview(buffer)[offset:offset + 8 * count].cast("Q")
 
