@@ -187,6 +187,32 @@ def test_prism_watch_headless_prints_snapshots_of_every_stage(tmp_path: Path) ->
     assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["p999_ms"] <= row["max_ms"]
 
 
+def test_prism_watch_headless_stops_quietly_when_its_reader_goes_away(tmp_path: Path) -> None:
+    """``prism watch --headless | head -1``: when the reader closes the pipe the monitor
+    says so in one line and stops (probes detached), not a traceback per snapshot for
+    the rest of ``--duration``."""
+    path = scenario_file(tmp_path, 60)
+    with sim_server(path) as server:
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(server.rank_pids[0]),
+             "--headless", "--no-history", "--duration", "50"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert watch.stdout is not None and watch.stderr is not None
+        first = watch.stdout.readline()
+        assert json.loads(first), first
+        watch.stdout.close()  # the reader goes away, as `head -1` does
+        try:
+            err = watch.stderr.read()
+            rc = watch.wait(timeout=40)  # well before --duration 50 ends
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait()
+    assert rc == 0, err
+    assert "standard output closed; stopping" in err, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_smoke_scenario_watched_headless_alerts_during_the_fault_only(tmp_path: Path) -> None:
     """The issue's end to end: built-in ``smoke`` → ``prism watch --headless`` by ``--match``
     → an alert during the device slowdown, none before it, resolved after it."""

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 from prism_tui.cli.common import (
@@ -138,6 +139,18 @@ def run(args: argparse.Namespace) -> int:
         if headless:
             said: list[tuple[str, ...]] = [()]  # the notices printed so far
             decided = [0]  # the governor decisions printed so far
+            reader_gone = threading.Event()
+
+            def emit(doc: dict[str, Any], indent: int | None = None) -> None:
+                if reader_gone.is_set():
+                    return
+                try:
+                    print(json.dumps(doc, indent=indent), flush=True)
+                except BrokenPipeError:  # `prism watch --headless | head`: stop, quietly
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                    reader_gone.set()
+                    print("prism watch: standard output closed; stopping", file=sys.stderr,
+                          flush=True)
 
             def on_view(view: DashboardView) -> None:
                 for line in new_notices(said[0], view.notices):  # the status bar's lines
@@ -146,8 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     return
                 for pid, decision, wall in monitor.governor_decisions[decided[0]:]:
-                    print(json.dumps({"governor": governor_doc(pid, decision, wall)}),
-                          flush=True)
+                    emit({"governor": governor_doc(pid, decision, wall)})
                 decided[0] = len(monitor.governor_decisions)
                 snap = view.snapshot(settings.engine.window_s)
                 if snap is None:
@@ -159,17 +171,16 @@ def run(args: argparse.Namespace) -> int:
                         for k, v in sorted(snap.series.items())]
                 watched = [{"pid": t.pid, "name": t.name, "state": t.state, "lost": t.lost}
                            for t in view.targets]
-                print(json.dumps({"snapshot": {"t_ns": snap.now_ns, "span_s": snap.span_s,
-                                               "series": rows, "targets": watched}}),
-                      flush=True)
+                emit({"snapshot": {"t_ns": snap.now_ns, "span_s": snap.span_s,
+                                   "series": rows, "targets": watched}})
 
-            run_headless(session, on_view, duration)
+            run_headless(session, on_view, duration, until=reader_gone)
             if args.json:
-                print(json.dumps({"profile": profile.name,
-                                  "targets": [{"pid": t.pid, "name": t.name} for t in targets],
-                                  "iterations": counts, "history": history_db,
-                                  "alerts": [event_doc(a) for a in monitor.alerts],
-                                  "governor": governor_summary(monitor, costs)}, indent=2))
+                emit({"profile": profile.name,
+                      "targets": [{"pid": t.pid, "name": t.name} for t in targets],
+                      "iterations": counts, "history": history_db,
+                      "alerts": [event_doc(a) for a in monitor.alerts],
+                      "governor": governor_summary(monitor, costs)}, indent=2)
         else:
             from prism_tui.ui.app import PrismApp
 
