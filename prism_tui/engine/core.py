@@ -21,8 +21,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import chain
-from types import MappingProxyType
 from typing import Any, Protocol
 
 from prism_tui.engine.detector import (
@@ -45,6 +43,7 @@ from prism_tui.engine.iterations import (
 )
 from prism_tui.engine.rca import BaselineSummary, rank_suspects, summarize
 from prism_tui.engine.sketches import ITERATION, SeriesKey, Snapshot, WindowedSketches
+from prism_tui.engine.span_store import SpanStore
 from prism_tui.engine.view import (
     WINDOWS_S,
     AlertCount,
@@ -63,7 +62,6 @@ from prism_tui.engine.view import (
 )
 from prism_tui.scheduling import follow_priority, helper_executor, leave_realtime, realtime_priority
 from probes.catalog import DerivedFeature
-from probes.uprobes import Span
 
 BASELINE_SHARES = 300  # normal iterations kept for root-cause comparison
 ANOMALY_SHARES = 10
@@ -344,9 +342,9 @@ class Engine:
         self._bars: deque[IterationBar] = deque(maxlen=keep.iterations)
         self._points: deque[DetectorPoint] = deque(maxlen=keep.points)
         self._records: deque[AlertRecord] = deque(maxlen=keep.alerts)
-        # plain tuples of numbers and strings, which the cyclic GC stops tracking: 200k
-        # span objects (with their args mappings) made each full collection ~160 ms
-        self._spans: deque[_KeptSpanRow] = deque(maxlen=keep.spans)
+        # typed columns, not objects: 200k span objects made each full collection
+        # ~160 ms, and tuples of them churned the allocator's arenas (span_store.py)
+        self._spans = SpanStore(keep.spans)
         self._metric_log: deque[tuple[int, dict[str, float]]] = deque(maxlen=METRIC_SAMPLES)
         self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
         self._telemetry: tuple[TelemetryValue, ...] = ()
@@ -466,17 +464,11 @@ class Engine:
                               (s.end_ns - s.start_ns) / 1e6)
 
     def _keep(self, spans: Sequence[SpanLike]) -> None:
-        # one flat tuple per span (args as key, value, ...): nested tuples would stay
-        # tracked until a collection had untracked every level below them
-        self._spans.extend((s.probe, s.pid, s.tid, s.start_ns, s.end_ns,
-                            *chain.from_iterable(s.args.items())) for s in spans)
+        self._spans.extend(spans)
 
     def recent_spans(self, seconds: float) -> list[SpanLike]:
         """Spans that ended in the last ``seconds`` (for a trace export)."""
-        horizon = self.clock() - int(seconds * 1e9)
-        return [Span(row[0], row[1], row[2], row[3], row[4],
-                     MappingProxyType(dict(zip(row[5::2], row[6::2], strict=True))))
-                for row in self._spans if row[4] >= horizon]
+        return self._spans.recent(self.clock() - int(seconds * 1e9))
 
     def _on_iteration(self, w: _Watched, it: Iteration) -> None:
         self.iterations_seen += 1
@@ -753,10 +745,6 @@ class Engine:
                                sorted(self._alert_counts.items())),
             governor_counts=tuple(GovernorCount(pid, action, n) for (pid, action), n in
                                   sorted(self._governor_counts.items())))
-
-
-_KeptSpanRow = tuple[Any, ...]
-"""``(probe, pid, tid, start_ns, end_ns, arg name, arg value, …)``."""
 
 
 def _usable_metric(value: float) -> bool:
