@@ -283,7 +283,7 @@ def cmd_eval_target(args: Any) -> int:
         if broker_url is None:
             broker_url = stack.enter_context(EmbeddedBroker().start()).url
         spec = SessionSpec(targets, profile, companion_profiles(targets[0], profile),
-                           engine=engine, monitor=MonitorConfig(),
+                           engine=engine, monitor=MonitorConfig(keep_spans=False),
                            broker=BrokerConfig(url=broker_url),
                            outbox_path=os.path.join(tmp, "outbox.sqlite"))
         live = build_session(spec, observer=on_observation, recorder=recorder)

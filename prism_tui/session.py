@@ -75,10 +75,11 @@ def probing_config(probe: ProbeSettings | None, costs: HitCosts | None) -> Probi
                          backend=probe.backend)
 
 
-def monitor_config(engine: EngineSettings) -> MonitorConfig:
-    """The monitor's loop from the ``[engine]`` settings."""
+def monitor_config(engine: EngineSettings, *, keep_spans: bool = True) -> MonitorConfig:
+    """The monitor's loop from the ``[engine]`` settings; ``keep_spans``: for a trace
+    export (a dashboard's)."""
     return MonitorConfig(escalation_s=engine.escalation_s,
-                         snapshot_interval_s=1 / engine.snapshot_hz)
+                         snapshot_interval_s=1 / engine.snapshot_hz, keep_spans=keep_spans)
 
 
 def build_session(spec: SessionSpec, *, alert_sinks: Sequence[AlertSink] = (),

@@ -229,9 +229,14 @@ def test_a_named_anchor_that_fires_is_kept(ctarget: CTarget) -> None:
     ctarget.cmd("serve_start 5000 20")
     profile = parse_profile(SILENT_ANCHOR_PROFILE, "ctarget-silent")
     notices: list[str] = []
+    observed: list[Observation] = []
+    # keep_spans=False, as headless sessions run: iterations built, no spans kept
     with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
-                 config=MonitorConfig(escalation_s=0, telemetry=False, anchor_silence_s=1.5),
-                 subscribers=Subscribers(notice=notices.append)) as monitor:
+                 config=MonitorConfig(escalation_s=0, telemetry=False, anchor_silence_s=1.5,
+                                      keep_spans=False),
+                 subscribers=Subscribers(notice=notices.append,
+                                         observation=observed.append)) as monitor:
         asyncio.run(monitor.run(3.0))
+        assert observed and monitor.engine.recent_spans(60.0) == []
     assert monitor.anchor == "work" and monitor.anchor_choice is None
     assert not [n for n in notices if "has not fired" in n], notices

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +37,7 @@ from prism_tui.engine.detector import (
     smooth_errors,
 )
 from prism_tui.engine.rca import _column, _mean_std, rank_suspects, summarize
+from tests.conftest import ROOT
 
 WARMUP = 600
 
@@ -152,6 +158,29 @@ def test_one_row_prediction_is_the_bulk_prediction() -> None:
         for row in x[:40]:
             assert model.predict_one(tuple(row)) == pytest.approx(
                 float(model.predict(row)[0]), rel=1e-12)
+
+
+def test_a_pickled_model_predicts_alike_without_importing_scikit_learn(tmp_path: Path) -> None:
+    """The monitor unpickles the fit worker's models: from the tables alone, with
+    scikit-learn and SciPy never imported into it (~30 MiB of modules)."""
+    x, y, _ = law_data(5, 1200)
+    model = BaselineModel("log", form="robust", min_samples_leaf=20).fit(x, y)
+    rows = [tuple(float(v) for v in row) for row in x[:200]]
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps((model, rows)))
+    script = (
+        "import pickle, sys, json\n"
+        f"model, rows = pickle.load(open({str(tmp_path / 'model.pkl')!r}, 'rb'))\n"
+        "one = [model.predict_one(r) for r in rows]\n"
+        "bulk = model.predict(rows).tolist()\n"
+        "print(json.dumps({'one': one, 'bulk': bulk,\n"
+        "                  'imported': sorted(m for m in sys.modules\n"
+        "                                     if m.split('.')[0] in ('sklearn', 'scipy'))}))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, cwd=ROOT, timeout=120)
+    doc = json.loads(out.stdout)
+    assert doc["imported"] == []
+    assert doc["one"] == pytest.approx([model.predict_one(r) for r in rows], rel=1e-12)
+    assert doc["bulk"] == pytest.approx(model.predict(np.asarray(rows)).tolist(), rel=1e-9)
 
 
 def test_only_a_squared_loss_gbdt_is_flattened() -> None:

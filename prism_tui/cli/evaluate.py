@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                     request_short_slice(broker.pid)
                     try_realtime(args.realtime, "the embedded broker", broker.pid)
             spec = SessionSpec(targets, load_profile("cuda"), [load_profile("nccl")],
-                               engine=engine_settings, monitor=MonitorConfig(telemetry=False),
+                               engine=engine_settings, monitor=MonitorConfig(telemetry=False,
+                                                                     keep_spans=False),
                                broker=BrokerConfig(url=broker_url),
                                outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
             session = build_session(spec, observer=on_observation, recorder=recorder)

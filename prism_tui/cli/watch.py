@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         SessionSpec,
         build_session,
         companion_profiles,
+        monitor_config,
         pick_profile,
         run_headless,
         span_recorder,
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         counts[obs.iteration.phase] = counts.get(obs.iteration.phase, 0) + 1
 
     spec = SessionSpec(targets, profile, extras, engine=settings.engine,
+                       monitor=monitor_config(settings.engine, keep_spans=not headless),
                        probe=settings.probe, history=history,
                        broker=broker_config(settings.mqtt), match=args.match, costs=costs)
     recorder = span_recorder(args.record)

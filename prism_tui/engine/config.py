@@ -49,6 +49,8 @@ class MonitorConfig:
     ``anchor_silence_s``: a named anchor that has not fired this long while the other
     probes did is given up for one chosen from the spans (see :class:`Monitor`).
     ``run_queue_stage``: read the anchor thread's run-queue wait as a stage.
+    ``keep_spans``: keep the last spans for the dashboard's trace export (headless
+    sessions, which cannot export one, keep none: no memory or CPU for them).
     """
 
     escalation_s: float = 30.0
@@ -57,6 +59,7 @@ class MonitorConfig:
     anchor_discovery_s: float = 5.0
     anchor_silence_s: float = 10.0
     run_queue_stage: bool = True
+    keep_spans: bool = True
 
 
 @dataclass(frozen=True)

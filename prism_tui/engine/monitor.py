@@ -42,6 +42,7 @@ from prism_tui.engine.core import (
     Engine,
     Observation,
     SloSpec,
+    ViewRetention,
     shutdown_fit_executor,
     workload_of,
 )
@@ -138,7 +139,8 @@ class Monitor:
                              on_observation=subscribers.observation,
                              on_spans=subscribers.spans, on_run_queue=subscribers.run_queue,
                              escalate=lambda alert: self.deepdive.on_alert(alert),
-                             on_notice=subscribers.notice, clock=clock)
+                             on_notice=subscribers.notice, clock=clock,
+                             keep=None if config.keep_spans else ViewRetention(spans=0))
         self._notice: Callable[[str], None] = subscribers.notice or _unheard
         """The monitor's own notices (attach, rescan, anchor, governor, DeepDive) go to
         the subscriber directly; the engine's view keeps only the engine's."""

@@ -128,17 +128,28 @@ class BaselineModel:
             return base * math.exp(raw) if self.target == "log" else base + raw
         return math.exp(raw) if self.target == "log" else raw
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without the scikit-learn estimator once its trees are tabled: the
+        monitor unpickles the fit worker's models and then predicts from the tables,
+        never importing scikit-learn and SciPy (~30 MiB of modules, and seconds of
+        imports on its loop at the first model)."""
+        state = self.__dict__.copy()
+        if state.get("_trees") is not None:
+            state["_est"] = None
+        return state
+
     def predict(self, x: npt.ArrayLike) -> FloatArray:
         """Predicted latency for each row of ``x`` (same unit as the training target)."""
-        if self._est is None:
+        if not self.fitted:
             raise ValueError("BaselineModel.predict called before fit")
         xa = np.asarray(x, dtype=np.float64)
         if xa.ndim == 1:
             xa = xa.reshape(1, -1)
         raw: FloatArray
-        if self._trees is not None and len(xa) <= TreeEnsemble.MAX_ROWS:
+        if self._trees is not None and (len(xa) <= TreeEnsemble.MAX_ROWS or self._est is None):
             raw = self._trees.predict(xa)
         else:
+            assert self._est is not None  # kept whenever the trees could not be tabled
             raw = np.asarray(self._est.predict(xa), dtype=np.float64)
         if self._shape is not None:
             base = self._shape.predict(xa)
