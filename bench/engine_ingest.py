@@ -13,6 +13,9 @@ interleaved over the rounds (median kept):
 * ``judged``: the same with the ``prism`` rule's model installed after 150 decode
   iterations per rank, so every later decode iteration is also predicted and judged.
   The fits themselves (in the runtime, a separate process) are timed and left out.
+  Spans are kept for the dashboard's trace export, as ``prism watch`` with a dashboard;
+* ``judged, headless``: the same keeping no spans, as ``prism watch --headless`` and
+  the evals run (nothing there can export a trace).
 
 The goal (the performance issue) is ≥ 1M events/s on one core, judged. An event is a
 ring record: a span of an entry+return site is two (its entry and its return), of an
@@ -35,18 +38,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prism_tui.engine.core import DetectionConfig, Engine  # noqa: E402
+from prism_tui.engine.core import DetectionConfig, Engine, ViewRetention  # noqa: E402
 from prism_tui.engine.recording import ReplayClock, load_spans, replay  # noqa: E402
 
 DEFAULT_SPANS = ROOT / "tests" / "data" / "sim_spans.jsonl.gz"
 GOAL = 1_000_000
 
 
-def one_round(procs: list[Any], spans: list[Any], judged: bool) -> dict[str, float]:
+def one_round(procs: list[Any], spans: list[Any], judged: bool,
+              keep_spans: bool = True) -> dict[str, float]:
     """Replay every span once through a new engine; seconds spent, fits excluded."""
     clock = ReplayClock(spans[0].start_ns)
     engine = Engine(DetectionConfig(rule="prism", warmup=150 if judged else 10**12), clock=clock,
-                    wall_clock=lambda: 0.0, host="bench")
+                    wall_clock=lambda: 0.0, host="bench",
+                    keep=None if keep_spans else ViewRetention(spans=0))
     fit_s = [0.0]
     fit = engine._fit
 
@@ -74,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {args.cpu})
     procs, spans = load_spans(args.spans)
     events = sum(2 if s.end_ns > s.start_ns else 1 for s in spans)
-    results: dict[str, list[dict[str, float]]] = {"warm-up": [], "judged": []}
+    results: dict[str, list[dict[str, float]]] = {"warm-up": [], "judged": [],
+                                                  "judged, headless": []}
     for _ in range(args.rounds):
         for name in results:
-            results[name].append(one_round(procs, spans, judged=name == "judged"))
+            results[name].append(one_round(procs, spans, judged=name != "warm-up",
+                                           keep_spans=name != "judged, headless"))
     print(f"{len(spans):,} spans ({events:,} ring records) of {len(procs)} processes from "
           f"{Path(args.spans).name}; one CPU ({args.cpu}) of {os.cpu_count()}, "
           f"{platform.python_implementation()} {platform.python_version()}, "
