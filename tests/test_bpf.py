@@ -95,12 +95,33 @@ def shape(spans: list[Span]) -> Counter[tuple[str, tuple[tuple[str, float], ...]
     return Counter((s.probe, tuple(sorted(s.args.items()))) for s in spans)
 
 
+def calls(spans: list[Span]) -> tuple[Counter[tuple[object, ...]], dict[tuple[int, int], int]]:
+    """The spans with each end point named by its place among its thread's events.
+
+    Both backends stamp the same hits, and every stamp of one hit comes before any stamp
+    of the thread's next hit, so the k-th event of a thread is the same hit in both: two
+    backends that pair the same entry with the same return give equal multisets,
+    whatever delays one hit's stamps (an interrupt, or the hypervisor taking the vCPU,
+    between the two backends' handlers: seen up to 1.2 ms apart on this VM). Also
+    returns each (thread, place)'s stamp, to compare the two backends' clocks.
+    """
+    stamps: dict[int, set[int]] = {}
+    for s in spans:
+        stamps.setdefault(s.tid, set()).update((s.start_ns, s.end_ns))
+    place = {(tid, t): i for tid, ts in stamps.items() for i, t in enumerate(sorted(ts))}
+    named = Counter((s.probe, s.tid, tuple(sorted(s.args.items())),
+                     place[s.tid, s.start_ns], place[s.tid, s.end_ns]) for s in spans)
+    return named, {(tid, i): t for (tid, t), i in place.items()}
+
+
 def test_bpf_gives_the_perf_backends_spans(ctarget: CTarget, profile: Profile) -> None:
     """Both backends attached to the same process at once see every call of every
-    command: the same spans (probe, arguments, thread), durations within 50 µs or 20 %
-    of each other (each backend's own handler runs inside the other's interval). Perf in
-    ``cpu`` mode: in ``thread`` mode it misses threads that start and end between two
-    reads, which the bpf backend's pid-filtered links cover from their first call."""
+    command and pair each entry with the same return: the same spans (probe, arguments,
+    thread, and which of the thread's events start and end each). Each hit's stamps from
+    the two backends are close (median gap ≤ 50 µs per command; a single hit can be far
+    apart when the thread is held up between the two handlers). Perf in ``cpu`` mode: in
+    ``thread`` mode it misses threads that start and end between two reads, which the
+    bpf backend's pid-filtered links cover from their first call."""
     sites = sites_of(ctarget, profile)
     with UprobeSession([Target(ctarget.pid)], sites, mode="cpu") as perf, \
             BpfSession([Target(ctarget.pid)], sites, urgent={"work"}) as bpf:
@@ -110,12 +131,11 @@ def test_bpf_gives_the_perf_backends_spans(ctarget: CTarget, profile: Profile) -
             by_perf, by_bpf = perf.read(), bpf.read()
             assert by_bpf, command
             assert shape(by_bpf) == shape(by_perf), command
-            perf_sorted = sorted(by_perf, key=lambda s: (s.tid, s.start_ns))
-            bpf_sorted = sorted(by_bpf, key=lambda s: (s.tid, s.start_ns))
-            for p, b in zip(perf_sorted, bpf_sorted, strict=True):
-                assert (p.probe, p.pid, p.tid) == (b.probe, b.pid, b.tid), command
-                gap = abs(p.duration_ns - b.duration_ns)
-                assert gap <= max(50_000, 0.2 * p.duration_ns), (command, p, b)
+            perf_calls, perf_stamps = calls(by_perf)
+            bpf_calls, bpf_stamps = calls(by_bpf)
+            assert perf_calls == bpf_calls, command
+            gaps = sorted(abs(perf_stamps[k] - bpf_stamps[k]) for k in perf_stamps)
+            assert gaps[len(gaps) // 2] <= 50_000, (command, gaps)
         hits = bpf.kernel_hits()
         assert bpf.dropped() == 0
     assert hits["args6"] == 2 and hits["struct"] == 1
