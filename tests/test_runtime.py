@@ -70,7 +70,9 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
         rank, [t for k, t, _ in judged if k == rank], [f for k, _, f in judged if k == rank],
         labels.iterations)]
     result = score(rows)
-    assert result["iterations"] > 1000 and result["abnormal"] > 100
+    # judged iterations: ~2,900 on a quiet host, 962 in one suite run on a slow one (the
+    # simulator's steps run on the host's CPUs); enough to score the fault either way
+    assert result["iterations"] > 500 and result["abnormal"] > 100, result
     # the fault is caught. False alarms are not asserted: the baseline sees batch size
     # only (context length is not in these call arguments yet), and they vary a lot
     # from run to run (FPR from 1.5 % to most of a run seen; docs/detection.md)

@@ -321,16 +321,20 @@ def test_metrics_endpoint_speaks_prometheus(tmp_path: Path) -> None:
 
 
 def test_workload_shifts_are_not_labelled_as_faults(tmp_path: Path) -> None:
-    """A concurrency step, a prompt-length surge, longer outputs and an idle gap, and no
-    fault: no fault line in the labels and no iteration with a fault."""
+    """A prompt-length surge, a concurrency step, longer outputs and an idle gap, and no
+    fault: no fault line in the labels and no iteration with a fault.
+
+    The surge comes right after the idle gap, so that requests queued behind a slow host
+    do not hold its long prompts back past the end of the run (with the surge after an
+    overloaded concurrency step, a host under load prefilled none of them in 6 s)."""
     phase = ("\n[[phase]]\nstart_s = {}\narrival_rate = {}\nmax_batch = {}\n"
              "prompt = {{ dist = \"uniform\", min = {}, max = {} }}\n"
              "output = {{ dist = \"uniform\", min = {}, max = {} }}\n")
-    phases = (phase.format(0, 40, 4, 16, 64, 10, 30)  # steady
-              + phase.format(1.5, 80, 12, 16, 64, 10, 30)  # concurrency step
-              + phase.format(3, 20, 12, 300, 600, 10, 30)  # prompt-length surge
-              + phase.format(4, 20, 12, 16, 64, 60, 90)  # longer outputs
-              + phase.format(5, 0, 12, 16, 64, 10, 30))  # idle gap
+    phases = (phase.format(0, 20, 4, 16, 60, 10, 30)  # steady
+              + phase.format(1.5, 0, 4, 16, 60, 10, 30)  # idle gap
+              + phase.format(2.5, 20, 12, 300, 600, 10, 30)  # prompt-length surge
+              + phase.format(3.5, 80, 12, 16, 64, 10, 30)  # concurrency step
+              + phase.format(4.5, 20, 12, 16, 64, 60, 90))  # longer outputs
     text = STEADY.format(name="shifts", duration=6, batch=4, extra="", layers=4, hidden=2048)
     text = text[:text.index("[[phase]]")] + phases
     path = tmp_path / "shifts.toml"
@@ -345,15 +349,18 @@ def test_workload_shifts_are_not_labelled_as_faults(tmp_path: Path) -> None:
     assert not any(it.fault_active or it.faults or it.rank_faults for it in labels.iterations)
     lines = [json.loads(x) for x in labels_path.read_text().splitlines()]
     assert not [x for x in lines if x["kind"] == "fault"]
-    # the shifts happened: bigger batches after the step, 256-token prefill chunks in
-    # the surge
+    # the shifts happened: 256-token prefill chunks after the gap (the steady phase's
+    # prompts are 16-60 tokens, at most 4 a step: 240 at most before the surge), bigger batches
+    # after the step
     t0 = labels.scenario.started_ns
 
     def since(s: float) -> list[IterationRecord]:
         return [it for it in labels.iterations if it.start_ns >= t0 + s * 1e9]
 
-    assert max(it.batch_size for it in since(1.5)) > 4
-    assert max(it.tokens for it in since(3) if it.phase == "prefill") >= 256
+    before = [it for it in labels.iterations if it.start_ns < t0 + 2.5e9]
+    assert max(it.tokens for it in before if it.phase == "prefill") < 256
+    assert max(it.tokens for it in since(2.5) if it.phase == "prefill") >= 256
+    assert max(it.batch_size for it in since(3.5)) > 4
 
 
 def test_scheduler_is_deterministic_for_a_seed() -> None:

@@ -112,7 +112,10 @@ def test_control_block_speed_and_preemption_slow_kernels() -> None:
         kernel = dev.kernel("k", FLOPS * 0.005, 0)
 
         def kernel_ms() -> float:
-            return _device_ms(dev, lambda: dev.launch(kernel))
+            # the least of three: the device thread held up by the host (a 2-vCPU VM
+            # under load) only ever lengthens a run; one such delay once made the
+            # normal kernel 6.6 ms for 5 and the half-speed one "0.76x of twice normal"
+            return min(_device_ms(dev, lambda: dev.launch(kernel)) for _ in range(3))
 
         normal = kernel_ms()
         ctl.set(0, speed=0.5)
@@ -139,8 +142,9 @@ def test_memcpy_moves_real_bytes_and_takes_count_over_bandwidth(device: SimDevic
     device.synchronize()
     assert device.read_d2h() == b"prism"
     # 250 MB over the 25 GB/s host link: 10 ms; the count (arg3) sets the time
-    assert _device_ms(device, lambda: device.memcpy_h2d(None, 250_000_000)) == \
-        pytest.approx(10.0, rel=0.1)
+    # the least of three (a held-up device thread only lengthens a copy)
+    assert min(_device_ms(device, lambda: device.memcpy_h2d(None, 250_000_000))
+               for _ in range(3)) == pytest.approx(10.0, rel=0.1)
     with pytest.raises(ValueError, match="more than"):
         device.memcpy_h2d(b"abc", 4)
 
