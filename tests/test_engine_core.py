@@ -14,7 +14,10 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import MappingProxyType
 
@@ -338,10 +341,62 @@ def test_a_fit_that_outruns_the_idle_class_is_promoted() -> None:
         assert pid is not None and worker.promotions == 1
         assert os.sched_getscheduler(pid) == os.SCHED_OTHER
         assert os.getpriority(os.PRIO_PROCESS, pid) == FIT_NICENESS
+        worker.promote_after_s = 60.0  # a quick request, whatever the host's load
         _, _, policy = worker.call("whoami")
-        assert policy == os.SCHED_IDLE and worker.promotions == 1  # quick: not promoted
+        assert policy == os.SCHED_IDLE and worker.promotions == 1  # not promoted
     finally:
         worker.close()
+
+
+def test_a_worker_promoted_while_starting_is_promoted_again_on_a_saturated_cpu() -> None:
+    """On a CPU a busy process saturates, an idle-class worker gets no CPU at all. A
+    promotion that lands while the worker is still starting up is undone when it takes
+    the request (it goes back to the idle class): the worker is promoted again, and the
+    answer comes. With a single promotion this request starved for good (a full suite
+    run beside two busy processes hung in it); and closing a worker whose answer a
+    thread is waiting for returns (it waited on that thread's pipe lock before)."""
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    # the hog at niceness 5: a promoted worker (10) gets ~25 % of the CPU beside it,
+    # an idle-class one under 1 % (a fit: ~1.5 s of CPU)
+    hog = subprocess.Popen([sys.executable, "-c", "import os; os.nice(5)\nwhile True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})  # the worker inherits it: one CPU, saturated
+        try:
+            worker = FitWorker(promote_after_s=0.1)
+            answers: list[object] = []
+            x = np.arange(500, dtype=float).reshape(100, 5)
+            asking = threading.Thread(
+                target=lambda: answers.append(worker.fit(x, x.sum(axis=1), "paper")),
+                daemon=True)
+            asking.start()
+        finally:
+            os.sched_setaffinity(0, before)
+        asking.join(60)  # ~6 s here
+        assert answers and worker.promotions == 1, "the request starved in the idle class"
+        # a request in flight when the worker is closed: close returns (the fit ends
+        # with its answer or fails), it does not wait on the asking thread's pipe
+        worker.promote_after_s = 600.0  # left in the idle class: it gets no CPU
+        ended: list[object] = []
+
+        def fit_until_closed() -> None:
+            try:
+                ended.append(worker.fit(np.ones((3000, 5)), np.ones(3000), "prism"))
+            except FitWorkerError as exc:
+                ended.append(exc)
+
+        fitting = threading.Thread(target=fit_until_closed, daemon=True)
+        fitting.start()
+        time.sleep(0.5)
+        closing = threading.Thread(target=worker.close, daemon=True)
+        closing.start()
+        closing.join(30)  # at most the 5 s it waits for the worker to exit, here
+        fitting.join(5)
+        assert not closing.is_alive() and ended, "close waited on the fit's pipe"
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 def test_models_are_fitted_in_a_worker_process_at_a_low_priority() -> None:

@@ -14,8 +14,10 @@ recording; one smoke test alarm came from it). An idle-class process can starve 
 the host is saturated (two CPU hogs on this 2-vCPU host), so a fit still running after
 ``PROMOTE_AFTER_S`` is promoted to ``SCHED_OTHER`` at niceness 10 (not 19, about 1.5 %:
 with two hogs the demo's first fit then did not finish within 45 s), and the worker goes
-back to the idle class at its next request. Where promotion is not permitted (an
-unprivileged monitor without ``RLIMIT_NICE``) the fit stays idle.
+back to the idle class at its next request. The promotion is checked again every
+``PROMOTE_AFTER_S`` until the answer comes, as a worker promoted while it was still
+starting up goes back to the idle class when it takes the request. Where promotion is
+not permitted (an unprivileged monitor without ``RLIMIT_NICE``) the fit stays idle.
 
 The child runs its numeric libraries on one thread (``ONE_THREAD``): a fit is a
 background job, and BLAS or OpenMP threads on every core would compete with the server
@@ -85,7 +87,7 @@ class FitWorker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # one request at a time on the pipes
         self.promote_after_s = promote_after_s
-        self.promotions = 0  # fits that outran promote_after_s and were promoted
+        self.promotions = 0  # requests that outran promote_after_s and were promoted
 
     @property
     def pid(self) -> int | None:
@@ -98,26 +100,35 @@ class FitWorker:
         with self._lock:
             proc = self._start()
             assert proc.stdin is not None and proc.stdout is not None
-            timer = threading.Timer(self.promote_after_s, self._promote, (proc.pid,))
-            timer.daemon = True
+            answered = threading.Event()
+            promoter = threading.Thread(target=self._promote_while_waiting,
+                                        args=(proc.pid, answered), daemon=True,
+                                        name="prism-fit-promoter")
             try:
                 _send(proc.stdin, (kind, *args))
-                timer.start()
+                promoter.start()
                 status, value = _receive(proc.stdout)
             except (OSError, EOFError, pickle.UnpicklingError) as exc:
                 self._stop(proc)
                 raise FitWorkerError(f"fit worker died: {exc}") from None
             finally:
-                timer.cancel()
+                answered.set()
         if status != "ok":
             raise FitWorkerError(str(value))
         return value
 
-    def _promote(self, pid: int) -> None:
-        """Move a fit that has waited too long for idle CPU to ``SCHED_OTHER`` (nice 10)."""
-        with contextlib.suppress(AttributeError, OSError):  # not permitted: it stays idle
-            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
-            self.promotions += 1
+    def _promote_while_waiting(self, pid: int, answered: threading.Event) -> None:
+        """Every ``promote_after_s`` until the answer comes, move the worker out of the
+        idle class if it is in it, and count the request once as promoted.
+
+        Not once: a worker promoted while it was still starting up (importing, on a
+        saturated host) puts itself back in the idle class when it takes the request,
+        and a single promotion lost that way left a fit starving for good."""
+        counted = False
+        while not answered.wait(self.promote_after_s):
+            if _promote(pid) and not counted:
+                counted = True
+                self.promotions += 1
 
     def fit(self, x: object, y: object, rule: object) -> Any:
         """``fit_baseline(x, y, rule)`` in the worker."""
@@ -137,21 +148,41 @@ class FitWorker:
 
     @staticmethod
     def _stop(proc: subprocess.Popen[bytes]) -> None:
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        """End the worker, then close its answer pipe.
+
+        The answer pipe is closed only once the worker is gone: a thread waiting for an
+        answer holds that pipe's lock, so closing it first waited for an answer that an
+        idle-class worker on a saturated host might never give."""
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        _promote(proc.pid)  # an idle-class worker may get no CPU to see its input end
         try:
             proc.wait(5)  # it exits at the end of its input
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            with contextlib.suppress(OSError):
+                proc.stdout.close()
 
     def close(self) -> None:
         """Stop the worker (a fit in progress fails with :class:`FitWorkerError`)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             self._stop(proc)
+
+
+def _promote(pid: int) -> bool:
+    """Move ``pid`` from the idle class to ``SCHED_OTHER`` (its niceness, 10, stays);
+    True when it was idle and was moved. Not permitted or gone: False."""
+    try:
+        if os.sched_getscheduler(pid) != os.SCHED_IDLE:
+            return False
+        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def _idle() -> None:
