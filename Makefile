@@ -69,7 +69,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 test: $(STAMP) system-deps $(BPF_OBJ) $(LLAMA_STAMP) lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 demo: $(STAMP) $(BPF_OBJ)
 	$(BIN)/prism demo

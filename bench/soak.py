@@ -128,10 +128,12 @@ class AlertClock:
 
 
 class LostCounter:
-    """Reads the monitor's JSON lines; keeps the latest lost-event count per pid."""
+    """Reads the monitor's JSON lines; keeps the latest lost-event count and probe
+    backend per pid."""
 
     def __init__(self, stream: Any) -> None:
         self.lost: dict[int, int] = {}
+        self.backends: dict[int, str] = {}
         self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
 
@@ -145,6 +147,8 @@ class LostCounter:
                 continue
             for t in targets:
                 self.lost[int(t["pid"])] = int(t["lost"])
+                if t.get("backend"):
+                    self.backends[int(t["pid"])] = t["backend"]
 
     @property
     def total(self) -> int:
@@ -234,7 +238,7 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
             runner.join(30)
         latencies = clock.snapshot()
     meta = {"duration_s": duration_s, "every_s": every_s, "exit": watch.returncode,
-            "backend": _backend_used(work / "watch.err"),
+            "backend": _backend_used(lost.backends, work / "watch.err"),
             "alerts": len(latencies), "alert_p50_ms": _percentile(latencies, 0.5),
             "alert_p99_ms": _percentile(latencies, 0.99),
             "outbox_left": _outbox_depth(outbox),
@@ -244,13 +248,14 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
     return samples, meta
 
 
-def _backend_used(stderr: Path) -> str:
-    """The probe backend the monitor ran with: ``auto`` (the default) takes bpf, and
-    says so in a notice when it fell back to perf."""
+def _backend_used(backends: dict[int, str], stderr: Path) -> str:
+    """The probe backend(s) the monitor's snapshots named for the ranks, with the
+    reason it gave on stderr when ``auto`` fell back to perf."""
+    used = "/".join(sorted(set(backends.values()))) or "unknown"
     for line in stderr.read_text(errors="replace").splitlines():
-        if "probe backend: perf" in line:
-            return "perf (" + line.split("probe backend: perf", 1)[1].strip(" ,") + ")"
-    return "bpf"
+        if "probe backend: perf, as " in line:
+            return f"{used} ({line.split('probe backend: perf, as ', 1)[1].strip()})"
+    return used
 
 
 def verdict(samples: list[Sample], meta: dict[str, Any]) -> dict[str, Any]:

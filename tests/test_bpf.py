@@ -431,7 +431,11 @@ def test_watch_says_the_fallback_in_one_line(ctarget: CTarget, tmp_path: Path) -
     assert said[0].startswith("prism watch: probe backend: perf, as eBPF is unavailable: "
                               "no compiled BPF program"), said
     assert "Traceback" not in proc.stderr
-    assert '"snapshot"' in proc.stdout
+    snapshots = [json.loads(line)["snapshot"] for line in proc.stdout.splitlines()
+                 if line.startswith('{"snapshot"')]
+    assert snapshots, proc.stdout
+    # and each snapshot names the backend the target is watched with
+    assert {t["backend"] for snap in snapshots for t in snap["targets"]} == {"perf"}
     # asked for by name, bpf is not replaced: one line, and no monitoring
     forced = subprocess.run(watch, cwd=tmp_path, env={**env, "PRISM_PROBE_BACKEND": "bpf"},
                             capture_output=True, text=True, timeout=240)

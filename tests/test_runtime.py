@@ -257,6 +257,8 @@ def test_smoke_scenario_watched_headless_alerts_during_the_fault_only(tmp_path: 
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert {t["pid"] for t in doc["targets"]} == set(server.rank_pids.values()), doc["targets"]
+    # the default backend (auto) takes eBPF here (root, the compiled program), and says so
+    assert {t["backend"] for t in doc["targets"]} == {"bpf"}, doc["targets"]
     assert doc["iterations"].get("decode", 0) > 1000, doc["iterations"]
     [fault] = read_labels(labels_path).faults
     alerts = [a for a in doc["alerts"] if a["source"] == "detector"]

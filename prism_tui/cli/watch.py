@@ -171,15 +171,18 @@ def run(args: argparse.Namespace) -> int:
                          "p99_ms": v.p99, "p999_ms": v.p999, "max_ms": v.max,
                          "share": v.share}
                         for k, v in sorted(snap.series.items())]
-                watched = [{"pid": t.pid, "name": t.name, "state": t.state, "lost": t.lost}
-                           for t in view.targets]
+                watched = [{"pid": t.pid, "name": t.name, "state": t.state, "lost": t.lost,
+                            "backend": t.backend} for t in view.targets]
                 emit({"snapshot": {"t_ns": snap.now_ns, "span_s": snap.span_s,
                                    "series": rows, "targets": watched}})
 
             run_headless(session, on_view, duration, until=reader_gone)
             if args.json:
+                last = session.latest_view
+                backends = {t.pid: t.backend for t in last.targets} if last else {}
                 emit({"profile": profile.name,
-                      "targets": [{"pid": t.pid, "name": t.name} for t in targets],
+                      "targets": [{"pid": t.pid, "name": t.name,
+                                   "backend": backends.get(t.pid, "")} for t in targets],
                       "iterations": counts, "history": history_db,
                       "alerts": [event_doc(a) for a in monitor.alerts],
                       "governor": governor_summary(monitor, costs)}, indent=2)

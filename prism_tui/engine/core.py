@@ -234,6 +234,7 @@ class _Watched:
     costs_measured: bool = True
     costs_note: str = ""
     governor: GovernorStatus | None = None
+    backend: str = ""
     detectors: dict[str, Detector] = field(default_factory=dict)
     normal_shares: deque[dict[str, float]] = field(
         default_factory=lambda: deque(maxlen=BASELINE_SHARES))
@@ -381,14 +382,16 @@ class Engine:
     def set_probe_status(self, pid: int, probes: Sequence[ProbeStatus], *,
                          hits_per_s: float, lost: int, overhead_pct: float | None,
                          costs_measured: bool = True, costs_note: str = "",
-                         governor: GovernorStatus | None = None) -> None:
+                         governor: GovernorStatus | None = None, backend: str = "") -> None:
         """Record the probe health of ``pid`` for the header (Monitor calls it each view):
-        the overhead estimate, whether its costs were measured, and the governor's state."""
+        the overhead estimate, whether its costs were measured, the governor's state and
+        the probe backend."""
         w = self._watched.get(pid)
         if w is not None:
             w.probes, w.hits_per_s, w.lost, w.overhead_pct = (tuple(probes), hits_per_s,
                                                               lost, overhead_pct)
             w.costs_measured, w.costs_note, w.governor = costs_measured, costs_note, governor
+            w.backend = backend
 
     def set_telemetry(self, values: Iterable[TelemetryValue]) -> None:
         """Replace the telemetry shown (sampled elsewhere, once a second), and log its
@@ -716,7 +719,7 @@ class Engine:
         targets = tuple(TargetStatus(w.pid, w.name, w.profile, w.device, w.state, w.probes,
                                      w.hits_per_s, w.lost, w.overhead_pct,
                                      tuple(sorted(w.iterations.items())), w.costs_measured,
-                                     w.costs_note, w.governor)
+                                     w.costs_note, w.governor, w.backend)
                         for w in self._watched.values())
         detectors = []
         slos = []

@@ -647,7 +647,7 @@ class Monitor:
                 overhead_pct=self.governing.overhead_pct(att, delta, dt),
                 costs_measured=costs is not None and costs.measured,
                 costs_note=costs.note if costs is not None else "no hit costs given",
-                governor=self.governing.status(att))
+                governor=self.governing.status(att), backend=att.session.backend)
         if self.on_view is not None:
             view = self.engine.view(now_ns)
             self.on_view(view)

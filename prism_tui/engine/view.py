@@ -98,6 +98,10 @@ class TargetStatus:
     costs_note: str = ""
     governor: GovernorStatus | None = None
     """None when no overhead budget is enforced on this target."""
+    backend: str = ""
+    """The probe backend its sentinel probes run on (``bpf`` or ``perf``; empty before
+    the first view): ``auto`` falls back to perf where eBPF is not usable, and the two
+    cost the target and the monitor differently."""
 
     @property
     def attached(self) -> int:
