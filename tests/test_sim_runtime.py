@@ -90,7 +90,9 @@ def test_launch_returns_at_once_and_synchronize_waits(device: SimDevice) -> None
     device.synchronize()
     t2 = time.monotonic()
     assert t1 - t0 < 0.3 * kernel_s, "the launch must not wait for the kernel"
-    assert t2 - t1 >= 0.8 * kernel_s, "synchronize must block until the stream drained"
+    # from t0, not t1: the kernel was enqueued somewhere in [t0, t1], and a launch call
+    # held up by a loaded host (4.5 ms once) leaves synchronize less than kernel_s to wait
+    assert t2 - t0 >= 0.8 * kernel_s, "synchronize must block until the stream drained"
 
 
 def test_cost_model_scales_with_flops_and_bytes(device: SimDevice) -> None:
