@@ -156,7 +156,8 @@ class FitWorker:
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-        _promote(proc.pid)  # an idle-class worker may get no CPU to see its input end
+        if proc.poll() is None:  # not reaped (by another thread's _stop): its pid
+            _promote(proc.pid)  # idle class: it may get no CPU to see its input end
         try:
             proc.wait(5)  # it exits at the end of its input
         except subprocess.TimeoutExpired:
@@ -167,7 +168,8 @@ class FitWorker:
                 proc.stdout.close()
 
     def close(self) -> None:
-        """Stop the worker (a fit in progress fails with :class:`FitWorkerError`)."""
+        """Stop the worker: a fit in progress gets its answer if the worker finishes it
+        within 5 s, else fails with :class:`FitWorkerError`."""
         proc, self._proc = self._proc, None
         if proc is not None:
             self._stop(proc)
