@@ -127,7 +127,7 @@ class AlertClock:
         self._stack.close()
 
 
-class LostCounter:
+class TargetGauges:
     """Reads the monitor's JSON lines; keeps the latest lost-event count and probe
     backend per pid."""
 
@@ -151,7 +151,7 @@ class LostCounter:
                     self.backends[int(t["pid"])] = t["backend"]
 
     @property
-    def total(self) -> int:
+    def total_lost(self) -> int:
         """Lost events over every target seen."""
         return sum(self.lost.values())
 
@@ -210,7 +210,7 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
             text=True, cwd=ROOT,
             env={**os.environ, "XDG_STATE_HOME": str(work / "state"),
                  "PYTHONPATH": str(ROOT)})
-        lost = LostCounter(watch.stdout)
+        gauges = TargetGauges(watch.stdout)
         started = time.monotonic()
         try:
             while watch.poll() is None:
@@ -223,7 +223,7 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
                         t_s=round(time.monotonic() - started, 1), rss_mib=_rss_mib(watch.pid),
                         fds=len(os.listdir(f"/proc/{watch.pid}/fd")),
                         history_mib=round(_size_mib(db), 2),
-                        outbox_depth=_outbox_depth(outbox), lost=lost.total,
+                        outbox_depth=_outbox_depth(outbox), lost=gauges.total_lost,
                         alerts=len(latencies), alert_p50_ms=_percentile(latencies, 0.5),
                         alert_max_ms=max(latencies) if latencies else None))
                 except FileNotFoundError:  # exited between poll and read
@@ -238,7 +238,7 @@ def run(duration_s: float, every_s: float, work: Path) -> tuple[list[Sample], di
             runner.join(30)
         latencies = clock.snapshot()
     meta = {"duration_s": duration_s, "every_s": every_s, "exit": watch.returncode,
-            "backend": _backend_used(lost.backends, work / "watch.err"),
+            "backend": _backend_used(gauges.backends, work / "watch.err"),
             "alerts": len(latencies), "alert_p50_ms": _percentile(latencies, 0.5),
             "alert_p99_ms": _percentile(latencies, 0.99),
             "outbox_left": _outbox_depth(outbox),
