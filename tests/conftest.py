@@ -12,10 +12,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
+from probes.placement import ProbeSite
 
 
 def nvml_loadable() -> bool:
@@ -220,3 +222,30 @@ stage = "host"
 """
 """The C target's ``serve_start`` loop (``pl_step`` every iteration, ``pl_op`` many
 times a step): the governor's tests and bench, and anchor discovery's."""
+
+
+INT3 = 0xCC
+"""The x86 breakpoint instruction a registered uprobe writes into the target's page."""
+
+
+def breakpoints(pid: int, sites: Sequence[ProbeSite]) -> dict[str, bool]:
+    """Whether each site's first byte in the target's memory is a breakpoint (int3).
+
+    A registered uprobe is an ``int3`` written into the process's copy of the page, so
+    this reads what the kernel has installed, whichever interface installed it.
+    """
+    out: dict[str, bool] = {}
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for site in sites:
+            for line in maps:
+                fields = line.split()
+                if len(fields) < 6 or int(fields[4]) != site.inode:
+                    continue
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                file_off = int(fields[2], 16)
+                if file_off <= site.offset < file_off + (hi - lo):
+                    mem.seek(lo + site.offset - file_off)
+                    out[site.probe] = mem.read(1)[0] == INT3
+                    break
+    return out

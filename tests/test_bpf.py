@@ -29,10 +29,9 @@ from probes.governor import HitCosts
 from probes.placement import ProbeSite, place_profile
 from probes.target import Target
 from probes.uprobes import Span, UprobeSession
-from tests.conftest import CTARGET_PROFILE, CTarget, open_fds
+from tests.conftest import CTARGET_PROFILE, CTarget, breakpoints, open_fds
 
 ROOT = Path(__file__).resolve().parent.parent
-INT3 = 0xCC
 # the target's commands, each a different shape: entry-only, six registers and the
 # return value, stack arguments, recursion, nesting, calls on threads created while
 # attached, and a longjmp out of a recursion (returns that never come)
@@ -65,29 +64,6 @@ depth = "arg1"
 
 def sites_of(target: CTarget, profile: Profile) -> list[ProbeSite]:
     return place_profile(Target(target.pid), profile, "deepdive").sites
-
-
-def breakpoints(pid: int, sites: list[ProbeSite]) -> dict[str, bool]:
-    """Whether each site's first byte in the target's memory is a breakpoint (int3).
-
-    A registered uprobe is an ``int3`` written into the process's copy of the page, so
-    this reads what the kernel has installed, whichever interface installed it.
-    """
-    out: dict[str, bool] = {}
-    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        for site in sites:
-            for line in maps:
-                fields = line.split()
-                if len(fields) < 6 or int(fields[4]) != site.inode:
-                    continue
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                file_off = int(fields[2], 16)
-                if file_off <= site.offset < file_off + (hi - lo):
-                    mem.seek(lo + site.offset - file_off)
-                    out[site.probe] = mem.read(1)[0] == INT3
-                    break
-    return out
 
 
 def shape(spans: list[Span]) -> Counter[tuple[str, tuple[tuple[str, float], ...]]]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,8 +31,9 @@ from prism_tui.engine.view import EngineView
 from prism_tui.history.store import HistoryStore
 from prism_tui.live import LiveSession
 from probes.catalog import parse_profile
+from probes.placement import place_profile
 from probes.target import Target
-from tests.conftest import CTARGET_PROFILE, CTarget, open_fds
+from tests.conftest import CTARGET_PROFILE, CTarget, breakpoints, open_fds
 
 SPIN_US = 2000
 """The targets call ``pl_work`` (the anchor) every 2 ms: ~500 iterations a second."""
@@ -297,3 +300,54 @@ async def test_twenty_restarts_are_reattached_within_a_second_and_leak_nothing(
     print("re-attach latencies (s):", " ".join(f"{s:.3f}" for s in latencies))
     assert len(latencies) == RESTARTS
     assert statistics.median(latencies) <= MEDIAN_BOUND_S, latencies
+
+
+def _wait_for(what: str, predicate: Callable[[], bool], timeout_s: float) -> None:
+    """Poll ``predicate`` from a plain thread; fail after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.05)
+
+
+def test_prism_watch_json_names_every_process_it_watched(ctarget_exe: Path,
+                                                         tmp_path: Path) -> None:
+    """``prism watch --match ... --json``: the summary names the process it started with
+    and the one it re-attached to after a restart (a new pid), each with its backend."""
+    profile = tmp_path / "ctarget.toml"
+    profile.write_text(CTARGET_PROFILE)
+    first = _spinning(ctarget_exe)
+    second: CTarget | None = None
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as err:
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "prism_tui.cli", "watch", "--match",
+             re.escape(str(ctarget_exe)), "--profile", str(profile), "--headless", "--json",
+             "--no-history", "--duration", "300"],
+            stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        # attached: every sentinel probe is a breakpoint in the target (the monitor's
+        # own perf events open earlier, for its hit-cost calibration)
+        sites = place_profile(Target(first.pid), parse_profile(CTARGET_PROFILE, "ctarget")).sites
+        assert sites
+        _wait_for("the first target attached",
+                  lambda: all(breakpoints(first.pid, sites).values()), 120)
+        first.close()  # SIGKILL, then a new process: a restart
+        second = _spinning(ctarget_exe)
+        notice = f"re-attached to pid {second.pid}"
+        _wait_for("the re-attach notice", lambda: notice in errors.read_text(), 60)
+        watch.send_signal(signal.SIGINT)
+        out, _ = watch.communicate(timeout=60)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        first.close()
+        if second is not None:
+            second.close()
+    assert watch.returncode == 0, errors.read_text()
+    doc = json.loads(out)
+    assert [t["pid"] for t in doc["targets"]] == [first.pid, second.pid], doc["targets"]
+    assert all(t["name"] == ctarget_exe.name and t["backend"] in {"bpf", "perf"}
+               for t in doc["targets"]), doc["targets"]

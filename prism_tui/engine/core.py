@@ -357,12 +357,15 @@ class Engine:
     # ------------------------------------------------------------------ targets
     def watch(self, pid: int, name: str, anchor: str, stage_of: Mapping[str, str], *,
               profile: str = "", device: str = "cpu", derived: Sequence[Derived] = (),
-              phase_rule: str | None = None, probes: Sequence[ProbeStatus] = ()) -> None:
-        """Start (or restart) following process ``pid`` whose iterations end at ``anchor``."""
+              phase_rule: str | None = None, probes: Sequence[ProbeStatus] = (),
+              backend: str = "") -> None:
+        """Start (or restart) following process ``pid`` whose iterations end at ``anchor``
+        (``backend``: the probe backend its probes were opened with, shown from the start)."""
         builder = IterationBuilder(
             pid, anchor, stage_of, device=device, derived=derived,
             phase_rule=DerivedFeature("phase_rule", phase_rule) if phase_rule else None)
-        self._watched[pid] = _Watched(pid, name, profile, device, builder, probes=tuple(probes))
+        self._watched[pid] = _Watched(pid, name, profile, device, builder, probes=tuple(probes),
+                                      backend=backend)
 
     def gone(self, pid: int) -> None:
         """Mark a watched process as exited (it stays in the view, greyed)."""

@@ -259,7 +259,8 @@ class Monitor:
                           {s.probe: s.stage for s in sites}, profile=self.profile.name,
                           device=att.device, derived=self.profile.derived,
                           phase_rule=self.profile.phase_rule,
-                          probes=probe_statuses(att.placements, {}))
+                          probes=probe_statuses(att.placements, {}),
+                          backend=att.session.backend)
         self._ever_attached[pid] = self._recorded_process(pid, att)
         self.governing.equip(att, self.anchor, self.profile)
 
