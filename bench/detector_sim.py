@@ -75,8 +75,10 @@ class DecodeStep:
     true_kv: int
 
 
-def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[str, Any]]:
-    """Replay the recording once; decode iterations matched to their labels, per rank."""
+def _decode_iterations(spans_path: str
+                       ) -> tuple[dict[int, list[tuple[int, float, Workload]]], int]:
+    """Replay the recording once through the engine (which never fits): each pid's
+    decode iterations as (end, latency ms, workload), and the number of spans."""
     procs, spans = load_spans(spans_path)
     clock = ReplayClock(spans[0].start_ns if spans else 0)
     seen: dict[int, list[tuple[int, float, Workload]]] = {}
@@ -89,6 +91,12 @@ def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[
     engine = Engine(DetectionConfig(rule="paper", warmup=10**12), clock=clock,
                     on_observation=on_observation)
     replay(engine, clock, procs, spans)
+    return seen, len(spans)
+
+
+def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[str, Any]]:
+    """Replay the recording once; decode iterations matched to their labels, per rank."""
+    seen, n_spans = _decode_iterations(spans_path)
     labels = read_labels(labels_path)
     by_rank: dict[int, list[IterationRecord]] = {}
     for lab in labels.iterations:
@@ -100,7 +108,7 @@ def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[
         return [(item, lab) for item, lab in zip(items, found, strict=True) if lab is not None]
 
     steps: list[DecodeStep] = []
-    info: dict[str, Any] = {"spans": len(spans), "ranks": {}}
+    info: dict[str, Any] = {"spans": n_spans, "ranks": {}}
     for pid, items in sorted(seen.items()):
         # the recording names pids, the labels ranks: the rank whose iterations contain
         # this pid's iteration ends is that pid's rank
@@ -120,17 +128,7 @@ def _rebuild_live(spans_path: str, faults_path: str
                   ) -> tuple[list[DecodeStep], dict[str, Any]]:
     """Replay a live target's recording; decode iterations marked abnormal when they
     overlap an injected fault window (as ``prism eval --pid`` scores them)."""
-    procs, spans = load_spans(spans_path)
-    clock = ReplayClock(spans[0].start_ns if spans else 0)
-    seen: dict[int, list[tuple[int, float, Workload]]] = {}
-
-    def on_observation(obs: Observation) -> None:
-        it = obs.iteration
-        if it.phase == "decode":
-            seen.setdefault(it.pid, []).append((it.end_ns, it.latency_ms, workload_of(it)))
-
-    engine = Engine(rule="paper", warmup=10**12, clock=clock, on_observation=on_observation)
-    replay(engine, clock, procs, spans)
+    seen, n_spans = _decode_iterations(spans_path)
     with open(faults_path) as f:
         doc = json.load(f)
     rank_of = {int(pid): rank for pid, rank in doc["ranks"].items()}
@@ -143,7 +141,7 @@ def _rebuild_live(spans_path: str, faults_path: str
             fault = any(fw.start_ns < t and start < fw.end_ns for fw in windows)
             steps.append(DecodeStep(rank_of.get(pid, 0), t, lat, w, fault,
                                     round(w.batch_size), round(w.kv_len)))
-    info: dict[str, Any] = {"spans": len(spans), "iterations": len(steps),
+    info: dict[str, Any] = {"spans": n_spans, "iterations": len(steps),
                             "fault_iterations": sum(s.fault for s in steps),
                             "faults": windows}
     return steps, info

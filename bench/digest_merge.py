@@ -20,6 +20,7 @@ import random
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,11 @@ def run(seed: int, per_window: int, seconds: int) -> tuple[list[float], list[Dig
         engine = Engine(host=host, clock=lambda now=now: now[0])  # type: ignore[misc]
         engine.watch(1, "vllm", "anchor", {}, device="cuda:0")
         messages: list[bytes] = []
-        feed = DigestFeed(engine, lambda _key, doc, out=messages: out.append(encode(doc)))
+
+        def publish(_key: str, doc: dict[str, Any], out: list[bytes] = messages) -> None:
+            out.append(encode(doc))
+
+        feed = DigestFeed(engine, publish)
         targets = engine.view().targets
         rng = random.Random(seed * 7 + len(host) + int(scale))
         key = SeriesKey(ITERATION, "cuda:0", "decode")

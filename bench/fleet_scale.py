@@ -108,6 +108,7 @@ def _hosts_process(port: int, hosts: list[str], seconds: int, values: int, seed:
     slower); save series 0's raw values (for the p99 check)."""
     import paho.mqtt.client as paho
     from fastdigest import TDigest
+    from paho.mqtt.enums import CallbackAPIVersion
 
     rng = np.random.default_rng(seed)
     # a pool of real digests per (speed, series), built once: a host's second picks one,
@@ -116,7 +117,7 @@ def _hosts_process(port: int, hosts: list[str], seconds: int, values: int, seed:
                             TDigest) for _ in range(POOL)] for s in range(SERIES)]
             for slow in (False, True)}
     fast = {slow: _FastV2(pool[slow], values) for slow in (False, True)}
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"bench-{seed}")
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{seed}")
     client.connect("127.0.0.1", port)
     client.loop_start()
     for host in hosts:
@@ -146,7 +147,7 @@ def _hosts_process(port: int, hosts: list[str], seconds: int, values: int, seed:
 
 
 def _window(rng: np.random.Generator, scale: float, values: int,
-            tdigest: type) -> tuple[np.ndarray, str, dict[str, np.ndarray]]:
+            tdigest: Any) -> tuple[np.ndarray, str, dict[str, np.ndarray]]:
     """One series' second: its raw values and their t-digest as each wire schema
     carries it (schema 1's base64 text, schema 2's centroid arrays)."""
     vals = scale * rng.lognormal(0, 0.3, values)

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as paho  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from alerting.broker import EmbeddedBroker  # noqa: E402
 from alerting.config import ALERT_SUBSCRIPTION, BrokerConfig, parse_broker_url  # noqa: E402
@@ -88,7 +89,7 @@ class AlertClock:
         self.ends: dict[str, int] = {}
         self._lock = threading.Lock()
         self.receiver = AlertReceiver(BrokerConfig(url))
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
+        self.client = paho.Client(CallbackAPIVersion.VERSION2,
                                   client_id=f"soak-{os.getpid()}")
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(ALERT_SUBSCRIPTION, qos=1)
