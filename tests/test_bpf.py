@@ -71,7 +71,11 @@ def shape(spans: list[Span]) -> Counter[tuple[str, tuple[tuple[str, float], ...]
     return Counter((s.probe, tuple(sorted(s.args.items()))) for s in spans)
 
 
-def calls(spans: list[Span]) -> tuple[Counter[tuple[object, ...]], dict[tuple[int, int], int]]:
+Call = tuple[str, int, tuple[tuple[str, float], ...], int, int]
+"""A span as (probe, thread, arguments, start place, end place): see :func:`calls`."""
+
+
+def calls(spans: list[Span]) -> tuple[Counter[Call], dict[tuple[int, int], int]]:
     """The spans with each end point named by its place among its thread's events.
 
     Both backends stamp the same hits, and every stamp of one hit comes before any stamp

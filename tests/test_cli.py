@@ -190,7 +190,7 @@ def test_cuda_profile_traces_the_real_libcudart(python_child: Any) -> None:
     copies = [s for s in spans if s.probe == "memcpy_async"]
     assert len(syncs) == 25 and len(copies) == 25
     assert [s.args["bytes"] for s in copies] == [4096 * (i + 1) for i in range(25)]
-    assert {s.args["kind"] & 0xFFFFFFFF for s in copies} == {2}
+    assert {int(s.args["kind"]) & 0xFFFFFFFF for s in copies} == {2}
 
 
 def test_symbols_json_for_the_c_target(ctarget: CTarget, tmp_path: Path) -> None:

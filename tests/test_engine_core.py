@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -40,6 +41,7 @@ from prism_tui.engine.fit_worker import (
     FitWorkerError,
     FitWorkerUnavailableError,
 )
+from prism_tui.engine.iterations import Iteration, SpanLike
 from prism_tui.engine.recording import (
     RecordedProcess,
     RecordedSpan,
@@ -54,7 +56,7 @@ from prism_tui.engine.recording import (
 )
 from prism_tui.engine.sketches import ITERATION
 from prism_tui.engine.trace_export import chrome_trace, write_chrome_trace
-from prism_tui.engine.view import WINDOWS_S, TelemetryValue
+from prism_tui.engine.view import WINDOWS_S, EngineView, TelemetryValue
 from probes.catalog import load_profile
 from probes.uprobes import Span
 
@@ -75,14 +77,14 @@ class ListSink:
 
 def run(slos: tuple[SloSpec, ...] = (), views_every: int = 0,
         holds: EpisodeHolds = EVERY_TRANSITION) -> tuple[
-        Engine, ListSink, int, list[RecordedProcess], list[object]]:
+        Engine, ListSink, int, list[RecordedProcess], list[EngineView]]:
     procs, spans = load_spans(str(RECORDING))
     t0 = spans[0].start_ns
     clock = ReplayClock(t0)
     sink = ListSink()
     engine = Engine(DetectionConfig(rule="prism", warmup=150, slos=slos, holds=holds),
                     sinks=[sink], clock=clock, wall_clock=lambda: WALL, host="replay")
-    views: list[object] = []
+    views: list[EngineView] = []
     calls = [0]
 
     def every(now_ns: int) -> None:
@@ -248,7 +250,7 @@ def test_kept_spans_and_training_rows_are_invisible_to_the_cyclic_gc() -> None:
     for s in back:
         orig = last[(s.tid, s.start_ns, s.probe)]
         assert (s.pid, s.end_ns, dict(s.args)) == (orig.pid, orig.end_ns, dict(orig.args))
-        assert s.duration_ns == orig.end_ns - orig.start_ns
+        assert isinstance(s, Span) and s.duration_ns == orig.end_ns - orig.start_ns
 
 
 def test_recording_round_trip_and_a_bad_file(tmp_path: Path) -> None:
@@ -459,20 +461,21 @@ def test_alerts_raised_while_held_reach_the_sinks_when_the_block_ends() -> None:
     held_alerts: list[AlertEvent] = []
     original = engine.add_spans
 
-    def add_spans_holding(pid: int, batch: list[object]) -> list[object]:
+    def add_spans_holding(pid: int, batch: Sequence[SpanLike],
+                          run_queue: tuple[int, int] | None = None) -> list[Iteration]:
         before = len(sink.alerts)
         with engine.alerts_held():
             with engine.alerts_held():  # nested: flushed by the outermost only
-                done = original(pid, batch)  # type: ignore[arg-type]
+                done = original(pid, batch, run_queue)
             assert len(sink.alerts) == before  # nothing emitted inside
             pending = engine.alerts_pending
         if pending:
             held_alerts.extend(sink.alerts[before:])
             assert len(sink.alerts) > before
         assert not engine.alerts_pending
-        return done  # type: ignore[return-value]
+        return done
 
-    engine.add_spans = add_spans_holding  # type: ignore[method-assign]
+    engine.add_spans = add_spans_holding  # type: ignore[method-assign, assignment]
     replay(engine, clock, procs, spans)
     assert held_alerts and held_alerts == sink.alerts == engine.alerts
     for pid in {a.target["pid"] for a in sink.alerts}:  # ranks' batches arrive in turn

@@ -13,7 +13,7 @@ MS = 1_000_000
 
 def feed(gate: EpisodeGate, states: list[tuple[int, bool]]) -> list[tuple[int, str]]:
     """The gate's changes as (index, change)."""
-    out = []
+    out: list[tuple[int, str]] = []
     for i, (t, firing) in enumerate(states):
         change = gate.observe(t, firing)
         if change is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from alerting.bridge import EdgeBroker, bridge_section, edge_config
 from alerting.broker import EmbeddedBroker, free_port
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _client(url: str, client_id: str, **kwargs: object) -> paho.Client:
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          **kwargs)  # type: ignore[arg-type]
     return client
 
@@ -49,7 +50,7 @@ class Inbox:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.client = _client(url, f"inbox-{os.getpid()}-{time.monotonic_ns()}")
         self.client.on_message = lambda _c, _u, m: self.messages.append(
-            (m.topic, m.payload, bool(m.retain)))
+            (m.topic, bytes(m.payload), bool(m.retain)))
         self.client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(topic, qos=1)
         _connect(self.client, url)
 

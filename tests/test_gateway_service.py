@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 
 from alerting.gateway.cli import main as gateway_main
 from alerting.gateway.config import parse_broker_url, parse_gateway_config
@@ -214,7 +215,7 @@ path = "{out}"
 """)
     gw = GatewayProcess(["--broker", broker.url, "--config", str(config), "--state",
                          str(tmp_path / "gw.sqlite")])
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"fuzz-{os.getpid()}")
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"fuzz-{os.getpid()}")
     host, port, *_ = parse_broker_url(broker.url)
     client.connect(host, port)
     client.loop_start()

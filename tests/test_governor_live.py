@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from prism_tui.engine.core import DetectionConfig
@@ -31,6 +32,7 @@ from probes.catalog import Profile, load_profile, parse_profile
 from probes.governor import HitCosts
 from probes.placement import ProbeSite
 from probes.target import Target
+from probes.uprobes import UprobeSession
 from tests.conftest import SERVER_PROFILE, CTarget
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +75,8 @@ def test_prism_watch_detaches_the_hot_probe(ctarget: CTarget, tmp_path: Path) ->
     assert decision["overhead_pct"] > 1.0 and decision["calls_per_s"] > 5000, decision
     assert "budget 1.00%" in decision["reason"], decision
 
-    async def history() -> tuple[list[tuple[str, str, str | None]], list[dict[str, float]]]:
+    async def history() -> tuple[list[tuple[str, str, str | None]],
+                                 list[Mapping[str, float]]]:
         async with HistoryStore(str(db)) as store:
             rows = await store.probe_decisions(target_pid=ctarget.pid)
             after = await store.iterations(since_ns=int(decision["at"] * 1e9) + 200_000_000)
@@ -100,6 +103,7 @@ def test_monitor_duty_cycles_the_hot_probe_and_shows_it(ctarget: CTarget) -> Non
     ends: list[int] = []
     decided: list[int] = []
     notices: list[str] = []  # the monitor's own, told to its subscriber
+    stop = asyncio.Event()  # made again on the monitor's loop by run()
 
     def on_view(view: EngineView) -> None:
         views.append(view)
@@ -113,7 +117,6 @@ def test_monitor_duty_cycles_the_hot_probe_and_shows_it(ctarget: CTarget) -> Non
         stop = asyncio.Event()
         await monitor.run(20.0, stop)
 
-    stop: asyncio.Event
     with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
                  probing=ProbingConfig(costs=HitCosts(1000.0, 10_500.0, 900.0, 13_500.0),
                                        overhead_budget=BUDGET, governor_action="duty-cycle",
@@ -123,6 +126,7 @@ def test_monitor_duty_cycles_the_hot_probe_and_shows_it(ctarget: CTarget) -> Non
                      view=on_view, notice=notices.append,
                      observation=lambda obs: ends.append(obs.iteration.end_ns))) as monitor:
         session = monitor._attached[ctarget.pid].session  # probe.ring_pages, drain_interval_s
+        assert isinstance(session, UprobeSession)  # perf rings: ProbingConfig's default
         assert session.drain_interval_s == 0.05
         assert {ring.data_pages for ring in session._rings.values()} == {128}
         asyncio.run(run(monitor))

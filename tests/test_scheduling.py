@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar, cast
 
 import pytest
 
@@ -27,11 +29,13 @@ from prism_tui.scheduling import (
 
 RESET_ON_FORK = 0x40000000
 
+T = TypeVar("T")
 
-def _in_thread(fn: object) -> object:
+
+def _in_thread(fn: Callable[[], T]) -> T:
     """Run ``fn`` in a fresh thread (slices are per thread: the test's own stays as is)."""
-    out: list[object] = []
-    t = threading.Thread(target=lambda: out.append(fn()))  # type: ignore[operator]
+    out: list[T] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
     t.start()
     t.join()
     return out[0]
@@ -51,7 +55,7 @@ def test_a_thread_gets_the_short_slice_and_keeps_its_nice_value() -> None:
         assert os.getpriority(os.PRIO_PROCESS, 0) == nice
         return why, current_slice_ns(), int(child), seen[0]
 
-    why, mine, child, thread = _in_thread(work)  # type: ignore[misc]
+    why, mine, child, thread = _in_thread(work)
     if why is not None and "no custom slices" in why:
         pytest.skip(why)
     assert why is None and mine == SHORT_SLICE_NS
@@ -122,18 +126,17 @@ def _policy(tid: int = 0) -> tuple[int, int]:
     return os.sched_getscheduler(tid) & ~RESET_ON_FORK, os.sched_getparam(tid).sched_priority
 
 
-def _as_real_time(fn: object, priority: int = 3) -> object:
+def _as_real_time(fn: Callable[[], T], priority: int = 3) -> T:
     """Run ``fn`` in a fresh thread under SCHED_FIFO (as ``--realtime`` runs the loop)."""
-    def work() -> object:
+    def work() -> tuple[str | None, T | None]:
         why = request_realtime(0, priority)
-        if why is not None:
-            return why
-        return fn()  # type: ignore[operator]
+        return (why, None) if why is not None else (None, fn())
 
-    out = _in_thread(work)
-    if isinstance(out, str) and "Operation not permitted" in out:
-        pytest.skip(f"{out} (needs CAP_SYS_NICE)")
-    return out
+    why, out = _in_thread(work)
+    if why is not None and "Operation not permitted" in why:
+        pytest.skip(f"{why} (needs CAP_SYS_NICE)")
+    assert why is None, why
+    return cast(T, out)  # fn ran: out is its result
 
 
 def test_a_real_time_loops_helpers_run_at_its_priority_and_heavy_work_does_not() -> None:
@@ -142,7 +145,7 @@ def test_a_real_time_loops_helpers_run_at_its_priority_and_heavy_work_does_not()
             helper = pool.submit(_policy).result()
         return helper, _policy(), realtime_priority()
 
-    helper, mine, seen = _as_real_time(work)  # type: ignore[misc]
+    helper, mine, seen = _as_real_time(work)
     assert mine == (os.SCHED_FIFO, 3) and seen == 3
     assert helper == (os.SCHED_FIFO, 3)  # no GIL inversion with the loop
     # created by a normal thread: a plain pool
@@ -169,7 +172,7 @@ def test_a_real_time_history_writes_at_its_priority_and_queries_at_normal(
             await store.close()
         return sqlite_thread, query_thread
 
-    sqlite_thread, query_thread = _as_real_time(lambda: asyncio.run(session()))  # type: ignore[misc]
+    sqlite_thread, query_thread = _as_real_time(lambda: asyncio.run(session()))
     assert sqlite_thread == (os.SCHED_FIFO, 3)  # every write passes through it
     assert query_thread == (os.SCHED_OTHER, 0)  # merging digests: seconds of CPU
 

@@ -379,7 +379,7 @@ def test_scheduler_is_deterministic_for_a_seed() -> None:
 
     def plans(seed: int) -> list[Plan]:
         sched = Scheduler(replace(mixed, seed=seed), started_ns=0)
-        now, out = 0, []
+        now, out = 0, list[Plan]()
         while len(out) < 3000:
             step = sched.next_plan(now)
             if step is None:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -307,6 +308,9 @@ class _Exploding:
     def stop(self) -> None:
         self.stopped += 1
         raise RuntimeError("boom")
+
+    def effect(self) -> dict[str, Any]:
+        return {}
 
 
 def test_stop_all_never_raises_even_after_processes_died(

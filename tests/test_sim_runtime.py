@@ -394,8 +394,8 @@ def test_send_waits_for_its_receiver_and_an_exchange_does_not_deadlock(
         assert sender["sync_s"] >= 0.045, sender
         assert receiver["sync_s"] == pytest.approx(0.05, abs=0.02)
     # a big exchange: each way 250 MB over 50 GB/s = 5 ms, both ways at once
-    steps: list[list[Any]] = [["exchange", 1, 125_000_000], ["sync"]]
-    ranks[0].send(op="run", steps=steps)
+    big: list[list[Any]] = [["exchange", 1, 125_000_000], ["sync"]]
+    ranks[0].send(op="run", steps=big)
     ranks[1].send(op="run", steps=[["exchange", 0, 125_000_000], ["sync"]])
     answers = [rank.reply(10.0) for rank in ranks]
     assert all(a["ok"] for a in answers), answers

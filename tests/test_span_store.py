@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prism_tui.engine.iterations import SpanLike
 from prism_tui.engine.span_store import SpanStore
 from probes.pairing import Span
 
@@ -24,7 +25,7 @@ spans = st.builds(
     st.dictionaries(st.sampled_from(ARG_NAMES), values, max_size=4))
 
 
-def _same(a: Span, b: Span) -> bool:
+def _same(a: SpanLike, b: SpanLike) -> bool:
     if (a.probe, a.pid, a.tid, a.start_ns, a.end_ns) != (b.probe, b.pid, b.tid, b.start_ns,
                                                           b.end_ns):
         return False

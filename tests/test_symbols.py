@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -409,20 +410,21 @@ def test_gnu_hash_hit_does_not_scan_dynsym() -> None:
         syms.close()
 
 
-def _pyelftools_rows(path: str, table: str) -> list[tuple[object, ...]]:
+def _pyelftools_rows(path: str, table: str) -> list[tuple[Any, ...]]:
     """Every named symbol of ``table`` as pyelftools' own parser decodes it."""
     from elftools.elf.elffile import ELFFile
 
     with open(path, "rb") as f:
         elf = ELFFile(f)
-        section = elf.get_section_by_name(table)
+        # pyelftools' generic Section type lacks the symbol and version tables' methods
+        section: Any = elf.get_section_by_name(table)
         assert section is not None, (path, table)
-        versym = elf.get_section_by_name(".gnu.version") if table == ".dynsym" else None
-        verdef = elf.get_section_by_name(".gnu.version_d")
+        versym: Any = elf.get_section_by_name(".gnu.version") if table == ".dynsym" else None
+        verdef: Any = elf.get_section_by_name(".gnu.version_d")
         names = {v["vd_ndx"]: next(iter(aux)).name for v, aux in verdef.iter_versions()} \
             if versym is not None and verdef is not None else {}
         rows = []
-        for i, sym in enumerate(section.iter_symbols()):  # type: ignore[attr-defined]
+        for i, sym in enumerate(section.iter_symbols()):
             if not sym.name:
                 continue
             version, hidden = "", False

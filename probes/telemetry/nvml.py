@@ -29,7 +29,7 @@ from probes.telemetry.readings import (
 )
 
 try:
-    import pynvml
+    import pynvml as pynvml  # re-exported: the tests make its entry point fail
 except ImportError as exc:  # a CPU-only install: every query says so
     pynvml = None
     _BINDING_MISSING = f"NVML binding not importable ({exc})"
