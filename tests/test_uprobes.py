@@ -254,12 +254,14 @@ def test_a_read_never_delivers_a_call_before_an_earlier_one_of_another_thread(
 def test_exited_threads_are_closed_off_the_reader_and_nothing_leaks(
         ctarget: CTarget, profile: Profile) -> None:
     """Closing a uprobe event takes tens of ms: the reader hands an exited thread's ring
-    and watcher to the session's closer thread, and close() waits for it."""
+    and watcher to the session's closer thread, and close() waits for it. The threads
+    live ~1 s each: one attached later than its life (30 ms of calls, as this test had)
+    would never be seen, and a loaded host has attached threads up to ~0.26 s late."""
     before = open_fds()
     session = UprobeSession([Target(ctarget.pid)], sites_for(ctarget, profile, "work"),
                             mode="thread")
     session.open()
-    spans = run_polling(session, ctarget, "threads 4 30 1000")
+    spans = run_polling(session, ctarget, "threads 4 1000 1000")
     deadline = time.monotonic() + 10
     while session.stats.threads_exited < 4 and time.monotonic() < deadline:
         spans += session.poll(0.05)
@@ -527,7 +529,11 @@ async def test_async_reader_follows_new_threads_from_the_opener(
         ctarget: CTarget, profile: Profile) -> None:
     """Under a loop, new threads' events are opened on the session's opener thread (a
     uprobe per thread costs ms to register) and installed by the reader; exited ones go
-    to the closer. Every thread is seen, and nothing is left open."""
+    to the closer. Every thread is seen, and nothing is left open.
+
+    A thread runs a little before it is attached (see ``test_threads_are_followed``): with
+    200 calls a thread, a clean-clone suite run missed 116 of 800 calls in all (1 run in
+    5). Each thread now lives ~1 s and must be followed from the first half of it."""
     import anyio
 
     before = open_fds()
@@ -537,7 +543,7 @@ async def test_async_reader_follows_new_threads_from_the_opener(
     with session:
         async def drive() -> None:
             await anyio.sleep(0.1)
-            await anyio.to_thread.run_sync(ctarget.cmd, "threads 4 200 1000")
+            await anyio.to_thread.run_sync(ctarget.cmd, "threads 4 1000 1000")
             await anyio.sleep(0.5)
 
         async def read() -> None:
@@ -552,7 +558,8 @@ async def test_async_reader_follows_new_threads_from_the_opener(
                     await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
         stats = session.stats
-    assert len({s.tid for s in got}) == 4 and len(got) >= 700, len(got)
+    tids = Counter(s.tid for s in got)
+    assert len(tids) == 4 and min(tids.values()) >= 500, sorted(tids.values())
     assert stats.threads_attached >= 1 + 4 and stats.closes_queued >= 2 * 4
     assert stats.closes_done == stats.closes_queued
     assert open_fds() == before
