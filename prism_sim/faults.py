@@ -110,15 +110,17 @@ def duty_cycle(mode, duty, period, work):  # busy `duty` of every period, or alw
             work()
             if os.getppid() != parent:
                 os._exit(0)
+    rest = (1 - duty) * period  # what the CPU's other tasks (the ranks) run in
     due = time.monotonic()
     while True:
         end = due + duty * period
         while time.monotonic() < end:
             work()
-        due += period
+        # a piece of work that ran past the busy part stretches the period, never eats
+        # its idle part: without one, the ranks ran only in the kernel's real-time
+        # throttling window (50 ms a second), whole iterations at full speed
         now = time.monotonic()
-        if due < now:
-            due = now
+        due = max(due + period, now + rest)
         time.sleep(due - now)
         if os.getppid() != parent:
             os._exit(0)
