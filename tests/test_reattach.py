@@ -33,7 +33,7 @@ from prism_tui.live import LiveSession
 from probes.catalog import parse_profile
 from probes.placement import place_profile
 from probes.target import Target
-from tests.conftest import CTARGET_PROFILE, CTarget, breakpoints, open_fds
+from tests.conftest import CTARGET_PROFILE, CTarget, breakpoints, open_fds, wait_until
 
 SPIN_US = 2000
 """The targets call ``pl_work`` (the anchor) every 2 ms: ~500 iterations a second."""
@@ -302,15 +302,6 @@ async def test_twenty_restarts_are_reattached_within_a_second_and_leak_nothing(
     assert statistics.median(latencies) <= MEDIAN_BOUND_S, latencies
 
 
-def _wait_for(what: str, predicate: Callable[[], bool], timeout_s: float) -> None:
-    """Poll ``predicate`` from a plain thread; fail after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s:g} s: {what}")
-        time.sleep(0.05)
-
-
 def test_prism_watch_json_names_every_process_it_watched(ctarget_exe: Path,
                                                          tmp_path: Path) -> None:
     """``prism watch --match ... --json``: the summary names the process it started with
@@ -331,12 +322,11 @@ def test_prism_watch_json_names_every_process_it_watched(ctarget_exe: Path,
         # own perf events open earlier, for its hit-cost calibration)
         sites = place_profile(Target(first.pid), parse_profile(CTARGET_PROFILE, "ctarget")).sites
         assert sites
-        _wait_for("the first target attached",
-                  lambda: all(breakpoints(first.pid, sites).values()), 120)
+        wait_until(lambda: all(breakpoints(first.pid, sites).values()), 120)  # attached
         first.close()  # SIGKILL, then a new process: a restart
         second = _spinning(ctarget_exe)
         notice = f"re-attached to pid {second.pid}"
-        _wait_for("the re-attach notice", lambda: notice in errors.read_text(), 60)
+        wait_until(lambda: notice in errors.read_text(), 60)
         watch.send_signal(signal.SIGINT)
         out, _ = watch.communicate(timeout=60)
     finally:

@@ -141,10 +141,6 @@ def run(args: argparse.Namespace) -> int:
         if headless:
             said: list[tuple[str, ...]] = [()]  # the notices printed so far
             decided = [0]  # the governor decisions printed so far
-            # every process watched, as the views named it while it ran (a restarted
-            # target under --match is a new pid; an exited one leaves the views later)
-            watched: dict[int, dict[str, Any]] = {
-                t.pid: {"pid": t.pid, "name": t.name, "backend": ""} for t in targets}
             reader_gone = threading.Event()
 
             def emit(doc: dict[str, Any], indent: int | None = None) -> None:
@@ -162,12 +158,6 @@ def run(args: argparse.Namespace) -> int:
                 for line in new_notices(said[0], view.notices):  # the status bar's lines
                     print(f"prism watch: {line}", file=sys.stderr, flush=True)
                 said[0] = view.notices
-                for t in view.targets:
-                    known = watched.setdefault(t.pid, {"pid": t.pid, "name": "?", "backend": ""})
-                    if t.name != "?":  # a process that has gone has no name to read
-                        known["name"] = t.name
-                    if t.backend:
-                        known["backend"] = t.backend
                 if args.json:
                     return
                 for pid, decision, wall in monitor.governor_decisions[decided[0]:]:
@@ -188,7 +178,14 @@ def run(args: argparse.Namespace) -> int:
 
             run_headless(session, on_view, duration, until=reader_gone)
             if args.json:
-                emit({"profile": profile.name, "targets": list(watched.values()),
+                # the engine keeps every process it watched (an exited one as gone, a
+                # restart under --match as a new pid), named and with its backend from
+                # the attach on
+                last = session.latest_view
+                watched = ([{"pid": t.pid, "name": t.name, "backend": t.backend}
+                            for t in last.targets] if last is not None else
+                           [{"pid": t.pid, "name": t.name, "backend": ""} for t in targets])
+                emit({"profile": profile.name, "targets": watched,
                       "iterations": counts, "history": history_db,
                       "alerts": [event_doc(a) for a in monitor.alerts],
                       "governor": governor_summary(monitor, costs)}, indent=2)
