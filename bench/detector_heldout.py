@@ -8,7 +8,9 @@ detected. The last rows pool every seed, with F1 over the faults that slowed dec
 1.2x or more (iterations under milder ones left out) and with every fault.
 
 Each eval runs its scenario in real time (3-5 minutes). ``--out DIR`` keeps each seed's
-JSON there and ``--reuse`` reads those back instead of running again.
+JSON there, with its recording and labels (``random-SEED.spans.gz``, ``.labels``) for
+``bench/detector_sim.py`` to replay other detectors on the same iterations offline;
+``--reuse`` reads the JSONs back instead of running again.
 
     .venv/bin/python bench/detector_heldout.py [--seeds 1001,1002 | --seeds 1001-1012]
         [--out DIR] [--reuse] [--json] [-- PRISM-EVAL-ARGS...]
@@ -64,6 +66,10 @@ def run_eval(seed: int, eval_args: list[str], out: Path | None,
         return doc
     cmd = [sys.executable, "-m", "prism_tui.cli", "eval", "--scenario", f"random:{seed}",
            "--json"]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        cmd += ["--record", str(out / f"random-{seed}.spans.gz"),
+                "--labels", str(out / f"random-{seed}.labels")]
     cmd += eval_args
     print(f"detector_heldout: random:{seed} ...", file=sys.stderr, flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
