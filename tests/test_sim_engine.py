@@ -507,8 +507,15 @@ def test_prism_sim_duration_is_what_runs_and_what_the_labels_say(tmp_path: Path)
 
 def test_prism_sim_json_reports_the_ranks_and_the_final_counts(tmp_path: Path) -> None:
     """--json: the ranks' pids while they run (how prism eval attaches to a child
-    simulator), then the counts it needs for the throughput ratio, and nothing else."""
+    simulator), then the counts it needs for the throughput ratio, and nothing else.
+
+    Generated tokens count finished requests. With the steady scenario's 400-token
+    outputs a request needs 400 decode steps, which a clean-clone suite run measured
+    rank 0 not finishing in this 3-s run (387 steps of 6.7 ms, median): 16-token outputs
+    finish a request every ~17 steps, 20x inside the steps a run gets.
+    """
     path = scenario_file(tmp_path, "json", 3, batch=4)
+    path.write_text(path.read_text().replace("value = 400", "value = 16"))
     proc = _prism_sim("--scenario", str(path), "--labels", str(tmp_path / "l.jsonl"),
                       "--json")
     assert proc.stdout is not None
