@@ -115,7 +115,8 @@ def test_exclusive_time_gives_each_instant_to_the_span_that_started_last(
 
 def test_simulator_iterations_match_its_labels(tmp_path: Path) -> None:
     """Iterations cut from real uprobes on a rank agree with the simulator's own labels."""
-    text = STEADY.format(name="iters", duration=30, batch=6, extra="", layers=4, hidden=2048)
+    text = STEADY.format(name="iters", duration=30, batch=6, extra="", layers=4, hidden=2048,
+                         output=400)
     path = tmp_path / "iters.toml"
     path.write_text(text)
     labels_path = tmp_path / "labels.jsonl"

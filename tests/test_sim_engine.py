@@ -46,16 +46,16 @@ start_s = 0
 arrival_rate = 200.0
 max_batch = {batch}
 prompt = {{ dist = "fixed", value = 32 }}
-output = {{ dist = "fixed", value = 400 }}
+output = {{ dist = "fixed", value = {output} }}
 {extra}
 """
 
 
 def scenario_file(tmp_path: Path, name: str, duration: float, batch: int = 8,
-                  extra: str = "") -> Path:
+                  extra: str = "", output: int = 400) -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(STEADY.format(name=name, duration=duration, batch=batch, extra=extra,
-                                  layers=4, hidden=2048))
+                                  layers=4, hidden=2048, output=output))
     return path
 
 
@@ -162,7 +162,7 @@ def test_every_fault_slows_iterations_while_on_and_labels_say_so(tmp_path: Path)
     duration = FIRST_S + len(FAULT_WINDOWS) * (ON_S + GAP_S)
     path = tmp_path / "faults.toml"
     path.write_text(STEADY.format(name="faults", duration=duration, batch=8, extra=faults,
-                                  layers=8, hidden=4096))
+                                  layers=8, hidden=4096, output=400))
     labels_path = tmp_path / "labels.jsonl"
     with SimServer(parse_scenario(path.read_text(), str(path)), labels=labels_path,
                    metrics_port=None) as server:
@@ -335,7 +335,8 @@ def test_workload_shifts_are_not_labelled_as_faults(tmp_path: Path) -> None:
               + phase.format(2.5, 20, 12, 300, 600, 10, 30)  # prompt-length surge
               + phase.format(3.5, 80, 12, 16, 64, 10, 30)  # concurrency step
               + phase.format(4.5, 20, 12, 16, 64, 60, 90))  # longer outputs
-    text = STEADY.format(name="shifts", duration=6, batch=4, extra="", layers=4, hidden=2048)
+    text = STEADY.format(name="shifts", duration=6, batch=4, extra="", layers=4, hidden=2048,
+                         output=400)
     text = text[:text.index("[[phase]]")] + phases
     path = tmp_path / "shifts.toml"
     path.write_text(text)
@@ -514,8 +515,7 @@ def test_prism_sim_json_reports_the_ranks_and_the_final_counts(tmp_path: Path) -
     rank 0 not finishing in this 3-s run (387 steps of 6.7 ms, median): 16-token outputs
     finish a request every ~17 steps, 20x inside the steps a run gets.
     """
-    path = scenario_file(tmp_path, "json", 3, batch=4)
-    path.write_text(path.read_text().replace("value = 400", "value = 16"))
+    path = scenario_file(tmp_path, "json", 3, batch=4, output=16)
     proc = _prism_sim("--scenario", str(path), "--labels", str(tmp_path / "l.jsonl"),
                       "--json")
     assert proc.stdout is not None
