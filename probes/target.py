@@ -8,6 +8,7 @@ always names the inode the process really runs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -82,9 +83,12 @@ class Target:
         self.pid = pid
         self._proc = PROC / str(pid)
         try:
-            self.start_time = self._read_start_time()
+            stat = (self._proc / "stat").read_text()
         except (FileNotFoundError, ProcessLookupError) as exc:
             raise TargetNotFoundError(f"no process with pid {pid}") from exc
+        self.start_time = int(stat[stat.rindex(")") + 2:].split()[19])
+        # the name at bind time, kept for a process that exits before anyone asks
+        self._last_name = stat[stat.index("(") + 1:stat.rindex(")")]
 
     def __repr__(self) -> str:
         return f"Target(pid={self.pid}, name={self.name!r})"
@@ -93,9 +97,6 @@ class Target:
         stat = (self._proc / "stat").read_text()
         # comm may hold spaces and parentheses: fields start after the last ')'
         return stat[stat.rindex(")") + 2:].split()
-
-    def _read_start_time(self) -> int:
-        return int(self._stat_fields()[19])
 
     def alive(self) -> bool:
         """True while the same process runs (not a zombie, not a reused PID)."""
@@ -116,11 +117,11 @@ class Target:
 
     @property
     def name(self) -> str:
-        """The process's ``comm`` (short name), or ``?`` once it has gone."""
-        try:
-            return (self._proc / "comm").read_text().strip()
-        except OSError:
-            return "?"
+        """The process's ``comm`` (short name); once it has gone, the last one read (a
+        process killed right after attaching is still named in summaries and history)."""
+        with contextlib.suppress(OSError):
+            self._last_name = (self._proc / "comm").read_text().strip()
+        return self._last_name
 
     @property
     def cmdline(self) -> list[str]:

@@ -136,6 +136,19 @@ def test_threads_grow_after_a_thread_starts(ctarget: CTarget) -> None:
     assert Path(f"/proc/{ctarget.pid}/task/{new}").is_dir()
 
 
+def test_a_target_that_exits_before_its_name_is_asked_keeps_its_bind_time_name(
+        ctarget_exe: Path) -> None:
+    """The name is read when the target is bound: a process killed right after an attach
+    is still named (the summary of ``prism watch --json`` once said ``?`` for it)."""
+    proc = CTarget(ctarget_exe)
+    try:
+        target = Target(proc.pid)
+    finally:
+        proc.close()
+    assert not target.alive()
+    assert target.name == "ctarget"
+
+
 def test_exe_cmdline_and_name(ctarget: CTarget, ctarget_exe: Path) -> None:
     target = Target(ctarget.pid)
     assert target.exe == os.path.realpath(ctarget_exe)
@@ -145,7 +158,7 @@ def test_exe_cmdline_and_name(ctarget: CTarget, ctarget_exe: Path) -> None:
     ctarget.close()
     assert not target.alive()
     assert target.cmdline == []
-    assert target.name == "?"
+    assert target.name == "ctarget"  # the last name read, once it has gone
     with pytest.raises(TargetExitedError):
         _ = target.exe
     with pytest.raises(TargetExitedError):
