@@ -36,6 +36,17 @@ HOSTS = {"a": 10.0, "b": 14.0}
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
+class _Wire:
+    """What one host's feed published, encoded as the publisher sends it."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def publish(self, _key: str, doc: dict[str, Any]) -> None:
+        """The feed's publish callback: keep the message's bytes."""
+        self.messages.append(encode(doc))
+
+
 def run(seed: int, per_window: int, seconds: int) -> tuple[list[float], list[DigestEntry],
                                                            list[int]]:
     """Both hosts' raw values, the decoded entries and the message sizes of one seed."""
@@ -43,15 +54,11 @@ def run(seed: int, per_window: int, seconds: int) -> tuple[list[float], list[Dig
     entries: list[DigestEntry] = []
     sizes: list[int] = []
     for host, scale in HOSTS.items():
-        now = [0]
-        engine = Engine(host=host, clock=lambda now=now: now[0])  # type: ignore[misc]
+        # the windows are closed by feed.poll's own times: the engine's clock is not read
+        engine = Engine(host=host, clock=lambda: 0)
         engine.watch(1, "vllm", "anchor", {}, device="cuda:0")
-        messages: list[bytes] = []
-
-        def publish(_key: str, doc: dict[str, Any], out: list[bytes] = messages) -> None:
-            out.append(encode(doc))
-
-        feed = DigestFeed(engine, publish)
+        wire = _Wire()
+        feed = DigestFeed(engine, wire.publish)
         targets = engine.view().targets
         rng = random.Random(seed * 7 + len(host) + int(scale))
         key = SeriesKey(ITERATION, "cuda:0", "decode")
@@ -62,8 +69,8 @@ def run(seed: int, per_window: int, seconds: int) -> tuple[list[float], list[Dig
                 raw.append(value)
                 engine.sketches.add(key, second * 10**9 + i * step, value)
             feed.poll(targets, (second + 2) * 10**9)
-        sizes += [len(m) for m in messages]
-        entries += [e for m in messages for e in decode(m).entries]
+        sizes += [len(m) for m in wire.messages]
+        entries += [e for m in wire.messages for e in decode(m).entries]
     return raw, entries, sizes
 
 
