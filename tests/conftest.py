@@ -14,10 +14,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from probes.placement import ProbeSite
+if TYPE_CHECKING:  # only for annotations: a test session need not import placement
+    from probes.placement import ProbeSite
 
 
 def nvml_loadable() -> bool:

@@ -1,8 +1,10 @@
-"""The small simulator scenario the end-to-end tests share: two ranks, steady load.
+"""The small simulator scenarios the end-to-end tests share: two ranks, steady load.
 
-Two ranks (8 layers, hidden 4096) under continuous batching with short prompts, plus an
-optional device slowdown: fast to warm up, and every stage of the `cuda` and `nccl`
-profiles shows.
+:func:`scenario_text`: two ranks (8 layers, hidden 4096) under continuous batching with
+short prompts of varied lengths, plus an optional device slowdown: fast to warm up, and
+every stage of the `cuda` and `nccl` profiles shows. :func:`steady_text`: a saturated
+server (a request every 5 ms, fixed 32-token prompts) whose batch, model size, output
+length and extra tables the test chooses.
 """
 
 from __future__ import annotations
@@ -31,6 +33,35 @@ prompt = {{ dist = "uniform", min = 16, max = 64 }}
 output = {{ dist = "uniform", min = 50, max = 150 }}
 {fault}
 """
+
+
+_STEADY = """
+[scenario]
+name = "{name}"
+description = "test scenario"
+seed = 3
+duration_s = {duration}
+
+[topology]
+ranks = 2
+layers = {layers}
+hidden = {hidden}
+
+[[phase]]
+start_s = 0
+arrival_rate = 200.0
+max_batch = {batch}
+prompt = {{ dist = "fixed", value = 32 }}
+output = {{ dist = "fixed", value = {output} }}
+{extra}
+"""
+
+
+def steady_text(name: str, duration: float, *, batch: int = 8, layers: int = 4,
+                hidden: int = 2048, output: int = 400, extra: str = "") -> str:
+    """The saturated two-rank scenario's TOML; ``extra`` is appended (faults, phases)."""
+    return _STEADY.format(name=name, duration=duration, batch=batch, layers=layers,
+                          hidden=hidden, output=output, extra=extra)
 
 
 def slowdown(start_s: float, duration_s: float, *, rank: int = 1,

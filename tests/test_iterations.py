@@ -30,7 +30,7 @@ from probes.catalog import DerivedFeature, load_profile
 from probes.placement import place_profile
 from probes.target import Target
 from probes.uprobes import Span, UprobeSession
-from tests.test_sim_engine import STEADY
+from tests.sim_scenarios import steady_text
 
 
 def span(probe: str, start: int, end: int, pid: int = 1, **args: int) -> Span:
@@ -115,8 +115,7 @@ def test_exclusive_time_gives_each_instant_to_the_span_that_started_last(
 
 def test_simulator_iterations_match_its_labels(tmp_path: Path) -> None:
     """Iterations cut from real uprobes on a rank agree with the simulator's own labels."""
-    text = STEADY.format(name="iters", duration=30, batch=6, extra="", layers=4, hidden=2048,
-                         output=400)
+    text = steady_text("iters", 30, batch=6)
     path = tmp_path / "iters.toml"
     path.write_text(text)
     labels_path = tmp_path / "labels.jsonl"

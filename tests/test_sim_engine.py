@@ -26,36 +26,15 @@ from probes.catalog import load_profile
 from probes.placement import place_profile
 from probes.target import Target
 from probes.uprobes import Span, UprobeSession
+from tests.sim_scenarios import steady_text
 
 ROOT = Path(__file__).resolve().parent.parent
-
-STEADY = """
-[scenario]
-name = "{name}"
-description = "test scenario"
-seed = 3
-duration_s = {duration}
-
-[topology]
-ranks = 2
-layers = {layers}
-hidden = {hidden}
-
-[[phase]]
-start_s = 0
-arrival_rate = 200.0
-max_batch = {batch}
-prompt = {{ dist = "fixed", value = 32 }}
-output = {{ dist = "fixed", value = {output} }}
-{extra}
-"""
 
 
 def scenario_file(tmp_path: Path, name: str, duration: float, batch: int = 8,
                   extra: str = "", output: int = 400) -> Path:
     path = tmp_path / f"{name}.toml"
-    path.write_text(STEADY.format(name=name, duration=duration, batch=batch, extra=extra,
-                                  layers=4, hidden=2048, output=output))
+    path.write_text(steady_text(name, duration, batch=batch, extra=extra, output=output))
     return path
 
 
@@ -161,8 +140,7 @@ def test_every_fault_slows_iterations_while_on_and_labels_say_so(tmp_path: Path)
                    f"rank = {rank}\n" + (f"intensity = {intensity}\n" if intensity else ""))
     duration = FIRST_S + len(FAULT_WINDOWS) * (ON_S + GAP_S)
     path = tmp_path / "faults.toml"
-    path.write_text(STEADY.format(name="faults", duration=duration, batch=8, extra=faults,
-                                  layers=8, hidden=4096, output=400))
+    path.write_text(steady_text("faults", duration, extra=faults, layers=8, hidden=4096))
     labels_path = tmp_path / "labels.jsonl"
     with SimServer(parse_scenario(path.read_text(), str(path)), labels=labels_path,
                    metrics_port=None) as server:
@@ -335,8 +313,7 @@ def test_workload_shifts_are_not_labelled_as_faults(tmp_path: Path) -> None:
               + phase.format(2.5, 20, 12, 300, 600, 10, 30)  # prompt-length surge
               + phase.format(3.5, 80, 12, 16, 64, 10, 30)  # concurrency step
               + phase.format(4.5, 20, 12, 16, 64, 60, 90))  # longer outputs
-    text = STEADY.format(name="shifts", duration=6, batch=4, extra="", layers=4, hidden=2048,
-                         output=400)
+    text = steady_text("shifts", 6, batch=4)
     text = text[:text.index("[[phase]]")] + phases
     path = tmp_path / "shifts.toml"
     path.write_text(text)
