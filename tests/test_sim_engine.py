@@ -64,10 +64,14 @@ def pin_ranks(server: SimServer) -> int:
 
 
 def test_device_time_of_an_iteration_recovers_a_b_c_exactly() -> None:
-    """The rank's kernels for a (B, kv) grid, timed with device events (no host noise).
+    """The rank's kernels for a (B, kv) grid, timed with device events.
 
-    How closely the host-measured latency in the labels follows the same model is a
-    measurement, not a test: ``bench/sim_cost_model.py``.
+    The device clock does not stretch a kernel, but a kernel starts no earlier than it
+    was launched: a launching thread held up between two launches leaves the device idle
+    between the events, and one such gap in the 20 points put the per-KV-token cost 6.6 %
+    off in a clean-clone run. Each point is the least of three runs (a gap only ever
+    lengthens one). How closely the host-measured latency in the labels follows the same
+    model is a measurement, not a test: ``bench/sim_cost_model.py``.
     """
     from prism_sim.engine import CostModel, Plan
     from prism_sim.runtime import SimDevice
@@ -79,13 +83,16 @@ def test_device_time_of_an_iteration_recovers_a_b_c_exactly() -> None:
         for batch in (1, 4, 8, 16, 32):
             for kv_per_seq in (100, 600, 1500, 3000):
                 plan = Plan(0, "decode", batch, batch, batch * kv_per_seq)
-                start = dev.record_event()
-                for gemm, attn in model.kernels(plan):
-                    dev.launch(attn)
-                    dev.launch(gemm)
-                end = dev.record_event()
-                dev.event_sync(end)
-                rows.append((batch, batch * kv_per_seq, start.elapsed_ms(end)))
+                runs = []
+                for _ in range(3):
+                    start = dev.record_event()
+                    for gemm, attn in model.kernels(plan):
+                        dev.launch(attn)
+                        dev.launch(gemm)
+                    end = dev.record_event()
+                    dev.event_sync(end)
+                    runs.append(start.elapsed_ms(end))
+                rows.append((batch, batch * kv_per_seq, min(runs)))
     data = np.array(rows, dtype=float)
     design = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
     (a_hat, b_hat, c_hat), *_ = np.linalg.lstsq(design, data[:, 2], rcond=None)
