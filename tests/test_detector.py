@@ -609,8 +609,9 @@ def test_a_new_regimes_settling_refit_keeps_the_limit_of_before_the_regime() -> 
 
 
 def test_a_new_regime_is_learnt_even_while_an_alert_fires() -> None:
-    """Novel iterations leave the state as it is: without a refit while firing, an
-    alert that fired just before the load grew would stay firing for good."""
+    """Novel iterations the extrapolation does not explain (1.6x: over the limit, under
+    the ceiling) leave a firing state as it is: without a refit while firing, an alert
+    that fired just before the load grew would stay firing for good."""
     det, rng = warmed("prism")
     t = WARMUP
     for w in workloads(rng, 30):
@@ -618,7 +619,7 @@ def test_a_new_regime_is_learnt_even_while_an_alert_fires() -> None:
         t += 1
     assert det.firing and not det.refit_due
     for w in workloads(rng, RULES["prism"].novelty_refit, 150, 200):
-        v = det.observe(t, noisy(rng, w), w)
+        v = det.observe(t, noisy(rng, w, 1.6), w)
         t += 1
         assert v is not None and v.novel is not None and v.firing
     assert det.refit_due
@@ -626,6 +627,30 @@ def test_a_new_regime_is_learnt_even_while_an_alert_fires() -> None:
     after = [det.observe(t + k, noisy(rng, w), w) for k, w in
              enumerate(workloads(rng, 40, 150, 200))]
     assert any(v is not None and v.transition == "resolved" for v in after)
+
+
+def test_novel_iterations_the_extrapolation_explains_end_an_alert() -> None:
+    """An alert fires; then the load grows past the trained range and its steps run as
+    the law says: a few of them in a row end the alert before any refit (the
+    fault that grew the batch is over), and the next judged slow step does not re-fire
+    from the fault's errors still in the smoothing window."""
+    det, rng = warmed("prism")
+    t = WARMUP
+    for w in workloads(rng, 30):
+        det.observe(t, noisy(rng, w, 1.6), w)
+        t += 1
+    assert det.firing
+    novel = []
+    for w in workloads(rng, 10, 150, 200):
+        novel.append(det.observe(t, noisy(rng, w), w))
+        t += 1
+    assert all(v is not None and v.novel is not None for v in novel)
+    ends = [k for k, v in enumerate(novel) if v is not None and v.transition == "resolved"]
+    assert len(ends) == 1 and ends[0] < det.rule_spec.resolve_after
+    assert not det.firing and not det.refit_due
+    w = workloads(rng, 1)[0]
+    v = det.observe(t, noisy(rng, w), w)
+    assert v is not None and v.novel is None and not v.firing
 
 
 def test_block_calibration_keeps_bursts_of_noise_in_the_limit() -> None:
