@@ -431,6 +431,58 @@ def test_a_workload_beyond_training_is_learnt_not_judged() -> None:
     assert any(v is not None and v.transition == "firing" for v in slow)
 
 
+def test_a_fault_beyond_the_trained_load_fires_instead_of_being_learnt() -> None:
+    """Warm-up saw batches 1-16; then batches 28-40 (novel) run 6x as long as the law says.
+
+    A fault strong enough to queue requests grows the batch past the trained range. Its
+    steps are slower than ``novelty_ceiling`` times the extrapolated prediction, so they
+    are judged against that ceiling and fire, and they count neither as novel nor towards
+    the refit that would learn them as the new load's cost.
+    """
+    rng = np.random.default_rng(5)
+    det = Detector(rule="prism", warmup=WARMUP)
+    for k, w in enumerate(workloads(rng, WARMUP, 1, 16)):
+        det.observe(k, noisy(rng, w), w)
+    assert det.baseline is not None and det.baseline.batch_range == (1.0, 16.0)
+    t = WARMUP
+    slow = []
+    for w in workloads(rng, 2 * RULES["prism"].novelty_refit, 28, 40):
+        slow.append(det.observe(t, noisy(rng, w, 6.0), w))
+        t += 1
+    assert all(v is not None and v.novel is None for v in slow)
+    assert any(v is not None and v.transition == "firing" for v in slow)
+    assert det.firing and det.novel_seen == 0 and not det.refit_due
+
+
+def test_a_new_load_over_the_ceiling_is_learnt_after_the_hold() -> None:
+    """The same 6x-slower large batches, one every 100 ms, for longer than
+    ``novelty_hold_s``: they fire, then (a new load whose cost outgrows the extrapolation,
+    not a fault) they are learnt as novel, the model is refitted and the alert resolves."""
+    rule = RULES["prism"]
+    assert rule.novelty_ceiling is not None
+    rng = np.random.default_rng(5)
+    det = Detector(rule="prism", warmup=WARMUP)
+    for k, w in enumerate(workloads(rng, WARMUP, 1, 16)):
+        det.observe(k, noisy(rng, w), w)
+    step = 100_000_000  # 100 ms
+    start = WARMUP + step
+    hold_steps = int(rule.novelty_hold_s * 1e9 / step)
+    verdicts = []
+    for k, w in enumerate(workloads(rng, hold_steps + rule.novelty_refit, 28, 40)):
+        verdicts.append(det.observe(start + k * step, noisy(rng, w, 6.0), w))
+    before, after = verdicts[:hold_steps], verdicts[hold_steps:]
+    assert any(v is not None and v.transition == "firing" for v in before)
+    assert all(v is not None and v.novel is None for v in before)
+    assert all(v is not None and v.novel is not None for v in after)
+    assert det.novel_seen >= rule.novelty_refit and det.refit_due  # (+ any below range)
+    det.refit_now()
+    t = start + len(verdicts) * step
+    later = [det.observe(t + k * step, noisy(rng, w, 6.0), w)
+             for k, w in enumerate(workloads(rng, 100, 28, 40))]
+    assert any(v is not None and v.transition == "resolved" for v in later)
+    assert not det.firing
+
+
 def test_a_workload_below_training_is_judged_and_then_learnt() -> None:
     """Warm-up saw batches 16-64; the load drops to batches 1-4.
 
@@ -557,8 +609,9 @@ def test_a_new_regimes_settling_refit_keeps_the_limit_of_before_the_regime() -> 
 
 
 def test_a_new_regime_is_learnt_even_while_an_alert_fires() -> None:
-    """Novel iterations leave the state as it is: without a refit while firing, an
-    alert that fired just before the load grew would stay firing for good."""
+    """Novel iterations the extrapolation does not explain (1.6x: over the limit, under
+    the ceiling) leave a firing state as it is: without a refit while firing, an alert
+    that fired just before the load grew would stay firing for good."""
     det, rng = warmed("prism")
     t = WARMUP
     for w in workloads(rng, 30):
@@ -566,7 +619,7 @@ def test_a_new_regime_is_learnt_even_while_an_alert_fires() -> None:
         t += 1
     assert det.firing and not det.refit_due
     for w in workloads(rng, RULES["prism"].novelty_refit, 150, 200):
-        v = det.observe(t, noisy(rng, w), w)
+        v = det.observe(t, noisy(rng, w, 1.6), w)
         t += 1
         assert v is not None and v.novel is not None and v.firing
     assert det.refit_due
@@ -574,6 +627,30 @@ def test_a_new_regime_is_learnt_even_while_an_alert_fires() -> None:
     after = [det.observe(t + k, noisy(rng, w), w) for k, w in
              enumerate(workloads(rng, 40, 150, 200))]
     assert any(v is not None and v.transition == "resolved" for v in after)
+
+
+def test_novel_iterations_the_extrapolation_explains_end_an_alert() -> None:
+    """An alert fires; then the load grows past the trained range and its steps run as
+    the law says: a few of them in a row end the alert before any refit (the
+    fault that grew the batch is over), and the next judged slow step does not re-fire
+    from the fault's errors still in the smoothing window."""
+    det, rng = warmed("prism")
+    t = WARMUP
+    for w in workloads(rng, 30):
+        det.observe(t, noisy(rng, w, 1.6), w)
+        t += 1
+    assert det.firing
+    novel = []
+    for w in workloads(rng, 10, 150, 200):
+        novel.append(det.observe(t, noisy(rng, w), w))
+        t += 1
+    assert all(v is not None and v.novel is not None for v in novel)
+    ends = [k for k, v in enumerate(novel) if v is not None and v.transition == "resolved"]
+    assert len(ends) == 1 and ends[0] < det.rule_spec.resolve_after
+    assert not det.firing and not det.refit_due
+    w = workloads(rng, 1)[0]
+    v = det.observe(t, noisy(rng, w), w)
+    assert v is not None and v.novel is None and not v.firing
 
 
 def test_block_calibration_keeps_bursts_of_noise_in_the_limit() -> None:

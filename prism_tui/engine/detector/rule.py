@@ -75,6 +75,16 @@ class DetectorRule:
             cover it. A workload *below* the trained range is judged (conservatively)
             and learnt by the same refit. None: judge everything (the paper).
         novelty_refit: (regime) see ``novelty_margin``.
+        novelty_ceiling: (regime) when set, a novel iteration slower than this many
+            times the model's prediction (which the robust form extrapolates along the
+            step's physical shape) is judged against that ceiling instead of learnt: a
+            fault that queues requests and grows the batch must not become the new load's
+            baseline; and while an alert fires, novel iterations under the ceiling count
+            towards resolving it (the fault that grew the batch is over). None: every
+            novel iteration is learnt and leaves the alert state as it is.
+        novelty_hold_s: (regime) once novel iterations have run over the ceiling for this
+            many seconds, they are learnt after all: a new load whose cost outgrows the
+            extrapolation pages once, then becomes the baseline.
         range_quantile: (regime) the workload range a model counts as trained runs from
             this quantile of its rows' batch sizes and contexts to ``1 -`` it (0: min to
             max), so a few stray rows do not stretch it.
@@ -131,6 +141,8 @@ class DetectorRule:
     # the workload regime
     novelty_margin: float | None = None
     novelty_refit: int = 100
+    novelty_ceiling: float | None = None
+    novelty_hold_s: float = 60.0
     range_quantile: float = 0.0
     bound_by_previous: bool = False
     # firing
@@ -165,6 +177,7 @@ RULES: dict[str, DetectorRule] = {
         refit_ucl_growth=1.0,
         settle_keeps_limit=True,
         novelty_margin=0.5,
+        novelty_ceiling=2.0,
         range_quantile=0.01,
         bound_by_previous=True,
         window=9,

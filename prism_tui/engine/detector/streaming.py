@@ -145,6 +145,9 @@ class Detector:
         self._firing = False
         self._since_resolve = 1 << 62  # judged iterations since the last resolve
         self._novel = 0
+        self._over_ceiling_since: int | None = None  # first novel step over the ceiling
+        self._novel_errors: deque[float] = deque(maxlen=self._resolve_after)
+        """Errors of the novel steps seen in a row while firing (see novelty_ceiling)."""
         self._settle = False
         self._since_fit = 0
         self._first_ns: int | None = None
@@ -264,6 +267,7 @@ class Detector:
         self._baseline = baseline
         self._since_fit = 0
         self._novel = 0
+        self._over_ceiling_since = None
         self._training.clear()
         # errors against the previous model say nothing about this one
         self._errors.clear()
@@ -347,20 +351,42 @@ class Detector:
         margin = self._rule.novelty_margin
         novel = (self._baseline.novelty(x, margin)
                  if margin is not None and x is not None else None)
+        ceiling = self._rule.novelty_ceiling
+        if novel is not None and ceiling is not None and lat > ceiling * predicted:
+            if self._over_ceiling_since is None:
+                self._over_ceiling_since = t_ns
+            if t_ns - self._over_ceiling_since < self._rule.novelty_hold_s * 1e9:
+                # slower than the extrapolated load explains: judged against the ceiling,
+                # and neither counted nor kept towards the refit that would learn it
+                predicted *= ceiling
+                err = (lat - predicted) / lat
+                novel = None
         if novel is not None and x is not None:
-            # outside what the model learned: neither evidence of a fault nor of its
-            # absence. Kept for the refit; the smoothed error and the state stand still.
+            # outside what the model learned: no evidence of a fault, kept for the refit;
+            # the smoothed error stands still. With a ceiling, a step under it while
+            # firing may end the alert (the fault that grew the batch is over); the
+            # smoothing window then starts from such steps, not from the fault's errors.
             self._novel += 1
             self._recent.append((*x, lat))
             self._since_fit += 1
             self.n_verdicts += 1
+            transition: Transition | None = None
+            if self._firing and ceiling is not None:
+                self._novel_errors.append(err)
+                if self._resolve.resolves(error=err, smoothed=err, ucl=ucl):
+                    self._firing = False
+                    self._since_resolve = 0
+                    transition = "resolved"
+                    self._errors.clear()
+                    self._errors.extend(self._novel_errors)
             return Verdict(t_ns, lat, predicted, err, self._smoothed_now(), ucl,
-                           self._firing, None, novel)
+                           self._firing, transition, novel)
         if margin is not None and x is not None and self._baseline.below_range(x, BELOW_MARGIN):
             # judged (the error is conservative) and counted towards a refit that learns it
             self._novel += 1
         smoothed = self._smooth(err)
-        transition: Transition | None = None
+        self._novel_errors.clear()
+        transition = None
         if not self._firing:
             # the limit was calibrated on errors smoothed over W: a mean of fewer (the first
             # verdicts after a fit) is noisier and is not compared with it
