@@ -75,6 +75,13 @@ def _parse_maps(text: str) -> Iterator[_MapsLine]:
                         parts[5])
 
 
+def _split_stat(stat: str) -> tuple[str, list[str]]:
+    """``/proc/PID/stat`` as (comm, the fields after it, from ``state`` on)."""
+    # comm may hold spaces and parentheses: fields start after the last ')'
+    end = stat.rindex(")")
+    return stat[stat.index("(") + 1:end], stat[end + 2:].split()
+
+
 class Target:
     """A live process the monitor attaches to. Cheap to create; reads /proc on demand."""
 
@@ -86,17 +93,15 @@ class Target:
             stat = (self._proc / "stat").read_text()
         except (FileNotFoundError, ProcessLookupError) as exc:
             raise TargetNotFoundError(f"no process with pid {pid}") from exc
-        self.start_time = int(stat[stat.rindex(")") + 2:].split()[19])
         # the name at bind time, kept for a process that exits before anyone asks
-        self._last_name = stat[stat.index("(") + 1:stat.rindex(")")]
+        self._last_name, fields = _split_stat(stat)
+        self.start_time = int(fields[19])
 
     def __repr__(self) -> str:
         return f"Target(pid={self.pid}, name={self.name!r})"
 
     def _stat_fields(self) -> list[str]:
-        stat = (self._proc / "stat").read_text()
-        # comm may hold spaces and parentheses: fields start after the last ')'
-        return stat[stat.rindex(")") + 2:].split()
+        return _split_stat((self._proc / "stat").read_text())[1]
 
     def alive(self) -> bool:
         """True while the same process runs (not a zombie, not a reused PID)."""
