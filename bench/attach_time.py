@@ -108,7 +108,7 @@ def child(pid: int, match: str | None) -> dict[str, Any]:
 
     sites = timed("placement", place)
     session = timed("uprobes", lambda: UprobeSession(
-        [target], sites, urgent={profile.anchor} if profile.anchor else set()).open())
+        [target], sites, urgent=set(profile.anchors)).open())
     events = sum(len(r.fds) for r in [*session._rings.values(), *session._watchers.values()])
     rings = len(session._rings) + len(session._watchers)
     session.close()

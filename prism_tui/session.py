@@ -152,10 +152,10 @@ def pick_profile(target: Target, name: str | None) -> Profile:
     # blas) would have the monitor cut "iterations" at whatever recurs (GIL waits...)
     for candidate in sorted(available_profiles()):
         profile = load_profile(candidate)
-        if profile.anchor is None:
+        if not profile.anchors:
             continue
         placement = place_profile(target, profile, "sentinel")
-        if any(s.probe == profile.anchor for s in placement.sites):
+        if any(s.probe in profile.anchors for s in placement.sites):
             return profile
     raise UsageError(f"no profile's iteration anchor resolves in pid {target.pid}; "
                      "name one with --profile (prism symbols --pid PID lists them; a "

@@ -44,7 +44,7 @@ def _anchorless_cuda(tmp_path: Path) -> Profile:
     path = tmp_path / "cuda_anchorless.toml"
     path.write_text("".join(kept))
     profile = load_profile(str(path))
-    assert profile.anchor is None
+    assert profile.anchors == ()
     return profile
 
 
@@ -155,7 +155,7 @@ def test_an_anchor_is_chosen_from_the_spans_and_cuts_the_same_iterations(
 
 def test_prism_watch_takes_a_profile_without_an_anchor(tmp_path: Path) -> None:
     profile = _anchorless_cuda(tmp_path)
-    assert profile.anchor is None
+    assert profile.anchors == ()
     with sim_server(scenario_file(tmp_path, 30)) as server:
         result = subprocess.run(
             [sys.executable, "-m", "prism_tui.cli", "watch", "--pid",
@@ -240,3 +240,35 @@ def test_a_named_anchor_that_fires_is_kept(ctarget: CTarget) -> None:
         assert observed and monitor.engine.recent_spans(60.0) == []
     assert monitor.anchor == "work" and monitor.anchor_choice is None
     assert not [n for n in notices if "has not fired" in n], notices
+
+
+def test_of_a_profiles_alternative_anchors_the_one_that_fires_cuts_iterations(
+        ctarget: CTarget) -> None:
+    """``anchor = ["work", "step"]``, as llama.cpp's profile names ``llama_decode`` and
+    ``llama_process``: the serve loop calls only ``pl_step``, which is taken as soon as
+    it fires (no silence to wait out, no ranking), and the steps before the choice are
+    cut too."""
+    ctarget.cmd("serve_start 5000 20")
+    profile = parse_profile(SILENT_ANCHOR_PROFILE.replace('anchor = "work"',
+                                                          'anchor = ["work", "step"]'),
+                            "ctarget-alternatives")
+    assert profile.anchors == ("work", "step")
+    notices: list[str] = []
+    observed: list[Observation] = []
+    with Monitor([Target(ctarget.pid)], profile, detection=DetectionConfig(warmup=100_000),
+                 config=MonitorConfig(escalation_s=0, telemetry=False, anchor_silence_s=30.0),
+                 subscribers=Subscribers(notice=notices.append,
+                                         observation=observed.append)) as monitor:
+        t0 = time.monotonic_ns()
+        asyncio.run(monitor.run(3.0))
+        t1 = time.monotonic_ns()
+    assert monitor.anchor == "step" and monitor.anchor_choice is None, notices
+    chosen = [n for n in notices if n.startswith("iteration anchor:")]
+    assert chosen == [f"iteration anchor: step, the first of profile {profile.name!r}'s "
+                      "anchors to fire (not work)"], notices
+    assert not [n for n in notices if "has not fired" in n or "choosing" in n], notices
+    ends = sorted(o.iteration.end_ns for o in observed)
+    # a step every ~5 ms for 3 s: the held ones were cut as well (the first within
+    # half a second of the start, not from the choice on)
+    assert len(ends) > 200 and ends[0] - t0 < 500_000_000, (len(ends), notices)
+    assert ends[-1] <= t1

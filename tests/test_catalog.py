@@ -81,8 +81,8 @@ def test_builtin_profile_is_valid(name: str) -> None:
         assert probe.level in ("sentinel", "deepdive")
         for capture in probe.captures:
             assert capture.source != "ret" or probe.ret
-    if profile.anchor is not None:
-        assert profile.probe(profile.anchor).level == "sentinel"
+    for anchor in profile.anchors:
+        assert profile.probe(anchor).level == "sentinel"
     assert profile.probes_at("sentinel"), "a profile needs always-on probes"
     assert set(profile.probes_at("deepdive")) == set(profile.probes)
     derived = [d.name for d in profile.derived]
@@ -132,14 +132,14 @@ def test_builtin_captures_match_the_signatures(key: tuple[str, str, str], spec: 
 
 def test_builtin_sentinel_choices() -> None:
     cuda = load_profile("cuda")
-    assert cuda.anchor == "stream_sync"
+    assert cuda.anchors == ("stream_sync",)
     assert {p.symbol for p in cuda.probes_at("sentinel")} == {
         "cudaGraphLaunch", "cudaStreamSynchronize", "cudaDeviceSynchronize",
         "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy"}
     assert cuda.probe("stream_sync").stage == "device_sync"
     assert cuda.probe("launch").level == "deepdive"
     llama = load_profile("llama_cpp")
-    assert llama.anchor == "decode"
+    assert llama.anchors == ("decode", "process")
     assert llama.probe("decode").ret
     cpython = load_profile("cpython")
     assert not cpython.probe("gil_wait").optional
@@ -347,6 +347,18 @@ MALFORMED = {
     "unknown anchor": (MINIMAL.replace('description = "minimal profile"',
                                        'description = "d"\nanchor = "q"  #<'),
                        "anchor 'q' is not a probe id"),
+    "unknown alternative anchor": (MINIMAL.replace('description = "minimal profile"',
+                                                   'description = "d"\nanchor = ["p", "q"]  #<'),
+                                   "anchor 'q' is not a probe id"),
+    "empty anchor list": (MINIMAL.replace('description = "minimal profile"',
+                                          'description = "d"\nanchor = []  #<'),
+                          "'anchor' lists no probe"),
+    "anchor listed twice": (MINIMAL.replace('description = "minimal profile"',
+                                            'description = "d"\nanchor = ["p", "p"]  #<'),
+                            "anchor lists a probe twice"),
+    "anchor of numbers": (MINIMAL.replace('description = "minimal profile"',
+                                          'description = "d"\nanchor = [1]  #<'),
+                          "anchor probes must be probe ids (strings), not 1"),
     "deepdive anchor": (MINIMAL.replace('description = "minimal profile"',
                                         'description = "d"\nanchor = "p"  #<')
                         + 'level = "deepdive"\n', "must be a sentinel probe"),
@@ -560,7 +572,7 @@ def test_profile_accessors() -> None:
         profile.library("nope")
     with pytest.raises(ValueError, match="unknown level"):
         profile.probes_at("always")
-    assert profile.anchor is None and profile.phase_rule is None and profile.derived == ()
+    assert profile.anchors == () and profile.phase_rule is None and profile.derived == ()
 
 
 def test_optional_keys_and_single_soname_string() -> None:
@@ -570,9 +582,16 @@ def test_optional_keys_and_single_soname_string() -> None:
                                      'phase_rule = "min(calls.p, n) / n"')
                             + 'optional = true\n')
     assert profile.library("lib").patterns == ("libx.so*",)
-    assert profile.anchor == "p"
+    assert profile.anchors == ("p",)
     assert profile.phase_rule == "min(calls.p, n) / n"
     assert profile.probe("p").optional
+
+
+def test_an_anchor_list_keeps_its_order() -> None:
+    text = (MINIMAL.replace('description = "minimal profile"',
+                            'description = "d"\nanchor = ["q", "p"]')
+            + '\n[[probe]]\nid = "q"\nlibrary = "lib"\nsymbol = "g"\nstage = "s"\n')
+    assert parse_profile(text).anchors == ("q", "p")
 
 
 def test_library_spec_matches_basenames_only() -> None:

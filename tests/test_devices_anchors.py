@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from prism_tui.engine import devices
+from prism_tui.engine.anchor_discovery import AnchorDiscovery
 from prism_tui.engine.anchors import choose_anchor, dominant_period_ms, rank_anchors
 from prism_tui.engine.core import DetectionConfig
 from prism_tui.engine.devices import VISIBLE_DEVICE_VARS, NvmlDevices, device_of, read_environ
@@ -296,3 +297,55 @@ def test_dominant_period_of_aperiodic_or_tiny_streams_is_none() -> None:
     assert dominant_period_ms([]) is None
     assert dominant_period_ms([1, 2, 3]) is None
     assert dominant_period_ms([5 * MS] * 10) is None
+
+
+def _real_spans(spans: list[S]) -> list[Span]:
+    return [Span(s.probe, s.pid, s.tid, s.start_ns, s.end_ns) for s in spans]
+
+
+def test_the_first_alternative_anchor_to_fire_is_taken_with_every_span_held() -> None:
+    """Alternatives (``llama_decode`` / ``llama_process``): the one that fires wins at the
+    next check, without ranking, and every span held so far is handed back to be cut."""
+    notices: list[str] = []
+    discovery = AnchorDiscovery("p", 5.0, notice=notices.append,
+                                candidates=("decode", "sync"), candidates_s=10.0)
+    discovery.start(0.0)
+    assert notices == []  # nothing to say while an alternative may still fire
+    spans = _real_spans(inference_stream(iterations=50))
+    discovery.hold(spans[:400])
+    discovery.hold(spans[400:])
+    held = discovery.check(0.1)  # before the rate-limited ranking is due: no matter
+    assert held is not None and len(held) == len(spans)
+    assert discovery.chosen == "sync" and discovery.choice is None
+    assert len(notices) == 1 and "the first of profile 'p''s anchors to fire" in notices[0]
+    assert "(not decode)" in notices[0]
+
+
+def test_alternatives_that_never_fire_give_way_to_a_ranked_choice_after_their_wait() -> None:
+    notices: list[str] = []
+    discovery = AnchorDiscovery("p", 5.0, notice=notices.append,
+                                candidates=("decode", "process"), candidates_s=10.0)
+    discovery.start(0.0)
+    discovery.hold(_real_spans(inference_stream(iterations=300)))
+    assert discovery.check(1.0) is None and discovery.check(9.0) is None
+    assert discovery.chosen is None and notices == []
+    held = discovery.check(10.5)
+    assert held is not None and discovery.chosen == "sync"
+    assert discovery.choice is not None and discovery.choice.probe == "sync"
+    assert "none of profile 'p''s iteration anchors (decode, process) fired in 10 s" \
+        in notices[0], notices
+    assert notices[1].startswith("iteration anchor: sync, chosen from"), notices
+
+
+def test_an_alternative_firing_late_still_beats_the_ranking() -> None:
+    """A server idle past the wait: nothing qualifies to rank, then its step fires."""
+    notices: list[str] = []
+    discovery = AnchorDiscovery("p", 5.0, notice=notices.append,
+                                candidates=("decode", "process"), candidates_s=1.0)
+    discovery.start(0.0)
+    assert discovery.check(2.0) is None and discovery.chosen is None
+    late = [Span("launch", 1, 1, k * MS, k * MS + 10) for k in range(3)]
+    late.append(Span("process", 1, 1, 5 * MS, 6 * MS))
+    discovery.hold(late)
+    held = discovery.check(2.1)
+    assert held == late and discovery.chosen == "process", notices

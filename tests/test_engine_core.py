@@ -489,7 +489,7 @@ def test_mixed_steps_are_sketched_apart_and_not_judged_as_decode() -> None:
     profile = load_profile("llama_cpp")
     engine = Engine(DetectionConfig(rule="prism", warmup=10**6), clock=lambda: 0,
                     wall_clock=lambda: WALL, host="t")
-    engine.watch(7, "llama-server", profile.anchor or "decode",
+    engine.watch(7, "llama-server", profile.anchors[0] if profile.anchors else "decode",
                  {p.id: p.stage for p in profile.probes}, profile="llama_cpp",
                  derived=profile.derived, phase_rule=profile.phase_rule)
     spans, t = [Span("decode", 7, 7, 0, 10, MappingProxyType({"n_tokens": 1}))], 10

@@ -126,7 +126,7 @@ def test_simulator_iterations_match_its_labels(tmp_path: Path) -> None:
         profile = load_profile("cuda")
         sites = place_profile(target, profile, "sentinel").sites
         sites += place_profile(target, load_profile("nccl"), "sentinel").sites
-        builder = IterationBuilder(pid, profile.anchor or "stream_sync",
+        builder = IterationBuilder(pid, profile.anchors[0] if profile.anchors else "stream_sync",
                                    {s.probe: s.stage for s in sites},
                                    derived=profile.derived)
         iterations = []
@@ -219,7 +219,7 @@ def test_llama_cpp_steps_are_cut_into_prefill_mixed_and_decode() -> None:
     """The llama_cpp profile's rule on its own probes' spans: a prompt alone, then two
     slots decoding, then a prompt chunk beside them."""
     profile = load_profile("llama_cpp")
-    b = IterationBuilder(1, profile.anchor or "decode",
+    b = IterationBuilder(1, profile.anchors[0] if profile.anchors else "decode",
                          {p.id: p.stage for p in profile.probes},
                          derived=profile.derived,
                          phase_rule=DerivedFeature("phase", profile.phase_rule or ""))

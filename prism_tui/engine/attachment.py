@@ -43,13 +43,13 @@ class Attached:
     recent: deque[GovernorAction] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
 
 
-def open_sentinels(target: Target, profiles: Sequence[Profile], anchor: str | None,
+def open_sentinels(target: Target, profiles: Sequence[Profile], anchors: Sequence[str],
                    probing: ProbingConfig, device_of: Callable[[int], str],
                    on_fallback: Callable[[str], None] | None = None,
                    ) -> tuple[ProbeSession, list[Placement], str]:
     """Place the sentinel probes of ``profiles`` (the main one first) in ``target``, open
-    them (``anchor`` urgent) and find its device label; blocking, any thread. Raises
-    ValueError when the anchor does not resolve, or nothing does without one.
+    them (``anchors`` urgent) and find its device label; blocking, any thread. Raises
+    ValueError when none of ``anchors`` resolves, or nothing does without one.
     ``on_fallback`` is told why when ``probing.backend`` is ``auto`` and eBPF is not usable."""
     main = profiles[0]
     placements = []
@@ -58,13 +58,14 @@ def open_sentinels(target: Target, profiles: Sequence[Profile], anchor: str | No
         placement = place_profile(target, profile, "sentinel")
         placements.append(placement)
         sites += placement.sites
-    if anchor is not None and not any(s.probe == anchor for s in sites):
-        raise ValueError(f"the anchor {anchor!r} of profile "
+    if anchors and not any(s.probe in anchors for s in sites):
+        named = " or ".join(repr(a) for a in anchors)
+        raise ValueError(f"the anchor {named} of profile "
                          f"{main.name!r} does not resolve in pid {target.pid}")
-    if anchor is None and not sites:
+    if not anchors and not sites:
         raise ValueError(f"no sentinel probe of profile {main.name!r} resolves "
                          f"in pid {target.pid}: nothing to choose an anchor from")
-    urgent: set[str] = set() if anchor is None else {anchor}
+    urgent = set(anchors)
     session, fell_back = open_session([target], sites, backend=probing.backend,
                                       mode=probing.mode, urgent=urgent,
                                       ring_pages=probing.ring_pages,

@@ -102,7 +102,10 @@ class Monitor:
         A named anchor that has not fired ``config.anchor_silence_s`` after the loop
         started, while 100 spans of the other probes did, is given up the same way (one
         notice says so); the governor acts only once the anchor has fired, so it has
-        detached nothing that could be the one to choose.
+        detached nothing that could be the one to choose. A profile that names several
+        anchors (alternatives for different versions of an engine) has its spans held the
+        same way until one of them fires, and that one is the anchor; they are all urgent
+        until then.
 
         With ``config.run_queue_stage``, the anchor thread's run-queue wait
         (``schedstat``) is read as each iteration arrives and becomes its ``runqueue``
@@ -129,7 +132,8 @@ class Monitor:
         self._run_queue = RunQueueReader()
         self.profile = profile
         self.extra_profiles = list(extra_profiles)
-        self.anchor: str | None = profile.anchor
+        anchors = profile.anchors
+        self.anchor: str | None = anchors[0] if len(anchors) == 1 else None
         self.match = match
         self.telemetry = config.telemetry
         self.on_snapshot, self.on_view = subscribers.snapshot, subscribers.view
@@ -147,12 +151,14 @@ class Monitor:
         self.governing = Governing(probing, count=self.engine.count_governor_decision,
                                    notice=self._notice)
         """The overhead governor of every target (:mod:`~prism_tui.engine.governing`)."""
-        self._discovery = None if profile.anchor is not None else AnchorDiscovery(
-            profile.name, config.anchor_discovery_s, notice=self._notice)
-        """The spans held until an anchor is chosen (None: the profile names one)."""
+        self._discovery = None if self.anchor is not None else AnchorDiscovery(
+            profile.name, config.anchor_discovery_s, notice=self._notice,
+            candidates=anchors, candidates_s=config.anchor_silence_s)
+        """The spans held until an anchor is chosen or one of the profile's alternative
+        anchors fires (None: the profile names one)."""
         self._anchor_discovery_s = config.anchor_discovery_s
-        self._silence = None if profile.anchor is None else AnchorSilence(
-            profile.anchor, config.anchor_silence_s)
+        self._silence = None if self.anchor is None else AnchorSilence(
+            self.anchor, config.anchor_silence_s)
         """Watches a named anchor for never firing (None: discovery from the start)."""
         self._rescanner = None if match is None else Rescanner(
             match, open_target=self._open, adopt=self._adopt,
@@ -226,8 +232,18 @@ class Monitor:
     def _open(self, target: Target) -> Opened:
         """The blocking half of an attach (ELF lookups, perf events, the device label from
         NVML's process list): any thread."""
-        return open_sentinels(target, [self.profile, *self.extra_profiles], self.anchor,
+        return open_sentinels(target, [self.profile, *self.extra_profiles], self._anchors(),
                               self.probing, self.device_of, on_fallback=self._notice_backend)
+
+    def _anchors(self) -> tuple[str, ...]:
+        """The anchor a target is opened with (urgent, and it must resolve): the one
+        known, the profile's alternatives while none has fired, else none."""
+        if self.anchor is not None:
+            return (self.anchor,)
+        if self._discovery is not None and self._discovery.chosen is None \
+                and self._discovery.choice is None:
+            return self._discovery.candidates
+        return ()
 
     def _notice_backend(self, why: str) -> None:
         """Say once that ``auto`` fell back to the perf backend, and why (any thread)."""
@@ -581,8 +597,8 @@ class Monitor:
 
     def _discovered(self, held: list[Span]) -> None:
         """An anchor was chosen: watch every target with it, then feed its held spans."""
-        assert self._discovery is not None and self._discovery.choice is not None
-        self.anchor = self._discovery.choice.probe
+        assert self._discovery is not None and self._discovery.chosen is not None
+        self.anchor = self._discovery.chosen
         for pid, att in self._attached.items():
             self._watch(att)
             mine = [s for s in held if s.pid == pid]

@@ -205,7 +205,12 @@ class Profile:
     description: str
     libraries: tuple[LibrarySpec, ...]
     probes: tuple[ProbeSpec, ...]
-    anchor: str | None
+    anchors: tuple[str, ...]
+    """The probes whose span end closes an iteration. One: the anchor. Several: versions
+    or builds of the engine step through different functions (llama.cpp's
+    ``llama_decode`` and ``llama_process``), and the first of them to fire in a target
+    is its anchor. Empty: one is chosen from the spans
+    (:mod:`prism_tui.engine.anchors`)."""
     phase_rule: str | None
     """An expression of the iteration's features giving the share of the step's new
     tokens that are decode tokens (one per running sequence): 1 or more is ``decode``,

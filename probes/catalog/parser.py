@@ -138,25 +138,25 @@ class _Parser:
         if "profile" not in doc:
             self.fail(1, "", "missing the [profile] table (name, description)")
         meta = self.get(doc, "profile", dict, "", self.loc.root_key, 1, required=True)
-        name, description, anchor, phase_rule = self.parse_meta(meta, header)
+        name, description, anchors, phase_rule = self.parse_meta(meta, header)
         libraries = self.parse_libraries(doc)
         probes = self.parse_probes(doc, {lib.id for lib in libraries})
         derived = self.parse_derived(doc, probes)
-        if anchor is not None:
+        ids = [p.id for p in probes]
+        for anchor in anchors:
             line = self.loc.key("profile", None, "anchor")
-            ids = [p.id for p in probes]
             if anchor not in ids:
                 self.fail(line, "[profile]",
                           f"anchor {anchor!r} is not a probe id{suggest(anchor, ids)}")
             if next(p for p in probes if p.id == anchor).level != "sentinel":
                 self.fail(line, "[profile]", f"anchor probe {anchor!r} must be a sentinel "
                           "probe: iterations are cut in sentinel mode too")
-        return Profile(name, description, libraries, probes, anchor, phase_rule, derived,
+        return Profile(name, description, libraries, probes, anchors, phase_rule, derived,
                        self.source)
 
     def parse_meta(self, meta: Mapping[str, Any], header: int
-                   ) -> tuple[str, str, str | None, str | None]:
-        """The ``[profile]`` table: name, description, anchor, phase_rule."""
+                   ) -> tuple[str, str, tuple[str, ...], str | None]:
+        """The ``[profile]`` table: name, description, anchor(s), phase_rule."""
         ctx = "[profile]"
 
         def line_of(key: str) -> int:
@@ -171,14 +171,24 @@ class _Parser:
             self.fail(line_of("name"), ctx, f"name {name!r} must match the file name "
                       f"{self.expect_name + '.toml'!r}")
         description = self.get(meta, "description", str, ctx, line_of, header, required=True)
-        anchor = self.get(meta, "anchor", str, ctx, line_of, header)
+        anchor = self.get(meta, "anchor", (list, str), ctx, line_of, header)
+        anchors = (anchor,) if isinstance(anchor, str) else tuple(anchor or ())
+        if isinstance(anchor, list) and not anchor:
+            self.fail(line_of("anchor"), ctx, "'anchor' lists no probe (leave it out to have "
+                      "one chosen from the spans)")
+        for one in anchors:
+            if not isinstance(one, str) or not one:
+                self.fail(line_of("anchor"), ctx,
+                          f"anchor probes must be probe ids (strings), not {one!r}")
+        if len(set(anchors)) < len(anchors):
+            self.fail(line_of("anchor"), ctx, f"anchor lists a probe twice: {list(anchors)}")
         phase_rule = self.get(meta, "phase_rule", str, ctx, line_of, header)
         if phase_rule is not None:
             try:
                 compile_expression(phase_rule)
             except ValueError as exc:
                 self.fail(line_of("phase_rule"), ctx, f"phase_rule: {exc}")
-        return name, description, anchor, phase_rule
+        return name, description, anchors, phase_rule
 
     def tables(self, doc: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
         """The array of tables ``[[key]]`` (possibly empty), each item checked."""
