@@ -1,8 +1,10 @@
 """What `prism watch` costs a real llama.cpp server: tokens/s without and with it.
 
 A ``llama_cpp.server`` (llama-cpp-python, the tiny random-weight model of
-tests/llama_fixtures.py, two compute threads) is driven by closed-loop HTTP clients in
-interleaved rounds of three configurations, the order rotated every round:
+tests/llama_fixtures.py, two compute threads), or with ``--server cpp`` llama.cpp's
+``llama-server`` (three slots: the clients' requests batched into one step), is driven
+by closed-loop HTTP clients in interleaved rounds of three configurations, the order
+rotated every round:
 
 ``bare``     no monitor;
 ``watch``    ``prism watch --pid P --profile llama_cpp --headless --no-history``
@@ -17,11 +19,13 @@ attaches its threads' probes then; those tokens/s are printed apart), then measu
 ``--round-s``. Per round and configuration it prints the completion tokens/s the HTTP
 responses report, the ratio to the same round's ``bare``, the server's and the monitor's CPU
 (``/proc/PID/stat``) over the driven window, and the monitor's CPU per iteration (one
-``llama_decode`` call: the server's own step count, from the responses). The summary is
-the median ratio and its spread (min-max) over the rounds.
+``llama_decode`` call: the server's own step count, from the responses; llama-server's
+steps are its ``llamacpp:n_decode_total`` metric). The summary is the median ratio and
+its spread (min-max) over the rounds.
 
     python bench/llama_overhead.py --rounds 3 --round-s 15 --settle-s 10
     python bench/llama_overhead.py --pin ...   # server alone on a CPU, monitor on another
+    python bench/llama_overhead.py --server cpp ...   # llama-server
 
 ``--pin`` measures what the monitor costs when it does not share the server's CPU: the
 server, with one compute thread, alone on the first CPU; the monitor (its threads and
@@ -40,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from math import ceil
 from pathlib import Path
 from typing import Any
@@ -48,11 +53,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.llama_fixtures import (  # noqa: E402
+    LLAMA_SERVER_BIN,
     N_BATCH,
     Completion,
     LineReader,
     drive,
     llama_cpp_importable,
+    running_cpp_server,
     running_server,
     stop_process,
     write_tiny_llama,
@@ -78,6 +85,7 @@ ret = true
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PINNED_SERVER_ARGS = ("--n_threads", "1", "--n_threads_batch", "1")
 """With ``--pin`` the server has one CPU: two compute threads would spin against each other."""
+PINNED_CPP_SERVER_ARGS = ("--threads", "1", "--threads-batch", "1")
 
 
 def cpu_s(pid: int) -> float:
@@ -116,6 +124,15 @@ def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float,
     return proc, out
 
 
+def cpp_decode_calls(url: str) -> int:
+    """llama-server's own count of its steps so far (``llamacpp:n_decode_total``)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("llamacpp:n_decode_total"):
+                return int(float(line.split()[-1]))
+    raise RuntimeError("llama-server's /metrics has no llamacpp:n_decode_total")
+
+
 def tokens_per_s(done: list[Completion]) -> float:
     """Completion tokens per second over the span of these requests."""
     wall_s = (max(c.done_ns for c in done) - min(c.sent_ns for c in done)) / 1e9
@@ -124,7 +141,7 @@ def tokens_per_s(done: list[Completion]) -> float:
 
 def one_round(url: str, server_pid: int, config: str, profile_dir: Path, round_s: float,
               settle_s: float, clients: int, max_tokens: int, first_index: int,
-              monitor_cpus: set[int] | None = None) -> dict[str, Any]:
+              monitor_cpus: set[int] | None = None, cpp: bool = False) -> dict[str, Any]:
     """Drive the server for ``settle_s`` then ``round_s`` under ``config``; tokens/s of
     both windows, CPU figures of the second (the monitor's attach transient is left out
     of it: it is reported on its own as ``settle_tokens_per_s``)."""
@@ -137,17 +154,19 @@ def one_round(url: str, server_pid: int, config: str, profile_dir: Path, round_s
                        first_index=first_index + 5000)
         server0 = cpu_s(server_pid)
         mon0 = cpu_s(watch.pid) if watch else 0.0
+        decode0 = cpp_decode_calls(url) if cpp else 0
         done = drive(url, clients=clients, duration_s=round_s, max_tokens=max_tokens,
                      first_index=first_index)
         server1 = cpu_s(server_pid)
         mon1 = cpu_s(watch.pid) if watch else 0.0
+        decode1 = cpp_decode_calls(url) if cpp else 0
     finally:
         if watch is not None:  # detached and gone before the next configuration runs
             stop_process(watch, grace_s=120)  # type: ignore[arg-type]
     wall_s = (max(c.done_ns for c in done) - min(c.sent_ns for c in done)) / 1e9
     tokens = sum(c.completion_tokens for c in done)
-    steps = sum(c.completion_tokens - 1 + ceil((c.prompt_tokens - 1) / N_BATCH)
-                for c in done)
+    steps = decode1 - decode0 if cpp else sum(
+        c.completion_tokens - 1 + ceil((c.prompt_tokens - 1) / N_BATCH) for c in done)
     return {"config": config, "requests": len(done), "tokens": tokens, "wall_s": wall_s,
             "settle_tokens_per_s": tokens_per_s(settle), "tokens_per_s": tokens / wall_s,
             "steps_per_s": steps / wall_s,
@@ -168,8 +187,11 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true",
                     help="the server (one compute thread) alone on CPU 0; the monitor and "
                          "the clients on the other CPUs")
+    ap.add_argument("--server", choices=("python", "cpp"), default="python",
+                    help="llama_cpp.server (python) or llama.cpp's llama-server (cpp)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    cpp = args.server == "cpp"
     cpus = sorted(os.sched_getaffinity(0))
     if args.pin and len(cpus) < 2:
         print("llama_overhead: --pin needs two CPUs", file=sys.stderr)
@@ -189,14 +211,20 @@ def main() -> int:
         print("llama_overhead: llama-cpp-python is not installed (`make venv` builds it)",
               file=sys.stderr)
         return 2
+    if cpp and not LLAMA_SERVER_BIN.exists():
+        print(f"llama_overhead: {LLAMA_SERVER_BIN} is not built (`make venv` builds it)",
+              file=sys.stderr)
+        return 2
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_llama(Path(tmp) / "tiny-llama.gguf")
         profile_dir = Path(tmp) / "profiles"
         profile_dir.mkdir()
         (profile_dir / "llama_ops.toml").write_text(MATMUL_PROFILE)
-        with running_server(model, extra_args=PINNED_SERVER_ARGS if args.pin else ()
-                            ) as server:
+        serving = (running_cpp_server(model, extra_args=(
+            *(PINNED_CPP_SERVER_ARGS if args.pin else ()), "--metrics")) if cpp else
+            running_server(model, extra_args=PINNED_SERVER_ARGS if args.pin else ()))
+        with serving as server:
             if server_cpus is not None:
                 pin_process(server.pid, server_cpus)
             drive(server.url, clients=args.clients, duration_s=3, max_tokens=args.max_tokens)
@@ -206,7 +234,7 @@ def main() -> int:
                     row = one_round(server.url, server.pid, config, profile_dir,
                                     args.round_s, args.settle_s, args.clients, args.max_tokens,
                                     first_index=len(rows) * 10_000,
-                                    monitor_cpus=monitor_cpus)
+                                    monitor_cpus=monitor_cpus, cpp=cpp)
                     row["round"] = r
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -223,14 +251,16 @@ def main() -> int:
             "monitor_cpu_median": statistics.median(x["monitor_cpu"] for x in mine),
             "monitor_us_per_step_median": statistics.median(
                 x["monitor_us_per_step"] for x in mine)}
-    doc = {"host": f"{platform.node()} {os.cpu_count()} CPUs", "rounds": args.rounds,
+    doc = {"host": f"{platform.node()} {os.cpu_count()} CPUs", "server": args.server,
+           "rounds": args.rounds,
            "round_s": args.round_s, "settle_s": args.settle_s, "clients": args.clients,
            "max_tokens": args.max_tokens, "pinned": args.pin,
            "rows": rows, "summary": summary}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    print(f"llama_cpp.server, tiny model, {args.clients} clients, {args.rounds} rounds of "
+    print(f"{'llama-server' if cpp else 'llama_cpp.server'}, tiny model, {args.clients} "
+          f"clients, {args.rounds} rounds of "
           f"{args.settle_s:g} s settling + {args.round_s:g} s measured per configuration, "
           f"{os.cpu_count()} CPUs"
           + (f"; server (1 compute thread) pinned to CPU {cpus[0]}, monitor and clients to "

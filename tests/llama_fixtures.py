@@ -16,6 +16,12 @@ request it decodes the prompt in chunks of ``n_batch`` tokens (one ``llama_decod
 each), then one token per ``llama_decode``; it samples the last token without decoding
 it, so a completion of N tokens costs N - 1 single-token decode steps.
 
+``llama-server``, llama.cpp's C++ server, is built by the Makefile from the same source
+package's llama.cpp (scripts/build_llama_server.sh) and linked into the venv's ``bin/``:
+:func:`running_cpp_server` starts it on the same model with three slots (requests are
+batched together, continuous batching), and its responses carry its own timings
+(``prompt_n``: the prompt tokens it decoded, its cache's left out).
+
 Import the fixtures into a test module (``from tests.llama_fixtures import llama_server``).
 """
 
@@ -26,6 +32,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -39,6 +46,7 @@ from typing import IO, Any
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 N_EMBD = 128
 N_LAYER = 4
 N_HEAD = 4
@@ -52,6 +60,13 @@ SERVER_ARGS = ("--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "512",
                "--verbose", "false", "--interrupt_requests", "false")
 """Two compute threads, a small context, prompts decoded in chunks of 32 tokens."""
 N_BATCH = 32
+LLAMA_SERVER_BIN = Path(sys.executable).parent / "llama-server"
+"""llama.cpp's C++ server, linked into the venv by the Makefile."""
+CPP_SLOTS = 3
+CPP_SERVER_ARGS = ("--threads", "2", "--threads-batch", "2", "--ctx-size", str(512 * CPP_SLOTS),
+                   "--parallel", str(CPP_SLOTS), "--batch-size", str(N_BATCH),
+                   "--ubatch-size", str(N_BATCH), "--no-webui", "--log-disable")
+"""Two compute threads, three slots of 512 tokens, prompts in chunks of 32 tokens."""
 
 
 def llama_cpp_importable() -> bool:
@@ -168,6 +183,9 @@ class Completion:
     finish_reason: str
     sent_ns: int
     done_ns: int
+    prompt_decoded: int | None = None
+    """The prompt tokens the server decoded (llama-server's ``timings.prompt_n``: those
+    its prompt cache held are left out); None where the server does not say."""
 
 
 @contextlib.contextmanager
@@ -185,6 +203,27 @@ def running_server(model: Path, *, extra_args: Sequence[str] = (),
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, *extra_args]
+    with _serving(cmd, model, port, "/v1/models", start_timeout_s, log) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_cpp_server(model: Path, *, extra_args: Sequence[str] = (),
+                       start_timeout_s: float = 60.0, log: Path | None = None
+                       ) -> Iterator[LlamaServer]:
+    """Start llama.cpp's ``llama-server`` on ``model`` (:data:`CPP_SERVER_ARGS`), wait
+    until its health check answers, stop it; arguments as :func:`running_server`."""
+    port = free_port()
+    cmd = [str(LLAMA_SERVER_BIN), "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), *CPP_SERVER_ARGS, *extra_args]
+    with _serving(cmd, model, port, "/health", start_timeout_s, log) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _serving(cmd: list[str], model: Path, port: int, ready_path: str, start_timeout_s: float,
+             log: Path | None) -> Iterator[LlamaServer]:
+    """Run ``cmd`` in a session of its own until ``ready_path`` answers 200; stop it after."""
     out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -193,16 +232,16 @@ def running_server(model: Path, *, extra_args: Sequence[str] = (),
         deadline = time.monotonic() + start_timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {proc.returncode} "
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode} "
                                    f"before serving ({' '.join(cmd)})")
             try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
+                with urllib.request.urlopen(f"{url}{ready_path}", timeout=2) as r:
                     if r.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server did not serve within {start_timeout_s} s")
+                raise RuntimeError(f"{cmd[0]} did not serve within {start_timeout_s} s")
             time.sleep(0.2)
         yield LlamaServer(proc, url, model)
     finally:
@@ -235,8 +274,10 @@ def complete(url: str, prompt: str, max_tokens: int, timeout_s: float = 120.0) -
         doc = json.loads(r.read())
     done = time.monotonic_ns()
     usage = doc["usage"]
+    decoded = doc.get("timings", {}).get("prompt_n")
     return Completion(int(usage["prompt_tokens"]), int(usage["completion_tokens"]),
-                      str(doc["choices"][0]["finish_reason"]), sent, done)
+                      str(doc["choices"][0]["finish_reason"]), sent, done,
+                      None if decoded is None else int(decoded))
 
 
 def prompt_for(i: int, words: int = 12) -> str:
@@ -283,6 +324,34 @@ def drive(url: str, *, clients: int, requests_per_client: int | None = None,
     if errors:
         raise errors[0]
     return done
+
+
+def prism(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
+    """Start the `prism` CLI of this checkout."""
+    return subprocess.Popen([sys.executable, "-m", "prism_tui.cli", *args],
+                            cwd=ROOT, text=True, env=env, **kw)
+
+
+def read_iterations(db: Path) -> list[dict[str, Any]]:
+    """Every iteration a monitor wrote to its SQLite history, in order."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT phase, start_ns, end_ns, features, stages FROM iterations "
+                            "ORDER BY end_ns").fetchall()
+    return [{"phase": p, "start_ns": s, "end_ns": e, "features": json.loads(f),
+             "stages": json.loads(st)} for p, s, e, f, st in rows]
+
+
+def count_iterations(db: Path, after_ns: int) -> int:
+    """Iterations a monitor has written so far that ended after ``after_ns``."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            [(n,)] = conn.execute("SELECT count(*) FROM iterations WHERE end_ns > ?",
+                                  (after_ns,)).fetchall()
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+    return int(n)
 
 
 class LineReader:
@@ -335,4 +404,13 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llama_server(tiny_llama: Path) -> Iterator[LlamaServer]:
     """One ``llama_cpp.server`` shared by the session's tests (stopped at the end)."""
     with running_server(tiny_llama) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cpp_server(tiny_llama: Path) -> Iterator[LlamaServer]:
+    """One llama.cpp ``llama-server`` shared by the session's tests (stopped at the end)."""
+    if not LLAMA_SERVER_BIN.exists():
+        pytest.skip(f"{LLAMA_SERVER_BIN} is not built (`make venv` builds it)")
+    with running_cpp_server(tiny_llama) as server:
         yield server

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,8 +34,11 @@ from tests.llama_fixtures import (
     Completion,
     LineReader,
     LlamaServer,
+    count_iterations,
     drive,
     llama_server,
+    prism,
+    read_iterations,
     tiny_llama,
 )
 
@@ -85,34 +87,6 @@ class WatchedRun:
     multi: list[Completion]
     single_started_ns: int
     multi_started_ns: int
-
-
-def prism(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
-    """Start the `prism` CLI of this checkout."""
-    return subprocess.Popen([sys.executable, "-m", "prism_tui.cli", *args],
-                            cwd=ROOT, text=True, env=env, **kw)
-
-
-def read_iterations(db: Path) -> list[dict[str, Any]]:
-    """Every iteration the monitor wrote to its history, in order."""
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT phase, start_ns, end_ns, features, stages FROM iterations "
-                            "ORDER BY end_ns").fetchall()
-    return [{"phase": p, "start_ns": s, "end_ns": e, "features": json.loads(f),
-             "stages": json.loads(st)} for p, s, e, f, st in rows]
-
-
-def count_iterations(db: Path, after_ns: int) -> int:
-    """Iterations the monitor has written so far that ended after ``after_ns``."""
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            [(n,)] = conn.execute("SELECT count(*) FROM iterations WHERE end_ns > ?",
-                                  (after_ns,)).fetchall()
-    except sqlite3.OperationalError:  # not created yet
-        return 0
-    return int(n)
 
 
 @pytest.fixture(scope="module")
