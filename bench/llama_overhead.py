@@ -14,6 +14,10 @@ rotated every round:
              per-operation probe that every compute thread hits tens of thousands of
              times a second (the hot probe the overhead governor is for).
 
+With ``--wake-gaps 0,2`` the monitored configurations are instead ``watch`` with each
+``probe.wake_gap_ms`` listed (``gap=0``, ``gap=2``): the bpf backend's least time
+between two wake-ups of the monitor by the anchor's records.
+
 Each configuration first drives the server for ``--settle-s`` seconds (the monitor
 attaches its threads' probes then; those tokens/s are printed apart), then measures for
 ``--round-s``. Per round and configuration it prints the completion tokens/s the HTTP
@@ -103,9 +107,10 @@ def pin_process(pid: int, cpus: set[int]) -> None:
 
 
 def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float,
-                cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], LineReader]:
+                cpus: set[int] | None = None, config: Path | None = None
+                ) -> tuple[subprocess.Popen[str], LineReader]:
     """`prism watch` on the server, returned once its first snapshot says it is attached;
-    on ``cpus`` (it, its threads and its children) when given."""
+    on ``cpus`` (it, its threads and its children) when given; with settings ``config``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PRISM_PROFILE_PATH", None)
     if profile_dir is not None:
@@ -113,7 +118,8 @@ def start_watch(server_pid: int, profile_dir: Path | None, duration_s: float,
     proc = subprocess.Popen(
         [sys.executable, "-m", "prism_tui.cli", "watch", "--pid", str(server_pid),
          "--profile", "llama_cpp", "--headless", "--no-history", "--duration",
-         str(duration_s)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+         str(duration_s), *(() if config is None else ("--config", str(config)))],
+        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, start_new_session=True,
         preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     assert proc.stdout is not None
@@ -147,8 +153,13 @@ def one_round(url: str, server_pid: int, config: str, profile_dir: Path, round_s
     of it: it is reported on its own as ``settle_tokens_per_s``)."""
     watch = None
     if config != "bare":
+        gap = config.removeprefix("gap=") if config.startswith("gap=") else None
+        settings = None
+        if gap is not None:
+            settings = profile_dir.parent / f"wake_gap_{gap}.toml"
+            settings.write_text(f"[probe]\nwake_gap_ms = {float(gap)}\n")
         watch, _ = start_watch(server_pid, profile_dir if config == "mul_mat" else None,
-                            settle_s + round_s + 60, monitor_cpus)
+                            settle_s + round_s + 60, monitor_cpus, settings)
     try:
         settle = drive(url, clients=clients, duration_s=settle_s, max_tokens=max_tokens,
                        first_index=first_index + 5000)
@@ -189,8 +200,12 @@ def main() -> int:
                          "the clients on the other CPUs")
     ap.add_argument("--server", choices=("python", "cpp"), default="python",
                     help="llama_cpp.server (python) or llama.cpp's llama-server (cpp)")
+    ap.add_argument("--wake-gaps", metavar="MS,MS", help="compare these probe.wake_gap_ms "
+                    "values instead of watch / mul_mat (e.g. 0,2)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    configs = CONFIGS if args.wake_gaps is None else ("bare", *(
+        f"gap={float(g):g}" for g in args.wake_gaps.split(",")))
     cpp = args.server == "cpp"
     cpus = sorted(os.sched_getaffinity(0))
     if args.pin and len(cpus) < 2:
@@ -229,7 +244,8 @@ def main() -> int:
                 pin_process(server.pid, server_cpus)
             drive(server.url, clients=args.clients, duration_s=3, max_tokens=args.max_tokens)
             for r in range(args.rounds):
-                order = CONFIGS[r % 3:] + CONFIGS[:r % 3]
+                k = r % len(configs)
+                order = configs[k:] + configs[:k]
                 for config in order:
                     row = one_round(server.url, server.pid, config, profile_dir,
                                     args.round_s, args.settle_s, args.clients, args.max_tokens,
@@ -242,7 +258,7 @@ def main() -> int:
         bare = next(x for x in rows if x["round"] == row["round"] and x["config"] == "bare")
         row["ratio"] = row["tokens_per_s"] / bare["tokens_per_s"]
     summary = {}
-    for config in CONFIGS[1:]:
+    for config in configs[1:]:
         mine = [x for x in rows if x["config"] == config]
         ratios = [x["ratio"] for x in mine]
         summary[config] = {

@@ -67,9 +67,12 @@ def detection_config(engine: EngineSettings, settle_s: float = 0.0) -> Detection
 def probing_config(probe: ProbeSettings | None, costs: HitCosts | None) -> ProbingConfig:
     """The monitor's probing from the ``[probe]`` settings (None: the defaults, ungoverned)."""
     if probe is None:
-        return ProbingConfig(costs=costs, backend=ProbeSettings().backend)
+        defaults = ProbeSettings()
+        return ProbingConfig(costs=costs, backend=defaults.backend,
+                             wake_gap_s=defaults.wake_gap_ms / 1000)
     return ProbingConfig(mode=probe.mode, ring_pages=probe.ring_pages,
                          drain_interval_s=probe.drain_interval_s,
+                         wake_gap_s=probe.wake_gap_ms / 1000,
                          overhead_budget=probe.overhead_budget,
                          governor_action=probe.governor_action, costs=costs,
                          backend=probe.backend)

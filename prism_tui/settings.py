@@ -73,8 +73,12 @@ class ProbeSettings:
         ring_pages: data pages per perf ring buffer, or of the bpf backend's one ring
             (a power of two).
         drain_interval_s: how often rings are drained without a wake-up, in seconds
-            (the anchor's records wake the reader at once; DeepDive probes drain every
-            50 ms at least).
+            (the anchor's records wake the reader; DeepDive probes drain every 50 ms at
+            least).
+        wake_gap_ms: the bpf backend's least time between two wake-ups by the anchor's
+            records, in ms (0: every one wakes the reader). At step rates above
+            1 / gap an iteration's end waits up to 1.5 gaps (with the steps after it),
+            and the monitor's per-wake-up work is shared by those steps.
         overhead_budget: the fraction of target CPU time probes may cost, in (0, 1);
             ``prism watch`` enforces it on the sentinel probes (docs/performance.md,
             "Overhead governor").
@@ -86,6 +90,7 @@ class ProbeSettings:
     mode: Literal["auto", "thread", "cpu"] = "auto"
     ring_pages: int = 64
     drain_interval_s: float = 0.02
+    wake_gap_ms: float = 5.0
     overhead_budget: float = 0.005
     governor_action: Literal["detach", "duty-cycle"] = "detach"
 
@@ -459,6 +464,8 @@ def _check(section: str, key: str, value: Any) -> str | None:
         return f"must be a power of two >= 1, not {value}"
     if name == "probe.overhead_budget" and not 0 < value < 1:
         return f"must be in (0, 1) (a fraction: 0.005 is 0.5 %), not {value:g}"
+    if name == "probe.wake_gap_ms" and not 0 <= value <= 1000:
+        return f"must be in [0, 1000] ms, not {value:g}"
     positive = {"probe.drain_interval_s", "engine.window_s", "engine.snapshot_hz",
                 "history.retention_days", "watch.duration_s"}
     if name in positive and value <= 0:

@@ -22,13 +22,14 @@ BACKENDS = ("auto", "perf", "bpf")
 
 def open_session(targets: Sequence[Target], sites: Sequence[ProbeSite], *,
                  backend: str = "auto", mode: str = "auto", ring_pages: int = 64,
-                 urgent: Collection[str] = (), drain_interval_s: float = 0.02
-                 ) -> tuple[ProbeSession, str | None]:
+                 urgent: Collection[str] = (), drain_interval_s: float = 0.02,
+                 wake_gap_s: float = 0.0) -> tuple[ProbeSession, str | None]:
     """Open a session with ``backend``; returns it and, when ``auto`` fell back to perf,
     one line saying why (for the user: the monitor's costs differ a lot).
 
     ``bpf`` raises :class:`~probes.bpf.loader.BpfUnavailableError` instead of falling
-    back; ``mode`` is the perf backend's ring layout (the bpf one has a single ring).
+    back; ``mode`` is the perf backend's ring layout (the bpf one has a single ring);
+    ``wake_gap_s`` spaces the bpf backend's wake-ups by urgent spans (perf: each wakes).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown probe backend {backend!r} (one of {', '.join(BACKENDS)})")
@@ -36,7 +37,8 @@ def open_session(targets: Sequence[Target], sites: Sequence[ProbeSite], *,
     if backend != "perf":
         try:
             return BpfSession(targets, sites, ring_pages=ring_pages, urgent=urgent,
-                              drain_interval_s=drain_interval_s).open(), None
+                              drain_interval_s=drain_interval_s,
+                              wake_gap_s=wake_gap_s).open(), None
         except BpfUnavailableError as exc:
             if backend == "bpf":
                 raise

@@ -25,6 +25,9 @@ class SpanSource(Protocol):
     """What delivery needs of a probe session (either backend's, or a test's)."""
 
     drain_interval_s: float
+    wake_gap_s: float
+    """The least time between two wake-ups by urgent records (0: every one wakes);
+    records held back by it are read at most ``1.5 × wake_gap_s`` after the last."""
 
     def fds(self) -> list[int]:
         """The fds that become readable when records wait."""
@@ -56,6 +59,7 @@ class LoopDelivery:
         self._ready: asyncio.Event | None = None
         self._on_spans: Callable[[list[Span]], None] | None = None
         self._finished: asyncio.Future[None] | None = None
+        self._follow_up: asyncio.TimerHandle | None = None
 
     def watch(self, fd: int) -> None:
         """Wake on ``fd`` too (a ring opened while delivering)."""
@@ -71,9 +75,18 @@ class LoopDelivery:
                 self.loop.remove_reader(fd)
 
     def on_readable(self) -> None:
-        """A watched fd has records (or a worker finished): read now, or wake the iterator."""
+        """A watched fd has records (or a worker finished): read now, or wake the iterator.
+
+        With a wake gap, urgent records within it of the last wake-up wake nobody: a
+        read one and a half gaps later picks them up unless another wake-up comes first
+        (re-armed at each, so it costs a timer only when the target goes quiet)."""
         if self._on_spans is not None:
             self._deliver_now()
+            gap = self.source.wake_gap_s
+            if gap > 0 and self.loop is not None:
+                if self._follow_up is not None:
+                    self._follow_up.cancel()
+                self._follow_up = self.loop.call_later(1.5 * gap, self._deliver_now)
         elif self._ready is not None:
             self._ready.set()
 
@@ -122,6 +135,9 @@ class LoopDelivery:
             await finished
         finally:
             timer.cancel()
+            if self._follow_up is not None:
+                self._follow_up.cancel()
+                self._follow_up = None
             for fd in source.fds():
                 with contextlib.suppress(Exception):
                     loop.remove_reader(fd)
@@ -185,6 +201,8 @@ class DeliveredSession(ABC):
     """
 
     drain_interval_s: float
+    wake_gap_s: float = 0.0
+    """See :attr:`SpanSource.wake_gap_s` (only the bpf backend spaces its wake-ups)."""
 
     def __init__(self) -> None:
         """Give the session its delivery (nothing is watched until a loop attaches)."""

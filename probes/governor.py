@@ -248,6 +248,7 @@ class _ProbeState:
     indices: list[int]
     cost_ns: float
     ret: bool
+    wake_ns: float = 0.0  # the part of cost_ns that is a wake-up (urgent probes)
     hits_seen: int = 0
     governed: str = ""  # "" | "detach" | "duty-cycle"
     attached: bool = True
@@ -290,7 +291,10 @@ class OverheadGovernor:
         protected: probe ids never touched.
         anchor: the iteration anchor: never touched, and the rate detached probes'
             estimates follow.
-        urgent: probe ids whose every record wakes the reader.
+        urgent: probe ids whose records wake the reader.
+        wake_gap_s: the least time between two of their wake-ups (the bpf backend's
+            ``probe.wake_gap_ms``; 0: every record wakes it), so an urgent probe costs
+            ``min(rate, 1 / wake_gap_s)`` wake-ups a second, not ``rate``.
         hold_s: least time a probe stays governed before it may be restored.
         restore_below: share of the budget the estimate must stay under to restore.
         clock: monotonic seconds (injected for tests).
@@ -306,6 +310,7 @@ class OverheadGovernor:
     protected: Collection[str] = ()
     anchor: str | None = None
     urgent: Collection[str] = ()
+    wake_gap_s: float = 0.0
     hold_s: float = 30.0
     max_hold_s: float = 600.0
     restore_below: float = 0.5
@@ -329,7 +334,8 @@ class OverheadGovernor:
             st = self._probes.get(site.probe)
             if st is None:
                 self._probes[site.probe] = _ProbeState(
-                    [i], self.site_cost_ns(i), site.ret)
+                    [i], self.site_cost_ns(i), site.ret,
+                    self.costs.wakeup_ns if site.probe in self.urgent else 0.0)
             else:
                 st.indices.append(i)
 
@@ -396,7 +402,14 @@ class OverheadGovernor:
         return st.calls_per_s
 
     def _full_overheads(self) -> dict[str, float]:
-        return {p: self._rate(st) * st.cost_ns / 1e9 for p, st in self._probes.items()}
+        return {p: self._overhead(st) for p, st in self._probes.items()}
+
+    def _overhead(self, st: _ProbeState) -> float:
+        """The share of the target's time a probe costs fully attached: its hits, and
+        its wake-ups at most one per wake gap."""
+        rate = self._rate(st)
+        wakes = rate if self.wake_gap_s <= 0 else min(rate, 1 / self.wake_gap_s)
+        return (rate * (st.cost_ns - st.wake_ns) + wakes * st.wake_ns) / 1e9
 
     @staticmethod
     def _share(st: _ProbeState) -> float:

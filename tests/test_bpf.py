@@ -4,6 +4,7 @@ every uprobe gone when it closes, the governor's lever, and the fallback to perf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -437,3 +438,38 @@ def test_bpf_refuses_stack_reads_past_its_buffer(ctarget: CTarget, profile: Prof
     sites = [s for s in sites_of(ctarget, deep) if s.probe == "struct"]
     with pytest.raises(BpfUnavailableError, match="stack bytes"):
         BpfSession([Target(ctarget.pid)], sites)
+
+
+def test_a_wake_gap_holds_back_urgent_spans_until_the_follow_up_read(
+        ctarget: CTarget, profile: Profile) -> None:
+    """``wake_gap_s``: an urgent span wakes the reader only a gap after the last
+    wake-up; one held back is read by the follow-up read 1.5 gaps after that wake-up,
+    never by the drain timer (30 s here), and none is lost."""
+    sites = sites_of(ctarget, profile)
+    got: list[tuple[float, Span]] = []
+    sent: dict[str, float] = {}
+
+    def burst(name: str, command: str) -> None:
+        sent[name] = time.monotonic()
+        ctarget.cmd(command)
+
+    async def watch(bpf: BpfSession) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, burst, "a", "work 3")      # wakes the reader
+        loop.call_later(0.5, burst, "b", "work 4")      # within the gap: held back
+        with contextlib.suppress(TimeoutError):  # the drain timer never ticks: stop it
+            await asyncio.wait_for(bpf.deliver(
+                lambda spans: got.extend((time.monotonic(), s) for s in spans)), 4.0)
+
+    with BpfSession([Target(ctarget.pid)], sites, urgent={"work"}, drain_interval_s=30.0,
+                    wake_gap_s=1.0) as bpf:
+        asyncio.run(watch(bpf))
+    works = [(t, s) for t, s in got if s.probe == "work"]
+    assert len(works) == 7, got
+    first_read = min(t for t, _ in works)
+    late = [t for t, s in works if s.start_ns >= sent["b"] * 1e9 - 1e6]
+    assert len(late) == 4, works
+    # not before the follow-up (1.5 s after the wake-up that read burst a), and long
+    # before the drain timer
+    assert min(late) >= first_read + 1.4, (first_read, late)
+    assert max(late) < sent["b"] + 3.5, (sent, late)

@@ -334,6 +334,20 @@ def test_the_anchors_wakeups_are_in_the_estimate() -> None:
     assert gov.last_overhead == pytest.approx(400 * 15_500 / 1e9)
 
 
+def test_with_a_wake_gap_the_anchor_costs_one_wakeup_a_gap_at_most() -> None:
+    """The bpf backend wakes the reader at most once per ``probe.wake_gap_ms``: an
+    anchor stepping faster than that is costed its hits per call and a wake-up per gap
+    only; one stepping slower, a wake-up per call as before."""
+    clock, levers = FakeClock(), Levers()
+    gov = server_governor(clock, levers, wake_gap_s=0.005)
+    clock.advance(1.0)
+    gov.update({"step": 2 * 1000})  # 1,000 steps/s: 200 wake-ups/s, not 1,000
+    assert gov.last_overhead == pytest.approx((1000 * 2_000 + 200 * 13_500) / 1e9)
+    clock.advance(1.0)
+    gov.update({"step": 2 * 1000 + 2 * 100})  # 100 steps/s: each wakes the reader
+    assert gov.last_overhead == pytest.approx(100 * 15_500 / 1e9)
+
+
 def test_a_bpf_session_is_costed_with_its_own_hits_and_one_wakeup_per_span() -> None:
     """A bpf session's hits are the bpf calibration's (one record, one wake-up per
     span of an urgent probe), and without one, perf's hits, marked not measured."""

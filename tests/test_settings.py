@@ -164,6 +164,7 @@ def test_unknown_section_suggests(tmp_path: Path) -> None:
     ("[probe]\n\noverhead_budget = 1.5\n", 3, "must be in (0, 1)"),
     ("[probe]\noverhead_budget = 0\n", 2, "must be in (0, 1)"),
     ("[probe]\nring_pages = 48\n", 2, "power of two"),
+    ("[probe]\nwake_gap_ms = -1\n", 2, "must be in [0, 1000] ms"),
     ("[engine]\nwindow_s = 5\n", 2, "must be one of 10, 60, 300"),
     ('[probe]\nmode = "threads"\n', 2, "did you mean 'thread'?"),
     ('[engine]\ndetector_rule = "papr"\n', 2, "must be one of 'paper', 'prism'"),

@@ -69,7 +69,8 @@ def open_sentinels(target: Target, profiles: Sequence[Profile], anchors: Sequenc
     session, fell_back = open_session([target], sites, backend=probing.backend,
                                       mode=probing.mode, urgent=urgent,
                                       ring_pages=probing.ring_pages,
-                                      drain_interval_s=probing.drain_interval_s)
+                                      drain_interval_s=probing.drain_interval_s,
+                                      wake_gap_s=probing.wake_gap_s)
     if fell_back is not None and on_fallback is not None:
         on_fallback(fell_back)
     try:

@@ -24,6 +24,8 @@ class ProbingConfig:
 
     ``mode``: per-thread or per-CPU perf events (``auto`` chooses). ``ring_pages``,
     ``drain_interval_s``: each ring's size and how often an unhurried ring is read.
+    ``wake_gap_s``: the bpf backend's least time between the anchor's wake-ups (0: each
+    wakes the reader; the settings' default is ``probe.wake_gap_ms``).
     ``overhead_budget``: the governor's share of the target's CPU (None: not governed),
     ``governor_action`` what it does over budget. ``costs``: measured hit costs.
     ``backend``: ``perf``, ``bpf`` or ``auto`` (:func:`probes.backend.open_session`);
@@ -33,6 +35,7 @@ class ProbingConfig:
     mode: str = "auto"
     ring_pages: int = 64
     drain_interval_s: float = 0.02
+    wake_gap_s: float = 0.0
     overhead_budget: float | None = None
     governor_action: str = "detach"
     costs: HitCosts | None = None

@@ -55,7 +55,8 @@ class Governing:
         att.governor = OverheadGovernor(
             session.sites, costs, session.detach_site,
             session.reattach_site, budget=self.budget, action=self.action, anchor=anchor,
-            urgent=att.urgent, protected=detector_probes(profile, session.sites))
+            urgent=att.urgent, wake_gap_s=session.wake_gap_s,
+            protected=detector_probes(profile, session.sites))
 
     def costs_for(self, att: Attached) -> HitCosts | None:
         """The hit costs of ``att``'s session backend (None: no costs were given)."""
@@ -104,12 +105,13 @@ class Governing:
 
     def overhead_pct(self, att: Attached, delta: dict[str, int], dt: float) -> float | None:
         """CPU share the probes cost the target over the last view: Σ hits/s × cost per
-        hit, the reader's wake-ups for urgent probes included, at the session's backend's
-        costs."""
+        hit, the reader's wake-ups for urgent probes included (at most one per the
+        session's wake gap), at the session's backend's costs."""
         costs = self.costs_for(att)
         if costs is None:
             return None
         ns = 0.0
+        gap = att.session.wake_gap_s
         seen: set[str] = set()
         for placement in att.placements:
             for site in placement.sites:
@@ -118,5 +120,7 @@ class Governing:
                 seen.add(site.probe)
                 n = delta.get(site.probe, 0)
                 calls = n / 2 if site.ret else n
-                ns += calls * costs.site_cost_ns(site.site, site.ret, site.probe in att.urgent)
+                ns += calls * costs.site_cost_ns(site.site, site.ret)
+                if site.probe in att.urgent:
+                    ns += costs.wakeup_ns * (calls if gap <= 0 else min(calls, dt / gap))
         return 100.0 * ns / (dt * 1e9)

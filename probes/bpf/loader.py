@@ -23,7 +23,7 @@ from probes.errors import ProbeError
 OBJECT_PATH = Path(__file__).with_name("spans.bpf.o")
 """The compiled program (``make bpf``; git-ignored)."""
 
-BPF_MAP_LOOKUP_ELEM, BPF_LINK_CREATE = 1, 28
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_LINK_CREATE = 1, 2, 28
 BPF_TRACE_UPROBE_MULTI = 48
 BPF_F_UPROBE_MULTI_RETURN = 1
 SYS_BPF = 321  # x86_64
@@ -106,6 +106,7 @@ class SpanProgram:
             self.ring_fd = self._lib.bpf_map__fd(ring)
             self.hits_fd = self._map_fd(b"site_hits")
             self.stats_fd = self._map_fd(b"stats")
+            self.wake_fd = self._map_fd(b"wake")
             self.ring_bytes = ring_bytes
         except BaseException:
             self.close()
@@ -152,6 +153,15 @@ class SpanProgram:
         except OSError:
             return 0
         return int(c_value.value)
+
+    def set_u64(self, map_fd: int, key: int, value: int) -> None:
+        """Write one ``u64`` value of an array map."""
+        c_key = ctypes.c_uint32(key)
+        c_value = ctypes.c_uint64(value)
+        attr = ctypes.create_string_buffer(32)
+        struct.pack_into("<IIQQQ", attr, 0, map_fd, 0, ctypes.addressof(c_key),
+                         ctypes.addressof(c_value), 0)  # flags 0: BPF_ANY
+        _bpf(BPF_MAP_UPDATE_ELEM, attr)
 
     def close(self) -> None:
         """Close the object: its program and maps (links are their owner's to close)."""

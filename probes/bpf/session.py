@@ -50,6 +50,8 @@ COOKIE_STACK = 1 << 34
 COOKIE_RETURN = 1 << 35
 STAT_LOST, STAT_ORPHANS, STAT_OVERWRITTEN = 1, 2, 3
 MAX_SITES = 1024
+WAKE_GAP_NS = 0
+"""The `wake` map's key of the urgent wake-ups' least gap (spans.bpf.c)."""
 CLOSE_THREADS = 64
 """Links closed at once by :meth:`BpfSession.close` (each waits for a grace period)."""
 # ring buffer record: 8-byte header (length with BUSY/DISCARD bits, page offset), then
@@ -132,7 +134,8 @@ class BpfSession(DeliveredSession):
 
     def __init__(self, targets: Sequence[Target], sites: Sequence[ProbeSite], *,
                  ring_pages: int = 64, urgent: Collection[str] = (),
-                 drain_interval_s: float = 0.02, rescan_interval_s: float = 0.25) -> None:
+                 drain_interval_s: float = 0.02, rescan_interval_s: float = 0.25,
+                 wake_gap_s: float = 0.0) -> None:
         """Prepare a session; nothing is loaded until :meth:`open`.
 
         Args:
@@ -142,6 +145,9 @@ class BpfSession(DeliveredSession):
             urgent: probe ids whose spans wake the reader at once (the anchor).
             drain_interval_s: how often the ring is drained without a wake-up.
             rescan_interval_s: how often targets are checked for having exited.
+            wake_gap_s: the least time between two wake-ups by urgent spans (0: each
+                wakes the reader); those held back are read by the next wake-up, or by
+                the delivery's follow-up read 1.5 gaps after the last one.
         """
         if len(sites) > MAX_SITES:
             raise BpfUnavailableError(f"{len(sites)} probe sites: the BPF program "
@@ -157,6 +163,7 @@ class BpfSession(DeliveredSession):
         self.ring_bytes = PAGE * (1 << max(0, ring_pages - 1).bit_length())
         self.drain_interval_s = drain_interval_s
         self.rescan_interval_s = rescan_interval_s
+        self.wake_gap_s = wake_gap_s
         self.stats = SessionStats()
         self.detached_sites: set[int] = set()
         self.exited_pids: set[int] = set()
@@ -189,6 +196,8 @@ class BpfSession(DeliveredSession):
         try:
             self._program = SpanProgram(self.ring_bytes)
             self._ring = BpfRing(self._program.ring_fd, self.ring_bytes)
+            self._program.set_u64(self._program.wake_fd, WAKE_GAP_NS,
+                                  int(self.wake_gap_s * 1e9))
             for target in self.targets:
                 for index in range(len(self.sites)):
                     self._attach_site(target.pid, index)

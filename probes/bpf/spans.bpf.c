@@ -9,8 +9,11 @@
  * address popped), so nested and recursive calls pair exactly, and writes one span
  * record into the ring buffer. Entry-only sites write an instant span at entry.
  *
- * User space is woken only when useful: on the urgent (anchor) probe's span, or by the
- * record that fills the ring past half; every other record waits for the next drain.
+ * User space is woken only when useful: on the urgent (anchor) probe's span, at most
+ * once per wake gap (the `wake` map, set by the loader: at step rates above 1 / gap
+ * the steps in between are read together, by the next wake-up or by user space's
+ * follow-up read), or by the record that fills the ring past half; every other record
+ * waits for the next drain.
  * Layouts here must match probes/bpf/session.py (RECORD, COOKIE_*, STAT_*).
  */
 #include <linux/types.h>
@@ -92,6 +95,17 @@ struct {
 	__type(value, __u64);
 } stats SEC(".maps");
 
+/* the urgent probe's wake-ups: WAKE_GAP_NS (set by the loader; 0: every urgent span
+ * wakes the reader) and WAKE_LAST_NS, when the last one was forced */
+enum { WAKE_GAP_NS, WAKE_LAST_NS, WAKE_COUNT };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WAKE_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} wake SEC(".maps");
+
 static __always_inline void count(void *map, __u32 key)
 {
 	__u64 *value = bpf_map_lookup_elem(map, &key);
@@ -103,12 +117,22 @@ static __always_inline void count(void *map, __u32 key)
 /* Wake the reader for an urgent span, or for the record that takes the unread data
  * past half the ring: once, not with every record after it (a reader that is late
  * would otherwise cost the target a wake-up per hit until it catches up). */
-static __always_inline __u64 wake_flags(__u64 cookie)
+static __always_inline __u64 wake_flags(__u64 cookie, __u64 now)
 {
-	__u64 unread, half;
+	__u64 unread, half, *gap, *last;
+	__u32 key;
 
-	if (cookie & COOKIE_URGENT)
-		return BPF_RB_FORCE_WAKEUP;
+	if (cookie & COOKIE_URGENT) {
+		key = WAKE_GAP_NS;
+		gap = bpf_map_lookup_elem(&wake, &key);
+		key = WAKE_LAST_NS;
+		last = bpf_map_lookup_elem(&wake, &key);
+		if (!gap || !last || now - *last >= *gap) {
+			if (last)
+				*last = now;
+			return BPF_RB_FORCE_WAKEUP;
+		}
+	}
 	unread = bpf_ringbuf_query(&spans, BPF_RB_AVAIL_DATA);
 	half = bpf_ringbuf_query(&spans, BPF_RB_RING_SIZE) / 2;
 	if (unread >= half && unread < half + RECORD_BYTES)
@@ -153,7 +177,7 @@ int on_hit(__u64 *regs)
 		rec->flags = 0;
 		rec->end_ns = now;
 		rec->ret = regs[R_AX];
-		bpf_ringbuf_submit(rec, wake_flags(cookie));
+		bpf_ringbuf_submit(rec, wake_flags(cookie, now));
 		return 0;
 	}
 	if (cookie & COOKIE_PAIRED) {
@@ -195,7 +219,7 @@ int on_hit(__u64 *regs)
 	__builtin_memset(rec->stack, 0, sizeof(rec->stack));
 	if (cookie & COOKIE_STACK)
 		bpf_probe_read_user(rec->stack, sizeof(rec->stack), (void *)regs[R_SP]);
-	bpf_ringbuf_submit(rec, wake_flags(cookie));
+	bpf_ringbuf_submit(rec, wake_flags(cookie, now));
 	return 0;
 }
 
