@@ -240,8 +240,7 @@ class Monitor:
         known, the profile's alternatives while none has fired, else none."""
         if self.anchor is not None:
             return (self.anchor,)
-        if self._discovery is not None and self._discovery.chosen is None \
-                and self._discovery.choice is None:
+        if self._discovery is not None and self._discovery.chosen is None:
             return self._discovery.candidates
         return ()
 
