@@ -168,6 +168,28 @@ def test_exclusive_time_of_spans_one_after_another(
     assert exclusive_time(items) == innermost_owner_reference(items)
 
 
+def _laminar(rnd: random.Random, start: int, end: int, depth: int,
+             out: list[tuple[int, int, str]]) -> None:
+    """Spans inside [start, end): one after the other, each with spans inside it."""
+    t = start
+    while depth and t < end and rnd.random() < 0.7:
+        a = rnd.randint(t, end)
+        b = rnd.randint(a, end)
+        out.append((a, b, rnd.choice(["s1", "s2", "s3"])))
+        _laminar(rnd, a, b, depth - 1, out)
+        t = b
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.randoms(use_true_random=False), st.integers(0, 4))
+def test_exclusive_time_of_nested_calls(rnd: random.Random, depth: int) -> None:
+    # the nested fast path: calls inside calls (equal bounds included), in any order
+    items: list[tuple[int, int, str]] = []
+    _laminar(rnd, 0, 1000, depth, items)
+    rnd.shuffle(items)
+    assert exclusive_time(items) == innermost_owner_reference(items)
+
+
 def features_span_by_span(spans: list[Span]) -> dict[str, float]:
     """The features as first written: one span at a time, in order."""
     out: dict[str, float] = {}
