@@ -1,8 +1,9 @@
 """``prism eval`` on a live llama.cpp server: every host fault kind at two intensities.
 
 Starts a real ``llama_cpp.server`` on a tiny random-weight model (tests/llama_fixtures.py),
-keeps it busy with concurrent clients, and runs ``prism eval --pid SERVER --faults FILE
---json`` with a timeline of eight faults: ``cpu_squeeze``, ``cpu_throttle``,
+or with ``--server cpp`` llama.cpp's ``llama-server`` (three slots, batching the
+clients' requests), keeps it busy with concurrent clients, and runs ``prism eval --pid
+SERVER --faults FILE --json`` with a timeline of eight faults: ``cpu_squeeze``, ``cpu_throttle``,
 ``memory_pressure`` and ``pause``, each at a mild and a strong intensity, ``--on-s``
 seconds each with ``--gap-s`` seconds of normal load between them (the default, 30 s
 and 40 s, is about 10 minutes after the baseline). Prints one table: per fault, its
@@ -10,6 +11,7 @@ measured effect, the share of the iterations under it that fired (recall), wheth
 alert episode opened for it, then the run's per-iteration and episode figures.
 
     .venv/bin/python bench/eval_llama.py [--on-s 30] [--gap-s 40] [--clients 3] [--json]
+    .venv/bin/python bench/eval_llama.py --server cpp ...
 
 Results and the command: docs/llama_cpp.md.
 """
@@ -30,8 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.llama_fixtures import (  # noqa: E402
+    LLAMA_SERVER_BIN,
     drive,
     llama_cpp_importable,
+    running_cpp_server,
     running_server,
     write_tiny_llama,
 )
@@ -80,6 +84,8 @@ def main() -> int:
     ap.add_argument("--gap-s", type=float, default=40.0)
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--server", choices=("python", "cpp"), default="python",
+                    help="llama_cpp.server (python) or llama.cpp's llama-server (cpp)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--record", metavar="PREFIX", help="keep the spans (PREFIX.spans.gz) and "
                     "the fault windows (PREFIX.faults.json) for an offline replay: "
@@ -91,6 +97,10 @@ def main() -> int:
         print("eval_llama: llama-cpp-python is not installed (`make venv` builds it)",
               file=sys.stderr)
         return 2
+    if args.server == "cpp" and not LLAMA_SERVER_BIN.exists():
+        print(f"eval_llama: {LLAMA_SERVER_BIN} is not built (`make venv` builds it)",
+              file=sys.stderr)
+        return 2
     record = ([] if args.record is None else
               ["--record", f"{args.record}.spans.gz", "--labels", f"{args.record}.faults.json"])
     total_s = 600.0 + len(FAULTS) * (args.on_s + args.gap_s)
@@ -98,7 +108,8 @@ def main() -> int:
         model = write_tiny_llama(Path(tmp) / "tiny-llama.gguf")
         faults = Path(tmp) / "faults.toml"
         faults.write_text(timeline(args.on_s, args.gap_s))
-        with running_server(model) as server:
+        serving = running_cpp_server(model) if args.server == "cpp" else running_server(model)
+        with serving as server:
             def keep_busy() -> None:  # until the server stops under it
                 with contextlib.suppress(Exception):
                     drive(server.url, clients=args.clients, duration_s=total_s,
