@@ -111,7 +111,8 @@ class EngineSettings:
         alert_close_iterations: an open episode closes (one ``resolved`` alert) once the
             detector has been clear for this many iterations in a row ...
         alert_close_ms: ... spanning at least this many milliseconds (a fault that lets
-            a normal iteration through now and then pages once).
+            a normal iteration through now and then pages once); a firing run too short
+            to open an episode pauses the count without restarting it.
         window_s: the span of the latency table the dashboard shows first and of the
             snapshots ``prism watch --headless`` prints, in seconds: 10, 60 or 300
             (``w`` cycles through them).

@@ -62,6 +62,30 @@ def test_a_flapping_20_s_fault_pages_once() -> None:
     assert not gate.open and gate.started_ns is None
 
 
+def test_blips_too_short_to_page_do_not_hold_an_episode_open() -> None:
+    """A sub-millisecond loop on a busy host fires on a few normal iterations every
+    second: blips that could not open an episode let an open one close, 5 s after the
+    anomaly ended, where any firing iteration used to restart the clear hold."""
+    gate = EpisodeGate()
+    # 0.5 ms iterations: firing 1-3 s (an anomaly), then normal load whose detector
+    # fires on 2 iterations in a row every 100 ms (2 % of them)
+    def firing(k: int) -> bool:
+        t_ms = k * 0.5
+        return 1000 <= t_ms < 3000 or (t_ms >= 3000 and k % 200 < 2)
+    states = [(k * 500_000, firing(k)) for k in range(30_000)]
+    changes = feed(gate, states)
+    assert [c for _, c in changes] == ["opened", "closed"]
+    opened, closed = (states[i][0] / 1e9 for i, _ in changes)
+    assert opened == pytest.approx(1.5) and closed == pytest.approx(8.0, abs=0.01)
+    # a firing run that meets the opening holds (500 ms) keeps it open as before
+    gate = EpisodeGate()
+    states = [(k * 500_000, 1000 <= k * 0.5 < 3000 or 5000 <= k * 0.5 < 5600)
+              for k in range(30_000)]
+    changes = feed(gate, states)
+    assert [c for _, c in changes] == ["opened", "closed"]
+    assert states[changes[1][0]][0] / 1e9 == pytest.approx(10.6, abs=0.01)
+
+
 def test_holds_are_validated() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         EpisodeHolds(open_iterations=0)
@@ -71,24 +95,61 @@ def test_holds_are_validated() -> None:
         EpisodeHolds(open_ms=-1)
 
 
+def _held(holds: EpisodeHolds, run: list[tuple[int, bool]], opening: bool) -> bool:
+    """Whether ``run`` (iterations in a row) meets the opening or the closing holds."""
+    n, hold_ms = ((holds.open_iterations, holds.open_ms) if opening else
+                  (holds.close_iterations, holds.close_ms))
+    return len(run) >= n and (run[-1][0] - run[0][0]) / MS >= hold_ms
+
+
 def reference(holds: EpisodeHolds, states: list[tuple[int, bool]]) -> list[tuple[int, str]]:
-    """The definition, recomputed from the whole history at every iteration."""
+    """The definition, recomputed from the history at every iteration: closed, an
+    episode opens when the firing iterations in a row since the last change meet the
+    opening holds; open, it closes on a clear iteration when, since the last time it
+    opened or a firing run met the opening holds, the first clear iteration and the
+    clear ones after it meet the closing holds (shorter firing runs between them are
+    skipped, their time counted)."""
     out: list[tuple[int, str]] = []
     is_open = False
     for i in range(len(states)):
-        want = not is_open  # the state that would change it: firing when closed
-        j = i
-        while j >= 0 and states[j][1] == want:
-            j -= 1
-        run = states[j + 1:i + 1]
-        if out and run and out[-1][0] >= j + 1:
-            # the run started before the last change: only its part after it counts
-            run = states[out[-1][0] + 1:i + 1]
-        n, hold_ms = ((holds.open_iterations, holds.open_ms) if want else
-                      (holds.close_iterations, holds.close_ms))
-        if run and len(run) >= n and (run[-1][0] - run[0][0]) / MS >= hold_ms:
-            is_open = want
-            out.append((i, "opened" if want else "closed"))
+        since = out[-1][0] + 1 if out else 0
+        if not is_open:
+            j = i
+            while j >= since and states[j][1]:
+                j -= 1
+            if _held(holds, states[j + 1:i + 1], opening=True):
+                is_open = True
+                out.append((i, "opened"))
+            continue
+        if states[i][1]:
+            continue
+        # the last time the anomaly was established: the opening, or a firing run (in
+        # the episode, after a clear iteration) meeting the opening holds
+        start = since
+        k = since
+        while k <= i and states[k][1]:  # still firing from the opening on
+            k += 1
+        while k <= i:
+            if states[k][1]:
+                r = k
+                while r <= i and states[r][1]:
+                    if _held(holds, states[k:r + 1], opening=True):
+                        start = r + 1
+                        break
+                    r += 1
+                k = r + 1 if r <= i and states[r][1] else r
+                while k <= i and states[k][1]:  # the rest of an established run
+                    k += 1
+            else:
+                k += 1
+        c = start
+        while c <= i and states[c][1]:
+            c += 1
+        clear = [st for st in states[c:i + 1] if not st[1]]
+        if clear and len(clear) >= holds.close_iterations and \
+                (states[i][0] - states[c][0]) / MS >= holds.close_ms:
+            is_open = False
+            out.append((i, "closed"))
     return out
 
 

@@ -8,7 +8,10 @@ timeout do for rules, but counted in iterations and milliseconds of the target's
 clock: an episode opens once the state has been firing, without a break, for at least
 ``open_iterations`` iterations *and* ``open_ms`` milliseconds, and closes once it has been
 clear for at least ``close_iterations`` *and* ``close_ms``. Firing again while a close is
-pending keeps the episode open. Pure computation with an injected clock (the iterations'
+pending keeps the episode open once that firing has itself held for the opening holds;
+a shorter blip only pauses the count of clear iterations (a sub-millisecond loop on a
+busy host fires now and then on normal load: blips that could not open an episode must
+not hold one open forever). Pure computation with an injected clock (the iterations'
 ``t_ns``).
 """
 
@@ -55,10 +58,23 @@ class EpisodeGate:
         """When the open (or pending) episode's first firing iteration ended."""
         self._run = 0  # iterations in a row in the state opposite to ``open``
         self._run_since_ns = 0
+        self._relapse = 0  # while open and closing: firing iterations in a row
+        self._relapse_since_ns = 0
 
     def observe(self, t_ns: int, firing: bool) -> EpisodeChange | None:
         """Feed one iteration's state at ``t_ns``; an episode change, or None."""
         h = self.holds
+        if self.open and self._run:  # a close is pending
+            if firing:
+                if self._relapse == 0:
+                    self._relapse_since_ns = t_ns
+                self._relapse += 1
+                if self._relapse < h.open_iterations or \
+                        (t_ns - self._relapse_since_ns) / 1e6 < h.open_ms:
+                    return None  # a blip, so far: the clear count waits
+                self._run = self._relapse = 0  # firing again, established: stays open
+                return None
+            self._relapse = 0
         if firing != self.open:
             if self._run == 0:
                 self._run_since_ns = t_ns
