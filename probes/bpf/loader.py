@@ -155,13 +155,18 @@ class SpanProgram:
         return int(c_value.value)
 
     def set_u64(self, map_fd: int, key: int, value: int) -> None:
-        """Write one ``u64`` value of an array map."""
+        """Write one ``u64`` value of an array map (:class:`BpfUnavailableError` when
+        the kernel refuses: ``auto`` then falls back to perf, saying why)."""
         c_key = ctypes.c_uint32(key)
         c_value = ctypes.c_uint64(value)
         attr = ctypes.create_string_buffer(32)
         struct.pack_into("<IIQQQ", attr, 0, map_fd, 0, ctypes.addressof(c_key),
                          ctypes.addressof(c_value), 0)  # flags 0: BPF_ANY
-        _bpf(BPF_MAP_UPDATE_ELEM, attr)
+        try:
+            _bpf(BPF_MAP_UPDATE_ELEM, attr)
+        except OSError as exc:
+            raise BpfUnavailableError(_why(exc.errno or errno.EINVAL,
+                                           "writing the BPF program's settings")) from None
 
     def close(self) -> None:
         """Close the object: its program and maps (links are their owner's to close)."""
