@@ -39,7 +39,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -352,6 +352,81 @@ def count_iterations(db: Path, after_ns: int) -> int:
     except sqlite3.OperationalError:  # not created yet
         return 0
     return int(n)
+
+
+@dataclass
+class ClientPhases:
+    """What a watched server's clients were told: one client, then several at once."""
+
+    single: list[Completion]
+    multi: list[Completion]
+    single_started_ns: int
+    multi_started_ns: int
+    notices: list[str]
+    """The monitor's stderr lines (its notices)."""
+
+
+@contextlib.contextmanager
+def watched_phases(server: LlamaServer, db: Path, *, match: str, config_text: str,
+                   clients: int, single_requests: int, single_tokens: int,
+                   multi_requests: int, multi_tokens: int,
+                   caught_up: Callable[[int, list[Completion]], bool]
+                   ) -> Iterator[ClientPhases]:
+    """`prism watch --match MATCH --profile llama_cpp --headless --db DB` on ``server``
+    while one client, then ``clients`` at once, send completions.
+
+    The server is kept busy from before the monitor attaches until the counted phases
+    begin (its worker threads are attached, and the first counted step closes an
+    iteration the busy requests opened). After the phases the monitor is given up to
+    60 s to write what the server ran (``caught_up(single_started_ns, completions)``),
+    then stopped with SIGINT; it must exit 0 and have governed no probe.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PRISM_PROFILE_PATH", None)
+    config = db.with_name("prism.toml")
+    config.write_text(config_text)
+    stop_busy = threading.Event()
+
+    def keep_busy() -> None:
+        while not stop_busy.is_set():
+            drive(server.url, clients=clients, requests_per_client=1, max_tokens=4,
+                  first_index=300)
+
+    busy = threading.Thread(target=keep_busy, daemon=True)
+    busy.start()
+    watch = prism("watch", "--match", match, "--profile", "llama_cpp", "--headless",
+                  "--duration", "300", "--config", str(config), "--db", str(db), env=env,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert watch.stdout is not None and watch.stderr is not None
+        out, err = LineReader(watch.stdout), LineReader(watch.stderr)
+        first = out.wait_for('{"snapshot"', timeout_s=300)  # the session runs
+        assert first is not None, "".join(err.lines)
+        # decode steps in the snapshots: the threads' probes are in
+        assert out.wait_for('"phase": "decode"', timeout_s=120, after=first) is not None, \
+            "".join(err.lines)
+        stop_busy.set()
+        busy.join()
+        single_started = time.monotonic_ns()
+        single = drive(server.url, clients=1, requests_per_client=single_requests,
+                       max_tokens=single_tokens)
+        multi_started = time.monotonic_ns()
+        multi = drive(server.url, clients=clients, requests_per_client=multi_requests,
+                      max_tokens=multi_tokens, first_index=100)
+        # on a loaded host the monitor may lag the server by seconds
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not caught_up(single_started, single + multi):
+            time.sleep(0.5)
+        watch.send_signal(signal.SIGINT)
+        watch.wait(timeout=300)  # detaching: ~80 ms per perf event, more under load
+        assert watch.returncode == 0, "".join(err.lines)
+        assert not any('"governor"' in line for line in out.lines), "a probe was governed"
+        yield ClientPhases(single, multi, single_started, multi_started, list(err.lines))
+    finally:
+        stop_busy.set()
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
 
 
 class LineReader:

@@ -32,14 +32,13 @@ from probes.uprobes import Span, UprobeSession
 from tests.llama_fixtures import (
     N_BATCH,
     Completion,
-    LineReader,
     LlamaServer,
     count_iterations,
     drive,
     llama_server,
-    prism,
     read_iterations,
     tiny_llama,
+    watched_phases,
 )
 
 __all__ = ["llama_server", "tiny_llama"]  # fixtures, imported for pytest
@@ -94,70 +93,31 @@ def watched(llama_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[WatchedRun]:
     """Watch the server while one client, then three at once, send completions."""
     db = tmp_path_factory.mktemp("watch") / "history.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PRISM_PROFILE_PATH", None)
     port = llama_server.url.rsplit(":", 1)[1]
+
+    def caught_up(single_started_ns: int, completions: list[Completion]) -> bool:
+        steps = sum(c.completion_tokens - 1 + ceil((c.prompt_tokens - 1) / N_BATCH)
+                    for c in completions)
+        return count_iterations(db, single_started_ns) >= steps
+
     # llama_cpp.server runs each request on one of anyio's worker threads, which start
-    # on demand and end after 10 s idle. Keep the server busy from before the monitor
-    # attaches until the counted phases begin, so the first counted request's prompt
-    # chunk closes an iteration the busy requests opened.
-    stop_busy = threading.Event()
-
-    def keep_busy() -> None:
-        while not stop_busy.is_set():
-            drive(llama_server.url, clients=MULTI_CLIENTS, requests_per_client=1,
-                  max_tokens=4, first_index=300)
-
-    busy = threading.Thread(target=keep_busy, daemon=True)
-    busy.start()
-    # every probe stays on for the correctness run: a loaded host's hit-cost calibration
-    # can put graph_compute over the default 0.5 % budget, and a detached probe's stage
-    # is then missing from the iterations this file checks. Per-CPU rings (mode "cpu"):
-    # this test process maps libllama too (it imported llama_cpp), so "auto" would pick
-    # per-thread rings, and a worker thread the server starts during the counted phases
-    # (three clients waiting on its lock can need one more) would lose its first calls
-    # before it is attached: 64 decode steps counted for 66 in one full-suite run
-    config = tmp_path_factory.mktemp("config") / "prism.toml"
-    config.write_text('[probe]\noverhead_budget = 0.9\nmode = "cpu"\n')
-    watch = prism("watch", "--match", rf"llama_cpp\.server .*--port {port}\b",
-                  "--profile", "llama_cpp", "--headless", "--duration", "300",
-                  "--config", str(config), "--db", str(db), env=env,
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert watch.stdout is not None and watch.stderr is not None
-        out, err_lines = LineReader(watch.stdout), LineReader(watch.stderr)
-        first = out.wait_for('{"snapshot"', timeout_s=300)  # the session runs
-        assert first is not None, "".join(err_lines.lines)
-        # Decode steps in the snapshots: the threads' probes are in; the busy requests
-        # opened the first iteration
-        assert out.wait_for('"phase": "decode"', timeout_s=120, after=first) is not None, \
-            "".join(err_lines.lines)
-        stop_busy.set()
-        busy.join()
-        single_started = time.monotonic_ns()
-        single = drive(llama_server.url, clients=1, requests_per_client=SINGLE_REQUESTS,
-                       max_tokens=MAX_TOKENS)
-        multi_started = time.monotonic_ns()
-        multi = drive(llama_server.url, clients=MULTI_CLIENTS,
-                      requests_per_client=MULTI_REQUESTS, max_tokens=MAX_TOKENS,
-                      first_index=100)
-        # On a loaded host the monitor may lag the server: give it time to write every
-        # step the server ran (it may write more; the tests count exactly)
-        expected = sum(c.completion_tokens - 1 + ceil((c.prompt_tokens - 1) / N_BATCH)
-                       for c in single + multi)
-        deadline = time.monotonic() + 60
-        while count_iterations(db, single_started) < expected and time.monotonic() < deadline:
-            time.sleep(0.5)
-        watch.send_signal(2)
-        watch.wait(timeout=300)  # detaching: ~80 ms per perf event, more under load
-        assert watch.returncode == 0, "".join(err_lines.lines)
-        assert not any('"governor"' in line for line in out.lines), "a probe was governed"
-        yield WatchedRun(read_iterations(db), single, multi, single_started, multi_started)
-    finally:
-        stop_busy.set()
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
+    # on demand and end after 10 s idle: watched_phases keeps it busy until the counted
+    # phases. Every probe stays on for the correctness run: a loaded host's hit-cost
+    # calibration can put graph_compute over the default 0.5 % budget, and a detached
+    # probe's stage is then missing from the iterations this file checks. Per-CPU rings
+    # (mode "cpu"): this test process maps libllama too (it imported llama_cpp), so
+    # "auto" would pick per-thread rings, and a worker thread the server starts during
+    # the counted phases (three clients waiting on its lock can need one more) would
+    # lose its first calls before it is attached: 64 decode steps counted for 66 in one
+    # full-suite run
+    with watched_phases(
+            llama_server, db, match=rf"llama_cpp\.server .*--port {port}\b",
+            config_text='[probe]\noverhead_budget = 0.9\nmode = "cpu"\n',
+            clients=MULTI_CLIENTS, single_requests=SINGLE_REQUESTS, single_tokens=MAX_TOKENS,
+            multi_requests=MULTI_REQUESTS, multi_tokens=MAX_TOKENS,
+            caught_up=caught_up) as run:
+        yield WatchedRun(read_iterations(db), run.single, run.multi, run.single_started_ns,
+                         run.multi_started_ns)
 
 
 def decode_steps_of(completions: list[Completion]) -> int:

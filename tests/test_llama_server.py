@@ -14,11 +14,6 @@ module, while a single client, then three at once, send completions.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from math import ceil
@@ -30,15 +25,12 @@ import pytest
 from tests.llama_fixtures import (
     CPP_SLOTS,
     N_BATCH,
-    ROOT,
     Completion,
-    LineReader,
     LlamaServer,
     cpp_server,
-    drive,
-    prism,
     read_iterations,
     tiny_llama,
+    watched_phases,
 )
 
 __all__ = ["cpp_server", "tiny_llama"]  # fixtures, imported for pytest
@@ -87,58 +79,18 @@ def watched(cpp_server: LlamaServer, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[WatchedRun]:
     """Watch llama-server while one client, then three at once, send completions."""
     db = tmp_path_factory.mktemp("watch") / "history.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PRISM_PROFILE_PATH", None)
     port = cpp_server.url.rsplit(":", 1)[1]
-    stop_busy = threading.Event()
-
-    def keep_busy() -> None:  # steps from before the attach until the counted phases
-        while not stop_busy.is_set():
-            drive(cpp_server.url, clients=CPP_SLOTS, requests_per_client=1, max_tokens=4,
-                  first_index=300)
-
-    busy = threading.Thread(target=keep_busy, daemon=True)
-    busy.start()
     # every probe stays on (a loaded host's calibration can put graph_compute over the
     # default budget, and a detached probe's stage would be missing from the checks)
-    config = tmp_path_factory.mktemp("config") / "prism.toml"
-    config.write_text('[probe]\noverhead_budget = 0.9\n')
-    watch = prism("watch", "--match", rf"llama-server .*--port {port}\b",
-                  "--profile", "llama_cpp", "--headless", "--duration", "300",
-                  "--config", str(config), "--db", str(db), env=env,
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert watch.stdout is not None and watch.stderr is not None
-        out, err = LineReader(watch.stdout), LineReader(watch.stderr)
-        first = out.wait_for('{"snapshot"', timeout_s=300)
-        assert first is not None, "".join(err.lines)
-        assert out.wait_for('"phase": "decode"', timeout_s=120, after=first) is not None, \
-            "".join(err.lines)
-        stop_busy.set()
-        busy.join()
-        single_started = time.monotonic_ns()
-        single = drive(cpp_server.url, clients=1, requests_per_client=SINGLE_REQUESTS,
-                       max_tokens=MAX_TOKENS)
-        multi_started = time.monotonic_ns()
-        multi = drive(cpp_server.url, clients=CPP_SLOTS, requests_per_client=MULTI_REQUESTS,
-                      max_tokens=MULTI_MAX_TOKENS, first_index=100)
-        # the monitor may lag the server on a loaded host: wait for every token's step
-        expected = tokens_decoded(single + multi)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (
-                not db.exists() or tokens_seen(read_iterations(db), single_started) < expected):
-            time.sleep(0.5)
-        watch.send_signal(signal.SIGINT)
-        watch.wait(timeout=300)
-        assert watch.returncode == 0, "".join(err.lines)
-        assert not any('"governor"' in line for line in out.lines), "a probe was governed"
-        yield WatchedRun(read_iterations(db), list(err.lines), single, multi, single_started,
-                         multi_started)
-    finally:
-        stop_busy.set()
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait()
+    with watched_phases(
+            cpp_server, db, match=rf"llama-server .*--port {port}\b",
+            config_text="[probe]\noverhead_budget = 0.9\n", clients=CPP_SLOTS,
+            single_requests=SINGLE_REQUESTS, single_tokens=MAX_TOKENS,
+            multi_requests=MULTI_REQUESTS, multi_tokens=MULTI_MAX_TOKENS,
+            caught_up=lambda t0, cs: db.exists() and tokens_seen(
+                read_iterations(db), t0) >= tokens_decoded(cs)) as run:
+        yield WatchedRun(read_iterations(db), run.notices, run.single, run.multi,
+                         run.single_started_ns, run.multi_started_ns)
 
 
 def test_the_monitor_steps_at_llama_process_the_anchor_that_fires(watched: WatchedRun) -> None:
