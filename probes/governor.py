@@ -101,6 +101,12 @@ def _time_calls(fn: Callable[[int], int], n: int) -> float:
     return (time.perf_counter_ns() - t0) / n
 
 
+def wakeups(calls: float, seconds: float, gap_s: float) -> float:
+    """Wake-ups of the reader by ``calls`` records of an urgent probe over ``seconds``:
+    one each, or with a wake gap (the bpf backend's) at most one per ``gap_s``."""
+    return calls if gap_s <= 0 else min(calls, seconds / gap_s)
+
+
 def calibrate(calls: int = 3000, rounds: int = 3, *, bpf: bool = False) -> HitCosts:
     """Measure the cost of a uprobe hit (emulated, single-stepped, a return, a wake-up) here.
 
@@ -408,8 +414,8 @@ class OverheadGovernor:
         """The share of the target's time a probe costs fully attached: its hits, and
         its wake-ups at most one per wake gap."""
         rate = self._rate(st)
-        wakes = rate if self.wake_gap_s <= 0 else min(rate, 1 / self.wake_gap_s)
-        return (rate * (st.cost_ns - st.wake_ns) + wakes * st.wake_ns) / 1e9
+        return (rate * (st.cost_ns - st.wake_ns)
+                + wakeups(rate, 1.0, self.wake_gap_s) * st.wake_ns) / 1e9
 
     @staticmethod
     def _share(st: _ProbeState) -> float:

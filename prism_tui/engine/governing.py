@@ -20,7 +20,13 @@ from prism_tui.engine.config import ProbingConfig
 from prism_tui.engine.view import GovernorAction, GovernorStatus
 from probes.catalog import Profile
 from probes.errors import ProbeError
-from probes.governor import DEFAULT_COSTS, GovernorDecision, HitCosts, OverheadGovernor
+from probes.governor import (
+    DEFAULT_COSTS,
+    GovernorDecision,
+    HitCosts,
+    OverheadGovernor,
+    wakeups,
+)
 
 GOVERN_S = 1.0
 """How often each target's overhead governor closes a window and decides."""
@@ -122,5 +128,5 @@ class Governing:
                 calls = n / 2 if site.ret else n
                 ns += calls * costs.site_cost_ns(site.site, site.ret)
                 if site.probe in att.urgent:
-                    ns += costs.wakeup_ns * (calls if gap <= 0 else min(calls, dt / gap))
+                    ns += costs.wakeup_ns * wakeups(calls, dt, gap)
         return 100.0 * ns / (dt * 1e9)
