@@ -244,14 +244,21 @@ for line in sys.stdin:
                             jitter=0.0)
             reply(ok=True)
         elif cmd["op"] == "run":
+            # sync_s: each sync's wait counted from before the first step posted since the
+            # last one, so a host hold-up between posting and syncing cannot shorten it
             sync_s = 0.0
+            posted_at = None
             graph = dev.graph([dev.kernel("g1", 1e6, 0), dev.kernel("g2", 1e6, 0)])
             for name, *args in cmd["steps"]:
                 if name == "sync":
-                    t = time.monotonic()
+                    start = time.monotonic() if posted_at is None else posted_at
                     dev.synchronize()
-                    sync_s += time.monotonic() - t
-                elif name == "launch":
+                    sync_s += time.monotonic() - start
+                    posted_at = None
+                    continue
+                if posted_at is None:
+                    posted_at = time.monotonic()
+                if name == "launch":
                     dev.launch(dev.kernel("k", args[0], 0), grid=(4, 2, 1), block=(128, 1, 1),
                                shared_mem=1024)
                 elif name == "graph":
