@@ -279,8 +279,10 @@ def _expect_error(tmp_path: Path, text: str, reason: str, name: str = "bad.toml"
     return message
 
 
-def _with_probe(extra: str, probe_extra: str = "") -> str:
-    return MINIMAL + probe_extra + extra
+def _with_profile_key(line: str) -> str:
+    """MINIMAL with ``line`` (marked ``#<``) added to its [profile] table."""
+    return MINIMAL.replace('description = "minimal profile"',
+                           f'description = "minimal profile"\n{line}  #<')
 
 
 MALFORMED = {
@@ -290,10 +292,8 @@ MALFORMED = {
     "key after probe belongs to it": (MINIMAL + "\nextra = 1  #<\n",
                                       "probe 'p': unknown key 'extra'"),
     "unknown root table": (MINIMAL + "\n[extras]  #<\nx = 1\n", "unknown key 'extras'"),
-    "unknown profile key": (MINIMAL.replace(
-        'description = "minimal profile"',
-        'description = "minimal profile"\nanchr = "p"  #<'),
-        "unknown key 'anchr' (did you mean 'anchor'?)"),
+    "unknown profile key": (_with_profile_key('anchr = "p"'),
+                            "unknown key 'anchr' (did you mean 'anchor'?)"),
     "unknown probe key": (MINIMAL.replace('stage = "work"', 'stgae = "work"  #<'),
                           "probe 'p': unknown key 'stgae' (did you mean 'stage'?)"),
     "unknown library key": (MINIMAL.replace('soname = ["libx.so*"]',
@@ -344,24 +344,16 @@ MALFORMED = {
     "unknown library": (MINIMAL.replace('library = "lib"', 'library = "libb"  #<'),
                         "probe 'p': unknown library 'libb' (did you mean 'lib'?) "
                         "(defined: lib)"),
-    "unknown anchor": (MINIMAL.replace('description = "minimal profile"',
-                                       'description = "d"\nanchor = "q"  #<'),
-                       "anchor 'q' is not a probe id"),
-    "unknown alternative anchor": (MINIMAL.replace('description = "minimal profile"',
-                                                   'description = "d"\nanchor = ["p", "q"]  #<'),
+    "unknown anchor": (_with_profile_key('anchor = "q"'), "anchor 'q' is not a probe id"),
+    "unknown alternative anchor": (_with_profile_key('anchor = ["p", "q"]'),
                                    "anchor 'q' is not a probe id"),
-    "empty anchor list": (MINIMAL.replace('description = "minimal profile"',
-                                          'description = "d"\nanchor = []  #<'),
-                          "'anchor' lists no probe"),
-    "anchor listed twice": (MINIMAL.replace('description = "minimal profile"',
-                                            'description = "d"\nanchor = ["p", "p"]  #<'),
+    "empty anchor list": (_with_profile_key("anchor = []"), "'anchor' lists no probe"),
+    "anchor listed twice": (_with_profile_key('anchor = ["p", "p"]'),
                             "anchor lists a probe twice"),
-    "anchor of numbers": (MINIMAL.replace('description = "minimal profile"',
-                                          'description = "d"\nanchor = [1]  #<'),
+    "anchor of numbers": (_with_profile_key("anchor = [1]"),
                           "anchor probes must be probe ids (strings), not 1"),
-    "deepdive anchor": (MINIMAL.replace('description = "minimal profile"',
-                                        'description = "d"\nanchor = "p"  #<')
-                        + 'level = "deepdive"\n', "must be a sentinel probe"),
+    "deepdive anchor": (_with_profile_key('anchor = "p"') + 'level = "deepdive"\n',
+                        "must be a sentinel probe"),
     "capture register out of range": (MINIMAL + '[probe.args]\nx = "arg7"  #<\n',
                                       "bad capture 'arg7': registers are arg1..arg6"),
     "capture register name": (MINIMAL + '[probe.args]\nx = "rdi"  #<\n',
@@ -388,10 +380,8 @@ MALFORMED = {
                           "attribute access is not allowed"),
     "derived method": (MINIMAL + '[[derived]]\nname = "x"\nexpr = "min.x"  #<\n',
                        "attribute access is not allowed"),
-    "phase rule comparison": (MINIMAL.replace(
-        'description = "minimal profile"',
-        'description = "minimal profile"\nphase_rule = "calls.p == 1"  #<'),
-        "phase_rule: 'calls.p == 1' is not safe arithmetic"),
+    "phase rule comparison": (_with_profile_key('phase_rule = "calls.p == 1"'),
+                              "phase_rule: 'calls.p == 1' is not safe arithmetic"),
     "derived syntax": (MINIMAL + '[[derived]]\nname = "x"\nexpr = "a +"  #<\n',
                        "not an arithmetic expression"),
     "derived name": (MINIMAL + '[[derived]]\nname = "2x"  #<\nexpr = "1"\n',
