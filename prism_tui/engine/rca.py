@@ -75,13 +75,17 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return m, math.sqrt(var)
 
 
+def _mean(xs: Sequence[float]) -> float:
+    return math.fsum(xs) / len(xs) if xs else 0.0
+
+
 def _z_log(base: Sequence[float], anom: Sequence[float]) -> float:
     """z-score of the anomalous mean of log values against the baseline's, with the
     baseline's spread floored at :data:`_LOG_STD_FLOOR` (a 1 % relative change)."""
     if not base or not anom:
         return 0.0
     mb, sb = _mean_std(base)
-    diff = _mean_std(anom)[0] - mb
+    diff = _mean(anom) - mb
     return diff / max(sb, _LOG_STD_FLOOR) if diff else 0.0
 
 
@@ -103,7 +107,11 @@ def _finite(v: object) -> float | None:
 def _column(rows: Sequence[Mapping[str, float]], key: str, missing: float | None) -> list[float]:
     out: list[float] = []
     for r in rows:
-        v = _finite(r.get(key)) if key in r else missing
+        v = r.get(key)
+        if type(v) is float and v - v == 0.0:  # a finite float, as the engine's are: at once
+            out.append(v)
+            continue
+        v = _finite(v) if key in r else missing
         if v is not None:
             out.append(v)
     return out
@@ -179,21 +187,26 @@ def rank_suspects(
     ub = utilisation_baseline or []
     ua = utilisation_anomalous or []
     metrics = sorted({k for r in (*ub, *ua) for k in r})
-    z_metric: dict[str, float] = {}
-    for m in metrics:
-        z_metric[m] = _z_log(_log_column(ub, m), _log_column(ua, m))
+    known = set(metrics)
+    z_metric: dict[str, float] = {}  # computed for the metrics some stage is related to
+
+    def z_of(m: str) -> float:
+        z = z_metric.get(m)
+        if z is None:
+            z = z_metric[m] = _z_log(_log_column(ub, m), _log_column(ua, m))
+        return z
 
     out: list[Suspect] = []
     for key in stages:
         base = summary.stats.get(key, (0.0, 0.0))  # absent from every baseline row: 0
         mb, sb = base or (0.0, 0.0)
         a = _column(anomalous, key, 0.0)
-        ma, _ = _mean_std(a)
+        ma = _mean(a)
         delta = ma - mb
         zb = _z_of(mb, sb, ma) if a and base is not None else 0.0
         stage, device = _split(key)
         if related is not None:
-            cands = [m for m in related.get(key, related.get(stage, ())) if m in z_metric]
+            cands = [m for m in related.get(key, related.get(stage, ())) if m in known]
         else:
             cands = [
                 m
@@ -203,8 +216,9 @@ def rank_suspects(
         best: str | None = None
         zm = 0.0
         for m in cands:  # sorted: ties keep the first name
-            if abs(z_metric[m]) > abs(zm):
-                best, zm = m, z_metric[m]
+            z = z_of(m)
+            if abs(z) > abs(zm):
+                best, zm = m, z
         score = abs(delta) * (abs(zb) + abs(zm))
         if score > 0 and math.isfinite(score):
             out.append(Suspect(stage, device, best, score, delta, zb, zm))
