@@ -1075,6 +1075,19 @@ def test_the_smoothed_error_is_the_median_of_the_window_live_and_in_calibration(
         assert live == pytest.approx(smooth_errors(errors, r).tolist())
 
 
+def test_the_limit_is_set_by_full_windows_only() -> None:
+    """Live, the smoothed error is compared with the limit once W errors are in; the
+    calibration leaves out the first W - 1 smoothed values too. A run's first four
+    iterations 3x slower than the rest's noise (a process starting up) do not raise it."""
+    rule = dataclasses.replace(RULES["prism"], ucl_skip_episodes=0)
+    rng = np.random.default_rng(3)
+    errors = [0.3] * 4 + rng.uniform(0, 0.1, 400).tolist()
+    ucl, _, _ = compute_ucl(errors, rule)
+    # every full window holds at most four 0.3s among nine: its median is noise (<= 0.1)
+    assert ucl <= rule.ucl_scale * 0.1 + 1e-9
+    assert compute_ucl(errors[4:], rule)[0] == pytest.approx(ucl, rel=0.1)
+
+
 def test_lone_stalls_do_not_fire_but_a_sustained_twenty_percent_slowdown_does() -> None:
     """The paper's vLLM decode steps include prefill stalls 5x slower than the workload
     explains, a few in every window in its busiest jobs: four unexplained iterations

@@ -82,7 +82,10 @@ def compute_ucl(errors: npt.ArrayLike, rule: DetectorRule) -> tuple[float, float
     if rule.ucl_method == "sigma":
         raw = mean + rule.k_sigma * std
     else:
-        sm = without_episodes(smooth_errors(without_events(e, rule), rule), rule)
+        sm = smooth_errors(without_events(e, rule), rule)
+        # live, a smoothed error is compared with the limit only once W errors are in:
+        # the first W - 1, medians of fewer (a run's first iterations), do not set it
+        sm = without_episodes(sm[rule.window - 1:] if sm.size >= rule.window else sm, rule)
         raw = float(np.quantile(sm, rule.quantile)) if sm.size else 0.0
     ucl = min(max(raw * rule.ucl_scale, rule.ucl_floor), rule.ucl_cap)
     return ucl, mean, std
