@@ -158,9 +158,11 @@ def observe(det: Detector, s: DecodeStep) -> Verdict | None:
 def run_rule(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int,
              warmup_s: float = 0.0, faults: Sequence[FaultLike] = (),
              holds: EpisodeHolds | None = None,
-             fire: Callable[[DetectorRule], FirePolicy] = FirePolicy) -> dict[str, Any]:
+             fire: Callable[[DetectorRule], FirePolicy] = FirePolicy,
+             settle_s: float = 0.0) -> dict[str, Any]:
     """One rule over every rank's iterations (a detector per rank), scored per iteration
-    and, with the engine's alert episodes (``holds``), per episode."""
+    and, with the engine's alert episodes (``holds``), per episode; each rank's first
+    ``settle_s`` seconds are not trained on (as for a target started with the monitor)."""
     rows: list[Scored] = []
     episodes: list[AlertEpisode] = []
     alerts = 0
@@ -169,7 +171,8 @@ def run_rule(steps: Sequence[DecodeStep], rule: DetectorRule, warmup: int,
     ucls = []
     t0 = time.perf_counter()
     for rank in sorted({s.rank for s in steps}):
-        det = Detector(rule=rule, warmup=warmup, warmup_s=warmup_s, fire_policy=fire)
+        det = Detector(rule=rule, warmup=warmup, warmup_s=warmup_s, fire_policy=fire,
+                       settle_ns=int(settle_s * 1e9))
         gate = EpisodeGate(holds)
         fault_end: int | None = None
         prev_fault = False
@@ -299,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup-s", type=float, default=0.0,
                     help="... or seconds, whichever first (prism watch: 10; default 0 here, "
                     "so replays of older recordings keep their figures)")
+    ap.add_argument("--settle-s", type=float, default=0.0,
+                    help="seconds of each rank's first iterations not trained on (prism "
+                    "demo: 3; default 0, as prism eval)")
     ap.add_argument("--rules", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--explore", action="store_true", help="also the variants explored")
     ap.add_argument("--why", action="store_true", help="list where false alarms start")
@@ -313,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rules |= EXPLORE
     faults = info.pop("faults")
     results = [run_rule(steps, dataclasses.replace(rule, name=name), args.warmup,
-                        args.warmup_s, faults, fire=FIRE_POLICIES.get(name, FirePolicy))
+                        args.warmup_s, faults, fire=FIRE_POLICIES.get(name, FirePolicy),
+                        settle_s=args.settle_s)
                for name, rule in rules.items()]
     if args.json:
         print(json.dumps({"input": info, "results": results}, indent=2))

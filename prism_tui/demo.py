@@ -26,21 +26,13 @@ from prism_tui.dashboard_view import DashboardView
 from prism_tui.engine.monitor import MonitorConfig
 from prism_tui.live import LiveSession
 from prism_tui.scheduling import go_realtime, request_short_slice
-from prism_tui.session import SessionSpec, build_session, run_headless
+from prism_tui.session import SETTLE_S, SessionSpec, build_session, run_headless
 from prism_tui.settings import EngineSettings, HistorySettings
 from prism_tui.sim_child import SimChild
 from probes.catalog import load_profile
 from probes.governor import calibrate
 from probes.perf import check_permission
 from probes.target import Target
-
-SETTLE_S = 3.0
-"""Seconds of each rank's first decode iterations the demo's detectors do not train on.
-The demo starts the server with the monitor: in the tmux demo the ranks' start and the
-dashboard's first paint slowed iterations 25-35 % for a few tenths of a second within
-the first 2 s (both vCPUs busy), and a warm-up limit calibrated on that (0.37-0.49) hid
-a device slowdown to 60 % speed. ``prism watch`` attaches to a running server and
-trains from its first iteration."""
 
 
 def run_demo(duration_s: float | None = None, *, scenario: str = "demo",

@@ -56,6 +56,18 @@ class SessionSpec:
     settle_s: float = 0.0
 
 
+SETTLE_S = 3.0
+"""Seconds of each rank's first decode iterations the detectors do not train on when the
+command starts the server itself (``prism demo``, ``prism eval --scenario``). A server
+started with the monitor runs its first steps beside everything else starting: in the
+tmux demo the ranks' start and the dashboard's first paint slowed iterations 25-35 % for
+a few tenths of a second within the first 2 s (both vCPUs busy), and a warm-up limit
+calibrated on that (0.37-0.49) hid a device slowdown to 60 % speed; in ``prism eval
+--scenario smoke`` the first ten steps ran 30-50 % above the rest and held the limit at
+its cap. ``prism watch`` and ``prism eval --pid`` attach to a running server and train
+from its first iteration."""
+
+
 def detection_config(engine: EngineSettings, settle_s: float = 0.0) -> DetectionConfig:
     """The engine's detection from the ``[engine]`` settings; a bad SLO is a ValueError."""
     return DetectionConfig(rule=engine.detector_rule, warmup=engine.warmup_iterations,

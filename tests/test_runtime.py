@@ -114,12 +114,13 @@ def test_the_monitor_catches_a_fault_the_workload_does_not_explain(tmp_path: Pat
 
 
 def test_prism_eval_prints_the_scores(tmp_path: Path) -> None:
-    # 20 s: the monitor watches the child simulator from its attach to the scenario's
-    # end, 1-3 s less than the scenario; the warm-up ends at 10 s (about 16 iterations a
+    # 26 s: the monitor watches the child simulator from its attach to the scenario's
+    # end, 1-3 s less than the scenario; the first 3 s are not trained on (eval starts
+    # the ranks with the monitor), the warm-up ends 10 s later (about 16 iterations a
     # second per rank: 200 take longer) and the fit takes 1.5-3 s on a quiet host, more
-    # under load, so > 100 judged iterations need the 6 s this leaves beyond 14 s (at 14 s
-    # a loaded run judged 0-20 of them)
-    path = scenario_file(tmp_path, 20)
+    # under load, so > 100 judged iterations need the 8 s this leaves beyond 18 s (at 14 s
+    # of scenario without the settling a loaded run judged 0-20 of them)
+    path = scenario_file(tmp_path, 26)
     result = subprocess.run(
         [sys.executable, "-m", "prism_tui.cli", "eval", "--scenario", str(path),
          "--warmup", "200", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -134,7 +135,7 @@ def test_prism_eval_prints_the_scores(tmp_path: Path) -> None:
     assert doc["alerts_received"] == doc["alerts"], doc
     assert doc["iterations"] > 100 and doc["abnormal"] == 0  # no fault in this scenario
     # the default rule, and the episode figures beside the per-iteration ones
-    assert doc["rule"] == "prism" and doc["warmup_s"] == 10.0
+    assert doc["rule"] == "prism" and doc["warmup_s"] == 10.0 and doc["settle_s"] == 3.0
     episodes = doc["episodes"]
     assert episodes["fault_episodes"] == episodes["episodes_detected"] == 0
     assert episodes["false_episodes"] == episodes["alert_episodes"] == doc["alerts_firing"]

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from prism_tui.engine.monitor import MonitorConfig, Observation
     from prism_tui.scheduling import request_short_slice
-    from prism_tui.session import SessionSpec, build_session, span_recorder
+    from prism_tui.session import SETTLE_S, SessionSpec, build_session, span_recorder
     from prism_tui.settings import load_settings
     from prism_tui.sim_child import SimChild
     from probes.catalog import load_profile
@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
                                engine=engine_settings, monitor=MonitorConfig(telemetry=False,
                                                                      keep_spans=False),
                                broker=BrokerConfig(url=broker_url),
-                               outbox_path=os.path.join(tmp.name, "outbox.sqlite"))
+                               outbox_path=os.path.join(tmp.name, "outbox.sqlite"),
+                               settle_s=SETTLE_S)  # it starts the ranks with the monitor
             session = build_session(spec, observer=on_observation, recorder=recorder)
             monitor = session.monitor
             stack.callback(session.close)
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     doc = {
         "scenario": scenario.name, "duration_s": duration,
         "rule": engine_settings.detector_rule, "warmup": engine_settings.warmup_iterations,
-        "warmup_s": engine_settings.warmup_s,
+        "warmup_s": engine_settings.warmup_s, "settle_s": SETTLE_S,
         "alert_holds": dataclasses.asdict(engine_settings.episode_holds()),
         # the paper's per-iteration scores, then what an on-call sees: alert episodes
         **result, "episodes": episodes, "detection_lag_iterations": detection_lag(rows),
