@@ -304,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "so replays of older recordings keep their figures)")
     ap.add_argument("--settle-s", type=float, default=0.0,
                     help="seconds of each rank's first iterations not trained on (prism "
-                    "demo: 3; default 0, as prism eval)")
+                    "demo and prism eval --scenario: 3; default 0, so replays of older "
+                    "recordings keep their figures)")
     ap.add_argument("--rules", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--explore", action="store_true", help="also the variants explored")
     ap.add_argument("--why", action="store_true", help="list where false alarms start")
