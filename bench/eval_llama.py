@@ -32,11 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.llama_fixtures import (  # noqa: E402
-    LLAMA_SERVER_BIN,
     drive,
-    llama_cpp_importable,
     running_cpp_server,
     running_server,
+    server_missing,
     write_tiny_llama,
 )
 
@@ -93,13 +92,9 @@ def main() -> int:
     ap.add_argument("--eval-args", default="", help="more arguments for prism eval "
                     "(e.g. '--rule paper')")
     args = ap.parse_args()
-    if not llama_cpp_importable():
-        print("eval_llama: llama-cpp-python is not installed (`make venv` builds it)",
-              file=sys.stderr)
-        return 2
-    if args.server == "cpp" and not LLAMA_SERVER_BIN.exists():
-        print(f"eval_llama: {LLAMA_SERVER_BIN} is not built (`make venv` builds it)",
-              file=sys.stderr)
+    missing = server_missing(args.server)
+    if missing is not None:
+        print(f"eval_llama: {missing}", file=sys.stderr)
         return 2
     record = ([] if args.record is None else
               ["--record", f"{args.record}.spans.gz", "--labels", f"{args.record}.faults.json"])

@@ -57,14 +57,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.llama_fixtures import (  # noqa: E402
-    LLAMA_SERVER_BIN,
     N_BATCH,
     Completion,
     LineReader,
     drive,
-    llama_cpp_importable,
     running_cpp_server,
     running_server,
+    server_missing,
     stop_process,
     write_tiny_llama,
 )
@@ -222,13 +221,9 @@ def main() -> int:
         sys.exit(143)
 
     signal.signal(signal.SIGTERM, on_term)
-    if not llama_cpp_importable():
-        print("llama_overhead: llama-cpp-python is not installed (`make venv` builds it)",
-              file=sys.stderr)
-        return 2
-    if cpp and not LLAMA_SERVER_BIN.exists():
-        print(f"llama_overhead: {LLAMA_SERVER_BIN} is not built (`make venv` builds it)",
-              file=sys.stderr)
+    missing = server_missing(args.server)
+    if missing is not None:
+        print(f"llama_overhead: {missing}", file=sys.stderr)
         return 2
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

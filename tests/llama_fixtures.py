@@ -78,6 +78,16 @@ def llama_cpp_importable() -> bool:
     return True
 
 
+def server_missing(server: str) -> str | None:
+    """Why the ``python`` (llama_cpp.server) or ``cpp`` (llama-server) server cannot be
+    started here, in one line; None when it can."""
+    if not llama_cpp_importable():
+        return "llama-cpp-python is not installed (`make venv` builds it)"
+    if server == "cpp" and not LLAMA_SERVER_BIN.exists():
+        return f"{LLAMA_SERVER_BIN} is not built (`make venv` builds it)"
+    return None
+
+
 def write_tiny_llama(path: Path, seed: int = 0) -> Path:
     """Write a llama-architecture GGUF with random weights and a working vocabulary.
 
