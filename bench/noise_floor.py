@@ -9,11 +9,18 @@ mildest slowdown such a limit sees is ``1 / (1 - q)``. Two models per rank:
 
 * *live*: the ``prism`` detector as ``prism eval`` runs it (warm-up, settling, refits;
   novel iterations, which are not judged, left out);
-* *oracle*: a GBDT on log-latency fitted on every normal iteration of the rank, with the
-  simulator's true batch size and context (the monitor's for a live target), and scored
-  on those same iterations: in-sample, with no warm-up and no drift, so what it leaves
-  is mostly the run's own noise (the host, the simulator). Usually below the live floor,
+* *fitted on the run*: the ``prism`` rule's model (a step's physical shape times a
+  median GBDT on log-latency) fitted on every normal iteration of the rank and scored on
+  those same iterations: in-sample, with no warm-up and no drift, so what it leaves is
+  mostly the run's own noise (the host, the simulator). Usually below the live floor,
   not a bound on it.
+
+Per fault and rank it acts on, the same fitted model gives the fault's *unexplained*
+slowdown: the median, over its iterations, of latency over the model's prediction for
+their workload. It can be far below the labels' slowdown (decode steps under the fault
+over those just before it) when the fault grows the batch: its steps are slower partly
+because they carry more work, which a workload-aware detector rightly does not flag.
+A fault is *above the floor* when its unexplained slowdown exceeds the live floor's.
 
     .venv/bin/python bench/noise_floor.py --spans R.spans.gz --labels R.labels \\
         [--faults F.json] [--fpr 0.005] [--settle-s 3] [--json]
@@ -38,13 +45,18 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detector_sim import DecodeStep, _rebuild, _rebuild_live, observe
-from sklearn.ensemble import GradientBoostingRegressor
 
 from prism_tui.engine.detector import RULES, Detector
 from prism_tui.engine.detector.calibration import smooth_errors
+from prism_tui.engine.detector.features import features
+from prism_tui.engine.detector.model import BaselineModel
+from prism_tui.engine.evaluate import FaultLike
 
 TAIL_S = 3.0
 """Seconds after a fault's end whose iterations count neither as normal nor as fault."""
+BEFORE_S = 8.0
+"""A fault's slowdown is measured against the normal iterations of this many seconds
+before it (as ``prism_sim.labels.fault_effects``)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,7 @@ class Floor:
 
 @dataclass(frozen=True)
 class RankFloor:
-    """One rank's normal noise under the live detector and under the oracle."""
+    """One rank's normal noise under the live detector and a model fitted on the run."""
 
     rank: int
     normal: int
@@ -66,7 +78,25 @@ class RankFloor:
     over_limit: float
     """Share of the normal judged iterations whose smoothed error exceeded it."""
     live: Floor
-    oracle: Floor
+    fitted: Floor
+
+
+@dataclass(frozen=True)
+class FaultOnRank:
+    """One fault on one rank: how much slower than its workload explains, and whether the
+    live detector fired in it."""
+
+    type: str
+    rank: int
+    start_s: float
+    """From the rank's first iteration."""
+    slowdown: float | None
+    """Median latency under it over the median of the normal ones in the 8 s before."""
+    unexplained: float
+    """Median of latency over the fitted model's prediction, under it."""
+    above_floor: bool
+    judged: int
+    fired: int
 
 
 def floor_of(smoothed: npt.ArrayLike, fpr: float) -> Floor:
@@ -88,36 +118,70 @@ def normal_mask(steps: Sequence[DecodeStep]) -> npt.NDArray[np.bool_]:
     return keep
 
 
-def oracle_smoothed(steps: Sequence[DecodeStep], normal: npt.NDArray[np.bool_]
-                    ) -> npt.NDArray[np.float64]:
-    """Smoothed errors of a model fitted on the normal iterations themselves (in order)."""
-    x = np.array([[s.true_batch, s.true_kv, s.true_batch * s.true_kv] for s in steps],
-                 dtype=np.float64)
-    y = np.log([s.latency_ms for s in steps])
-    model = GradientBoostingRegressor(n_estimators=200, max_depth=4, loss="absolute_error",
-                                      random_state=0)
+def fitted_ratios(steps: Sequence[DecodeStep], normal: npt.NDArray[np.bool_]
+                  ) -> npt.NDArray[np.float64]:
+    """Latency over the prediction of the ``prism`` rule's model fitted on the normal
+    iterations themselves (it extrapolates a step's physical shape beyond their load)."""
+    rule = RULES["prism"]
+    x = np.array([features(s.workload) for s in steps], dtype=np.float64)
+    y = np.array([s.latency_ms for s in steps], dtype=np.float64)
+    model = BaselineModel(rule.target, random_state=0, min_samples_leaf=rule.min_samples_leaf,
+                          form=rule.form)
     model.fit(x[normal], y[normal])
-    errors = np.maximum(0.0, 1.0 - np.exp(model.predict(x) - y))
-    return smooth_errors(errors, RULES["prism"])
+    return np.asarray(y / model.predict(x), dtype=np.float64)
+
+
+def faults_on_rank(rank: int, steps: Sequence[DecodeStep], faults: Sequence[FaultLike],
+                   ratios: npt.NDArray[np.float64], normal: npt.NDArray[np.bool_],
+                   fired: npt.NDArray[np.bool_], judged: npt.NDArray[np.bool_],
+                   floor: float) -> list[FaultOnRank]:
+    """Each fault acting on this rank with enough iterations under it (3 or more)."""
+    ends = np.array([s.end_ns for s in steps], dtype=np.int64)
+    lat = np.array([s.latency_ms for s in steps], dtype=np.float64)
+    out = []
+    for f in faults:
+        if f.rank is not None and f.rank != rank:
+            continue
+        under = (ends >= f.start_ns) & (ends <= f.end_ns)
+        if under.sum() < 3:
+            continue
+        before = normal & (ends < f.start_ns) & (ends >= f.start_ns - BEFORE_S * 1e9)
+        slowdown = (round(float(np.median(lat[under]) / np.median(lat[before])), 3)
+                    if before.sum() >= 3 else None)
+        unexplained = round(float(np.median(ratios[under])), 3)
+        out.append(FaultOnRank(f.type, rank, round((f.start_ns - steps[0].end_ns) / 1e9, 1),
+                               slowdown, unexplained, unexplained > floor,
+                               int((under & judged).sum()), int((under & fired).sum())))
+    return out
 
 
 def rank_floor(rank: int, steps: Sequence[DecodeStep], fpr: float, settle_s: float,
-               warmup: int, warmup_s: float) -> RankFloor | None:
-    """Live and oracle floors of one rank (None when nothing normal was judged)."""
+               warmup: int, warmup_s: float, faults: Sequence[FaultLike] = ()
+               ) -> tuple[RankFloor, list[FaultOnRank]] | None:
+    """Live and fitted floors of one rank, and its faults (None when nothing normal was
+    judged)."""
     det = Detector(rule=RULES["prism"], warmup=warmup, warmup_s=warmup_s,
                    settle_ns=int(settle_s * 1e9))
     normal = normal_mask(steps)
     live: list[float] = []
-    for s, ok in zip(steps, normal, strict=True):
+    fired = np.zeros(len(steps), dtype=bool)
+    judged = np.zeros(len(steps), dtype=bool)
+    for i, (s, ok) in enumerate(zip(steps, normal, strict=True)):
         v = observe(det, s)
-        if v is not None and v.novel is None and ok:
+        if v is None or v.novel is not None:
+            continue
+        judged[i], fired[i] = True, v.firing
+        if ok:
             live.append(v.smoothed)
     if not live or det.ucl is None:
         return None
-    oracle = oracle_smoothed(steps, normal)[normal]
-    return RankFloor(rank, len(live), round(det.ucl, 4),
-                     round(float(np.mean(np.asarray(live) > det.ucl)), 4),
-                     floor_of(live, fpr), floor_of(oracle, fpr))
+    ratios = fitted_ratios(steps, normal)
+    fitted = smooth_errors(np.maximum(0.0, 1.0 - 1.0 / ratios), RULES["prism"])[normal]
+    floor = RankFloor(rank, len(live), round(det.ucl, 4),
+                      round(float(np.mean(np.asarray(live) > det.ucl)), 4),
+                      floor_of(live, fpr), floor_of(fitted, fpr))
+    return floor, faults_on_rank(rank, steps, faults, ratios, normal, fired, judged,
+                                 floor.live.mildest_slowdown)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,24 +206,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"noise_floor: no such file: {path}", file=sys.stderr)
             return 2
-    steps, _ = (_rebuild(args.spans, args.labels) if args.labels
-                else _rebuild_live(args.spans, args.faults))
-    floors = [f for rank in sorted({s.rank for s in steps})
-              if (f := rank_floor(rank, [s for s in steps if s.rank == rank], args.fpr,
-                                  args.settle_s, args.warmup, args.warmup_s)) is not None]
+    steps, info = (_rebuild(args.spans, args.labels) if args.labels
+                   else _rebuild_live(args.spans, args.faults))
+    floors: list[RankFloor] = []
+    faults: list[FaultOnRank] = []
+    for rank in sorted({s.rank for s in steps}):
+        found = rank_floor(rank, [s for s in steps if s.rank == rank], args.fpr,
+                           args.settle_s, args.warmup, args.warmup_s, info["faults"])
+        if found is not None:
+            floors.append(found[0])
+            faults += found[1]
     if args.json:
         print(json.dumps({"spans": args.spans, "fpr": args.fpr,
-                          "ranks": [asdict(f) for f in floors]}, indent=2))
+                          "ranks": [asdict(f) for f in floors],
+                          "faults": [asdict(f) for f in faults]}, indent=2))
         return 0
     print(f"{args.spans}: lowest limit at FPR {args.fpr:.2%} per rank, and the mildest "
           "slowdown of every step it sees")
     print("| rank | normal judged | live limit | normal over it | live: limit, slowdown "
-          "| oracle: limit, slowdown |")
+          "| fitted on the run: limit, slowdown |")
     print("|---|---:|---:|---:|---|---|")
     for f in floors:
         print(f"| {f.rank} | {f.normal} | {f.limit:.3f} | {f.over_limit:.2%} "
               f"| {f.live.limit:.3f}, {f.live.mildest_slowdown:.2f}x "
-              f"| {f.oracle.limit:.3f}, {f.oracle.mildest_slowdown:.2f}x |")
+              f"| {f.fitted.limit:.3f}, {f.fitted.mildest_slowdown:.2f}x |")
+    print("\n| fault | rank | start s | slowdown | unexplained | above the live floor "
+          "| fired / judged |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for g in faults:
+        slow = "-" if g.slowdown is None else f"{g.slowdown:.2f}x"
+        print(f"| {g.type} | {g.rank} | {g.start_s:.0f} | {slow} | {g.unexplained:.2f}x "
+              f"| {'yes' if g.above_floor else 'no'} | {g.fired} / {g.judged} |")
     return 0
 
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from detector_sim import DecodeStep  # noqa: E402
 from noise_floor import floor_of, normal_mask, rank_floor  # noqa: E402
 
+from prism_sim.labels import FaultRecord  # noqa: E402
 from prism_tui.engine.detector import Workload  # noqa: E402
 
 
@@ -52,14 +53,14 @@ def test_a_quiet_law_has_a_low_floor_and_a_noisy_one_a_higher_one() -> None:
             ms = (2.0 + 0.2 * b + 0.0005 * b * kv) * (1 + abs(rng.normal(0, noise)))
             steps.append(DecodeStep(0, (i + 1) * 5_000_000, ms,
                                     Workload(b, kv - 20, 20), False, b, kv))
-        f = rank_floor(0, steps, 0.005, settle_s=0.0, warmup=500, warmup_s=0.0)
-        assert f is not None and f.normal > 2000
-        return f.live.limit, f.oracle.limit
+        found = rank_floor(0, steps, 0.005, settle_s=0.0, warmup=500, warmup_s=0.0)
+        assert found is not None and found[0].normal > 2000
+        return found[0].live.limit, found[0].fitted.limit
 
-    quiet_live, quiet_oracle = run(0.01)
-    noisy_live, noisy_oracle = run(0.2)
-    assert quiet_live < 0.05 and quiet_oracle < 0.05
-    assert noisy_oracle > 3 * quiet_oracle and noisy_live > 3 * quiet_live
+    quiet_live, quiet_fitted = run(0.01)
+    noisy_live, noisy_fitted = run(0.2)
+    assert quiet_live < 0.05 and quiet_fitted < 0.05
+    assert noisy_fitted > 3 * quiet_fitted and noisy_live > 3 * quiet_live
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -80,3 +81,29 @@ def test_an_impossible_rate_is_a_usage_error(tmp_path: Path) -> None:
     res = run_cli("--spans", "x", "--labels", "y", "--fpr", "1.5")
     assert res.returncode == 2 and "--fpr must be between 0 and 1" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_fault_that_only_grows_the_batch_is_not_unexplained() -> None:
+    rng = np.random.default_rng(5)
+    steps = []
+    for i in range(4000):
+        t = (i + 1) * 5_000_000
+        grow = 2000 <= i < 2400  # the batch grows: steps slower, as the law says
+        slow = 3000 <= i < 3400  # the same load, every step 1.5x
+        b = int(rng.integers(12, 16)) if grow else int(rng.integers(1, 8))
+        kv = int(rng.integers(100, 2000))
+        ms = (2.0 + 0.5 * b + 0.0005 * b * kv) * (1 + abs(rng.normal(0, 0.01)))
+        steps.append(DecodeStep(0, t, ms * (1.5 if slow else 1.0),
+                                Workload(b, kv - 20, 20), grow or slow, b, kv))
+    faults = [FaultRecord("device_preemption", None, 2000 * 5_000_000, 2400 * 5_000_000, 0.5),
+              FaultRecord("device_slowdown", 0, 3000 * 5_000_000, 3400 * 5_000_000, 0.5),
+              FaultRecord("straggler", 1, 3000 * 5_000_000, 3400 * 5_000_000, 0.5)]
+    found = rank_floor(0, steps, 0.005, settle_s=0.0, warmup=500, warmup_s=0.0,
+                       faults=faults)
+    assert found is not None
+    grew, slowed = found[1]  # the straggler is on another rank
+    assert grew.type == "device_preemption" and slowed.type == "device_slowdown"
+    assert grew.slowdown is not None and grew.slowdown > 1.5
+    assert 0.9 < grew.unexplained < 1.15 and not grew.above_floor
+    assert slowed.unexplained == pytest.approx(1.5, abs=0.1) and slowed.above_floor
+    assert slowed.fired > slowed.judged / 2
