@@ -257,39 +257,25 @@ def test_llama_cpp_steps_are_cut_into_prefill_mixed_and_decode() -> None:
     assert its[2].features["sequences"] == 2
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 10_000), st.integers(0, 10_000),
-                          st.integers(0, 10_000)), min_size=1, max_size=5),
-       st.integers(-100, 50_000))
-def test_run_queue_wait_comes_out_of_host_first_then_the_calls_in_proportion(
-        shapes: list[tuple[int, int, int]], delay: int) -> None:
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 10_000), st.integers(0, 10_000)), min_size=1,
+                max_size=5), st.integers(-100, 50_000))
+def test_run_queue_wait_is_shared_by_duration_and_never_exceeds_host(
+        shapes: list[tuple[int, int]], delay: int) -> None:
     its, t = [], 0
-    for i, (length, busy, sync) in enumerate(shapes):
+    for i, (length, busy) in enumerate(shapes):
         busy = min(busy, length)
-        sync = min(sync, length - busy)
-        its.append(Iteration(1, "cpu", i, t, t + length, "decode", MappingProxyType(
-            {"gemm": busy, "device_sync": sync, HOST: length - busy - sync})))
+        its.append(Iteration(1, "cpu", i, t, t + length, "decode",
+                             MappingProxyType({"gemm": busy, HOST: length - busy})))
         t += length
     out = with_run_queue_delay(its, delay)
     for before, after in zip(its, out, strict=True):
-        length = before.end_ns - before.start_ns
-        assert sum(after.stages.values()) == length
-        assert all(v >= 0 for v in after.stages.values())
+        assert sum(after.stages.values()) == before.end_ns - before.start_ns
         rq = after.stages.get("runqueue", 0)
-        part = delay * length // t if delay > 0 else 0
-        assert rq == min(part, length)  # the iteration's part of the wait
-        host = before.stages[HOST]
-        if rq <= host:  # host holds it all: the calls keep their time
-            assert after.stages[HOST] == host - rq
-            assert after.stages["gemm"] == before.stages["gemm"]
-            assert after.stages["device_sync"] == before.stages["device_sync"]
-        else:  # host emptied, the rest from each call by its share (to the ns)
-            assert after.stages[HOST] == 0
-            rest = rq - host
-            calls = before.stages["gemm"] + before.stages["device_sync"]
-            for stage in ("gemm", "device_sync"):
-                cut = before.stages[stage] - after.stages[stage]
-                assert abs(cut - rest * before.stages[stage] / calls) <= 2
+        assert 0 <= rq <= before.stages[HOST] and after.stages["gemm"] == before.stages["gemm"]
+        if delay > 0:  # the iteration's part of the wait, unless host is smaller
+            part = delay * (before.end_ns - before.start_ns) // t
+            assert rq == min(part, before.stages[HOST])
     assert sum(a.stages.get("runqueue", 0) for a in out) <= max(delay, 0)
 
 

@@ -253,13 +253,10 @@ def with_run_queue_delay(its: Sequence[Iteration], delay_ns: int) -> list[Iterat
     """``its`` with ``delay_ns`` of run-queue wait (read once for all of them) as their
     ``runqueue`` stage, shared in proportion to their durations.
 
-    The wait is taken out of ``host`` first, the time no probed call covers (the host's
-    Python between calls is what a busy CPU delays most), and what ``host`` cannot hold
-    out of the other stages in proportion to their time: a thread also waits for a CPU
-    inside a call, above all when it wakes from a blocking one (a sync whose device
-    finished, a throttled thread's next period), and left there that wait made a CPU
-    fault look like a slower device. Never more than the iteration, so stages still add
-    up to it.
+    The wait is taken out of ``host``, the time no probed call covers: a thread that
+    waits for a CPU is not inside a call it would otherwise be timed in, mostly (the
+    host's Python between calls is what a busy CPU delays). Never more than ``host``, so
+    stages still add up to the iteration.
     """
     total = sum(it.end_ns - it.start_ns for it in its)
     if delay_ns <= 0 or total <= 0:
@@ -267,28 +264,12 @@ def with_run_queue_delay(its: Sequence[Iteration], delay_ns: int) -> list[Iterat
     out = []
     for it in its:
         stages = dict(it.stages)
-        share = min(it.end_ns - it.start_ns, delay_ns * (it.end_ns - it.start_ns) // total)
+        host = stages.get(HOST, 0)
+        share = min(host, delay_ns * (it.end_ns - it.start_ns) // total)
         if share > 0:
-            host = stages.get(HOST, 0)
-            from_host = min(host, share)
-            if from_host:
-                stages[HOST] = host - from_host
-            rest = share - from_host
-            others = [(k, v) for k, v in stages.items() if k != HOST and v > 0]
-            held = sum(v for _, v in others)
-            rest = min(rest, held)
-            if rest > 0:
-                cuts = [rest * v // held for _, v in others]
-                left = rest - sum(cuts)  # the rounding, to stages with time left
-                for i, (_, v) in enumerate(others):
-                    extra = min(left, v - cuts[i])
-                    cuts[i] += extra
-                    left -= extra
-                for (k, v), cut in zip(others, cuts, strict=True):
-                    stages[k] = v - cut
-            if from_host + rest > 0:
-                stages[RUNQUEUE] = stages.get(RUNQUEUE, 0) + from_host + rest
-                it = replace(it, stages=MappingProxyType(stages))
+            stages[HOST] = host - share
+            stages[RUNQUEUE] = share
+            it = replace(it, stages=MappingProxyType(stages))
         out.append(it)
     return out
 
