@@ -46,17 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detector_sim import DecodeStep, _rebuild, _rebuild_live, observe
 
+from prism_sim.labels import EFFECT_BEFORE_S
 from prism_tui.engine.detector import RULES, Detector
 from prism_tui.engine.detector.calibration import smooth_errors
 from prism_tui.engine.detector.features import features
 from prism_tui.engine.detector.model import BaselineModel
 from prism_tui.engine.evaluate import FaultLike
+from prism_tui.session import SETTLE_S
 
 TAIL_S = 3.0
 """Seconds after a fault's end whose iterations count neither as normal nor as fault."""
-BEFORE_S = 8.0
-"""A fault's slowdown is measured against the normal iterations of this many seconds
-before it (as ``prism_sim.labels.fault_effects``)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,9 @@ class FaultOnRank:
     start_s: float
     """From the rank's first iteration."""
     slowdown: float | None
-    """Median latency under it over the median of the normal ones in the 8 s before."""
+    """Median latency under it over the median of the normal ones in the
+    ``EFFECT_BEFORE_S`` before (``prism_sim.labels.fault_effects``' measure, over the
+    decode steps the monitor saw on this rank)."""
     unexplained: float
     """Median of latency over the fitted model's prediction, under it."""
     above_floor: bool
@@ -145,7 +146,7 @@ def faults_on_rank(rank: int, steps: Sequence[DecodeStep], faults: Sequence[Faul
         under = (ends >= f.start_ns) & (ends <= f.end_ns)
         if under.sum() < 3:
             continue
-        before = normal & (ends < f.start_ns) & (ends >= f.start_ns - BEFORE_S * 1e9)
+        before = normal & (ends < f.start_ns) & (ends >= f.start_ns - EFFECT_BEFORE_S * 1e9)
         slowdown = (round(float(np.median(lat[under]) / np.median(lat[before])), 3)
                     if before.sum() >= 3 else None)
         unexplained = round(float(np.median(ratios[under])), 3)
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--faults", help="a live target's fault windows (JSON)")
     ap.add_argument("--fpr", type=float, default=0.005,
                     help="per-iteration false-positive rate (default 0.005, the goal's)")
-    ap.add_argument("--settle-s", type=float, default=3.0,
+    ap.add_argument("--settle-s", type=float, default=SETTLE_S,
                     help="seconds not trained on at the start (3: prism eval --scenario; "
                          "0 for a live target's recording)")
     ap.add_argument("--warmup", type=int, default=1000)

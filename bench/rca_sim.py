@@ -32,9 +32,7 @@ from prism_sim.labels import read_labels
 from prism_tui.engine.core import DetectionConfig, Engine, Observation
 from prism_tui.engine.evaluate import alert_episodes, match, score, score_episodes
 from prism_tui.engine.recording import ReplayClock, load_recording, replay
-
-SETTLE_S = 3.0
-"""As ``prism eval --scenario`` (``prism_tui.session.SETTLE_S``)."""
+from prism_tui.session import SETTLE_S
 
 
 def replay_scored(spans_path: str, labels_path: str) -> dict[str, Any]:
