@@ -41,7 +41,7 @@ from prism_tui.engine.fit_worker import (
     FitWorkerError,
     FitWorkerUnavailableError,
 )
-from prism_tui.engine.iterations import Iteration, SpanLike
+from prism_tui.engine.iterations import Iteration, RunQueueSample, SpanLike
 from prism_tui.engine.recording import (
     RecordedProcess,
     RecordedSpan,
@@ -291,19 +291,30 @@ def test_span_recorder_streams_and_keeps_derived_features(tmp_path: Path) -> Non
     assert spans == [s for b in batches for s in b]
     assert dict(procs[0].derived) == {"kv_tokens": "a.count * 2"}
     assert [p.name for p in tmp_path.iterdir()] == ["stream.jsonl.gz"]  # no temp left
-    # run-queue readings land after the batch they came with, and a future format or a
-    # reading that is not three integers is one clear error
+    # run-queue readings land after the batch they came with, with their time when they
+    # have one (format 2 readings have none); a future format or a reading that is not
+    # three or four integers is one clear error
     rec = SpanRecorder(str(tmp_path / "rq.jsonl.gz"))
     for k, batch in enumerate(batches):
         rec.add(batch)
-        rec.add_run_queue(7, 8, 1000 * k)
+        rec.add_run_queue(7, RunQueueSample(8, 1000 * k, None if k == 0 else 5000 * k))
     rec.close([proc])
     back = load_recording(str(tmp_path / "rq.jsonl.gz"))
     assert back.spans == [s for b in batches for s in b]
-    assert back.run_queue == [RunQueueReading(3 * (k + 1), 7, 8, 1000 * k) for k in range(4)]
+    assert back.run_queue == [RunQueueReading(3 * (k + 1), 7, 8, 1000 * k,
+                                              None if k == 0 else 5000 * k)
+                              for k in range(4)]
+    assert back.run_queue[1].sample() == RunQueueSample(8, 1000, 5000)
     assert load_recording(str(path)).run_queue == []
-    for bad, where in (('{"format": 3, "processes": []}\n', "format 1 or 2"),
+    with gzip.open(tmp_path / "old.jsonl.gz", "wt") as fh:
+        fh.write('{"format": 2, "processes": []}\n{"run_queue": [1, 2, 3]}\n')
+    assert load_recording(str(tmp_path / "old.jsonl.gz")).run_queue == [
+        RunQueueReading(0, 1, 2, 3)]
+    (tmp_path / "old.jsonl.gz").unlink()
+    for bad, where in (('{"format": 4, "processes": []}\n', "format 1, 2 or 3"),
                        ('{"format": 2, "processes": []}\n{"run_queue": [1, 2]}\n', ":2:"),
+                       ('{"format": 3, "processes": []}\n{"run_queue": [1, 2, 3, 4, 5]}\n',
+                        ":2: a run-queue reading"),
                        ('{"format": 2, "processes": []}\n{"run_queue": [1, 2, 0.5]}\n',
                         ":2: a run-queue reading")):
         with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as fh:
@@ -462,7 +473,7 @@ def test_alerts_raised_while_held_reach_the_sinks_when_the_block_ends() -> None:
     original = engine.add_spans
 
     def add_spans_holding(pid: int, batch: Sequence[SpanLike],
-                          run_queue: tuple[int, int] | None = None) -> list[Iteration]:
+                          run_queue: RunQueueSample | None = None) -> list[Iteration]:
         before = len(sink.alerts)
         with engine.alerts_held():
             with engine.alerts_held():  # nested: flushed by the outermost only
@@ -523,14 +534,39 @@ def test_run_queue_readings_between_iterations_wait_for_the_next_one() -> None:
     def sp(probe: str, start: int, end: int) -> Span:
         return Span(probe, 7, 70, start, end, MappingProxyType({}))
 
-    assert engine.add_spans(7, [sp("sync", 0, 10)], (70, 5_000)) == []
-    assert engine.add_spans(7, [sp("copy", 20, 30)], (70, 5_600)) == []  # mid-iteration
-    [it] = engine.add_spans(7, [sp("sync", 900, 1_000)], (70, 5_700))
+    assert engine.add_spans(7, [sp("sync", 0, 10)], RunQueueSample(70, 5_000)) == []
+    assert engine.add_spans(7, [sp("copy", 20, 30)],
+                            RunQueueSample(70, 5_600)) == []  # mid-iteration
+    [it] = engine.add_spans(7, [sp("sync", 900, 1_000)], RunQueueSample(70, 5_700))
     assert it.stages["runqueue"] == 700 and sum(it.stages.values()) == 990
-    [it] = engine.add_spans(7, [sp("sync", 1_500, 2_000)], (71, 9_000))  # another thread
+    [it] = engine.add_spans(7, [sp("sync", 1_500, 2_000)],
+                            RunQueueSample(71, 9_000))  # another thread
     assert "runqueue" not in it.stages
-    [it] = engine.add_spans(7, [sp("sync", 2_500, 3_000)], (71, 9_100))
+    [it] = engine.add_spans(7, [sp("sync", 2_500, 3_000)], RunQueueSample(71, 9_100))
     assert it.stages["runqueue"] == 100
+
+
+def test_the_run_queue_wait_is_spread_over_the_interval_between_readings() -> None:
+    """With reading times, the iterations keep the part of the wait that fell in their
+    time: the thread also waited outside them (idle between requests, a reading late
+    behind its iterations), which is not theirs to carry. The wait may then come out of
+    the calls too."""
+    engine = Engine(DetectionConfig(rule="prism", warmup=10**6), clock=lambda: 0,
+                    wall_clock=lambda: WALL, host="t")
+    engine.watch(7, "x", "sync", {"sync": "device_sync"})
+
+    def sp(start: int, end: int) -> Span:
+        return Span("sync", 7, 70, start, end, MappingProxyType({}))
+
+    assert engine.add_spans(7, [sp(0, 10)], RunQueueSample(70, 0, 1_000_000)) == []
+    # 1,000 ns of iteration (400 host, 600 device_sync) read 4,000 ns after the last
+    # reading, with 2,000 ns of wait in between: 500 of it in the iteration, 400 from
+    # host and 100 from the sync
+    [it] = engine.add_spans(7, [sp(410, 1_010)], RunQueueSample(70, 2_000, 1_004_000))
+    assert dict(it.stages) == {"host": 0, "device_sync": 500, "runqueue": 500}
+    # readings as close as the iterations: all of the wait (600: host's 490, 110 more)
+    [it] = engine.add_spans(7, [sp(1_500, 2_010)], RunQueueSample(70, 2_600, 1_005_000))
+    assert dict(it.stages) == {"host": 0, "device_sync": 400, "runqueue": 600}
 
 
 def test_the_resolved_alert_names_the_metric_that_moved_during_the_episode() -> None:

@@ -20,8 +20,10 @@ from prism_tui.engine.iterations import (
     Features,
     Iteration,
     IterationBuilder,
+    RunQueueSample,
     exclusive_time,
     phase_of,
+    run_queue_wait_within,
     union_ns,
     with_run_queue_delay,
     workload_features,
@@ -257,25 +259,39 @@ def test_llama_cpp_steps_are_cut_into_prefill_mixed_and_decode() -> None:
     assert its[2].features["sequences"] == 2
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 10_000), st.integers(0, 10_000)), min_size=1,
-                max_size=5), st.integers(-100, 50_000))
-def test_run_queue_wait_is_shared_by_duration_and_never_exceeds_host(
-        shapes: list[tuple[int, int]], delay: int) -> None:
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 10_000), st.integers(0, 10_000),
+                          st.integers(0, 10_000)), min_size=1, max_size=5),
+       st.integers(-100, 50_000))
+def test_run_queue_wait_comes_out_of_host_first_then_the_calls_in_proportion(
+        shapes: list[tuple[int, int, int]], delay: int) -> None:
     its, t = [], 0
-    for i, (length, busy) in enumerate(shapes):
+    for i, (length, busy, sync) in enumerate(shapes):
         busy = min(busy, length)
-        its.append(Iteration(1, "cpu", i, t, t + length, "decode",
-                             MappingProxyType({"gemm": busy, HOST: length - busy})))
+        sync = min(sync, length - busy)
+        its.append(Iteration(1, "cpu", i, t, t + length, "decode", MappingProxyType(
+            {"gemm": busy, "device_sync": sync, HOST: length - busy - sync})))
         t += length
     out = with_run_queue_delay(its, delay)
     for before, after in zip(its, out, strict=True):
-        assert sum(after.stages.values()) == before.end_ns - before.start_ns
+        length = before.end_ns - before.start_ns
+        assert sum(after.stages.values()) == length
+        assert all(v >= 0 for v in after.stages.values())
         rq = after.stages.get("runqueue", 0)
-        assert 0 <= rq <= before.stages[HOST] and after.stages["gemm"] == before.stages["gemm"]
-        if delay > 0:  # the iteration's part of the wait, unless host is smaller
-            part = delay * (before.end_ns - before.start_ns) // t
-            assert rq == min(part, before.stages[HOST])
+        part = delay * length // t if delay > 0 else 0
+        assert rq == min(part, length)  # the iteration's part of the wait
+        host = before.stages[HOST]
+        if rq <= host:  # host holds it all: the calls keep their time
+            assert after.stages[HOST] == host - rq
+            assert after.stages["gemm"] == before.stages["gemm"]
+            assert after.stages["device_sync"] == before.stages["device_sync"]
+        else:  # host emptied, the rest from each call by its share (to the ns)
+            assert after.stages[HOST] == 0
+            rest = rq - host
+            calls = before.stages["gemm"] + before.stages["device_sync"]
+            for stage in ("gemm", "device_sync"):
+                cut = before.stages[stage] - after.stages[stage]
+                assert abs(cut - rest * before.stages[stage] / calls) <= 2
     assert sum(a.stages.get("runqueue", 0) for a in out) <= max(delay, 0)
 
 
@@ -299,3 +315,26 @@ def test_an_expression_of_one_probes_arguments_is_summed_per_call() -> None:
     assert feats["grid_blocks"] == 3 * 2 * 1 + 10 * 1 * 2
     assert feats["block_threads"] == 128 + 64
     assert feats["tokens"] == 3  # d2h_bytes / 8, once over the iteration
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 10_000), min_size=1, max_size=5),
+       st.integers(0, 50_000), st.integers(-100, 50_000), st.booleans())
+def test_the_wait_inside_the_iterations_is_the_interval_s_rate_times_their_time(
+        lengths: list[int], gap: int, wait: int, timed: bool) -> None:
+    """Spread evenly over the interval between the readings: never more than the wait,
+    and never a larger share of the iterations than the thread waited of the interval."""
+    its, t = [], 0
+    for i, length in enumerate(lengths):
+        its.append(Iteration(1, "cpu", i, t, t + length, "decode",
+                             MappingProxyType({HOST: length})))
+        t += length
+    interval = t + gap
+    first = RunQueueSample(5, 1_000, 10**9 if timed else None)
+    second = RunQueueSample(5, 1_000 + wait, 10**9 + interval if timed else None)
+    inside = run_queue_wait_within(its, first, second)
+    assert 0 <= inside <= max(wait, 0)
+    if wait > 0 and not timed:
+        assert inside == wait
+    if wait > 0 and timed:
+        assert inside == wait * t // interval

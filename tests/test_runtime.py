@@ -322,7 +322,7 @@ def test_a_busy_cpu_shows_as_the_runqueue_stage(ctarget: CTarget, tmp_path: Path
     """The anchor's thread computes 2 ms of CPU time per iteration on one CPU; with two
     busy processes on that CPU it waits for it two thirds of the time, and that wait is
     the iterations' ``runqueue`` stage (from ``schedstat``, read as each one arrives),
-    taken out of ``host``: stages still add up to the iteration. A recording of the busy
+    taken out of ``host`` first: stages still add up to the iteration. A recording of the busy
     run keeps the readings: replayed, it gives every iteration the same stage."""
     cpu = max(os.sched_getaffinity(0))
     ctarget.cmd("burn_start 2000")

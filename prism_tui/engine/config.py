@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from prism_tui.engine.core import AlertSink, Observation
-from prism_tui.engine.iterations import SpanLike
+from prism_tui.engine.iterations import RunQueueSample, SpanLike
 from prism_tui.engine.sketches import Snapshot
 from prism_tui.engine.view import EngineView
 from probes.governor import HitCosts
@@ -75,7 +75,7 @@ class Subscribers:
     alerts: Sequence[AlertSink] = ()
     observation: Callable[[Observation], None] | None = None
     spans: Callable[[Sequence[SpanLike]], None] | None = None
-    run_queue: Callable[[int, int, int], None] | None = None
+    run_queue: Callable[[int, RunQueueSample], None] | None = None
     view: Callable[[EngineView], None] | None = None
     snapshot: Callable[[Snapshot], None] | None = None
     notice: Callable[[str], None] | None = None

@@ -38,7 +38,9 @@ from prism_tui.engine.iterations import (
     Derived,
     Iteration,
     IterationBuilder,
+    RunQueueSample,
     SpanLike,
+    run_queue_wait_within,
     with_run_queue_delay,
 )
 from prism_tui.engine.rca import BaselineSummary, rank_suspects, summarize
@@ -245,8 +247,8 @@ class _Watched:
     baseline_summary: BaselineSummary | None = None
     """``normal_shares`` summarised every SUMMARY_EVERY normal iterations, ahead of alerts."""
     normal_seen: int = 0
-    run_queue: tuple[int, int] | None = None
-    """The last run-queue reading: (tid, cumulative ns waiting for a CPU)."""
+    run_queue: RunQueueSample | None = None
+    """The last run-queue reading of the thread that ends the iterations."""
     fitting: set[str] = field(default_factory=set)
     firing_since: dict[str, int] = field(default_factory=dict)
     episodes: dict[str, EpisodeGate] = field(default_factory=dict)
@@ -302,7 +304,7 @@ class Engine:
                  sinks: Sequence[AlertSink] = (),
                  on_observation: Callable[[Observation], None] | None = None,
                  on_spans: Callable[[Sequence[SpanLike]], None] | None = None,
-                 on_run_queue: Callable[[int, int, int], None] | None = None,
+                 on_run_queue: Callable[[int, RunQueueSample], None] | None = None,
                  escalate: Callable[[AlertEvent], None] | None = None,
                  on_notice: Callable[[str], None] | None = None,
                  host: str | None = None, clock: Callable[[], int] = time.monotonic_ns,
@@ -312,8 +314,8 @@ class Engine:
         (:class:`DetectionConfig`; default: its defaults). ``clock`` is CLOCK_MONOTONIC in
         ns (span timestamps use it); ``wall_clock`` epoch s. ``sinks`` take every alert,
         ``on_observation`` every judged iteration; ``on_spans`` sees every batch of spans
-        fed, ``on_run_queue`` every run-queue reading that came with one (``pid, tid,
-        ns``), after the batch: a recorder. ``keep``: how much the views look back.
+        fed, ``on_run_queue`` every run-queue reading that came with one (``pid``,
+        the reading), after the batch: a recorder. ``keep``: how much the views look back.
 
         Raises ValueError when an SLO rule does not parse.
         """
@@ -422,13 +424,13 @@ class Engine:
 
     # ------------------------------------------------------------------ spans
     def add_spans(self, pid: int, spans: Sequence[SpanLike],
-                  run_queue: tuple[int, int] | None = None) -> list[Iteration]:
+                  run_queue: RunQueueSample | None = None) -> list[Iteration]:
         """Feed spans of ``pid``; returns the iterations they completed.
 
-        ``run_queue`` is ``(tid, ns)``: the cumulative run-queue wait of the thread that
-        ends the iterations, read as the spans arrived. The wait since the previous
-        reading of that thread becomes the ``runqueue`` stage of the iterations the
-        spans complete.
+        ``run_queue`` is the cumulative run-queue wait of the thread that ends the
+        iterations, read as the spans arrived. The part of the wait since the previous
+        reading of that thread that fell inside the iterations the spans complete
+        becomes their ``runqueue`` stage.
         """
         w = self._watched.get(pid)
         if w is None:
@@ -437,15 +439,17 @@ class Engine:
         if self.on_spans is not None:
             self.on_spans(spans)
         if run_queue is not None and self.on_run_queue is not None:
-            self.on_run_queue(pid, *run_queue)
+            self.on_run_queue(pid, run_queue)
         done = w.builder.add(spans)
         previous = w.run_queue
-        if run_queue is not None and (done or previous is None or previous[0] != run_queue[0]):
+        if run_queue is not None and (done or previous is None
+                                      or previous.tid != run_queue.tid):
             # a reading with no iteration completed keeps the last one: the wait since
             # then belongs to the iteration still open
             w.run_queue = run_queue
-            if done and previous is not None and previous[0] == run_queue[0]:
-                done = with_run_queue_delay(done, run_queue[1] - previous[1])
+            if done and previous is not None and previous.tid == run_queue.tid:
+                done = with_run_queue_delay(
+                    done, run_queue_wait_within(done, previous, run_queue))
         for it in done:
             self._on_iteration(w, it)
         return done

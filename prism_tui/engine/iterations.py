@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from itertools import chain
 from operator import itemgetter
 from types import MappingProxyType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 HOST = "host"
 RUNQUEUE = "runqueue"
@@ -249,26 +249,75 @@ def _per_call_sum(d: Derived, args: Sequence[Mapping[str, int | float]],
         done.add(d.name)
 
 
+class RunQueueSample(NamedTuple):
+    """A thread's cumulative run-queue wait (``schedstat``), read once with a batch of
+    spans."""
+
+    tid: int
+    waited_ns: int
+    at_ns: int | None = None
+    """When it was read (CLOCK_MONOTONIC ns); None where not known (older recordings)."""
+
+
+def run_queue_wait_within(its: Sequence[Iteration], previous: RunQueueSample,
+                          current: RunQueueSample) -> int:
+    """The part of the wait between two readings of one thread that fell inside ``its``.
+
+    The readings are taken when the monitor reads the spans, so their interval also
+    holds time outside the iterations they complete (the thread idle between requests,
+    or a reading late behind the iterations); the wait is spread evenly over the interval
+    and ``its`` keep their duration's part of it. Without reading times, all of it.
+    """
+    delay = current.waited_ns - previous.waited_ns
+    if delay <= 0:
+        return 0
+    if current.at_ns is None or previous.at_ns is None:
+        return delay
+    interval = current.at_ns - previous.at_ns
+    covered = sum(it.end_ns - it.start_ns for it in its)
+    if interval <= covered:
+        return delay
+    return delay * covered // interval
+
+
 def with_run_queue_delay(its: Sequence[Iteration], delay_ns: int) -> list[Iteration]:
     """``its`` with ``delay_ns`` of run-queue wait (read once for all of them) as their
     ``runqueue`` stage, shared in proportion to their durations.
 
-    The wait is taken out of ``host``, the time no probed call covers: a thread that
-    waits for a CPU is not inside a call it would otherwise be timed in, mostly (the
-    host's Python between calls is what a busy CPU delays). Never more than ``host``, so
-    stages still add up to the iteration.
+    The wait is taken out of ``host`` first, the time no probed call covers (the host's
+    Python between calls is what a busy CPU delays most), and what ``host`` cannot hold
+    out of the other stages in proportion to their time: a thread also waits for a CPU
+    inside a call, above all when it wakes from a blocking one (a sync whose device
+    finished, a throttled thread's next period), and left there that wait made a CPU
+    fault look like a slower device. Never more than the iteration, so stages still add
+    up to it. ``delay_ns`` is the wait inside ``its`` (:func:`run_queue_wait_within`).
     """
     total = sum(it.end_ns - it.start_ns for it in its)
     if delay_ns <= 0 or total <= 0:
         return list(its)
     out = []
     for it in its:
-        stages = dict(it.stages)
-        host = stages.get(HOST, 0)
-        share = min(host, delay_ns * (it.end_ns - it.start_ns) // total)
+        length = it.end_ns - it.start_ns
+        share = min(length, delay_ns * length // total)
         if share > 0:
-            stages[HOST] = host - share
-            stages[RUNQUEUE] = share
+            stages = dict(it.stages)
+            host = stages.get(HOST, 0)
+            from_host = min(host, share)
+            if from_host:
+                stages[HOST] = host - from_host
+            others = [(k, v) for k, v in stages.items() if k != HOST and v > 0]
+            held = sum(v for _, v in others)
+            rest = min(share - from_host, held)
+            if rest > 0:
+                cuts = [rest * v // held for _, v in others]
+                left = rest - sum(cuts)  # the rounding, to stages with time left
+                for i, (_, v) in enumerate(others):
+                    extra = min(left, v - cuts[i])
+                    cuts[i] += extra
+                    left -= extra
+                for (k, v), cut in zip(others, cuts, strict=True):
+                    stages[k] = v - cut
+            stages[RUNQUEUE] = stages.get(RUNQUEUE, 0) + from_host + max(rest, 0)
             it = replace(it, stages=MappingProxyType(stages))
         out.append(it)
     return out

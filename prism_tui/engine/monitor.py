@@ -49,6 +49,7 @@ from prism_tui.engine.core import (
 from prism_tui.engine.devices import NvmlDevices
 from prism_tui.engine.escalation import DeepDive
 from prism_tui.engine.governing import GOVERN_S, Governing
+from prism_tui.engine.iterations import RunQueueSample
 from prism_tui.engine.recording import RecordedProcess
 from prism_tui.engine.rescan import Opened, Rescanner
 from prism_tui.engine.telemetry_poll import TELEMETRY_S, TelemetryPoller
@@ -388,18 +389,18 @@ class Monitor:
                 if spans:
                     self.engine.add_spans(other, spans, self._run_queue_of(other, spans))
 
-    def _run_queue_of(self, pid: int, spans: Sequence[Span]) -> tuple[int, int] | None:
-        """(tid, cumulative ns waiting for a CPU) of the thread that ended an iteration in
-        ``spans``, read now; None when no anchor is among them or the kernel does not
-        keep schedstat. One ``pread`` of a kept-open /proc file per iteration (~1 µs),
-        for the engine's ``runqueue`` stage."""
+    def _run_queue_of(self, pid: int, spans: Sequence[Span]) -> RunQueueSample | None:
+        """The run-queue wait so far of the thread that ended an iteration in ``spans``,
+        read now; None when no anchor is among them or the kernel does not keep
+        schedstat. One ``pread`` of a kept-open /proc file per batch (~1 µs), for the
+        engine's ``runqueue`` stage."""
         if not self.run_queue_stage or self.anchor is None:
             return None
         tid = next((s.tid for s in reversed(spans) if s.probe == self.anchor), None)
         if tid is None:
             return None
         ns = self._run_queue.read(pid, tid)
-        return None if ns is None else (tid, ns)
+        return None if ns is None else RunQueueSample(tid, ns, time.monotonic_ns())
 
     # ------------------------------------------------------------------ DeepDive
     @property

@@ -3,8 +3,8 @@
 The first line is a header (format version, processes with their profile, anchor,
 stage map and device); then one span per line (a JSON array; captured arguments are
 numbers) and, from format 2, the run-queue readings that came with the spans (a JSON
-object ``{"run_queue": [pid, tid, ns]}`` after the batch it came with), so a replay has
-the live run's ``runqueue`` stage.
+object ``{"run_queue": [pid, tid, ns]}`` after the batch it came with; from format 3
+``[pid, tid, ns, read_at_ns]``), so a replay has the live run's ``runqueue`` stage.
 Replaying a recording through :class:`~prism_tui.engine.core.Engine` with a clock that
 follows the spans gives the iterations, sketches and alerts of the live run, which makes
 the engine and the dashboard testable without probes.
@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from prism_tui.engine.iterations import SpanLike
+from prism_tui.engine.iterations import RunQueueSample, SpanLike
 from probes.catalog import DerivedFeature
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
-"""Format 1 had no run-queue readings; it reads as a recording without them."""
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
+"""Format 1 had no run-queue readings; it reads as a recording without them. Format 2's
+readings have no time; the replay then gives the iterations all of the wait."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ class RunQueueReading:
     pid: int
     tid: int
     ns: int
+    at_ns: int | None = None
+    """When it was read (CLOCK_MONOTONIC ns); None in format 2."""
+
+    def sample(self) -> RunQueueSample:
+        """The reading as the engine takes it."""
+        return RunQueueSample(self.tid, self.ns, self.at_ns)
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class SpanRecorder:
         directory = os.path.dirname(os.path.abspath(path))
         fd, self._body_path = tempfile.mkstemp(prefix=".spans-", dir=directory)
         self._body = os.fdopen(fd, "w", encoding="utf-8")
-        self._queue: queue.SimpleQueue[Sequence[SpanLike] | tuple[int, int, int] | None] = \
+        self._queue: queue.SimpleQueue[Sequence[SpanLike] | tuple[int, ...] | None] = \
             queue.SimpleQueue()
         self.count = 0
         self._closed = False
@@ -134,10 +141,11 @@ class SpanRecorder:
         if not self._closed:
             self._queue.put(list(spans))
 
-    def add_run_queue(self, pid: int, tid: int, ns: int) -> None:
+    def add_run_queue(self, pid: int, reading: RunQueueSample) -> None:
         """Queue a run-queue reading that came with the batch queued last for ``pid``."""
         if not self._closed:
-            self._queue.put((pid, tid, ns))
+            self._queue.put((pid, reading.tid, reading.waited_ns) if reading.at_ns is None
+                            else (pid, reading.tid, reading.waited_ns, reading.at_ns))
 
     def _write(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -199,8 +207,9 @@ def load_recording(path: str) -> Recording:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             header = json.loads(fh.readline())
             if not isinstance(header, dict) or header.get("format") not in READABLE_FORMATS:
+                *older, last = map(str, READABLE_FORMATS)
                 raise RecordingError(f"{path}: not a span recording of format "
-                                     f"{' or '.join(map(str, READABLE_FORMATS))}")
+                                     f"{', '.join(older)} or {last}")
             procs = [RecordedProcess(p["pid"], p["name"], p["profile"], p["anchor"],
                                      p["device"], MappingProxyType(dict(p["stage_of"])),
                                      MappingProxyType(_derived_of(p)),
@@ -208,11 +217,12 @@ def load_recording(path: str) -> Recording:
                      for p in header["processes"]]
             for lineno, line in enumerate(fh, start=2):
                 if line.startswith("{"):
-                    rq_pid, rq_tid, rq_ns = json.loads(line)["run_queue"]
-                    if not all(isinstance(v, int) for v in (rq_pid, rq_tid, rq_ns)):
+                    values = json.loads(line)["run_queue"]
+                    if (not isinstance(values, list) or len(values) not in (3, 4)
+                            or not all(isinstance(v, int) for v in values)):
                         raise RecordingError(f"{path}:{lineno}: a run-queue reading "
-                                             "holds integers")
-                    readings.append(RunQueueReading(len(spans), rq_pid, rq_tid, rq_ns))
+                                             "holds 3 or 4 integers")
+                    readings.append(RunQueueReading(len(spans), *values))
                     continue
                 probe, pid, tid, start, end, args = json.loads(line)
                 if not all(isinstance(v, (int, float)) for v in args.values()):
@@ -267,7 +277,7 @@ class _Feed(Protocol):
               derived: Sequence[DerivedFeature] = ..., phase_rule: str | None = ...) -> None: ...
 
     def add_spans(self, pid: int, spans: Sequence[SpanLike],
-                  run_queue: tuple[int, int] | None = ...) -> Any: ...
+                  run_queue: RunQueueSample | None = ...) -> Any: ...
 
 
 def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProcess],
@@ -292,7 +302,7 @@ def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProces
     readings = iter(run_queue)
     upcoming = next(readings, None)
 
-    def flush(pid: int, reading: tuple[int, int] | None = None) -> None:
+    def flush(pid: int, reading: RunQueueSample | None = None) -> None:
         group = pending.pop(pid, [])
         if group or reading is not None:
             if group:
@@ -306,7 +316,7 @@ def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProces
 
     for s in spans:
         while upcoming is not None and upcoming.after <= n:
-            flush(upcoming.pid, (upcoming.tid, upcoming.ns))
+            flush(upcoming.pid, upcoming.sample())
             upcoming = next(readings, None)
         group = pending.setdefault(s.pid, [])
         group.append(s)
@@ -314,7 +324,7 @@ def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProces
         if len(group) >= batch and s.pid not in read:
             flush(s.pid)
     while upcoming is not None:
-        flush(upcoming.pid, (upcoming.tid, upcoming.ns))
+        flush(upcoming.pid, upcoming.sample())
         upcoming = next(readings, None)
     for pid in list(pending):
         flush(pid)
