@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detector_variants import PRISM_GBDT_FAST_FIRE, PRISM_GBDT_FAST_FIRE_POLICY, fast_fire
 
-from prism_sim.labels import IterationRecord, read_labels
+from prism_sim.labels import read_labels
 from prism_tui.engine.core import DetectionConfig, Engine, Observation, workload_of
 from prism_tui.engine.detector import (
     RULES,
@@ -54,7 +54,7 @@ from prism_tui.engine.evaluate import (
     FaultLike,
     Scored,
     detection_lag,
-    labels_at,
+    rank_of_ends,
     score,
     score_episodes,
 )
@@ -98,22 +98,11 @@ def _rebuild(spans_path: str, labels_path: str) -> tuple[list[DecodeStep], dict[
     """Replay the recording once; decode iterations matched to their labels, per rank."""
     seen, n_spans = _decode_iterations(spans_path)
     labels = read_labels(labels_path)
-    by_rank: dict[int, list[IterationRecord]] = {}
-    for lab in labels.iterations:
-        by_rank.setdefault(lab.rank, []).append(lab)
-
-    def matched(items: list[tuple[int, float, Workload]], mine: list[IterationRecord]
-                ) -> list[tuple[tuple[int, float, Workload], IterationRecord]]:
-        found = labels_at([item[0] for item in items], mine)
-        return [(item, lab) for item, lab in zip(items, found, strict=True) if lab is not None]
-
     steps: list[DecodeStep] = []
     info: dict[str, Any] = {"spans": n_spans, "ranks": {}}
     for pid, items in sorted(seen.items()):
-        # the recording names pids, the labels ranks: the rank whose iterations contain
-        # this pid's iteration ends is that pid's rank
-        rank, pairs = max(((r, matched(items, mine)) for r, mine in by_rank.items()),
-                          key=lambda rp: len(rp[1]))
+        rank, found = rank_of_ends([item[0] for item in items], labels.iterations)
+        pairs = [(item, lab) for item, lab in zip(items, found, strict=True) if lab is not None]
         info["ranks"][pid] = {"rank": rank, "decode_iterations": len(items),
                               "matched": len(pairs)}
         steps += [DecodeStep(rank, t, lat, w, lab.fault_active, lab.batch_size, lab.kv_len)

@@ -30,7 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prism_sim.labels import read_labels
 from prism_tui.engine.core import DetectionConfig, Engine, Observation
-from prism_tui.engine.evaluate import alert_episodes, match, score, score_episodes
+from prism_tui.engine.evaluate import (
+    Scored,
+    alert_episodes,
+    rank_of_ends,
+    score,
+    score_episodes,
+)
 from prism_tui.engine.recording import ReplayClock, load_recording, replay
 from prism_tui.session import SETTLE_S
 
@@ -51,17 +57,14 @@ def replay_scored(spans_path: str, labels_path: str) -> dict[str, Any]:
                                     settle_s=SETTLE_S),
                     clock=clock, on_observation=on_observation)
     replay(engine, clock, rec.processes, rec.spans, run_queue=rec.run_queue)
-    ranks = sorted({lab.rank for lab in labels.iterations})
     rank_of: dict[int, int] = {}
-    rows = []
+    rows: list[Scored] = []
     for pid, items in sorted(judged.items()):
-        ends, firing = [t for t, _ in items], [f for _, f in items]
-        # the recording names pids, the labels ranks: a pid's rank is the one whose
-        # iterations contain the most of its iteration ends
-        rank, matched = max(((r, match(r, ends, firing, labels.iterations)) for r in ranks),
-                            key=lambda rm: len(rm[1]))
+        ends = [t for t, _ in items]
+        rank, found = rank_of_ends(ends, labels.iterations)
         rank_of[pid] = rank
-        rows += matched
+        rows += [Scored(rank, t, firing, lab.fault_active)
+                 for (t, firing), lab in zip(items, found, strict=True) if lab is not None]
     doc = score(rows)
     doc["episodes"] = score_episodes(rows, alert_episodes(engine.alerts, rank_of),
                                      labels.faults)

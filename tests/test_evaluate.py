@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from prism_tui.engine.evaluate import (
     AlertEpisode,
     Scored,
     alert_episodes,
     detection_delay_s,
     detection_lag,
+    rank_of_ends,
     score,
     score_episodes,
 )
@@ -115,3 +118,26 @@ def test_window_recall_counts_the_abnormal_iterations_ending_inside_the_window()
                                            "detected": True}
     assert window_recall(rows, 30, 40) == {"judged": 0, "fired": 0, "recall": None,
                                            "detected": False}
+
+
+@dataclass(frozen=True)
+class Label:
+    """An iteration label as ``prism_sim.labels.IterationRecord`` has it."""
+
+    rank: int
+    start_ns: int
+    end_ns: int
+    phase: str = "decode"
+    fault_active: bool = False
+
+
+def test_a_recorded_pid_takes_the_rank_whose_iterations_hold_most_of_its_ends() -> None:
+    """Rank 1's iterations hold three of the four ends, rank 0's one; each end gets its
+    label of the chosen rank, None where none holds it; a tie goes to the lower rank."""
+    labels = [Label(0, 0, 10), Label(0, 10, 20), Label(1, 5, 15), Label(1, 15, 25),
+              Label(1, 25, 35)]
+    rank, found = rank_of_ends([12, 20, 30, 40], labels)
+    assert rank == 1 and found == [labels[2], labels[3], labels[4], None]
+    assert rank_of_ends([7], labels) == (0, [labels[0]])  # rank 0 and 1 both hold it
+    with pytest.raises(ValueError, match="no labelled iterations"):
+        rank_of_ends([1], [])

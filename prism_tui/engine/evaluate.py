@@ -54,6 +54,27 @@ def labels_at(end_ns: Sequence[int], labels: Sequence[L]) -> list[L | None]:
     return out
 
 
+def rank_of_ends(end_ns: Sequence[int], labels: Sequence[L]) -> tuple[int, list[L | None]]:
+    """The rank whose labelled iterations contain most of ``end_ns``, with each end's label
+    of that rank (None where none contains it): a recording names pids, its labels ranks.
+
+    Ties go to the lowest rank. Raises ValueError when ``labels`` is empty.
+    """
+    by_rank: dict[int, list[L]] = {}
+    for lab in labels:
+        by_rank.setdefault(lab.rank, []).append(lab)
+    if not by_rank:
+        raise ValueError("no labelled iterations to match")
+    best: tuple[int, int, list[L | None]] | None = None
+    for rank in sorted(by_rank):
+        found = labels_at(end_ns, by_rank[rank])
+        n = sum(lab is not None for lab in found)
+        if best is None or n > best[0]:
+            best = (n, rank, found)
+    assert best is not None
+    return best[1], best[2]
+
+
 def match(rank: int, end_ns: Sequence[int], firing: Sequence[bool],
           labels: Sequence[LabelLike]) -> list[Scored]:
     """Pair a rank's judged iterations with its labels (unmatched ones are dropped)."""
