@@ -969,6 +969,27 @@ def test_rca_ranks_the_stage_whose_share_doubled() -> None:
     assert rank_suspects(base, anom, top=3) == got  # deterministic
 
 
+def test_rca_a_stage_that_held_almost_nothing_does_not_outrank_the_one_that_took_the_time(
+        ) -> None:
+    """A throttled process (shares from a simulator recording): its copies, 0.1 % of the
+    step with almost no spread, grow to 10 %; its run-queue wait grows from 3 % to 70 %.
+    With the share's spread floored at 1 % of its mean only, the copies read as hundreds
+    of standard deviations and led; floored at 1 % of the iteration too, the wait leads."""
+    rng = np.random.default_rng(5)
+
+    def rows(n: int, copy: float, wait: float, spread: float) -> list[dict[str, float]]:
+        out = []
+        for _ in range(n):
+            c = max(0.0, float(rng.normal(copy, copy * 0.2)))
+            w = min(0.95, max(0.0, float(rng.normal(wait, spread))))
+            out.append({"memcpy": c, "runqueue": w, "device_sync": 0.68 * (1 - c - w),
+                        "host": 0.32 * (1 - c - w)})
+        return out
+
+    got = rank_suspects(rows(300, 0.001, 0.03, 0.03), rows(60, 0.10, 0.70, 0.1), top=2)
+    assert [s.stage for s in got] == ["runqueue", "memcpy"], got
+
+
 def test_rca_related_metric_raises_the_score() -> None:
     rng = np.random.default_rng(4)
     base = _shares(rng, 200, 0.5)

@@ -25,6 +25,12 @@ Two choices of our own, both checked on the paper's DeepDive data
 * The baseline spread of a ``log μ`` is floored at ``log(1.01)``, a 1 % change of the
   metric, rather than at 1 % of the mean of the logs, which depends on the metric's unit
   (about 0.2 for bytes/s, 0 for a metric near 1, where any change read as infinite).
+* The baseline spread of a share is floored at 1 % of the iteration as well as at 1 % of
+  the share's mean: a stage that held almost none of the iteration (a copy of a few
+  bytes) has almost no spread, and any growth of it read as tens of standard deviations,
+  outscoring the stage that took most of the added time (simulator recordings, where a
+  throttled process's copies grew from 0.1 % to 10 % of the step while its run-queue
+  wait grew from 3 % to 70 %).
 
 Keys may carry a device as ``"stage@device"`` / ``"metric@device"``; when ``related`` is
 not given, a stage is related to every metric on the same device (or to every metric
@@ -37,10 +43,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-# A baseline with (near) zero spread would give infinite z-scores; the std is floored at
-# this fraction of the baseline mean (and at an absolute epsilon).
+# A baseline with (near) zero spread would give infinite z-scores; a share's std is
+# floored at this fraction of the baseline mean and at this share of the iteration.
 _REL_STD_FLOOR = 0.01
-_ABS_STD_FLOOR = 1e-9
+_SHARE_STD_FLOOR = 0.01
 _LOG_FLOOR = 1e-9
 # The spread of a log metric is floored in log units: ~1 % of the metric's level,
 # whatever its unit (a floor relative to the mean of the logs would depend on the unit:
@@ -94,7 +100,7 @@ def _z_of(mb: float, sb: float, ma: float) -> float:
     diff = ma - mb
     if diff == 0:
         return 0.0
-    return diff / max(sb, _REL_STD_FLOOR * abs(mb), _ABS_STD_FLOOR)
+    return diff / max(sb, _REL_STD_FLOOR * abs(mb), _SHARE_STD_FLOOR)
 
 
 def _finite(v: object) -> float | None:
