@@ -15,8 +15,7 @@ A stage without a related metric scores ``|Δβ| × |Z_β|``. Among a stage's re
 metrics the one with the largest ``|Z_log μ|`` is reported. Pure, deterministic: ties are
 broken by stage then metric name.
 
-Two choices of our own, both checked on the paper's DeepDive data
-(``bench/rca_deepdive.py``):
+Choices of our own, each run on the paper's DeepDive data (``bench/rca_deepdive.py``):
 
 * Suspects whose share rose rank before those whose share fell. When an iteration slows,
   the stage that took the added time gains share; one that lost share grew by less than
@@ -28,9 +27,9 @@ Two choices of our own, both checked on the paper's DeepDive data
 * The baseline spread of a share is floored at 1 % of the iteration as well as at 1 % of
   the share's mean: a stage that held almost none of the iteration (a copy of a few
   bytes) has almost no spread, and any growth of it read as tens of standard deviations,
-  outscoring the stage that took most of the added time (simulator recordings, where a
-  throttled process's copies grew from 0.1 % to 10 % of the step while its run-queue
-  wait grew from 3 % to 70 %).
+  outscoring the stage that took most of the added time (chosen on simulator
+  recordings, where a throttled process's copies grew from 0.1 % to 10 % of the step
+  while its run-queue wait grew from 3 % to 70 %; no DeepDive top suspect changed).
 
 Keys may carry a device as ``"stage@device"`` / ``"metric@device"``; when ``related`` is
 not given, a stage is related to every metric on the same device (or to every metric
