@@ -48,9 +48,8 @@ from detector_sim import DecodeStep, _rebuild, _rebuild_live, observe
 
 from prism_sim.labels import EFFECT_BEFORE_S
 from prism_tui.engine.detector import RULES, Detector
-from prism_tui.engine.detector.calibration import smooth_errors
+from prism_tui.engine.detector.calibration import rule_model, smooth_errors
 from prism_tui.engine.detector.features import features
-from prism_tui.engine.detector.model import BaselineModel
 from prism_tui.engine.evaluate import FaultLike
 from prism_tui.session import SETTLE_S
 
@@ -126,8 +125,7 @@ def fitted_ratios(steps: Sequence[DecodeStep], normal: npt.NDArray[np.bool_]
     rule = RULES["prism"]
     x = np.array([features(s.workload) for s in steps], dtype=np.float64)
     y = np.array([s.latency_ms for s in steps], dtype=np.float64)
-    model = BaselineModel(rule.target, random_state=0, min_samples_leaf=rule.min_samples_leaf,
-                          form=rule.form)
+    model = rule_model(rule)
     model.fit(x[normal], y[normal])
     return np.asarray(y / model.predict(x), dtype=np.float64)
 

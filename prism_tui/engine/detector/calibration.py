@@ -108,8 +108,8 @@ def without_episodes(smoothed: FloatArray, rule: DetectorRule) -> FloatArray:
     return smoothed[keep]
 
 
-def _model_of(r: DetectorRule, seed: int, n_estimators: int) -> BaselineModel:
-    """An unfitted model of the rule's target and leaf size (the GBDT)."""
+def rule_model(r: DetectorRule, seed: int = 0, n_estimators: int = 200) -> BaselineModel:
+    """An unfitted model of the rule's target, leaf size and form (the GBDT)."""
     return BaselineModel(r.target, n_estimators=n_estimators, random_state=seed,
                          min_samples_leaf=r.min_samples_leaf, form=r.form)
 
@@ -120,7 +120,7 @@ def fit_and_calibrate(
 ) -> tuple[BaselineModel, FloatArray, int, int]:
     """The model and the calibration errors the UCL is computed from, per ``r.calibration``
     (see :func:`fit_baseline`); also the rows fitted and the rows calibrated on."""
-    model = _model_of(r, seed, n_estimators)
+    model = rule_model(r, seed, n_estimators)
     block_len = max(5 * r.window, 20)
     if r.calibration == "blocks" and len(ya) >= 2 * block_len:
         # runs of block_len rows in arrival order, dealt to the folds in turn: each
@@ -131,7 +131,7 @@ def fit_and_calibrate(
         pred = np.empty_like(ya)
         for k in range(folds):
             held = fold_of == k
-            fold = _model_of(r, seed, n_estimators)
+            fold = rule_model(r, seed, n_estimators)
             fold.fit(xa[~held], ya[~held])
             pred[held] = fold.predict(xa[held])
         model.fit(xa, ya)
