@@ -301,15 +301,15 @@ def test_span_recorder_streams_and_keeps_derived_features(tmp_path: Path) -> Non
     rec.close([proc])
     back = load_recording(str(tmp_path / "rq.jsonl.gz"))
     assert back.spans == [s for b in batches for s in b]
-    assert back.run_queue == [RunQueueReading(3 * (k + 1), 7, 8, 1000 * k,
-                                              None if k == 0 else 5000 * k)
-                              for k in range(4)]
-    assert back.run_queue[1].sample() == RunQueueSample(8, 1000, 5000)
+    assert back.run_queue == [
+        RunQueueReading(3 * (k + 1), 7, RunQueueSample(8, 1000 * k, None if k == 0 else 5000 * k))
+        for k in range(4)]
+    assert back.run_queue[1].sample == RunQueueSample(8, 1000, 5000)
     assert load_recording(str(path)).run_queue == []
     with gzip.open(tmp_path / "old.jsonl.gz", "wt") as fh:
         fh.write('{"format": 2, "processes": []}\n{"run_queue": [1, 2, 3]}\n')
     assert load_recording(str(tmp_path / "old.jsonl.gz")).run_queue == [
-        RunQueueReading(0, 1, 2, 3)]
+        RunQueueReading(0, 1, RunQueueSample(2, 3))]
     (tmp_path / "old.jsonl.gz").unlink()
     for bad, where in (('{"format": 4, "processes": []}\n', "format 1, 2 or 3"),
                        ('{"format": 2, "processes": []}\n{"run_queue": [1, 2]}\n', ":2:"),

@@ -65,22 +65,15 @@ class RecordedProcess:
 
 @dataclass(frozen=True)
 class RunQueueReading:
-    """A thread's cumulative run-queue wait read live with a batch of spans.
+    """A run-queue reading of ``pid`` taken live with a batch of spans.
 
     ``after`` is how many spans of the recording came before it: the batch it came
-    with ends there.
+    with ends there. ``sample.at_ns`` is None in format 2.
     """
 
     after: int
     pid: int
-    tid: int
-    ns: int
-    at_ns: int | None = None
-    """When it was read (CLOCK_MONOTONIC ns); None in format 2."""
-
-    def sample(self) -> RunQueueSample:
-        """The reading as the engine takes it."""
-        return RunQueueSample(self.tid, self.ns, self.at_ns)
+    sample: RunQueueSample
 
 
 @dataclass(frozen=True)
@@ -222,7 +215,8 @@ def load_recording(path: str) -> Recording:
                             or not all(isinstance(v, int) for v in values)):
                         raise RecordingError(f"{path}:{lineno}: a run-queue reading "
                                              "holds 3 or 4 integers")
-                    readings.append(RunQueueReading(len(spans), *values))
+                    readings.append(RunQueueReading(len(spans), values[0],
+                                                    RunQueueSample(*values[1:])))
                     continue
                 probe, pid, tid, start, end, args = json.loads(line)
                 if not all(isinstance(v, (int, float)) for v in args.values()):
@@ -316,7 +310,7 @@ def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProces
 
     for s in spans:
         while upcoming is not None and upcoming.after <= n:
-            flush(upcoming.pid, upcoming.sample())
+            flush(upcoming.pid, upcoming.sample)
             upcoming = next(readings, None)
         group = pending.setdefault(s.pid, [])
         group.append(s)
@@ -324,7 +318,7 @@ def replay(engine: _Feed, clock: ReplayClock, processes: Iterable[RecordedProces
         if len(group) >= batch and s.pid not in read:
             flush(s.pid)
     while upcoming is not None:
-        flush(upcoming.pid, upcoming.sample())
+        flush(upcoming.pid, upcoming.sample)
         upcoming = next(readings, None)
     for pid in list(pending):
         flush(pid)
