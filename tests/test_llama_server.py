@@ -36,9 +36,10 @@ from tests.llama_fixtures import (
 __all__ = ["cpp_server", "tiny_llama"]  # fixtures, imported for pytest
 
 MAX_TOKENS = 12
-MULTI_MAX_TOKENS = 32
-"""Longer requests with several clients: ~15 ms each here, so the three clients' requests
-overlap in the engine even when a loaded host delays a client thread by a few ms."""
+MULTI_MAX_TOKENS = 96
+"""Longer requests with several clients, so the three clients' requests overlap in the
+engine even when a loaded host delays a client thread: at 32 tokens (~15 ms a request on a
+quiet host) a full-suite run once saw every multi-client decode step carry one token."""
 SINGLE_REQUESTS = 4
 MULTI_REQUESTS = 3
 ANCHOR_NOTICE = ("iteration anchor: process, the first of profile 'llama_cpp''s anchors "
